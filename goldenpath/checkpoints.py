@@ -1,0 +1,265 @@
+"""Run directories: layout, atomic writes, safetensors checkpoints and the resume state.
+
+Layout (DESIGN.md)::
+
+    <run>/config.yaml  status.json  metrics.jsonl
+    <run>/checkpoints/target-<loss>/   model.safetensors + meta.json   (first eval loss <= target)
+    <run>/checkpoints/step-<step>/     model.safetensors + meta.json   (checkpoint.steps)
+    <run>/checkpoints/last/            resume state: model, optimizer, train state, per-process RNG + stream
+
+Every file is written under a temporary name and renamed; every checkpoint directory is filled under a
+temporary name and swapped in with renames, so a kill at any moment leaves the previous checkpoint whole
+(:func:`resolve_dir` finishes an interrupted swap). Tensors are stored with safetensors, everything else as
+JSON: nothing in a run directory is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+import goldenpath
+
+# ----------------------------------------------------------------------------- atomic files and directories
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def resolve_dir(path: str | Path) -> Path | None:
+    """``path`` if it is a whole checkpoint directory; recovers one a kill left half-swapped; else None."""
+    path = Path(path)
+    if not path.exists() and _old(path).exists():
+        os.replace(_old(path), path)  # killed between the two renames of replace_dir
+    return path if path.is_dir() else None
+
+
+def staging_dir(path: str | Path) -> Path:
+    """An empty temporary directory next to ``path``, to be filled and then swapped in by commit_dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier fill
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, path: str | Path) -> Path:
+    """Swap the filled directory ``tmp`` in as ``path`` (the old one survives until the new one is in place)."""
+    path = Path(path)
+    resolve_dir(path)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(_old(path), ignore_errors=True)
+        os.replace(path, _old(path))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(_old(path), ignore_errors=True)
+    return path
+
+
+def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a fresh temporary directory with ``fill(tmp)``, then swap it in as ``path``."""
+    tmp = staging_dir(path)
+    fill(tmp)
+    return commit_dir(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def git_hash() -> str | None:
+    """The commit of the goldenpath checkout in use, if it is one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(goldenpath.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def config_text(config_dict: dict) -> str:
+    """config.yaml: the resolved config plus provenance (ignored when the file is loaded back)."""
+    provenance = {"goldenpath": {"version": goldenpath.__version__, "git": git_hash()}}
+    return yaml.safe_dump(config_dict, sort_keys=False) + yaml.safe_dump(provenance, sort_keys=False)
+
+
+def target_name(target: float) -> str:
+    return f"target-{target:g}"
+
+
+def update_status(run_dir: str | Path, **fields) -> dict:
+    """Merge ``fields`` into status.json (atomically) and return the whole status."""
+    path = Path(run_dir) / "status.json"
+    status = read_json(path) if path.exists() else {}
+    status.update(fields)
+    write_json(path, status)
+    return status
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; on resume, lines after the resumed step are dropped."""
+
+    def __init__(self, path: str | Path, *, resume_step: int | None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _complete(line) and json.loads(line)["step"] <= resume_step]
+            write_text(self.path, "".join(line + "\n" for line in keep))
+        elif resume_step is None:
+            write_text(self.path, "")
+        self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _complete(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:  # a line torn by a kill
+        return False
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and _complete(line)]
+
+
+# ----------------------------------------------------------------------------- model checkpoints
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
+    """Write ``model.safetensors`` + ``meta.json`` as one directory, atomically."""
+    def fill(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return replace_dir(path, fill)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load ``<path>/model.safetensors`` into ``model`` (strict) and return it."""
+    load_model(model, str(Path(path) / "model.safetensors"), strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, py_gauss = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(state), py_gauss]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = plain["python"]
+    random.setstate((version, tuple(state), py_gauss))
+
+
+def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain["state"].setdefault(str(idx), {})[k] = v
+    return tensors, plain
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in plain["state"].items()}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def write_rank_state(directory: Path, rank: int, stream_state: dict) -> None:
+    """This process's part of the resume state: its RNG states and stream position."""
+    tensors, plain = _rng_state()
+    save_file(tensors, str(directory / f"rank{rank}.safetensors"))
+    (directory / f"rank{rank}.json").write_text(json.dumps({"rng": plain, "stream": stream_state}))
+
+
+def write_shared_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       train_state: dict) -> None:
+    """The part of the resume state all processes share: model, optimizer and loop counters."""
+    save_model(model, str(directory / "model.safetensors"))
+    tensors, plain = _optimizer_split(optimizer)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "state.json").write_text(json.dumps({"train": train_state, "optimizer": plain}, indent=1))
+
+
+def load_resume_state(directory: Path, rank: int, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Restore model, optimizer and this process's RNG states; return (train state, stream state)."""
+    load_weights(model, directory)
+    state = read_json(directory / "state.json")
+    device_state = _optimizer_join(load_file(str(directory / "optimizer.safetensors")), state["optimizer"])
+    optimizer.load_state_dict(device_state)
+    rank_plain = read_json(directory / f"rank{rank}.json")
+    _set_rng_state(load_file(str(directory / f"rank{rank}.safetensors")), rank_plain["rng"])
+    return state["train"], rank_plain["stream"]

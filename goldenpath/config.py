@@ -1,0 +1,392 @@
+"""Run configuration: one frozen dataclass tree, loaded from YAML plus dotted ``key=value`` overrides.
+
+Every field is typed; unknown keys, wrong types and out-of-range values raise :class:`ConfigError`,
+which the CLI prints as one line (``goldenpath: <field>: <problem>; <fix>``) with exit code 2.
+
+The ``data`` and ``model`` sections are families: ``data.source`` and ``model.name`` pick a registered
+subclass that adds its own fields (``@data_source("teacher")``, ``@model_family("cnn")``), so adding a
+source or a model is one small dataclass next to its implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig",
+    "ModelConfig", "OptimConfig", "data_source", "load_config", "model_family", "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """Bad input, reported as one line: ``<field>: <problem>; <fix>``."""
+
+    def __init__(self, field_name: str, problem: str, fix: str):
+        super().__init__(f"{field_name}: {problem}; {fix}")
+        self.field = field_name
+
+
+def require(ok: bool, field_name: str, problem: str, fix: str) -> None:
+    """Raise ConfigError(field_name, problem, fix) unless ok."""
+    if not ok:
+        raise ConfigError(field_name, problem, fix)
+
+
+# ----------------------------------------------------------------------------- families
+
+DATA_SOURCES: dict[str, type[DataConfig]] = {}
+MODEL_FAMILIES: dict[str, type[ModelConfig]] = {}
+
+
+def data_source(name: str):
+    """Class decorator registering a DataConfig subclass under ``data.source: name``."""
+    def register(cls):
+        DATA_SOURCES[name] = cls
+        return cls
+    return register
+
+
+def model_family(name: str):
+    """Class decorator registering a ModelConfig subclass under ``model.name: name``."""
+    def register(cls):
+        MODEL_FAMILIES[name] = cls
+        return cls
+    return register
+
+
+def _load_families() -> None:
+    # The families live next to their implementations; importing them fills the registries.
+    import goldenpath.data  # noqa: F401
+    import goldenpath.models  # noqa: F401
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Fields shared by every data source; ``source`` picks the subclass with the source's own fields."""
+
+    source: str = "teacher"
+    seed: int = 0                   # seeds the data distribution, eval set and probe set (shared by a sweep)
+    epochs: int = 1                 # 1: online (each sample once); > 1: offline, train_size samples reshuffled
+    train_size: int | None = None   # samples in the fixed offline subset; None: the whole (maybe infinite) pool
+    eval_size: int = 2048           # held-out samples (sequences for text) that define the eval loss
+    probe_size: int = 1024          # disjoint held-out samples on which functions are compared
+
+    def check(self) -> None:
+        """Validate fields that depend on each other (subclasses extend)."""
+        require(self.epochs >= 1, "data.epochs", f"got {self.epochs}", "use 1 (online) or more (offline)")
+        require(self.epochs == 1 or self.train_size is not None, "data.train_size",
+                f"must be set when data.epochs={self.epochs} > 1 (offline)",
+                "set data.train_size=N, the size of the fixed subset reshuffled each epoch")
+        require(self.train_size is None or self.train_size > 0, "data.train_size",
+                f"got {self.train_size}", "use a positive number of samples")
+        require(self.eval_size > 0, "data.eval_size", f"got {self.eval_size}", "use a positive size")
+        require(self.probe_size > 0, "data.probe_size", f"got {self.probe_size}", "use a positive size")
+        require(0 <= self.seed < 2**31, "data.seed", f"got {self.seed}", "use 0 <= seed < 2**31")
+
+    def build(self):
+        """Return the source (goldenpath.data.Source) this section describes."""
+        raise NotImplementedError(f"data source {self.source!r} has no build()")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields shared by every model; ``name`` picks the subclass with the family's size fields."""
+
+    name: str = "cnn"
+
+    def check(self) -> None:
+        """Validate fields that depend on each other (subclasses extend)."""
+
+    def build(self, info):
+        """Return the nn.Module for a source described by ``info`` (goldenpath.data.SourceInfo)."""
+        raise NotImplementedError(f"model {self.name!r} has no build()")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05                     # peak learning rate per optimizer step
+    momentum: float = 0.0                # sgd only
+    nesterov: bool = False               # sgd only
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)   # adamw only
+    eps: float = 1e-8                    # adamw only
+    batch_size: int = 64                 # samples per optimizer step (logical batch, all processes)
+    micro_batch_size: int | None = None  # samples per forward/backward on one process; None: no accumulation
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup: int = 0                      # optimizer steps of linear warmup from 0
+    min_lr_ratio: float = 0.0            # cosine ends at lr * min_lr_ratio
+
+    def check(self) -> None:
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}", "use a positive learning rate")
+        require(0 <= self.momentum < 1, "optim.momentum", f"got {self.momentum}", "use 0 <= momentum < 1")
+        require(not self.nesterov or self.momentum > 0, "optim.nesterov", "needs momentum > 0",
+                "set optim.momentum or optim.nesterov=false")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"got {self.weight_decay}", "use >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"got {list(self.betas)}",
+                "use two values in [0, 1)")
+        require(self.eps > 0, "optim.eps", f"got {self.eps}", "use a small positive number")
+        require(self.batch_size > 0, "optim.batch_size", f"got {self.batch_size}", "use a positive batch size")
+        mb = self.micro_batch_size
+        require(mb is None or mb > 0, "optim.micro_batch_size", f"got {mb}", "use a positive size or null")
+        require(mb is None or self.batch_size % mb == 0, "optim.batch_size",
+                f"{self.batch_size} is not divisible by optim.micro_batch_size={mb}",
+                "make batch_size a multiple of micro_batch_size")
+        require(self.warmup >= 0, "optim.warmup", f"got {self.warmup}", "use a number of steps >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"got {self.min_lr_ratio}", "use a value in [0, 1]")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    samples: int | None = None       # stop after this many training samples (whichever of samples/steps first)
+    steps: int | None = None         # stop after this many optimizer steps
+    stop_at_last_target: bool = True # stop once the eval loss reaches the last checkpoint target
+    diverge_factor: float = 3.0      # diverged when the eval loss exceeds this multiple of the initial eval loss
+
+    def check(self) -> None:
+        require(self.samples is None or self.samples > 0, "budget.samples", f"got {self.samples}",
+                "use a positive number of samples or null")
+        require(self.steps is None or self.steps > 0, "budget.steps", f"got {self.steps}",
+                "use a positive number of steps or null")
+        require(self.diverge_factor > 1, "budget.diverge_factor", f"got {self.diverge_factor}", "use a value > 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    targets: tuple[float, ...] = ()  # eval losses, decreasing: save the model the first time each is reached
+    eval_every: int = 100            # optimizer steps between evals far from a target (the largest gap)
+    eval_min_every: int = 1          # the smallest gap, used right before a target
+    eval_batch_size: int = 512       # samples per eval forward
+    steps: tuple[int, ...] = ()      # also save the model at these optimizer steps
+    last_every_seconds: float = 120.0  # save the resume state this often; a kill loses at most this much
+
+    def check(self) -> None:
+        t = self.targets
+        require(all(x > 0 for x in t), "checkpoint.targets", f"got {list(t)}", "use positive losses")
+        require(all(a > b for a, b in zip(t, t[1:])), "checkpoint.targets", f"not decreasing: {list(t)}",
+                "list targets from the highest loss to the lowest")
+        require(self.eval_every >= 1, "checkpoint.eval_every", f"got {self.eval_every}", "use >= 1 step")
+        require(1 <= self.eval_min_every <= self.eval_every, "checkpoint.eval_min_every",
+                f"got {self.eval_min_every}", f"use 1 <= eval_min_every <= eval_every={self.eval_every}")
+        require(self.eval_batch_size > 0, "checkpoint.eval_batch_size", f"got {self.eval_batch_size}",
+                "use a positive size")
+        require(all(s > 0 for s in self.steps), "checkpoint.steps", f"got {list(self.steps)}",
+                "use positive step numbers")
+        require(self.last_every_seconds >= 0, "checkpoint.last_every_seconds", f"got {self.last_every_seconds}",
+                "use seconds >= 0 (0 saves after every step)")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10            # optimizer steps between metrics.jsonl lines
+    progress: bool = True      # tqdm progress bar on the main process (hidden when stderr is not a terminal)
+    sample_ids: bool = False   # append every consumed sample id to samples/rank<r>.i64 (audit of the stream)
+
+    def check(self) -> None:
+        require(self.every >= 1, "log.every", f"got {self.every}", "use >= 1 step")
+
+
+def _default_data() -> DataConfig:
+    _load_families()
+    return DATA_SOURCES["teacher"]()
+
+
+def _default_model() -> ModelConfig:
+    _load_families()
+    return MODEL_FAMILIES["cnn"]()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole description of one run."""
+
+    name: str = "run"                                 # run directory: <out>/<name>/
+    out: str = "runs"
+    seed: int = 0                                     # model init and stream order
+    cpu: bool = False                                 # force CPU even where a GPU is present
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # bf16: autocast on GPU; fp64: for numerical checks
+    data: DataConfig = field(default_factory=_default_data)
+    model: ModelConfig = field(default_factory=_default_model)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self) -> None:
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
+                "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")
+        require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
+        for section in (self.data, self.model, self.optim, self.budget, self.checkpoint, self.log):
+            section.check()
+        online_unbounded = self.data.epochs == 1 and self.data.train_size is None
+        require(not online_unbounded or self.budget.samples or self.budget.steps
+                or (self.checkpoint.targets and self.budget.stop_at_last_target), "budget",
+                "an online run needs a stopping rule", "set budget.samples or budget.steps (or loss targets)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 as a float (YAML 1.1 needs a dot: 1.0e-3)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, where: str) -> Any:
+    """Check ``value`` (from YAML) against the annotation ``tp`` and return it in the field's type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        require(value in args, where, f"{value!r} is not one of {list(args)}", f"use one of {list(args)}")
+        return value
+    if origin is tuple:
+        require(isinstance(value, (list, tuple)), where, f"expected a list, got {value!r}", "write [a, b, ...]")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        require(len(value) == len(args), where, f"expected {len(args)} values, got {len(value)}",
+                f"write {len(args)} values")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        require(isinstance(value, bool), where, f"expected true/false, got {value!r}", "write true or false")
+        return value
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e6 samples
+        require(ok, where, f"expected an integer, got {value!r}", "write a whole number")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        require(ok, where, f"expected a number, got {value!r}", "write a number such as 0.1 or 1e-3")
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), where, f"expected a string, got {value!r}", "quote the value")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} at {where}")
+
+
+def _build(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, naming the field of any error."""
+    label = where or "config"
+    require(isinstance(raw, dict), label, f"expected a mapping, got {raw!r}", "write key: value lines")
+    if cls in (DataConfig, ModelConfig):
+        registry, key = (DATA_SOURCES, "source") if cls is DataConfig else (MODEL_FAMILIES, "name")
+        default = cls.__dataclass_fields__[key].default
+        choice = raw.get(key, default)
+        require(choice in registry, f"{where}.{key}", f"unknown {key} {choice!r}",
+                f"use one of {sorted(registry)}")
+        cls = registry[choice]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        require(key in fields, f"{where}.{key}".lstrip("."), "unknown key",
+                f"valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        sub = f"{where}.{name}".lstrip(".")
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, sub)
+        else:
+            kwargs[name] = _convert(value, tp, sub)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=0.1'`` -> (['optim', 'lr'], 0.1); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    require(bool(sep) and bool(key.strip()), f"override {text!r}", "expected key=value",
+            "write overrides as section.key=value, e.g. optim.lr=0.1")
+    try:
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot read value {value!r} ({e.problem})", "write a YAML scalar or list") from None
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Return a copy of the raw mapping with dotted ``key=value`` overrides applied."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            require(isinstance(child, dict), ".".join(keys[: i + 1]), "is a value, not a section",
+                    f"override a key inside it, not {text!r}")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning unreadable files into ConfigError."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found", "check the path to the config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"not valid YAML{at}", "fix the YAML syntax") from None
+    raw = {} if raw is None else raw
+    require(isinstance(raw, dict), str(path), "is not a mapping", "write key: value lines")
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a plain mapping (as read from YAML)."""
+    _load_families()
+    raw = {k: v for k, v in raw.items() if k != "goldenpath"}  # provenance written into run directories
+    config = _build(Config, raw, "")
+    config.check()
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Load a Config from a YAML file (or the defaults when ``path`` is None) plus dotted overrides.
+
+    Raises:
+        ConfigError: naming the first bad field and how to fix it.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    if path is not None and "name" not in raw:
+        raw["name"] = Path(path).stem
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict (tuples as lists) of a config or section, ready for YAML or JSON."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))

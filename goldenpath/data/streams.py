@@ -1,0 +1,237 @@
+"""Streams: the order in which a run sees its training samples, sharded across processes, resumable.
+
+Two kinds of source feed a stream:
+
+* a *random-access* :class:`Source` (embedded streams, CIFAR-5m parts, idx files): sample ``i`` of the
+  training pool is ``source.train_batch(tensor([i]))``. The stream maps global positions 0, 1, 2, ... to
+  pool indices, so its whole state is one integer (``position``, samples consumed by all processes);
+* a *sequential* :class:`SequentialSource` (Hugging Face ``datasets`` streaming): each process iterates
+  its own shard and the state is that iterator's ``state_dict``.
+
+Regimes (MISSION.md): **online** (``epochs == 1``) never yields a pool index twice; **offline**
+(``epochs > 1``) fixes a subset of ``train_size`` samples, chosen by the data seed so every run of a sweep
+shares it, and visits it ``epochs`` times, reshuffled each epoch by the run seed.
+
+Sharding: the optimizer step at global position ``p`` takes positions ``[p, p + batch_size)``; process
+``r`` of ``world`` takes the contiguous slice ``[p + r*A*m, p + (r+1)*A*m)`` split into ``A`` micro-batches
+of ``m``. A logical batch is therefore the same set of samples whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+Batch = dict[str, torch.Tensor]
+"""A micro-batch: always ``ids`` (int64 sample ids); ``x``/``y`` for images, ``input_ids``/``labels`` for text
+(labels -100 where no token is predicted)."""
+
+ONLINE_STRIDE = 2**40  # unbounded pools: run seed s reads indices s * 2**40 + position (disjoint across seeds)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a model needs to know about the data."""
+
+    task: Literal["classification", "lm"]
+    input_shape: tuple[int, ...]   # (C, H, W) for images, (T,) for text
+    num_classes: int               # classes, or vocabulary size for language models
+
+
+class Source(Protocol):
+    """A random-access training pool plus fixed held-out sets (eval and probe)."""
+
+    info: SourceInfo
+    size: int | None  # training pool size; None: unbounded
+
+    def train_batch(self, index: torch.Tensor) -> Batch:
+        """The samples at these pool indices (int64), with ``ids`` = index."""
+
+    def heldout(self, split: Literal["eval", "probe"]) -> Batch:
+        """The fixed eval or probe set, disjoint from the pool and from each other."""
+
+    def loss_floor(self) -> float | None:
+        """Exact Bayes-optimal mean loss on the eval set, where the source knows it."""
+
+
+class SequentialSource(Protocol):
+    """A source read in order (datasets streaming); no random access."""
+
+    info: SourceInfo
+
+    def iterate(self, *, seed: int, rank: int, world: int) -> ExampleIterator:
+        """This process's shard of the training stream, shuffled by ``seed``."""
+
+    def collate(self, examples: list[Batch]) -> Batch:
+        """Stack single examples into a micro-batch."""
+
+    def heldout(self, split: Literal["eval", "probe"]) -> Batch: ...
+
+    def loss_floor(self) -> float | None: ...
+
+
+class ExampleIterator(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (well mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class StreamExhausted(Exception):
+    """The stream has no full logical batch left (finite pool or last offline epoch done)."""
+
+
+class Stream:
+    """This process's micro-batches, one optimizer step at a time, from a random-access source.
+
+    Args:
+        source: the training pool.
+        seed: the run seed (stream order).
+        data_seed: picks the offline subset of a finite pool (shared by all runs of a sweep).
+        epochs, train_size: the regime (see module docstring).
+        batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
+    """
+
+    def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
+                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1):
+        if batch_size % (micro_batch_size * world):
+            raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
+                             f"x {world} processes")
+        if train_size is not None and source.size is not None and train_size > source.size:
+            raise ValueError(f"train_size {train_size} exceeds the pool size {source.size}")
+        self.source, self.seed, self.epochs = source, seed, epochs
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.accumulation = batch_size // (micro_batch_size * world)
+        self.rank, self.world = rank, world
+        self.position = 0
+        self._subset: torch.Tensor | None = None
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
+        if train_size is not None:
+            self._subset = (torch.arange(train_size) if source.size is None
+                            else torch.randperm(source.size, generator=seeded_generator(data_seed, 1))[:train_size])
+            self.limit = epochs * train_size
+        elif source.size is not None:
+            self._permutation = torch.randperm(source.size, generator=seeded_generator(seed, 2))
+            self.limit = source.size
+        else:
+            self.limit = None
+
+    def indices(self, start: int, stop: int) -> torch.Tensor:
+        """Pool indices at global positions [start, stop)."""
+        pos = torch.arange(start, stop, dtype=torch.int64)
+        if self._subset is not None:
+            n = len(self._subset)
+            out = torch.empty_like(pos)
+            for epoch in torch.unique(pos // n).tolist():
+                sel = pos // n == epoch
+                out[sel] = self._subset[self._epoch_order(epoch)[pos[sel] % n]]
+            return out
+        if self.source.size is not None:
+            return self._permutation[pos]
+        return self.seed * ONLINE_STRIDE + pos
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            perm = torch.randperm(len(self._subset), generator=seeded_generator(self.seed, 3, epoch))
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def next_step(self) -> list[Batch]:
+        """This process's micro-batches for the next optimizer step; advances the position."""
+        if self.limit is not None and self.position + self.batch_size > self.limit:
+            raise StreamExhausted
+        m, a = self.micro_batch_size, self.accumulation
+        start = self.position + self.rank * a * m
+        index = self.indices(start, start + a * m)
+        self.position += self.batch_size
+        return [self.source.train_batch(chunk) for chunk in index.split(m)]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+
+class SequentialStream:
+    """Like :class:`Stream` for a sequential source: each process reads its own shard in order."""
+
+    def __init__(self, source: SequentialSource, *, seed: int, batch_size: int, micro_batch_size: int,
+                 rank: int = 0, world: int = 1):
+        if batch_size % (micro_batch_size * world):
+            raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
+                             f"x {world} processes")
+        self.source, self.batch_size, self.micro_batch_size = source, batch_size, micro_batch_size
+        self.accumulation = batch_size // (micro_batch_size * world)
+        self.limit = None
+        self.position = 0
+        self._it = source.iterate(seed=seed, rank=rank, world=world)
+
+    def next_step(self) -> list[Batch]:
+        batches = []
+        for _ in range(self.accumulation):
+            examples = [next(self._it, None) for _ in range(self.micro_batch_size)]
+            if examples[-1] is None:
+                raise StreamExhausted
+            batches.append(self.source.collate(examples))
+        self.position += self.batch_size
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "iterator": self._it.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+        self._it.load_state_dict(state["iterator"])
+
+
+class MemorySource:
+    """A random-access pool held in memory: the offline subset of a sequential source."""
+
+    def __init__(self, source: SequentialSource, size: int):
+        it = source.iterate(seed=0, rank=0, world=1)
+        examples = []
+        for example in it:
+            examples.append(example)
+            if len(examples) == size:
+                break
+        if len(examples) < size:
+            raise ValueError(f"the stream holds only {len(examples)} samples, fewer than train_size {size}")
+        self._pool = source.collate(examples)
+        self.info, self.size, self._source = source.info, size, source
+
+    def train_batch(self, index: torch.Tensor) -> Batch:
+        batch = {k: v[index] for k, v in self._pool.items()}
+        batch["ids"] = index.clone()
+        return batch
+
+    def heldout(self, split):
+        return self._source.heldout(split)
+
+    def loss_floor(self):
+        return self._source.loss_floor()
+
+
+def build_stream(source, data, *, seed: int, batch_size: int, micro_batch_size: int, rank: int = 0,
+                 world: int = 1) -> Stream | SequentialStream:
+    """The training stream for a data config (``data``: goldenpath.config.DataConfig) and run seed."""
+    if hasattr(source, "train_batch"):
+        return Stream(source, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
+    if data.train_size is not None:
+        return Stream(MemorySource(source, data.train_size), seed=seed, data_seed=data.seed, epochs=data.epochs,
+                      train_size=data.train_size, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                      rank=rank, world=world)
+    return SequentialStream(source, seed=seed, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                            rank=rank, world=world)

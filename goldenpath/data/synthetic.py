@@ -1,0 +1,302 @@
+"""Embedded infinite streams with an exactly known Bayes-optimal loss: teacher images and Markov text.
+
+Every sample is a pure function of (data seed, split, sample index): random numbers come from a
+counter-based hash (splitmix64) evaluated on whole tensors, so a sample costs no state, any index can be
+produced on demand, and resuming is free. Nothing is downloaded and nothing large is stored.
+
+* **teacher** (vision): smooth random images (band-limited Gaussian fields, unit pixel variance), labels
+  ``y ~ softmax(T(x) / temperature)`` from a fixed random CNN ``T``. Bayes-optimal loss on the eval set:
+  ``mean_x H(softmax(T(x) / temperature))``.
+* **markov** (text): an order-``k`` source over ``vocab_size`` tokens; the next-token logits of each context
+  are ``sharpness * N(0, 1)`` hashed from the context, so the source is infinite and stores nothing (the
+  table is cached when small). The first ``k`` tokens of a sequence are uniform. Bayes-optimal loss: the
+  mean conditional entropy of every predicted eval token given its context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from goldenpath.config import DataConfig, data_source, require
+from goldenpath.data.streams import Batch, SourceInfo
+
+SPLITS = {"train": 0, "eval": 1, "probe": 2}
+
+# ----------------------------------------------------------------------------- counter-based randomness
+
+_MASK64 = 2**64
+
+
+def _signed(x: int) -> int:
+    x %= _MASK64
+    return x - _MASK64 if x >= 2**63 else x
+
+
+_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def stream_key(*parts: int) -> int:
+    """A 64-bit key for one random stream (e.g. data seed, split, purpose)."""
+    return _signed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]))
+
+
+def counter_uniform(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) float64 of shape [len(index), n]: entry (i, j) depends only on (key, index[i], j)."""
+    if isinstance(counters, int):
+        counters = torch.arange(counters, dtype=torch.int64, device=index.device)
+    x = _mix(_mix(index.to(torch.int64)[:, None] ^ key) + counters[None, :] * _GOLDEN)
+    return (_shr(x, 11).to(torch.float64) + 0.5) * 2.0**-53
+
+
+def counter_normal(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:
+    """Standard normal float64 of shape [len(index), n], by the inverse CDF of counter_uniform."""
+    return torch.special.ndtri(counter_uniform(key, index, counters))
+
+
+def _cdf(probs: torch.Tensor) -> torch.Tensor:
+    cdf = probs.to(torch.float64).cumsum(-1)
+    return (cdf / cdf[..., -1:]).contiguous()
+
+
+def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from each row of ``probs`` ([N, K]) with uniforms ``u`` ([N])."""
+    draw = torch.searchsorted(_cdf(probs), u.to(torch.float64).reshape(-1, 1).contiguous()).squeeze(-1)
+    return draw.clamp_max(probs.shape[-1] - 1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) over the last dim, in float64."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- teacher vision stream
+
+@data_source("teacher")
+@dataclass(frozen=True)
+class TeacherData(DataConfig):
+    """Smooth random images labelled by a fixed random CNN teacher (embedded, infinite)."""
+
+    source: str = "teacher"
+    image_size: int = 32
+    channels: int = 3
+    classes: int = 10
+    max_frequency: int = 4         # highest spatial frequency (cycles per image) of the random fields
+    temperature: float = 0.5       # labels ~ softmax(T(x) / temperature), T's logits standardised
+    teacher_width: int = 16        # channels of the teacher CNN
+
+    def check(self) -> None:
+        super().check()
+        require(self.image_size >= 8, "data.image_size", f"got {self.image_size}", "use >= 8 pixels")
+        require(self.channels >= 1, "data.channels", f"got {self.channels}", "use >= 1")
+        require(self.classes >= 2, "data.classes", f"got {self.classes}", "use >= 2 classes")
+        require(1 <= self.max_frequency <= self.image_size // 2, "data.max_frequency",
+                f"got {self.max_frequency}", f"use 1..{self.image_size // 2}")
+        require(self.temperature > 0, "data.temperature", f"got {self.temperature}", "use a positive temperature")
+        require(self.teacher_width >= 1, "data.teacher_width", f"got {self.teacher_width}", "use >= 1")
+
+    def build(self) -> TeacherStream:
+        return TeacherStream(self)
+
+
+class TeacherStream:
+    """The teacher vision source (random access by sample index; see module docstring)."""
+
+    size = None
+
+    def __init__(self, cfg: TeacherData):
+        self.cfg = cfg
+        self.info = SourceInfo("classification", (cfg.channels, cfg.image_size, cfg.image_size), cfg.classes)
+        self._basis = self._fourier_basis()
+        self.teacher = self._make_teacher()
+
+    def _fourier_basis(self) -> torch.Tensor:
+        """[2M, H*W]: cos and sin of the M modes with |kx|, |ky| <= K, weighted ~ 1/(1+|k|), unit pixel variance."""
+        k, n = self.cfg.max_frequency, self.cfg.image_size
+        grid = torch.arange(n, dtype=torch.float64)
+        rows = []
+        for kx in range(-k, k + 1):
+            for ky in range(0, k + 1):
+                if ky == 0 and kx < 0:
+                    continue  # (kx, 0) and (-kx, 0) are the same real mode
+                phase = 2 * math.pi * (kx * grid[:, None] + ky * grid[None, :]) / n
+                w = 1.0 / (1.0 + math.hypot(kx, ky))
+                rows += [w * torch.cos(phase).flatten(), w * torch.sin(phase).flatten()]
+        basis = torch.stack(rows)
+        # Each mode contributes w^2 (cos^2 + sin^2) = w^2 to every pixel's variance (sin of mode 0 is 0).
+        return (basis / basis.pow(2).sum(0).mean().sqrt()).to(torch.float32)
+
+    def _make_teacher(self) -> nn.Module:
+        c, w, n = self.cfg.channels, self.cfg.teacher_width, self.cfg.image_size
+        g = torch.Generator().manual_seed(stream_key(self.cfg.seed, 10) & (2**63 - 1))
+        net = nn.Sequential(
+            nn.Conv2d(c, w, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(w * 16, self.cfg.classes))
+        with torch.no_grad():
+            for p in net.parameters():
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) * (math.sqrt(2.0 / fan_in) if p.dim() > 1 else 0.0))
+            # Standardise the logits on a calibration set so `temperature` alone sets the label noise.
+            x = self._images(SPLITS["train"] + 100, torch.arange(4096))
+            z = net(x)
+            last = net[-1]
+            last.bias.sub_(z.mean(0))
+            scale = (z - z.mean(0)).std()
+            last.weight.div_(scale), last.bias.div_(scale)
+        return net.requires_grad_(False).eval()
+
+    def _images(self, split: int, index: torch.Tensor) -> torch.Tensor:
+        c, n = self.cfg.channels, self.cfg.image_size
+        z = counter_normal(stream_key(self.cfg.seed, split, 0), index, c * len(self._basis)).to(torch.float32)
+        return (z.view(-1, c, len(self._basis)) @ self._basis).view(-1, c, n, n)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's tempered logits T(x) / temperature (the log of the true label distribution + const)."""
+        with torch.no_grad():
+            return self.teacher(x) / self.cfg.temperature
+
+    def _batch(self, split: str, index: torch.Tensor) -> Batch:
+        x = self._images(SPLITS[split], index)
+        u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), index, 1)[:, 0]
+        y = sample_categorical(torch.softmax(self.logits(x).to(torch.float64), -1), u)
+        return {"ids": index.clone(), "x": x, "y": y}
+
+    def train_batch(self, index: torch.Tensor) -> Batch:
+        return self._batch("train", index)
+
+    def heldout(self, split: str) -> Batch:
+        return self._heldout[split]
+
+    @cached_property
+    def _heldout(self) -> dict[str, Batch]:
+        sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
+        return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
+
+    def loss_floor(self) -> float:
+        return float(entropy(self.logits(self.heldout("eval")["x"])).mean())
+
+
+# ----------------------------------------------------------------------------- Markov text stream
+
+@data_source("markov")
+@dataclass(frozen=True)
+class MarkovData(DataConfig):
+    """Order-k Markov text with hashed next-token distributions (embedded, infinite)."""
+
+    source: str = "markov"
+    eval_size: int = 256           # sequences
+    probe_size: int = 128          # sequences
+    vocab_size: int = 32
+    order: int = 2                 # tokens of context that set the next-token distribution
+    seq_len: int = 64              # predicted tokens per sequence (a sample holds seq_len + 1 tokens)
+    sharpness: float = 2.0         # std of the random next-token logits: larger = lower entropy
+
+    def check(self) -> None:
+        super().check()
+        require(self.vocab_size >= 2, "data.vocab_size", f"got {self.vocab_size}", "use >= 2 tokens")
+        require(self.order >= 1, "data.order", f"got {self.order}", "use an order >= 1")
+        require(self.vocab_size ** self.order < 2**62, "data.order", "too many contexts for 64-bit codes",
+                "lower data.order or data.vocab_size")
+        require(self.seq_len > self.order, "data.seq_len", f"got {self.seq_len}",
+                f"use more than data.order={self.order} tokens")
+        require(self.sharpness > 0, "data.sharpness", f"got {self.sharpness}", "use a positive value")
+
+    def build(self) -> MarkovStream:
+        return MarkovStream(self)
+
+
+class MarkovStream:
+    """The Markov text source (random access by sequence index; see module docstring)."""
+
+    size = None
+    TABLE_LIMIT = 2**22  # cache the whole next-token table when it has at most this many entries
+
+    def __init__(self, cfg: MarkovData):
+        self.cfg = cfg
+        self.info = SourceInfo("lm", (cfg.seq_len,), cfg.vocab_size)
+        self._table_key = stream_key(cfg.seed, 20)
+        n_contexts = cfg.vocab_size ** cfg.order
+        self._table = self._cdf = None
+        if n_contexts * cfg.vocab_size <= self.TABLE_LIMIT:
+            self._table = self._logits_of(torch.arange(n_contexts))
+            self._cdf = _cdf(torch.softmax(self._table, -1))
+
+    def _logits_of(self, context: torch.Tensor) -> torch.Tensor:
+        return self.cfg.sharpness * counter_normal(self._table_key, context, self.cfg.vocab_size)
+
+    def next_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float64, [N, V]) for context codes sum_j token_{t-k+j} * V**j."""
+        return self._table[context] if self._table is not None else self._logits_of(context)
+
+    def context_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L] tokens -> [N, L - k + 1] codes of every window of k consecutive tokens."""
+        k, v = self.cfg.order, self.cfg.vocab_size
+        weights = v ** torch.arange(k, dtype=torch.int64)
+        return (tokens.unfold(1, k, 1) * weights).sum(-1)
+
+    def sequences(self, split: str, index: torch.Tensor) -> torch.Tensor:
+        """[N, seq_len + 1] int64 token sequences."""
+        cfg, n = self.cfg, len(index)
+        length, k, v = cfg.seq_len + 1, cfg.order, cfg.vocab_size
+        key = stream_key(cfg.seed, SPLITS[split], 2)
+        u = counter_uniform(key, index, length)
+        tokens = torch.empty(n, length, dtype=torch.int64)
+        tokens[:, :k] = (u[:, :k] * v).long().clamp_max(v - 1)
+        code = (tokens[:, :k] * v ** torch.arange(k)).sum(-1)
+        newest = v ** (k - 1)
+        u_t = u.T.contiguous()  # [length, N]: each step reads one contiguous row
+        for t in range(k, length):
+            cdf = self._cdf[code] if self._cdf is not None else _cdf(torch.softmax(self._logits_of(code), -1))
+            token = torch.searchsorted(cdf, u_t[t].unsqueeze(1)).squeeze(1).clamp_max_(v - 1)
+            tokens[:, t] = token
+            code = code // v + token * newest  # drop the oldest token, append the new one
+        return tokens
+
+    def _batch(self, split: str, index: torch.Tensor) -> Batch:
+        seq = self.sequences(split, index)
+        return {"ids": index.clone(), "input_ids": seq[:, :-1], "labels": seq[:, 1:]}
+
+    def train_batch(self, index: torch.Tensor) -> Batch:
+        return self._batch("train", index)
+
+    def heldout(self, split: str) -> Batch:
+        return self._heldout[split]
+
+    @cached_property
+    def _heldout(self) -> dict[str, Batch]:
+        sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
+        return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
+
+    def token_entropies(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L] sequences -> [N, L - 1] Bayes entropy of each predicted token given everything before it."""
+        k, v = self.cfg.order, self.cfg.vocab_size
+        n, length = tokens.shape
+        out = torch.full((n, length - 1), math.log(v), dtype=torch.float64)  # first k - 1 targets: uniform
+        codes = self.context_codes(tokens[:, :-1])  # contexts ending at positions k-1 .. L-2
+        out[:, k - 1:] = entropy(self.next_logits(codes.flatten())).view(n, -1)
+        return out
+
+    def loss_floor(self) -> float:
+        ev = self.heldout("eval")
+        seq = torch.cat([ev["input_ids"], ev["labels"][:, -1:]], 1)
+        return float(self.token_entropies(seq).mean())
