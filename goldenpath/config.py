@@ -228,10 +228,6 @@ class Config:
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
         for section in (self.data, self.model, self.optim, self.budget, self.checkpoint, self.log):
             section.check()
-        online_unbounded = self.data.epochs == 1 and self.data.train_size is None
-        require(not online_unbounded or self.budget.samples or self.budget.steps
-                or (self.checkpoint.targets and self.budget.stop_at_last_target), "budget",
-                "an online run needs a stopping rule", "set budget.samples or budget.steps (or loss targets)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -258,7 +254,15 @@ def _convert(value: Any, tp, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
+        for alternative in inner[:-1]:
+            try:
+                return _convert(value, alternative, where)
+            except ConfigError:
+                pass
+        return _convert(value, inner[-1], where)
+    if origin is dict:
+        require(isinstance(value, dict), where, f"expected a mapping, got {value!r}", "write {key: value, ...}")
+        return {_convert(k, args[0], where): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         require(value in args, where, f"{value!r} is not one of {list(args)}", f"use one of {list(args)}")
         return value

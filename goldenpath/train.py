@@ -80,6 +80,9 @@ def planned_steps(config: Config, stream_limit: int | None) -> int | None:
     if stream_limit is not None:
         bounds.append(stream_limit // b)
     steps = min(bounds) if bounds else None
+    if steps is None and not (config.checkpoint.targets and config.budget.stop_at_last_target):
+        raise ConfigError("budget", "the stream is unbounded and nothing stops the run",
+                          "set budget.samples or budget.steps (or loss targets with budget.stop_at_last_target)")
     if steps == 0:
         raise ConfigError("budget.samples", f"allows no step of optim.batch_size={b}",
                           "raise budget.samples (or data.train_size x data.epochs) above one batch")
@@ -177,12 +180,7 @@ def train(config: Config) -> Path:
     accelerator = Accelerator(cpu=config.cpu, mixed_precision="bf16" if config.precision == "bf16" else "no")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(config.out) / config.name
-    if main:
-        prepare_run_dir(config)
-    accelerator.wait_for_everyone()
     status_path = run_dir / "status.json"
-    if status_path.exists() and ckpt.read_json(status_path).get("state") in ("completed", "diverged"):
-        return run_dir  # finished before: nothing to do
 
     # Data, model, optimizer
     optim = config.optim
@@ -198,6 +196,11 @@ def train(config: Config) -> Path:
     model = build_model(config.model, source.info, seed=config.seed).to(accelerator.device, dtype)
     optimizer = make_optimizer(model, optim)
     eval_batch = source.heldout("eval")
+    if main:  # only now: a config that fails to build leaves no run directory behind
+        prepare_run_dir(config)
+    accelerator.wait_for_everyone()
+    if status_path.exists() and ckpt.read_json(status_path).get("state") in ("completed", "diverged"):
+        return run_dir  # finished before: nothing to do
     targets = config.checkpoint.targets
 
     st = {"step": 0, "samples": 0, "tokens": 0, "target_index": 0, "evals": [], "next_eval": 0,
@@ -281,6 +284,7 @@ def train(config: Config) -> Path:
     window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # train loss sum, units since last log
     last_save = time.monotonic()
     state, reason = "completed", "budget"
+    data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
     try:
         with _Signals() as signals:
             if st["step"] == 0 and not st["evals"]:
@@ -290,6 +294,8 @@ def train(config: Config) -> Path:
             while True:
                 # -------- stopping rules
                 if total_steps is not None and st["step"] >= total_steps:
+                    if stream.limit is not None and total_steps == stream.limit // optim.batch_size:
+                        reason = data_end
                     break
                 if config.budget.stop_at_last_target and targets and st["target_index"] == len(targets):
                     reason = "last target reached"
@@ -298,7 +304,7 @@ def train(config: Config) -> Path:
                 try:
                     micro_batches = stream.next_step()
                 except StreamExhausted:
-                    reason = "stream exhausted"
+                    reason = data_end
                     break
                 # -------- one optimizer step over the logical batch
                 units = sum(count(b) for b in micro_batches)

@@ -130,7 +130,9 @@ def load_npz_member(path: str | Path, name: str) -> np.ndarray:
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
                 f.seek(info.header_offset + 30 + name_len + extra_len)
                 version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
                 offset = f.tell()
             return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
                              order="F" if fortran else "C")
@@ -201,7 +203,7 @@ class NpzSource(_ImagePool):
 class _HFData(DataConfig):
     path: str = "json"                 # hub dataset name, or a builder (json, parquet, text) with data_files
     name: str | None = None            # dataset configuration, e.g. "en" for allenai/c4
-    data_files: str | None = None      # local files for json/parquet builders (glob allowed)
+    data_files: str | dict[str, str] | None = None  # local files for json/parquet (glob, or {split: files})
     split: str = "train"
     eval_split: str | None = None      # held-out split; None: eval and probe come first from `split`
     shuffle_buffer: int = 10_000       # examples in the streaming shuffle buffer
@@ -420,7 +422,7 @@ class HFImageSource(_HFSource, _ImagePool):
                     "name an existing column")
         image = np.asarray(example[self.cfg.image_field])
         image = image[..., None] if image.ndim == 2 else image
-        return {"raw": torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)),
+        return {"raw": torch.from_numpy(np.array(image, dtype=np.uint8)),
                 "y": torch.tensor(example[self.cfg.label_field], dtype=torch.int64)}
 
     def collate(self, examples: list[Batch]) -> Batch:

@@ -6,7 +6,10 @@ produced on demand, and resuming is free. Nothing is downloaded and nothing larg
 
 * **teacher** (vision): smooth random images (band-limited Gaussian fields, unit pixel variance), labels
   ``y ~ softmax(T(x) / temperature)`` from a fixed random CNN ``T``. Bayes-optimal loss on the eval set:
-  ``mean_x H(softmax(T(x) / temperature))``.
+  ``mean_x H(softmax(T(x) / temperature))``. Images are computed in float64 and rounded, so a sample's
+  pixels do not depend on the batch it is generated in; the teacher runs in float32, whose logits can move
+  by ~1e-6 with the batch size, which changes a label only if its uniform draw lies that close to a class
+  boundary (about one sample in 10^6).
 * **markov** (text): an order-``k`` source over ``vocab_size`` tokens; the next-token logits of each context
   are ``sharpness * N(0, 1)`` hashed from the context, so the source is infinite and stores nothing (the
   table is cached when small). The first ``k`` tokens of a sequence are uniform. Bayes-optimal loss: the
@@ -143,7 +146,7 @@ class TeacherStream:
                 rows += [w * torch.cos(phase).flatten(), w * torch.sin(phase).flatten()]
         basis = torch.stack(rows)
         # Each mode contributes w^2 (cos^2 + sin^2) = w^2 to every pixel's variance (sin of mode 0 is 0).
-        return (basis / basis.pow(2).sum(0).mean().sqrt()).to(torch.float32)
+        return basis / basis.pow(2).sum(0).mean().sqrt()
 
     def _make_teacher(self) -> nn.Module:
         c, w, n = self.cfg.channels, self.cfg.teacher_width, self.cfg.image_size
@@ -157,28 +160,30 @@ class TeacherStream:
                 fan_in = p[0].numel() if p.dim() > 1 else 1
                 p.copy_(torch.randn(p.shape, generator=g) * (math.sqrt(2.0 / fan_in) if p.dim() > 1 else 0.0))
             # Standardise the logits on a calibration set so `temperature` alone sets the label noise.
-            x = self._images(SPLITS["train"] + 100, torch.arange(4096))
+            x = self._images(SPLITS["train"] + 100, torch.arange(4096)).double()
+            net.double()
             z = net(x)
             last = net[-1]
             last.bias.sub_(z.mean(0))
             scale = (z - z.mean(0)).std()
             last.weight.div_(scale), last.bias.div_(scale)
-        return net.requires_grad_(False).eval()
+        return net.float().requires_grad_(False).eval()
 
     def _images(self, split: int, index: torch.Tensor) -> torch.Tensor:
         c, n = self.cfg.channels, self.cfg.image_size
-        z = counter_normal(stream_key(self.cfg.seed, split, 0), index, c * len(self._basis)).to(torch.float32)
-        return (z.view(-1, c, len(self._basis)) @ self._basis).view(-1, c, n, n)
+        # float64 then rounded: a sample's pixels do not depend on which batch it is generated in
+        z = counter_normal(stream_key(self.cfg.seed, split, 0), index, c * len(self._basis))
+        return (z.view(-1, c, len(self._basis)) @ self._basis).view(-1, c, n, n).to(torch.float32)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's tempered logits T(x) / temperature (the log of the true label distribution + const)."""
         with torch.no_grad():
-            return self.teacher(x) / self.cfg.temperature
+            return self.teacher(x).double() / self.cfg.temperature
 
     def _batch(self, split: str, index: torch.Tensor) -> Batch:
         x = self._images(SPLITS[split], index)
         u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), index, 1)[:, 0]
-        y = sample_categorical(torch.softmax(self.logits(x).to(torch.float64), -1), u)
+        y = sample_categorical(torch.softmax(self.logits(x), -1), u)
         return {"ids": index.clone(), "x": x, "y": y}
 
     def train_batch(self, index: torch.Tensor) -> Batch:

@@ -1,0 +1,104 @@
+"""Checkpoint files: atomic directory swaps survive a crash at any point; resume state round-trips."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from goldenpath import checkpoints as ckpt
+
+
+def test_a_crash_while_filling_keeps_the_previous_directory(tmp_path):
+    path = tmp_path / "last"
+    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
+
+    def crash(d):
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        ckpt.replace_dir(path, crash)
+    assert (path / "a.txt").read_text() == "old"
+    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("new"))  # the leftover temp dir is no obstacle
+    assert (path / "a.txt").read_text() == "new" and not (tmp_path / "last.tmp").exists()
+
+
+def test_a_crash_between_the_renames_is_recovered(tmp_path):
+    path = tmp_path / "last"
+    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
+    path.rename(tmp_path / "last.old")  # the first rename happened, the second did not
+    assert ckpt.resolve_dir(path) == path and (path / "a.txt").read_text() == "old"
+
+
+def test_atomic_write_never_leaves_a_torn_file(tmp_path):
+    path = tmp_path / "status.json"
+    ckpt.write_json(path, {"a": 1})
+
+    def torn(tmp):
+        tmp.write_text('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_write(path, torn)
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                  lambda p: torch.optim.AdamW(p, lr=0.01)])
+def test_resume_state_round_trip_continues_identically(tmp_path, make):
+    def setup():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        return model, make(model.parameters())
+
+    def step(model, opt):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    model, opt = setup()
+    for _ in range(3):
+        step(model, opt)
+    ckpt.write_rank_state(tmp_path, 0, {"position": 48})
+    ckpt.write_shared_state(tmp_path, model, opt, {"step": 3})
+    random.random(), np.random.rand()
+    expected_py, expected_np = random.random(), np.random.rand()
+    step(model, opt)  # the reference continues
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    fresh, fresh_opt = setup()
+    train_state, stream_state = ckpt.load_resume_state(tmp_path, 0, fresh, fresh_opt)
+    assert train_state == {"step": 3} and stream_state == {"position": 48}
+    random.random(), np.random.rand()
+    assert (random.random(), np.random.rand()) == (expected_py, expected_np)
+    step(fresh, fresh_opt)  # draws its batch from the restored torch RNG
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference))
+
+
+def test_metrics_log_drops_lines_after_the_resumed_step_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(0, 50, 10)) + '{"step": 5')
+    log = ckpt.MetricsLog(path, resume_step=20)
+    log.write({"step": 21})
+    log.close()
+    assert [r["step"] for r in ckpt.read_metrics(tmp_path)] == [0, 10, 20, 21]
+
+
+def test_tied_weights_save_and_load(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+    a, b = Tied(), Tied()
+    ckpt.save_checkpoint(tmp_path / "target-1", a, {"target": 1.0})
+    ckpt.load_weights(b, tmp_path / "target-1")
+    assert torch.equal(a.emb.weight, b.emb.weight) and b.out.weight is b.emb.weight
+    assert json.loads((tmp_path / "target-1" / "meta.json").read_text()) == {"target": 1.0}

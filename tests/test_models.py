@@ -1,0 +1,113 @@
+"""Models: shapes, known parameter counts, seeded initialisation, and the loss against torch's reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from goldenpath.config import ConfigError, load_config
+from goldenpath.data import SourceInfo
+from goldenpath.models import build_model, count, sample_losses
+
+IMAGES = SourceInfo("classification", (3, 32, 32), 10)
+TEXT = SourceInfo("lm", (16,), 50)
+
+
+def model_config(*overrides):
+    return load_config(None, [*overrides, "budget.steps=1"]).model
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=cnn"], ["model.name=cnn", "model.norm=group"], ["model.name=cnn", "model.norm=batch"],
+    ["model.name=resnet18", "model.width=8"], ["model.name=resnet18", "model.width=8", "model.norm=group"],
+    ["model.name=vit", "model.width=32", "model.depth=2", "model.heads=4"],
+])
+def test_vision_models_map_images_to_class_logits(overrides):
+    model = build_model(model_config(*overrides), IMAGES, seed=0)
+    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+    gray = build_model(model_config(*overrides), SourceInfo("classification", (1, 28, 28), 10), seed=0)
+    assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_resnet18_has_the_published_parameter_count():
+    # ResNet-18 for CIFAR-10 (3x3 stem, widths 64-512): 11,173,962 parameters.
+    assert n_params(build_model(model_config("model.name=resnet18"), IMAGES, seed=0)) == 11_173_962
+    norms = {type(m).__name__ for m in build_model(model_config("model.name=resnet18", "model.norm=group"),
+                                                     IMAGES, seed=0).modules()}
+    assert "GroupNorm" in norms and "BatchNorm2d" not in norms
+
+
+def test_gpt2_small_has_the_published_parameter_count():
+    info = SourceInfo("lm", (1024,), 50257)
+    model = build_model(model_config("data.source=markov", "model.name=gpt2", "model.width=768", "model.depth=12",
+                                     "model.heads=12"), info, seed=0)
+    assert n_params(model) == 124_439_808  # GPT-2 small, tied embeddings
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
+
+
+@pytest.mark.parametrize("name, extra", [("gpt2", []), ("gpt2", ["model.tie_embeddings=false"]),
+                                         ("llama", ["model.kv_heads=2"]), ("llama", ["model.attention=eager"])])
+def test_language_models_map_tokens_to_vocab_logits(name, extra):
+    model = build_model(model_config("data.source=markov", f"model.name={name}", "model.width=32",
+                                     "model.heads=4", *extra), TEXT, seed=0)
+    ids = torch.randint(0, 50, (3, 16))
+    out = model(ids)
+    assert out.shape == (3, 16, 50)
+    # causal: changing a later token leaves earlier logits unchanged
+    ids2 = ids.clone()
+    ids2[:, 10] = (ids2[:, 10] + 1) % 50
+    assert torch.allclose(model(ids2)[:, :10], out[:, :10], atol=1e-5)
+    assert not torch.allclose(model(ids2)[:, 10:], out[:, 10:], atol=1e-5)
+
+
+def test_llama_grouped_query_attention_and_mlp_width():
+    model = build_model(model_config("data.source=markov", "model.name=llama", "model.width=48", "model.heads=4",
+                                     "model.kv_heads=2"), TEXT, seed=0)
+    attn = model.lm.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 2 * 12 and attn.q_proj.out_features == 48
+    assert model.lm.model.layers[0].mlp.gate_proj.out_features == 128  # 8/3 x 48, rounded up to 8
+
+
+def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
+    cfg = model_config()
+    before = torch.get_rng_state()
+    a, b, c = (build_model(cfg, IMAGES, seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_model_and_data_must_match():
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model(model_config("model.name=gpt2"), IMAGES, seed=0)
+    with pytest.raises(ConfigError, match="model.patch_size"):
+        build_model(model_config("model.name=vit", "model.patch_size=5"), IMAGES, seed=0)
+
+
+def test_classification_loss_matches_torch_mean():
+    model = build_model(model_config("model.width=4"), IMAGES, seed=0).double()
+    batch = {"x": torch.randn(6, 3, 32, 32, dtype=torch.float64), "y": torch.randint(0, 10, (6,))}
+    losses = sample_losses(model, batch)
+    assert losses.shape == (6,) and count(batch) == 6
+    assert torch.allclose(losses.sum() / count(batch), F.cross_entropy(model(batch["x"]), batch["y"]), rtol=1e-12)
+
+
+def test_lm_loss_sums_tokens_per_sequence_and_skips_padding():
+    model = build_model(model_config("data.source=markov", "model.name=gpt2", "model.width=16", "model.heads=2"),
+                        TEXT, seed=0).double()
+    ids = torch.randint(0, 50, (4, 16))
+    labels = torch.randint(0, 50, (4, 16))
+    labels[1, 9:] = -100
+    labels[3, 2:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    losses = sample_losses(model, batch)
+    assert count(batch) == 16 + 9 + 16 + 2
+    reference = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert torch.allclose(losses.sum() / count(batch), reference, rtol=1e-12)
+    row = F.cross_entropy(model(ids[3:4])[0, :2], labels[3, :2], reduction="sum")
+    assert torch.allclose(losses[3], row, rtol=1e-12)

@@ -1,0 +1,242 @@
+"""Real loaders on files written here in the real formats: idx, CIFAR-5m npz parts, datasets json/parquet."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from goldenpath.config import load_config
+from goldenpath.data import build_stream
+from goldenpath.data.sources import ByteTokenizer, load_npz_member, read_idx
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """idx format: two zero bytes, type code 0x08 (uint8), ndim, big-endian uint32 dims, then the bytes."""
+    data = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.astype(np.uint8).tobytes()
+    (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(data)
+
+
+def data(*overrides):
+    return load_config(None, [*overrides, "budget.steps=1"]).data
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (300, 28, 28)),
+              "train-labels-idx1-ubyte.gz": np.arange(300) % 10,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (100, 28, 28)),
+              "t10k-labels-idx1-ubyte": (np.arange(100) * 7) % 10}
+    for name, a in arrays.items():
+        write_idx(tmp_path / name, a)
+    return tmp_path, arrays
+
+
+def test_idx_reader_and_source(idx_dir):
+    root, arrays = idx_dir
+    assert np.array_equal(read_idx(root / "train-images-idx3-ubyte.gz"), arrays["train-images-idx3-ubyte.gz"])
+    assert np.array_equal(read_idx(root / "t10k-labels-idx1-ubyte"), arrays["t10k-labels-idx1-ubyte"])
+    src = data("data.source=fashion_mnist", f"data.path={root}", "data.eval_size=60", "data.probe_size=30").build()
+    assert src.size == 300 and src.info.input_shape == (1, 28, 28) and src.info.num_classes == 10
+    b = src.train_batch(torch.tensor([5, 17]))
+    assert b["y"].tolist() == [5, 7]
+    # standardised with the eval set's statistics: undo it and get the raw pixels back
+    raw = b["x"] * src._std + src._mean
+    assert torch.allclose(raw[:, 0] * 255, torch.tensor(arrays["train-images-idx3-ubyte.gz"][[5, 17]]).float(),
+                          atol=1e-3)
+    ev, probe = src.heldout("eval"), src.heldout("probe")
+    assert len(ev["ids"]) == 60 and len(probe["ids"]) == 30
+    assert not set(ev["ids"].tolist()) & set(probe["ids"].tolist())
+    assert ev["y"].tolist() == [int(arrays["t10k-labels-idx1-ubyte"][i]) for i in ev["ids"]]
+    assert abs(float(ev["x"].mean())) < 1e-4 and abs(float(ev["x"].std()) - 1) < 1e-2
+
+
+def test_idx_source_trains_end_to_end(idx_dir, tmp_path):
+    from goldenpath.train import train
+
+    root, _ = idx_dir
+    config = load_config(None, ["data.source=fashion_mnist", f"data.path={root}", "data.eval_size=50",
+                                "data.probe_size=20", "model.width=4", "model.depth=1", "optim.batch_size=30",
+                                "log.progress=false", f"out={tmp_path / 'runs'}", "name=idx"])
+    status = json.loads((train(config) / "status.json").read_text())
+    assert status["state"] == "completed" and status["reason"] == "data exhausted"
+    assert status["samples"] == 300  # one pass over the 300-image pool, then it stops
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_files():
+    src = data("data.source=fashion_mnist").build()
+    assert src.size == 60_000 and src.info.num_classes == 10
+    labels = torch.from_numpy(src._y)
+    assert torch.bincount(labels).tolist() == [6000] * 10  # Fashion-MNIST's training split is balanced
+
+
+@pytest.fixture
+def cifar5m_dir(tmp_path):
+    rows = [0, 120, 200]
+    for part, (lo, hi) in enumerate(zip(rows, rows[1:])):
+        i = np.arange(lo, hi)
+        x = np.zeros((hi - lo, 32, 32, 3), dtype=np.uint8)
+        x[:, 0, 0, 0], x[:, 0, 0, 1] = i % 256, i // 256  # each image carries its row number
+        x[:, 5:, :, :] = np.random.default_rng(part).integers(0, 256, (hi - lo, 27, 32, 3))
+        save = np.savez if part == 0 else np.savez_compressed  # stored (memory-mapped) and compressed parts
+        save(tmp_path / f"cifar5m_part{part}.npz", X=x, Y=(i % 10).astype(np.int64))
+    return tmp_path
+
+
+def test_npz_members_are_memory_mapped_when_stored(cifar5m_dir):
+    stored = load_npz_member(cifar5m_dir / "cifar5m_part0.npz", "X")
+    compressed = load_npz_member(cifar5m_dir / "cifar5m_part1.npz", "X")
+    assert isinstance(stored, np.memmap) and not isinstance(compressed, np.memmap)
+    with np.load(cifar5m_dir / "cifar5m_part0.npz") as ref:
+        assert np.array_equal(stored, ref["X"])
+
+
+def test_cifar5m_source_reads_rows_across_parts(cifar5m_dir):
+    src = data("data.source=cifar5m", f"data.path={cifar5m_dir}", "data.eval_size=20", "data.probe_size=10").build()
+    assert src.size == 170 and src.info.input_shape == (3, 32, 32)
+    index = torch.tensor([119, 3, 120, 169])
+    b = src.train_batch(index)
+    raw = (b["x"] * src._std + src._mean) * 255
+    row = raw[:, 0, 0, 0].round() + 256 * raw[:, 1, 0, 0].round()
+    assert row.long().tolist() == index.tolist() and b["y"].tolist() == [9, 3, 0, 9]
+    assert src.heldout("eval")["ids"].tolist() == list(range(170, 190))
+    assert src.heldout("probe")["ids"].tolist() == list(range(190, 200))
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+DOCS = [f"document {i}: " + "abc " * (i % 7) for i in range(60)]
+
+
+@pytest.fixture
+def text_json(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "meta": i}) + "\n" for i, d in enumerate(DOCS)))
+    return path
+
+
+def text_source(path, *overrides):
+    return data("data.source=hf_text", "data.path=json", f"data.data_files={path}", "data.seq_len=15",
+                "data.eval_size=3", "data.probe_size=2", "data.shuffle_buffer=1", *overrides).build()
+
+
+def test_hf_text_packs_documents_with_eos_in_order(text_json):
+    src = text_source(text_json)
+    assert src.info.num_classes == 257 and src.info.input_shape == (15,)
+    eos = ByteTokenizer.eos_token_id
+    stream_tokens = [t for d in DOCS for t in list(d.encode()) + [eos]]
+    ev, probe = src.heldout("eval"), src.heldout("probe")
+    held = torch.cat([ev["input_ids"], ev["labels"][:, -1:]], 1)
+    assert held.flatten().tolist() == stream_tokens[: 3 * 16]
+    assert torch.equal(ev["labels"], held[:, 1:]) and probe["input_ids"].shape == (2, 15)
+    # training starts at the first document the held-out sets did not touch (no shuffling: buffer of 1)
+    used_docs = next(i for i in range(len(DOCS)) if sum(len(d) + 1 for d in DOCS[: i + 1]) >= 5 * 16) + 1
+    it = src.iterate(seed=0, rank=0, world=1)
+    first = next(it)
+    assert first["input_ids"].tolist() == [t for d in DOCS[used_docs:] for t in list(d.encode()) + [eos]][:15]
+
+
+def test_hf_text_unpacked_pads_with_ignored_labels(text_json):
+    src = text_source(text_json, "data.pack=false", "data.seq_len=40")
+    ev = src.heldout("eval")
+    for row, doc in zip(ev["labels"], DOCS):
+        n = min(len(doc) + 1, 41) - 1  # predicted tokens: document + eos, truncated to seq_len + 1
+        assert (row[:n] != -100).all() and (row[n:] == -100).all()
+
+
+def test_hf_text_iterator_resumes_and_shards(text_json):
+    src = text_source(text_json)
+    full = [s["input_ids"] for s in src.iterate(seed=0, rank=0, world=1)]
+    it = src.iterate(seed=0, rank=0, world=1)
+    head = [next(it)["input_ids"] for _ in range(4)]
+    state = json.loads(json.dumps(it.state_dict()))  # survives JSON, as in checkpoints/last
+    resumed = src.iterate(seed=0, rank=0, world=1)
+    resumed.load_state_dict(state)
+    tail = [s["input_ids"] for s in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, full, strict=True))
+    ids = [[int(s["ids"]) for s in src.iterate(seed=0, rank=r, world=2)] for r in range(2)]
+    assert not set(ids[0]) & set(ids[1])
+
+
+def test_hf_text_with_a_local_autotokenizer(text_json, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(DOCS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    src = text_source(text_json, f"data.tokenizer={tmp_path / 'tok'}", "data.seq_len=7")
+    eos = tok.token_to_id("<eos>")
+    expected = [t for d in DOCS for t in tok.encode(d).ids + [eos]]
+    ev = src.heldout("eval")
+    assert src.info.num_classes == tok.get_vocab_size()
+    assert torch.cat([ev["input_ids"], ev["labels"][:, -1:]], 1).flatten().tolist() == expected[:24]
+
+
+def test_hf_text_parquet_and_a_separate_eval_split(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"text": DOCS[:40]}).to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame({"text": DOCS[40:]}).to_parquet(tmp_path / "val.parquet")
+    files = json.dumps({"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")})
+    cfg = load_config(None, ["data.source=hf_text", "data.path=parquet", f"data.data_files={files}",
+                             "data.eval_split=validation", "data.seq_len=15", "data.eval_size=2",
+                             "data.probe_size=1", "data.shuffle_buffer=1", "budget.steps=1"]).data
+    src = cfg.build()
+    def packed(docs):
+        return [t for d in docs for t in list(d.encode()) + [ByteTokenizer.eos_token_id]][:15]
+
+    assert src.heldout("eval")["input_ids"][0].tolist() == packed(DOCS[40:])
+    first = next(src.iterate(seed=0, rank=0, world=1))
+    assert first["input_ids"].tolist() == packed(DOCS)  # training reads its own split from the start
+
+
+@pytest.fixture
+def image_parquet(tmp_path):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    ds = datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(40)]}, features=features)
+    ds.to_parquet(tmp_path / "images.parquet")
+    return tmp_path / "images.parquet", images
+
+
+def test_hf_image_stream_decodes_images_and_labels(image_parquet):
+    path, images = image_parquet
+    src = data("data.source=hf_image", "data.path=parquet", f"data.data_files={path}", "data.eval_size=8",
+               "data.probe_size=4", "data.shuffle_buffer=1").build()
+    assert src.info.input_shape == (3, 8, 8) and src.info.num_classes == 3
+    ev = src.heldout("eval")
+    raw = (ev["x"] * src._std + src._mean) * 255
+    assert torch.allclose(raw[2].permute(1, 2, 0), torch.tensor(np.asarray(images[2])).float(), atol=1e-3)
+    it = src.iterate(seed=0, rank=0, world=1)
+    batch = src.collate([next(it) for _ in range(5)])
+    assert batch["x"].shape == (5, 3, 8, 8) and batch["y"].tolist() == [i % 3 for i in range(12, 17)]
+
+
+def test_offline_regime_on_a_streaming_source_holds_the_subset_in_memory(text_json):
+    cfg = load_config(None, ["data.source=hf_text", "data.path=json", f"data.data_files={text_json}",
+                             "data.seq_len=15", "data.eval_size=3", "data.probe_size=2", "data.epochs=3",
+                             "data.train_size=10", "budget.steps=1"]).data
+    stream = build_stream(cfg.build(), cfg, seed=0, batch_size=5, micro_batch_size=5)
+    seen = []
+    while True:
+        try:
+            seen += stream.next_step()[0]["ids"].tolist()
+        except Exception:
+            break
+    assert sorted(seen) == sorted(list(range(10)) * 3)

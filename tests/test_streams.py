@@ -1,0 +1,119 @@
+"""Streams: online never repeats, offline repeats exactly `epochs` times, sharding partitions, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from goldenpath.data import Stream, StreamExhausted
+from goldenpath.data.streams import SourceInfo
+
+
+class IdSource:
+    """A random-access source whose samples are their own ids (cheap, so streams can be long)."""
+
+    info = SourceInfo("classification", (1,), 2)
+
+    def __init__(self, size=None):
+        self.size = size
+
+    def train_batch(self, index):
+        return {"ids": index.clone()}
+
+
+def drain(stream, steps=None):
+    out = []
+    while steps is None or len(out) < steps:
+        try:
+            out.append(torch.cat([b["ids"] for b in stream.next_step()]))
+        except StreamExhausted:
+            break
+    return out
+
+
+def make(source, **kw):
+    args = dict(seed=0, data_seed=0, epochs=1, train_size=None, batch_size=64, micro_batch_size=64)
+    args.update(kw)
+    return Stream(source, **args)
+
+
+def test_online_unbounded_never_repeats_over_100k_samples():
+    ids = torch.cat(drain(make(IdSource(), batch_size=500, micro_batch_size=125), steps=240))
+    assert len(ids) == 120_000
+    assert len(torch.unique(ids)) == len(ids)
+
+
+def test_online_seeds_read_disjoint_samples():
+    a = torch.cat(drain(make(IdSource(), seed=0), steps=50))
+    b = torch.cat(drain(make(IdSource(), seed=1), steps=50))
+    assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_online_finite_pool_is_a_permutation_then_exhausts():
+    stream = make(IdSource(size=1000), batch_size=100, micro_batch_size=50, seed=3)
+    ids = torch.cat(drain(stream))
+    assert sorted(ids.tolist()) == list(range(1000))
+    assert not torch.equal(ids, torch.arange(1000))  # shuffled by the run seed
+    with pytest.raises(StreamExhausted):
+        stream.next_step()
+
+
+@pytest.mark.parametrize("pool", [None, 5000])
+def test_offline_repeats_the_subset_exactly_epochs_times(pool):
+    n, epochs = 300, 4
+    stream = make(IdSource(size=pool), epochs=epochs, train_size=n, batch_size=30, micro_batch_size=10, seed=1,
+                  data_seed=7)
+    ids = torch.cat(drain(stream))
+    assert len(ids) == n * epochs
+    counts = torch.bincount(ids - ids.min())
+    assert set(counts[counts > 0].tolist()) == {epochs} and int((counts > 0).sum()) == n
+    per_epoch = ids.view(epochs, n)
+    assert all(torch.equal(per_epoch[e].sort().values, per_epoch[0].sort().values) for e in range(epochs))
+    assert not torch.equal(per_epoch[0], per_epoch[1])  # reshuffled each epoch
+    # The subset is fixed by the data seed, shared by every run seed; only the order changes.
+    other = torch.cat(drain(make(IdSource(size=pool), epochs=epochs, train_size=n, batch_size=30,
+                                 micro_batch_size=10, seed=2, data_seed=7)))
+    assert set(other.tolist()) == set(ids.tolist()) and not torch.equal(other, ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(world=st.integers(1, 4), accumulation=st.integers(1, 4), micro=st.integers(1, 8),
+       pool=st.sampled_from([None, 10_000]), epochs=st.sampled_from([1, 3]))
+def test_shards_partition_the_logical_batch(world, accumulation, micro, pool, epochs):
+    batch = world * accumulation * micro
+    train_size = 97 if epochs > 1 else None
+    single = make(IdSource(size=pool), batch_size=batch, micro_batch_size=batch, epochs=epochs,
+                  train_size=train_size)
+    ranks = [make(IdSource(size=pool), batch_size=batch, micro_batch_size=micro, rank=r, world=world,
+                  epochs=epochs, train_size=train_size) for r in range(world)]
+    for _ in range(3):
+        expected = single.next_step()[0]["ids"]
+        parts = [rank.next_step() for rank in ranks]
+        assert all(len(p) == accumulation and all(len(b["ids"]) == micro for b in p) for p in parts)
+        got = torch.cat([b["ids"] for p in parts for b in p])
+        assert torch.equal(got, expected)  # same samples, whatever the number of processes
+
+
+def test_resume_continues_exactly():
+    kw = dict(epochs=3, train_size=200, batch_size=32, micro_batch_size=8, seed=5)
+    reference = drain(make(IdSource(size=1000), **kw))
+    first = make(IdSource(size=1000), **kw)
+    head = drain(first, steps=7)
+    resumed = make(IdSource(size=1000), **kw)
+    resumed.load_state_dict(first.state_dict())
+    tail = drain(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference, strict=True))
+
+
+def test_real_embedded_stream_ids_are_pool_indices():
+    from goldenpath.config import load_config
+    from goldenpath.data import build_stream
+
+    config = load_config(None, ["data.image_size=8", "budget.steps=1"])
+    stream = build_stream(config.data.build(), config.data, seed=2, batch_size=16, micro_batch_size=4)
+    batches = stream.next_step()
+    assert [len(b["ids"]) for b in batches] == [4, 4, 4, 4]
+    assert torch.equal(torch.cat([b["ids"] for b in batches]), 2 * 2**40 + torch.arange(16))
+    assert batches[0]["x"].shape == (4, 3, 8, 8)

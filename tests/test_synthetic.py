@@ -1,0 +1,124 @@
+"""Embedded streams: the counter-based RNG, the sampled labels/tokens, and the exact Bayes-optimal losses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from goldenpath.config import load_config
+from goldenpath.data.synthetic import MarkovStream, counter_normal, counter_uniform, stream_key
+
+
+def source(*overrides):
+    return load_config(None, [*overrides, "budget.steps=1"]).data.build()
+
+
+def test_counter_normal_is_standard_normal_and_deterministic():
+    z = counter_normal(stream_key(1, 2), torch.arange(2000), 64).flatten().numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    assert torch.equal(counter_normal(7, torch.tensor([5, 9]), 3), counter_normal(7, torch.tensor([5, 9]), 3))
+    # neighbouring ids and counters are uncorrelated
+    u = counter_uniform(3, torch.arange(20000), 2).numpy()
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
+    assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.03
+    assert not torch.equal(counter_uniform(3, torch.arange(5), 1), counter_uniform(4, torch.arange(5), 1))
+
+
+def test_teacher_images_are_smooth_unit_variance_fields():
+    src = source("data.image_size=32", "data.max_frequency=4")
+    x = src.train_batch(torch.arange(512))["x"]
+    assert x.shape == (512, 3, 32, 32)
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.var()) - 1) < 0.05
+    power = torch.fft.fft2(x.double()).abs().pow(2).mean((0, 1))
+    k = torch.fft.fftfreq(32) * 32
+    high = (k.abs()[:, None] > 4) | (k.abs()[None, :] > 4)
+    assert float(power[high].sum() / power.sum()) < 1e-10  # band-limited to |k| <= 4 (float32 round-off)
+
+
+def test_teacher_floor_is_the_entropy_of_the_teacher_on_the_eval_set():
+    src = source("data.eval_size=512")
+    p = torch.softmax(src.logits(src.heldout("eval")["x"]).double(), -1).numpy()
+    assert src.loss_floor() == pytest.approx(float(np.mean(stats.entropy(p, axis=1))), rel=1e-9)
+
+
+def test_teacher_floor_matches_monte_carlo_over_the_stream():
+    src = source("data.eval_size=4096")
+    floor = src.loss_floor()
+    nll = []
+    for start in range(0, 60_000, 6000):
+        b = src.train_batch(torch.arange(start, start + 6000))
+        logp = torch.log_softmax(src.logits(b["x"]).double(), -1)
+        nll.append(-logp.gather(1, b["y"][:, None]).squeeze(1))  # labels drawn by the stream
+    nll = torch.cat(nll)
+    ent = -(torch.softmax(src.logits(src.heldout("eval")["x"]).double(), -1)
+            * torch.log_softmax(src.logits(src.heldout("eval")["x"]).double(), -1)).sum(-1)
+    se = math.sqrt(float(nll.var()) / len(nll) + float(ent.var()) / len(ent))
+    assert abs(float(nll.mean()) - floor) < 4 * se, (float(nll.mean()), floor, se)
+    assert 0.3 < floor < math.log(10) - 0.3  # labels neither deterministic nor uniform
+
+
+def markov_entropies_by_loop(src: MarkovStream, seq: torch.Tensor) -> np.ndarray:
+    """Second implementation: per position, rebuild the context code and the distribution from the hash."""
+    k, v = src.cfg.order, src.cfg.vocab_size
+    out = []
+    for row in seq.tolist():
+        for t in range(1, len(row)):
+            if t < k:
+                out.append(math.log(v))
+                continue
+            code = sum(row[t - k + j] * v**j for j in range(k))
+            logits = src.cfg.sharpness * counter_normal(stream_key(src.cfg.seed, 20), torch.tensor([code]), v)[0]
+            out.append(stats.entropy(torch.softmax(logits, -1).numpy()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_markov_floor_matches_a_loop_implementation(order):
+    src = source("data.source=markov", f"data.order={order}", "data.vocab_size=8", "data.seq_len=12",
+                 "data.eval_size=40")
+    ev = src.heldout("eval")
+    seq = torch.cat([ev["input_ids"], ev["labels"][:, -1:]], 1)
+    assert torch.equal(seq[:, 1:], ev["labels"])
+    assert src.loss_floor() == pytest.approx(float(markov_entropies_by_loop(src, seq).mean()), rel=1e-9)
+
+
+def test_markov_floor_matches_monte_carlo_and_tokens_follow_the_table():
+    src = source("data.source=markov", "data.order=2", "data.vocab_size=16", "data.seq_len=32",
+                 "data.eval_size=512")
+    seq = src.sequences("train", torch.arange(8000))
+    probs = torch.softmax(src.next_logits(src.context_codes(seq[:, :-1])[:, :].flatten()), -1)
+    targets = seq[:, 2:].flatten()
+    nll = -torch.log(probs.gather(1, targets[:, None]).squeeze(1))
+    first = torch.full((len(seq),), math.log(16), dtype=torch.float64)  # target 1: uniform given one token
+    mc = torch.cat([first, nll]).mean()
+    ent_eval = src.token_entropies(torch.cat([src.heldout("eval")["input_ids"],
+                                              src.heldout("eval")["labels"][:, -1:]], 1))
+    se = math.sqrt(float(nll.var()) / len(nll) + float(ent_eval.var()) / ent_eval.numel())
+    assert abs(float(mc) - src.loss_floor()) < 4 * se
+    # Empirical next-token counts of the commonest context against its distribution (chi-square).
+    codes = src.context_codes(seq[:, :-1]).flatten()
+    common = int(torch.bincount(codes).argmax())
+    observed = torch.bincount(targets[codes == common], minlength=16).numpy()
+    expected = torch.softmax(src.next_logits(torch.tensor([common])), -1)[0].numpy() * observed.sum()
+    keep = expected > 5
+    assert stats.chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()).pvalue > 1e-3
+
+
+def test_markov_without_the_cached_table_gives_the_same_tokens(monkeypatch):
+    cached = source("data.source=markov", "data.order=2")
+    monkeypatch.setattr(MarkovStream, "TABLE_LIMIT", 0)
+    hashed = source("data.source=markov", "data.order=2")
+    assert hashed._table is None
+    assert torch.equal(cached.train_batch(torch.arange(20))["input_ids"], hashed.train_batch(torch.arange(20))["input_ids"])
+
+
+def test_splits_are_distinct_and_samples_are_pure_functions_of_their_index():
+    src = source()
+    a, b = src.train_batch(torch.tensor([3, 4])), src.train_batch(torch.tensor([4]))
+    assert torch.equal(a["x"][1], b["x"][0]) and torch.equal(a["y"][1], b["y"][0])
+    ev, probe = src.heldout("eval")["x"], src.heldout("probe")["x"]
+    assert not torch.equal(ev[0], probe[0]) and not torch.equal(ev[0], src.train_batch(torch.tensor([0]))["x"][0])
