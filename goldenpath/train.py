@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from datetime import datetime, timezone
@@ -244,6 +245,9 @@ def train(config: Config) -> Path:
         if main:
             ckpt.staging_dir(last_dir)
         accelerator.wait_for_everyone()
+        if ids_file is not None:  # every id up to this state is on disk before the state is
+            ids_file.flush()
+            os.fsync(ids_file.fileno())
         ckpt.write_rank_state(tmp, rank, stream.state_dict())
         accelerator.wait_for_everyone()
         if main:
@@ -274,6 +278,7 @@ def train(config: Config) -> Path:
         nxt = targets[st["target_index"]] if st["target_index"] < len(targets) else None
         st["next_eval"] = st["step"] + next_eval_gap(st["evals"], nxt, max_gap=config.checkpoint.eval_every,
                                                      min_gap=config.checkpoint.eval_min_every)
+        st["next_eval"] = min([st["next_eval"], *(s for s in config.checkpoint.steps if s > st["step"])])
         bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {floor:.4f}" if floor is not None else ""), refresh=False)
         return loss
 
@@ -383,6 +388,7 @@ def train(config: Config) -> Path:
                 status(state="interrupted", reason=reason)
             else:
                 status(state="diverged", reason=reason)
+            accelerator.wait_for_everyone()  # every process returns after the final status is written
     except BaseException as e:
         status(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                reason=f"{type(e).__name__}: {e}"[:500])

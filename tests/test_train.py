@@ -1,0 +1,290 @@
+"""The training loop: schedules, gradient accumulation, loss-target checkpoints, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from goldenpath import checkpoints as ckpt
+from goldenpath import cli
+from goldenpath.config import OptimConfig, load_config
+from goldenpath.data import build_stream
+from goldenpath.models import build_model, sample_losses
+from goldenpath.train import get_lr, next_eval_gap, train
+
+
+def status_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def trained_model(config, run_dir: Path, which: str = "last") -> torch.nn.Module:
+    model = build_model(config.model, config.data.build().info, seed=config.seed)
+    if config.precision == "fp64":
+        model = model.double()
+    return ckpt.load_weights(model, run_dir / "checkpoints" / which).requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_learning_rate_schedules_match_their_closed_forms():
+    const = OptimConfig(lr=0.2, warmup=4)
+    assert [get_lr(s, const, None) for s in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    cos = OptimConfig(lr=1.0, schedule="cosine", warmup=0, min_lr_ratio=0.1)
+    total = 100
+    assert get_lr(0, cos, total) == pytest.approx(1.0)
+    assert get_lr(50, cos, total) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert get_lr(100, cos, total) == pytest.approx(0.1)
+    assert get_lr(25, cos, total) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_evals_are_log_spaced_early():
+    evals, steps = [(0, 5.0)], [0]
+    while steps[-1] < 300:
+        steps.append(steps[-1] + next_eval_gap(evals, None, max_gap=100, min_gap=1))
+        evals.append((steps[-1], 5.0))
+    assert steps[:9] == [0, 1, 2, 4, 8, 16, 32, 64, 128] and steps[9] == 228
+
+
+@settings(max_examples=60, deadline=None)
+@given(rate=st.floats(1e-4, 0.05), target=st.floats(0.5, 4.0), min_gap=st.integers(1, 5),
+       max_gap=st.integers(20, 400))
+def test_evals_close_in_on_a_target(rate, target, min_gap, max_gap):
+    """On a steadily falling loss, the first eval at or below the target overshoots by <= min_gap steps."""
+    def loss(s):
+        return 5.0 - rate * s
+
+    evals = [(0, loss(0))]
+    while evals[-1][1] > target:
+        s = evals[-1][0] + next_eval_gap(evals, target, max_gap=max_gap, min_gap=min_gap)
+        evals.append((s, loss(s)))
+    overshoot_steps = (target - evals[-1][1]) / rate
+    assert overshoot_steps <= min_gap + 1e-6
+    assert len(evals) < 30 + 5.0 / rate / max_gap  # and it does not evaluate every step to get there
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update(tiny_teacher, tmp_path):
+    """4 micro-batches of 8 through the trainer == one plain batch of 32 by hand (float64)."""
+    common = [*tiny_teacher, "precision=fp64", "optim.batch_size=32", "optim.lr=0.1", "budget.steps=1"]
+    config = load_config(None, [*common, "optim.micro_batch_size=8"])
+    run_dir = train(config)
+
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=32, micro_batch_size=32)
+    batch = stream.next_step()[0]
+    model = build_model(config.model, source.info, seed=config.seed).double()
+    loss = F.cross_entropy(model(batch["x"].double()), batch["y"])  # the plain mean over 32 images
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected = [(p - 0.1 * g).detach() for p, g in zip(model.parameters(), grads)]
+    got = list(trained_model(config, run_dir).parameters())
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-12
+
+
+def test_accumulation_over_several_momentum_steps(tiny_teacher, tmp_path):
+    def run(micro, name):
+        cfg = load_config(None, [*tiny_teacher, "precision=fp64", "optim.batch_size=32", "optim.momentum=0.9",
+                                 f"optim.micro_batch_size={micro}", "budget.steps=4", f"name={name}"])
+        return list(trained_model(cfg, train(cfg)).parameters())
+
+    a, b = run(8, "micro8"), run(32, "micro32")
+    assert max(float((x - y).abs().max()) for x, y in zip(a, b)) < 1e-12
+
+
+def test_lm_accumulation_with_padding_normalises_by_all_tokens(tmp_path):
+    """Unequal-length documents: the update is the mean over every real token of the logical batch."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "x" * (3 + (7 * i) % 20)}) + "\n" for i in range(80)))
+    common = ["data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.pack=false",
+              "data.seq_len=24", "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=8",
+              "model.name=gpt2", "model.width=16", "model.heads=2", "model.depth=1", "precision=fp64",
+              "optim.lr=0.5", "optim.batch_size=16", "budget.steps=1", "log.progress=false",
+              f"out={tmp_path}", "name=lm"]
+    config = load_config(None, [*common, "optim.micro_batch_size=4"])
+    run_dir = train(config)
+
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=16, micro_batch_size=16)
+    batch = stream.next_step()[0]
+    assert len(set((batch["labels"] != -100).sum(1).tolist())) > 3  # really unequal lengths
+    model = build_model(config.model, source.info, seed=config.seed).double()
+    logits = model(batch["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected = [(p - 0.5 * g).detach() for p, g in zip(model.parameters(), grads)]
+    got = list(trained_model(config, run_dir).parameters())
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-12
+    assert status_of(run_dir)["tokens"] == int((batch["labels"] != -100).sum())
+
+
+# ----------------------------------------------------------------------------- loss-target checkpoints
+
+
+def test_target_checkpoints_are_first_crossings(tiny_teacher):
+    targets = [2.2, 2.1, 2.0]
+    config = load_config(None, [*tiny_teacher, f"checkpoint.targets={targets}", "checkpoint.eval_every=20",
+                                "budget.samples=40000", "checkpoint.steps=[7]"])
+    run_dir = train(config)
+    status = status_of(run_dir)
+    assert status["state"] == "completed" and status["reason"] == "last target reached"
+    assert 0 < status["loss_floor"] < 2.0
+    eval_batch = config.data.build().heldout("eval")
+    evals = [(r["step"], r["eval_loss"]) for r in ckpt.read_metrics(run_dir) if "eval_loss" in r]
+    for target in targets:
+        directory = run_dir / "checkpoints" / f"target-{target:g}"
+        meta = json.loads((directory / "meta.json").read_text())
+        model = trained_model(config, run_dir, f"target-{target:g}").eval()
+        with torch.no_grad():  # recomputed from the file, with torch's own mean cross-entropy
+            loss = float(F.cross_entropy(model(eval_batch["x"]), eval_batch["y"]))
+        assert loss <= target and loss == pytest.approx(meta["eval_loss"], abs=1e-5)
+        assert meta["loss_minus_target"] == pytest.approx(meta["eval_loss"] - target)
+        before = [l for s, l in evals if s < meta["step"]]
+        assert before and all(l > target for l in before)  # never reached before this step
+        assert meta["previous_eval"][1] == pytest.approx(before[-1]) and meta["previous_eval"][1] > target
+        assert meta["samples"] == meta["step"] * 32
+    assert json.loads((run_dir / "checkpoints" / "step-7" / "meta.json").read_text())["step"] == 7
+    assert status["targets_reached"] == {f"{t:g}": json.loads((run_dir / "checkpoints" / f"target-{t:g}" /
+                                                               "meta.json").read_text())["step"] for t in targets}
+
+
+# ----------------------------------------------------------------------------- resume, kills, signals
+
+
+def launch(config_path: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-m", "goldenpath", "train", str(config_path), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        try:
+            if any(r.get("step", 0) >= step for r in ckpt.read_metrics(run_dir)):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def resumable(tmp_path):
+    from tests.conftest import TINY_TEACHER
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text("\n".join(f"# {o}" for o in TINY_TEACHER) + "\nbudget: {samples: 3200}\n")
+    return path, [*TINY_TEACHER, "optim.momentum=0.9", "checkpoint.last_every_seconds=0", "log.every=1",
+                  "checkpoint.eval_every=10", "checkpoint.targets=[2.2]", "budget.stop_at_last_target=false",
+                  "log.sample_ids=true"]
+
+
+def test_kill_9_at_any_time_then_resume_is_bit_identical(resumable, tmp_path):
+    path, overrides = resumable
+    reference = launch(path, *overrides, f"out={tmp_path}", "name=reference")
+    assert reference.wait(120) == 0, reference.stderr.read()
+    ref_dir = tmp_path / "reference"
+
+    run_dir = tmp_path / "killed"
+    args = [*overrides, f"out={tmp_path}", "name=killed"]
+    for i, step in enumerate([5, 30, 31, 60]):
+        proc = launch(path, *args)
+        wait_for_step(run_dir, step, proc)
+        time.sleep(0.013 * i)  # land somewhere inside a step, an eval or a checkpoint write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # whatever the moment of the kill, the resume state is whole and loads
+        last = ckpt.resolve_dir(run_dir / "checkpoints" / "last")
+        assert last is not None
+        config = load_config(None, args + ["budget.samples=3200"])
+        model = build_model(config.model, config.data.build().info, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ckpt.load_resume_state(last, 0, model, opt)
+    proc = launch(path, *args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip().splitlines()[-1] == str(run_dir)  # the run directory is the last stdout line
+
+    a = load_file(str(ref_dir / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [(r["step"], r["train_loss"]) for r in ckpt.read_metrics(d) if "train_loss" in r]
+    assert losses(run_dir) == losses(ref_dir)  # one line per step, same values: nothing lost or repeated
+    ids = lambda d: (d / "samples" / "rank0.i64").read_bytes()
+    assert ids(run_dir) == ids(ref_dir) and len(ids(run_dir)) == 3200 * 8
+    assert status_of(run_dir)["resumed_from_step"] > 0 and status_of(run_dir)["state"] == "completed"
+
+
+def test_sigterm_saves_and_marks_the_run_interrupted(resumable, tmp_path):
+    path, overrides = resumable
+    args = [*overrides, "checkpoint.last_every_seconds=1000", f"out={tmp_path}", "name=term"]
+    proc = launch(path, *args)
+    wait_for_step(tmp_path / "term", 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 1
+    status = status_of(tmp_path / "term")
+    assert status["state"] == "interrupted" and status["reason"] == "SIGTERM"
+    state = json.loads((tmp_path / "term" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["train"]["step"] == status["step"] >= 10
+    proc = launch(path, *args)
+    assert proc.wait(120) == 0
+    assert status_of(tmp_path / "term")["state"] == "completed" and status_of(tmp_path / "term")["step"] == 100
+
+
+# ----------------------------------------------------------------------------- divergence and re-runs
+
+
+def test_divergence_is_recorded_and_exits_1(tiny_teacher, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("budget: {samples: 6400}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(config), *tiny_teacher, "optim.lr=1000", "checkpoint.targets=[2.2]"])
+    assert exit_info.value.code == 1
+    run_dir = tmp_path / "run"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run_dir)
+    status = status_of(run_dir)
+    assert status["state"] == "diverged" and "step" in status["reason"] and status["step"] < 200
+    assert ckpt.read_metrics(run_dir)[-1]["step"] == status["step"]  # the diverging step is logged
+    # a diverged run is left alone when the command is run again
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(config), *tiny_teacher, "optim.lr=1000", "checkpoint.targets=[2.2]"])
+    assert status_of(run_dir) == status
+
+
+def test_a_finished_run_is_not_redone_and_a_changed_config_is_refused(tiny_teacher, capsys):
+    config = load_config(None, [*tiny_teacher, "budget.steps=3"])
+    run_dir = train(config)
+    before = status_of(run_dir)
+    assert train(config) == run_dir and status_of(run_dir) == before
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(run_dir / "config.yaml"), "optim.lr=0.3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("goldenpath: name: ") and "differs in optim.lr" in err
+
+
+def test_offline_regime_visits_the_subset_epochs_times(tiny_teacher):
+    config = load_config(None, [*tiny_teacher, "data.epochs=3", "data.train_size=96", "log.sample_ids=true"])
+    run_dir = train(config)
+    status = status_of(run_dir)
+    assert status["reason"] == "all epochs done" and status["samples"] == 288
+    ids = torch.frombuffer(bytearray((run_dir / "samples" / "rank0.i64").read_bytes()), dtype=torch.int64)
+    assert torch.bincount(ids).unique().tolist() == [0, 3] or torch.bincount(ids).unique().tolist() == [3]
+    assert len(ids.unique()) == 96
