@@ -1,0 +1,113 @@
+"""Trainer overhead and stream speed, as ratios against baselines measured in the same run.
+
+    python bench/overhead.py [--rounds 5] [--steps 300]
+
+1. samples/s of ``goldenpath train`` (its training time, eval/checkpoint time reported apart) on the
+   teacher CNN, against a minimal hand-written torch loop on the same model and the same stream.
+   Goal: ratio >= 0.97. Rounds alternate the two so machine noise hits both alike; medians are reported.
+2. the embedded streams' generation rate against the trainer's consumption rate (goal >= 10x), for the
+   teacher CNN and the Markov GPT-2 configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from goldenpath.config import load_config
+from goldenpath.data import build_stream
+from goldenpath.models import build_model
+from goldenpath.train import make_optimizer, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_loop(config, steps: int) -> float:
+    """samples/s of the simplest correct loop: stream -> forward -> mean CE -> backward -> step."""
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
+                          micro_batch_size=config.optim.batch_size)
+    model = build_model(config.model, source.info, seed=config.seed)
+    opt = make_optimizer(model, config.optim)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = stream.next_step()[0]
+        loss = F.cross_entropy(model(batch["x"]), batch["y"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * config.optim.batch_size / (time.perf_counter() - t0)
+
+
+def trainer(config_path: Path, steps: int, out: str, name: str, extra=()) -> dict:
+    """Run goldenpath train with only the initial and final evals; its own timers split the time."""
+    config = load_config(config_path, [f"budget.steps={steps}", "budget.samples=null", "checkpoint.targets=[]",
+                                       f"checkpoint.eval_every={10 * steps}", "checkpoint.last_every_seconds=1e9",
+                                       "log.progress=false", f"out={out}", f"name={name}", *extra])
+    t0 = time.perf_counter()
+    run_dir = train(config)
+    wall = time.perf_counter() - t0
+    status = json.loads((run_dir / "status.json").read_text())
+    samples = status["samples"]
+    return {"config": config, "samples_per_s": samples / status["seconds"]["train"],
+            "wall_samples_per_s": samples / wall, **{f"{k}_s": v for k, v in status["seconds"].items()}}
+
+
+def generation_rate(config, seconds: float = 2.0) -> float:
+    """Samples/s the stream produces in the trainer's own micro-batch size."""
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
+                          micro_batch_size=config.optim.micro_batch_size or config.optim.batch_size)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += sum(len(b["ids"]) for b in stream.next_step())
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    cnn = ROOT / "configs" / "teacher-cnn.yaml"
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
+    with tempfile.TemporaryDirectory() as out:
+        ours, plain, evals = [], [], []
+        for r in range(args.rounds):
+            res = trainer(cnn, args.steps, out, f"round{r}")
+            ours.append(res["samples_per_s"])
+            evals.append(res["eval_s"] + res["checkpoint_s"])
+            plain.append(plain_loop(res["config"], args.steps))
+            print(f"round {r}: goldenpath {ours[-1]:8.0f} samples/s   plain loop {plain[-1]:8.0f} samples/s   "
+                  f"ratio {ours[-1] / plain[-1]:.3f}   (eval+checkpoint {evals[-1]:.2f} s apart)", flush=True)
+        ratios = [a / b for a, b in zip(ours, plain)]
+        results["overhead"] = {"goldenpath_samples_per_s": ours, "plain_samples_per_s": plain,
+                               "ratio_median": statistics.median(ratios), "ratios": ratios,
+                               "eval_checkpoint_s": evals}
+        print(f"trainer / plain loop: median {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds; goal >= 0.97")
+
+        results["streams"] = {}
+        for name in ("teacher-cnn", "markov-gpt2"):
+            res = trainer(ROOT / "configs" / f"{name}.yaml", 150, out, f"stream-{name}")
+            made = generation_rate(res["config"])
+            ratio = made / res["samples_per_s"]
+            results["streams"][name] = {"generated_per_s": made, "consumed_per_s": res["samples_per_s"],
+                                        "ratio": ratio}
+            print(f"{name}: stream generates {made:8.0f} samples/s, trainer consumes {res['samples_per_s']:7.0f} "
+                  f"samples/s: {ratio:5.1f}x (goal >= 10x)")
+    path = ROOT / "bench" / "results" / "overhead.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

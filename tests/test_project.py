@@ -1,0 +1,56 @@
+"""The project's own promises: every shipped config loads, CI runs the README's test command, the demo works."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from goldenpath.checkpoints import read_json, read_metrics
+from goldenpath.config import load_config
+from goldenpath.train import train
+
+from .conftest import TINY_TEACHER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.optim.lr > 0 and config.checkpoint.targets, path
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    readme_cmd = re.search(r"^(python -m pytest[^#\n]*?)\s*(#|$)", readme, re.M).group(1).strip()
+    ci_cmds = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    assert ci_cmds[-1] == readme_cmd
+
+
+def test_bf16_autocast_run_trains_on_cpu(tmp_path):
+    config = load_config(ROOT / "configs" / "teacher-cnn.yaml",
+                         [*TINY_TEACHER, "precision=bf16", "budget.samples=640", "checkpoint.targets=[]",
+                          f"out={tmp_path}", "name=bf16"])
+    run_dir = train(config)
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "completed" and status["samples"] == 640
+    evals = [r["eval_loss"] for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert evals[-1] < evals[0]  # bf16 autocast steps still learn
+
+
+def test_demo_trains_both_embedded_runs_and_prints_their_checkpoints(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "goldenpath", "demo", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("teacher-cnn", "markov-gpt2"):
+        status = read_json(tmp_path / name / "status.json")
+        assert status["state"] == "completed"
+        saved = sorted((tmp_path / name / "checkpoints").glob("target-*"))
+        assert len(saved) >= 2, f"{name} reached fewer than two loss targets"
+        for d in saved:
+            assert str(d) in out.stdout and (d / "model.safetensors").exists()
