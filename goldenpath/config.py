@@ -11,6 +11,7 @@ source or a model is one small dataclass next to its implementation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -187,6 +188,35 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class NoiseConfig:
+    """Gradient noise (MISSION.md, "Noise knobs"); B is the logical batch, xi ~ N(0, I).
+
+    gaussian (Noisy-SGD): g = mean gradient + (sigma / B) xi
+    dp (DP-SGD):          g = (sum_i clip_C(g_i) + sigma C xi) / B, the norm over all trained parameters
+    """
+
+    kind: Literal["none", "gaussian", "dp"] = "none"
+    sigma: float = 0.0          # noise multiplier (std of the noise on the summed gradient, in units of C for dp)
+    clip: float | None = None   # dp: per-sample clipping norm C
+    delta: float | None = None  # dp: epsilon is reported for this delta (default 1/N offline, 1e-5 online)
+    method: Literal["fast", "vmap"] = "fast"  # dp per-sample norms: ghost norms + book-keeping, or torch.func vmap
+    vmap_chunk: int = 32        # samples per vmap call (bounds the per-sample gradients held at once)
+
+    def check(self) -> None:
+        require(self.sigma >= 0 and math.isfinite(self.sigma), "noise.sigma", f"got {self.sigma}",
+                "use a finite value >= 0")
+        require(self.kind != "none" or self.sigma == 0, "noise.sigma", f"is {self.sigma} but noise.kind is none",
+                "set noise.kind=gaussian (or dp), or drop noise.sigma")
+        require(self.kind != "dp" or (self.clip is not None and self.clip > 0), "noise.clip",
+                f"dp needs a positive clipping norm, got {self.clip}", "set noise.clip, e.g. noise.clip=1.0")
+        require(self.kind == "dp" or self.clip is None, "noise.clip", f"is set but noise.kind is {self.kind}",
+                "set noise.kind=dp, or drop noise.clip")
+        require(self.delta is None or 0 < self.delta < 1, "noise.delta", f"got {self.delta}",
+                "use 0 < delta < 1, e.g. 1e-5")
+        require(self.vmap_chunk > 0, "noise.vmap_chunk", f"got {self.vmap_chunk}", "use a positive size")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = 10            # optimizer steps between metrics.jsonl lines
     progress: bool = True      # tqdm progress bar on the main process (hidden when stderr is not a terminal)
@@ -218,6 +248,7 @@ class Config:
     data: DataConfig = field(default_factory=_default_data)
     model: ModelConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -226,7 +257,10 @@ class Config:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
                 "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
-        for section in (self.data, self.model, self.optim, self.budget, self.checkpoint, self.log):
+        require(self.noise.kind != "dp" or getattr(self.model, "norm", None) != "batch", "model.norm",
+                "batch norm mixes the samples of a batch, so DP-SGD has no per-sample gradients",
+                "use model.norm=group with noise.kind=dp")
+        for section in (self.data, self.model, self.optim, self.noise, self.budget, self.checkpoint, self.log):
             section.check()
 
 

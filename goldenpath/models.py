@@ -194,7 +194,9 @@ class CausalLM(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits
+        # Explicit [B, T] positions: every sample's position-embedding lookup is its own (per-sample gradients).
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@
 
 Per optimizer step: take this process's micro-batches from the stream, accumulate gradients of
 ``sum of per-sample losses / loss units in the whole logical batch`` (images, or predicted tokens), let DDP
-average across processes at the last micro-batch, set the learning rate, step. Around it: evaluation on
+average across processes at the last micro-batch, add the step's noise (Noisy-SGD), set the learning
+rate, step. Under DP-SGD each micro-batch gives ``sum_i clip_C(g_i)`` instead (``noise.per_sample_clip``),
+summed over micro-batches and processes, then noised once and divided by the logical batch. Around it: evaluation on
 the fixed eval set (denser as the loss nears the next target), a checkpoint the first time each loss target
 is reached, the resume state in ``checkpoints/last`` every ``checkpoint.last_every_seconds``, and
 divergence detection. Re-running the same command resumes; on CPU the result is bit-identical.
@@ -28,6 +30,8 @@ from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, OptimConfig, config_from_dict, read_yaml, to_dict
 from goldenpath.data import StreamExhausted, build_stream
 from goldenpath.models import build_model, count, sample_losses
+from goldenpath.noise import add_noise, per_sample_clip
+from goldenpath.privacy import epsilon
 
 # ----------------------------------------------------------------------------- small pure pieces
 
@@ -119,6 +123,29 @@ def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dt
     return float(total[0] / total[1])
 
 
+def privacy_spent(config: Config, steps: int) -> dict:
+    """epsilon, delta and the accountant of a DP-SGD run after ``steps`` optimizer steps (else {})."""
+    noise, data = config.noise, config.data
+    if noise.kind != "dp":
+        return {}
+    offline = data.epochs > 1
+    delta = noise.delta if noise.delta is not None else (1 / data.train_size if offline else 1e-5)
+    if offline:  # a sample enters one noised sum per epoch: subsampled Gaussian, RDP
+        eps = epsilon(noise.sigma, delta, steps=steps, sample_rate=config.optim.batch_size / data.train_size)
+        accountant = "rdp (opacus; assumes Poisson sampling, batches are shuffled)"
+    else:  # every sample enters exactly one noised sum: one Gaussian mechanism
+        eps = epsilon(noise.sigma, delta) if steps else 0.0
+        accountant = "analytic gaussian (each sample in one step)"
+    return {"epsilon": eps, "delta": delta, "accountant": accountant}
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor], accelerator) -> None:
+    """Sum tensors across processes in place, as one flat buffer."""
+    flat = accelerator.reduce(torch.cat([t.flatten() for t in tensors]), "sum")
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -195,6 +222,11 @@ def train(config: Config) -> Path:
     total_steps = planned_steps(config, stream.limit)
     dtype = torch.float64 if config.precision == "fp64" else torch.float32
     model = build_model(config.model, source.info, seed=config.seed).to(accelerator.device, dtype)
+    noise = config.noise
+    if noise.kind == "dp" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("model", f"{config.model.name} has batch norm, which mixes the samples of a batch, so "
+                          "DP-SGD has no per-sample gradients", "use a model with group norm (model.norm=group)")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(model, optim)
     eval_batch = source.heldout("eval")
     if main:  # only now: a config that fails to build leaves no run directory behind
@@ -227,7 +259,8 @@ def train(config: Config) -> Path:
         ckpt.update_status(run_dir, state="running", reason=None, loss_floor=floor, planned_steps=total_steps,
                            processes=world, device=str(accelerator.device),
                            started=ckpt.read_json(status_path).get("started", _now()) if status_path.exists()
-                           else _now(), resumed_from_step=st["step"] if last_dir.is_dir() else None)
+                           else _now(), resumed_from_step=st["step"] if last_dir.is_dir() else None,
+                           **privacy_spent(config, st["step"]))
     bar = tqdm(total=total_steps * optim.batch_size if total_steps else None, initial=st["samples"], unit="sample",
                unit_scale=True, dynamic_ncols=True, disable=True if not (main and config.log.progress) else None,
                desc=config.name)
@@ -237,7 +270,8 @@ def train(config: Config) -> Path:
             ckpt.update_status(run_dir, step=st["step"], samples=st["samples"], tokens=st["tokens"],
                                eval_loss=st["evals"][-1][1] if st["evals"] else None,
                                best_eval_loss=min((l for _, l in st["evals"]), default=None),
-                               targets_reached=st["reached"], seconds=st["seconds"], updated=_now(), **fields)
+                               targets_reached=st["reached"], seconds=st["seconds"], updated=_now(),
+                               **privacy_spent(config, st["step"]), **fields)
 
     def save_last() -> None:
         t0 = time.perf_counter()
@@ -279,14 +313,18 @@ def train(config: Config) -> Path:
         st["next_eval"] = st["step"] + next_eval_gap(st["evals"], nxt, max_gap=config.checkpoint.eval_every,
                                                      min_gap=config.checkpoint.eval_min_every)
         st["next_eval"] = min([st["next_eval"], *(s for s in config.checkpoint.steps if s > st["step"])])
-        bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {floor:.4f}" if floor is not None else ""), refresh=False)
+        spent = privacy_spent(config, st["step"])
+        bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {floor:.4f}" if floor is not None else "")
+                            + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
         return loss
 
     def log(record: dict) -> None:
         if metrics is not None:
             metrics.write(record)
 
-    window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # train loss sum, units since last log
+    # since the last log: train loss sum, loss units, grad norm sum, noise norm sum, steps, clipped samples,
+    # per-sample norm sum, samples (the norms are the same on every process; the dp counts are per process)
+    window = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
     last_save = time.monotonic()
     state, reason = "completed", "budget"
     data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
@@ -318,16 +356,48 @@ def train(config: Config) -> Path:
                 else:
                     total_units = float(units * world)  # images: every process holds the same number
                 scale = world / total_units  # DDP averages over processes; undo it to get a plain sum
+                if noise.kind == "dp":  # per-sample losses scaled so that (1/B) sum_i g_i is the mean gradient
+                    dp_scale = optim.batch_size / total_units
+
+                    def loss_fn(m, b):
+                        return sample_losses(m, b) * dp_scale
+
                 for i, batch in enumerate(micro_batches):
                     if ids_file is not None:
                         ids_file.write(batch["ids"].numpy().astype("<i8").tobytes())
                     batch = to_device(batch, accelerator.device, dtype)
+                    if noise.kind == "dp":
+                        with accelerator.autocast():
+                            clipped = per_sample_clip(model, loss_fn, batch, noise.clip, method=noise.method,
+                                                      chunk=noise.vmap_chunk)
+                        for n, p in trained:
+                            p.grad = clipped.grads[n] if p.grad is None else p.grad.add_(clipped.grads[n])
+                        window[0] += clipped.losses.double().sum() / dp_scale
+                        window[5] += (clipped.norms > noise.clip).sum()
+                        window[6] += clipped.norms.sum()
+                        window[7] += len(clipped.norms)
+                        continue
                     sync = i == len(micro_batches) - 1
                     with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
                         losses = sample_losses(ddp_model, batch)
                         accelerator.backward(losses.sum() * scale)
                     window[0] += losses.detach().sum()
                 window[1] += units
+                # -------- the step's noise: once, after the all-reduce, the same on every process
+                grads = [p.grad for _, p in trained if p.grad is not None]
+                if noise.kind == "dp" and world > 1:
+                    _all_reduce_sum(grads, accelerator)
+                log_due = (st["step"] + 1) % config.log.every == 0 or st["step"] + 1 == total_steps
+                if noise.kind != "none" or log_due:
+                    divide = optim.batch_size if noise.kind == "dp" else 1
+                    window[2] += float(torch.stack(torch._foreach_norm(grads)).double().norm()) / divide
+                    window[4] += 1
+                if noise.kind == "gaussian":
+                    window[3] += add_noise(grads, noise.sigma / optim.batch_size, seed=config.seed, step=st["step"])
+                elif noise.kind == "dp":
+                    window[3] += add_noise(grads, noise.sigma * noise.clip, seed=config.seed,
+                                           step=st["step"]) / optim.batch_size
+                    torch._foreach_div_(grads, optim.batch_size)
                 lr = get_lr(st["step"], optim, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -351,12 +421,19 @@ def train(config: Config) -> Path:
                     window.zero_()
                     record = {"step": st["step"], "samples": st["samples"], "tokens": st["tokens"], "lr": lr,
                               "train_loss": train_loss, "seconds": round(sum(st["seconds"].values()), 3)}
+                    if packed[4] > 0:  # norms: every process added the same value
+                        record["grad_norm"] = float(packed[2] / packed[4])
+                        if noise.kind != "none":
+                            record["noise_norm"] = float(packed[3] / packed[4])
+                    if noise.kind == "dp":
+                        record["clip_fraction"] = float(packed[5] / packed[7])
+                        record["per_sample_norm"] = float(packed[6] / packed[7])
                     bar.set_postfix_str(f"loss {train_loss:.4f}", refresh=False)
                     if not math.isfinite(train_loss):
                         log(record)
                         state, reason = "diverged", f"train loss {train_loss} at step {st['step']}"
                         break
-                    stop_requested, save_due = bool(packed[2]), bool(packed[3])
+                    stop_requested, save_due = bool(packed[-2]), bool(packed[-1])
                 if st["step"] >= st["next_eval"]:
                     loss = run_eval()
                     record = record or {"step": st["step"], "samples": st["samples"], "tokens": st["tokens"]}
