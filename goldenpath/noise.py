@@ -252,12 +252,12 @@ def _rule(call: _Call, g: torch.Tensor) -> dict[str, list] | None:
     elif isinstance(m, nn.LayerNorm):
         xhat = F.layer_norm(_float(a), m.normalized_shape, eps=m.eps)
         dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-        out["weight"] = (g * xhat).sum(dims) if dims else g * xhat
+        out["weight"] = xhat.mul_(g).sum(dims) if dims else xhat.mul_(g)  # in place: one activation-sized buffer
         out["bias"] = g.sum(dims) if dims else g
     elif isinstance(m, nn.GroupNorm):
         xhat = F.group_norm(_float(a), m.num_groups, eps=m.eps)
         dims = tuple(range(2, a.dim()))
-        out["weight"] = (g * xhat).sum(dims)
+        out["weight"] = xhat.mul_(g).sum(dims)
         out["bias"] = g.sum(dims)
     else:
         return None
@@ -338,10 +338,15 @@ def _sq_norms(parts: list) -> torch.Tensor:
 
 def _weighted_sum(part, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """sum_i c_i (per-sample gradient i) of one contribution."""
+    c = c.to(part.v.dtype if isinstance(part, _Factored) else part.dtype)
     if isinstance(part, _Factored):
-        if part.u.is_floating_point():
-            u = (part.u * c[:, None, None]).flatten(0, 1)
-            return (u.T @ part.v.flatten(0, 1)).reshape(shape)
+        if part.u.is_floating_point():  # weight the smaller factor
+            u, v = part.u, part.v
+            if u.numel() <= v.numel():
+                u = u * c[:, None, None]
+            else:
+                v = v * c[:, None, None]
+            return (u.flatten(0, 1).T @ v.flatten(0, 1)).reshape(shape)
         v = (part.v * c[:, None, None]).flatten(0, 1)
         return v.new_zeros(part.rows, v.shape[-1]).index_add_(0, part.u.flatten(), v).reshape(shape)
     return (c @ part.flatten(1)).reshape(shape)
@@ -385,9 +390,6 @@ def _fast_path(model, loss_fn, batch, clip, trained, chunk) -> ClipResult:
     c = clip_factors(norms, clip)
     grads = {}
     for n, p in trained.items():
-        total = torch.zeros(p.shape, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype,
-                            device=p.device)
-        for part in parts[n]:
-            total += _weighted_sum(part, c.to(total.dtype), p.shape)
-        grads[n] = total.to(p.dtype)
+        sums = [_weighted_sum(part, c, p.shape) for part in parts[n]]
+        grads[n] = (sum(sums[1:], sums[0]) if sums else torch.zeros_like(p)).to(p.dtype)
     return ClipResult(grads, norms, losses.detach(), tuple(sorted(reference)))

@@ -60,6 +60,12 @@ BAD = [
     (["optim.momentum=1.5"], "optim.momentum"),
     (["optim.betas=[0.9]"], "optim.betas"),
     (["name=../escape"], "name"),
+    (["noise.kind=dp", "noise.sigma=1", "model.norm=group"], "noise.clip"),
+    (["noise.sigma=1"], "noise.sigma"),  # sigma with noise.kind none
+    (["noise.kind=gaussian", "noise.sigma=-1"], "noise.sigma"),
+    (["noise.kind=dp", "noise.clip=1", "model.norm=batch"], "model.norm"),
+    (["noise.kind=dp", "noise.clip=1", "model.norm=group", "noise.delta=2"], "noise.delta"),
+    (["noise.kind=laplace"], "noise.kind"),
 ]
 
 

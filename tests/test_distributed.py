@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,3 +78,22 @@ def test_two_processes_normalise_by_the_tokens_of_the_whole_logical_batch(tmp_pa
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-12
     s_two = json.loads((tmp_path / "two" / "status.json").read_text())
     assert s_two["tokens"] == json.loads((one / "status.json").read_text())["tokens"]
+
+
+@pytest.mark.parametrize("noise", [["noise.kind=gaussian", "noise.sigma=4"],
+                                   ["noise.kind=dp", "noise.sigma=1", "noise.clip=0.5", "model.norm=group"]],
+                         ids=["gaussian", "dp"])
+def test_two_processes_add_the_same_noise_once_per_step(tmp_path, noise):
+    """The noise is drawn after the all-reduce, identically on both processes: the run equals one process."""
+    config = tmp_path / "c.yaml"
+    config.write_text("budget: {samples: 320}\n")
+    common = [*TINY_TEACHER, "precision=fp64", "optim.batch_size=32", f"out={tmp_path}", *noise]
+    out = launch_two(config, *common, "name=two")
+    assert out.returncode == 0, out.stderr[-3000:]
+    status = json.loads((tmp_path / "two" / "status.json").read_text())
+    assert status["replicas_in_sync"] is True
+    one = train(load_config(config, [*common, "name=one", "optim.micro_batch_size=16"]))
+    quiet = train(load_config(config, [*common, "name=quiet", "optim.micro_batch_size=16", "noise.sigma=0"]))
+    a, b, c = weights(tmp_path / "two"), weights(one), weights(quiet)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-10
+    assert max(float((b[k] - c[k]).abs().max()) for k in a) > 1e-3  # the noise did something

@@ -1,0 +1,118 @@
+"""Noise in the training loop: Noisy-SGD and DP-SGD steps against updates computed by hand (float64)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from goldenpath import privacy
+from goldenpath.checkpoints import read_metrics
+from goldenpath.config import load_config
+from goldenpath.data import build_stream
+from goldenpath.models import build_model, sample_losses
+from goldenpath.noise import add_noise
+from goldenpath.train import train
+
+from .test_train import status_of, trained_model
+
+LR = 0.1
+
+
+def first_batch(config):
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
+                          micro_batch_size=config.optim.batch_size)
+    return {k: v.double() if v.is_floating_point() else v for k, v in stream.next_step()[0].items() if k != "ids"}
+
+
+def initial_params(config):
+    return {n: p.detach() for n, p in build_model(config.model, config.data.build().info, seed=config.seed)
+            .double().named_parameters()}
+
+
+def noise_of(params: dict, std: float, seed: int, step: int = 0) -> dict:
+    """The noise the trainer must have added at ``step``: add_noise on zeros, in parameter order."""
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    add_noise(list(zeros.values()), std, seed=seed, step=step)
+    return zeros
+
+
+def hand_clipped_mean(config, batch, clip):
+    """(1/B) sum_i clip_C(g_i) with g_i from one backward per sample; per-sample losses scaled by B / tokens."""
+    model = build_model(config.model, config.data.build().info, seed=config.seed).double()
+    b = len(next(iter(batch.values())))
+    units = int((batch["labels"] != -100).sum()) if "labels" in batch else b
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(b):
+        loss = sample_losses(model, {k: v[i : i + 1] for k, v in batch.items()})[0] * b / units
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        for n, g in zip(total, grads):
+            total[n] += g * min(1.0, clip / float(norm))
+    return {n: g / b for n, g in total.items()}
+
+
+def assert_step(config, run_dir, expected_update: dict):
+    start = initial_params(config)
+    got = dict(trained_model(config, run_dir).named_parameters())
+    worst = max(float((got[n] - (start[n] - LR * expected_update[n])).abs().max()) for n in start)
+    assert worst < 1e-10
+
+
+@pytest.mark.parametrize("micro", [8, 32])
+def test_gaussian_noise_is_drawn_once_per_step_with_std_sigma_over_b(tiny_teacher, micro):
+    common = [*tiny_teacher, "precision=fp64", "optim.batch_size=32", f"optim.lr={LR}", "budget.steps=1",
+              f"optim.micro_batch_size={micro}"]
+    plain = load_config(None, [*common, "name=plain"])
+    noisy = load_config(None, [*common, "name=noisy", "noise.kind=gaussian", "noise.sigma=3"])
+    a, b = dict(trained_model(plain, train(plain)).named_parameters()), \
+        dict(trained_model(noisy, train(noisy)).named_parameters())
+    xi = noise_of(a, 3 / 32, seed=noisy.seed)
+    assert max(float((b[n] - (a[n] - LR * xi[n])).abs().max()) for n in a) < 1e-12
+    record = [r for r in read_metrics(noisy.out + "/noisy") if "noise_norm" in r][-1]
+    assert record["noise_norm"] == pytest.approx(float(torch.cat([x.flatten() for x in xi.values()]).norm()))
+
+
+@pytest.mark.parametrize("method", ["fast", "vmap"])
+def test_dp_step_is_the_clipped_mean_plus_sigma_c_over_b_noise(tiny_teacher, method):
+    sigma, clip = 2.0, 0.5
+    config = load_config(None, [*tiny_teacher, "model.norm=group", "precision=fp64", "optim.batch_size=32",
+                                f"optim.lr={LR}", "budget.steps=1", "optim.micro_batch_size=8", "noise.kind=dp",
+                                f"noise.sigma={sigma}", f"noise.clip={clip}", f"noise.method={method}",
+                                "log.every=1"])
+    run_dir = train(config)
+    clipped = hand_clipped_mean(config, first_batch(config), clip)
+    xi = noise_of(clipped, sigma * clip / 32, seed=config.seed)
+    assert_step(config, run_dir, {n: clipped[n] + xi[n] for n in clipped})
+
+    status = status_of(run_dir)
+    assert status["epsilon"] == pytest.approx(privacy.epsilon(sigma, 1e-5)) and status["delta"] == 1e-5
+    record = [r for r in read_metrics(run_dir) if "clip_fraction" in r][-1]
+    assert 0 < record["clip_fraction"] <= 1 and record["per_sample_norm"] > 0
+    assert record["grad_norm"] == pytest.approx(float(torch.cat([g.flatten() for g in clipped.values()]).norm()))
+
+
+def test_dp_on_a_language_model_clips_whole_padded_sequences(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "ab" * (2 + (7 * i) % 11)}) + "\n" for i in range(60)))
+    clip = 0.3
+    config = load_config(None, [
+        "data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.pack=false", "data.seq_len=24",
+        "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=8", "model.name=gpt2", "model.width=16",
+        "model.heads=2", "model.depth=1", "precision=fp64", f"optim.lr={LR}", "optim.batch_size=8",
+        "optim.micro_batch_size=4", "budget.steps=1", "noise.kind=dp", "noise.sigma=0", f"noise.clip={clip}",
+        "log.progress=false", f"out={tmp_path}", "name=lm"])
+    run_dir = train(config)
+    batch = first_batch(config)
+    assert len(set((batch["labels"] != -100).sum(1).tolist())) > 2
+    assert_step(config, run_dir, hand_clipped_mean(config, batch, clip))
+
+
+def test_offline_dp_reports_rdp_epsilon_at_delta_one_over_n(tiny_teacher):
+    config = load_config(None, [*tiny_teacher, "model.norm=group", "data.epochs=2", "data.train_size=128",
+                                "optim.batch_size=32", "noise.kind=dp", "noise.sigma=1", "noise.clip=1"])
+    status = status_of(train(config))
+    assert status["step"] == 8 and status["accountant"].startswith("rdp")
+    assert status["epsilon"] == pytest.approx(privacy.epsilon(1.0, 1 / 128, steps=8, sample_rate=32 / 128))
