@@ -103,8 +103,14 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
             for k, v in batch.items()}
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """A factory of autocast contexts: bf16 on ``device`` when enabled, else nothing."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dtype: torch.dtype) -> float:
+def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dtype: torch.dtype,
+             autocast=contextlib.nullcontext) -> float:
     """Mean loss over a held-out batch, the rows shared out across processes."""
     rank, world = accelerator.process_index, accelerator.num_processes
     n = len(batch["ids"])
@@ -114,7 +120,7 @@ def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dt
     model.eval()
     for start in range(lo, hi, chunk):
         part = to_device({k: v[start : min(hi, start + chunk)] for k, v in batch.items()}, accelerator.device, dtype)
-        with accelerator.autocast():
+        with autocast():
             losses = sample_losses(model, part)
         total[0] += losses.sum().double()
         total[1] += count(part)
@@ -205,7 +211,10 @@ def train(config: Config) -> Path:
     """Train one run; returns its directory. Resumes from ``checkpoints/last`` when it exists."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision="bf16" if config.precision == "bf16" else "no")
+    # bf16 autocast is ours, not the Accelerator's: accelerate keeps its mixed-precision setting in a
+    # process-wide singleton, which would refuse a second run with another precision in the same process.
+    accelerator = Accelerator(cpu=config.cpu)
+    autocast = bf16_autocast(accelerator.device, config.precision == "bf16")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(config.out) / config.name
     status_path = run_dir / "status.json"
@@ -293,7 +302,7 @@ def train(config: Config) -> Path:
     def run_eval() -> float:
         t0 = time.perf_counter()
         loss = evaluate(model, eval_batch, accelerator=accelerator, chunk=config.checkpoint.eval_batch_size,
-                        dtype=dtype)
+                        dtype=dtype, autocast=autocast)
         st["evals"].append((st["step"], loss))
         st["seconds"]["eval"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -367,7 +376,7 @@ def train(config: Config) -> Path:
                         ids_file.write(batch["ids"].numpy().astype("<i8").tobytes())
                     batch = to_device(batch, accelerator.device, dtype)
                     if noise.kind == "dp":
-                        with accelerator.autocast():
+                        with autocast():
                             clipped = per_sample_clip(model, loss_fn, batch, noise.clip, method=noise.method,
                                                       chunk=noise.vmap_chunk)
                         for n, p in trained:
@@ -378,7 +387,7 @@ def train(config: Config) -> Path:
                         window[7] += len(clipped.norms)
                         continue
                     sync = i == len(micro_batches) - 1
-                    with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
+                    with (contextlib.nullcontext() if sync else accelerator.no_sync(ddp_model)), autocast():
                         losses = sample_losses(ddp_model, batch)
                         accelerator.backward(losses.sum() * scale)
                     window[0] += losses.detach().sum()

@@ -13,11 +13,9 @@ from goldenpath.models import build_model, sample_losses
 from goldenpath import noise
 from goldenpath.noise import add_noise, clipped_grad_sum, per_sample_clip
 
-torch.set_default_dtype(torch.float64)  # noqa: this module's checks are float64 (restored in the fixture)
-
-
 @pytest.fixture(autouse=True)
 def float64():
+    """This module's checks are float64."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
