@@ -179,12 +179,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------- model checkpoints
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
-    """Write ``model.safetensors`` + ``meta.json`` as one directory, atomically."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write ``model.safetensors`` + ``meta.json`` (+ the optimizer state) as one directory, atomically."""
     def fill(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            tensors, plain = _optimizer_split(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(plain))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return replace_dir(path, fill)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> bool:
+    """Load the optimizer state a checkpoint holds; False when it holds none."""
+    path = Path(path)
+    if not (path / "optimizer.safetensors").exists():
+        return False
+    plain = read_json(path / "optimizer.json")
+    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), plain))
+    return True
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

@@ -1,6 +1,8 @@
 """Command line: ``goldenpath <verb> ...``.
 
     goldenpath train CONFIG [key=value ...]     # prints the run directory last
+    goldenpath sweep SWEEP_CONFIG [--out DIR] [--executor local|slurm] [--jobs N] [--retry-diverged]
+    goldenpath fork RUN_DIR (--at-loss L | --at-step S) [key=value ...]   # key=x4 or key=/4: relative
     goldenpath demo [--out DIR]                 # the README's main job
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
@@ -21,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
-        print(f"goldenpath: {message}; see goldenpath {self.prog.split()[-1]} --help", file=sys.stderr)
+        print(f"goldenpath: {message}; see {self.prog} --help", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -31,6 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train one run (resumes when its directory holds a checkpoint)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+    p = verbs.add_parser("sweep", help="run a grid of runs (skips completed ones, resumes interrupted ones)")
+    p.add_argument("sweep_config", help="sweep YAML: base, set, grid, seeds, forks")
+    p.add_argument("--out", help="output root (default: the sweep's out, else runs)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--jobs", type=int, help="runs at once (default: one per GPU, else 1)")
+    p.add_argument("--retry-diverged", action="store_true", help="run diverged points again from scratch")
+    p = verbs.add_parser("fork", help="continue a run from one of its checkpoints with changed knobs")
+    # one positional list (RUN_DIR then overrides): argparse cannot split two positionals around options
+    p.add_argument("run_dir_and_overrides", nargs="+", metavar="RUN_DIR [key=value ...]",
+                   help="the parent's run directory, then changed keys, e.g. optim.batch_size=x4 optim.lr=/4")
+    at = p.add_mutually_exclusive_group(required=True)
+    at.add_argument("--at-loss", type=float, help="the parent's loss-target checkpoint")
+    at.add_argument("--at-step", type=int, help="the parent's checkpoint at this step (checkpoint.steps)")
+    p.add_argument("--name", help="the child's run name (default: derived from the fork point and changes)")
     p = verbs.add_parser("demo", help="short vision and language runs on the embedded streams")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
@@ -44,6 +60,38 @@ def _train(args) -> int:
     state = read_json(run_dir / "status.json")["state"]
     _print_main(str(run_dir))
     return 0 if state == "completed" else 1
+
+
+def _sweep(args) -> int:
+    from goldenpath.sweep import run_sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
+    sweep_dir = run_sweep(args.sweep_config, out=args.out, executor=args.executor, jobs=args.jobs,
+                          retry_diverged=args.retry_diverged)
+    if args.executor == "slurm":
+        _print_main(f"submitted to Slurm; follow {sweep_dir}/slurm/")
+        _print_main(str(sweep_dir))
+        return 0
+    import pandas as pd
+
+    runs = pd.read_csv(sweep_dir / "runs.csv")
+    counts = runs["state"].value_counts().to_dict()
+    _print_main(f"{len(runs)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                + f"; table: {sweep_dir / 'runs.csv'}")
+    _print_main(str(sweep_dir))
+    return 1 if counts.get("failed") else 0
+
+
+def _fork(args) -> int:
+    from goldenpath.checkpoints import read_json
+    from goldenpath.sweep import fork_config
+    from goldenpath.train import train
+
+    parent, *overrides = args.run_dir_and_overrides
+    run_dir = train(fork_config(parent, args.at_loss, args.at_step, overrides, name=args.name))
+    _print_main(str(run_dir))
+    return 0 if read_json(run_dir / "status.json")["state"] == "completed" else 1
 
 
 def _demo(args) -> int:
@@ -73,9 +121,15 @@ def _print_main(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "fork":  # key=value after the options: argparse leaves them over
+        args.run_dir_and_overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if "=" not in a or a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        code = {"train": _train, "demo": _demo}[args.verb](args)
+        code = {"train": _train, "sweep": _sweep, "fork": _fork, "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2

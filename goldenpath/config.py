@@ -170,6 +170,7 @@ class CheckpointConfig:
     eval_batch_size: int = 512       # samples per eval forward
     steps: tuple[int, ...] = ()      # also save the model at these optimizer steps
     last_every_seconds: float = 120.0  # save the resume state this often; a kill loses at most this much
+    optimizer: bool = True           # target/step checkpoints also keep the optimizer state (forks continue it)
 
     def check(self) -> None:
         t = self.targets
@@ -217,6 +218,24 @@ class NoiseConfig:
 
 
 @dataclass(frozen=True)
+class ForkConfig:
+    """Set by ``goldenpath fork``: this run continues another one from one of its checkpoints."""
+
+    parent: str | None = None        # the parent's run directory
+    at_loss: float | None = None     # fork from the parent's loss-target checkpoint ...
+    at_step: int | None = None       # ... or from its checkpoint at this step (checkpoint.steps)
+    changed: tuple[str, ...] = ()    # the keys that differ from the parent's config
+
+    def check(self) -> None:
+        if self.parent is None:
+            require(self.at_loss is None and self.at_step is None and not self.changed, "fork.parent",
+                    "fork.at_loss/at_step/changed are set without a parent", "use goldenpath fork RUN_DIR ...")
+        else:
+            require((self.at_loss is None) != (self.at_step is None), "fork.at_loss",
+                    "a fork needs exactly one of at_loss and at_step", "give --at-loss L or --at-step S")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     every: int = 10            # optimizer steps between metrics.jsonl lines
     progress: bool = True      # tqdm progress bar on the main process (hidden when stderr is not a terminal)
@@ -252,6 +271,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fork: ForkConfig = field(default_factory=ForkConfig)
 
     def check(self) -> None:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
@@ -260,7 +280,8 @@ class Config:
         require(self.noise.kind != "dp" or getattr(self.model, "norm", None) != "batch", "model.norm",
                 "batch norm mixes the samples of a batch, so DP-SGD has no per-sample gradients",
                 "use model.norm=group with noise.kind=dp")
-        for section in (self.data, self.model, self.optim, self.noise, self.budget, self.checkpoint, self.log):
+        for section in (self.data, self.model, self.optim, self.noise, self.budget, self.checkpoint, self.log,
+                        self.fork):
             section.check()
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, OptimConfig, config_from_dict, read_yaml, to_dict
 from goldenpath.data import StreamExhausted, build_stream
+from goldenpath.data.synthetic import stream_key
 from goldenpath.models import build_model, count, sample_losses
 from goldenpath.noise import add_noise, per_sample_clip
 from goldenpath.privacy import epsilon
@@ -76,19 +77,23 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
 
 
-def planned_steps(config: Config, stream_limit: int | None) -> int | None:
-    """Optimizer steps the budget allows (None: until the last loss target)."""
+def planned_steps(config: Config, stream_limit: int | None, start: dict | None = None) -> int | None:
+    """The step count at which the budget stops the run (None: until the last loss target).
+
+    ``start``: a fork's step, samples and stream position at its first step (budgets count the parent's).
+    """
     b = config.optim.batch_size
+    start = start or {"step": 0, "samples": 0, "position": 0}
     bounds = [config.budget.steps] if config.budget.steps else []
     if config.budget.samples:
-        bounds.append(config.budget.samples // b)
+        bounds.append(start["step"] + max(0, config.budget.samples - start["samples"]) // b)
     if stream_limit is not None:
-        bounds.append(stream_limit // b)
+        bounds.append(start["step"] + max(0, stream_limit - start["position"]) // b)
     steps = min(bounds) if bounds else None
     if steps is None and not (config.checkpoint.targets and config.budget.stop_at_last_target):
         raise ConfigError("budget", "the stream is unbounded and nothing stops the run",
                           "set budget.samples or budget.steps (or loss targets with budget.stop_at_last_target)")
-    if steps == 0:
+    if steps is not None and steps <= start["step"]:
         raise ConfigError("budget.samples", f"allows no step of optim.batch_size={b}",
                           "raise budget.samples (or data.train_size x data.epochs) above one batch")
     if steps is None and config.optim.schedule == "cosine":
@@ -150,6 +155,32 @@ def _all_reduce_sum(tensors: list[torch.Tensor], accelerator) -> None:
     flat = accelerator.reduce(torch.cat([t.flatten() for t in tensors]), "sum")
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
+
+
+def fork_start(config: Config, rank: int) -> dict | None:
+    """Where a fork begins: the parent's checkpoint, its meta, the parent's final stream position."""
+    fork = config.fork
+    if fork.parent is None:
+        return None
+    parent = Path(fork.parent)
+    name = ckpt.target_name(fork.at_loss) if fork.at_loss is not None else f"step-{fork.at_step}"
+    src = parent / "checkpoints" / name
+    field = "fork.at_loss" if fork.at_loss is not None else "fork.at_step"
+    if not (src / "model.safetensors").exists():
+        raise ConfigError(field, f"{parent} has no checkpoint {name}",
+                          "fork at a loss target the parent reached (status.json targets_reached) or a step "
+                          "listed in its checkpoint.steps")
+    parent_status = ckpt.read_json(parent / "status.json")
+    if parent_status.get("state") == "running":
+        raise ConfigError("fork.parent", f"{parent} is still running",
+                          "fork once the parent has stopped: the child reads the stream from where it ended")
+    world = parent_status.get("processes", 1)
+    state = ckpt.read_json(parent / "checkpoints" / "last" / f"rank{min(rank, world - 1)}.json")["stream"]
+    meta = ckpt.read_json(src / "meta.json")
+    first = next(r for r in ckpt.read_metrics(parent) if "eval_loss" in r)
+    return {"dir": src, "meta": meta, "stream": state, "parent_processes": world,
+            "start": {"step": meta["step"], "samples": meta["samples"], "position": state["position"]},
+            "initial_eval": first["eval_loss"]}
 
 
 def _now() -> str:
@@ -228,7 +259,11 @@ def train(config: Config) -> Path:
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=optim.batch_size,
                           micro_batch_size=micro, rank=rank, world=world)
-    total_steps = planned_steps(config, stream.limit)
+    forked = fork_start(config, rank)
+    if forked and "iterator" in forked["stream"] and forked["parent_processes"] != world:
+        raise ConfigError("fork.parent", f"the parent read its sequential stream with {forked['parent_processes']} "
+                          f"processes, this run has {world}", "fork with the parent's number of processes")
+    planned_steps(config, stream.limit, forked and forked["start"])  # budget errors before a run directory exists
     dtype = torch.float64 if config.precision == "fp64" else torch.float32
     model = build_model(config.model, source.info, seed=config.seed).to(accelerator.device, dtype)
     noise = config.noise
@@ -251,11 +286,31 @@ def train(config: Config) -> Path:
     if main:
         ckpt.resolve_dir(last_dir)  # finish a swap a kill interrupted
     accelerator.wait_for_everyone()
-    if last_dir.is_dir():
+    resumed = last_dir.is_dir()
+    if resumed:
         st, stream_state = ckpt.load_resume_state(last_dir, rank, model, optimizer)
         stream.load_state_dict(stream_state)
+    elif forked:  # the parent's model (and optimizer state) at the fork point; its stream from where it ended
+        meta = forked["meta"]
+        ckpt.load_weights(model, forked["dir"])
+        if meta.get("optimizer") == optim.name:
+            mine = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if ckpt.load_optimizer(optimizer, forked["dir"]):
+                for group, settings in zip(optimizer.param_groups, mine):  # keep the child's hyperparameters
+                    group.update(settings)
+        stream.load_state_dict(forked["stream"])
+        st.update(step=meta["step"], samples=meta["samples"], tokens=meta["tokens"],
+                  evals=[(meta["step"], meta["eval_loss"])], initial_eval=forked["initial_eval"],
+                  target_index=sum(t >= meta["eval_loss"] for t in targets), next_eval=meta["step"] + 1,
+                  fork_start=forked["start"])
+    start = st.get("fork_start", {"step": 0, "samples": 0, "position": 0})
+    total_steps = planned_steps(config, stream.limit, start)
+    stream_steps = None if stream.limit is None else \
+        start["step"] + (stream.limit - start["position"]) // optim.batch_size  # when the stream runs out
     ddp_model = accelerator.prepare(model)  # DDP when world > 1; the same module otherwise
 
+    # a fork draws its own noise: not the parent's sequence again from the fork step
+    noise_seed = config.seed if config.fork.parent is None else stream_key(config.seed, 0x666F726B, start["step"])
     floor = source.loss_floor()
     metrics = ckpt.MetricsLog(run_dir / "metrics.jsonl", resume_step=st["step"] if last_dir.is_dir() else None) \
         if main else None
@@ -299,6 +354,8 @@ def train(config: Config) -> Path:
         accelerator.wait_for_everyone()
         st["seconds"]["checkpoint"] += time.perf_counter() - t0
 
+    keep_optimizer = optimizer if config.checkpoint.optimizer else None
+
     def run_eval() -> float:
         t0 = time.perf_counter()
         loss = evaluate(model, eval_batch, accelerator=accelerator, chunk=config.checkpoint.eval_batch_size,
@@ -307,16 +364,17 @@ def train(config: Config) -> Path:
         st["seconds"]["eval"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = {"step": st["step"], "samples": st["samples"], "tokens": st["tokens"], "eval_loss": loss,
+                "optimizer": optim.name,
                 "previous_eval": st["evals"][-2] if len(st["evals"]) > 1 else None}
         while st["target_index"] < len(targets) and loss <= targets[st["target_index"]]:
             target = targets[st["target_index"]]
             if main:
                 ckpt.save_checkpoint(run_dir / "checkpoints" / ckpt.target_name(target), model,
-                                     {"target": target, "loss_minus_target": loss - target, **meta})
+                                     {"target": target, "loss_minus_target": loss - target, **meta}, keep_optimizer)
             st["reached"][f"{target:g}"] = st["step"]
             st["target_index"] += 1
         if st["step"] in config.checkpoint.steps and main:
-            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{st['step']}", model, meta)
+            ckpt.save_checkpoint(run_dir / "checkpoints" / f"step-{st['step']}", model, meta, keep_optimizer)
         st["seconds"]["checkpoint"] += time.perf_counter() - t0
         nxt = targets[st["target_index"]] if st["target_index"] < len(targets) else None
         st["next_eval"] = st["step"] + next_eval_gap(st["evals"], nxt, max_gap=config.checkpoint.eval_every,
@@ -343,10 +401,13 @@ def train(config: Config) -> Path:
                 loss = run_eval()
                 log({"step": 0, "samples": 0, "tokens": 0, "eval_loss": loss})
                 st["initial_eval"] = loss
+            elif forked and not resumed:  # the child's curve starts at the parent's checkpoint
+                log({"step": st["step"], "samples": st["samples"], "tokens": st["tokens"],
+                     "eval_loss": st["evals"][0][1], "forked_from": config.fork.parent})
             while True:
                 # -------- stopping rules
                 if total_steps is not None and st["step"] >= total_steps:
-                    if stream.limit is not None and total_steps == stream.limit // optim.batch_size:
+                    if total_steps == stream_steps:
                         reason = data_end
                     break
                 if config.budget.stop_at_last_target and targets and st["target_index"] == len(targets):
@@ -402,9 +463,9 @@ def train(config: Config) -> Path:
                     window[2] += float(torch.stack(torch._foreach_norm(grads)).double().norm()) / divide
                     window[4] += 1
                 if noise.kind == "gaussian":
-                    window[3] += add_noise(grads, noise.sigma / optim.batch_size, seed=config.seed, step=st["step"])
+                    window[3] += add_noise(grads, noise.sigma / optim.batch_size, seed=noise_seed, step=st["step"])
                 elif noise.kind == "dp":
-                    window[3] += add_noise(grads, noise.sigma * noise.clip, seed=config.seed,
+                    window[3] += add_noise(grads, noise.sigma * noise.clip, seed=noise_seed,
                                            step=st["step"]) / optim.batch_size
                     torch._foreach_div_(grads, optim.batch_size)
                 lr = get_lr(st["step"], optim, total_steps)
