@@ -135,7 +135,9 @@ def _value_text(value) -> str:
 
 
 def _name_text(value) -> str:
-    if isinstance(value, float):
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif isinstance(value, float):
         value = f"{value:g}"
     elif value is None:
         value = "none"

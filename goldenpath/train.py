@@ -318,7 +318,7 @@ def train(config: Config) -> Path:
     if config.log.sample_ids:
         (run_dir / "samples").mkdir(exist_ok=True)
         ids_file = open(run_dir / "samples" / f"rank{rank}.i64", "ab")
-        ids_file.truncate(st["samples"] // world * 8)  # drop ids consumed after the resumed state
+        ids_file.truncate((st["samples"] - start["samples"]) // world * 8)  # drop ids after the resumed state
     if main:
         ckpt.update_status(run_dir, state="running", reason=None, loss_floor=floor, planned_steps=total_steps,
                            processes=world, device=str(accelerator.device),

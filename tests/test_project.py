@@ -54,3 +54,15 @@ def test_demo_trains_both_embedded_runs_and_prints_their_checkpoints(tmp_path):
         assert len(saved) >= 2, f"{name} reached fewer than two loss targets"
         for d in saved:
             assert str(d) in out.stdout and (d / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_expands_into_valid_runs(path):
+    from goldenpath.sweep import expand, load_sweep
+
+    sweep = load_sweep(path)
+    points = expand(sweep)
+    assert len(points) >= 4 and len({p.name for p in points}) == len(points)
+    for p in points:
+        if p.fork is None:
+            load_config(sweep.base, p.overrides)

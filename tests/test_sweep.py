@@ -1,0 +1,222 @@
+"""Sweeps and forks: grid expansion, skip/resume after a kill, divergence, locks, Slurm arrays, fork lineage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from goldenpath.checkpoints import read_json, read_metrics
+from goldenpath.config import ConfigError, load_config
+from goldenpath.sweep import expand, fork_config, load_sweep, run_name, slurm_arrays, submit_slurm
+from goldenpath.train import train
+
+from .conftest import TINY_TEACHER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {source: teacher, image_size: 16, eval_size: 128, probe_size: 32}\n"
+                    "model: {name: cnn, width: 8, depth: 2}\n"
+                    "optim: {lr: 0.05, batch_size: 32}\n"
+                    "budget: {samples: 1280}\n"
+                    "checkpoint: {targets: [2.28, 2.2], eval_every: 5}\n"
+                    "log: {progress: false, sample_ids: true}\n")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nbase: base.yaml\nout: {tmp_path / 'out'}\n" + body)
+    return path
+
+
+def sweep_cli(path: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "goldenpath", "sweep", str(path), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, **kw)
+
+
+def ids(path: Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.int64)
+
+
+def rows(sweep_dir: Path) -> dict[str, dict]:
+    with open(sweep_dir / "runs.csv") as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+# ----------------------------------------------------------------------------- expansion and names
+
+
+def test_grid_expands_in_order_with_readable_unique_names(tmp_path):
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.1], optim.batch_size: [16, 64],\n"
+                                 "       'data.epochs,data.train_size': [[1, null], [4, 256]]}\n"
+                                 "seeds: [0, 1]\n"
+                                 "forks: [{at_loss: 2.2, set: {optim.batch_size: x4}, where: {optim.lr: 0.1}}]\n")
+    points = expand(load_sweep(path))
+    base = [p for p in points if p.parent is None]
+    assert len(base) == 2 * 2 * 2 * 2 and len(points) == 16 + 8
+    assert base[0].name == "lr=0.05_bs=16_epochs=1_n=none_seed=0"
+    assert base[-1].name == "lr=0.1_bs=64_epochs=4_n=256_seed=1"
+    assert len({p.name for p in points}) == len(points)
+    assert all(p.knobs["optim.lr"] == 0.1 for p in points if p.parent)
+    assert points[-1].name == "lr=0.1_bs=64_epochs=4_n=256_seed=1+fork-loss=2.2-bs=x4"
+    # the overrides reproduce the knobs
+    config = load_config(tmp_path / "base.yaml", base[-1].overrides)
+    assert (config.optim.lr, config.optim.batch_size, config.data.epochs, config.data.train_size, config.seed) == \
+        (0.1, 64, 4, 256, 1)
+    assert run_name({"a.x": 1, "b.x": 2}) == "a-x=1_b-x=2"  # same last part: the full key
+
+
+@pytest.mark.parametrize("body, field", [
+    ("grid: {optim.lr: []}\n", "sweep.grid.optim.lr"),
+    ("grid: {optim.lr: 0.1}\n", "sweep.grid.optim.lr"),
+    ("grdi: {optim.lr: [0.1]}\n", "sweep.grdi"),
+    ("seeds: [a]\n", "sweep.seeds"),
+    ("grid: {'data.epochs,data.train_size': [[1]]}\n", "sweep.grid.data.epochs,data.train_size"),
+    ("forks: [{set: {optim.lr: 0.1}}]\n", "sweep.forks[0]"),
+    ("grid: {optim.lr: [0.1, -1]}\n", "optim.lr"),  # every point is checked before anything runs
+])
+def test_bad_sweep_configs_exit_2_naming_the_field(tmp_path, body, field):
+    out = sweep_cli(write_sweep(tmp_path, body))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], out.stderr
+    assert not (tmp_path / "out" / "s").exists() or not any((tmp_path / "out" / "s").glob("lr=*"))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_killed_sweep_resumes_and_every_point_completes_exactly_once(tmp_path):
+    path = write_sweep(tmp_path, "set: {budget.samples: 3200, checkpoint.last_every_seconds: 0.5,\n"
+                                 "      checkpoint.targets: []}\n"
+                                 "grid: {optim.lr: [0.02, 0.05]}\nseeds: [0, 1]\n")
+    sweep_dir = tmp_path / "out" / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "goldenpath", "sweep", str(path), "--jobs", "2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill the sweep and its runs once one run is done and another is under way
+        states = [read_json(p).get("state") for p in sweep_dir.glob("*/status.json")]
+        if "completed" in states and "running" in states:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.parent.name: read_json(p)["updated"] for p in sweep_dir.glob("*/status.json")
+                   if read_json(p).get("state") == "completed"}
+    assert done_before and len(done_before) < 4
+
+    out = sweep_cli(path, "--jobs", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(sweep_dir)
+    table = rows(sweep_dir)
+    assert len(table) == 4 and all(r["state"] == "completed" for r in table.values())
+    for name, r in table.items():
+        run = sweep_dir / name
+        seen = ids(run / "samples" / "rank0.i64")
+        assert len(seen) == int(r["samples"]) == 3200 and len(set(seen.tolist())) == 3200  # once, no replays
+        if name in done_before:  # completed runs were left alone
+            assert read_json(run / "status.json")["updated"] == done_before[name]
+
+
+def test_a_diverging_point_is_recorded_and_the_rest_complete(tmp_path):
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 1000.0]}\nseeds: [0]\n")
+    out = sweep_cli(path, "--jobs", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = rows(tmp_path / "out" / "s")
+    assert table["lr=1000_seed=0"]["state"] == "diverged"
+    assert table["lr=0.05_seed=0"]["state"] == "completed"
+    again = sweep_cli(path)  # diverged points are not retried unless asked
+    assert again.returncode == 0 and "1 diverged" in again.stdout
+    status = read_json(tmp_path / "out" / "s" / "lr=1000_seed=0" / "status.json")
+    assert status["state"] == "diverged"
+
+
+def test_two_sweep_processes_never_run_the_same_point(tmp_path):
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.02, 0.03, 0.04, 0.05]}\nseeds: [0]\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "goldenpath", "sweep", str(path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=600)
+    sweep_dir = tmp_path / "out" / "s"
+    for run in sweep_dir.glob("lr=*"):
+        status = read_json(run / "status.json")
+        assert status["state"] == "completed" and status["resumed_from_step"] is None
+        seen = ids(run / "samples" / "rank0.i64")
+        assert len(seen) == status["samples"] == len(set(seen.tolist()))
+        log = (sweep_dir / "logs" / f"{run.name}.log").read_text()
+        assert log.count(str(run)) == 1  # one process printed this run's directory: it ran once
+
+
+def test_slurm_arrays_hold_the_points_to_run_then_the_forks(tmp_path):
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.1]}\nseeds: [0, 1]\nprocesses: 2\n"
+                                 "forks: [{at_loss: 2.2, set: {optim.lr: /2}}]\nslurm: {partition: gpu}\n")
+    sweep = load_sweep(path)
+    points = expand(sweep)
+    sweep_dir = tmp_path / "out" / "s"
+    done = sweep_dir / points[0].name
+    done.mkdir(parents=True)
+    (done / "status.json").write_text(json.dumps({"state": "completed"}))
+    arrays = slurm_arrays(sweep, sweep_dir, points, retry_diverged=False)
+    assert [len(a) for a in arrays] == [3, 4]
+    first = arrays[0][0]
+    assert first[1:3] == ["-m", "accelerate.commands.launch"] and first[first.index("--num_processes") + 1] == "2"
+    tail = first[first.index("goldenpath") + 1:]
+    assert tail == ["train", str(sweep.base), *points[1].overrides, f"out={sweep_dir}", f"name={points[1].name}"]
+    assert "seed=1" in tail
+    fork_cmd = arrays[1][0]
+    assert fork_cmd[fork_cmd.index("goldenpath") + 1:][:4] == ["fork", str(sweep_dir / points[0].name),
+                                                               "--at-loss", "2.2"]
+    assert "optim.lr=/2" in fork_cmd
+    jobs = submit_slurm(sweep, sweep_dir, points, jobs=4, retry_diverged=False, cluster="debug")
+    assert [j.submission().args[0] for j in jobs] == arrays[0] + arrays[1]
+
+
+# ----------------------------------------------------------------------------- forks
+
+
+def test_fork_continues_the_parent_stream_and_records_its_lineage(tmp_path):
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=parent", "budget.samples=1280",
+                                      "checkpoint.targets=[2.28, 2.2]", "checkpoint.eval_every=5",
+                                      "log.sample_ids=true", "optim.momentum=0.9"]))
+    reached = read_json(parent / "status.json")["targets_reached"]
+    assert "2.28" in reached
+    out = subprocess.run([sys.executable, "-m", "goldenpath", "fork", str(parent), "--at-loss", "2.28",
+                          "optim.batch_size=x2", "optim.lr=/2", "budget.samples=2560", "budget.stop_at_last_target=false"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    child = Path(out.stdout.strip().splitlines()[-1])
+    assert child == parent.parent / "parent+fork-loss=2.28-bs=64_lr=0.025_samples=2560_stop_at_last_target=false"
+    config = load_config(child / "config.yaml")
+    assert config.fork.parent == str(parent) and config.fork.at_loss == 2.28
+    assert set(config.fork.changed) == {"optim.batch_size", "optim.lr", "budget.samples", "budget.stop_at_last_target"}
+    assert config.optim.batch_size == 64 and config.optim.lr == pytest.approx(0.025)
+
+    parent_ids, child_ids = ids(parent / "samples" / "rank0.i64"), ids(child / "samples" / "rank0.i64")
+    assert int(child_ids[0]) == int(parent_ids[-1]) + 1  # the parent's next sample
+    assert not set(child_ids.tolist()) & set(parent_ids.tolist())
+    meta = read_json(parent / "checkpoints" / "target-2.28" / "meta.json")
+    assert (parent / "checkpoints" / "target-2.28" / "optimizer.safetensors").exists()  # momentum carries over
+    first = read_metrics(child)[0]
+    assert (first["step"], first["samples"], first["eval_loss"]) == (meta["step"], meta["samples"],
+                                                                        meta["eval_loss"])
+    status = read_json(child / "status.json")
+    assert status["state"] == "completed"
+    assert status["samples"] == meta["samples"] + (2560 - meta["samples"]) // 64 * 64  # budgets count the parent's
+    assert len(child_ids) == status["samples"] - meta["samples"]
+    assert "2.28" not in status["targets_reached"]  # reached by the parent before the fork
+
+
+def test_fork_refuses_changing_data_or_a_missing_checkpoint(tmp_path):
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=p", "budget.samples=320"]))
+    with pytest.raises(ConfigError, match="seed"):
+        fork_config(parent, at_loss=2.0, overrides=["seed=3"])
+    with pytest.raises(ConfigError, match="no checkpoint target-0.1"):
+        train(fork_config(parent, at_loss=0.1))
