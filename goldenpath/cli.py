@@ -3,6 +3,7 @@
     goldenpath train CONFIG [key=value ...]     # prints the run directory last
     goldenpath sweep SWEEP_CONFIG [--out DIR] [--executor local|slurm] [--jobs N] [--retry-diverged]
     goldenpath fork RUN_DIR (--at-loss L | --at-step S) [key=value ...]   # key=x4 or key=/4: relative
+    goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1]    # loss-matched distances + heatmaps
     goldenpath demo [--out DIR]                 # the README's main job
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--at-loss", type=float, help="the parent's loss-target checkpoint")
     at.add_argument("--at-step", type=int, help="the parent's checkpoint at this step (checkpoint.steps)")
     p.add_argument("--name", help="the child's run name (default: derived from the fork point and changes)")
+    p = verbs.add_parser("compare", help="loss-matched functional distances between a sweep's runs")
+    p.add_argument("sweep_dir")
+    p.add_argument("--metrics", default="tv,kl,js,top1", help="comma-separated: tv, kl, js, top1")
+    p.add_argument("--no-figures", action="store_true", help="skip the heatmaps")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p = verbs.add_parser("demo", help="short vision and language runs on the embedded streams")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
@@ -94,6 +100,23 @@ def _fork(args) -> int:
     return 0 if read_json(run_dir / "status.json")["state"] == "completed" else 1
 
 
+def _compare(args) -> int:
+    from goldenpath.compare import compare
+
+    sweep_dir = Path(args.sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
+    frame = compare(sweep_dir, [m for m in args.metrics.split(",") if m], device=args.device,
+                    figures=not args.no_figures)
+    targets = frame["target"].nunique()
+    flagged = int(frame.drop_duplicates(["target", "run_a", "run_b"])["flagged"].sum())
+    _print_main(f"{len(frame.drop_duplicates(['target', 'run_a', 'run_b']))} pairs at {targets} loss targets"
+                + (f"; {flagged} pairs overshot their target by more than 2%" if flagged else "")
+                + f"; ratios: {sweep_dir / 'compare' / 'summary.csv'}")
+    _print_main(str(sweep_dir / "compare"))
+    return 0
+
+
 def _demo(args) -> int:
     from goldenpath.checkpoints import read_json
     from goldenpath.train import train
@@ -129,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        code = {"train": _train, "sweep": _sweep, "fork": _fork, "demo": _demo}[args.verb](args)
+        code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare,
+                "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2

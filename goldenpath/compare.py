@@ -1,0 +1,256 @@
+"""Loss-matched functional distances across a sweep: ``goldenpath compare SWEEP_DIR``.
+
+For every loss target, the runs that reached it are compared pairwise on the fixed probe set. Each
+model's forward runs once per probe chunk: the N models' outputs for one chunk are held, all pairs are
+computed, and the next chunk follows, so N checkpoints cost N forwards and memory stays bounded for
+language-model vocabularies. Pairs are marked ``floor`` (same knobs, another seed), ``reference``
+(against the least-noisy online run: no injected noise, then the smallest lr / batch) or ``pair``.
+The golden-path ratio of a run is d(run, reference) / d(seed floor), with a bootstrap interval over
+probe units (sequences for language models) resampled jointly for both distances.
+
+Writes ``compare/distances.parquet`` (one row per target, pair and metric), ``compare/summary.csv``
+(one row per target, run and metric: the ratio) and, by default, heatmaps under ``figures/``.
+Per-pair results are cached under ``compare/cache/`` keyed by both checkpoint files' size and mtime
+and by the probe set, so a re-run recomputes only pairs whose checkpoints changed or are new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from goldenpath import checkpoints as ckpt
+from goldenpath.config import Config, ConfigError, load_config, to_dict
+from goldenpath.distances import FUNCTIONS, METRICS, bootstrap, unit_sums
+from goldenpath.models import build_model, logits
+
+COLUMNS = ["target", "run_a", "run_b", "metric", "value", "ci_low", "ci_high", "loss_a", "loss_b", "kind",
+           "overshoot_a", "overshoot_b", "flagged"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run: str
+    path: Path
+    target: float
+    eval_loss: float
+    knobs: tuple       # the run's config minus seed, name and output place: equal knobs = seed siblings
+    noise_key: tuple   # sorts runs from least to most noisy (online first)
+    fingerprint: str
+
+
+def _knobs(config: Config) -> tuple:
+    d = to_dict(config)
+    for k in ("seed", "name", "out", "goldenpath"):
+        d.pop(k, None)
+    d.get("fork", {}).pop("parent", None)  # forks of seed siblings are siblings
+    return (json.dumps(d, sort_keys=True),)
+
+
+def _noise_key(config: Config) -> tuple:
+    sigma = config.noise.sigma if config.noise.kind != "none" else 0.0
+    return (config.data.epochs > 1, config.fork.parent is not None, sigma,
+            config.optim.lr / config.optim.batch_size, config.optim.lr, config.seed)
+
+
+def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, Config]]:
+    """Every loss-target checkpoint of the sweep's runs, by target; and each run's config."""
+    by_target: dict[float, list[Checkpoint]] = {}
+    configs = {}
+    for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
+        config = load_config(run_dir / "config.yaml")
+        configs[run_dir.name] = config
+        for target_dir in sorted(run_dir.glob("checkpoints/target-*")):
+            weights = target_dir / "model.safetensors"
+            if not weights.exists():
+                continue
+            meta = ckpt.read_json(target_dir / "meta.json")
+            stat = weights.stat()
+            by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
+                run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), _knobs(config),
+                _noise_key(config), f"{stat.st_size}-{stat.st_mtime_ns}"))
+    return by_target, configs
+
+
+def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
+    """The data section shared by every run (the probe set depends on it), minus the regime keys."""
+    sections = set()
+    for config in configs.values():
+        d = to_dict(config)["data"]
+        for k in ("epochs", "train_size"):
+            d.pop(k, None)
+        sections.add(json.dumps(d, sort_keys=True))
+    if len(sections) > 1:
+        raise ConfigError("compare", "the runs of this directory use different data sources or probe sets",
+                          "compare runs of one sweep (one data source)")
+    text = sections.pop()
+    return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _load(ck: Checkpoint, config: Config, info, device, dtype) -> torch.nn.Module:
+    model = build_model(config.model, info, seed=config.seed)
+    return ckpt.load_weights(model, ck.path).to(device, dtype).eval().requires_grad_(False)
+
+
+def pair_sums(models: list[torch.nn.Module], probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
+              device, dtype) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Per probe unit sums of each metric for each pair, each model's forward once per chunk.
+
+    Returns {(i, j): {metric: [units] sums, "count": [units] points}}.
+    """
+    n = len(probe["ids"])
+    lm = "labels" in probe
+    out = {p: {m: [] for m in (*metrics, "count")} for p in pairs}
+    needed = sorted({i for p in pairs for i in p})
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            part = {k: v[lo : lo + chunk].to(device) for k, v in probe.items() if k != "ids"}
+            part = {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
+            outs = {i: logits(models[i], part) for i in needed}  # N forwards for this chunk
+            mask = part["labels"] != -100 if lm else None
+            for (i, j) in pairs:
+                for m in metrics:
+                    s, c = unit_sums(FUNCTIONS[m](outs[i], outs[j]), mask)
+                    out[(i, j)][m].append(s.cpu())
+                out[(i, j)]["count"].append(c.cpu())
+    return {p: {k: torch.cat(v) for k, v in d.items()} for p, d in out.items()}
+
+
+def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
+            tolerance: float = 0.02, n_boot: int = 1000, figures: bool = True):
+    """Compare every pair of runs at every loss target; writes the tables (and heatmaps); returns the pairs."""
+    import pandas as pd
+
+    sweep_dir = Path(sweep_dir)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in FUNCTIONS]
+    if unknown:
+        raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {list(METRICS)}")
+    by_target, configs = collect(sweep_dir)
+    if not by_target:
+        raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
+                          "run a sweep whose runs reach checkpoint.targets first")
+    data, probe_key = _probe_fingerprint(configs)
+    first = next(iter(configs.values()))
+    source = first.data.build()
+    probe = source.heldout("probe")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float64 if first.precision == "fp64" else torch.float32
+    cache_dir = sweep_dir / "compare" / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    rows, summary = [], []
+    for target in sorted(by_target, reverse=True):
+        cks = sorted(by_target[target], key=lambda c: c.run)
+        reference = min(range(len(cks)), key=lambda i: cks[i].noise_key)
+        pairs = list(itertools.combinations(range(len(cks)), 2))
+        results, todo = {}, []
+        for i, j in pairs:
+            key = f"{probe_key}|{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}|{','.join(metrics)}"
+            path = cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+            if path.exists():
+                results[(i, j)] = torch.load(path, weights_only=True)
+            else:
+                todo.append((i, j, path))
+        if todo:
+            models = {}
+            for idx in sorted({k for t in todo for k in t[:2]}):
+                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype)
+            fresh = pair_sums(models, probe, [(i, j) for i, j, _ in todo], metrics, chunk=chunk, device=device,
+                              dtype=dtype)
+            for i, j, path in todo:
+                ckpt.atomic_write(path, lambda tmp, v=fresh[(i, j)]: torch.save(v, tmp))
+                results[(i, j)] = fresh[(i, j)]
+            del models
+        kind = {}
+        for i, j in pairs:
+            same = cks[i].knobs == cks[j].knobs
+            kind[(i, j)] = "floor" if same else "reference" if reference in (i, j) else "pair"
+        for (i, j), res in results.items():
+            a, b = cks[i], cks[j]
+            over_a, over_b = a.target - a.eval_loss, b.target - b.eval_loss
+            for m in metrics:
+                value, low, high = bootstrap(res[m], res["count"], n_boot=n_boot)
+                rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,
+                             "ci_low": low, "ci_high": high, "loss_a": a.eval_loss, "loss_b": b.eval_loss,
+                             "kind": kind[(i, j)], "overshoot_a": over_a, "overshoot_b": over_b,
+                             "flagged": max(over_a, over_b) > tolerance * target})
+        summary += _ratios(target, cks, reference, results, kind, metrics, n_boot)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    out_dir = sweep_dir / "compare"
+    ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    ratio_frame = pd.DataFrame(summary)
+    ckpt.atomic_write(out_dir / "summary.csv", lambda tmp: ratio_frame.to_csv(tmp, index=False))
+    if figures:
+        write_heatmaps(frame, sweep_dir / "figures", configs)
+    return frame
+
+
+def _pair(results: dict, i: int, j: int):
+    return results[(i, j)] if (i, j) in results else results[(j, i)]
+
+
+def _ratios(target, cks, reference, results, kind, metrics, n_boot) -> list[dict]:
+    """The golden-path ratio of every run at this target (its seed floor, else the reference's)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cks):
+        groups.setdefault(c.knobs, []).append(i)
+
+    def floor_of(i):
+        members = groups[cks[i].knobs]
+        return [(a, b) for a, b in itertools.combinations(members, 2)]
+
+    out = []
+    for i, c in enumerate(cks):
+        floor_pairs, floor_from = floor_of(i), "own seeds"
+        if not floor_pairs:
+            floor_pairs, floor_from = floor_of(reference), "reference's seeds"
+        ref_runs = [k for k in groups[cks[reference].knobs] if k != i]
+        for m in metrics:
+            row = {"target": target, "run": c.run, "metric": m, "eval_loss": c.eval_loss,
+                   "reference": cks[reference].run, "floor_from": floor_from if floor_pairs else None}
+            if i in groups[cks[reference].knobs] or not floor_pairs or not ref_runs:
+                out.append({**row, "d_reference": math.nan, "d_floor": math.nan, "ratio": math.nan,
+                            "ci_low": math.nan, "ci_high": math.nan})
+                continue
+            ref = _pair(results, i, reference)
+            floor = [_pair(results, a, b) for a, b in floor_pairs]
+            floor_sums = torch.stack([f[m] for f in floor]).mean(0)
+            d_ref = bootstrap(ref[m], ref["count"], n_boot=n_boot)[0]
+            d_floor = bootstrap(floor_sums, floor[0]["count"], n_boot=n_boot)[0]
+            ratio, low, high = bootstrap(ref[m], ref["count"], denominator=(floor_sums, floor[0]["count"]),
+                                         n_boot=n_boot)
+            out.append({**row, "d_reference": d_ref, "d_floor": d_floor, "ratio": ratio, "ci_low": low,
+                        "ci_high": high})
+    return out
+
+
+def write_heatmaps(frame, fig_dir: Path, configs: dict[str, Config]) -> list[Path]:
+    """One PNG per target and metric: the run-by-run distance matrix (see plots.distance_heatmap)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from goldenpath.plots import distance_heatmap, run_order
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    order = run_order(configs)
+    paths = []
+    for (target, metric), part in frame.groupby(["target", "metric"]):
+        n = len(set(part["run_a"]) | set(part["run_b"]))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * n, 2 + 0.4 * n))
+        distance_heatmap(part, order=order, ax=ax)
+        ax.set_title(f"{metric} at eval loss {target:g}")
+        path = fig_dir / f"heatmap-{metric}-target-{target:g}.png"
+        fig.tight_layout()
+        ckpt.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        paths.append(path)
+    return paths
