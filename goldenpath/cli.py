@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="tv,kl,js,top1", help="comma-separated: tv, kl, js, top1")
     p.add_argument("--no-figures", action="store_true", help="skip the heatmaps")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p = verbs.add_parser("demo", help="short vision and language runs on the embedded streams")
+    p = verbs.add_parser("demo", help="a small sweep on the embedded vision stream, compared and drawn")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
 
@@ -118,24 +118,32 @@ def _compare(args) -> int:
 
 
 def _demo(args) -> int:
-    from goldenpath.checkpoints import read_json
-    from goldenpath.train import train
+    """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
+    from goldenpath.compare import compare
+    from goldenpath.sweep import run_sweep
 
-    code = 0
-    for name in ("teacher-cnn", "markov-gpt2"):
-        path = CONFIGS / f"{name}.yaml"
-        if not path.exists():
-            raise ConfigError("demo", f"{path} not found", "run from a source checkout (pip install -e .)")
-        run_dir = train(load_config(path, [f"out={args.out}"]))
-        status = read_json(run_dir / "status.json")
-        saved = sorted((run_dir / "checkpoints").glob("target-*"))
-        _print_main(f"{name}: {status['state']} after {status['samples']} samples, eval loss "
-                    f"{status['eval_loss']:.4f} (Bayes floor {status['loss_floor']:.4f}); "
-                    f"{len(saved)} loss-matched checkpoints:")
-        for d in saved:
-            _print_main(f"  {d}")
-        code |= status["state"] != "completed"
-    return code
+    path = CONFIGS / "sweeps" / "demo.yaml"
+    if not path.exists():
+        raise ConfigError("demo", f"{path} not found", "run from a source checkout (pip install -e .)")
+    sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
+    import pandas as pd
+
+    runs = pd.read_csv(sweep_dir / "runs.csv")
+    counts = runs["state"].value_counts().to_dict()
+    _print_main(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                + f" ({sweep_dir / 'runs.csv'})")
+    compare(sweep_dir)
+    summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
+    tv = summary[(summary.metric == "tv") & summary.ratio.notna()].copy()
+    if len(tv):
+        tv["regime"] = ["offline" if "epochs=8" in r else "online" for r in tv.run]
+        for (target, regime), part in tv.groupby(["target", "regime"], sort=False):
+            _print_main(f"golden-path ratio (tv) at loss {target:g}, {regime}: median {part.ratio.median():.2f} "
+                        f"over {len(part)} runs")
+    _print_main(f"distances: {sweep_dir / 'compare' / 'distances.parquet'}; "
+                f"ratios: {sweep_dir / 'compare' / 'summary.csv'}; heatmaps: {sweep_dir / 'figures'}")
+    _print_main(str(sweep_dir))
+    return 1 if counts.get("failed") else 0
 
 
 def _print_main(text: str) -> None:

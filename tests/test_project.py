@@ -43,17 +43,24 @@ def test_bf16_autocast_run_trains_on_cpu(tmp_path):
     assert evals[-1] < evals[0]  # bf16 autocast steps still learn
 
 
-def test_demo_trains_both_embedded_runs_and_prints_their_checkpoints(tmp_path):
+def test_demo_sweeps_compares_and_draws(tmp_path):
     out = subprocess.run([sys.executable, "-m", "goldenpath", "demo", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("teacher-cnn", "markov-gpt2"):
-        status = read_json(tmp_path / name / "status.json")
-        assert status["state"] == "completed"
-        saved = sorted((tmp_path / name / "checkpoints").glob("target-*"))
-        assert len(saved) >= 2, f"{name} reached fewer than two loss targets"
-        for d in saved:
-            assert str(d) in out.stdout and (d / "model.safetensors").exists()
+    sweep_dir = tmp_path / "demo"
+    assert out.stdout.strip().splitlines()[-1] == str(sweep_dir)
+    import pandas as pd
+
+    runs = pd.read_csv(sweep_dir / "runs.csv")
+    assert len(runs) == 16 and set(runs.state) == {"completed"}
+    assert set(runs["data.epochs"]) == {1, 8} and set(runs["seed"]) == {0, 1}
+    distances = pd.read_parquet(sweep_dir / "compare" / "distances.parquet")
+    assert {"floor", "reference", "pair"} <= set(distances.kind)
+    summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
+    assert summary.ratio.notna().any() and (summary.ci_low <= summary.ratio).all()
+    for target in distances.target.unique():
+        assert (sweep_dir / "figures" / f"heatmap-tv-target-{target:g}.png").exists()
+    assert "golden-path ratio (tv)" in out.stdout
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
