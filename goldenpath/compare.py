@@ -27,7 +27,7 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, load_config, to_dict
-from goldenpath.distances import FUNCTIONS, METRICS, bootstrap, unit_sums
+from goldenpath.distances import FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap, bootstrap_weights, unit_sums
 from goldenpath.models import build_model, logits
 
 COLUMNS = ["target", "run_a", "run_b", "metric", "value", "ci_low", "ci_high", "loss_a", "loss_b", "kind",
@@ -112,11 +112,11 @@ def pair_sums(models: list[torch.nn.Module], probe: dict, pairs: list[tuple[int,
         for lo in range(0, n, chunk):
             part = {k: v[lo : lo + chunk].to(device) for k, v in probe.items() if k != "ids"}
             part = {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
-            outs = {i: logits(models[i], part) for i in needed}  # N forwards for this chunk
+            outs = {i: Dist(logits(models[i], part)) for i in needed}  # N forwards for this chunk
             mask = part["labels"] != -100 if lm else None
             for (i, j) in pairs:
                 for m in metrics:
-                    s, c = unit_sums(FUNCTIONS[m](outs[i], outs[j]), mask)
+                    s, c = unit_sums(ON_DISTS[m](outs[i], outs[j]), mask)
                     out[(i, j)][m].append(s.cpu())
                 out[(i, j)]["count"].append(c.cpu())
     return {p: {k: torch.cat(v) for k, v in d.items()} for p, d in out.items()}
@@ -146,6 +146,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     rows, summary = [], []
+    weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every statistic
     for target in sorted(by_target, reverse=True):
         cks = sorted(by_target[target], key=lambda c: c.run)
         reference = min(range(len(cks)), key=lambda i: cks[i].noise_key)
@@ -176,12 +177,12 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
             a, b = cks[i], cks[j]
             over_a, over_b = a.target - a.eval_loss, b.target - b.eval_loss
             for m in metrics:
-                value, low, high = bootstrap(res[m], res["count"], n_boot=n_boot)
+                value, low, high = bootstrap(res[m], res["count"], weights=weights)
                 rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,
                              "ci_low": low, "ci_high": high, "loss_a": a.eval_loss, "loss_b": b.eval_loss,
                              "kind": kind[(i, j)], "overshoot_a": over_a, "overshoot_b": over_b,
                              "flagged": max(over_a, over_b) > tolerance * target})
-        summary += _ratios(target, cks, reference, results, kind, metrics, n_boot)
+        summary += _ratios(target, cks, reference, results, metrics, weights)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     out_dir = sweep_dir / "compare"
     ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
@@ -196,7 +197,7 @@ def _pair(results: dict, i: int, j: int):
     return results[(i, j)] if (i, j) in results else results[(j, i)]
 
 
-def _ratios(target, cks, reference, results, kind, metrics, n_boot) -> list[dict]:
+def _ratios(target, cks, reference, results, metrics, weights) -> list[dict]:
     """The golden-path ratio of every run at this target (its seed floor, else the reference's)."""
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cks):
@@ -222,10 +223,10 @@ def _ratios(target, cks, reference, results, kind, metrics, n_boot) -> list[dict
             ref = _pair(results, i, reference)
             floor = [_pair(results, a, b) for a, b in floor_pairs]
             floor_sums = torch.stack([f[m] for f in floor]).mean(0)
-            d_ref = bootstrap(ref[m], ref["count"], n_boot=n_boot)[0]
-            d_floor = bootstrap(floor_sums, floor[0]["count"], n_boot=n_boot)[0]
+            d_ref = float(ref[m].sum() / ref["count"].sum())
+            d_floor = float(floor_sums.sum() / floor[0]["count"].sum())
             ratio, low, high = bootstrap(ref[m], ref["count"], denominator=(floor_sums, floor[0]["count"]),
-                                         n_boot=n_boot)
+                                         weights=weights)
             out.append({**row, "d_reference": d_ref, "d_floor": d_floor, "ratio": ratio, "ci_low": low,
                         "ci_high": high})
     return out

@@ -23,23 +23,49 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+class Dist:
+    """One model's predictive distribution on some points: log-probabilities and probabilities, computed once
+    and shared by every metric and every pair it enters."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.log_p = log_probs(logits)
+        self.p = self.log_p.exp()
+
+
+def _tv(a: Dist, b: Dist) -> torch.Tensor:
+    return 0.5 * (a.p - b.p).abs().sum(-1)
+
+
+def _kl(a: Dist, b: Dist) -> torch.Tensor:
+    return (a.p * (a.log_p - b.log_p)).sum(-1).clamp_min(0.0)
+
+
+def _js(a: Dist, b: Dist) -> torch.Tensor:
+    log_m = torch.logaddexp(a.log_p, b.log_p) - math.log(2.0)
+    value = 0.5 * (a.p * (a.log_p - log_m)).sum(-1) + 0.5 * (b.p * (b.log_p - log_m)).sum(-1)
+    return value.clamp(0.0, math.log(2.0))
+
+
+def _top1(a: Dist, b: Dist) -> torch.Tensor:
+    return (a.log_p.argmax(-1) != b.log_p.argmax(-1)).to(torch.float32)
+
+
+ON_DISTS = {"tv": _tv, "kl": _kl, "js": _js, "top1": _top1}
+
+
 def tv(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Total variation 1/2 sum_k |p_k - q_k|, in [0, 1]."""
-    return 0.5 * (log_probs(logits_p).exp() - log_probs(logits_q).exp()).abs().sum(-1)
+    return _tv(Dist(logits_p), Dist(logits_q))
 
 
 def kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_k p_k (log p_k - log q_k), natural log, >= 0."""
-    lp, lq = log_probs(logits_p), log_probs(logits_q)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+    return _kl(Dist(logits_p), Dist(logits_q))
 
 
 def js(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2, natural log, in [0, ln 2]."""
-    lp, lq = log_probs(logits_p), log_probs(logits_q)
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)
-    value = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
-    return value.clamp(0.0, math.log(2.0))
+    return _js(Dist(logits_p), Dist(logits_q))
 
 
 def top1(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -63,24 +89,29 @@ def unit_sums(values: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[t
     return values.flatten(1).sum(1), mask.flatten(1).sum(1).double()
 
 
+def bootstrap_weights(n_units: int, *, n_boot: int = 1000, seed: int = 0) -> torch.Tensor:
+    """[n_boot, n_units] float64: how often each unit is drawn in each bootstrap resample (rows sum to n)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_units, (n_boot, n_units), generator=gen)
+    return torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+
+
 def bootstrap(sums: torch.Tensor, counts: torch.Tensor, *, denominator: tuple | None = None, n_boot: int = 1000,
-              level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+              level: float = 0.95, seed: int = 0, weights: torch.Tensor | None = None) -> tuple[float, float, float]:
     """(estimate, low, high): the mean over points, with a percentile bootstrap over units.
 
     ``sums``/``counts`` are per unit; ``denominator`` = (sums, counts) of a second mean over the same
     units turns the statistic into a ratio of means, resampled jointly (the golden-path ratio).
+    ``weights``: resample counts from :func:`bootstrap_weights`, shared across statistics of the same units.
     """
-    def stat(idx):
-        num = sums[idx].sum(-1) / counts[idx].sum(-1)
-        if denominator is None:
-            return num
-        return num / (denominator[0][idx].sum(-1) / denominator[1][idx].sum(-1))
-
-    n = len(sums)
-    estimate = float(stat(torch.arange(n)))
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=gen)
-    draws = stat(idx)
+    sums, counts = sums.double(), counts.double()
+    w = bootstrap_weights(len(sums), n_boot=n_boot, seed=seed) if weights is None else weights
+    estimate = float(sums.sum() / counts.sum())
+    draws = (w @ sums) / (w @ counts)
+    if denominator is not None:
+        den_s, den_c = denominator[0].double(), denominator[1].double()
+        estimate /= float(den_s.sum() / den_c.sum())
+        draws = draws / ((w @ den_s) / (w @ den_c))
     draws = draws[torch.isfinite(draws)]
     if len(draws) == 0:
         return estimate, math.nan, math.nan

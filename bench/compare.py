@@ -1,0 +1,88 @@
+"""Cost of ``goldenpath compare`` against the forwards it cannot avoid, measured in the same run.
+
+    python bench/compare.py [--sizes 8,16] [--rounds 3]
+
+A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
+depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
+resamples, no figures and no cache. The figure reported is wall time / (N x one model's forward over the
+probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from goldenpath import checkpoints as ckpt
+from goldenpath.compare import compare
+from goldenpath.config import load_config, to_dict
+from goldenpath.models import build_model, logits
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"cnn": ROOT / "configs" / "teacher-cnn.yaml", "tiny-lm": ROOT / "configs" / "markov-gpt2.yaml"}
+
+
+def make_sweep(directory: Path, config_path: Path, n: int) -> Path:
+    for s in range(n):
+        config = load_config(config_path, [f"out={directory}", f"name=run{s}", f"seed={s}"])
+        run = directory / f"run{s}"
+        run.mkdir(parents=True)
+        ckpt.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
+        model = build_model(config.model, config.data.build().info, seed=s)
+        ckpt.save_checkpoint(run / "checkpoints" / ckpt.target_name(1.0), model,
+                             {"target": 1.0, "eval_loss": 0.99, "step": 0, "samples": 0, "tokens": 0})
+    return directory
+
+
+def forward_seconds(config_path: Path, chunk: int = 256) -> float:
+    """One model's forward over the probe set, as compare runs it (chunks, no grad)."""
+    config = load_config(config_path)
+    source = config.data.build()
+    probe = {k: v for k, v in source.heldout("probe").items() if k != "ids"}
+    model = build_model(config.model, source.info, seed=0).eval()
+    n = len(next(iter(probe.values())))
+
+    def run():
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                logits(model, {k: v[lo : lo + chunk] for k, v in probe.items()})
+
+    run()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        run()
+    return (time.perf_counter() - t0) / 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8,16")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
+        compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2), figures=False)
+    for name, path in MODELS.items():
+        for n in [int(x) for x in args.sizes.split(",")]:
+            ratios = []
+            for _ in range(args.rounds):
+                with tempfile.TemporaryDirectory() as tmp:
+                    sweep = make_sweep(Path(tmp) / "s", path, n)
+                    t0 = time.perf_counter()
+                    compare(sweep, figures=False)
+                    wall = time.perf_counter() - t0
+                    one = forward_seconds(path)
+                    ratios.append(wall / (n * one))
+                    shutil.rmtree(sweep / "compare", ignore_errors=True)
+            print(f"{name:8s} N={n:3d}: compare / (N x forward) = {statistics.median(ratios):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
