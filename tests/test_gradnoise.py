@@ -1,0 +1,71 @@
+"""Gradient-noise statistics against known distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from goldenpath.gradnoise import (default_k1, gaussianity, noise_scale, noise_scale_per_sample, qq_data,
+                                  tail_index, tail_index_ci)
+
+K = 100_000
+
+
+def stable(alpha, size, seed):
+    if alpha == 2.0:
+        return np.random.default_rng(seed).standard_normal(size)
+    return stats.levy_stable.rvs(alpha, 0.0, size=size, random_state=np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("alpha", [1.2, 1.5, 1.8, 2.0])
+def test_tail_index_recovers_alpha(alpha):
+    assert tail_index(stable(alpha, K, seed=int(alpha * 10))) == pytest.approx(alpha, abs=0.15)
+
+
+def test_tail_index_interval_covers_the_truth_in_most_draws():
+    hits = 0
+    for rep in range(12):
+        _, low, high = tail_index_ci(stable(1.5, 20_000, seed=100 + rep), n_boot=100, seed=rep)
+        hits += low <= 1.5 <= high
+    assert hits >= 9
+
+
+def test_k1_is_the_largest_divisor_below_the_root_and_prime_sizes_still_work():
+    assert default_k1(100_000) == 250 and default_k1(36) == 6 and default_k1(97) == 1
+    x = stable(1.5, 99_991, seed=3)  # prime: sqrt(K) groups, the remainder dropped
+    assert tail_index(x) == pytest.approx(1.5, abs=0.2)
+    assert np.isfinite(tail_index(np.zeros(1000)))  # log 0 guarded
+
+
+def test_gaussianity_accepts_gaussian_and_rejects_cauchy_noise():
+    rng = np.random.default_rng(0)
+    gauss = gaussianity(rng.standard_normal((200, 50)))
+    cauchy = gaussianity(rng.standard_cauchy((200, 50)))
+    assert gauss["coordinates_shapiro_p"] > 0.01 and gauss["projections_shapiro_p"] > 0.01
+    assert gauss["coordinates_anderson_p"] > 0.05 and gauss["projections_anderson_p"] > 0.05
+    assert cauchy["coordinates_shapiro_p"] < 1e-6 and cauchy["coordinates_anderson_p"] <= 0.01
+    theoretical, ordered = qq_data(rng.standard_normal(5000))
+    assert np.corrcoef(theoretical, ordered)[0, 1] > 0.99
+
+
+def test_noise_scale_on_a_gradient_model_with_known_mean_and_covariance():
+    rng = np.random.default_rng(1)
+    d = 40
+    g_true = rng.standard_normal(d) * 0.5
+    scales = np.linspace(0.2, 2.0, d)  # diagonal covariance: tr Sigma = sum of squares
+    trace_true, grad_true = float((scales**2).sum()), float(g_true @ g_true)
+
+    def mean_sq_norm(b, draws=4000):
+        batches = g_true + rng.standard_normal((draws, b, d)).mean(1) * scales
+        return float((batches**2).sum(1).mean())
+
+    trace, grad_sq, b_simple = noise_scale(mean_sq_norm(4), mean_sq_norm(64), 4, 64)
+    assert trace == pytest.approx(trace_true, rel=0.05) and grad_sq == pytest.approx(grad_true, rel=0.05)
+    assert b_simple == pytest.approx(trace_true / grad_true, rel=0.1)
+    per_sample = g_true + rng.standard_normal((20000, d)) * scales
+    batch = per_sample.mean(0)
+    t2, g2, _ = noise_scale_per_sample((per_sample**2).sum(1), float(batch @ batch), 20000)
+    assert t2 == pytest.approx(trace_true, rel=0.05) and g2 == pytest.approx(grad_true, rel=0.05)
+    with pytest.raises(ValueError):
+        noise_scale(1.0, 1.0, 8, 8)
