@@ -4,6 +4,7 @@
     goldenpath sweep SWEEP_CONFIG [--out DIR] [--executor local|slurm] [--jobs N] [--retry-diverged]
     goldenpath fork RUN_DIR (--at-loss L | --at-step S) [key=value ...]   # key=x4 or key=/4: relative
     goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1]    # loss-matched distances + heatmaps
+    goldenpath noise RUN_DIR (--at-loss L | --at-step S) [--batches M] [--batch-size b]  # gradient noise
     goldenpath demo [--out DIR]                 # the README's main job
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
@@ -53,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="tv,kl,js,top1", help="comma-separated: tv, kl, js, top1")
     p.add_argument("--no-figures", action="store_true", help="skip the heatmaps")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p = verbs.add_parser("noise", help="gradient noise of a checkpoint: tail index, Gaussianity, noise scale")
+    p.add_argument("run_dir")
+    at = p.add_mutually_exclusive_group(required=True)
+    at.add_argument("--at-loss", type=float, help="the run's loss-target checkpoint")
+    at.add_argument("--at-step", type=int, help="the run's checkpoint at this step")
+    p.add_argument("--batches", type=int, default=100, help="fresh mini-batches M (default 100)")
+    p.add_argument("--batch-size", type=int, help="b (default: the run's batch size)")
+    p.add_argument("--max-coords", type=int, default=200_000, help="coordinates kept (a fixed random subset)")
     p = verbs.add_parser("demo", help="a small sweep on the embedded vision stream, compared and drawn")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
@@ -117,6 +126,49 @@ def _compare(args) -> int:
     return 0
 
 
+def _noise(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from goldenpath import checkpoints as ckpt
+    from goldenpath.gradnoise import analyse, qq_data
+    from goldenpath.plots import noise_histogram, qq_plot, tail_index_by_layer
+
+    if args.batches < 8:
+        raise ConfigError("--batches", f"got {args.batches}", "use at least 8 batches (100 or more for tail indices)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError("--batch-size", f"got {args.batch_size}", "use a positive batch size")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError("run_dir", f"{run_dir} is not a run directory", "give a run's directory (it holds config.yaml)")
+    table, noise = analyse(run_dir, at_loss=args.at_loss, at_step=args.at_step, batches=args.batches,
+                           batch_size=args.batch_size, max_coords=args.max_coords)
+    name = table.attrs["checkpoint"]
+    out = run_dir / "noise"
+    out.mkdir(exist_ok=True)
+    ckpt.atomic_write(out / f"{name}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    pooled = table[(table.layer == "all") & (table.statistic == "tail_index_pooled")].value.iloc[0]
+    figures = {"tail-index": lambda ax: tail_index_by_layer(table, ax=ax),
+               "histogram": lambda ax: noise_histogram(noise, alpha=pooled, ax=ax),
+               "qq": lambda ax: qq_plot(*qq_data(noise), ax=ax)}
+    for kind, draw in figures.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax)
+        ax.set_title(f"{run_dir.name} at {name}: {kind}", fontsize=8)
+        fig.tight_layout()
+        ckpt.atomic_write(out / f"{name}-{kind}.png", lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+    whole = table[table.layer == "all"].set_index("statistic").value
+    _print_main(f"{args.batches} batches of {table.attrs['batch_size']}, {table.attrs['coordinates']} coordinates"
+                f"{'' if table.attrs['fresh'] else ' (from the training subset: no fresh samples left)'}: "
+                f"tail index pooled {whole['tail_index_pooled']:.2f}, per coordinate (median) "
+                f"{whole.get('tail_index_per_coordinate_median', float('nan')):.2f}, B_simple {whole['b_simple']:.1f}")
+    _print_main(str(out / f"{name}.parquet"))
+    return 0
+
+
 def _demo(args) -> int:
     """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.compare import compare
@@ -160,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare,
+        code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare, "noise": _noise,
                 "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -123,3 +124,112 @@ def noise_scale(sq_norm_small: float, sq_norm_big: float, b_small: float, b_big:
 def noise_scale_per_sample(per_sample_sq_norms, batch_grad_sq_norm: float, batch_size: int):
     """The same from per-sample gradients (b_small = 1): their mean squared norm and the batch mean's."""
     return noise_scale(float(np.mean(_as_array(per_sample_sq_norms))), batch_grad_sq_norm, 1, batch_size)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoint
+
+
+def per_coordinate_tail_index(samples: np.ndarray) -> np.ndarray:
+    """The tail index of every column of ``[M, d]`` samples (M draws of each coordinate), vectorised."""
+    m = samples.shape[0]
+    k1 = default_k1(m)
+    if k1 < 2:
+        k1 = math.isqrt(m)
+    k2 = m // k1
+    x = samples[: k1 * k2]
+    y = x.reshape(k2, k1, -1).sum(1)
+    inv = (np.log(np.abs(y) + EPS).mean(0) - np.log(np.abs(x) + EPS).mean(0)) / math.log(k1)
+    return 1.0 / inv
+
+
+def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None, batches: int = 100,
+            batch_size: int | None = None, max_coords: int = 200_000, max_pooled: int = 1_000_000,
+            seed: int = 0, progress: bool = True):
+    """Gradient noise of a run's checkpoint on fresh batches of its stream; returns (table, samples).
+
+    Draws ``batches`` mini-batches of ``batch_size`` (default: the run's batch) from the run's stream past
+    the last sample training used (an offline run draws from its training subset), computes each batch's
+    mean-loss gradient g_j and the noise n_j = g_j - mean_j g_j on at most ``max_coords`` coordinates
+    (a fixed random subset, spread over the layers in proportion to their size). The table has, per layer
+    and for the whole model: the pooled tail index (Simsekli) with a bootstrap interval (on at most
+    ``max_pooled`` pooled values), the median per-coordinate tail index across batches (Panigrahi) with
+    its quartiles, the normality statistics, and (whole model, from exact norms) tr Sigma, |G|^2, B_simple.
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from goldenpath import checkpoints as ckpt
+    from goldenpath.config import ConfigError, load_config
+    from goldenpath.data import build_stream
+    from goldenpath.models import build_model, count, sample_losses
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    name = ckpt.target_name(at_loss) if at_loss is not None else f"step-{at_step}"
+    source_dir = run_dir / "checkpoints" / name
+    if not (source_dir / "model.safetensors").exists():
+        raise ConfigError("--at-loss" if at_loss is not None else "--at-step", f"{run_dir} has no checkpoint {name}",
+                          "pick a loss target the run reached (status.json targets_reached)")
+    b = batch_size or config.optim.batch_size
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=b, micro_batch_size=b)
+    last = run_dir / "checkpoints" / "last" / "rank0.json"
+    position = ckpt.read_json(last)["stream"]["position"] if last.exists() else 0
+    fresh = stream.limit is None or position + batches * b <= stream.limit
+    stream.load_state_dict({**stream.state_dict(), "position": position if fresh else 0})
+    model = build_model(config.model, source.info, seed=config.seed)
+    ckpt.load_weights(model, source_dir)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sizes = np.array([p.numel() for _, p in params])
+    share = np.minimum(sizes, np.maximum(1, np.round(sizes / sizes.sum() * max_coords)).astype(int))
+    rng = np.random.default_rng(seed)
+    picks = [torch.as_tensor(np.sort(rng.choice(n, k, replace=False))) for n, k in zip(sizes, share)]
+    rows = np.empty((batches, int(share.sum())))
+    total = [torch.zeros_like(p, dtype=torch.float64) for _, p in params]
+    sq_small = 0.0
+    for j in tqdm(range(batches), desc=f"noise {run_dir.name}", disable=not progress, unit="batch"):
+        batch = stream.next_step()[0]
+        loss = sample_losses(model, batch).sum() / count(batch)
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        sq_small += float(sum(g.double().square().sum() for g in grads)) / batches
+        for t, g in zip(total, grads):
+            t += g.double() / batches
+        rows[j] = torch.cat([g.flatten()[idx].double() for g, idx in zip(grads, picks)]).numpy()
+    sq_big = float(sum(t.square().sum() for t in total))
+    noise = rows - rows.mean(0)
+    bounds = np.concatenate([[0], np.cumsum(share)])
+    groups = [(n.rsplit(".", 1)[0] if "." in n else n, bounds[i], bounds[i + 1]) for i, (n, _) in enumerate(params)]
+    layers: dict[str, list[tuple[int, int]]] = {}
+    for layer, lo, hi in groups:
+        layers.setdefault(layer, []).append((lo, hi))
+    records = []
+
+    def add(layer, statistic, value, low=None, high=None, n=None):
+        records.append({"layer": layer, "statistic": statistic, "value": value, "ci_low": low, "ci_high": high,
+                        "n": n})
+
+    for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()]:
+        part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
+        pooled = part.ravel()
+        if len(pooled) > max_pooled:
+            pooled = rng.choice(pooled, max_pooled, replace=False)
+        if len(pooled) >= 16:
+            alpha, low, high = tail_index_ci(pooled, n_boot=50, seed=seed)
+            add(layer, "tail_index_pooled", alpha, low, high, len(pooled))
+        per = per_coordinate_tail_index(part[:, part.std(0) > 0]) if batches >= 8 else np.array([])
+        if len(per):
+            q1, med, q3 = np.quantile(per, [0.25, 0.5, 0.75])
+            add(layer, "tail_index_per_coordinate_median", float(med), float(q1), float(q3), len(per))
+        if part.shape[1] >= 2 and batches >= 3:
+            for key, value in gaussianity(part, seed=seed).items():
+                if not key.endswith("_n"):
+                    add(layer, key, value)
+        add(layer, "coordinates", part.shape[1], n=int(sum(sizes[i] for i, (n_, _) in enumerate(params)
+                                                          if layer in ("all", n_.rsplit(".", 1)[0]))))
+    trace, grad_sq, b_simple = noise_scale(sq_small, sq_big, b, b * batches)
+    for key, value in (("trace_sigma", trace), ("grad_sq", grad_sq), ("b_simple", b_simple)):
+        add("all", key, value)
+    table = pd.DataFrame(records)
+    table.attrs.update(checkpoint=name, batches=batches, batch_size=b, fresh=fresh, coordinates=int(share.sum()))
+    return table, noise

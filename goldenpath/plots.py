@@ -61,3 +61,61 @@ def distance_heatmap(frame, *, order: list[str] | None = None, ax=None, cmap: st
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     ax.tick_params(axis="y", labelrotation=0, labelsize=7)
     return ax
+
+
+def tail_index_by_layer(table, *, ax=None):
+    """Tail index per layer (pooled, and the median per coordinate with its quartiles); alpha = 2 is Gaussian.
+
+    ``table``: the rows of ``noise/<checkpoint>.parquet`` (layer, statistic, value, ci_low, ci_high).
+    """
+    ax = _axes(ax)
+    stats_ = {"tail_index_pooled": "pooled (Simsekli)", "tail_index_per_coordinate_median": "per coordinate (median)"}
+    part = table[table.statistic.isin(list(stats_))]
+    layers = list(dict.fromkeys(part.layer))
+    width = 0.4
+    for k, (stat, label) in enumerate(stats_.items()):
+        rows = part[part.statistic == stat].set_index("layer").reindex(layers)
+        x = np.arange(len(layers)) + (k - 0.5) * width
+        err = np.vstack([rows.value - rows.ci_low, rows.ci_high - rows.value])
+        ax.bar(x, rows.value, width, yerr=np.clip(np.nan_to_num(err), 0, None), label=label, color=f"C{k}", capsize=2)
+    ax.axhline(2.0, color="0.3", linestyle="--", linewidth=1, label="Gaussian (alpha = 2)")
+    ax.set_xticks(np.arange(len(layers)), layers, rotation=90, fontsize=7)
+    ax.set_ylabel("tail index alpha")
+    ax.set_ylim(0, 2.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def noise_histogram(samples, *, alpha: float, ax=None, bins: int = 120):
+    """Standardised pooled noise against a Gaussian and a symmetric alpha-stable law of the same IQR."""
+    from scipy import stats
+
+    ax = _axes(ax)
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    x = (x - np.median(x)) / (np.subtract(*np.quantile(x, [0.75, 0.25])) or 1.0)  # unit interquartile range
+    lim = np.quantile(np.abs(x), 0.995)
+    ax.hist(x[np.abs(x) <= lim], bins=bins, density=True, color="0.7", label="noise (unit IQR)")
+    grid = np.linspace(-lim, lim, 200)
+    ax.plot(grid, stats.norm.pdf(grid, scale=1 / (2 * stats.norm.ppf(0.75))), label="Gaussian", color="C0")
+    a = float(np.clip(alpha, 0.5, 2.0))
+    if a < 2.0:
+        scale = 1 / (2 * stats.levy_stable.ppf(0.75, a, 0.0))
+        ax.plot(grid, stats.levy_stable.pdf(grid, a, 0.0, scale=scale), label=f"alpha-stable, alpha={a:.2f}",
+                color="C3")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient noise (coordinates pooled, unit interquartile range)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def qq_plot(theoretical, ordered, *, ax=None, label: str = "noise"):
+    """A normal QQ plot from ``gradnoise.qq_data``."""
+    ax = _axes(ax)
+    ax.plot(theoretical, ordered, ".", markersize=2, label=label)
+    lim = float(np.max(np.abs(theoretical)))
+    ax.plot([-lim, lim], [-lim, lim], color="0.3", linewidth=1, label="Gaussian")
+    ax.set_xlabel("normal quantile")
+    ax.set_ylabel("standardised noise quantile")
+    ax.legend(fontsize=7)
+    return ax

@@ -69,3 +69,41 @@ def test_noise_scale_on_a_gradient_model_with_known_mean_and_covariance():
     assert t2 == pytest.approx(trace_true, rel=0.05) and g2 == pytest.approx(grad_true, rel=0.05)
     with pytest.raises(ValueError):
         noise_scale(1.0, 1.0, 8, 8)
+
+
+def test_noise_cli_on_a_small_teacher_cnn_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from goldenpath.config import load_config
+    from goldenpath.train import train
+
+    from .conftest import TINY_TEACHER
+
+    run = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=r", "budget.samples=640",
+                                   "checkpoint.steps=[10]"]))
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "goldenpath", "noise", str(run), "--at-step", "10", "--batches", "40",
+                          "--batch-size", "16", "--max-coords", "3000"], capture_output=True, text=True, cwd=root,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = pd.read_parquet(run / "noise" / "step-10.parquet")
+    whole = table[table.layer == "all"].set_index("statistic")
+    assert 0.5 < whole.value["tail_index_pooled"] <= 2.5
+    assert whole.ci_low["tail_index_pooled"] <= whole.ci_high["tail_index_pooled"]
+    assert whole.value["b_simple"] > 0 and whole.value["coordinates"] <= 3000
+    from goldenpath.models import build_model
+
+    config = load_config(run / "config.yaml")
+    model = build_model(config.model, config.data.build().info, seed=0)
+    layers = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters()}
+    assert set(table.layer) == {"all"} | layers and len(layers) >= 3  # the whole model and every layer
+    for kind in ("tail-index", "histogram", "qq"):
+        assert (run / "noise" / f"step-10-{kind}.png").exists()
+    assert "training subset" not in out.stdout  # fresh samples past what training used
+    bad = subprocess.run([sys.executable, "-m", "goldenpath", "noise", str(run), "--at-loss", "0.01"],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert bad.returncode == 2 and "target-0.01" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
