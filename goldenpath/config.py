@@ -240,6 +240,7 @@ class LogConfig:
     every: int = 10            # optimizer steps between metrics.jsonl lines
     progress: bool = True      # tqdm progress bar on the main process (hidden when stderr is not a terminal)
     sample_ids: bool = False   # append every consumed sample id to samples/rank<r>.i64 (audit of the stream)
+    noise_scale: bool = False  # log B_simple from the first micro-batch's and the logical batch's gradients
 
     def check(self) -> None:
         require(self.every >= 1, "log.every", f"got {self.every}", "use >= 1 step")
@@ -277,6 +278,11 @@ class Config:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
                 "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
+        require(not self.log.noise_scale or self.noise.kind != "dp", "log.noise_scale",
+                "under dp the trainer forms only clipped gradients", "use goldenpath noise on a checkpoint")
+        require(not self.log.noise_scale or (self.optim.micro_batch_size or self.optim.batch_size)
+                < self.optim.batch_size, "log.noise_scale", "needs two batch sizes: a micro-batch and the batch",
+                "set optim.micro_batch_size below optim.batch_size")
         require(self.noise.kind != "dp" or getattr(self.model, "norm", None) != "batch", "model.norm",
                 "batch norm mixes the samples of a batch, so DP-SGD has no per-sample gradients",
                 "use model.norm=group with noise.kind=dp")

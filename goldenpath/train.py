@@ -31,6 +31,7 @@ from goldenpath.config import Config, ConfigError, OptimConfig, config_from_dict
 from goldenpath.data import StreamExhausted, build_stream
 from goldenpath.data.synthetic import stream_key
 from goldenpath.models import build_model, count, sample_losses
+from goldenpath.gradnoise import noise_scale
 from goldenpath.noise import add_noise, per_sample_clip
 from goldenpath.privacy import epsilon
 
@@ -256,6 +257,9 @@ def train(config: Config) -> Path:
     if optim.batch_size % (micro * world):
         raise ConfigError("optim.batch_size", f"{optim.batch_size} is not divisible by micro_batch_size {micro} x "
                           f"{world} processes", "make batch_size a multiple of micro_batch_size x processes")
+    if config.log.noise_scale and optim.batch_size // (micro * world) < 2:
+        raise ConfigError("log.noise_scale", f"needs two micro-batches per process and step, got "
+                          f"{optim.batch_size // (micro * world)}", "lower optim.micro_batch_size")
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=optim.batch_size,
                           micro_batch_size=micro, rank=rank, world=world)
@@ -391,7 +395,8 @@ def train(config: Config) -> Path:
 
     # since the last log: train loss sum, loss units, grad norm sum, noise norm sum, steps, clipped samples,
     # per-sample norm sum, samples (the norms are the same on every process; the dp counts are per process)
-    window = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
+    # then for log.noise_scale: |G_micro|^2 sum, micro units sum, |G_batch|^2 sum, steps
+    window = torch.zeros(12, dtype=torch.float64, device=accelerator.device)
     last_save = time.monotonic()
     state, reason = "completed", "budget"
     data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
@@ -452,16 +457,25 @@ def train(config: Config) -> Path:
                         losses = sample_losses(ddp_model, batch)
                         accelerator.backward(losses.sum() * scale)
                     window[0] += losses.detach().sum()
+                    if config.log.noise_scale and i == 0:  # this micro-batch's own mean gradient, squared
+                        first = [p.grad for _, p in trained if p.grad is not None]
+                        sq = float(torch.stack(torch._foreach_norm(first)).double().square().sum())
+                        window[8] += sq * (total_units / (world * count(batch))) ** 2
+                        window[9] += count(batch)
                 window[1] += units
                 # -------- the step's noise: once, after the all-reduce, the same on every process
                 grads = [p.grad for _, p in trained if p.grad is not None]
                 if noise.kind == "dp" and world > 1:
                     _all_reduce_sum(grads, accelerator)
                 log_due = (st["step"] + 1) % config.log.every == 0 or st["step"] + 1 == total_steps
-                if noise.kind != "none" or log_due:
+                if noise.kind != "none" or log_due or config.log.noise_scale:
                     divide = optim.batch_size if noise.kind == "dp" else 1
-                    window[2] += float(torch.stack(torch._foreach_norm(grads)).double().norm()) / divide
+                    norm = float(torch.stack(torch._foreach_norm(grads)).double().norm()) / divide
+                    window[2] += norm
                     window[4] += 1
+                    if config.log.noise_scale:
+                        window[10] += norm**2
+                        window[11] += 1
                 if noise.kind == "gaussian":
                     window[3] += add_noise(grads, noise.sigma / optim.batch_size, seed=noise_seed, step=st["step"])
                 elif noise.kind == "dp":
@@ -495,6 +509,12 @@ def train(config: Config) -> Path:
                         record["grad_norm"] = float(packed[2] / packed[4])
                         if noise.kind != "none":
                             record["noise_norm"] = float(packed[3] / packed[4])
+                    if config.log.noise_scale and packed[11] > 0:  # McCandlish et al.: average, then combine
+                        b_small = float(packed[9] / packed[11])
+                        units_big = total_units
+                        _, grad_sq, b_simple = noise_scale(float(packed[8] / packed[11]), float(packed[10] / packed[11]),
+                                                           b_small, units_big)
+                        record.update(b_simple=b_simple, grad_sq=grad_sq)
                     if noise.kind == "dp":
                         record["clip_fraction"] = float(packed[5] / packed[7])
                         record["per_sample_norm"] = float(packed[6] / packed[7])

@@ -116,3 +116,23 @@ def test_offline_dp_reports_rdp_epsilon_at_delta_one_over_n(tiny_teacher):
     status = status_of(train(config))
     assert status["step"] == 8 and status["accountant"].startswith("rdp")
     assert status["epsilon"] == pytest.approx(privacy.epsilon(1.0, 1 / 128, steps=8, sample_rate=32 / 128))
+
+
+def test_logged_noise_scale_matches_the_micro_and_full_batch_gradients(tiny_teacher):
+    config = load_config(None, [*tiny_teacher, "precision=fp64", "optim.batch_size=32", "optim.micro_batch_size=8",
+                                "budget.steps=1", "log.every=1", "log.noise_scale=true"])
+    run_dir = train(config)
+    record = [r for r in read_metrics(run_dir) if "b_simple" in r][-1]
+    batch = first_batch(config)
+    model = build_model(config.model, config.data.build().info, seed=config.seed).double()
+
+    def sq_norm(part):
+        loss = sample_losses(model, part).mean()
+        return float(sum(g.square().sum() for g in torch.autograd.grad(loss, list(model.parameters()))))
+
+    small = sq_norm({k: v[:8] for k, v in batch.items()})
+    big = sq_norm(batch)
+    from goldenpath.gradnoise import noise_scale
+
+    trace, grad_sq, b_simple = noise_scale(small, big, 8, 32)
+    assert record["b_simple"] == pytest.approx(b_simple, rel=1e-9) and record["grad_sq"] == pytest.approx(grad_sq)
