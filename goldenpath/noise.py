@@ -75,8 +75,9 @@ def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- noise
 
 
-def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) -> float:
-    """``grads += std * xi`` with xi ~ N(0, I); returns ``||std * xi||``.
+def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) -> torch.Tensor | float:
+    """``grads += std * xi`` with xi ~ N(0, I); returns ``||std * xi||`` (a tensor on the gradients' device,
+    so that the step loop never waits for the device).
 
     xi comes from a generator seeded by (seed, step) on the gradients' device: the same on every
     process, drawn once per optimizer step, and reproduced exactly on resume without saved state.
@@ -89,7 +90,7 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
         xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
         g.add_(xi, alpha=std)
         sq += xi.double().square().sum()
-    return float(sq.sqrt()) * std
+    return sq.sqrt() * std
 
 
 # ----------------------------------------------------------------------------- batches

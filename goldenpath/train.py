@@ -459,8 +459,8 @@ def train(config: Config) -> Path:
                     window[0] += losses.detach().sum()
                     if config.log.noise_scale and i == 0:  # this micro-batch's own mean gradient, squared
                         first = [p.grad for _, p in trained if p.grad is not None]
-                        sq = float(torch.stack(torch._foreach_norm(first)).double().square().sum())
-                        window[8] += sq * (total_units / (world * count(batch))) ** 2
+                        sq = torch.stack(torch._foreach_norm(first)).double().square().sum()
+                        window[8] += sq * (total_units / (world * count(batch))) ** 2  # (no host sync)
                         window[9] += count(batch)
                 window[1] += units
                 # -------- the step's noise: once, after the all-reduce, the same on every process
@@ -470,7 +470,7 @@ def train(config: Config) -> Path:
                 log_due = (st["step"] + 1) % config.log.every == 0 or st["step"] + 1 == total_steps
                 if noise.kind != "none" or log_due or config.log.noise_scale:
                     divide = optim.batch_size if noise.kind == "dp" else 1
-                    norm = float(torch.stack(torch._foreach_norm(grads)).double().norm()) / divide
+                    norm = torch.stack(torch._foreach_norm(grads)).double().norm() / divide
                     window[2] += norm
                     window[4] += 1
                     if config.log.noise_scale:
