@@ -1,0 +1,107 @@
+"""Diagonal linear networks: beta = u*u - v*v, u_0 = v_0 = alpha (Woodworth et al. 2020).
+
+Gradient flow on L(beta) = ||X beta - y||^2 / (2n) ends at argmin Q_alpha(beta) subject to X beta = y,
+Q_alpha(beta) = sum_i alpha^2 q(beta_i / alpha^2), q(z) = 2 - sqrt(4 + z^2) + z arcsinh(z / 2).
+Since q'(z) = arcsinh(z / 2), the solution is beta = 2 alpha^2 sinh(X^T lam) with lam minimising the
+smooth convex dual D(lam) = 2 alpha^2 sum_i cosh((X^T lam)_i) - lam . y, solved by Newton's method
+with a line search (robust for small alpha, where the solution nears the minimum-l1 interpolator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize
+
+from goldenpath.toys.problems import Problem, optimise  # noqa: F401  (dln.optimise for callers)
+
+
+def q_alpha(beta: np.ndarray, alpha: float) -> float:
+    z = np.asarray(beta, dtype=np.float64) / alpha**2
+    return float(alpha**2 * np.sum(2 - np.sqrt(4 + z**2) + z * np.arcsinh(z / 2)))
+
+
+def _dual_newton(X: np.ndarray, y: np.ndarray, alpha: float, lam: np.ndarray, *, tol: float,
+                 max_iter: int) -> np.ndarray:
+    c = 2 * alpha**2
+
+    def dual(l):
+        with np.errstate(over="ignore"):  # an overlong trial step gives inf, which the line search rejects
+            return c * np.cosh(X.T @ l).sum() - l @ y
+
+    for _ in range(max_iter):
+        s = X.T @ lam
+        grad = X @ (c * np.sinh(s)) - y
+        if np.abs(grad).max() <= tol * max(1.0, np.abs(y).max()):
+            break
+        hess = (X * (c * np.cosh(s))) @ X.T
+        step = np.linalg.solve(hess + 1e-13 * np.trace(hess) / len(y) * np.eye(len(y)), grad)
+        t, d0 = 1.0, dual(lam)
+        while dual(lam - t * step) > d0 - 0.25 * t * (grad @ step) and t > 1e-12:  # Armijo backtracking
+            t /= 2
+        lam = lam - t * step
+    return lam
+
+
+def flow_limit(X: np.ndarray, y: np.ndarray, alpha: float, *, tol: float = 1e-12, max_iter: int = 200) -> np.ndarray:
+    """argmin Q_alpha(beta) s.t. X beta = y, by Newton on the dual; below alpha = 0.1 by continuation in
+    alpha (each solve starts from the last, ten times larger alpha's), which keeps tiny alphas robust."""
+    a = max(alpha, 0.1)
+    lam = _dual_newton(X, y, a, np.zeros(X.shape[0]), tol=tol, max_iter=max_iter)
+    while a > alpha:
+        a = max(alpha, a / 10)
+        lam = _dual_newton(X, y, a, lam, tol=tol, max_iter=max_iter)
+    return 2 * alpha**2 * np.sinh(X.T @ lam)
+
+
+def fit_alpha(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, bounds=(1e-3, 10.0)) -> tuple[float, float]:
+    """(alpha, residual): the alpha whose flow limit is nearest ``beta`` (relative l2), and that distance."""
+    beta = np.asarray(beta, dtype=np.float64)
+
+    def gap(log_alpha):
+        return np.linalg.norm(flow_limit(X, y, math.exp(log_alpha)) - beta) / max(np.linalg.norm(beta), 1e-300)
+
+    grid = np.linspace(math.log(bounds[0]), math.log(bounds[1]), 25)
+    best = grid[int(np.argmin([gap(g) for g in grid]))]
+    step = grid[1] - grid[0]
+    res = optimize.minimize_scalar(gap, bounds=(best - step, best + step), method="bounded",
+                                   options={"xatol": 1e-6})
+    return math.exp(res.x), float(res.fun)
+
+
+def min_l1(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The minimum-l1 interpolator, by a linear program (beta = p - m, p, m >= 0)."""
+    d = X.shape[1]
+    res = optimize.linprog(np.ones(2 * d), A_eq=np.hstack([X, -X]), b_eq=y, bounds=(0, None), method="highs")
+    return res.x[:d] - res.x[d:]
+
+
+def gradient(problem: Problem):
+    """grad over (u, v) concatenated [S, 2d], from the least-squares gradient in beta (full or mini-batch)."""
+    X, y = problem.X, problem.y
+    n, d = X.shape
+
+    def grad(theta, rows):
+        u, v = theta[:, :d], theta[:, d:]
+        beta = u * u - v * v
+        if rows is None:
+            g = (beta @ X.T - y) @ X / n
+        else:
+            xb = X[rows]
+            g = np.einsum("sb,sbd->sd", np.einsum("sbd,sd->sb", xb, beta) - y[rows], xb) / rows.shape[1]
+        return np.concatenate([2 * u * g, -2 * v * g], axis=1)
+
+    return grad
+
+
+def beta_of(theta: np.ndarray) -> np.ndarray:
+    d = theta.shape[-1] // 2
+    return theta[..., :d] ** 2 - theta[..., d:] ** 2
+
+
+def run(problem: Problem, alpha: float, **kw):
+    """optimise() from u = v = alpha; returns (final beta [S, d], records)."""
+    d = problem.X.shape[1]
+    theta, records = optimise(gradient(problem), np.full(2 * d, alpha), n=len(problem.y), **kw)
+    return beta_of(theta), records
