@@ -71,23 +71,22 @@ def test_fit_alpha_recovers_the_alpha_of_a_flow_limit():
         assert fitted == pytest.approx(alpha, rel=1e-3) and residual < 1e-6
 
 
-def test_noisy_sgd_lowers_the_effective_alpha():
-    """The seed paper's claim at one documented setting: n=10, d=30, 3-sparse truth, alpha=0.5, Noisy-GD with
-    lr 0.01 for 20k steps, then plain GD to convergence; alpha_eff of 8 seeds for sigma = 0 and 0.3.
+def run_then_converge(p, alpha, *, sigma=0.0, label_noise=0.0, seeds=6):
+    """Noise for 20k steps of lr 0.01 (n=10: full batch), then 40k steps of plain GD; alpha_eff and fit residual."""
+    d = p.X.shape[1]
+    theta, _ = dln.optimise(dln.gradient(p, label_noise=label_noise), np.full(2 * d, alpha), n=len(p.y),
+                            steps=20_000, lr=0.01, sigma=sigma, seeds=seeds, seed=1)
+    theta, _ = dln.optimise(dln.gradient(p), theta, n=len(p.y), steps=40_000, lr=0.01, seeds=seeds)
+    return np.array([dln.fit_alpha(p.X, p.y, b) for b in dln.beta_of(theta)])
 
-    The interval is the whole range over seeds. At sigma = 0.3 the fit residual is already 0.2-0.4 (the
-    solution leaves the Q_alpha family) and neither the l1 norm nor the recovery error improves; at
-    sigma = 1 the residual is ~0.7 and single fits become meaningless (MISSION.md warns of this).
-    """
+
+def test_label_noise_sgd_lowers_the_effective_alpha_consistently():
+    """Pesme et al. 2021: SGD with label noise ends nearer the sparse end of the Q_alpha family. Setting:
+    n=10, d=30, 3-sparse truth, alpha=0.5; label noise 3 shrinks alpha_eff ~10x in every seed (the ranges
+    over seeds do not overlap), with a lower l1 norm. Isotropic Noisy-SGD at the same setting does not give a
+    consistent fall: some seeds fit the small-alpha end, others the large-alpha end (see the closing note)."""
     p = make_problem(10, 30, sparsity=3, seed=0)
-    alpha = 0.5
-    fits, residuals = {}, {}
-    for sigma in (0.0, 0.3):
-        theta, _ = dln.optimise(dln.gradient(p), np.full(60, alpha), n=10, steps=20_000, lr=0.01, sigma=sigma,
-                                seeds=8, seed=1)
-        theta, _ = dln.optimise(dln.gradient(p), theta, n=10, steps=40_000, lr=0.01, seeds=8)
-        out = np.array([dln.fit_alpha(p.X, p.y, b) for b in dln.beta_of(theta)])
-        fits[sigma], residuals[sigma] = out[:, 0], out[:, 1]
-    assert fits[0.0] == pytest.approx(alpha, rel=0.02) and residuals[0.0].max() < 1e-3
-    assert fits[0.3].max() < fits[0.0].min()  # the ranges over seeds do not overlap: alpha_eff fell
-    assert residuals[0.3].min() > 0.05       # and the noisy solutions are off the Q_alpha family
+    clean = run_then_converge(p, 0.5)
+    noisy = run_then_converge(p, 0.5, label_noise=3.0)
+    assert clean[:, 0] == pytest.approx(0.5, rel=0.02) and clean[:, 1].max() < 1e-3
+    assert noisy[:, 0].max() < clean[:, 0].min() / 5

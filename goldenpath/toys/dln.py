@@ -77,19 +77,29 @@ def min_l1(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return res.x[:d] - res.x[d:]
 
 
-def gradient(problem: Problem):
-    """grad over (u, v) concatenated [S, 2d], from the least-squares gradient in beta (full or mini-batch)."""
+def gradient(problem: Problem, *, label_noise: float = 0.0):
+    """grad over (u, v) concatenated [S, 2d], from the least-squares gradient in beta (full or mini-batch).
+
+    ``label_noise``: each step sees labels y_i + label_noise * eps_i (SGD with label noise, Pesme et al.
+    2021), a gradient noise proportional to the weights, unlike Noisy-SGD's isotropic noise.
+    """
     X, y = problem.X, problem.y
     n, d = X.shape
 
-    def grad(theta, rows):
+    def grad(theta, rows, rng=None):
         u, v = theta[:, :d], theta[:, d:]
         beta = u * u - v * v
         if rows is None:
-            g = (beta @ X.T - y) @ X / n
+            r = beta @ X.T - y
+            if label_noise:
+                r = r - label_noise * rng.standard_normal(r.shape)
+            g = r @ X / n
         else:
             xb = X[rows]
-            g = np.einsum("sb,sbd->sd", np.einsum("sbd,sd->sb", xb, beta) - y[rows], xb) / rows.shape[1]
+            r = np.einsum("sbd,sd->sb", xb, beta) - y[rows]
+            if label_noise:
+                r = r - label_noise * rng.standard_normal(r.shape)
+            g = np.einsum("sb,sbd->sd", r, xb) / rows.shape[1]
         return np.concatenate([2 * u * g, -2 * v * g], axis=1)
 
     return grad

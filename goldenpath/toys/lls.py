@@ -33,7 +33,7 @@ def gradient(problem: Problem):
     X, y = problem.X, problem.y
     n = len(y)
 
-    def grad(beta, rows):
+    def grad(beta, rows, rng=None):
         if rows is None:
             return (beta @ X.T - y) @ X / n
         xb = X[rows]                                  # [S, B, d]

@@ -34,7 +34,8 @@ def make_problem(n: int = 10, d: int = 30, *, sparsity: int | None = 3, seed: in
     return Problem(X, X @ truth, truth)
 
 
-Grad = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (params [S, p], rows [S, B] or None) -> grads [S, p]
+# (params [S, p], rows [S, B] or None, rng) -> grads [S, p]; rng for gradients with their own noise (labels)
+Grad = Callable[[np.ndarray, np.ndarray | None, np.random.Generator], np.ndarray]
 
 
 def optimise(grad: Grad, theta0: np.ndarray, *, n: int, steps: int, lr: float, batch: int | None = None,
@@ -56,7 +57,7 @@ def optimise(grad: Grad, theta0: np.ndarray, *, n: int, steps: int, lr: float, b
     records = []
     for k in range(steps):
         rows = None if batch is None else rng.integers(0, n, (seeds, batch))
-        theta -= h * grad(theta, rows)
+        theta -= h * grad(theta, rows, rng)
         if sigma:
             theta -= noise_std * rng.standard_normal(theta.shape)
         if record_every and observe is not None and (k + 1) % record_every == 0:
