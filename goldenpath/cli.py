@@ -5,6 +5,7 @@
     goldenpath fork RUN_DIR (--at-loss L | --at-step S) [key=value ...]   # key=x4 or key=/4: relative
     goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1]    # loss-matched distances + heatmaps
     goldenpath noise RUN_DIR (--at-loss L | --at-step S) [--batches M] [--batch-size b]  # gradient noise
+    goldenpath toys lls|dln [key=value ...] [--out DIR]    # theory toys: tables, figures, a verdict
     goldenpath demo [--out DIR]                 # the README's main job
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=100, help="fresh mini-batches M (default 100)")
     p.add_argument("--batch-size", type=int, help="b (default: the run's batch size)")
     p.add_argument("--max-coords", type=int, default=200_000, help="coordinates kept (a fixed random subset)")
+    p = verbs.add_parser("toys", help="theory toys: linear least squares (lls), diagonal linear networks (dln)")
+    p.add_argument("which", choices=["lls", "dln"])
+    p.add_argument("overrides", nargs="*", help="e.g. sigmas=[0,0.3,1] noise=label seeds=16")
+    p.add_argument("--out", default="runs", help="output root (default: runs)")
     p = verbs.add_parser("demo", help="a small sweep on the embedded vision stream, compared and drawn")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
@@ -169,6 +174,57 @@ def _noise(args) -> int:
     return 0
 
 
+def _toys(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from goldenpath import checkpoints as ckpt
+    from goldenpath.config import parse_override
+    from goldenpath.plots import null_space_spread, toys_metric
+    from goldenpath.toys import experiments as ex
+
+    defaults = ex.DLN_DEFAULTS if args.which == "dln" else ex.LLS_DEFAULTS
+    options = {}
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        key = ".".join(keys)
+        if key not in defaults:
+            raise ConfigError(f"toys.{key}", "unknown option", f"use some of {sorted(defaults)}")
+        want = defaults[key]
+        if isinstance(want, list) and not isinstance(value, list):
+            raise ConfigError(f"toys.{key}", f"expected a list, got {value!r}", "write [a, b, ...]")
+        if isinstance(want, (int, float)) and not isinstance(want, bool) and not isinstance(value, (int, float)):
+            raise ConfigError(f"toys.{key}", f"expected a number, got {value!r}", "write a number")
+        options[key] = value
+    if options.get("noise", "param") not in ("param", "label"):
+        raise ConfigError("toys.noise", f"got {options['noise']!r}", "use param (Noisy-SGD) or label")
+    out = Path(args.out) / f"toys-{args.which}"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.which == "dln":
+        frame = ex.run_dln(**options)
+        verdict = ex.dln_verdict(frame)
+        panels = ("alpha_eff", "fit_residual", "l1", "recovery_error")
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+        for ax, metric in zip(axes, panels):
+            toys_metric(frame, metric=metric, ax=ax, log=metric == "alpha_eff")
+        ckpt.write_text(out / "verdict.txt", verdict + "\n")
+        _print_main(verdict)
+    else:
+        frame = ex.run_lls(**options)
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        null_space_spread(frame, ax=ax)
+        worst = float((frame.spread / frame.exact - 1).abs().max())
+        _print_main(f"null-space spread against the exact law: largest relative gap {worst:.3f}")
+    fig.tight_layout()
+    ckpt.atomic_write(out / "figure.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    ckpt.atomic_write(out / "table.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    _print_main(str(out))
+    return 0
+
+
 def _demo(args) -> int:
     """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.compare import compare
@@ -213,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare, "noise": _noise,
-                "demo": _demo}[args.verb](args)
+                "toys": _toys, "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2

@@ -119,3 +119,33 @@ def qq_plot(theoretical, ordered, *, ax=None, label: str = "noise"):
     ax.set_ylabel("standardised noise quantile")
     ax.legend(fontsize=7)
     return ax
+
+
+def toys_metric(frame, *, metric: str = "alpha_eff", ax=None, log: bool = True):
+    """A toys metric against sigma: the median over seeds and the 2.5-97.5% range, one line per batch size.
+
+    ``frame``: rows of ``goldenpath.toys.experiments.run_dln`` (sigma, batch, seed, metric columns).
+    """
+    ax = _axes(ax)
+    for k, (batch, part) in enumerate(frame.groupby("batch")):
+        g = part.groupby("sigma")[metric]
+        med, lo, hi = g.median(), g.quantile(0.025), g.quantile(0.975)
+        ax.plot(med.index, med.values, "o-", color=f"C{k}", label=f"batch {batch}")
+        ax.fill_between(med.index, lo.values, hi.values, color=f"C{k}", alpha=0.2)
+    if log and (frame[metric] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("noise sigma")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.legend(fontsize=7)
+    return ax
+
+
+def null_space_spread(frame, *, ax=None):
+    """LLS: the measured spread of the null-space part against steps, and the exact law."""
+    ax = _axes(ax)
+    ax.plot(frame["step"], frame["spread"], "o", label="Noisy-SGD, over seeds")
+    ax.plot(frame["step"], frame["exact"], "-", color="0.3", label="exact: k (lr sigma / B)^2 (d - n)")
+    ax.set_xlabel("steps")
+    ax.set_ylabel("tr Cov(P beta)")
+    ax.legend(fontsize=7)
+    return ax

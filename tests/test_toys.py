@@ -90,3 +90,43 @@ def test_label_noise_sgd_lowers_the_effective_alpha_consistently():
     noisy = run_then_converge(p, 0.5, label_noise=3.0)
     assert clean[:, 0] == pytest.approx(0.5, rel=0.02) and clean[:, 1].max() < 1e-3
     assert noisy[:, 0].max() < clean[:, 0].min() / 5
+
+
+def test_dln_verdict_says_plainly_when_the_claim_does_not_hold():
+    import pandas as pd
+
+    from goldenpath.toys.experiments import dln_verdict
+
+    base = {"noise": "param", "batch": 10, "fit_residual": 0.1, "l1": 1.0, "interpolation_error": 0.0}
+    overlap = pd.DataFrame([{**base, "sigma": s, "seed": k, "alpha_eff": a, "recovery_error": 1.0}
+                            for s, vals in ((0.0, [0.5, 0.5]), (1.0, [0.3, 0.6])) for k, a in enumerate(vals)])
+    assert "does NOT hold" in dln_verdict(overlap)
+    disjoint = overlap.assign(alpha_eff=[0.5, 0.5, 0.2, 0.3], recovery_error=[1.0, 1.0, 0.5, 0.5])
+    text = dln_verdict(disjoint)
+    assert "HOLDS" in text and "closer to the sparse truth" in text
+
+
+def test_toys_cli_writes_table_figure_and_verdict(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "goldenpath", "toys", "dln", "noise=label", "sigmas=[0, 3]",
+                          "seeds=3", "noise_steps=3000", "converge_steps=6000", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "toys-dln"
+    table = pd.read_parquet(out / "table.parquet")
+    assert len(table) == 6 and set(table.sigma) == {0, 3} and (out / "figure.png").exists()
+    assert (out / "verdict.txt").read_text().strip() in run.stdout
+    lls_run = subprocess.run([sys.executable, "-m", "goldenpath", "toys", "lls", "seeds=800", "--out", str(tmp_path)],
+                             capture_output=True, text=True, cwd=root, timeout=300)
+    assert lls_run.returncode == 0 and (tmp_path / "toys-lls" / "figure.png").exists()
+    spread = pd.read_parquet(tmp_path / "toys-lls" / "table.parquet")
+    assert ((spread.spread / spread.exact - 1).abs() < 0.15).all()
+    bad = subprocess.run([sys.executable, "-m", "goldenpath", "toys", "dln", "sigma=1"], capture_output=True,
+                         text=True, cwd=root, timeout=60)
+    assert bad.returncode == 2 and "toys.sigma" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

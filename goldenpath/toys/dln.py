@@ -65,9 +65,9 @@ def fit_alpha(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, bounds=(1e-3, 1
     grid = np.linspace(math.log(bounds[0]), math.log(bounds[1]), 25)
     best = grid[int(np.argmin([gap(g) for g in grid]))]
     step = grid[1] - grid[0]
-    res = optimize.minimize_scalar(gap, bounds=(best - step, best + step), method="bounded",
-                                   options={"xatol": 1e-6})
-    return math.exp(res.x), float(res.fun)
+    lo, hi = max(best - step, grid[0]), min(best + step, grid[-1])
+    res = optimize.minimize_scalar(gap, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+    return math.exp(res.x), float(res.fun)  # at a bound: the solution sits at (or beyond) that end
 
 
 def min_l1(X: np.ndarray, y: np.ndarray) -> np.ndarray:
