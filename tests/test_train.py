@@ -22,7 +22,7 @@ from goldenpath import checkpoints as ckpt
 from goldenpath import cli
 from goldenpath.config import OptimConfig, load_config
 from goldenpath.data import build_stream
-from goldenpath.models import build_model, sample_losses
+from goldenpath.models import build_model
 from goldenpath.train import get_lr, next_eval_gap, train
 
 
