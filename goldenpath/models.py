@@ -283,13 +283,27 @@ def sample_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     The training loss of a logical batch is ``sample_losses(...).sum() / count(batch)`` summed over its
     micro-batches and processes, so every token (or image) weighs the same however the batch is split.
     """
-    out = logits(model, batch)
+    return _losses(logits(model, batch), batch)
+
+
+def _losses(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out  # losses in fp32 or better
     if "y" in batch:
         return F.cross_entropy(out, batch["y"], reduction="none")
     labels = batch["labels"]
     token = F.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100)
     return token.view(labels.shape).sum(1)
+
+
+def sample_losses_and_errors(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy and top-1 errors [B] (a sequence counts its wrongly predicted tokens)."""
+    out = logits(model, batch)
+    if "y" in batch:
+        errors = (out.argmax(-1) != batch["y"]).to(torch.float64)
+    else:
+        labels = batch["labels"]
+        errors = ((out.argmax(-1) != labels) & (labels != -100)).sum(1).to(torch.float64)
+    return _losses(out, batch), errors
 
 
 def count(batch: Batch) -> int:

@@ -30,7 +30,7 @@ from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, OptimConfig, config_from_dict, read_yaml, to_dict
 from goldenpath.data import StreamExhausted, build_stream
 from goldenpath.data.synthetic import stream_key
-from goldenpath.models import build_model, count, sample_losses
+from goldenpath.models import build_model, count, sample_losses, sample_losses_and_errors
 from goldenpath.gradnoise import noise_scale
 from goldenpath.noise import add_noise, per_sample_clip
 from goldenpath.privacy import epsilon
@@ -116,23 +116,25 @@ def bf16_autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dtype: torch.dtype,
-             autocast=contextlib.nullcontext) -> float:
-    """Mean loss over a held-out batch, the rows shared out across processes."""
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """Mean loss and top-1 error (per image, or per predicted token) over a held-out batch, the rows shared
+    out across processes."""
     rank, world = accelerator.process_index, accelerator.num_processes
     n = len(batch["ids"])
     lo, hi = rank * n // world, (rank + 1) * n // world
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, units, errors
     was_training = model.training
     model.eval()
     for start in range(lo, hi, chunk):
         part = to_device({k: v[start : min(hi, start + chunk)] for k, v in batch.items()}, accelerator.device, dtype)
         with autocast():
-            losses = sample_losses(model, part)
+            losses, errors = sample_losses_and_errors(model, part)
         total[0] += losses.sum().double()
         total[1] += count(part)
+        total[2] += errors.sum()
     model.train(was_training)
     total = accelerator.reduce(total, "sum") if world > 1 else total
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]), float(total[2] / total[1])
 
 
 def privacy_spent(config: Config, steps: int) -> dict:
@@ -338,6 +340,7 @@ def train(config: Config) -> Path:
             ckpt.update_status(run_dir, step=st["step"], samples=st["samples"], tokens=st["tokens"],
                                eval_loss=st["evals"][-1][1] if st["evals"] else None,
                                best_eval_loss=min((l for _, l in st["evals"]), default=None),
+                               eval_error=st.get("eval_error"),
                                targets_reached=st["reached"], seconds=st["seconds"], updated=_now(),
                                **privacy_spent(config, st["step"]), **fields)
 
@@ -362,12 +365,14 @@ def train(config: Config) -> Path:
 
     def run_eval() -> float:
         t0 = time.perf_counter()
-        loss = evaluate(model, eval_batch, accelerator=accelerator, chunk=config.checkpoint.eval_batch_size,
-                        dtype=dtype, autocast=autocast)
+        loss, error = evaluate(model, eval_batch, accelerator=accelerator, chunk=config.checkpoint.eval_batch_size,
+                               dtype=dtype, autocast=autocast)
+        st["eval_error"] = error
         st["evals"].append((st["step"], loss))
         st["seconds"]["eval"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = {"step": st["step"], "samples": st["samples"], "tokens": st["tokens"], "eval_loss": loss,
+                "eval_error": error,
                 "optimizer": optim.name,
                 "previous_eval": st["evals"][-2] if len(st["evals"]) > 1 else None}
         while st["target_index"] < len(targets) and loss <= targets[st["target_index"]]:
@@ -404,7 +409,7 @@ def train(config: Config) -> Path:
         with _Signals() as signals:
             if st["step"] == 0 and not st["evals"]:
                 loss = run_eval()
-                log({"step": 0, "samples": 0, "tokens": 0, "eval_loss": loss})
+                log({"step": 0, "samples": 0, "tokens": 0, "eval_loss": loss, "eval_error": st["eval_error"]})
                 st["initial_eval"] = loss
             elif forked and not resumed:  # the child's curve starts at the parent's checkpoint
                 log({"step": st["step"], "samples": st["samples"], "tokens": st["tokens"],
@@ -528,6 +533,7 @@ def train(config: Config) -> Path:
                     loss = run_eval()
                     record = record or {"step": st["step"], "samples": st["samples"], "tokens": st["tokens"]}
                     record["eval_loss"] = loss
+                    record["eval_error"] = st["eval_error"]
                     if not math.isfinite(loss) or loss > config.budget.diverge_factor * st["initial_eval"]:
                         log(record)
                         state, reason = "diverged", f"eval loss {loss:.4g} at step {st['step']}"
@@ -547,7 +553,7 @@ def train(config: Config) -> Path:
                 if not st["evals"] or st["evals"][-1][0] != st["step"]:
                     loss = run_eval()
                     log({"step": st["step"], "samples": st["samples"], "tokens": st["tokens"],
-                                               "eval_loss": loss})
+                         "eval_loss": loss, "eval_error": st["eval_error"]})
                 save_last()
                 in_sync = _replicas_in_sync(model, accelerator)
                 status(state="completed", reason=reason, replicas_in_sync=in_sync)

@@ -288,3 +288,15 @@ def test_offline_regime_visits_the_subset_epochs_times(tiny_teacher):
     ids = torch.frombuffer(bytearray((run_dir / "samples" / "rank0.i64").read_bytes()), dtype=torch.int64)
     assert torch.bincount(ids).unique().tolist() == [0, 3] or torch.bincount(ids).unique().tolist() == [3]
     assert len(ids.unique()) == 96
+
+
+def test_eval_error_is_the_top1_error_of_the_saved_model(tiny_teacher):
+    config = load_config(None, [*tiny_teacher, "budget.samples=320"])
+    run_dir = train(config)
+    last = [r for r in ckpt.read_metrics(run_dir) if "eval_error" in r][-1]
+    model = trained_model(config, run_dir)
+    batch = config.data.build().heldout("eval")
+    with torch.no_grad():
+        wrong = (model(batch["x"]).argmax(-1) != batch["y"]).double().mean()
+    assert last["eval_error"] == pytest.approx(float(wrong), abs=1e-12)
+    assert status_of(run_dir)["eval_error"] == last["eval_error"]
