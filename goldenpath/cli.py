@@ -6,6 +6,7 @@
     goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1]    # loss-matched distances + heatmaps
     goldenpath noise RUN_DIR (--at-loss L | --at-step S) [--batches M] [--batch-size b]  # gradient noise
     goldenpath toys lls|dln [key=value ...] [--out DIR]    # theory toys: tables, figures, a verdict
+    goldenpath report SWEEP_DIR                 # -> SWEEP_DIR/report.html (one self-contained page)
     goldenpath demo [--out DIR]                 # the README's main job
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=["lls", "dln"])
     p.add_argument("overrides", nargs="*", help="e.g. sigmas=[0,0.3,1] noise=label seeds=16")
     p.add_argument("--out", default="runs", help="output root (default: runs)")
+    p = verbs.add_parser("report", help="one self-contained HTML page for a sweep (compares first if needed)")
+    p.add_argument("sweep_dir")
     p = verbs.add_parser("demo", help="a small sweep on the embedded vision stream, compared and drawn")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     return parser
@@ -225,6 +228,20 @@ def _toys(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from goldenpath.report import write_report
+
+    sweep_dir = Path(args.sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
+    try:
+        path = write_report(sweep_dir)
+    except ValueError as e:
+        raise ConfigError("sweep_dir", str(e), "give a sweep directory whose runs have trained") from None
+    _print_main(str(path))
+    return 0
+
+
 def _demo(args) -> int:
     """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.compare import compare
@@ -248,8 +265,11 @@ def _demo(args) -> int:
         for (target, regime), part in tv.groupby(["target", "regime"], sort=False):
             _print_main(f"golden-path ratio (tv) at loss {target:g}, {regime}: median {part.ratio.median():.2f} "
                         f"over {len(part)} runs")
+    from goldenpath.report import write_report
+
     _print_main(f"distances: {sweep_dir / 'compare' / 'distances.parquet'}; "
                 f"ratios: {sweep_dir / 'compare' / 'summary.csv'}; heatmaps: {sweep_dir / 'figures'}")
+    _print_main(f"report: {write_report(sweep_dir)}")
     _print_main(str(sweep_dir))
     return 1 if counts.get("failed") else 0
 
@@ -269,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare, "noise": _noise,
-                "toys": _toys, "demo": _demo}[args.verb](args)
+                "toys": _toys, "report": _report, "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2

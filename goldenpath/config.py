@@ -11,6 +11,7 @@ source or a model is one small dataclass next to its implementation.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -241,9 +242,16 @@ class LogConfig:
     progress: bool = True      # tqdm progress bar on the main process (hidden when stderr is not a terminal)
     sample_ids: bool = False   # append every consumed sample id to samples/rank<r>.i64 (audit of the stream)
     noise_scale: bool = False  # log B_simple from the first micro-batch's and the logical batch's gradients
+    trackers: tuple[str, ...] = ()  # also log to accelerate trackers: tensorboard (<run>/tensorboard/), wandb
 
     def check(self) -> None:
         require(self.every >= 1, "log.every", f"got {self.every}", "use >= 1 step")
+        bad = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        require(not bad, "log.trackers", f"unknown tracker {bad[0] if bad else ''!r}", "use tensorboard and/or wandb")
+        for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if name in self.trackers:
+                require(importlib.util.find_spec(module) is not None, "log.trackers", f"{name} is not installed",
+                        f"pip install {name}, or drop it from log.trackers")
 
 
 def _default_data() -> DataConfig:

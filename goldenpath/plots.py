@@ -149,3 +149,81 @@ def null_space_spread(frame, *, ax=None):
     ax.set_ylabel("tr Cov(P beta)")
     ax.legend(fontsize=7)
     return ax
+
+
+# ----------------------------------------------------------------------------- sweeps: curves and distances
+
+
+def _palette(values):
+    import seaborn as sns
+
+    values = sorted(set(values), key=lambda v: (v is None, v))
+    return dict(zip(values, sns.color_palette("colorblind", len(values))))
+
+
+def loss_curves(curves, *, x: str = "samples", hue: str = "lr", floor: float | None = None,
+                targets=(), ax=None):
+    """Eval loss against ``x`` (samples, step or tokens), one line per run coloured by ``hue``; offline dashed,
+    forks drawn from their fork point (their curves start there); the Bayes floor and the loss targets.
+
+    ``curves``: one row per run and eval (run, step, samples, tokens, eval_loss, regime, and the hue column).
+    """
+    ax = _axes(ax)
+    colours = _palette(curves[hue])
+    for run, part in curves.groupby("run", sort=False):
+        part = part.sort_values(x)
+        offline = part["regime"].iloc[0] == "offline"
+        ax.plot(part[x].clip(lower=1), part["eval_loss"], color=colours[part[hue].iloc[0]],
+                linestyle="--" if offline else "-", linewidth=1, label=run)
+    for t in targets:
+        ax.axhline(t, color="0.6", linewidth=0.6, alpha=0.5)
+    if floor is not None:
+        ax.axhline(floor, color="k", linewidth=1, linestyle=":", label="Bayes-optimal loss")
+    ax.set_xscale("log")
+    unit = {"samples": "samples seen", "step": "optimizer steps", "tokens": "tokens seen"}[x]
+    ax.set_xlabel(unit)
+    ax.set_ylabel("eval loss")
+    handles = [ax.plot([], [], color=c, label=f"{hue}={v:g}" if isinstance(v, float) else f"{hue}={v}")[0]
+               for v, c in colours.items()]
+    ax.legend(handles=handles, fontsize=7, title="solid online, dashed offline", title_fontsize=7)
+    return ax
+
+
+def error_vs_loss(curves, *, hue: str = "lr", ax=None):
+    """Eval error against eval loss, one curve per run: the same function at the same loss?"""
+    ax = _axes(ax)
+    colours = _palette(curves[hue])
+    for run, part in curves.groupby("run", sort=False):
+        part = part.sort_values("step")
+        ax.plot(part["eval_loss"], part["eval_error"], color=colours[part[hue].iloc[0]], linewidth=1,
+                linestyle="--" if part["regime"].iloc[0] == "offline" else "-", label=run)
+    ax.invert_xaxis()
+    ax.set_xlabel("eval loss (training goes right)")
+    ax.set_ylabel("eval error (top-1, per image or token)")
+    handles = [ax.plot([], [], color=c, label=f"{hue}={v}")[0] for v, c in colours.items()]
+    ax.legend(handles=handles, fontsize=7)
+    return ax
+
+
+def distance_vs_loss(distances, *, metric: str = "tv", regimes: dict | None = None, ax=None):
+    """Distance to the reference run and the seed floor against the loss target, with bootstrap bands.
+
+    ``distances``: rows of ``compare/distances.parquet``; ``regimes``: run -> "online"/"offline" (the
+    regime of a reference pair is its non-reference run's; a floor pair's is its runs').
+    """
+    ax = _axes(ax)
+    part = distances[distances.metric == metric].copy()
+    regimes = regimes or {}
+    part["regime"] = [regimes.get(b, regimes.get(a, "online")) for a, b in zip(part.run_a, part.run_b)]
+    styles = {"reference": "-", "floor": ":"}
+    for (kind, regime), rows in part[part.kind.isin(list(styles))].groupby(["kind", "regime"]):
+        g = rows.groupby("target")[["value", "ci_low", "ci_high"]].mean().sort_index(ascending=False)
+        colour = "C0" if regime == "online" else "C3"
+        ax.plot(g.index, g["value"], styles[kind], marker="o", color=colour,
+                label=f"{regime}: {'to reference' if kind == 'reference' else 'seed floor'}")
+        ax.fill_between(g.index, g["ci_low"], g["ci_high"], color=colour, alpha=0.15)
+    ax.invert_xaxis()
+    ax.set_xlabel("loss target (training goes right)")
+    ax.set_ylabel(f"{metric} distance (mean over pairs, 95% bands)")
+    ax.legend(fontsize=7)
+    return ax

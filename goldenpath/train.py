@@ -186,6 +186,17 @@ def fork_start(config: Config, rank: int) -> dict | None:
             "initial_eval": first["eval_loss"]}
 
 
+def pd_flat(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted.key: scalar}; lists and None as strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(pd_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -247,10 +258,11 @@ def train(config: Config) -> Path:
 
     # bf16 autocast is ours, not the Accelerator's: accelerate keeps its mixed-precision setting in a
     # process-wide singleton, which would refuse a second run with another precision in the same process.
-    accelerator = Accelerator(cpu=config.cpu)
+    run_dir = Path(config.out) / config.name
+    trackers = list(config.log.trackers)
+    accelerator = Accelerator(cpu=config.cpu, log_with=trackers or None, project_dir=str(run_dir))
     autocast = bf16_autocast(accelerator.device, config.precision == "bf16")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(config.out) / config.name
     status_path = run_dir / "status.json"
 
     # Data, model, optimizer
@@ -394,9 +406,16 @@ def train(config: Config) -> Path:
                             + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
         return loss
 
+    if trackers:  # hyperparameters as flat scalars (what TensorBoard's hparams accept)
+        flat = pd_flat(to_dict(config))
+        accelerator.init_trackers(trackers[0] if len(trackers) == 1 else "trackers", config=flat)
+
     def log(record: dict) -> None:
         if metrics is not None:
             metrics.write(record)
+        if trackers:
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "samples", "tokens")
+                             and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
 
     # since the last log: train loss sum, loss units, grad norm sum, noise norm sum, steps, clipped samples,
     # per-sample norm sum, samples (the norms are the same on every process; the dp counts are per process)
@@ -567,6 +586,8 @@ def train(config: Config) -> Path:
                reason=f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
+        if trackers:
+            accelerator.end_training()
         bar.close()
         if metrics:
             metrics.close()

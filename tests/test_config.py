@@ -67,6 +67,7 @@ BAD = [
     (["noise.kind=dp", "noise.clip=1", "model.norm=group", "noise.delta=2"], "noise.delta"),
     (["noise.kind=laplace"], "noise.kind"),
     (["log.noise_scale=true"], "log.noise_scale"),  # needs a micro-batch below the batch
+    (["log.trackers=[mlflow]"], "log.trackers"),
 ]
 
 

@@ -63,6 +63,7 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
     for target in distances.target.unique():
         assert (sweep_dir / "figures" / f"heatmap-tv-target-{target:g}.png").exists()
     assert "golden-path ratio (tv)" in out.stdout
+    assert f"report: {sweep_dir / 'report.html'}" in out.stdout and (sweep_dir / "report.html").exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

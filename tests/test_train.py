@@ -300,3 +300,21 @@ def test_eval_error_is_the_top1_error_of_the_saved_model(tiny_teacher):
         wrong = (model(batch["x"]).argmax(-1) != batch["y"]).double().mean()
     assert last["eval_error"] == pytest.approx(float(wrong), abs=1e-12)
     assert status_of(run_dir)["eval_error"] == last["eval_error"]
+
+
+def test_tensorboard_tracker_holds_the_logged_scalars(tiny_teacher):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config(None, [*tiny_teacher, "budget.samples=640", "log.every=5", "log.trackers=[tensorboard]"])
+    run_dir = train(config)
+    files = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    records = ckpt.read_metrics(run_dir)
+    for tag in ("train_loss", "eval_loss", "lr", "grad_norm"):
+        assert tag in events.Tags()["scalars"], tag
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        want = {r["step"]: r[tag] for r in records if tag in r}
+        assert logged.keys() == want.keys()
+        assert all(abs(logged[s] - want[s]) <= 1e-6 * max(1.0, abs(want[s])) for s in want)
