@@ -76,13 +76,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from goldenpath.checkpoints import read_json
     from goldenpath.train import train
 
-    run_dir = train(load_config(args.config, args.overrides))
-    state = read_json(run_dir / "status.json")["state"]
+    return _finish_run(train(load_config(args.config, args.overrides)))
+
+
+def _finish_run(run_dir: Path) -> int:
+    """One summary line, then the run directory last; exit 0 only for a completed run."""
+    from goldenpath.checkpoints import read_json
+
+    s = read_json(run_dir / "status.json")
+    line = f"{s['state']} ({s.get('reason')}): {s.get('step')} steps, {s.get('samples')} samples"
+    if s.get("eval_loss") is not None:
+        line += f", eval loss {s['eval_loss']:.4f}"
+    if s.get("loss_floor") is not None:
+        line += f" (Bayes floor {s['loss_floor']:.4f})"
+    line += f", targets reached: {', '.join(s.get('targets_reached') or {}) or 'none'}"
+    if s.get("epsilon") is not None:
+        line += f", epsilon {s['epsilon']:.3g} at delta {s['delta']:g}"
+    _print_main(line)
     _print_main(str(run_dir))
-    return 0 if state == "completed" else 1
+    return 0 if s["state"] == "completed" else 1
 
 
 def _sweep(args) -> int:
@@ -107,14 +121,11 @@ def _sweep(args) -> int:
 
 
 def _fork(args) -> int:
-    from goldenpath.checkpoints import read_json
     from goldenpath.sweep import fork_config
     from goldenpath.train import train
 
     parent, *overrides = args.run_dir_and_overrides
-    run_dir = train(fork_config(parent, args.at_loss, args.at_step, overrides, name=args.name))
-    _print_main(str(run_dir))
-    return 0 if read_json(run_dir / "status.json")["state"] == "completed" else 1
+    return _finish_run(train(fork_config(parent, args.at_loss, args.at_step, overrides, name=args.name)))
 
 
 def _compare(args) -> int:
@@ -238,6 +249,9 @@ def _report(args) -> int:
         path = write_report(sweep_dir)
     except ValueError as e:
         raise ConfigError("sweep_dir", str(e), "give a sweep directory whose runs have trained") from None
+    page = path.read_text()
+    figures, warnings = page.count("<img"), page.count('class="warn"')
+    _print_main(f"{figures} figures, {warnings} warnings on one page")
     _print_main(str(path))
     return 0
 
