@@ -220,3 +220,15 @@ def test_fork_refuses_changing_data_or_a_missing_checkpoint(tmp_path):
         fork_config(parent, at_loss=2.0, overrides=["seed=3"])
     with pytest.raises(ConfigError, match="no checkpoint target-0.1"):
         train(fork_config(parent, at_loss=0.1))
+
+
+def test_a_sweep_of_two_process_runs_goes_through_accelerate_launch(tmp_path):
+    path = write_sweep(tmp_path, "set: {cpu: true, budget.samples: 640, checkpoint.targets: []}\n"
+                                 "grid: {optim.lr: [0.05]}\nseeds: [0]\nprocesses: 2\n")
+    out = sweep_cli(path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    status = read_json(tmp_path / "out" / "s" / "lr=0.05_seed=0" / "status.json")
+    assert status["state"] == "completed" and status["processes"] == 2 and status["replicas_in_sync"] is True
+    run = tmp_path / "out" / "s" / "lr=0.05_seed=0"
+    r0, r1 = ids(run / "samples" / "rank0.i64"), ids(run / "samples" / "rank1.i64")
+    assert len(r0) == len(r1) == 320 and not set(r0.tolist()) & set(r1.tolist())
