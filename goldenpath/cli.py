@@ -110,14 +110,20 @@ def _sweep(args) -> int:
         _print_main(f"submitted to Slurm; follow {sweep_dir}/slurm/")
         _print_main(str(sweep_dir))
         return 0
+    counts = _runs_summary(sweep_dir)[1]
+    _print_main(str(sweep_dir))
+    return 1 if counts.get("failed") else 0
+
+
+def _runs_summary(sweep_dir: Path):
+    """Print how many runs ended in which state; returns (runs.csv as a frame, {state: count})."""
     import pandas as pd
 
     runs = pd.read_csv(sweep_dir / "runs.csv")
     counts = runs["state"].value_counts().to_dict()
     _print_main(f"{len(runs)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                 + f"; table: {sweep_dir / 'runs.csv'}")
-    _print_main(str(sweep_dir))
-    return 1 if counts.get("failed") else 0
+    return runs, counts
 
 
 def _fork(args) -> int:
@@ -267,15 +273,14 @@ def _demo(args) -> int:
     sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
     import pandas as pd
 
-    runs = pd.read_csv(sweep_dir / "runs.csv")
-    counts = runs["state"].value_counts().to_dict()
-    _print_main(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                + f" ({sweep_dir / 'runs.csv'})")
+    runs, counts = _runs_summary(sweep_dir)
     compare(sweep_dir)
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     tv = summary[(summary.metric == "tv") & summary.ratio.notna()].copy()
     if len(tv):
-        tv["regime"] = ["offline" if "epochs=8" in r else "online" for r in tv.run]
+        regime = {r.run: "offline" if r.data_epochs > 1 else "online"
+                  for r in runs.rename(columns={"data.epochs": "data_epochs"}).itertuples()}
+        tv["regime"] = tv.run.map(regime)
         for (target, regime), part in tv.groupby(["target", "regime"], sort=False):
             _print_main(f"golden-path ratio (tv) at loss {target:g}, {regime}: median {part.ratio.median():.2f} "
                         f"over {len(part)} runs")

@@ -54,8 +54,7 @@ def _knobs(config: Config) -> tuple:
 
 
 def _noise_key(config: Config) -> tuple:
-    sigma = config.noise.sigma if config.noise.kind != "none" else 0.0
-    return (config.data.epochs > 1, config.fork.parent is not None, sigma,
+    return (config.regime == "offline", config.fork.parent is not None, config.injected_sigma,
             config.optim.lr / config.optim.batch_size, config.optim.lr, config.seed)
 
 
@@ -136,7 +135,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     if not by_target:
         raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
                           "run a sweep whose runs reach checkpoint.targets first")
-    data, probe_key = _probe_fingerprint(configs)
+    _, probe_key = _probe_fingerprint(configs)
     first = next(iter(configs.values()))
     source = first.data.build()
     probe = source.heldout("probe")

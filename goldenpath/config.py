@@ -282,6 +282,16 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     fork: ForkConfig = field(default_factory=ForkConfig)
 
+    @property
+    def regime(self) -> str:
+        """online (each sample seen at most once) or offline (epochs over a fixed subset)."""
+        return "offline" if self.data.epochs > 1 else "online"
+
+    @property
+    def injected_sigma(self) -> float:
+        """The injected noise multiplier (0 without injected noise)."""
+        return self.noise.sigma if self.noise.kind != "none" else 0.0
+
     def check(self) -> None:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
                 "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")

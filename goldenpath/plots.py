@@ -19,8 +19,7 @@ def run_order(configs: dict) -> list[str]:
     """Run names ordered by their knobs: regime, lr, batch, noise, then seed (forks after their parent)."""
     def key(name):
         c = configs[name]
-        sigma = c.noise.sigma if c.noise.kind != "none" else 0.0
-        return (c.data.epochs, c.optim.lr, c.optim.batch_size, sigma, c.fork.parent or "", c.seed, name)
+        return (c.data.epochs, c.optim.lr, c.optim.batch_size, c.injected_sigma, c.fork.parent or "", c.seed, name)
 
     return sorted(configs, key=key)
 

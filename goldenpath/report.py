@@ -27,8 +27,7 @@ def sweep_curves(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         c = load_config(run_dir / "config.yaml")
         knobs = {"lr": c.optim.lr, "batch": c.optim.batch_size, "seed": c.seed,
-                 "sigma": c.noise.sigma if c.noise.kind != "none" else 0.0,
-                 "regime": "offline" if c.data.epochs > 1 else "online", "fork": c.fork.parent is not None}
+                 "sigma": c.injected_sigma, "regime": c.regime, "fork": c.fork.parent is not None}
         for r in ckpt.read_metrics(run_dir):
             if "eval_loss" in r:
                 rows.append({"run": run_dir.name, "step": r["step"], "samples": r["samples"],
@@ -130,7 +129,7 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
         frame = pd.DataFrame()
         warnings.append(f"no distances: {e}")
     if len(frame):
-        regimes = {r: ("offline" if c.data.epochs > 1 else "online") for r, c in configs.items()}
+        regimes = {r: c.regime for r, c in configs.items()}
         parts += ["<h2>Distances against loss</h2>",
                   _img(_png(lambda ax: distance_vs_loss(frame, metric=metric, regimes=regimes, ax=ax)),
                        f"{metric}: distance to the reference run and the seed floor, by loss target")]
@@ -149,7 +148,7 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
     if summary_path.exists():
         summary = pd.read_csv(summary_path)
         summary = summary[summary.metric == metric]
-        summary["regime"] = [("offline" if configs[r].data.epochs > 1 else "online") if r in configs else "?"
+        summary["regime"] = [configs[r].regime if r in configs else "?"
                              for r in summary.run]
         table = summary.dropna(subset=["ratio"]).groupby(["target", "regime"]).agg(
             runs=("run", "count"), median_ratio=("ratio", "median"), median_ci_low=("ci_low", "median"),
