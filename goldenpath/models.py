@@ -1,4 +1,4 @@
-"""Models by name: a small CNN, ResNet-18 for 32x32 images, a small ViT, GPT-2 and Llama causal LMs.
+"""Models by name: a small CNN, a fully-connected net, ResNet-18 for 32x32 images, a small ViT, GPT-2 and Llama causal LMs.
 
 Each family is a frozen dataclass registered with ``@model_family(name)`` whose fields are the YAML keys
 ``model.<field>``; its ``build(info)`` returns an ``nn.Module`` for a source described by ``info``
@@ -66,6 +66,31 @@ class CNNConfig(ModelConfig):
             c = self.width
         layers += [nn.AdaptiveAvgPool2d(min(h, 4)), nn.Flatten(), nn.Linear(c * min(h, 4) ** 2, info.num_classes)]
         return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------- fully-connected net
+
+@model_family("mlp")
+@dataclass(frozen=True)
+class MLPConfig(ModelConfig):
+    """Flatten, then ``depth`` hidden layers of ``width`` units with ReLU, then a linear head."""
+
+    name: str = "mlp"
+    width: int = 128
+    depth: int = 2
+
+    def check(self) -> None:
+        require(self.width >= 1, "model.width", f"got {self.width}", "use >= 1 unit")
+        require(self.depth >= 0, "model.depth", f"got {self.depth}", "use >= 0 hidden layers")
+
+    def build(self, info: SourceInfo) -> nn.Module:
+        _require_task(info, "classification", "mlp")
+        layers: list[nn.Module] = [nn.Flatten()]
+        d = math.prod(info.input_shape)
+        for _ in range(self.depth):
+            layers += [nn.Linear(d, self.width), nn.ReLU()]
+            d = self.width
+        return nn.Sequential(*layers, nn.Linear(d, info.num_classes))
 
 
 # ----------------------------------------------------------------------------- ResNet-18 (32x32 stem)

@@ -26,6 +26,7 @@ def n_params(model):
     ["model.name=cnn"], ["model.name=cnn", "model.norm=group"], ["model.name=cnn", "model.norm=batch"],
     ["model.name=resnet18", "model.width=8"], ["model.name=resnet18", "model.width=8", "model.norm=group"],
     ["model.name=vit", "model.width=32", "model.depth=2", "model.heads=4"],
+    ["model.name=mlp", "model.width=16", "model.depth=3"],
 ])
 def test_vision_models_map_images_to_class_logits(overrides):
     model = build_model(model_config(*overrides), IMAGES, seed=0)
@@ -40,6 +41,11 @@ def test_resnet18_has_the_published_parameter_count():
     norms = {type(m).__name__ for m in build_model(model_config("model.name=resnet18", "model.norm=group"),
                                                      IMAGES, seed=0).modules()}
     assert "GroupNorm" in norms and "BatchNorm2d" not in norms
+
+
+def test_mlp_has_depth_hidden_layers_of_width_units():
+    model = build_model(model_config("model.name=mlp", "model.width=16", "model.depth=3"), IMAGES, seed=0)
+    assert n_params(model) == (3072 * 16 + 16) + 2 * (16 * 16 + 16) + (16 * 10 + 10)
 
 
 def test_gpt2_small_has_the_published_parameter_count():
