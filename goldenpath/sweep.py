@@ -141,7 +141,8 @@ def _name_text(value) -> str:
         value = f"{value:g}"
     elif value is None:
         value = "none"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "x"
+    text = re.sub(r"^/", "div", str(value))  # a fork's relative "/4" reads "div4", not "4"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
 
 
 def run_name(knobs: dict) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from goldenpath.checkpoints import read_json, read_metrics
 from goldenpath.config import ConfigError, load_config
-from goldenpath.sweep import expand, fork_config, load_sweep, run_name, slurm_arrays, submit_slurm
+from goldenpath.sweep import expand, fork_config, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
 from goldenpath.train import train
 
 from .conftest import TINY_TEACHER
@@ -52,6 +52,11 @@ def rows(sweep_dir: Path) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- expansion and names
+
+
+def test_a_fork_that_divides_says_so_in_its_name():
+    assert fork_name("run", 2.2, None, {"optim.lr": "/4"}) == "run+fork-loss=2.2-lr=div4"
+    assert fork_name("run", None, 100, {"optim.batch_size": "x4"}) == "run+fork-step=100-bs=x4"
 
 
 def test_grid_expands_in_order_with_readable_unique_names(tmp_path):
