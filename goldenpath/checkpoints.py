@@ -41,15 +41,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> None:
+    """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
+
+    ``durable=False`` skips the fsyncs: readers still never see a partial file, but a power loss may leave
+    an empty one. Only for files that can be recomputed and whose readers treat a bad file as missing.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    if durable:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -154,8 +154,9 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         for i, j in pairs:
             key = f"{probe_key}|{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}|{','.join(metrics)}"
             path = cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
-            if path.exists():
-                results[(i, j)] = torch.load(path, weights_only=True)
+            cached = _read_cache(path)
+            if cached is not None:
+                results[(i, j)] = cached
             else:
                 todo.append((i, j, path))
         if todo:
@@ -165,7 +166,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
             fresh = pair_sums(models, probe, [(i, j) for i, j, _ in todo], metrics, chunk=chunk, device=device,
                               dtype=dtype)
             for i, j, path in todo:
-                ckpt.atomic_write(path, lambda tmp, v=fresh[(i, j)]: torch.save(v, tmp))
+                ckpt.atomic_write(path, lambda tmp, v=fresh[(i, j)]: torch.save(v, tmp), durable=False)
                 results[(i, j)] = fresh[(i, j)]
             del models
         kind = {}
@@ -190,6 +191,16 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     if figures:
         write_heatmaps(frame, sweep_dir / "figures", configs)
     return frame
+
+
+def _read_cache(path: Path) -> dict | None:
+    """A cached pair result, or None when missing or unreadable (the cache is written without fsync)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a torn or foreign file: recompute the pair
+        return None
 
 
 def _pair(results: dict, i: int, j: int):

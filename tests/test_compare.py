@@ -194,6 +194,14 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, mo
     frame = cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
     assert len(computed) == 5  # b2 against each of the five runs at 2.0
     assert len(frame[frame.target == 2.0]) == 15
+    # the cache is written without fsync: a torn file is recomputed, not trusted
+    torn = sorted((sweep / "compare" / "cache").glob("*.pt"))[0]
+    torn.write_bytes(torn.read_bytes()[:10])
+    computed.clear()
+    again = cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
+    assert len(computed) == 1
+    assert again.sort_values(["target", "run_a", "run_b"]).value.tolist() == \
+        frame.sort_values(["target", "run_a", "run_b"]).value.tolist()
 
 
 def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep):
