@@ -24,6 +24,26 @@ from goldenpath.toys import experiments as ex  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "toys"
 
 
+def section(results: Path) -> str:
+    """The README block: medians over seeds by noise kind and sigma (or batch), then the verdict lines."""
+    from common import markdown_table
+
+    dln = pd.read_parquet(results / "dln.parquet")
+    g = dln.groupby(["noise", "sigma", "batch"], sort=False)
+    table = g.agg(seeds=("seed", "size"), alpha_eff=("alpha_eff", "median"), alpha_min=("alpha_eff", "min"),
+                  alpha_max=("alpha_eff", "max"), fit_residual=("fit_residual", "median"),
+                  recovery_error=("recovery_error", "median")).reset_index()
+    lines = ["Medians over seeds (alpha_eff with its range over seeds):", "", markdown_table(table), ""]
+    if (results / "regimes.csv").exists():
+        regimes = pd.read_csv(results / "regimes.csv")
+        lines += ["Other regimes (full mode, 8 seeds each):", "",
+                  markdown_table(regimes[["regime", "sigma", "alpha_min", "alpha_median", "alpha_max",
+                                          "recovery_error", "consistent_fall"]]), ""]
+    lines += ["Verdict lines (`verdict.txt`):", ""]
+    lines += [f"- {line}" for line in (results / "verdict.txt").read_text().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds and steps (about a minute on 2 cores)")
