@@ -142,6 +142,16 @@ def per_coordinate_tail_index(samples: np.ndarray) -> np.ndarray:
     return 1.0 / inv
 
 
+def pooled_sample(noise: np.ndarray, max_pooled: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_pooled`` of the noise matrix's values, in random order, for the pooled tail index.
+
+    The estimator sums K1 consecutive samples and assumes them i.i.d.; values in coordinate order put
+    correlated neighbours (the weights of one unit) in the same block and bias alpha down.
+    """
+    values = noise.ravel()
+    return rng.choice(values, min(max_pooled, len(values)), replace=False)
+
+
 def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None, batches: int = 100,
             batch_size: int | None = None, max_coords: int = 200_000, max_pooled: int = 1_000_000,
             seed: int = 0, progress: bool = True):
@@ -211,9 +221,7 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
 
     for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()]:
         part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
-        pooled = part.ravel()
-        if len(pooled) > max_pooled:
-            pooled = rng.choice(pooled, max_pooled, replace=False)
+        pooled = pooled_sample(part, max_pooled, rng)
         if len(pooled) >= 16:
             alpha, low, high = tail_index_ci(pooled, n_boot=50, seed=seed)
             add(layer, "tail_index_pooled", alpha, low, high, len(pooled))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from goldenpath.gradnoise import (default_k1, gaussianity, noise_scale, noise_scale_per_sample, qq_data,
-                                  tail_index, tail_index_ci)
+from goldenpath.gradnoise import (default_k1, gaussianity, noise_scale, noise_scale_per_sample, pooled_sample,
+                                  qq_data, tail_index, tail_index_ci)
 
 K = 100_000
 
@@ -29,6 +29,16 @@ def test_tail_index_interval_covers_the_truth_in_most_draws():
         _, low, high = tail_index_ci(stable(1.5, 20_000, seed=100 + rep), n_boot=100, seed=rep)
         hits += low <= 1.5 <= high
     assert hits >= 9
+
+
+def test_pooled_values_are_shuffled_so_correlated_neighbours_do_not_bias_alpha():
+    rng = np.random.default_rng(0)
+    # 200 draws x 1000 coordinates in units of 50 whose coordinates move together (one unit's weights):
+    # every value is N(0, 1), so the pooled tail index is 2, but blocks of neighbours are not independent.
+    noise = np.repeat(rng.standard_normal((200, 20)), 50, axis=1) + 0.01 * rng.standard_normal((200, 1000))
+    assert tail_index(noise.ravel()) < 1.5  # coordinate order: the bias this guards against
+    pooled = pooled_sample(noise, 100_000, rng)
+    assert len(pooled) == 100_000 and abs(tail_index(pooled) - 2) < 0.15
 
 
 def test_k1_is_the_largest_divisor_below_the_root_and_prime_sizes_still_work():
