@@ -58,6 +58,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
         _fsync_dir(path.parent)
 
 
+def cache_dir() -> Path:
+    """Where goldenpath keeps what it can always recompute: $GOLDENPATH_CACHE, else $XDG_CACHE_HOME/goldenpath,
+    else ~/.cache/goldenpath."""
+    if os.environ.get("GOLDENPATH_CACHE"):
+        return Path(os.environ["GOLDENPATH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "goldenpath"
+
+
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

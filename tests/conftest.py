@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["GOLDENPATH_CACHE"] = tempfile.mkdtemp(prefix="goldenpath-test-cache-")  # never the user's cache
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_TEACHER = [

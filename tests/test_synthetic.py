@@ -39,6 +39,29 @@ def test_teacher_images_are_smooth_unit_variance_fields():
     assert float(power[high].sum() / power.sum()) < 1e-10  # band-limited to |k| <= 4 (float32 round-off)
 
 
+def test_the_cached_teacher_is_the_calibrated_one_and_a_bad_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    from goldenpath.data.synthetic import TeacherStream
+
+    monkeypatch.setenv("GOLDENPATH_CACHE", str(tmp_path))
+    calibrations = []
+    real = TeacherStream._make_teacher
+    monkeypatch.setattr(TeacherStream, "_make_teacher", lambda self: calibrations.append(1) or real(self))
+    first = source("data.image_size=16")
+    (cached,) = tmp_path.glob("teacher-*.pt")
+    second = source("data.image_size=16")
+    assert len(calibrations) == 1  # the second build read the cache
+    fresh = real(second)
+    for a, b, c in zip(first.teacher.state_dict().values(), second.teacher.state_dict().values(),
+                       fresh.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.equal(first.heldout("eval")["y"], second.heldout("eval")["y"])
+    source("data.image_size=16", "data.teacher_width=8")  # another teacher: another cache entry
+    assert len(list(tmp_path.glob("teacher-*.pt"))) == 2 and len(calibrations) == 2
+    cached.write_bytes(b"torn")
+    third = source("data.image_size=16")
+    assert len(calibrations) == 3 and torch.equal(third.heldout("eval")["y"], first.heldout("eval")["y"])
+
+
 def test_teacher_floor_is_the_entropy_of_the_teacher_on_the_eval_set():
     src = source("data.eval_size=512")
     p = torch.softmax(src.logits(src.heldout("eval")["x"]).double(), -1).numpy()

@@ -18,9 +18,11 @@ produced on demand, and resuming is free. Nothing is downloaded and nothing larg
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,7 +132,7 @@ class TeacherStream:
         self.cfg = cfg
         self.info = SourceInfo("classification", (cfg.channels, cfg.image_size, cfg.image_size), cfg.classes)
         self._basis = self._fourier_basis()
-        self.teacher = self._make_teacher()
+        self.teacher = self._cached_teacher()
 
     def _fourier_basis(self) -> torch.Tensor:
         """[2M, H*W]: cos and sin of the M modes with |kx|, |ky| <= K, weighted ~ 1/(1+|k|), unit pixel variance."""
@@ -148,13 +150,42 @@ class TeacherStream:
         # Each mode contributes w^2 (cos^2 + sin^2) = w^2 to every pixel's variance (sin of mode 0 is 0).
         return basis / basis.pow(2).sum(0).mean().sqrt()
 
-    def _make_teacher(self) -> nn.Module:
-        c, w, n = self.cfg.channels, self.cfg.teacher_width, self.cfg.image_size
-        g = torch.Generator().manual_seed(stream_key(self.cfg.seed, 10) & (2**63 - 1))
-        net = nn.Sequential(
+    def _teacher_net(self) -> nn.Module:
+        c, w = self.cfg.channels, self.cfg.teacher_width
+        return nn.Sequential(
             nn.Conv2d(c, w, 5, stride=2, padding=2), nn.ReLU(),
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(w * 16, self.cfg.classes))
+
+    def _cached_teacher(self) -> nn.Module:
+        """The calibrated teacher, from the disk cache when this exact code and config made it before.
+
+        Calibration is a float64 forward over 4096 images (about half a second on a CPU), paid by every
+        process that builds the source. The cache key hashes this file's code, the config fields that
+        shape the teacher and the torch version, so any change rebuilds it; a bad file is rebuilt too.
+        """
+        from goldenpath.checkpoints import atomic_write, cache_dir
+
+        fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
+                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__)
+        key = hashlib.sha1(Path(__file__).read_bytes() + repr(fields).encode()).hexdigest()[:20]
+        path = cache_dir() / f"teacher-{key}.pt"
+        try:
+            net = self._teacher_net()
+            net.load_state_dict(torch.load(path, weights_only=True))
+            return net.requires_grad_(False).eval()
+        except Exception:  # noqa: BLE001 - missing, torn or foreign: calibrate and cache
+            net = self._make_teacher()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp), durable=False)
+        except OSError:  # a read-only home: calibrate every time
+            pass
+        return net
+
+    def _make_teacher(self) -> nn.Module:
+        g = torch.Generator().manual_seed(stream_key(self.cfg.seed, 10) & (2**63 - 1))
+        net = self._teacher_net()
         with torch.no_grad():
             for p in net.parameters():
                 fan_in = p[0].numel() if p.dim() > 1 else 1
