@@ -16,6 +16,7 @@ and by the probe set, so a re-run recomputes only pairs whose checkpoints change
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -27,7 +28,8 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, load_config, to_dict
-from goldenpath.distances import FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap, bootstrap_weights, unit_sums
+from goldenpath.distances import (FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap, bootstrap_rows, bootstrap_weights,
+                                  unit_sums)
 from goldenpath.models import build_model, logits
 
 COLUMNS = ["target", "run_a", "run_b", "metric", "value", "ci_low", "ci_high", "loss_a", "loss_b", "kind",
@@ -92,8 +94,12 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _load(ck: Checkpoint, config: Config, info, device, dtype) -> torch.nn.Module:
-    model = build_model(config.model, info, seed=config.seed)
+def _load(ck: Checkpoint, config: Config, info, device, dtype, templates: dict) -> torch.nn.Module:
+    """The checkpoint's model: a copy of one built model per architecture, its weights loaded (strict)."""
+    key = json.dumps(to_dict(config)["model"], sort_keys=True)
+    if key not in templates:  # building (a transformers model especially) costs more than copying
+        templates[key] = build_model(config.model, info, seed=config.seed)
+    model = copy.deepcopy(templates[key])
     return ckpt.load_weights(model, ck.path).to(device, dtype).eval().requires_grad_(False)
 
 
@@ -160,9 +166,9 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
             else:
                 todo.append((i, j, path))
         if todo:
-            models = {}
+            models, templates = {}, {}
             for idx in sorted({k for t in todo for k in t[:2]}):
-                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype)
+                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, templates)
             fresh = pair_sums(models, probe, [(i, j) for i, j, _ in todo], metrics, chunk=chunk, device=device,
                               dtype=dtype)
             for i, j, path in todo:
@@ -173,15 +179,16 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         for i, j in pairs:
             same = cks[i].knobs == cks[j].knobs
             kind[(i, j)] = "floor" if same else "reference" if reference in (i, j) else "pair"
-        for (i, j), res in results.items():
+        keys = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
+        stats = bootstrap_rows(torch.stack([results[p][m] for p, m in keys]),
+                               torch.stack([results[p]["count"] for p, _ in keys]), weights=weights)
+        for ((i, j), m), value, low, high in zip(keys, *(x.tolist() for x in stats)):
             a, b = cks[i], cks[j]
             over_a, over_b = a.target - a.eval_loss, b.target - b.eval_loss
-            for m in metrics:
-                value, low, high = bootstrap(res[m], res["count"], weights=weights)
-                rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,
-                             "ci_low": low, "ci_high": high, "loss_a": a.eval_loss, "loss_b": b.eval_loss,
-                             "kind": kind[(i, j)], "overshoot_a": over_a, "overshoot_b": over_b,
-                             "flagged": max(over_a, over_b) > tolerance * target})
+            rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,
+                         "ci_low": low, "ci_high": high, "loss_a": a.eval_loss, "loss_b": b.eval_loss,
+                         "kind": kind[(i, j)], "overshoot_a": over_a, "overshoot_b": over_b,
+                         "flagged": max(over_a, over_b) > tolerance * target})
         summary += _ratios(target, cks, reference, results, metrics, weights)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     out_dir = sweep_dir / "compare"

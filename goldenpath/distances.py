@@ -105,17 +105,32 @@ def bootstrap(sums: torch.Tensor, counts: torch.Tensor, *, denominator: tuple | 
     units turns the statistic into a ratio of means, resampled jointly (the golden-path ratio).
     ``weights``: resample counts from :func:`bootstrap_weights`, shared across statistics of the same units.
     """
-    sums, counts = sums.double(), counts.double()
     w = bootstrap_weights(len(sums), n_boot=n_boot, seed=seed) if weights is None else weights
-    estimate = float(sums.sum() / counts.sum())
-    draws = (w @ sums) / (w @ counts)
+    den = None if denominator is None else (denominator[0][None], denominator[1][None])
+    est, low, high = bootstrap_rows(sums[None], counts[None], denominator=den, weights=w, level=level)
+    return float(est[0]), float(low[0]), float(high[0])
+
+
+def bootstrap_rows(sums: torch.Tensor, counts: torch.Tensor, *, weights: torch.Tensor,
+                   denominator: tuple | None = None, level: float = 0.95):
+    """:func:`bootstrap` for k statistics at once: ``sums``/``counts`` [k, units] -> (estimate, low, high), each [k].
+
+    One matrix product resamples every statistic (the same resamples for all); a row whose draws are
+    all undefined (0/0) gets nan bounds.
+    """
+    sums, counts, w = sums.double(), counts.double(), weights.double().T  # w: [units, n_boot]
+    estimate = sums.sum(1) / counts.sum(1)
+    draws = (sums @ w) / (counts @ w)
     if denominator is not None:
         den_s, den_c = denominator[0].double(), denominator[1].double()
-        estimate /= float(den_s.sum() / den_c.sum())
-        draws = draws / ((w @ den_s) / (w @ den_c))
-    draws = draws[torch.isfinite(draws)]
-    if len(draws) == 0:
-        return estimate, math.nan, math.nan
+        estimate = estimate / (den_s.sum(1) / den_c.sum(1))
+        draws = draws / ((den_s @ w) / (den_c @ w))
     alpha = (1 - level) / 2
-    low, high = torch.quantile(draws, torch.tensor([alpha, 1 - alpha], dtype=draws.dtype)).tolist()
+    q = torch.tensor([alpha, 1 - alpha], dtype=draws.dtype)
+    if bool(torch.isfinite(draws).all()):
+        low, high = torch.quantile(draws, q, dim=1)
+    else:  # drop each row's undefined draws (a unit set with no points), row by row
+        bounds = [torch.quantile(d[torch.isfinite(d)], q) if torch.isfinite(d).any()
+                  else torch.full((2,), math.nan, dtype=d.dtype) for d in draws]
+        low, high = torch.stack(bounds).T
     return estimate, low, high

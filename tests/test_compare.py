@@ -14,7 +14,7 @@ from scipy.special import rel_entr, softmax
 from goldenpath import checkpoints as ckpt
 from goldenpath import compare as cmp
 from goldenpath.config import load_config, to_dict
-from goldenpath.distances import bootstrap, js, kl, top1, tv, unit_sums
+from goldenpath.distances import bootstrap, bootstrap_rows, bootstrap_weights, js, kl, top1, tv, unit_sums
 from goldenpath.models import build_model, logits
 from goldenpath.plots import distance_heatmap
 
@@ -84,6 +84,29 @@ def test_unit_sums_mask_padding_and_bootstrap_covers_the_mean():
         _, lo, hi = bootstrap(x, torch.ones(200), n_boot=400, seed=rep)
         hits += lo <= 1.0 <= hi
     assert 85 <= hits <= 100
+
+
+def test_bootstrap_rows_equal_one_bootstrap_per_row_including_an_undefined_draw():
+    gen = torch.Generator().manual_seed(1)
+    sums = torch.rand(5, 40, generator=gen, dtype=torch.float64)
+    counts = torch.randint(1, 4, (5, 40), generator=gen).double()
+    counts[4, :35] = 0  # few units with points: some resamples draw none of them (0 / 0)
+    sums[4, :35] = 0
+    den = (torch.rand(5, 40, generator=gen, dtype=torch.float64) + 0.1, torch.ones(5, 40, dtype=torch.float64))
+    w = bootstrap_weights(40, n_boot=300, seed=3)
+    for denominator in (None, den):
+        est, low, high = bootstrap_rows(sums, counts, weights=w, denominator=denominator)
+        for k in range(5):  # numpy, row by row: ratio of resampled sums, undefined draws dropped
+            wn = w.numpy()
+            with np.errstate(invalid="ignore"):  # 0 / 0 for resamples without points: dropped below
+                draws = (wn @ sums[k].numpy()) / (wn @ counts[k].numpy())
+            value = sums[k].sum().item() / counts[k].sum().item()
+            if denominator is not None:
+                draws = draws / ((wn @ den[0][k].numpy()) / (wn @ den[1][k].numpy()))
+                value /= den[0][k].sum().item() / den[1][k].sum().item()
+            draws = draws[np.isfinite(draws)]
+            expected = (value, *np.percentile(draws, [2.5, 97.5]))
+            assert (est[k].item(), low[k].item(), high[k].item()) == pytest.approx(expected, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- all pairs
