@@ -8,8 +8,8 @@ low-noise counterparts trained from scratch, (lr, 4B) and (lr / 4, B), and forks
 fork target with batch x 4 and with lr / 4 (each fork keeps the parent's weights, optimizer state and
 stream position). Every run trains to the same sample budget; 3 seeds.
 
-At the end of each fork, its eval loss is placed between the noisy parent's and its counterpart's at the
-same samples seen, and at the same optimizer steps: closeness = (parent - fork) / (parent - counterpart),
+At the end of each fork (or the last point its counterpart reaches), its eval loss is placed between the
+noisy parent's and its counterpart's at the same samples seen, and at the same optimizer steps: closeness = (parent - fork) / (parent - counterpart),
 1 when the fork has dropped onto the low-noise curve, 0 when it stayed on the noisy one.
 
 Writes analysis/results/noise_reduction/: curves.csv (every eval of every run), closeness.csv (one row per
@@ -66,15 +66,14 @@ def closeness(curves: pd.DataFrame, lr: float, b: int) -> pd.DataFrame:
                               ("fork: lr /4", f"low noise (lr {lr / 4:g}, B {b})")):
             if fork not in runs or counter not in runs or parent is None:
                 continue
-            end = runs[fork].iloc[-1]
             for axis in ("samples", "step"):
-                x = float(end[axis])
-                p = float(np.interp(x, parent[axis], parent.eval_loss))
-                c = float(np.interp(x, runs[counter][axis], runs[counter].eval_loss))
+                # the fork's last eval, or the last point all three curves reach (no extrapolation)
+                x = float(min(runs[fork][axis].max(), parent[axis].max(), runs[counter][axis].max()))
+                f, p, c = (float(np.interp(x, r[axis], r.eval_loss)) for r in (runs[fork], parent, runs[counter]))
                 gap = p - c
                 rows.append({"fork": fork, "counterpart": counter, "seed": seed, "axis": axis, "at": x,
-                             "fork_loss": float(end.eval_loss), "parent_loss": p, "counterpart_loss": c,
-                             "closeness": (p - float(end.eval_loss)) / gap if abs(gap) > 0.02 else math.nan})
+                             "fork_loss": f, "parent_loss": p, "counterpart_loss": c,
+                             "closeness": (p - f) / gap if abs(gap) > 0.02 else math.nan})
     return pd.DataFrame(rows)
 
 
@@ -113,8 +112,8 @@ def section(results: Path) -> str:
                                   for m, lo, hi in zip(table.closeness, table.low, table.high)]
     table = table.drop(columns=["closeness", "low", "high"]).rename(columns={
         "fork_loss": "fork loss", "parent_loss": "noisy parent", "counterpart_loss": "low-noise run"})
-    lines = ["Losses at the fork's last eval (mean over seeds); closeness 1 = on the low-noise curve, "
-             "0 = still on the noisy one.", "", markdown_table(table), "", "Verdicts:", ""]
+    lines = ["Losses at the fork's last eval, or the last point all three curves reach (mean over seeds); "
+             "closeness 1 = on the low-noise curve, 0 = still on the noisy one.", "", markdown_table(table), "", "Verdicts:", ""]
     for r in g.closeness.agg(["mean", "min"]).reset_index().itertuples():
         if r.mean != r.mean:
             v = "inconclusive (the noisy and low-noise curves are too close to tell)"

@@ -10,7 +10,7 @@ budget is steps x B, so every run takes the same number of optimizer steps with 
 averaged gradient. Offline, the runs cycle over one fixed subset (a larger B repeats it more often);
 online, each sample is used once (a larger B sees more fresh samples). One learning rate per kind, not
 tuned per batch. Quick: the group-norm CNN of configs/teacher-cnn-dp.yaml on the embedded teacher stream,
-B = 16, 64, 256 for 128 steps, 2 seeds (8 minutes on 2 CPU cores shared with other jobs); full: the
+B = 16, 64, 256 for 128 steps, 2 seeds (about 4 minutes on 2 CPU cores); full: the
 batches, steps, seeds and regimes of configs/sweeps/dp-cifar5m-batch.yaml (ResNet-18 on CIFAR-5m, a GPU).
 
 Writes analysis/results/noisy_sgd_batch/: results.csv (one row per run: kind, regime, batch, sigma,
