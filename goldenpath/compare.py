@@ -10,8 +10,9 @@ probe units (sequences for language models) resampled jointly for both distances
 
 Writes ``compare/distances.parquet`` (one row per target, pair and metric), ``compare/summary.csv``
 (one row per target, run and metric: the ratio) and, by default, heatmaps under ``figures/``.
-Per-pair results are cached under ``compare/cache/`` keyed by both checkpoint files' size and mtime
-and by the probe set, so a re-run recomputes only pairs whose checkpoints changed or are new.
+Per-pair results are cached under ``compare/cache/`` (one file per target and metric set) keyed by both
+checkpoint files' size and mtime and by the probe set, so a re-run recomputes only pairs whose
+checkpoints changed or are new.
 """
 
 from __future__ import annotations
@@ -156,25 +157,19 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         cks = sorted(by_target[target], key=lambda c: c.run)
         reference = min(range(len(cks)), key=lambda i: cks[i].noise_key)
         pairs = list(itertools.combinations(range(len(cks)), 2))
-        results, todo = {}, []
-        for i, j in pairs:
-            key = f"{probe_key}|{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}|{','.join(metrics)}"
-            path = cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
-            cached = _read_cache(path)
-            if cached is not None:
-                results[(i, j)] = cached
-            else:
-                todo.append((i, j, path))
+        keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
+        path = cache_dir / f"{hashlib.sha1(f'{probe_key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
+        cached = _read_cache(path)
+        results = {p: cached[k] for p, k in keys.items() if k in cached}
+        todo = [p for p in pairs if p not in results]
         if todo:
             models, templates = {}, {}
-            for idx in sorted({k for t in todo for k in t[:2]}):
+            for idx in sorted({k for t in todo for k in t}):
                 models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, templates)
-            fresh = pair_sums(models, probe, [(i, j) for i, j, _ in todo], metrics, chunk=chunk, device=device,
-                              dtype=dtype)
-            for i, j, path in todo:
-                ckpt.atomic_write(path, lambda tmp, v=fresh[(i, j)]: torch.save(v, tmp), durable=False)
-                results[(i, j)] = fresh[(i, j)]
+            results.update(pair_sums(models, probe, todo, metrics, chunk=chunk, device=device, dtype=dtype))
             del models
+            current = {keys[p]: results[p] for p in pairs}  # pairs of checkpoints gone or changed drop out
+            ckpt.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
         kind = {}
         for i, j in pairs:
             same = cks[i].knobs == cks[j].knobs
@@ -200,14 +195,20 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     return frame
 
 
-def _read_cache(path: Path) -> dict | None:
-    """A cached pair result, or None when missing or unreadable (the cache is written without fsync)."""
+def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """{pair key: {name: [units]}} as one [pairs, units] tensor per name (one small file per target)."""
+    keys = list(results)
+    names = list(next(iter(results.values()))) if keys else []
+    return {"keys": keys, "values": {n: torch.stack([results[k][n] for k in keys]) for n in names}}
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A target's cached pair results by pair key; empty when missing or unreadable (written without fsync)."""
     try:
-        return torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - a torn or foreign file: recompute the pair
-        return None
+        packed = torch.load(path, weights_only=True)
+        return {k: {n: v[i] for n, v in packed["values"].items()} for i, k in enumerate(packed["keys"])}
+    except Exception:  # noqa: BLE001 - missing, torn or foreign: recompute the target's pairs
+        return {}
 
 
 def _pair(results: dict, i: int, j: int):
