@@ -174,10 +174,10 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         for i, j in pairs:
             same = cks[i].knobs == cks[j].knobs
             kind[(i, j)] = "floor" if same else "reference" if reference in (i, j) else "pair"
-        keys = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
-        stats = bootstrap_rows(torch.stack([results[p][m] for p, m in keys]),
-                               torch.stack([results[p]["count"] for p, _ in keys]), weights=weights)
-        for ((i, j), m), value, low, high in zip(keys, *(x.tolist() for x in stats)):
+        cells = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
+        stats = bootstrap_rows(torch.stack([results[p][m] for p, m in cells]),
+                               torch.stack([results[p]["count"] for p, _ in cells]), weights=weights)
+        for ((i, j), m), value, low, high in zip(cells, *(x.tolist() for x in stats)):
             a, b = cks[i], cks[j]
             over_a, over_b = a.target - a.eval_loss, b.target - b.eval_loss
             rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,

@@ -1,4 +1,5 @@
-"""Models by name: a small CNN, a fully-connected net, ResNet-18 for 32x32 images, a small ViT, GPT-2 and Llama causal LMs.
+"""Models by name: a small CNN, a fully-connected net, ResNet-18 for 32x32 images, a small ViT, and GPT-2
+and Llama causal LMs.
 
 Each family is a frozen dataclass registered with ``@model_family(name)`` whose fields are the YAML keys
 ``model.<field>``; its ``build(info)`` returns an ``nn.Module`` for a source described by ``info``
