@@ -67,17 +67,13 @@ def train(name: str, study: dict, work: Path, *, quick: bool, seeds=SEEDS, jobs:
 def tables(sweep_dir: Path, dataset: str, metrics=("tv", "js", "top1")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compare the sweep's runs; returns (ratios, runs): the golden-path ratios and each run's final state."""
     from goldenpath.compare import compare
-    from goldenpath.report import sweep_curves
 
     compare(sweep_dir, metrics=metrics)
     runs = pd.read_csv(sweep_dir / "runs.csv")
     runs = pd.DataFrame({
         "dataset": dataset, "run": runs.run, "lr": runs["optim.lr"], "batch": runs["optim.batch_size"],
         "regime": np.where(runs["data.epochs"] > 1, "offline", "online"), "seed": runs.seed, "state": runs.state,
-        "final_loss": runs.eval_loss, "samples": runs.samples})
-    curves = sweep_curves(sweep_dir)
-    last = curves.sort_values("step").groupby("run").tail(1).set_index("run")
-    runs["final_error"] = runs.run.map(last["eval_error"])
+        "final_loss": runs.eval_loss, "samples": runs.samples, "final_error": runs.eval_error})
     runs["noise"] = runs.lr / runs.batch  # SGD's noise temperature
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     ratios = summary.merge(runs.drop(columns=["dataset", "final_loss", "final_error", "samples"]), on="run")

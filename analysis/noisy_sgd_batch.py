@@ -76,19 +76,14 @@ def train(work: Path, *, quick: bool, jobs: int | None = None) -> Path:
 
 def tidy(sweep_dir: Path) -> pd.DataFrame:
     """One row per run: kind, regime, batch, sigma, steps, seed, state, final eval loss and error, epsilon."""
-    from goldenpath.checkpoints import read_json
-
     runs = pd.read_csv(sweep_dir / "runs.csv")
-    status = [read_json(sweep_dir / r / "status.json") if (sweep_dir / r / "status.json").exists() else {}
-              for r in runs.run]
     return pd.DataFrame({
         "kind": runs["noise.kind"], "regime": np.where(runs["data.epochs"] > 1, "offline", "online"),
         "batch": runs["optim.batch_size"], "sigma": runs["noise.sigma"],
         "ratio": runs["noise.sigma"] / runs["optim.batch_size"], "lr": runs["optim.lr"], "steps": runs.step,
         "samples": runs.samples,
         "seed": runs.seed, "state": runs.state, "eval_loss": runs.eval_loss,
-        "eval_error": [s.get("eval_error") for s in status], "epsilon": runs.epsilon,
-        "loss_floor": [s.get("loss_floor") for s in status], "run": runs.run})
+        "eval_error": runs.eval_error, "epsilon": runs.epsilon, "loss_floor": runs.loss_floor, "run": runs.run})
 
 
 # ----------------------------------------------------------------------------- figures

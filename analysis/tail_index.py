@@ -73,7 +73,7 @@ def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0) -> li
     from goldenpath import gradnoise
 
     rng = np.random.default_rng(seed)
-    pooled = rng.choice(noise.ravel(), min(max_pooled, noise.size), replace=False)
+    pooled = gradnoise.pooled_sample(noise, max_pooled, rng)
     _, low, high = gradnoise.tail_index_ci(pooled, n_boot=100, seed=seed)
     alpha = np.mean([gradnoise.tail_index(rng.permutation(pooled)) for _ in range(ORDERS)])
     per = gradnoise.per_coordinate_tail_index(noise[:, noise.std(0) > 0])

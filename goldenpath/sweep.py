@@ -243,7 +243,8 @@ def _state(run_dir: Path) -> str | None:
 
 
 def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = None) -> Path:
-    """One row per run: its knobs, state, steps, samples, last and best eval loss, epsilon, targets reached.
+    """One row per run: knobs, state, steps, samples, last eval loss and error, best eval loss, the loss floor,
+    epsilon, targets reached.
 
     ``skipped``: run name -> why it was not started (a fork whose parent never reached the fork point).
     """
@@ -258,8 +259,9 @@ def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = 
         reached = s.get("targets_reached") or {}
         rows.append({"run": p.name, **p.knobs, "parent": p.parent, "state": s.get("state", "pending"),
                      "reason": s.get("reason"), "step": s.get("step"), "samples": s.get("samples"),
-                     "tokens": s.get("tokens"), "eval_loss": s.get("eval_loss"),
-                     "best_eval_loss": s.get("best_eval_loss"), "epsilon": s.get("epsilon"),
+                     "tokens": s.get("tokens"), "eval_loss": s.get("eval_loss"), "eval_error": s.get("eval_error"),
+                     "best_eval_loss": s.get("best_eval_loss"), "loss_floor": s.get("loss_floor"),
+                     "epsilon": s.get("epsilon"),
                      "targets_reached": ";".join(sorted(reached, key=float, reverse=True)),
                      **{f"step_at_{t}": step for t, step in reached.items()}})
     frame = pd.DataFrame(rows)
