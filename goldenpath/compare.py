@@ -17,7 +17,6 @@ checkpoints changed or are new.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -95,24 +94,42 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _load(ck: Checkpoint, config: Config, info, device, dtype, templates: dict) -> torch.nn.Module:
-    """The checkpoint's model: a copy of one built model per architecture, its weights loaded (strict)."""
-    key = json.dumps(to_dict(config)["model"], sort_keys=True)
-    if key not in templates:  # building (a transformers model especially) costs more than copying
-        templates[key] = build_model(config.model, info, seed=config.seed)
-    model = copy.deepcopy(templates[key])
-    return ckpt.load_weights(model, ck.path).to(device, dtype).eval().requires_grad_(False)
+class _Swapped:
+    """A checkpoint's model without a module of its own: its weights, copied into the one module built per
+    architecture just before each forward (copying weights costs far less than copying a module)."""
+
+    def __init__(self, module: torch.nn.Module, path: Path):
+        ckpt.load_weights(module, path)  # strict: every weight present and of the right shape
+        self.module = module
+        self.slots = list({id(t): t for t in module.state_dict(keep_vars=True).values()}.values())  # tied once
+        self.weights = [t.detach().clone() for t in self.slots]
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            torch._foreach_copy_(self.slots, self.weights)
+        return self.module(*args)
 
 
-def pair_sums(models: list[torch.nn.Module], probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
+def _load(ck: Checkpoint, config: Config, info, device, dtype, modules: dict) -> _Swapped:
+    """The checkpoint's model, sharing one built module per architecture with the other checkpoints."""
+    key = repr(config.model)  # the frozen dataclass's fields, nested sections included
+    if key not in modules:
+        modules[key] = build_model(config.model, info, seed=config.seed).to(device, dtype).eval()
+    return _Swapped(modules[key], ck.path)
+
+
+def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
               device, dtype) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """Per probe unit sums of each metric for each pair, each model's forward once per chunk.
+
+    ``models[i]`` is a module or any callable with a module's call signature.
 
     Returns {(i, j): {metric: [units] sums, "count": [units] points}}.
     """
     n = len(probe["ids"])
     lm = "labels" in probe
-    out = {p: {m: [] for m in (*metrics, "count")} for p in pairs}
+    sums = {p: [] for p in pairs}
+    counts = []
     needed = sorted({i for p in pairs for i in p})
     with torch.no_grad():
         for lo in range(0, n, chunk):
@@ -121,11 +138,12 @@ def pair_sums(models: list[torch.nn.Module], probe: dict, pairs: list[tuple[int,
             outs = {i: Dist(logits(models[i], part)) for i in needed}  # N forwards for this chunk
             mask = part["labels"] != -100 if lm else None
             for (i, j) in pairs:
-                for m in metrics:
-                    s, c = unit_sums(ON_DISTS[m](outs[i], outs[j]), mask)
-                    out[(i, j)][m].append(s.cpu())
-                out[(i, j)]["count"].append(c.cpu())
-    return {p: {k: torch.cat(v) for k, v in d.items()} for p, d in out.items()}
+                values = torch.stack([ON_DISTS[m](outs[i], outs[j]) for m in metrics])  # [metrics, units(, T)]
+                s, c = unit_sums(values, mask)
+                sums[(i, j)].append(s.cpu())
+            counts.append(c.cpu())
+    count = torch.cat(counts)
+    return {p: {**dict(zip(metrics, torch.cat(v, dim=1))), "count": count} for p, v in sums.items()}
 
 
 def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
@@ -163,9 +181,9 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         results = {p: cached[k] for p, k in keys.items() if k in cached}
         todo = [p for p in pairs if p not in results]
         if todo:
-            models, templates = {}, {}
+            models, modules = {}, {}
             for idx in sorted({k for t in todo for k in t}):
-                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, templates)
+                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, modules)
             results.update(pair_sums(models, probe, todo, metrics, chunk=chunk, device=device, dtype=dtype))
             del models
             current = {keys[p]: results[p] for p in pairs}  # pairs of checkpoints gone or changed drop out

@@ -11,6 +11,7 @@ source or a model is one small dataclass next to its implementation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import re
@@ -371,6 +372,12 @@ def _convert(value: Any, tp, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp} at {where}")
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    """A config class's resolved field annotations (resolving them is most of reading a config)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, raw: Any, where: str):
     """Build dataclass ``cls`` from a mapping, naming the field of any error."""
     label = where or "config"
@@ -382,7 +389,7 @@ def _build(cls, raw: Any, where: str):
         require(choice in registry, f"{where}.{key}", f"unknown {key} {choice!r}",
                 f"use one of {sorted(registry)}")
         cls = registry[choice]
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         require(key in fields, f"{where}.{key}".lstrip("."), "unknown key",

@@ -34,17 +34,20 @@ class Dist:
 
 
 def _tv(a: Dist, b: Dist) -> torch.Tensor:
-    return 0.5 * (a.p - b.p).abs().sum(-1)
+    return (a.p - b.p).abs_().sum(-1).mul_(0.5)
 
 
 def _kl(a: Dist, b: Dist) -> torch.Tensor:
-    return (a.p * (a.log_p - b.log_p)).sum(-1).clamp_min(0.0)
+    return torch.linalg.vecdot(a.p, a.log_p - b.log_p).clamp_min_(0.0)
 
 
 def _js(a: Dist, b: Dist) -> torch.Tensor:
-    log_m = torch.logaddexp(a.log_p, b.log_p) - math.log(2.0)
-    value = 0.5 * (a.p * (a.log_p - log_m)).sum(-1) + 0.5 * (b.p * (b.log_p - log_m)).sum(-1)
-    return value.clamp(0.0, math.log(2.0))
+    # each log-ratio is taken pointwise before it is weighted: log m = logaddexp keeps m's rounding at the
+    # scale of log 2, where log(p + q) (or the entropy form H(m) - (H(p) + H(q)) / 2) would add rounding at
+    # the scale of log p, as large as the distance itself for near-equal models
+    log_m = torch.logaddexp(a.log_p, b.log_p).sub_(math.log(2.0))
+    value = torch.linalg.vecdot(a.p, a.log_p - log_m) + torch.linalg.vecdot(b.p, b.log_p - log_m)
+    return value.mul_(0.5).clamp_(0.0, math.log(2.0))
 
 
 def _top1(a: Dist, b: Dist) -> torch.Tensor:
@@ -78,16 +81,16 @@ FUNCTIONS = {"tv": tv, "kl": kl, "js": js, "top1": top1}
 
 
 def unit_sums(values: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per probe unit (leading dim): the sum of its points' values and how many points it has.
+    """Per probe unit: the sum of its points' values (in float64) and how many points it has.
 
-    Images are units of one point; a sequence's points are its predicted positions (``mask`` True).
+    Without ``mask`` every value is a unit of one point (images): ``values`` [..., units]. With ``mask``
+    [units, positions] (True = a predicted token), ``values`` [..., units, positions] sums each sequence's
+    points. Leading dims (e.g. several metrics) are kept: sums [..., units], counts [units].
     """
-    values = values.double()
-    if values.dim() == 1:
-        return values, torch.ones_like(values)
-    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
-    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
-    return values.flatten(1).sum(1), mask.flatten(1).sum(1).double()
+    if mask is None:
+        return values.double(), torch.ones(values.shape[-1], dtype=torch.float64, device=values.device)
+    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return values.sum(-1, dtype=torch.float64), mask.sum(-1, dtype=torch.float64)
 
 
 def bootstrap_weights(n_units: int, *, n_boot: int = 1000, seed: int = 0) -> torch.Tensor:
