@@ -1,12 +1,14 @@
 """DP-SGD step cost: goldenpath's fast path and vmap path, Opacus hooks, and non-private SGD, same run.
 
-    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2]
+    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2] [--system-malloc]
 
 Each method gets its own copy of the same model and batch. After a warm-up, full optimizer steps
 (forward, backward or per-sample clipping, noise, SGD update) are timed interleaved, one step of each
 method in turn, so machine noise hits all alike; the table gives median step times as ratios to
 non-private SGD. Peak memory of a step above what the setup holds is measured per method in a fresh
-process. Goals: fast-path dp <= 1.3x non-private; >= 2x faster than Opacus hooks.
+process. Every process runs with the allocator settings of ``goldenpath``'s command line
+(``goldenpath.cli.tune_malloc``), unless ``--system-malloc`` keeps glibc's defaults.
+Goals: fast-path dp <= 1.3x non-private; >= 2x faster than Opacus hooks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from goldenpath.cli import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("non-private", "dp-fast", "dp-vmap", "opacus-hooks")
@@ -104,7 +108,9 @@ def _vm_hwm_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def _peak_worker(model_name: str, method: str, device: str, out) -> None:
+def _peak_worker(model_name: str, method: str, device: str, out, system_malloc: bool) -> None:
+    if not system_malloc:
+        tune_malloc()
     step = make_step(model_name, method, device)
     if device == "cuda":
         step()
@@ -122,11 +128,11 @@ def _peak_worker(model_name: str, method: str, device: str, out) -> None:
         out.put((_vm_hwm_bytes() - base) / 2**20)
 
 
-def peak_memory(model_name: str, method: str, device: str) -> float:
+def peak_memory(model_name: str, method: str, device: str, system_malloc: bool) -> float:
     """Peak memory of a step above what the setup holds, in a fresh process (MB)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(model_name, method, device, queue))
+    proc = ctx.Process(target=_peak_worker, args=(model_name, method, device, queue, system_malloc))
     proc.start()
     proc.join()
     return queue.get() if proc.exitcode == 0 else float("nan")
@@ -156,8 +162,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method, interleaved")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocator defaults")
     args = parser.parse_args()
-    results: dict = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads()}
+    malloc = "system" if args.system_malloc or not tune_malloc() else "goldenpath"
+    results: dict = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+                     "malloc": malloc}
     for name in args.models.split(","):
         times = step_times(name, args.steps, args.device)
         base = statistics.median(times["non-private"])
@@ -165,17 +174,17 @@ def main() -> None:
         for m in METHODS:
             t = statistics.median(times[m])
             rows[m] = {"step_ms": t * 1e3, "ratio_to_non_private": t / base,
-                       "peak_mb": peak_memory(name, m, args.device)}
+                       "peak_mb": peak_memory(name, m, args.device, args.system_malloc)}
         rows["opacus_hooks_over_dp_fast"] = rows["opacus-hooks"]["step_ms"] / rows["dp-fast"]["step_ms"]
         results[name] = rows
-        print(f"\n{name} ({args.device}; median of {args.steps} interleaved steps; peak memory of a step above setup)")
+        print(f"\n{name} ({args.device}, {malloc} malloc; median of {args.steps} interleaved steps; peak memory of a step above setup)")
         print(f"{'method':14s} {'step ms':>9s} {'x non-private':>14s} {'peak MB':>9s}")
         for m in METHODS:
             row = rows[m]
             print(f"{m:14s} {row['step_ms']:9.1f} {row['ratio_to_non_private']:14.2f} {row['peak_mb']:9.0f}")
         print(f"Opacus hooks / dp fast path: {rows['opacus_hooks_over_dp_fast']:.2f}x (goal >= 2); "
               f"dp fast / non-private: {rows['dp-fast']['ratio_to_non_private']:.2f}x (goal <= 1.3)", flush=True)
-    path = ROOT / "bench" / "results" / f"dp_step_{args.device}.json"
+    path = ROOT / "bench" / "results" / f"dp_step_{args.device}{'_system_malloc' if malloc == 'system' else ''}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")

@@ -85,12 +85,9 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
     if std == 0 or not grads:
         return 0.0
     gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, 0x6E6F697365, step) & (2**63 - 1))
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    for g in grads:
-        xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
-        g.add_(xi, alpha=std)
-        sq += xi.double().square().sum()
-    return sq.sqrt() * std
+    xis = [torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) for g in grads]
+    torch._foreach_add_(grads, xis, alpha=std)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xis)).double()) * std
 
 
 # ----------------------------------------------------------------------------- batches
@@ -234,14 +231,17 @@ def _rule(call: _Call, g: torch.Tensor) -> dict[str, list] | None:
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or a.dim() != 4:
             return None
         a, t, n = _float(a), g.shape[2] * g.shape[3], m.weight[0].numel()
-        if _per_sample_cheaper(t, m.out_channels, n):
+        if not _per_sample_cheaper(t, m.out_channels, n):
+            out["weight"] = _Factored(g.flatten(2).transpose(1, 2), _patches(a, m, g.shape[2:]).transpose(1, 2),
+                                      m.out_channels, m.weight.shape)
+        elif n <= _FEW_PATCH_VALUES:  # a first layer (RGB or grey input): one batched product of the patches
+            cols = _patches(a, m, g.shape[2:])
+            out["weight"] = torch.bmm(cols, g.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(-1, *m.weight.shape)
+        else:
             b, c = a.shape[:2]
             out["weight"] = torch.nn.grad.conv2d_weight(  # one grouped convolution: group i is sample i
                 a.reshape(1, b * c, *a.shape[2:]), (b * m.out_channels, *m.weight.shape[1:]),
                 g.reshape(1, -1, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=b).view(b, *m.weight.shape)
-        else:
-            cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
-            out["weight"] = _Factored(g.flatten(2).transpose(1, 2), cols, m.out_channels, m.weight.shape)
         out["bias"] = g.sum((2, 3))
     elif isinstance(m, nn.Embedding):
         if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
@@ -263,6 +263,23 @@ def _rule(call: _Call, g: torch.Tensor) -> dict[str, list] | None:
     else:
         return None
     return out
+
+
+# A convolution whose patches hold at most this many values (input channels x kernel area, e.g. 3 x 3 x 3)
+# gets its per-sample weight gradients as one batched matrix product of its patches; above it, one grouped
+# convolution is faster (bench/dp_step.py, CPU: 0.9 vs 2.5 ms for 3 -> 32 channels at 32 x 32, batch 64).
+_FEW_PATCH_VALUES = 32
+
+
+def _patches(a: torch.Tensor, m: nn.Conv2d, out_hw) -> torch.Tensor:
+    """``F.unfold(a)`` for the convolution ``m``: [B, C kh kw, L] with the same ordering (copies of strided
+    slices of the padded input, cheaper than unfold's kernel)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    ho, wo = out_hw
+    a = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    views = [a[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+             for i in range(kh) for j in range(kw)]
+    return torch.stack(views, 2).reshape(a.shape[0], -1, ho * wo)
 
 
 def _module_grads(call: _Call, g: torch.Tensor, own: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
@@ -337,9 +354,12 @@ def _sq_norms(parts: list) -> torch.Tensor:
     return dense.flatten(1).square().sum(1)
 
 
+def _dtype(part) -> torch.dtype:
+    return part.v.dtype if isinstance(part, _Factored) else part.dtype
+
+
 def _weighted_sum(part, c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """sum_i c_i (per-sample gradient i) of one contribution."""
-    c = c.to(part.v.dtype if isinstance(part, _Factored) else part.dtype)
+    """sum_i c_i (per-sample gradient i) of one contribution (``c`` in the contribution's dtype)."""
     if isinstance(part, _Factored):
         if part.u.is_floating_point():  # weight the smaller factor
             u, v = part.u, part.v
@@ -386,11 +406,12 @@ def _fast_path(model, loss_fn, batch, clip, trained, chunk) -> ClipResult:
         for n in reference:
             parts[n] = [torch.cat([g[n] for g in grads])]
 
-    sq = [_sq_norms(ps).double() for ps in parts.values() if ps]
-    norms = torch.stack(sq).sum(0).sqrt() if sq else losses.new_zeros(b, dtype=torch.float64)
-    c = clip_factors(norms, clip)
+    sq = [_sq_norms(ps) for ps in parts.values() if ps]
+    norms = torch.stack(sq).sum(0, dtype=torch.float64).sqrt() if sq else losses.new_zeros(b, dtype=torch.float64)
+    factors = clip_factors(norms, clip)
+    c = {dtype: factors.to(dtype) for dtype in {_dtype(part) for ps in parts.values() for part in ps}}
     grads = {}
     for n, p in trained.items():
-        sums = [_weighted_sum(part, c, p.shape) for part in parts[n]]
+        sums = [_weighted_sum(part, c[_dtype(part)], p.shape) for part in parts[n]]
         grads[n] = (sum(sums[1:], sums[0]) if sums else torch.zeros_like(p)).to(p.dtype)
     return ClipResult(grads, norms, losses.detach(), tuple(sorted(reference)))

@@ -76,3 +76,32 @@ def test_every_shipped_sweep_expands_into_valid_runs(path):
     for p in points:
         if p.fork is None:
             load_config(sweep.base, p.overrides)
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+from goldenpath.cli import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(16 << 20)  # an activation-sized buffer
+print(applied, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator options")
+@pytest.mark.parametrize("mode", ["tuned", "system", "user"])
+def test_cli_keeps_activation_sized_buffers_in_the_heap_unless_the_user_set_malloc(mode):
+    import os
+
+    env = {**os.environ, **({"MALLOC_TOP_PAD_": "65536"} if mode == "user" else {})}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, "tuned" if mode != "system" else "system"],
+                         capture_output=True, text=True, check=True, env=env).stdout.split()
+    applied, mapped = out[0] == "True", int(out[1])
+    assert applied == (mode == "tuned")
+    assert (mapped == 0) == (mode == "tuned")  # glibc maps such blocks by default: page faults on every reuse
