@@ -251,15 +251,12 @@ def _rule(call: _Call, g: torch.Tensor) -> dict[str, list] | None:
             g = g * (ids != m.padding_idx).unsqueeze(-1)
         out["weight"] = _Factored(ids, g, m.num_embeddings, m.weight.shape)
     elif isinstance(m, nn.LayerNorm):
-        xhat = F.layer_norm(_float(a), m.normalized_shape, eps=m.eps)
         dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-        out["weight"] = xhat.mul_(g).sum(dims) if dims else xhat.mul_(g)  # in place: one activation-sized buffer
-        out["bias"] = g.sum(dims) if dims else g
+        out["weight"], out["bias"] = _affine_grads(
+            lambda x: F.layer_norm(x, m.normalized_shape, eps=m.eps), _float(a), g, dims)
     elif isinstance(m, nn.GroupNorm):
-        xhat = F.group_norm(_float(a), m.num_groups, eps=m.eps)
-        dims = tuple(range(2, a.dim()))
-        out["weight"] = xhat.mul_(g).sum(dims)
-        out["bias"] = g.sum(dims)
+        out["weight"], out["bias"] = _affine_grads(
+            lambda x: F.group_norm(x, m.num_groups, eps=m.eps), _float(a), g, tuple(range(2, a.dim())))
     else:
         return None
     return out
@@ -280,6 +277,23 @@ def _patches(a: torch.Tensor, m: nn.Conv2d, out_hw) -> torch.Tensor:
     views = [a[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
              for i in range(kh) for j in range(kw)]
     return torch.stack(views, 2).reshape(a.shape[0], -1, ho * wo)
+
+
+_CACHE_ELEMENTS = 1 << 18  # activations normalised at once by _affine_grads (1 MB in float32)
+
+
+def _affine_grads(normalise, a: torch.Tensor, g: torch.Tensor, dims: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of a norm layer's scale and shift: sum over ``dims`` of xhat g, and of g.
+
+    xhat is recomputed from the layer's input a few samples at a time, so that it is still in cache when
+    it meets g (on the CNN's first group norm, 0.55 instead of 0.95 ms).
+    """
+    step = max(1, _CACHE_ELEMENTS // max(1, a[0].numel()))
+    scale = []
+    for lo in range(0, a.shape[0], step):
+        xhat = normalise(a[lo : lo + step]).mul_(g[lo : lo + step])  # in place: one chunk-sized buffer
+        scale.append(xhat.sum(dims) if dims else xhat)
+    return torch.cat(scale), (g.sum(dims) if dims else g)
 
 
 def _module_grads(call: _Call, g: torch.Tensor, own: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:

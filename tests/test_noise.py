@@ -160,6 +160,12 @@ def test_each_layer_type_matches_the_naive_loop(name, norm_route):
                 reference=("layer.pos.weight",) if name == "broadcast" else ())
 
 
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm"])
+def test_norm_layers_match_the_naive_loop_when_normalised_a_few_samples_at_a_time(name, monkeypatch):
+    monkeypatch.setattr(noise, "_CACHE_ELEMENTS", 50)  # 2 (layer norm) or 1 sample per chunk of 7
+    test_each_layer_type_matches_the_naive_loop(name, "auto")
+
+
 def test_embedding_with_padding_and_repeated_tokens(norm_route):
     torch.manual_seed(1)
     model = Head(nn.Embedding(6, 3, padding_idx=2), (5, 3))
