@@ -4,7 +4,8 @@
 
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
-resamples, no figures and no cache. The figure reported is wall time / (N x one model's forward over the
+resamples, no figures and no cache, with the allocator settings of ``goldenpath``'s command line
+(``goldenpath.cli.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from goldenpath import checkpoints as ckpt
+from goldenpath.cli import tune_malloc
 from goldenpath.compare import compare
 from goldenpath.config import load_config, to_dict
 from goldenpath.models import build_model, logits
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,16")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
         compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2), figures=False)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, load_config, to_dict
@@ -94,27 +95,54 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-class _Swapped:
-    """A checkpoint's model without a module of its own: its weights, copied into the one module built per
-    architecture just before each forward (copying weights costs far less than copying a module)."""
+class _Slots:
+    """One built module per architecture, shared by every checkpoint of that architecture: its weight
+    tensors (tied weights once) and the state-dict names that reach each."""
 
-    def __init__(self, module: torch.nn.Module, path: Path):
-        ckpt.load_weights(module, path)  # strict: every weight present and of the right shape
+    def __init__(self, module: torch.nn.Module):
+        by_id: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            by_id.setdefault(id(t), (t, []))[1].append(name)
         self.module = module
-        self.slots = list({id(t): t for t in module.state_dict(keep_vars=True).values()}.values())  # tied once
-        self.weights = [t.detach().clone() for t in self.slots]
+        self.tensors = [t for t, _ in by_id.values()]
+        self.names = [names for _, names in by_id.values()]
+        self.known = {n for names in self.names for n in names}
+
+    def read(self, path: Path) -> list[torch.Tensor]:
+        """A checkpoint's weights in slot order, checked strictly: each weight present once with its shape,
+        nothing unknown (a tied weight may be stored under any of its names)."""
+        file = path / "model.safetensors"
+        state = load_file(str(file), device=str(self.tensors[0].device) if self.tensors else "cpu")
+        unknown = sorted(set(state) - self.known)
+        if unknown:
+            raise RuntimeError(f"{file}: weights {unknown[:3]} are not in the model its config builds")
+        out = []
+        for t, names in zip(self.tensors, self.names):
+            stored = [n for n in names if n in state]
+            if not stored or state[stored[0]].shape != t.shape:
+                raise RuntimeError(f"{file}: weight {names[0]} is missing or not of shape {tuple(t.shape)}")
+            out.append(state[stored[0]].to(t.dtype))
+        return out
+
+
+class _Swapped:
+    """A checkpoint's model without a module of its own: its weights, copied into the architecture's shared
+    module just before each forward (copying weights costs far less than copying a module)."""
+
+    def __init__(self, slots: _Slots, path: Path):
+        self.slots, self.weights = slots, slots.read(path)
 
     def __call__(self, *args):
         with torch.no_grad():
-            torch._foreach_copy_(self.slots, self.weights)
-        return self.module(*args)
+            torch._foreach_copy_(self.slots.tensors, self.weights)
+        return self.slots.module(*args)
 
 
 def _load(ck: Checkpoint, config: Config, info, device, dtype, modules: dict) -> _Swapped:
     """The checkpoint's model, sharing one built module per architecture with the other checkpoints."""
     key = repr(config.model)  # the frozen dataclass's fields, nested sections included
     if key not in modules:
-        modules[key] = build_model(config.model, info, seed=config.seed).to(device, dtype).eval()
+        modules[key] = _Slots(build_model(config.model, info, seed=config.seed).to(device, dtype).eval())
     return _Swapped(modules[key], ck.path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -129,11 +130,24 @@ def bootstrap_rows(sums: torch.Tensor, counts: torch.Tensor, *, weights: torch.T
         estimate = estimate / (den_s.sum(1) / den_c.sum(1))
         draws = draws / ((den_s @ w) / (den_c @ w))
     alpha = (1 - level) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=draws.dtype)
-    if bool(torch.isfinite(draws).all()):
-        low, high = torch.quantile(draws, q, dim=1)
-    else:  # drop each row's undefined draws (a unit set with no points), row by row
-        bounds = [torch.quantile(d[torch.isfinite(d)], q) if torch.isfinite(d).any()
-                  else torch.full((2,), math.nan, dtype=d.dtype) for d in draws]
-        low, high = torch.stack(bounds).T
+    low, high = (torch.from_numpy(_percentile(draws.cpu().numpy(), q)) for q in (alpha, 1 - alpha))
     return estimate, low, high
+
+
+def _percentile(draws: np.ndarray, q: float) -> np.ndarray:
+    """Each row's q-quantile over its finite draws (linear interpolation, as numpy's and torch's default);
+    nan for a row with none. Undefined draws (a resample of units without points) are dropped.
+
+    One vectorised sort (numpy's SIMD sort) for all rows: torch.quantile sorts about 10x slower on CPU.
+    """
+    finite = np.isfinite(draws)
+    ordered = np.sort(np.where(finite, draws, np.nan), axis=1)  # nan last
+    k = finite.sum(1)
+    h = q * np.maximum(k - 1, 0)
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
+    below = np.take_along_axis(ordered, lo[:, None], 1)[:, 0]
+    above = np.take_along_axis(ordered, hi[:, None], 1)[:, 0]
+    t = h - lo
+    value = np.where(t < 0.5, below + t * (above - below), above - (above - below) * (1 - t))
+    return np.where(k > 0, value, np.nan)

@@ -107,6 +107,10 @@ def test_bootstrap_rows_equal_one_bootstrap_per_row_including_an_undefined_draw(
             draws = draws[np.isfinite(draws)]
             expected = (value, *np.percentile(draws, [2.5, 97.5]))
             assert (est[k].item(), low[k].item(), high[k].item()) == pytest.approx(expected, rel=1e-12)
+    # a row whose units have no points at all: every draw undefined, no interval
+    counts[2] = 0
+    est, low, high = bootstrap_rows(sums, counts, weights=w)
+    assert math.isnan(low[2]) and math.isnan(high[2]) and not math.isnan(low[1])
 
 
 # ----------------------------------------------------------------------------- all pairs
@@ -147,6 +151,25 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which):
             else:
                 want = values
             torch.testing.assert_close(got[(i, j)][name], want.double(), rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoints_sharing_one_module_give_their_own_outputs_and_bad_files_are_refused(tmp_path):
+    """Tied GPT-2 weights: each checkpoint read into the shared module gives what its own model gives."""
+    config = load_config(None, [*TINY_MARKOV, "budget.steps=1"])
+    source = config.data.build()
+    batch = {k: v[:3] for k, v in source.heldout("probe").items() if k != "ids"}
+    models = [build_model(config.model, source.info, seed=s).eval() for s in range(2)]
+    for s, m in enumerate(models):
+        ckpt.save_checkpoint(tmp_path / f"m{s}", m, {"target": 1.0})
+    slots = cmp._Slots(build_model(config.model, source.info, seed=9).eval())
+    swapped = [cmp._Swapped(slots, tmp_path / f"m{s}") for s in range(2)]
+    with torch.no_grad():
+        for s in (1, 0, 1):  # alternating: each call copies its own weights in
+            assert torch.equal(logits(swapped[s], batch), logits(models[s], batch))
+    other = load_config(None, [*TINY_MARKOV, "budget.steps=1", "model.width=16"])
+    ckpt.save_checkpoint(tmp_path / "narrow", build_model(other.model, source.info, seed=0), {"target": 1.0})
+    with pytest.raises(RuntimeError, match="not of shape"):
+        cmp._Swapped(slots, tmp_path / "narrow")
 
 
 # ----------------------------------------------------------------------------- a hand-made sweep
