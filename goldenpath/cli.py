@@ -326,10 +326,11 @@ def tune_malloc() -> bool:
     afresh and unmaps it when freed, and returns the heap's freed top to the system, so each training step
     page-faults its activations again: on a 2-core CPU that is about a third of a small CNN's step
     (bench/dp_step.py). Buffers up to 32 MB (glibc's largest threshold) now come from the heap, which keeps
-    256 MB of freed top. Left alone when the user set any of the MALLOC_*_ variables, or off glibc.
-    Returns whether it applied.
+    256 MB of freed top (so a process keeps up to 256 MB it no longer uses). Left alone when the user set
+    any of the MALLOC_*_ variables or a glibc.malloc tunable, or off glibc. Returns whether it applied.
     """
-    if any(k in os.environ for k in _MALLOC_ENV) or not sys.platform.startswith("linux"):
+    user = any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    if user or not sys.platform.startswith("linux"):
         return False
     import ctypes
 

@@ -118,10 +118,15 @@ class _Slots:
             raise RuntimeError(f"{file}: weights {unknown[:3]} are not in the model its config builds")
         out = []
         for t, names in zip(self.tensors, self.names):
-            stored = [n for n in names if n in state]
-            if not stored or state[stored[0]].shape != t.shape:
-                raise RuntimeError(f"{file}: weight {names[0]} is missing or not of shape {tuple(t.shape)}")
-            out.append(state[stored[0]].to(t.dtype))
+            stored = [state[n] for n in names if n in state]
+            if not stored:
+                raise RuntimeError(f"{file}: weight {names[0]} is missing")
+            if stored[0].shape != t.shape:
+                raise RuntimeError(f"{file}: weight {names[0]} has shape {tuple(stored[0].shape)}, "
+                                   f"the model its config builds {tuple(t.shape)}")
+            if any(not torch.equal(x, stored[0]) for x in stored[1:]):
+                raise RuntimeError(f"{file}: the tied weights {names} are stored with different values")
+            out.append(stored[0].to(t.dtype))
         return out
 
 
@@ -134,7 +139,8 @@ class _Swapped:
 
     def __call__(self, *args):
         with torch.no_grad():
-            torch._foreach_copy_(self.slots.tensors, self.weights)
+            if self.weights:
+                torch._foreach_copy_(self.slots.tensors, self.weights)
         return self.slots.module(*args)
 
 
@@ -170,6 +176,8 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
                 s, c = unit_sums(values, mask)
                 sums[(i, j)].append(s.cpu())
             counts.append(c.cpu())
+    if not pairs:
+        return {}
     count = torch.cat(counts)
     return {p: {**dict(zip(metrics, torch.cat(v, dim=1))), "count": count} for p, v in sums.items()}
 

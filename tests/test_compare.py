@@ -168,8 +168,17 @@ def test_checkpoints_sharing_one_module_give_their_own_outputs_and_bad_files_are
             assert torch.equal(logits(swapped[s], batch), logits(models[s], batch))
     other = load_config(None, [*TINY_MARKOV, "budget.steps=1", "model.width=16"])
     ckpt.save_checkpoint(tmp_path / "narrow", build_model(other.model, source.info, seed=0), {"target": 1.0})
-    with pytest.raises(RuntimeError, match="not of shape"):
+    with pytest.raises(RuntimeError, match="has shape .* the model its config builds"):
         cmp._Swapped(slots, tmp_path / "narrow")
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "m0" / "model.safetensors"))  # stored once: under one of the tied names
+    (tied,) = [names for names in slots.names if len(names) > 1]
+    stored = next(n for n in tied if n in state)
+    state.update({n: state[stored] + 1 for n in tied if n != stored})  # both names, different values
+    (tmp_path / "both").mkdir()
+    save_file(state, str(tmp_path / "both" / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="tied weights"):
+        cmp._Swapped(slots, tmp_path / "both")
 
 
 # ----------------------------------------------------------------------------- a hand-made sweep
