@@ -85,12 +85,12 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
     if std == 0 or not grads:
         return 0.0
     gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, 0x6E6F697365, step) & (2**63 - 1))
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    norms = []
     for g in grads:  # one noise tensor at a time: no second copy of the model's gradients
         xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
         g.add_(xi, alpha=std)
-        sq += xi.double().square().sum()
-    return sq.sqrt() * std
+        norms.append(torch.linalg.vector_norm(xi, dtype=torch.float64))
+    return torch.linalg.vector_norm(torch.stack(norms)) * std
 
 
 # ----------------------------------------------------------------------------- batches
