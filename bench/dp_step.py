@@ -38,11 +38,6 @@ MODELS = {
 }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def make_step(model_name: str, method: str, device: str):
     """A closure doing one full optimizer step of ``method`` on its own copy of the model and batch."""
     from goldenpath.config import load_config
