@@ -5,7 +5,7 @@
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
 resamples, no figures and no cache, with the allocator settings of ``goldenpath``'s command line
-(``goldenpath.cli.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
+(``goldenpath.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from goldenpath import checkpoints as ckpt
-from goldenpath.cli import tune_malloc
+from goldenpath.runtime import tune_malloc
 from goldenpath.compare import compare
 from goldenpath.config import load_config, to_dict
 from goldenpath.models import build_model, logits

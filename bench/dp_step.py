@@ -7,7 +7,7 @@ Each method gets its own copy of the same model and batch. After a warm-up, full
 method in turn, so machine noise hits all alike; the table gives median step times as ratios to
 non-private SGD. Peak memory of a step above what the setup holds is measured per method in a fresh
 process. Every process runs with the allocator settings of ``goldenpath``'s command line
-(``goldenpath.cli.tune_malloc``), unless ``--system-malloc`` keeps glibc's defaults.
+(``goldenpath.runtime.tune_malloc``), unless ``--system-malloc`` keeps glibc's defaults.
 Goals: fast-path dp <= 1.3x non-private; >= 2x faster than Opacus hooks.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from goldenpath.cli import tune_malloc
+from goldenpath.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("non-private", "dp-fast", "dp-vmap", "opacus-hooks")

@@ -1,11 +1,23 @@
 """goldenpath: does SGD noise change *what* a network learns in online learning, or only how fast?
 
-Public API (DESIGN.md): ``load_config``, ``train``; modules ``config``, ``data``, ``models``, ``checkpoints``.
+Public API: ``load_config``, ``train``, ``fork``, ``compare`` (and the modules ``config``, ``data``,
+``models``, ``distances``, ``noise``, ``privacy``, ``gradnoise``, ``toys``). Names are imported on
+first use, so ``import goldenpath`` (and ``goldenpath --help``) does not load torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from goldenpath.config import Config, ConfigError, load_config  # noqa: E402
-from goldenpath.train import train  # noqa: E402
+_EXPORTS = {"Config": "goldenpath.config", "ConfigError": "goldenpath.config", "load_config": "goldenpath.config",
+            "train": "goldenpath.train", "fork": "goldenpath.fork", "compare": "goldenpath.compare"}
 
-__all__ = ["Config", "ConfigError", "__version__", "load_config", "train"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'goldenpath' has no attribute {name!r}")

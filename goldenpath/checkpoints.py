@@ -1,6 +1,6 @@
 """Run directories: layout, atomic writes, safetensors checkpoints and the resume state.
 
-Layout (DESIGN.md)::
+Layout (runs/README.md)::
 
     <run>/config.yaml  status.json  metrics.jsonl
     <run>/checkpoints/target-<loss>/   model.safetensors + meta.json   (first eval loss <= target)
@@ -225,7 +225,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- resume state
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -235,7 +235,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(state), py_gauss]}
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
     if cuda:
@@ -268,7 +268,7 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 
 def write_rank_state(directory: Path, rank: int, stream_state: dict) -> None:
     """This process's part of the resume state: its RNG states and stream position."""
-    tensors, plain = _rng_state()
+    tensors, plain = rng_state()
     save_file(tensors, str(directory / f"rank{rank}.safetensors"))
     (directory / f"rank{rank}.json").write_text(json.dumps({"rng": plain, "stream": stream_state}))
 
@@ -290,5 +290,5 @@ def load_resume_state(directory: Path, rank: int, model: torch.nn.Module,
     device_state = _optimizer_join(load_file(str(directory / "optimizer.safetensors")), state["optimizer"])
     optimizer.load_state_dict(device_state)
     rank_plain = read_json(directory / f"rank{rank}.json")
-    _set_rng_state(load_file(str(directory / f"rank{rank}.safetensors")), rank_plain["rng"])
+    set_rng_state(load_file(str(directory / f"rank{rank}.safetensors")), rank_plain["rng"])
     return state["train"], rank_plain["stream"]

@@ -31,10 +31,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+TRAIN_HELP = """Train one run into <out>/<name>/ (default runs/<config name>_<overrides>, e.g.
+runs/teacher-cnn_lr=0.05: each command line gets its own directory). Running the same command again
+resumes from checkpoints/last. Ctrl-C saves the resume point at the current step and exits with 130 (a
+second Ctrl-C exits at once). On a CPU the run uses threads=N from the config, else $OMP_NUM_THREADS,
+else half the usable cores (1 to 4)."""
+
+
 def _parser() -> argparse.ArgumentParser:
+    from goldenpath import __version__
+
     parser = _Parser(prog="goldenpath", description="Study SGD noise in online deep learning.")
+    parser.add_argument("--version", action="version", version=f"goldenpath {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    p = verbs.add_parser("train", help="train one run (resumes when its directory holds a checkpoint)")
+    p = verbs.add_parser("train", help="train one run (resumes when its directory holds a checkpoint)",
+                         description=TRAIN_HELP)
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
     p = verbs.add_parser("sweep", help="run a grid of runs (skips completed ones, resumes interrupted ones)")
@@ -75,17 +86,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Overrides that do not change what a run computes: left out of its default name.
+_NOT_NAMED = ("out", "name", "log.progress", "threads")
+
+
+def default_run_name(config_name: str, overrides) -> str:
+    """``<config name>_<overrides>`` (``teacher-cnn_lr=0.05_bs=128``), as a sweep names its runs; the config's
+    own name when no override changes what the run computes."""
+    from goldenpath.config import parse_override
+    from goldenpath.sweep import run_name
+
+    knobs = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        key = ".".join(keys)
+        if key not in _NOT_NAMED:
+            knobs[key] = value
+    return f"{config_name}_{run_name(knobs)}" if knobs else config_name
+
+
 def _train(args) -> int:
     from goldenpath.train import train
 
-    return _finish_run(train(load_config(args.config, args.overrides)))
+    config = load_config(args.config, args.overrides)
+    if not any(o.split("=", 1)[0].strip() == "name" for o in args.overrides):
+        config = load_config(args.config, [*args.overrides, f"name={default_run_name(config.name, args.overrides)}"])
+    return _finish_run(train(config))
 
 
 def _finish_run(run_dir: Path) -> int:
-    """One summary line, then the run directory last; exit 0 only for a completed run."""
+    """One summary line, then the run directory last; exit 0 only for a completed run (130 after Ctrl-C)."""
+    import shlex
+
     from goldenpath.checkpoints import read_json
+    from goldenpath.runtime import EXIT_CTRL_C
 
     s = read_json(run_dir / "status.json")
+    if s["state"] == "interrupted":
+        _print_main(f"interrupted ({s.get('reason')}) at step {s.get('step')}, {s.get('samples')} samples; resume "
+                    f"state saved in {run_dir / 'checkpoints' / 'last'}; to resume run the same command: "
+                    f"{shlex.join(['goldenpath', *sys.argv[1:]])}")
+        _print_main(str(run_dir))
+        return EXIT_CTRL_C if s.get("reason") == "Ctrl-C" else 143
     line = f"{s['state']} ({s.get('reason')}): {s.get('step')} steps, {s.get('samples')} samples"
     if s.get("eval_loss") is not None:
         line += f", eval loss {s['eval_loss']:.4f}"
@@ -100,12 +142,15 @@ def _finish_run(run_dir: Path) -> int:
 
 
 def _sweep(args) -> int:
-    from goldenpath.sweep import run_sweep
+    from goldenpath.sweep import SweepInterrupted, run_sweep
 
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
-    sweep_dir = run_sweep(args.sweep_config, out=args.out, executor=args.executor, jobs=args.jobs,
-                          retry_diverged=args.retry_diverged)
+    try:
+        sweep_dir = run_sweep(args.sweep_config, out=args.out, executor=args.executor, jobs=args.jobs,
+                              retry_diverged=args.retry_diverged)
+    except SweepInterrupted as stop:
+        return _sweep_interrupted(stop)
     if args.executor == "slurm":
         _print_main(f"submitted to Slurm; follow {sweep_dir}/slurm/")
         _print_main(str(sweep_dir))
@@ -113,6 +158,20 @@ def _sweep(args) -> int:
     counts = _runs_summary(sweep_dir)[1]
     _print_main(str(sweep_dir))
     return 1 if counts.get("failed") else 0
+
+
+def _sweep_interrupted(stop) -> int:
+    """One line: what the interrupted sweep finished and saved, and how to go on."""
+    import shlex
+
+    from goldenpath.runtime import EXIT_CTRL_C, signal_name
+
+    runs, counts = _runs_summary(stop.sweep_dir)
+    _print_main(f"sweep stopped ({signal_name(stop.signum)}): {counts.get('interrupted', 0)} runs saved their resume "
+                f"point, {counts.get('pending', 0)} not started; to go on run the same command: "
+                f"{shlex.join(['goldenpath', *sys.argv[1:]])}")
+    _print_main(str(stop.sweep_dir))
+    return EXIT_CTRL_C if signal_name(stop.signum) == "Ctrl-C" else 143
 
 
 def _runs_summary(sweep_dir: Path):
@@ -127,7 +186,7 @@ def _runs_summary(sweep_dir: Path):
 
 
 def _fork(args) -> int:
-    from goldenpath.sweep import fork_config
+    from goldenpath.fork import fork_config
     from goldenpath.train import train
 
     parent, *overrides = args.run_dir_and_overrides
@@ -183,7 +242,8 @@ def _noise(args) -> int:
         draw(ax)
         ax.set_title(f"{run_dir.name} at {name}: {kind}", fontsize=8)
         fig.tight_layout()
-        ckpt.atomic_write(out / f"{name}-{kind}.png", lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"))
+        ckpt.atomic_write(out / f"{name}-{kind}.png",
+                          lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
         plt.close(fig)
     whole = table[table.layer == "all"].set_index("statistic").value
     _print_main(f"{args.batches} batches of {table.attrs['batch_size']}, {table.attrs['coordinates']} coordinates"
@@ -238,7 +298,7 @@ def _toys(args) -> int:
         worst = float((frame.spread / frame.exact - 1).abs().max())
         _print_main(f"null-space spread against the exact law: largest relative gap {worst:.3f}")
     fig.tight_layout()
-    ckpt.atomic_write(out / "figure.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    ckpt.atomic_write(out / "figure.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
     ckpt.atomic_write(out / "table.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     _print_main(str(out))
@@ -265,12 +325,15 @@ def _report(args) -> int:
 def _demo(args) -> int:
     """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.compare import compare
-    from goldenpath.sweep import run_sweep
+    from goldenpath.sweep import SweepInterrupted, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"
     if not path.exists():
         raise ConfigError("demo", f"{path} not found", "run from a source checkout (pip install -e .)")
-    sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
+    try:
+        sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
+    except SweepInterrupted as stop:
+        return _sweep_interrupted(stop)
     import pandas as pd
 
     runs, counts = _runs_summary(sweep_dir)
@@ -306,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from goldenpath.runtime import tune_malloc
+
     tune_malloc()
     try:
         code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare, "noise": _noise,
@@ -313,33 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        from goldenpath.runtime import EXIT_CTRL_C
+
+        print("goldenpath: stopped by Ctrl-C; completed checkpoints and the last saved resume point are kept: "
+              "run the same command to resume", file=sys.stderr)
+        code = EXIT_CTRL_C
     _exit(code)
-
-
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def tune_malloc() -> bool:
-    """Keep freed tensor buffers in the process's heap (glibc only; what ``goldenpath`` runs with).
-
-    PyTorch's CPU tensors come from malloc. By default glibc maps every buffer above its mmap threshold
-    afresh and unmaps it when freed, and returns the heap's freed top to the system, so each training step
-    page-faults its activations again: on a 2-core CPU that is about a third of a small CNN's step
-    (bench/dp_step.py). Buffers up to 32 MB (glibc's largest threshold) now come from the heap, which keeps
-    256 MB of freed top (so a process keeps up to 256 MB it no longer uses). Left alone when the user set
-    any of the MALLOC_*_ variables or a glibc.malloc tunable, or off glibc. Returns whether it applied.
-    """
-    user = any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
-    if user or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
-        return False
-    m_top_pad, m_mmap_threshold = -2, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_top_pad, 256 << 20))
 
 
 def _exit(code: int) -> None:

@@ -50,8 +50,9 @@ class Checkpoint:
 
 def _knobs(config: Config) -> tuple:
     d = to_dict(config)
-    for k in ("seed", "name", "out", "goldenpath"):
+    for k in ("seed", "name", "out", "goldenpath", "threads"):
         d.pop(k, None)
+    d["log"].pop("progress", None)
     d.get("fork", {}).pop("parent", None)  # forks of seed siblings are siblings
     return (json.dumps(d, sort_keys=True),)
 
@@ -323,7 +324,7 @@ def write_heatmaps(frame, fig_dir: Path, configs: dict[str, Config]) -> list[Pat
         ax.set_title(f"{metric} at eval loss {target:g}")
         path = fig_dir / f"heatmap-{metric}-target-{target:g}.png"
         fig.tight_layout()
-        ckpt.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png"))
+        ckpt.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
         plt.close(fig)
         paths.append(path)
     return paths

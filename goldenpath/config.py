@@ -192,7 +192,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Gradient noise (MISSION.md, "Noise knobs"); B is the logical batch, xi ~ N(0, I).
+    """Gradient noise (docs/science.md, "Noise knobs"); B is the logical batch, xi ~ N(0, I).
 
     gaussian (Noisy-SGD): g = mean gradient + (sigma / B) xi
     dp (DP-SGD):          g = (sum_i clip_C(g_i) + sigma C xi) / B, the norm over all trained parameters
@@ -273,6 +273,7 @@ class Config:
     out: str = "runs"
     seed: int = 0                                     # model init and stream order
     cpu: bool = False                                 # force CPU even where a GPU is present
+    threads: int | None = None                        # CPU threads; None: $OMP_NUM_THREADS, else cores / 2 (1-4)
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # bf16: autocast on GPU; fp64: for numerical checks
     data: DataConfig = field(default_factory=_default_data)
     model: ModelConfig = field(default_factory=_default_model)
@@ -297,6 +298,8 @@ class Config:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
                 "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
+        require(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}",
+                "use a positive number of CPU threads, or null for the default")
         require(not self.log.noise_scale or self.noise.kind != "dp", "log.noise_scale",
                 "under dp the trainer forms only clipped gradients", "use goldenpath noise on a checkpoint")
         require(not self.log.noise_scale or (self.optim.micro_batch_size or self.optim.batch_size)
@@ -344,7 +347,7 @@ def _convert(value: Any, tp, where: str) -> Any:
         require(isinstance(value, dict), where, f"expected a mapping, got {value!r}", "write {key: value, ...}")
         return {_convert(k, args[0], where): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
-        require(value in args, where, f"{value!r} is not one of {list(args)}", f"use one of {list(args)}")
+        require(value in args, where, f"unknown value {value!r}", f"use one of {list(args)}")
         return value
     if origin is tuple:
         require(isinstance(value, (list, tuple)), where, f"expected a list, got {value!r}", "write [a, b, ...]")

@@ -1,4 +1,4 @@
-"""Pointwise functional distances between two models' outputs (MISSION.md, "Pointwise functional distance").
+"""Pointwise functional distances between two models' outputs (docs/science.md, "Pointwise functional distance").
 
 Every function takes logits (last dim = classes or vocabulary) of the same shape and returns one value
 per point (the leading dims), computed from log-softmax in float32 or better, never from rounded
@@ -26,20 +26,31 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 class Dist:
     """One model's predictive distribution on some points: log-probabilities and probabilities, computed once
-    and shared by every metric and every pair it enters."""
+    and shared by every metric and every pair it enters. ``masked``: some token has probability exactly 0
+    (a -inf logit), so the metrics take the slower forms in which such a token contributes exactly 0."""
 
     def __init__(self, logits: torch.Tensor):
         self.log_p = log_probs(logits)
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
+        self.masked = bool(torch.isneginf(self.log_p).any())
 
 
 def _tv(a: Dist, b: Dist) -> torch.Tensor:
     return (a.p - b.p).abs_().sum(-1).mul_(0.5)
 
 
+def _weighted(p: torch.Tensor, log_ratio: torch.Tensor, masked: bool) -> torch.Tensor:
+    """sum_k p_k log_ratio_k, with 0 log(0 / x) = 0 (x >= 0): a token p rules out adds nothing, where the plain
+    product would give 0 * (-inf) = nan."""
+    if masked:
+        log_ratio = log_ratio.masked_fill_(p == 0, 0.0)
+    return torch.linalg.vecdot(p, log_ratio)
+
+
 def _kl(a: Dist, b: Dist) -> torch.Tensor:
-    return torch.linalg.vecdot(a.p, a.log_p - b.log_p).clamp_min_(0.0)
+    # +inf where q rules out a token p gives mass (as scipy's rel_entr)
+    return _weighted(a.p, a.log_p - b.log_p, a.masked or b.masked).clamp_min_(0.0)
 
 
 def _js(a: Dist, b: Dist) -> torch.Tensor:
@@ -47,7 +58,8 @@ def _js(a: Dist, b: Dist) -> torch.Tensor:
     # scale of log 2, where log(p + q) (or the entropy form H(m) - (H(p) + H(q)) / 2) would add rounding at
     # the scale of log p, as large as the distance itself for near-equal models
     log_m = torch.logaddexp(a.log_p, b.log_p).sub_(math.log(2.0))
-    value = torch.linalg.vecdot(a.p, a.log_p - log_m) + torch.linalg.vecdot(b.p, b.log_p - log_m)
+    masked = a.masked or b.masked
+    value = _weighted(a.p, a.log_p - log_m, masked) + _weighted(b.p, b.log_p - log_m, masked)
     return value.mul_(0.5).clamp_(0.0, math.log(2.0))
 
 

@@ -1,4 +1,4 @@
-"""Gradient-noise analysis at fixed parameters (MISSION.md, "Gradient-noise analysis"): pure functions.
+"""Gradient-noise analysis at fixed parameters (docs/science.md, "Gradient noise at fixed parameters"): pure functions.
 
 - ``tail_index``: the Mohammadi et al. (2015, Corollary 2.4) estimator of the alpha of a symmetric
   alpha-stable variable, as used by Simsekli et al. (2019); ``tail_index_ci`` adds a bootstrap interval.

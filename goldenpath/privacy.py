@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD: epsilon at a given delta (MISSION.md, "Privacy accounting").
+"""Privacy accounting for DP-SGD: epsilon at a given delta (docs/science.md, "Noise knobs").
 
 - Online (every sample in exactly one noised sum, ``sample_rate=1``): the Gaussian mechanism with
   sensitivity C and noise sigma C, composed ``steps`` times if a sample is used in several full-batch
@@ -46,3 +46,20 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
     while gaussian_delta(hi, mu) > delta:
         hi *= 2
     return float(brentq(lambda e: gaussian_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
+
+
+def privacy_spent(config, steps: int) -> dict:
+    """epsilon, delta and the accountant of a DP-SGD run (a goldenpath Config) after ``steps`` optimizer
+    steps; {} without DP-SGD."""
+    noise, data = config.noise, config.data
+    if noise.kind != "dp":
+        return {}
+    offline = data.epochs > 1
+    delta = noise.delta if noise.delta is not None else (1 / data.train_size if offline else 1e-5)
+    if offline:  # a sample enters one noised sum per epoch: subsampled Gaussian, RDP
+        eps = epsilon(noise.sigma, delta, steps=steps, sample_rate=config.optim.batch_size / data.train_size)
+        accountant = "rdp (opacus; assumes Poisson sampling, batches are shuffled)"
+    else:  # every sample enters exactly one noised sum: one Gaussian mechanism
+        eps = epsilon(noise.sigma, delta) if steps else 0.0
+        accountant = "analytic gaussian (each sample in one step)"
+    return {"epsilon": eps, "delta": delta, "accountant": accountant}

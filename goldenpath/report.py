@@ -46,7 +46,7 @@ def _png(draw, size=(6.5, 4.0)) -> str:
     draw(ax)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
@@ -64,6 +64,12 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;col
 table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
 th{background:#f4f4f4}figure{display:inline-block;margin:.5em}figcaption{font-size:12px;color:#555}
 img{max-width:600px}.warn{color:#a40000}pre{background:#f7f7f7;padding:.5em;font-size:12px}"""
+
+
+def _runs(names) -> str:
+    """'1 run (a) has' / '2 runs (a, b) have'."""
+    names = sorted(names)
+    return f"{len(names)} run{'s' if len(names) != 1 else ''} ({', '.join(names)}) ha{'ve' if len(names) != 1 else 's'}"
 
 
 def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
@@ -141,8 +147,11 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
                                   size=(2.5 + 0.45 * n, 2 + 0.4 * n)), f"{metric} between runs at loss {target:g}"))
         parts += ["<h2>Heatmaps</h2>", *heat]
         flagged = frame.drop_duplicates(["target", "run_a", "run_b"])
-        for target, n in flagged[flagged.flagged].groupby("target").size().items():
-            warnings.append(f"loss {target:g}: {n} pairs include a checkpoint more than 2% below its target")
+        for target, part in flagged[flagged.flagged].groupby("target"):
+            over = sorted({run for side in "ab" for run, o in zip(part[f"run_{side}"], part[f"overshoot_{side}"])
+                           if o > 0.02 * target})
+            warnings.append(f"loss {target:g}: {len(part)} pairs include a checkpoint more than 2% below its target: "
+                            + ", ".join(f"{r}/checkpoints/target-{target:g}" for r in over))
     summary_path = sweep_dir / "compare" / "summary.csv"
     parts.append("<h2>Golden-path ratios</h2>")
     if summary_path.exists():
@@ -158,10 +167,10 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
                   "<details><summary>every run</summary>", _table(summary), "</details>"]
         borrowed = summary[summary.floor_from == "reference's seeds"].run.unique()
         if len(borrowed):
-            warnings.append(f"{len(borrowed)} runs have no seed sibling; their ratio uses the reference's seed floor")
+            warnings.append(f"{_runs(borrowed)} no seed sibling; the ratio uses the reference's seed floor")
         missing = summary[summary.floor_from.isna()].run.unique()
         if len(missing):
-            warnings.append(f"{len(missing)} runs have no seed floor at all")
+            warnings.append(f"{_runs(missing)} no seed floor at all")
     else:
         parts.append("<p>no ratios (no loss-matched pairs)</p>")
     parts += ["<h2>Warnings</h2>",

@@ -1,6 +1,6 @@
 """Sweeps (a grid of runs over a base config) and forks (a run continued from another's checkpoint).
 
-A sweep config (DESIGN.md)::
+A sweep config::
 
     name: lr-batch                 # the sweep directory: <out>/<name>/
     base: ../teacher-cnn.yaml      # relative to this file
@@ -20,6 +20,7 @@ same directory from running a point twice. ``runs.csv`` holds one row per run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from goldenpath import checkpoints as ckpt
-from goldenpath.config import Config, load_config, parse_override, read_yaml, require, to_dict
+from goldenpath.config import load_config, parse_override, read_yaml, require
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "seeds", "forks", "processes", "out", "slurm"}
 FORK_KEYS = {"at_loss", "at_step", "set", "where"}
@@ -129,7 +130,7 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
 # ----------------------------------------------------------------------------- points and names
 
 
-def _value_text(value) -> str:
+def value_text(value) -> str:
     """A value as an override writes it (YAML flow)."""
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -164,15 +165,15 @@ def expand(sweep: Sweep) -> list[Point]:
             knobs.update(zip(parts, value) if len(parts) > 1 else [(key, value)])
         for seed in sweep.seeds:
             k = {**knobs, "seed": seed}
-            fixed = [f"{a}={_value_text(b)}" for a, b in sweep.set.items()]
-            points.append(Point(run_name(k), k, (*fixed, *(f"{a}={_value_text(b)}" for a, b in k.items()))))
+            fixed = [f"{a}={value_text(b)}" for a, b in sweep.set.items()]
+            points.append(Point(run_name(k), k, (*fixed, *(f"{a}={value_text(b)}" for a, b in k.items()))))
     forks = []
     for spec in sweep.forks:
         for p in points:
             if all(p.knobs.get(k) == v for k, v in spec.where.items()):
                 forks.append(Point(fork_name(p.name, spec.at_loss, spec.at_step, spec.set),
                                    {**p.knobs, **{f"fork.{k}": v for k, v in spec.set.items()}},
-                                   tuple(f"{a}={_value_text(b)}" for a, b in spec.set.items()), p.name, spec))
+                                   tuple(f"{a}={value_text(b)}" for a, b in spec.set.items()), p.name, spec))
     names = [p.name for p in points + forks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     require(not dupes, "sweep.grid", f"two points share the name {dupes[:1]}", "vary each key once")
@@ -182,56 +183,6 @@ def expand(sweep: Sweep) -> list[Point]:
 def fork_name(parent: str, at_loss: float | None, at_step: int | None, changes: dict) -> str:
     at = f"loss={at_loss:g}" if at_loss is not None else f"step={at_step}"
     return f"{parent}+fork-{at}" + (f"-{run_name(changes)}" if changes else "")
-
-
-# ----------------------------------------------------------------------------- forks
-
-
-def _relative(value, parent_value):
-    """``x4`` multiplies and ``/4`` divides the parent's numeric value; anything else is taken as is."""
-    if isinstance(value, str) and isinstance(parent_value, (int, float)) and not isinstance(parent_value, bool):
-        m = re.fullmatch(r"\s*([x/])\s*([0-9.eE+-]+)\s*", value)
-        if m:
-            factor = float(m.group(2))
-            out = parent_value * factor if m.group(1) == "x" else parent_value / factor
-            return int(out) if isinstance(parent_value, int) and float(out).is_integer() else out
-    return value
-
-
-def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None,
-                overrides=(), name: str | None = None) -> Config:
-    """The child's config: the parent's, with ``overrides`` (``key=x4`` / ``key=/4`` relative to the parent)."""
-    run_dir = Path(run_dir).resolve()
-    require((at_loss is None) != (at_step is None), "fork", "needs exactly one of --at-loss and --at-step",
-            "give --at-loss L (a loss target the parent reached) or --at-step S")
-    require((run_dir / "config.yaml").exists(), "fork", f"{run_dir} is not a run directory",
-            "give the directory of a run (it holds config.yaml)")
-    parent = load_config(run_dir / "config.yaml")
-    parent_dict = to_dict(parent)
-    changes, resolved = {}, []
-    for text in overrides:
-        keys, value = parse_override(text)
-        key = ".".join(keys)
-        require(keys[0] not in ("seed", "data", "fork", "out") and key != "name", key,
-                "a fork keeps its parent's data, seed and place", "change optim.*, noise.*, budget.*, checkpoint.*")
-        node = parent_dict
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
-        value = _relative(value, node)
-        changes[key] = value
-        resolved.append(f"{key}={_value_text(value)}")
-    child = name or fork_name(parent.name, at_loss, at_step, changes)
-    at = [f"fork.at_loss={at_loss}"] if at_loss is not None else [f"fork.at_step={at_step}"]
-    return load_config(run_dir / "config.yaml", [
-        *resolved, f"name={child}", f"out={run_dir.parent}", f"fork.parent={run_dir}",
-        "fork.at_loss=null", "fork.at_step=null", *at, f"fork.changed={json.dumps(sorted(changes))}"])
-
-
-def fork(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None, overrides=()) -> Path:
-    """Train a child run from the parent's checkpoint with changed knobs; returns the child's directory."""
-    from goldenpath.train import train
-
-    return train(fork_config(run_dir, at_loss, at_step, overrides))
 
 
 # ----------------------------------------------------------------------------- runs.csv
@@ -350,8 +301,18 @@ def run_sweep(path: str | Path, *, out: str | None = None, executor: str = "loca
                 if lock is not None:
                     shutil.rmtree(sweep_dir / p.name)
                     lock.close()
-    _run_local(sweep, sweep_dir, points, jobs=jobs, progress=progress)
+    stopped = _run_local(sweep, sweep_dir, points, jobs=jobs, progress=progress)
+    if stopped is not None:
+        raise SweepInterrupted(sweep_dir, stopped)
     return sweep_dir
+
+
+class SweepInterrupted(Exception):
+    """A local sweep stopped early by Ctrl-C or SIGTERM, once its running runs had saved their resume points."""
+
+    def __init__(self, sweep_dir: Path, signum: int):
+        super().__init__(f"{sweep_dir}: stopped by signal {signum}")
+        self.sweep_dir, self.signum = sweep_dir, signum
 
 
 def _slots(jobs: int | None, processes: int) -> list[dict]:
@@ -368,25 +329,46 @@ def _slots(jobs: int | None, processes: int) -> list[dict]:
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
 
 
-def _run_local(sweep: Sweep, sweep_dir: Path, points: list[Point], *, jobs: int | None, progress: bool) -> None:
+def _run_local(sweep: Sweep, sweep_dir: Path, points: list[Point], *, jobs: int | None, progress: bool) -> int | None:
+    """Run the points in parallel slots; returns the signal that stopped the sweep early (Ctrl-C: every
+    running child saves its resume point first), else None."""
     from tqdm.auto import tqdm
+
+    from goldenpath.runtime import Interrupts
 
     slots = _slots(jobs, sweep.processes)
     free = list(range(len(slots)))
     running: dict = {}  # Popen -> (point, lock, slot, log file)
-    counts = {"done": 0, "diverged": 0, "failed": 0, "elsewhere": 0, "skipped": 0}
+    counts = {"done": 0, "diverged": 0, "failed": 0, "interrupted": 0, "elsewhere": 0, "skipped": 0}
     pending = list(points)
     skipped: dict[str, str] = {}
     (sweep_dir / "logs").mkdir(exist_ok=True)
     bar = tqdm(total=len(points), desc=sweep.name, unit="run", disable=not progress, dynamic_ncols=True)
 
+    def show() -> None:
+        bar.set_postfix(running=len(running), **{k: v for k, v in counts.items() if v})
+
     def settle(point: Point, outcome: str) -> None:
         counts[outcome] = counts.get(outcome, 0) + 1
         bar.update(1)
-        bar.set_postfix(running=len(running), **{k: v for k, v in counts.items() if v})
+        show()
 
-    while pending or running:
-        for point in list(pending):
+    def stop_children(_signum: int) -> None:  # a Ctrl-C in a terminal reaches them too; SIGTERM is the same ask
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+
+    with Interrupts(on_request=stop_children) as interrupts:
+        _schedule(sweep, sweep_dir, points, pending, running, free, slots, skipped, settle, show, interrupts)
+    bar.close()
+    write_runs_csv(sweep_dir, points, skipped)
+    return interrupts.requested
+
+
+def _schedule(sweep, sweep_dir, points, pending, running, free, slots, skipped, settle, show, interrupts) -> None:
+    """The scheduling loop of :func:`_run_local`: start ready points in free slots, settle finished ones."""
+    while (pending and interrupts.requested is None) or running:
+        for point in list(pending) if interrupts.requested is None else []:
             if not free:
                 break
             verdict = _ready(point, sweep_dir, retry_diverged=False)
@@ -410,6 +392,7 @@ def _run_local(sweep: Sweep, sweep_dir: Path, points: list[Point], *, jobs: int 
             proc = subprocess.Popen(command(sweep, point, sweep_dir), stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, **slots[slot], "TQDM_DISABLE": "1"})
             running[proc] = (point, lock, slot, log)
+            show()
         finished = [p for p in running if p.poll() is not None]
         for proc in finished:
             point, lock, slot, log = running.pop(proc)
@@ -420,12 +403,10 @@ def _run_local(sweep: Sweep, sweep_dir: Path, points: list[Point], *, jobs: int 
             if state is None:  # it stopped before its run directory existed (bad input)
                 skipped[point.name] = {"state": "failed", "reason": f"exit code {proc.returncode} before the run "
                                        f"started; see logs/{point.name}.log"}
-            settle(point, "done" if state == "completed" else "diverged" if state == "diverged" else "failed")
+            settle(point, {"completed": "done", "diverged": "diverged", "interrupted": "interrupted"}.get(state, "failed"))
             write_runs_csv(sweep_dir, points, skipped)
         if not finished:
             time.sleep(0.2)
-    bar.close()
-    write_runs_csv(sweep_dir, points, skipped)
 
 
 def slurm_arrays(sweep: Sweep, sweep_dir: Path, points: list[Point], *, retry_diverged: bool) -> list[list]:

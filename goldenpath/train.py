@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +34,7 @@ from goldenpath.models import build_model, count, sample_losses, sample_losses_a
 from goldenpath.gradnoise import noise_scale
 from goldenpath.noise import add_noise, per_sample_clip
 from goldenpath.privacy import epsilon
+from goldenpath.runtime import Interrupts, cpu_threads, signal_name
 
 # ----------------------------------------------------------------------------- small pure pieces
 
@@ -201,6 +202,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Keys that do not change what a run computes: a run may be resumed with other values.
+NOT_IDENTITY = ("log.progress", "threads")
+
+
 def prepare_run_dir(config: Config) -> Path:
     """Create ``<out>/<name>`` with config.yaml, or check that an existing one holds the same config."""
     run_dir = Path(config.out) / config.name
@@ -208,8 +213,8 @@ def prepare_run_dir(config: Config) -> Path:
     mine = to_dict(config)
     if path.exists():
         theirs = to_dict(config_from_dict(read_yaml(path)))
-        if theirs != mine:
-            diff = sorted(_diff(mine, theirs))
+        diff = sorted(k for k in _diff(mine, theirs) if k not in NOT_IDENTITY)
+        if diff:
             raise ConfigError("name", f"{run_dir} holds a run with another config (differs in {', '.join(diff)})",
                               "use another name= or out=, or delete that directory")
         return run_dir
@@ -229,26 +234,6 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-class _Signals:
-    """Turns SIGTERM (e.g. Slurm preemption) into a flag read at the next log step."""
-
-    def __init__(self):
-        self.stop = False
-        self._old = None
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not in the main thread
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, *_):
-        self.stop = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -261,6 +246,8 @@ def train(config: Config) -> Path:
     run_dir = Path(config.out) / config.name
     trackers = list(config.log.trackers)
     accelerator = Accelerator(cpu=config.cpu, log_with=trackers or None, project_dir=str(run_dir))
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.threads))
     autocast = bf16_autocast(accelerator.device, config.precision == "bf16")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     status_path = run_dir / "status.json"
@@ -308,6 +295,9 @@ def train(config: Config) -> Path:
     if resumed:
         st, stream_state = ckpt.load_resume_state(last_dir, rank, model, optimizer)
         stream.load_state_dict(stream_state)
+        if main:
+            print(f"goldenpath: {run_dir}: resuming from step {st['step']} ({st['samples']} samples)", file=sys.stderr,
+                  flush=True)
     elif forked:  # the parent's model (and optimizer state) at the fork point; its stream from where it ended
         meta = forked["meta"]
         ckpt.load_weights(model, forked["dir"])
@@ -340,6 +330,7 @@ def train(config: Config) -> Path:
     if main:
         ckpt.update_status(run_dir, state="running", reason=None, loss_floor=floor, planned_steps=total_steps,
                            processes=world, device=str(accelerator.device),
+                           threads=torch.get_num_threads() if accelerator.device.type == "cpu" else None,
                            started=ckpt.read_json(status_path).get("started", _now()) if status_path.exists()
                            else _now(), resumed_from_step=st["step"] if last_dir.is_dir() else None,
                            **privacy_spent(config, st["step"]))
@@ -425,7 +416,7 @@ def train(config: Config) -> Path:
     state, reason = "completed", "budget"
     data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
     try:
-        with _Signals() as signals:
+        with Interrupts() as signals:
             if st["step"] == 0 and not st["evals"]:
                 loss = run_eval()
                 log({"step": 0, "samples": 0, "tokens": 0, "eval_loss": loss, "eval_error": st["eval_error"]})
@@ -520,7 +511,7 @@ def train(config: Config) -> Path:
                 # -------- logging, evaluation, checkpoints
                 record, stop_requested, save_due = None, False, False
                 if st["step"] % config.log.every == 0 or (total_steps and st["step"] == total_steps):
-                    flags = torch.tensor([float(signals.stop), float(time.monotonic() - last_save
+                    flags = torch.tensor([float(signals.requested is not None), float(time.monotonic() - last_save
                                                                       >= config.checkpoint.last_every_seconds)],
                                          dtype=torch.float64, device=accelerator.device)
                     packed = torch.cat([window, flags])
@@ -560,14 +551,13 @@ def train(config: Config) -> Path:
                     status(state="running")
                 if record is not None:
                     log(record)
-                if record is not None and "train_loss" in record:
-                    if stop_requested:
-                        save_last()
-                        state, reason = "interrupted", "SIGTERM"
-                        break
-                    if save_due:
-                        save_last()
-                        last_save = time.monotonic()
+                if stop_requested or (world == 1 and signals.requested is not None):  # Ctrl-C or SIGTERM
+                    save_last()
+                    state, reason = "interrupted", signal_name(signals.requested) or "a signal to another process"
+                    break
+                if save_due:
+                    save_last()
+                    last_save = time.monotonic()
             if state == "completed":
                 if not st["evals"] or st["evals"][-1][0] != st["step"]:
                     loss = run_eval()
@@ -581,9 +571,11 @@ def train(config: Config) -> Path:
             else:
                 status(state="diverged", reason=reason)
             accelerator.wait_for_everyone()  # every process returns after the final status is written
+    except KeyboardInterrupt:  # a second Ctrl-C: no save, the resume point is the last one written
+        status(state="interrupted", reason="Ctrl-C twice (stopped at once; resumes from the last saved state)")
+        raise
     except BaseException as e:
-        status(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-               reason=f"{type(e).__name__}: {e}"[:500])
+        status(state="failed", reason=f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
         if trackers:

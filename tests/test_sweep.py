@@ -16,7 +16,8 @@ import torch
 
 from goldenpath.checkpoints import read_json, read_metrics
 from goldenpath.config import ConfigError, load_config
-from goldenpath.sweep import expand, fork_config, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
+from goldenpath.fork import fork_config
+from goldenpath.sweep import expand, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
 from goldenpath.train import train
 
 from .conftest import TINY_TEACHER
@@ -129,6 +130,71 @@ def test_killed_sweep_resumes_and_every_point_completes_exactly_once(tmp_path):
         assert len(seen) == int(r["samples"]) == 3200 and len(set(seen.tolist())) == 3200  # once, no replays
         if name in done_before:  # completed runs were left alone
             assert read_json(run / "status.json")["updated"] == done_before[name]
+
+
+def wait_until(check, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_ctrl_c_to_a_sweep_saves_its_running_runs_and_the_rerun_finishes(tmp_path):
+    path = write_sweep(tmp_path, "set: {budget.samples: 6400, checkpoint.last_every_seconds: 1000,\n"
+                                 "      checkpoint.targets: []}\n"
+                                 "grid: {optim.lr: [0.02, 0.05]}\nseeds: [0, 1]\n")
+    sweep_dir = tmp_path / "out" / "s"
+    # its own session: the signal reaches the sweep process alone, which must pass it on to its runs
+    proc = subprocess.Popen([sys.executable, "-m", "goldenpath", "sweep", str(path), "--jobs", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def two_running():
+        runs = [p.parent for p in sweep_dir.glob("*/metrics.jsonl")]
+        return len(runs) == 2 and all(any(r.get("step", 0) >= 5 for r in read_metrics(d)) for d in runs)
+    wait_until(two_running)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = out.strip().splitlines()
+    assert lines[-1] == str(sweep_dir) and "2 runs saved their resume point, 2 not started" in lines[-2]
+    table = rows(sweep_dir)
+    stopped = [n for n, r in table.items() if r["state"] == "interrupted"]
+    assert len(stopped) == 2 and sum(r["state"] == "pending" for r in table.values()) == 2
+    for name in stopped:
+        state = read_json(sweep_dir / name / "checkpoints" / "last" / "state.json")["train"]
+        assert state["step"] == int(float(table[name]["step"])) >= 5
+
+    out = sweep_cli(path, "--jobs", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = rows(sweep_dir)
+    assert all(r["state"] == "completed" for r in table.values())
+    for name in stopped:
+        assert read_json(sweep_dir / name / "status.json")["resumed_from_step"] > 0
+        assert len(set(ids(sweep_dir / name / "samples" / "rank0.i64").tolist())) == 6400  # no sample twice
+
+
+def test_ctrl_c_to_a_fork_saves_it_and_the_same_command_resumes_it(tmp_path):
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=parent", "budget.samples=1280",
+                                      "checkpoint.targets=[2.28]", "checkpoint.eval_every=5"]))
+    command = [sys.executable, "-m", "goldenpath", "fork", str(parent), "--at-loss", "2.28", "optim.lr=/2",
+               "budget.samples=9600", "budget.stop_at_last_target=false", "checkpoint.last_every_seconds=1000"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    child = parent.parent / "parent+fork-loss=2.28-lr=0.025_samples=9600_stop_at_last_target=false_last_every_seconds=1000"
+    meta = read_json(parent / "checkpoints" / "target-2.28" / "meta.json")
+    wait_until(lambda: (child / "metrics.jsonl").exists()
+               and any(r.get("step", 0) >= meta["step"] + 5 for r in read_metrics(child)))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    status = read_json(child / "status.json")
+    assert status["state"] == "interrupted" and out.strip().splitlines()[-1] == str(child)
+    assert read_json(child / "checkpoints" / "last" / "state.json")["train"]["step"] == status["step"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resuming from step {status['step']} " in out.stderr
+    assert read_json(child / "status.json")["state"] == "completed"
 
 
 def test_a_diverging_point_is_recorded_and_the_rest_complete(tmp_path):

@@ -238,7 +238,7 @@ def test_sigterm_saves_and_marks_the_run_interrupted(resumable, tmp_path):
     proc = launch(path, *args)
     wait_for_step(tmp_path / "term", 10, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 1
+    assert proc.wait(60) == 128 + signal.SIGTERM
     status = status_of(tmp_path / "term")
     assert status["state"] == "interrupted" and status["reason"] == "SIGTERM"
     state = json.loads((tmp_path / "term" / "checkpoints" / "last" / "state.json").read_text())
@@ -246,6 +246,53 @@ def test_sigterm_saves_and_marks_the_run_interrupted(resumable, tmp_path):
     proc = launch(path, *args)
     assert proc.wait(120) == 0
     assert status_of(tmp_path / "term")["state"] == "completed" and status_of(tmp_path / "term")["step"] == 100
+
+
+def test_ctrl_c_saves_the_current_step_exits_130_and_the_rerun_resumes_bit_identically(resumable, tmp_path):
+    path, overrides = resumable
+    # no periodic resume state and a metrics line every 50 steps: only Ctrl-C can have saved step N
+    args = [*overrides, "checkpoint.last_every_seconds=1000", "log.every=50", f"out={tmp_path}"]
+    reference = launch(path, *args, "name=reference")
+    assert reference.wait(120) == 0, reference.stderr.read()
+    proc = launch(path, *args, "name=ctrl-c")
+    run_dir = tmp_path / "ctrl-c"
+    wait_for_step(run_dir, 20, proc)  # the eval at step 20
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[-1] == str(run_dir)
+    status = status_of(run_dir)
+    assert status["state"] == "interrupted" and status["reason"] == "Ctrl-C"
+    assert f"at step {status['step']}," in lines[0] and "run the same command" in lines[0]
+    state = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
+    assert state["train"]["step"] == status["step"] >= 20 and status["step"] % 50 != 0
+
+    proc = launch(path, *args, "name=ctrl-c")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"resuming from step {status['step']} " in err
+    a = load_file(str(tmp_path / "reference" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = lambda d: (d / "samples" / "rank0.i64").read_bytes()
+    assert ids(run_dir) == ids(tmp_path / "reference")
+
+
+def test_ctrl_c_outside_a_run_s_loop_exits_130_with_one_line(tiny_teacher, tmp_path, monkeypatch, capsys):
+    import goldenpath.train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(goldenpath.train, "train", interrupted)
+    config = tmp_path / "c.yaml"
+    config.write_text("budget: {samples: 6400}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(config), *tiny_teacher])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Ctrl-C" in err[0] and "resume" in err[0]
 
 
 # ----------------------------------------------------------------------------- divergence and re-runs
@@ -274,7 +321,7 @@ def test_a_finished_run_is_not_redone_and_a_changed_config_is_refused(tiny_teach
     before = status_of(run_dir)
     assert train(config) == run_dir and status_of(run_dir) == before
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", str(run_dir / "config.yaml"), "optim.lr=0.3"])
+        cli.main(["train", str(run_dir / "config.yaml"), "optim.lr=0.3", f"name={run_dir.name}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("goldenpath: name: ") and "differs in optim.lr" in err

@@ -8,7 +8,7 @@ Two kinds of source feed a stream:
 * a *sequential* :class:`SequentialSource` (Hugging Face ``datasets`` streaming): each process iterates
   its own shard and the state is that iterator's ``state_dict``.
 
-Regimes (MISSION.md): **online** (``epochs == 1``) never yields a pool index twice; **offline**
+Regimes (docs/science.md): **online** (``epochs == 1``) never yields a pool index twice; **offline**
 (``epochs > 1``) fixes a subset of ``train_size`` samples, chosen by the data seed so every run of a sweep
 shares it, and visits it ``epochs`` times, reshuffled each epoch by the run seed.
 

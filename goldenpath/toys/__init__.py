@@ -1,4 +1,4 @@
-"""Theory toys (MISSION.md, "Theory toys"): overparameterised linear regression (``lls``) and diagonal
+"""Theory toys (docs/science.md, "Theory toys"): overparameterised linear regression (``lls``) and diagonal
 linear networks (``dln``) under GD, SGD, Noisy-SGD and the SDE, vectorised over seeds, in float64.
 """
 

@@ -1,4 +1,4 @@
-"""Linear least squares, d > n: L(beta) = ||X beta - y||^2 / (2n) (MISSION.md, "Theory toys").
+"""Linear least squares, d > n: L(beta) = ||X beta - y||^2 / (2n) (docs/science.md, "Theory toys").
 
 Gradients lie in the row space of X, so the null-space part of beta moves only with the injected noise:
 under Noisy-SGD it stays Gaussian with mean P beta_0 and covariance k (lr sigma / B)^2 P after k steps.

@@ -1,0 +1,373 @@
+"""Per-sample clipping (fast path and torch.func path) against a naive per-sample loop in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from goldenpath.config import load_config
+from goldenpath.data import SourceInfo
+from goldenpath.models import build_model, sample_losses
+from goldenpath import layer_rules
+from goldenpath.per_sample import clipped_grad_sum, per_sample_clip
+
+@pytest.fixture(autouse=True)
+def float64():
+    """This module's checks are float64."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def naive(model, loss_fn, batch, clip):
+    """sum_i clip_C(g_i) by one backward per sample; the norm over all trained parameters."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms = []
+    b = len(next(iter(batch.values())))
+    for i in range(b):
+        loss = loss_fn(model, {k: v[i : i + 1] for k, v in batch.items()})[0]
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        norms.append(norm)
+        scale = min(1.0, clip / float(norm)) if norm > 0 else 1.0
+        for n, g in zip(params, grads):
+            total[n] += scale * g
+    return total, torch.stack(norms)
+
+
+def check_paths(model, loss_fn, batch, *, methods=("fast", "vmap"), reference=()):
+    """Both paths equal the naive loop, with the clip norm set so that some samples are clipped, some not.
+
+    ``reference``: the parameters the fast path may hand to the torch.func reference path.
+    """
+    _, norms = naive(model, loss_fn, batch, float("inf"))
+    clip = float(norms.median())
+    want, _ = naive(model, loss_fn, batch, clip)
+    assert (norms > clip).any() and (norms < clip).any()
+    for method in methods:
+        got = per_sample_clip(model, loss_fn, batch, clip, method=method, chunk=3)
+        torch.testing.assert_close(got.norms, norms, rtol=1e-9, atol=1e-12, msg=method)
+        if method == "fast":
+            assert got.reference == tuple(reference)
+        assert set(got.grads) == set(want)
+        for n in want:
+            torch.testing.assert_close(got.grads[n], want[n], rtol=1e-9, atol=1e-12, msg=f"{method}: {n}")
+        torch.testing.assert_close(got.losses, torch.stack([loss_fn(model, {k: v[i:i + 1] for k, v in batch.items()})[0]
+                                                            for i in range(len(norms))]).detach())
+
+
+class Head(nn.Module):
+    """A layer under test followed by a fixed nonlinear per-sample readout."""
+
+    def __init__(self, layer, out_shape):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("r", torch.randn(out_shape))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def readout(model, batch):
+    out = model(batch["x"])
+    return (torch.tanh(out) * model.r).flatten(1).sum(1) ** 2
+
+
+class Scaled(nn.Module):
+    """A module with its own parameter and no rule: per-sample gradients by torch.func on the module."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+        self.inner = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+class Broadcast(nn.Module):
+    """A parameter used through an input without a batch dimension: falls back to the reference path."""
+
+    def __init__(self, t, d):
+        super().__init__()
+        self.pos = nn.Embedding(t, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.proj(x + self.pos(torch.arange(x.shape[1])[None]))
+
+
+class Tied(nn.Module):
+    """An embedding shared with the output layer (as in GPT-2)."""
+
+    def __init__(self, v, d):
+        super().__init__()
+        self.emb = nn.Embedding(v, d, padding_idx=0)
+        self.mid = nn.LayerNorm(d)
+        self.out = nn.Linear(d, v, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.emb(x))))
+
+
+def conv1d(nx, nf):
+    from transformers.pytorch_utils import Conv1D
+    layer = Conv1D(nf, nx)
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    return layer
+
+
+B = 7
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 4), (B, 5), (4,)),
+    "linear-seq": (lambda: nn.Linear(5, 4), (B, 6, 5), (6, 4)),
+    "linear-big-seq": (lambda: nn.Linear(8, 8), (B, 3, 8), (3, 8)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (B, 3, 7, 7), (4, 4, 4)),
+    "conv2d-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=2, bias=False), (B, 2, 6, 5), (3, 6, 5)),
+    "conv2d-deep": (lambda: nn.Conv2d(8, 8, 3), (B, 8, 4, 4), (8, 2, 2)),
+    "conv2d-same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (B, 2, 5, 5), (3, 5, 5)),  # module-local func
+    "layernorm": (lambda: nn.LayerNorm(6), (B, 4, 6), (4, 6)),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), (B, 4, 3, 3), (4, 3, 3)),
+    "rmsnorm": (lambda: nn.RMSNorm(6), (B, 4, 6), (4, 6)),  # module-local torch.func
+    "conv1d": (lambda: conv1d(5, 3), (B, 4, 5), (4, 3)),
+    "scaled": (lambda: Scaled(4), (B, 3, 4), (3, 4)),
+    "broadcast": (lambda: Broadcast(5, 4), (B, 5, 4), (5, 4)),
+}
+
+
+@pytest.fixture(params=["auto", "ghost", "per-sample"])
+def norm_route(request, monkeypatch):
+    """Run a check with goldenpath's own choice, then forcing ghost norms, then per-sample gradients."""
+    if request.param != "auto":
+        monkeypatch.setattr(layer_rules, "per_sample_cheaper", lambda *_: request.param == "per-sample")
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_each_layer_type_matches_the_naive_loop(name, norm_route):
+    torch.manual_seed(0)
+    make, x_shape, out_shape = LAYERS[name]
+    model = Head(make(), out_shape)
+    for p in model.parameters():  # non-trivial affine parameters for the norm layers
+        nn.init.normal_(p)
+    check_paths(model, readout, {"x": torch.randn(x_shape)},
+                reference=("layer.pos.weight",) if name == "broadcast" else ())
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm"])
+def test_norm_layers_match_the_naive_loop_when_normalised_a_few_samples_at_a_time(name, monkeypatch):
+    monkeypatch.setattr(layer_rules, "_CACHE_ELEMENTS", 50)  # 2 (layer norm) or 1 sample per chunk of 7
+    test_each_layer_type_matches_the_naive_loop(name, "auto")
+
+
+def test_embedding_with_padding_and_repeated_tokens(norm_route):
+    torch.manual_seed(1)
+    model = Head(nn.Embedding(6, 3, padding_idx=2), (5, 3))
+    x = torch.tensor([[0, 1, 2, 1, 1], [2, 2, 2, 2, 3], [4, 4, 0, 5, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+    check_paths(model, readout, {"x": x})
+
+
+def test_tied_embedding_and_output_layer_sum_both_uses(norm_route):
+    torch.manual_seed(2)
+    model = Tied(9, 5)
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch["x"]).flatten(0, 1), batch["y"].flatten(), reduction="none").view(-1, 6).sum(1)
+
+    check_paths(model, loss, {"x": torch.randint(0, 9, (B, 6)), "y": torch.randint(0, 9, (B, 6))})
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(3)
+    model = Head(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)), (3,))
+    model.layer[0].weight.requires_grad_(False)
+    check_paths(model, readout, {"x": torch.randn(B, 4)})
+    assert "layer.0.weight" not in clipped_grad_sum(model, readout, {"x": torch.randn(B, 4)}, 1.0)
+
+
+IMAGES = SourceInfo("classification", (3, 8, 8), 5)
+TEXT = SourceInfo("lm", (8,), 11)
+
+
+def model_of(*overrides):
+    return load_config(None, [*overrides, "budget.steps=1"]).model
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=cnn", "model.width=4", "model.depth=2"],
+    ["model.name=cnn", "model.width=4", "model.depth=2", "model.norm=group"],
+    ["model.name=resnet18", "model.width=8", "model.norm=group"],
+    ["model.name=vit", "model.width=8", "model.depth=1", "model.heads=2", "model.patch_size=4"],
+], ids=["cnn", "cnn-gn", "resnet18-gn", "vit"])
+def test_vision_models_match_the_naive_loop(overrides, norm_route):
+    model = build_model(model_of(*overrides), IMAGES, seed=0).double()
+    torch.manual_seed(4)
+    batch = {"x": torch.randn(6, 3, 8, 8), "y": torch.randint(0, 5, (6,))}
+    check_paths(model, sample_losses, batch)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=gpt2"], ["model.name=gpt2", "model.tie_embeddings=false"], ["model.name=llama", "model.kv_heads=1"],
+], ids=["gpt2-tied", "gpt2-untied", "llama"])
+def test_language_models_match_the_naive_loop_with_padding(overrides, norm_route):
+    model = build_model(model_of("data.source=markov", "model.width=8", "model.depth=2", "model.heads=2",
+                                 "model.attention=eager", *overrides), TEXT, seed=0).double()
+    torch.manual_seed(5)
+    ids = torch.randint(0, 11, (5, 8))
+    labels = ids.clone()
+    for i, n in enumerate([8, 3, 6, 1, 8]):  # sequences of unequal length, padded with -100
+        labels[i, n:] = -100
+    check_paths(model, sample_losses, {"input_ids": ids, "labels": labels})
+
+
+def test_batch_norm_is_rejected_with_the_fix():
+    model = build_model(model_of("model.name=cnn", "model.width=4", "model.depth=1", "model.norm=batch"), IMAGES,
+                        seed=0)
+    with pytest.raises(ValueError, match="group norm"):
+        clipped_grad_sum(model, sample_losses, {"x": torch.randn(2, 3, 8, 8), "y": torch.tensor([0, 1])}, 1.0)
+
+
+# ----------------------------------------------------------------------------- layers without a rule
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention returns a tuple and reads its out_proj's weight directly."""
+
+    def __init__(self, d, batch_first=True):
+        super().__init__()
+        self.attn, self.batch_first = nn.MultiheadAttention(d, 2, batch_first=batch_first), batch_first
+
+    def forward(self, x):
+        x = x if self.batch_first else x.transpose(0, 1)
+        out = self.attn(x, x, x)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell, batch_first=True):
+        super().__init__()
+        self.rnn, self.batch_first = cell, batch_first
+
+    def forward(self, x):
+        out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d, batch_first):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=batch_first)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        return self.enc(x) if self.batch_first else self.enc(x.transpose(0, 1)).transpose(0, 1)
+
+
+class ParentReadsChild(nn.Module):
+    """A parameter read directly in a parent's forward, and also used through its own module."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.child = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(self.child(x)) * self.scale + F.linear(x, self.child.weight)
+
+
+class ReadsOnly(nn.Module):
+    """A parent owning no parameter reads its child's weight; the child is never called."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.child = nn.Linear(d, d)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(x), self.child.weight) + self.child.bias
+
+
+class InPlace(nn.Module):
+    """A layer's output changed in place afterwards (the gradient wanted is the one before the change)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2.0).tanh_()
+        return self.b(h)
+
+
+D, T = 4, 5
+UNRULED = {
+    "mha": (lambda: Attention(D), T),
+    "mha-seq-first": (lambda: Attention(D, batch_first=False), T),
+    "mha-seq-first-t-equals-b": (lambda: Attention(D, batch_first=False), B),
+    "lstm": (lambda: Recurrent(nn.LSTM(D, D, batch_first=True)), T),
+    "lstm-seq-first": (lambda: Recurrent(nn.LSTM(D, D), batch_first=False), T),
+    "gru": (lambda: Recurrent(nn.GRU(D, D, batch_first=True)), T),
+    "gru-seq-first": (lambda: Recurrent(nn.GRU(D, D), batch_first=False), T),
+    "encoder": (lambda: Encoder(D, batch_first=True), T),
+    "encoder-seq-first": (lambda: Encoder(D, batch_first=False), T),
+    "encoder-seq-first-t-equals-b": (lambda: Encoder(D, batch_first=False), B),
+    "parent-reads-child": (lambda: ParentReadsChild(D), T),
+    "reads-only": (lambda: ReadsOnly(D), T),
+    "in-place": (lambda: InPlace(D), T),
+}
+
+
+@pytest.mark.parametrize("name", list(UNRULED))
+def test_layers_without_a_rule_match_the_naive_loop(name, recwarn):
+    torch.manual_seed(6)
+    make, t = UNRULED[name]
+    model = Head(make(), (t, D))
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    batch = {"x": torch.randn(B, t, D)}
+    _, norms = naive(model, readout, batch, float("inf"))
+    clip = float(norms.median())
+    want, _ = naive(model, readout, batch, clip)
+    for method in ("fast", "vmap"):
+        got = per_sample_clip(model, readout, batch, clip, method=method, chunk=3)
+        torch.testing.assert_close(got.norms, norms, rtol=1e-9, atol=1e-12, msg=method)
+        for n in want:
+            torch.testing.assert_close(got.grads[n], want[n], rtol=1e-9, atol=1e-12, msg=f"{method}: {n}")
+
+
+def test_a_model_whose_every_call_returns_a_tuple_goes_to_the_reference_path():
+    torch.manual_seed(7)
+    model = nn.LSTM(3, 2, batch_first=True)  # no recorded call gives per-sample outputs
+
+    def loss(m, batch):
+        return m(batch["x"])[0].square().sum((1, 2))
+
+    batch = {"x": torch.randn(B, 4, 3)}
+    with pytest.warns(UserWarning, match="loop over samples"):
+        check_paths(model, loss, batch, reference=tuple(sorted(n for n, _ in model.named_parameters())))
+
+
+def test_layers_with_a_rule_keep_it_beside_layers_without():
+    torch.manual_seed(8)
+    model = Head(nn.Sequential(nn.Linear(D, D), Attention(D), nn.LayerNorm(D)), (T, D))
+    batch = {"x": torch.randn(B, T, D)}
+    got = per_sample_clip(model, readout, batch, 1.0)
+    # the attention runs under torch.func on its own module (a tuple output), the rest by rule: no whole-model path
+    assert got.reference == ()
+    check_paths(model, readout, batch)
+
+
+def test_the_first_batch_check_routes_a_sequence_first_layer_whose_length_equals_the_batch():
+    torch.manual_seed(9)
+    model = Head(Encoder(D, batch_first=False), (B, D))
+    batch = {"x": torch.randn(B, B, D)}
+    with pytest.warns(UserWarning, match="disagree with a loop over samples"):
+        got = per_sample_clip(model, readout, batch, 1.0)
+    assert "layer.enc.linear1.weight" in got.reference
+    check_paths(model, readout, batch, reference=got.reference)
