@@ -1,12 +1,13 @@
 """Trainer overhead and stream speed, as ratios against baselines measured in the same run.
 
-    python bench/overhead.py [--rounds 5] [--steps 300]
+    python bench/overhead.py [--rounds 5] [--steps 300] [--configs teacher-mlp,teacher-cnn]
 
-1. samples/s of ``goldenpath train`` (its training time, eval/checkpoint time reported apart) on the
-   teacher CNN, against a minimal hand-written torch loop on the same model and the same stream.
-   Goal: ratio >= 0.97. Rounds alternate the two so machine noise hits both alike; medians are reported.
+1. samples/s of ``goldenpath train`` (its training time, eval/checkpoint time reported apart) on each of
+   ``--configs`` (the demo's MLP and the teacher CNN), against a minimal hand-written torch loop on the same
+   model and the same stream. Goal: ratio >= 0.97. Rounds alternate the two so machine noise hits both alike;
+   medians are reported.
 2. the embedded streams' generation rate against the trainer's consumption rate (goal >= 10x), for the
-   teacher CNN and the Markov GPT-2 configs.
+   teacher MLP and CNN and the Markov GPT-2 configs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from goldenpath.config import load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model
-from goldenpath.train import make_optimizer, train
+from goldenpath.run import make_optimizer
+from goldenpath.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,27 +77,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--configs", default="teacher-mlp,teacher-cnn", help="configs/<name>.yaml to time")
     args = parser.parse_args()
-    cnn = ROOT / "configs" / "teacher-cnn.yaml"
-    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
+    parser_configs = [c for c in args.configs.split(",") if c]
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+                     "overhead": {}}
     with tempfile.TemporaryDirectory() as out:
-        ours, plain, evals = [], [], []
-        for r in range(args.rounds):
-            res = trainer(cnn, args.steps, out, f"round{r}")
-            ours.append(res["samples_per_s"])
-            evals.append(res["eval_s"] + res["checkpoint_s"])
-            plain.append(plain_loop(res["config"], args.steps))
-            print(f"round {r}: goldenpath {ours[-1]:8.0f} samples/s   plain loop {plain[-1]:8.0f} samples/s   "
-                  f"ratio {ours[-1] / plain[-1]:.3f}   (eval+checkpoint {evals[-1]:.2f} s apart)", flush=True)
-        ratios = [a / b for a, b in zip(ours, plain)]
-        results["overhead"] = {"goldenpath_samples_per_s": ours, "plain_samples_per_s": plain,
-                               "ratio_median": statistics.median(ratios), "ratios": ratios,
-                               "eval_checkpoint_s": evals}
-        print(f"trainer / plain loop: median {statistics.median(ratios):.3f} "
-              f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds; goal >= 0.97")
+        for name in parser_configs:
+            path = ROOT / "configs" / f"{name}.yaml"
+            ours, plain, evals = [], [], []
+            for r in range(args.rounds):
+                res = trainer(path, args.steps, out, f"{name}-round{r}")
+                ours.append(res["samples_per_s"])
+                evals.append(res["eval_s"] + res["checkpoint_s"])
+                plain.append(plain_loop(res["config"], args.steps))
+                print(f"{name} round {r}: goldenpath {ours[-1]:8.0f} samples/s   plain loop {plain[-1]:8.0f} "
+                      f"samples/s   ratio {ours[-1] / plain[-1]:.3f}   (eval+checkpoint {evals[-1]:.2f} s apart)",
+                      flush=True)
+            ratios = [a / b for a, b in zip(ours, plain)]
+            results["overhead"][name] = {"goldenpath_samples_per_s": ours, "plain_samples_per_s": plain,
+                                         "ratio_median": statistics.median(ratios), "ratios": ratios,
+                                         "eval_checkpoint_s": evals}
+            print(f"{name}: trainer / plain loop: median {statistics.median(ratios):.3f} "
+                  f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds; goal >= 0.97")
 
         results["streams"] = {}
-        for name in ("teacher-cnn", "markov-gpt2"):
+        for name in ("teacher-mlp", "teacher-cnn", "markov-gpt2"):
             res = trainer(ROOT / "configs" / f"{name}.yaml", 150, out, f"stream-{name}")
             made = generation_rate(res["config"])
             ratio = made / res["samples_per_s"]

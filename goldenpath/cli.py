@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("compare", help="loss-matched functional distances between a sweep's runs")
     p.add_argument("sweep_dir")
     p.add_argument("--metrics", default="tv,kl,js,top1", help="comma-separated: tv, kl, js, top1")
-    p.add_argument("--no-figures", action="store_true", help="skip the heatmaps")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--include-flagged", action="store_true",
+                   help="keep stalled runs and checkpoints more than 2%% below their target in the statistics")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p = verbs.add_parser("noise", help="gradient noise of a checkpoint: tail index, Gaussianity, noise scale")
     p.add_argument("run_dir")
@@ -194,18 +196,21 @@ def _fork(args) -> int:
 
 
 def _compare(args) -> int:
-    from goldenpath.compare import compare
+    from goldenpath.compare import compare, conclusions
+    from goldenpath.figures import write_figures
 
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
     frame = compare(sweep_dir, [m for m in args.metrics.split(",") if m], device=args.device,
-                    figures=not args.no_figures)
-    targets = frame["target"].nunique()
-    flagged = int(frame.drop_duplicates(["target", "run_a", "run_b"])["flagged"].sum())
-    _print_main(f"{len(frame.drop_duplicates(['target', 'run_a', 'run_b']))} pairs at {targets} loss targets"
-                + (f"; {flagged} pairs overshot their target by more than 2%" if flagged else "")
-                + f"; ratios: {sweep_dir / 'compare' / 'summary.csv'}")
+                    include_flagged=args.include_flagged)
+    if not args.no_figures:
+        write_figures(sweep_dir)
+    pairs = frame.drop_duplicates(["target", "run_a", "run_b"])
+    _print_main(f"{len(pairs)} pairs of runs at {frame['target'].nunique()} loss targets; tables: "
+                f"{sweep_dir / 'compare'}")
+    for line in conclusions(sweep_dir, metric=frame["metric"].iloc[0] if len(frame) else "tv"):
+        _print_main(line)
     _print_main(str(sweep_dir / "compare"))
     return 0
 
@@ -324,7 +329,8 @@ def _report(args) -> int:
 
 def _demo(args) -> int:
     """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
-    from goldenpath.compare import compare
+    from goldenpath.compare import compare, conclusions
+    from goldenpath.figures import write_figures
     from goldenpath.sweep import SweepInterrupted, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"
@@ -334,23 +340,14 @@ def _demo(args) -> int:
         sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
     except SweepInterrupted as stop:
         return _sweep_interrupted(stop)
-    import pandas as pd
-
     runs, counts = _runs_summary(sweep_dir)
     compare(sweep_dir)
-    summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
-    tv = summary[(summary.metric == "tv") & summary.ratio.notna()].copy()
-    if len(tv):
-        regime = {r.run: "offline" if r.data_epochs > 1 else "online"
-                  for r in runs.rename(columns={"data.epochs": "data_epochs"}).itertuples()}
-        tv["regime"] = tv.run.map(regime)
-        for (target, regime), part in tv.groupby(["target", "regime"], sort=False):
-            _print_main(f"golden-path ratio (tv) at loss {target:g}, {regime}: median {part.ratio.median():.2f} "
-                        f"over {len(part)} runs")
+    write_figures(sweep_dir)
+    for line in conclusions(sweep_dir):
+        _print_main(line)
     from goldenpath.report import write_report
 
-    _print_main(f"distances: {sweep_dir / 'compare' / 'distances.parquet'}; "
-                f"ratios: {sweep_dir / 'compare' / 'summary.csv'}; heatmaps: {sweep_dir / 'figures'}")
+    _print_main(f"tables: {sweep_dir / 'compare'}; figures: {sweep_dir / 'figures'}")
     _print_main(f"report: {write_report(sweep_dir)}")
     _print_main(str(sweep_dir))
     return 1 if counts.get("failed") else 0

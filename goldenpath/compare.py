@@ -3,16 +3,23 @@
 For every loss target, the runs that reached it are compared pairwise on the fixed probe set. Each
 model's forward runs once per probe chunk: the N models' outputs for one chunk are held, all pairs are
 computed, and the next chunk follows, so N checkpoints cost N forwards and memory stays bounded for
-language-model vocabularies. Pairs are marked ``floor`` (same knobs, another seed), ``reference``
-(against the least-noisy online run: no injected noise, then the smallest lr / batch) or ``pair``.
-The golden-path ratio of a run is d(run, reference) / d(seed floor), with a bootstrap interval over
-probe units (sequences for language models) resampled jointly for both distances.
+language-model vocabularies. Runs are grouped into *settings* (the same knobs, any seed); each setting is
+compared with the reference (every seed of the least-noisy online setting) and with every other setting:
+the golden-path ratio D / F, its hierarchical-bootstrap interval and its permutation p-value
+(:mod:`goldenpath.stats`, :mod:`goldenpath.ratios`).
 
-Writes ``compare/distances.parquet`` (one row per target, pair and metric), ``compare/summary.csv``
-(one row per target, run and metric: the ratio) and, by default, heatmaps under ``figures/``.
+Stalled runs, and checkpoints more than ``tolerance`` (relative) below their target, are left out unless
+``include_flagged``; ``compare/excluded.csv`` lists them. Tables written under ``compare/``:
+
+- ``distances.parquet``: one row per target, pair of runs and metric (value with its probe-unit interval);
+- ``summary.csv``: one row per target, metric and setting: the ratio against the reference;
+- ``settings.csv``: one row per target, metric and pair of settings (the knob x knob matrix);
+- ``trend.csv``: slope of log ratio on log noise scale per target, metric and regime;
+- ``compute.csv``: samples and steps each setting needed to reach each target.
+
 Per-pair results are cached under ``compare/cache/`` (one file per target and metric set) keyed by both
 checkpoint files' size and mtime and by the probe set, so a re-run recomputes only pairs whose
-checkpoints changed or are new.
+checkpoints changed or are new. Figures are drawn from these tables (``goldenpath.figures``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +34,13 @@ import torch
 from safetensors.torch import load_file
 
 from goldenpath import checkpoints as ckpt
+from goldenpath import ratios
 from goldenpath.config import Config, ConfigError, load_config, to_dict
-from goldenpath.distances import (FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap, bootstrap_rows, bootstrap_weights,
-                                  unit_sums)
+from goldenpath.distances import FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap_rows, bootstrap_weights, unit_sums
 from goldenpath.models import build_model, logits
 
-COLUMNS = ["target", "run_a", "run_b", "metric", "value", "ci_low", "ci_high", "loss_a", "loss_b", "kind",
-           "overshoot_a", "overshoot_b", "flagged"]
+COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
+           "loss_b", "kind", "overshoot_a", "overshoot_b"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,21 @@ class Checkpoint:
     path: Path
     target: float
     eval_loss: float
-    knobs: tuple       # the run's config minus seed, name and output place: equal knobs = seed siblings
-    noise_key: tuple   # sorts runs from least to most noisy (online first)
+    step: int
+    samples: int
     fingerprint: str
+
+    @property
+    def overshoot(self) -> float:
+        return self.target - self.eval_loss
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    config: Config
+    state: str | None
+    setting: ratios.Setting
 
 
 def _knobs(config: Config) -> tuple:
@@ -57,18 +75,25 @@ def _knobs(config: Config) -> tuple:
     return (json.dumps(d, sort_keys=True),)
 
 
-def _noise_key(config: Config) -> tuple:
-    return (config.regime == "offline", config.fork.parent is not None, config.injected_sigma,
-            config.optim.lr / config.optim.batch_size, config.optim.lr, config.seed)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = json.dumps(v) if isinstance(v, list) else v
+    return out
 
 
-def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, Config]]:
-    """Every loss-target checkpoint of the sweep's runs, by target; and each run's config."""
+def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, RunInfo]]:
+    """Every loss-target checkpoint of the sweep's runs, by target; and each run's config, state and setting."""
     by_target: dict[float, list[Checkpoint]] = {}
-    configs = {}
+    configs, states = {}, {}
     for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
         config = load_config(run_dir / "config.yaml")
         configs[run_dir.name] = config
+        status = run_dir / "status.json"
+        states[run_dir.name] = ckpt.read_json(status).get("state") if status.exists() else None
         for target_dir in sorted(run_dir.glob("checkpoints/target-*")):
             weights = target_dir / "model.safetensors"
             if not weights.exists():
@@ -76,9 +101,34 @@ def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, C
             meta = ckpt.read_json(target_dir / "meta.json")
             stat = weights.stat()
             by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
-                run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), _knobs(config),
-                _noise_key(config), f"{stat.st_size}-{stat.st_mtime_ns}"))
-    return by_target, configs
+                run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
+                int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))
+    return by_target, _settings(configs, states)
+
+
+def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:
+    """Group runs by knobs; label each setting by its runs' names without the seed; keep the varying knobs."""
+    flat = {n: _flat({k: v for k, v in to_dict(c).items() if k not in ("name", "out", "seed", "threads")})
+            for n, c in configs.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    varying = [k for k in keys if k != "log.progress" and len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
+    by_knobs: dict[tuple, list[str]] = {}
+    for n, c in configs.items():
+        by_knobs.setdefault(_knobs(c), []).append(n)
+    out, used = {}, set()
+    for knobs, names in by_knobs.items():
+        label = ratios.setting_label(sorted(names)[0])
+        while label in used:
+            label += "'"
+        used.add(label)
+        c = configs[names[0]]
+        setting = ratios.Setting(label, knobs, c.regime, ratios.noise_scale(c),
+                                 (c.regime == "offline", c.fork.parent is not None, c.injected_sigma,
+                                  c.optim.lr / c.optim.batch_size, c.optim.lr, label),
+                                 {k: flat[names[0]].get(k) for k in varying})
+        for n in names:
+            out[n] = RunInfo(n, configs[n], states[n], setting)
+    return out
 
 
 def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
@@ -86,7 +136,7 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     sections = set()
     for config in configs.values():
         d = to_dict(config)["data"]
-        for k in ("epochs", "train_size"):
+        for k in ("epochs", "train_size", "subset"):  # the regime and subset do not change the probe set
             d.pop(k, None)
         sections.add(json.dumps(d, sort_keys=True))
     if len(sections) > 1:
@@ -184,8 +234,9 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
 
 
 def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
-            tolerance: float = 0.02, n_boot: int = 1000, figures: bool = True):
-    """Compare every pair of runs at every loss target; writes the tables (and heatmaps); returns the pairs."""
+            tolerance: float = 0.02, n_boot: int = 1000, include_flagged: bool = False):
+    """Compare every pair of runs and of settings at every loss target; writes the tables under
+    ``compare/``; returns the pairs (``distances.parquet``) as a DataFrame."""
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
@@ -193,10 +244,11 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     unknown = [m for m in metrics if m not in FUNCTIONS]
     if unknown:
         raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {list(METRICS)}")
-    by_target, configs = collect(sweep_dir)
+    by_target, runs = collect(sweep_dir)
     if not by_target:
         raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
                           "run a sweep whose runs reach checkpoint.targets first")
+    configs = {n: r.config for n, r in runs.items()}
     _, probe_key = _probe_fingerprint(configs)
     first = next(iter(configs.values()))
     source = first.data.build()
@@ -206,48 +258,94 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     cache_dir = sweep_dir / "compare" / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
-    rows, summary = [], []
-    weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every statistic
+    rows, summary, matrix, trend, excluded = [], [], [], [], []
+    weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every pair
     for target in sorted(by_target, reverse=True):
-        cks = sorted(by_target[target], key=lambda c: c.run)
-        reference = min(range(len(cks)), key=lambda i: cks[i].noise_key)
+        cks = []
+        for c in by_target[target]:
+            why = ("stalled run" if runs[c.run].state == "stalled" else
+                   f"{c.overshoot:.4g} below its target (more than {tolerance:.0%})"
+                   if c.overshoot > tolerance * target else None)
+            if why and not include_flagged:
+                excluded.append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
+            else:
+                cks.append(c)
+        order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
+        cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
+        if len(cks) < 2:
+            continue
+        results = _pair_results(cks, by_target[target], configs, source, probe, probe_key, target, metrics,
+                                cache_dir, chunk=chunk, device=device, dtype=dtype)
+        settings = list(order)
+        groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
+        ref = ratios.reference_of(settings, [len(g) for g in groups])
+        rows += _distance_rows(target, cks, runs, results, metrics, weights, groups[ref])
         pairs = list(itertools.combinations(range(len(cks)), 2))
-        keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
-        path = cache_dir / f"{hashlib.sha1(f'{probe_key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
-        cached = _read_cache(path)
-        results = {p: cached[k] for p, k in keys.items() if k in cached}
-        todo = [p for p in pairs if p not in results]
-        if todo:
-            models, modules = {}, {}
-            for idx in sorted({k for t in todo for k in t}):
-                models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, modules)
-            results.update(pair_sums(models, probe, todo, metrics, chunk=chunk, device=device, dtype=dtype))
-            del models
-            current = {keys[p]: results[p] for p in pairs}  # pairs of checkpoints gone or changed drop out
-            ckpt.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
-        kind = {}
-        for i, j in pairs:
-            same = cks[i].knobs == cks[j].knobs
-            kind[(i, j)] = "floor" if same else "reference" if reference in (i, j) else "pair"
-        cells = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
-        stats = bootstrap_rows(torch.stack([results[p][m] for p, m in cells]),
-                               torch.stack([results[p]["count"] for p, _ in cells]), weights=weights)
-        for ((i, j), m), value, low, high in zip(cells, *(x.tolist() for x in stats)):
-            a, b = cks[i], cks[j]
-            over_a, over_b = a.target - a.eval_loss, b.target - b.eval_loss
-            rows.append({"target": target, "run_a": a.run, "run_b": b.run, "metric": m, "value": value,
-                         "ci_low": low, "ci_high": high, "loss_a": a.eval_loss, "loss_b": b.eval_loss,
-                         "kind": kind[(i, j)], "overshoot_a": over_a, "overshoot_b": over_b,
-                         "flagged": max(over_a, over_b) > tolerance * target})
-        summary += _ratios(target, cks, reference, results, metrics, weights)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+        counts = results[pairs[0]]["count"].double().numpy()
+        for m in metrics:
+            sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
+            s, x, t = ratios.setting_rows(target, m, settings, groups, sums, counts, n_boot=n_boot)
+            summary += s
+            matrix += x
+            trend += t
+    reached = []
+    for info in runs.values():
+        n_seeds = sum(r.setting == info.setting for r in runs.values())
+        for target in by_target:
+            hit = next((c for c in by_target[target] if c.run == info.name), None)
+            reached.append({"target": target, "setting": info.setting.label, "regime": info.setting.regime,
+                            "columns": info.setting.columns, "n_seeds": n_seeds,
+                            "step": hit.step if hit else None, "samples": hit.samples if hit else None})
     out_dir = sweep_dir / "compare"
+    frame = pd.DataFrame(rows, columns=COLUMNS)
     ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    ratio_frame = pd.DataFrame(summary)
-    ckpt.atomic_write(out_dir / "summary.csv", lambda tmp: ratio_frame.to_csv(tmp, index=False))
-    if figures:
-        write_heatmaps(frame, sweep_dir / "figures", configs)
+    for name, table, columns in (("summary", summary, ratios.SUMMARY), ("settings", matrix, ratios.MATRIX),
+                                 ("trend", trend, ratios.TREND), ("compute", ratios.compute_rows(reached), ratios.COMPUTE),
+                                 ("excluded", excluded, ratios.EXCLUDED)):
+        table = pd.DataFrame(table)
+        table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
+        ckpt.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
     return frame
+
+
+def _pair_results(cks, every, configs, source, probe, probe_key, target, metrics, cache_dir, *, chunk, device,
+                  dtype):
+    """Per-unit sums of every metric for every pair of ``cks``, from the cache where it holds them (the cache
+    also keeps the pairs of ``every`` checkpoint at this target, those left out included)."""
+    pairs = list(itertools.combinations(range(len(cks)), 2))
+    keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
+    path = cache_dir / f"{hashlib.sha1(f'{probe_key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
+    cached = _read_cache(path)
+    alive = {f"{c.run}|{c.fingerprint}" for c in every}
+    previous = {k: v for k, v in cached.items() if {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive}
+    results = {p: cached[k] for p, k in keys.items() if k in cached}
+    todo = [p for p in pairs if p not in results]
+    if todo:
+        models, modules = {}, {}
+        for idx in sorted({k for t in todo for k in t}):
+            models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, modules)
+        results.update(pair_sums(models, probe, todo, metrics, chunk=chunk, device=device, dtype=dtype))
+        del models
+        # keep the cached pairs of checkpoints left out this time (they may be included again)
+        current = {**previous, **{keys[p]: results[p] for p in pairs}}
+        ckpt.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
+    return results
+
+
+def _distance_rows(target, cks, runs, results, metrics, weights, reference: list[int]) -> list[dict]:
+    """One row per pair of runs and metric, with a bootstrap interval over probe units."""
+    cells = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
+    est = bootstrap_rows(torch.stack([results[p][m] for p, m in cells]),
+                         torch.stack([results[p]["count"] for p, _ in cells]), weights=weights)
+    rows = []
+    for ((i, j), m), value, low, high in zip(cells, *(x.tolist() for x in est)):
+        a, b = cks[i], cks[j]
+        sa, sb = runs[a.run].setting, runs[b.run].setting
+        kind = "floor" if sa == sb else "reference" if (i in reference) != (j in reference) else "pair"
+        rows.append({"target": target, "run_a": a.run, "run_b": b.run, "setting_a": sa.label, "setting_b": sb.label,
+                     "metric": m, "value": value, "ci_low": low, "ci_high": high, "loss_a": a.eval_loss,
+                     "loss_b": b.eval_loss, "kind": kind, "overshoot_a": a.overshoot, "overshoot_b": b.overshoot})
+    return rows
 
 
 def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -266,65 +364,20 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         return {}
 
 
-def _pair(results: dict, i: int, j: int):
-    return results[(i, j)] if (i, j) in results else results[(j, i)]
+def conclusions(sweep_dir: str | Path, *, metric: str = "tv") -> list[str]:
+    """What a compared sweep says, in plain lines: what was left out (by name), then one sentence per regime."""
+    import pandas as pd
 
-
-def _ratios(target, cks, reference, results, metrics, weights) -> list[dict]:
-    """The golden-path ratio of every run at this target (its seed floor, else the reference's)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, c in enumerate(cks):
-        groups.setdefault(c.knobs, []).append(i)
-
-    def floor_of(i):
-        members = groups[cks[i].knobs]
-        return [(a, b) for a, b in itertools.combinations(members, 2)]
-
-    out = []
-    for i, c in enumerate(cks):
-        floor_pairs, floor_from = floor_of(i), "own seeds"
-        if not floor_pairs:
-            floor_pairs, floor_from = floor_of(reference), "reference's seeds"
-        ref_runs = [k for k in groups[cks[reference].knobs] if k != i]
-        for m in metrics:
-            row = {"target": target, "run": c.run, "metric": m, "eval_loss": c.eval_loss,
-                   "reference": cks[reference].run, "floor_from": floor_from if floor_pairs else None}
-            if i in groups[cks[reference].knobs] or not floor_pairs or not ref_runs:
-                out.append({**row, "d_reference": math.nan, "d_floor": math.nan, "ratio": math.nan,
-                            "ci_low": math.nan, "ci_high": math.nan})
-                continue
-            ref = _pair(results, i, reference)
-            floor = [_pair(results, a, b) for a, b in floor_pairs]
-            floor_sums = torch.stack([f[m] for f in floor]).mean(0)
-            d_ref = float(ref[m].sum() / ref["count"].sum())
-            d_floor = float(floor_sums.sum() / floor[0]["count"].sum())
-            ratio, low, high = bootstrap(ref[m], ref["count"], denominator=(floor_sums, floor[0]["count"]),
-                                         weights=weights)
-            out.append({**row, "d_reference": d_ref, "d_floor": d_floor, "ratio": ratio, "ci_low": low,
-                        "ci_high": high})
-    return out
-
-
-def write_heatmaps(frame, fig_dir: Path, configs: dict[str, Config]) -> list[Path]:
-    """One PNG per target and metric: the run-by-run distance matrix (see plots.distance_heatmap)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from goldenpath.plots import distance_heatmap, run_order
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    order = run_order(configs)
-    paths = []
-    for (target, metric), part in frame.groupby(["target", "metric"]):
-        n = len(set(part["run_a"]) | set(part["run_b"]))
-        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * n, 2 + 0.4 * n))
-        distance_heatmap(part, order=order, ax=ax)
-        ax.set_title(f"{metric} at eval loss {target:g}")
-        path = fig_dir / f"heatmap-{metric}-target-{target:g}.png"
-        fig.tight_layout()
-        ckpt.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    tables = Path(sweep_dir) / "compare"
+    lines = []
+    excluded = pd.read_csv(tables / "excluded.csv")
+    if len(excluded):
+        names = ", ".join(f"{r.run} at {r.target:g} ({r.reason})" for r in excluded.itertuples())
+        lines.append(f"left out of the statistics ({len(excluded)}; --include-flagged keeps them): {names}")
+    summary = pd.read_csv(tables / "summary.csv")
+    refs = summary[summary.metric == metric].groupby("target").reference.first()
+    if refs.nunique() > 1:
+        lines.append("the reference setting differs between targets: "
+                     + ", ".join(f"{t:g}: {r}" for t, r in refs.sort_index(ascending=False).items()))
+    lines += list(ratios.answer(summary, pd.read_csv(tables / "trend.csv"), metric=metric).values())
+    return lines

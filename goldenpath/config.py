@@ -81,6 +81,7 @@ class DataConfig:
     seed: int = 0                   # seeds the data distribution, eval set and probe set (shared by a sweep)
     epochs: int = 1                 # 1: online (each sample once); > 1: offline, train_size samples reshuffled
     train_size: int | None = None   # samples in the fixed offline subset; None: the whole (maybe infinite) pool
+    subset: int = 0                 # offline: which of the disjoint blocks of train_size samples is the subset
     eval_size: int = 2048           # held-out samples (sequences for text) that define the eval loss
     probe_size: int = 1024          # disjoint held-out samples on which functions are compared
 
@@ -92,6 +93,9 @@ class DataConfig:
                 "set data.train_size=N, the size of the fixed subset reshuffled each epoch")
         require(self.train_size is None or self.train_size > 0, "data.train_size",
                 f"got {self.train_size}", "use a positive number of samples")
+        require(self.subset >= 0, "data.subset", f"got {self.subset}", "use 0, 1, ... (a block of train_size samples)")
+        require(self.subset == 0 or self.train_size is not None, "data.subset", "is set without data.train_size",
+                "set data.train_size (the block size), or drop data.subset")
         require(self.eval_size > 0, "data.eval_size", f"got {self.eval_size}", "use a positive size")
         require(self.probe_size > 0, "data.probe_size", f"got {self.probe_size}", "use a positive size")
         require(0 <= self.seed < 2**31, "data.seed", f"got {self.seed}", "use 0 <= seed < 2**31")
@@ -154,7 +158,8 @@ class BudgetConfig:
     samples: int | None = None       # stop after this many training samples (whichever of samples/steps first)
     steps: int | None = None         # stop after this many optimizer steps
     stop_at_last_target: bool = True # stop once the eval loss reaches the last checkpoint target
-    diverge_factor: float = 3.0      # diverged when the eval loss exceeds this multiple of the initial eval loss
+    diverge_factor: float = 3.0      # diverged when the train loss exceeds this multiple of the initial eval loss
+    min_progress: float | None = 0.05  # stalled unless the eval loss gets this fraction below chance; null: never
 
     def check(self) -> None:
         require(self.samples is None or self.samples > 0, "budget.samples", f"got {self.samples}",
@@ -162,6 +167,8 @@ class BudgetConfig:
         require(self.steps is None or self.steps > 0, "budget.steps", f"got {self.steps}",
                 "use a positive number of steps or null")
         require(self.diverge_factor > 1, "budget.diverge_factor", f"got {self.diverge_factor}", "use a value > 1")
+        require(self.min_progress is None or 0 <= self.min_progress < 1, "budget.min_progress",
+                f"got {self.min_progress}", "use a fraction in [0, 1), e.g. 0.05, or null to never judge a run stalled")
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,7 @@ class CheckpointConfig:
     steps: tuple[int, ...] = ()      # also save the model at these optimizer steps
     last_every_seconds: float = 120.0  # save the resume state this often; a kill loses at most this much
     optimizer: bool = True           # target/step checkpoints also keep the optimizer state (forks continue it)
+    best: bool = False               # also keep checkpoints/best: the model at the lowest eval loss
 
     def check(self) -> None:
         t = self.targets

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 EPS = np.spacing(1)  # guards log 0, as the reference implementation does
 
@@ -80,6 +79,8 @@ def gaussianity(noise, *, projections: int = 20, max_shapiro: int = 5000, seed: 
     Anderson-Darling statistics with their 5% critical value and Shapiro-Wilk p-values (on at most
     ``max_shapiro`` values, the test's range), for both views.
     """
+    from scipy import stats  # here, not at import: the training loop imports this module
+
     a = noise.detach().cpu().double().numpy() if hasattr(noise, "detach") else np.asarray(noise, np.float64)
     rng = np.random.default_rng(seed)
     if a.ndim == 1:
@@ -105,6 +106,8 @@ def gaussianity(noise, *, projections: int = 20, max_shapiro: int = 5000, seed: 
 
 def qq_data(samples, *, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(normal quantiles, ordered standardised samples), subsampled to ``max_points`` for plotting."""
+    from scipy import stats
+
     x = _standardise(_as_array(samples))
     if len(x) > max_points:
         x = np.random.default_rng(seed).choice(x, max_points, replace=False)

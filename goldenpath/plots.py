@@ -226,3 +226,68 @@ def distance_vs_loss(distances, *, metric: str = "tv", regimes: dict | None = No
     ax.set_ylabel(f"{metric} distance (mean over pairs, 95% bands)")
     ax.legend(fontsize=7)
     return ax
+
+
+# ----------------------------------------------------------------------------- setting-level statistics
+
+
+def ratio_matrix(settings, *, order: list[str] | None = None, reference: str | None = None, alpha: float = 0.05,
+                 ax=None, vmax: float | None = None):
+    """The setting x setting matrix of golden-path ratios at one target and metric; ``*`` where the
+    permutation p-value is below ``alpha`` and the interval lies above 1; the reference's row outlined.
+
+    ``settings``: rows of ``compare/settings.csv`` for one target and metric.
+    """
+    import seaborn as sns
+    from matplotlib.patches import Rectangle
+
+    ax = _axes(ax)
+    names = sorted(set(settings.setting_a) | set(settings.setting_b))
+    if order is not None:
+        names = [n for n in order if n in names] + [n for n in names if n not in order]
+    index = {n: i for i, n in enumerate(names)}
+    values = np.full((len(names), len(names)), np.nan)
+    marks = np.full(values.shape, "", dtype=object)
+    for r in settings.itertuples():
+        i, j = index[r.setting_a], index[r.setting_b]
+        values[i, j] = values[j, i] = r.ratio
+        marks[i, j] = marks[j, i] = "*" if (r.p_value < alpha and r.ci_low > 1) else ""
+    text = np.where(np.isfinite(values), np.char.add(np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(values)),
+                                                     marks.astype(str)), "")
+    sns.heatmap(values, ax=ax, cmap="magma_r", vmin=1 / (vmax or 2), vmax=vmax or 2, square=True, annot=text,
+                fmt="", annot_kws={"fontsize": 7}, xticklabels=[run_label(n) for n in names],
+                yticklabels=[run_label(n) for n in names], cbar_kws={"label": "ratio D / F"}, mask=~np.isfinite(values))
+    if reference in index:
+        k = index[reference]
+        ax.add_patch(Rectangle((0, k), len(names), 1, fill=False, edgecolor="C0", linewidth=2))
+    ax.set_xlabel(f"setting (* : p < {alpha:g} and interval above 1; blue: the reference's row)")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=7)
+    return ax
+
+
+def compute_to_target(compute, *, x: str = "optim.lr", hue: str = "optim.batch_size", y: str = "steps_mean",
+                      ax=None):
+    """Steps (or samples) each setting needed to reach each target, against ``x``, one line per ``hue`` value
+    and target; offline dashed. ``compute``: rows of ``compare/compute.csv``."""
+    ax = _axes(ax)
+    part = compute[compute.n_reached > 0]
+    hues = sorted(part[hue].dropna().unique()) if hue in part else [None]
+    targets = sorted(part.target.unique(), reverse=True)
+    for ti, target in enumerate(targets):
+        for h in hues:
+            for regime, style in (("online", "-"), ("offline", "--")):
+                rows = part[(part.target == target) & (part.regime == regime)]
+                if h is not None:
+                    rows = rows[rows[hue] == h]
+                if x not in rows or not len(rows):
+                    continue
+                rows = rows.sort_values(x)
+                ax.plot(rows[x], rows[y], style, marker="o", color=f"C{ti}", alpha=0.4 + 0.6 * (hues.index(h) + 1)
+                        / len(hues), label=f"loss {target:g}, {hue.split('.')[-1]}={h} ({regime})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y.replace("_mean", " to reach the target (mean over seeds)"))
+    ax.legend(fontsize=6)
+    return ax

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
-
 
 def gaussian_delta(epsilon: float, mu: float) -> float:
     """delta(epsilon) of the Gaussian mechanism with sensitivity / noise std = ``mu`` (Balle & Wang 2018)."""
+    from scipy.special import log_ndtr, ndtr  # here: every training run imports this module
+
     a, b = mu / 2 - epsilon / mu, -mu / 2 - epsilon / mu
     return float(ndtr(a) - math.exp(epsilon + log_ndtr(b)))
 
@@ -39,6 +38,8 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
         accountant = RDPAccountant()
         accountant.history = [(sigma, sample_rate, steps)]
         return float(accountant.get_epsilon(delta))
+    from scipy.optimize import brentq
+
     mu = math.sqrt(steps) / sigma
     if gaussian_delta(0.0, mu) <= delta:
         return 0.0

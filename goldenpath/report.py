@@ -1,8 +1,9 @@
 """One self-contained HTML page per sweep: ``goldenpath report SWEEP_DIR`` -> ``SWEEP_DIR/report.html``.
 
-The page holds the sweep's knobs, a runs table, loss curves (online and offline side by side, against
-samples and steps), error against loss, distances against loss, the heatmaps, the golden-path ratios per
-target, and warnings (runs that diverged or failed, checkpoints past their target, missing seed floors).
+The page leads with the answer (one sentence per regime, from ``goldenpath.compare.conclusions``), then the
+setting x setting ratio matrices, the ratios against the reference and compute to target; then the runs,
+loss curves (online and offline, against samples and steps), error against loss, distances against loss,
+the run x run heatmaps, and warnings (runs that stalled, diverged or failed).
 Figures are embedded as base64 PNG and the style is inline: the file opens with no network.
 """
 
@@ -66,16 +67,14 @@ th{background:#f4f4f4}figure{display:inline-block;margin:.5em}figcaption{font-si
 img{max-width:600px}.warn{color:#a40000}pre{background:#f7f7f7;padding:.5em;font-size:12px}"""
 
 
-def _runs(names) -> str:
-    """'1 run (a) has' / '2 runs (a, b) have'."""
-    names = sorted(names)
-    return f"{len(names)} run{'s' if len(names) != 1 else ''} ({', '.join(names)}) ha{'ve' if len(names) != 1 else 's'}"
-
-
 def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
-    """Write ``report.html`` (running ``compare`` first when its results are missing); returns its path."""
-    from goldenpath.compare import compare
-    from goldenpath.plots import distance_heatmap, distance_vs_loss, error_vs_loss, loss_curves, run_order
+    """Write ``report.html`` (running ``compare`` first when its tables are missing); returns its path.
+
+    The page leads with the answer (one sentence per regime), then the setting x setting ratio matrices,
+    the ratios against the reference, compute to target, then runs, curves, distances and warnings.
+    """
+    from goldenpath import figures, plots
+    from goldenpath.compare import compare, conclusions
 
     sweep_dir = Path(sweep_dir)
     curves = sweep_curves(sweep_dir)
@@ -83,18 +82,47 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
         raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
     configs = {r: load_config(sweep_dir / r / "config.yaml") for r in curves.run.unique()}
     first = next(iter(configs.values()))
-    statuses = {r: ckpt.read_json(sweep_dir / r / "status.json") for r in configs if (sweep_dir / r / "status.json").exists()}
+    statuses = {r: ckpt.read_json(sweep_dir / r / "status.json") for r in configs
+                if (sweep_dir / r / "status.json").exists()}
     floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
     targets = first.checkpoint.targets
     parts = [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>"]
+    warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
+                if s.get("state") not in ("completed", None)]
+    tables = sweep_dir / "compare"
+    try:
+        if not (tables / "summary.csv").exists():
+            compare(sweep_dir)
+        frame = pd.read_parquet(tables / "distances.parquet")
+        summary, settings = pd.read_csv(tables / "summary.csv"), _read(tables / "settings.csv")
+        compute = _read(tables / "compute.csv")
+        said = conclusions(sweep_dir, metric=metric)
+    except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
+        frame, summary, settings, compute, said = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), []
+        warnings.append(f"no distances: {e}")
 
-    # knobs
-    sweep_yaml = sweep_dir / "sweep.yaml"
-    knob_cols = ["lr", "batch", "sigma", "regime", "seed"]
-    varied = {k: sorted(curves[k].unique().tolist()) for k in knob_cols}
-    parts += ["<h2>Knobs</h2>", "<p>" + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in varied.items()) + "</p>"]
-    if sweep_yaml.exists():
-        parts.append(f"<pre>{html.escape(sweep_yaml.read_text())}</pre>")
+    # the answer
+    parts += ["<h2>The answer</h2>", "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said)
+              or "<p>no loss-matched comparison</p>",
+              f"<p>Ratio = mean {metric} distance between the seeds of a setting and of the reference / the pooled "
+              "seed floor of both; 95% intervals from a hierarchical bootstrap (seeds within settings, then probe "
+              "units); p from reassigning seeds between the two (Holm-adjusted within a target and regime).</p>"]
+    if len(settings):
+        parts.append("<h2>Setting x setting ratios</h2>")
+        order = list(dict.fromkeys(summary.setting))
+        for target, part in settings[settings.metric == metric].groupby("target", sort=False):
+            ref = summary[(summary.target == target) & (summary.metric == metric)].reference.iloc[0]
+            n = len(set(part.setting_a) | set(part.setting_b))
+            parts.append(_img(_png(lambda ax, p=part, r=ref: plots.ratio_matrix(p, order=order, reference=r, ax=ax),
+                                   size=figures.matrix_size(n)), f"{metric} ratios between settings at loss {target:g}"))
+    if len(summary):
+        cols = ["target", "regime", "setting", "n_seeds", "reference", "n_ref_seeds", "d_cross", "d_floor", "ratio",
+                "ci_low", "ci_high", "p_value", "p_holm"]
+        parts += ["<h2>Against the reference</h2>", _table(summary[summary.metric == metric][cols])]
+    if len(compute):
+        parts += ["<h2>Compute to target</h2>",
+                  _img(_png(lambda ax: plots.compute_to_target(compute, ax=ax), size=(7, 4.5)),
+                       "optimizer steps to reach each target"), _table(compute)]
 
     # runs
     runs_csv = sweep_dir / "runs.csv"
@@ -102,9 +130,15 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
         [{"run": r, "state": s.get("state"), "step": s.get("step"), "samples": s.get("samples"),
           "eval_loss": s.get("eval_loss"), "epsilon": s.get("epsilon"),
           "targets_reached": ";".join(s.get("targets_reached") or {})} for r, s in statuses.items()])
+    if "state" in runs.columns:
+        warnings += [f"run {r.run}: {r.state} ({r.reason})" for r in runs.itertuples()
+                     if r.state in ("skipped", "failed", "pending") and r.run not in statuses]
     cols = [c for c in ("run", "state", "step", "samples", "eval_loss", "best_eval_loss", "epsilon", "targets_reached")
             if c in runs.columns]
+    sweep_yaml = sweep_dir / "sweep.yaml"
     parts += ["<h2>Runs</h2>", _table(runs[cols])]
+    if sweep_yaml.exists():
+        parts.append(f"<pre>{html.escape(sweep_yaml.read_text())}</pre>")
 
     # curves
     hue = "lr" if curves.lr.nunique() > 1 else "batch" if curves.batch.nunique() > 1 else "sigma"
@@ -113,66 +147,26 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
         for regime in ("online", "offline"):
             sub = curves[curves.regime == regime]
             if len(sub):
-                figs.append(_img(_png(lambda ax, s=sub, x=x: loss_curves(s, x="step" if x == "steps" else x, hue=hue,
-                                                                         floor=floor, targets=targets, ax=ax)),
-                                 f"eval loss against {x}, {regime}"))
+                figs.append(_img(_png(lambda ax, s=sub, x=x: plots.loss_curves(
+                    s, x="step" if x == "steps" else x, hue=hue, floor=floor, targets=targets, ax=ax)),
+                    f"eval loss against {x}, {regime}"))
     parts += ["<h2>Loss curves</h2>", *figs]
     if curves.eval_error.notna().any():
         parts += ["<h2>Error against loss</h2>",
-                  _img(_png(lambda ax: error_vs_loss(curves.dropna(subset=["eval_error"]), hue=hue, ax=ax)),
+                  _img(_png(lambda ax: plots.error_vs_loss(curves.dropna(subset=["eval_error"]), hue=hue, ax=ax)),
                        "eval error against eval loss, one curve per run")]
-
-    # distances
-    warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
-                if s.get("state") not in ("completed", None)]
-    if "state" in runs.columns:
-        warnings += [f"run {r.run}: {r.state} ({r.reason})" for r in runs.itertuples()
-                     if r.state in ("skipped", "failed", "pending") and r.run not in statuses]
-    distances_path = sweep_dir / "compare" / "distances.parquet"
-    try:
-        frame = pd.read_parquet(distances_path) if distances_path.exists() else compare(sweep_dir)
-    except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
-        frame = pd.DataFrame()
-        warnings.append(f"no distances: {e}")
     if len(frame):
         regimes = {r: c.regime for r, c in configs.items()}
         parts += ["<h2>Distances against loss</h2>",
-                  _img(_png(lambda ax: distance_vs_loss(frame, metric=metric, regimes=regimes, ax=ax)),
-                       f"{metric}: distance to the reference run and the seed floor, by loss target")]
-        order = run_order(configs)
+                  _img(_png(lambda ax: plots.distance_vs_loss(frame, metric=metric, regimes=regimes, ax=ax)),
+                       f"{metric}: distance to the reference's seeds and the seed floor, by loss target")]
+        order = plots.run_order(configs)
         heat = []
         for target, part in frame[frame.metric == metric].groupby("target"):
             n = len(set(part.run_a) | set(part.run_b))
-            heat.append(_img(_png(lambda ax, p=part: distance_heatmap(p, order=order, ax=ax),
-                                  size=(2.5 + 0.45 * n, 2 + 0.4 * n)), f"{metric} between runs at loss {target:g}"))
-        parts += ["<h2>Heatmaps</h2>", *heat]
-        flagged = frame.drop_duplicates(["target", "run_a", "run_b"])
-        for target, part in flagged[flagged.flagged].groupby("target"):
-            over = sorted({run for side in "ab" for run, o in zip(part[f"run_{side}"], part[f"overshoot_{side}"])
-                           if o > 0.02 * target})
-            warnings.append(f"loss {target:g}: {len(part)} pairs include a checkpoint more than 2% below its target: "
-                            + ", ".join(f"{r}/checkpoints/target-{target:g}" for r in over))
-    summary_path = sweep_dir / "compare" / "summary.csv"
-    parts.append("<h2>Golden-path ratios</h2>")
-    if summary_path.exists():
-        summary = pd.read_csv(summary_path)
-        summary = summary[summary.metric == metric]
-        summary["regime"] = [configs[r].regime if r in configs else "?"
-                             for r in summary.run]
-        table = summary.dropna(subset=["ratio"]).groupby(["target", "regime"]).agg(
-            runs=("run", "count"), median_ratio=("ratio", "median"), median_ci_low=("ci_low", "median"),
-            median_ci_high=("ci_high", "median")).reset_index().sort_values(["target", "regime"], ascending=[False, True])
-        parts += [f"<p>d(run, reference) / d(seed floor), {metric}; near 1 online and above 1 offline is what the "
-                  "golden-path hypothesis predicts.</p>", _table(table),
-                  "<details><summary>every run</summary>", _table(summary), "</details>"]
-        borrowed = summary[summary.floor_from == "reference's seeds"].run.unique()
-        if len(borrowed):
-            warnings.append(f"{_runs(borrowed)} no seed sibling; the ratio uses the reference's seed floor")
-        missing = summary[summary.floor_from.isna()].run.unique()
-        if len(missing):
-            warnings.append(f"{_runs(missing)} no seed floor at all")
-    else:
-        parts.append("<p>no ratios (no loss-matched pairs)</p>")
+            heat.append(_img(_png(lambda ax, p=part: plots.distance_heatmap(p, order=order, ax=ax),
+                                  size=figures.matrix_size(n)), f"{metric} between runs at loss {target:g}"))
+        parts += ["<h2>Run x run distances</h2>", *heat]
     parts += ["<h2>Warnings</h2>",
               "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in warnings) + "</ul>"
               if warnings else "<p>none</p>"]
@@ -181,3 +175,10 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
     path = sweep_dir / "report.html"
     ckpt.write_text(path, page)
     return path
+
+
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()

@@ -261,12 +261,12 @@ def _try_lock(sweep_dir: Path, name: str):
 def _ready(point: Point, sweep_dir: Path, retry_diverged: bool) -> str:
     """'skip' (done), 'wait' (its parent is not done), 'never' (its parent cannot give it), or 'run'."""
     state = _state(sweep_dir / point.name)
-    if state == "completed" or (state == "diverged" and not retry_diverged):
+    if state in ("completed", "stalled") or (state == "diverged" and not retry_diverged):
         return "skip"
     if point.parent is not None:
         parent_dir = sweep_dir / point.parent
         parent_state = _state(parent_dir)
-        if parent_state not in ("completed", "diverged"):
+        if parent_state not in ("completed", "diverged", "stalled"):
             return "never" if parent_state == "failed" else "wait"
         at = point.fork
         name = ckpt.target_name(at.at_loss) if at.at_loss is not None else f"step-{at.at_step}"
@@ -339,7 +339,7 @@ def _run_local(sweep: Sweep, sweep_dir: Path, points: list[Point], *, jobs: int 
     slots = _slots(jobs, sweep.processes)
     free = list(range(len(slots)))
     running: dict = {}  # Popen -> (point, lock, slot, log file)
-    counts = {"done": 0, "diverged": 0, "failed": 0, "interrupted": 0, "elsewhere": 0, "skipped": 0}
+    counts = {"done": 0, "stalled": 0, "diverged": 0, "failed": 0, "interrupted": 0, "elsewhere": 0, "skipped": 0}
     pending = list(points)
     skipped: dict[str, str] = {}
     (sweep_dir / "logs").mkdir(exist_ok=True)
@@ -376,7 +376,7 @@ def _schedule(sweep, sweep_dir, points, pending, running, free, slots, skipped, 
                 continue
             pending.remove(point)
             if verdict == "skip":
-                settle(point, "diverged" if _state(sweep_dir / point.name) == "diverged" else "done")
+                settle(point, {"diverged": "diverged", "stalled": "stalled"}.get(_state(sweep_dir / point.name), "done"))
                 continue
             if verdict in ("never", "wait"):  # the parent failed, missed the fork point, or runs elsewhere
                 skipped[point.name] = {"state": "skipped", "reason": f"parent {point.parent} " + (
@@ -403,7 +403,8 @@ def _schedule(sweep, sweep_dir, points, pending, running, free, slots, skipped, 
             if state is None:  # it stopped before its run directory existed (bad input)
                 skipped[point.name] = {"state": "failed", "reason": f"exit code {proc.returncode} before the run "
                                        f"started; see logs/{point.name}.log"}
-            settle(point, {"completed": "done", "diverged": "diverged", "interrupted": "interrupted"}.get(state, "failed"))
+            settle(point, {"completed": "done", "diverged": "diverged", "stalled": "stalled",
+                           "interrupted": "interrupted"}.get(state, "failed"))
             write_runs_csv(sweep_dir, points, skipped)
         if not finished:
             time.sleep(0.2)
@@ -413,7 +414,7 @@ def slurm_arrays(sweep: Sweep, sweep_dir: Path, points: list[Point], *, retry_di
     """The commands of the job arrays: the grid points that need running, then the forks (after them)."""
     def needed(p: Point) -> bool:
         state = _state(sweep_dir / p.name)
-        return state != "completed" and (state != "diverged" or retry_diverged)
+        return state not in ("completed", "stalled") and (state != "diverged" or retry_diverged)
 
     base = [p for p in points if p.fork is None and needed(p)]
     forks = [p for p in points if p.fork is not None and needed(p)]

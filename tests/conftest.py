@@ -16,11 +16,12 @@ TINY_TEACHER = [
     "data.source=teacher", "data.image_size=16", "data.eval_size=256", "data.probe_size=64",
     "model.name=cnn", "model.width=8", "model.depth=2",
     "optim.lr=0.05", "optim.batch_size=32", "log.progress=false",
+    "budget.min_progress=null",  # tiny runs barely leave chance: only tests of stalling use the default
 ]
 TINY_MARKOV = [
     "data.source=markov", "data.vocab_size=16", "data.order=2", "data.seq_len=16", "data.eval_size=32",
     "data.probe_size=16", "model.name=gpt2", "model.width=32", "model.depth=1", "model.heads=2",
-    "optim.name=adamw", "optim.lr=0.003", "optim.batch_size=8", "log.progress=false",
+    "optim.name=adamw", "optim.lr=0.003", "optim.batch_size=8", "log.progress=false", "budget.min_progress=null",
 ]
 
 

@@ -14,61 +14,60 @@ sys.path.insert(0, str(ANALYSIS))
 import golden_path  # noqa: E402
 import readme  # noqa: E402
 
-TINY = dict(base="teacher-cnn.yaml", quick=dict(
-    fixed={"data.eval_size": 256, "data.probe_size": 256, "budget.samples": 2048, "checkpoint.targets": [2.28],
-           "checkpoint.eval_every": 8, "model.width": 8, "model.depth": 2},
+TINY = dict(base="teacher-mlp.yaml", quick=dict(
+    fixed={"data.eval_size": 256, "data.probe_size": 256, "budget.samples": 2048, "checkpoint.targets": [2.2],
+           "checkpoint.eval_every": 8, "model.width": 32, "budget.min_progress": None},
     lr=[0.05], batch=[16, 64], offline=[4, 512]))
 
 
-def test_golden_path_core_gives_one_ratio_with_an_interval_per_run_target_and_metric(tmp_path):
-    sweep_dir = golden_path.train("tiny", TINY, tmp_path, quick=True, seeds=(0, 1), jobs=2)
-    ratios, runs = golden_path.tables(sweep_dir, "teacher")
-    assert len(runs) == 1 * 2 * 2 * 2 and set(runs.regime) == {"online", "offline"}
+def test_golden_path_core_gives_setting_ratios_with_intervals_and_p_values(tmp_path):
+    sweep_dir = golden_path.train("tiny", TINY, tmp_path, quick=True, seeds=(0, 1, 2), jobs=2)
+    summary, trend, runs = golden_path.tables(sweep_dir, "teacher")
+    assert len(runs) == 1 * 2 * 2 * 3 and set(runs.regime) == {"online", "offline"}
     assert (runs.state == "completed").all() and runs.final_loss.notna().all()
     assert set(runs.noise) == {0.05 / 16, 0.05 / 64}
-    # the reference is the least noisy online run (B = 64); every other run that reached 2.28 has a ratio
-    reached = [r for r in runs.run if (sweep_dir / r / "checkpoints" / "target-2.28" / "model.safetensors").exists()]
-    others = [r for r in reached if not r.startswith("lr=0.05_bs=64_epochs=1_")]
-    assert set(ratios.run) == set(others) and len(others) >= 4
-    assert len(ratios) == len(others) * 3 and set(ratios.metric) == {"tv", "js", "top1"}
-    assert ratios[["ratio", "ci_low", "ci_high"]].notna().all().all()
-    assert (ratios.ci_low <= ratios.ratio + 1e-12).all() and (ratios.ratio <= ratios.ci_high + 1e-12).all()
-    # the ratio is the two distances' quotient
-    assert ratios.ratio.to_numpy() == pytest.approx((ratios.d_reference / ratios.d_floor).to_numpy(), rel=0.02)
-    ratios.to_csv(tmp_path / "ratios.csv", index=False)
+    tv = summary[summary.metric == "tv"]
+    assert set(summary.metric) == {"tv", "js", "top1"} and set(tv.reference) == {"lr=0.05_bs=64_epochs=1_n=none"}
+    rows = golden_path._compared(tv)
+    assert len(rows) == 3  # the other online setting and both offline ones, each with three seeds a side
+    assert (rows.ci_low <= rows.ratio + 1e-12).all() and (rows.ratio <= rows.ci_high + 1e-12).all()
+    assert rows.ratio.to_numpy() == pytest.approx((rows.d_cross / rows.d_floor).to_numpy())
+    assert ((rows.p_value > 0) & (rows.p_value <= 1)).all() and (rows.p_holm >= rows.p_value).all()
+    assert set(trend.regime) == {"online", "offline"} and (trend.dataset == "teacher").all()
+    summary.to_csv(tmp_path / "summary.csv", index=False)
+    trend.to_csv(tmp_path / "trend.csv", index=False)
     runs.to_csv(tmp_path / "runs.csv", index=False)
     text = golden_path.section(tmp_path)
-    assert "| teacher | 2.28 | online |" in text and "| teacher | 2.28 | offline |" in text
-    assert "**teacher**" in text
+    assert "| teacher | 2.2 | online |" in text and "| teacher | 2.2 | offline |" in text and "**teacher**" in text
 
 
-def _ratios(online, offline, low_above_one):
-    rows = []
-    for regime, values in (("online", online), ("offline", offline)):
-        for target in (2.0, 1.9):
-            for v in values:
-                rows.append({"dataset": "d", "metric": "tv", "target": target, "regime": regime, "ratio": v,
-                             "ci_low": v + (0.1 if low_above_one else -v), "ci_high": v + 0.5})
-    return pd.DataFrame(rows)
+def _rows(study, regime, ratios, *, low=None, high=None, p=None, seeds=5):
+    return [{"dataset": "d", "study": study, "metric": "tv", "target": 2.0, "regime": regime, "setting": f"s{i}",
+             "n_seeds": seeds, "n_ref_seeds": 5, "ratio": r, "ci_low": r - 0.05 if low is None else low,
+             "ci_high": r + 0.05 if high is None else high, "p_value": 0.5 if p is None else p,
+             "p_holm": 0.5 if p is None else p, "d_floor": 0.1} for i, r in enumerate(ratios)]
 
 
-RUNS = pd.DataFrame({"dataset": "d", "state": "completed", "regime": ["online"] * 6 + ["offline"] * 6,
-                     "noise": [1, 2, 3, 4, 5, 6] * 2, "final_loss": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5] * 2})
-RUNS.loc[RUNS.regime == "offline", "final_loss"] = [1.5, 1.4, 1.3, 1.2, 1.1, 1.0]
+POWER = (_rows("seed-split", "online", [1.0]) + _rows("width", "online", [1.6], p=0.01)
+         + _rows("subsets", "offline", [1.3], p=0.01))
+TREND = pd.DataFrame([{"dataset": "d", "study": "main", "metric": "tv", "regime": "online", "target": 2.0,
+                       "slope": 0.01, "ci_low": -0.1, "ci_high": 0.1}])
+RUNS = pd.DataFrame({"dataset": "d", "study": "main", "state": "completed", "regime": ["online"] * 4,
+                     "noise": [1, 2, 3, 4], "final_loss": [1.0, 1.1, 1.2, 1.3]})
 
 
-@pytest.mark.parametrize("online, offline, above, claim, contrast", [
-    ([1.0, 1.1, 1.2], [2.0, 2.5, 3.0], True, "holds", "holds"),
-    ([2.0, 2.2, 2.4], [1.0, 1.1, 1.2], True, "does not hold", "does not hold"),
-    ([2.0, 2.2, 2.4], [2.0, 2.5, 3.0], False, "inconclusive", "holds"),
+@pytest.mark.parametrize("online, offline, controls, says_online, says_offline", [
+    (_rows("main", "online", [1.0, 1.05]), _rows("main", "offline", [1.5], p=0.01), POWER, "same", "differs"),
+    (_rows("main", "online", [1.3], p=0.01), _rows("main", "offline", [1.0]), POWER, "differs", "same"),
+    (_rows("main", "online", [1.1], low=0.7, high=1.6), [], POWER, "inconclusive (none differs", "inconclusive"),
+    (_rows("main", "online", [1.0]), [], _rows("seed-split", "online", [1.0]), "inconclusive: same", "inconclusive"),
+    (_rows("main", "online", [2.0], p=0.01, seeds=1), [], POWER, "inconclusive (no comparison", "inconclusive"),
 ])
-def test_golden_path_verdict_rules(online, offline, above, claim, contrast):
-    v = golden_path.verdicts(_ratios(online, offline, above), RUNS).iloc[0]
-    assert v.online_claim.startswith(claim) and v.offline_contrast.startswith(contrast)
-    assert v.rho_online == pytest.approx(1.0) and v.rho_offline == pytest.approx(-1.0)
-    assert v.final_loss.startswith("holds") and v.p_offline < 0.05
-    flat = RUNS.assign(final_loss=[1.0, 1.2, 1.1, 1.2, 1.0, 1.1] * 2)  # no trend: not a verdict either way
-    assert golden_path.verdicts(_ratios(online, offline, above), flat).iloc[0].final_loss.startswith("inconclusive")
+def test_golden_path_verdict_rules(online, offline, controls, says_online, says_offline):
+    v = golden_path.verdicts(pd.DataFrame(online + offline + controls), TREND, RUNS).iloc[0]
+    assert v.online.startswith(says_online) and v.offline.startswith(says_offline)
+    assert v.power.startswith("shown" if controls is POWER else "not shown")
+    assert "online rho 1.00" in v.final_loss
 
 
 def test_readme_numbers_are_the_ones_the_results_tables_give():

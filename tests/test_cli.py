@@ -16,7 +16,7 @@ from .conftest import TINY_TEACHER
 
 
 def test_the_readme_s_training_commands_run_in_order_each_into_its_own_directory(tmp_path, capsys):
-    raw = apply_overrides({"name": "teacher-cnn", "budget": {"samples": 320}}, TINY_TEACHER)
+    raw = apply_overrides({"name": "teacher-cnn", "budget": {"samples": 1280}}, TINY_TEACHER)
     config = tmp_path / "teacher-cnn.yaml"
     config.write_text(yaml.safe_dump(raw))
     dirs = []

@@ -114,32 +114,56 @@ def sweep(tmp_path):
     return d
 
 
-def test_floors_reference_and_ratios_on_a_hand_made_sweep(sweep):
-    frame = cmp.compare(sweep, ("tv", "top1"), n_boot=200, figures=False)
+def test_settings_floors_reference_and_ratios_on_a_hand_made_sweep(sweep):
+    frame = cmp.compare(sweep, ("tv", "top1"), n_boot=200)
     at2 = frame[(frame.target == 2.0) & (frame.metric == "tv")]
     kinds = {(r.run_a, r.run_b): r.kind for r in at2.itertuples()}
-    # the least-noisy online run is a0 (c0 has a smaller lr but is offline)
-    assert kinds == {("a0", "a1"): "floor", ("b0", "b1"): "floor", ("a0", "b0"): "reference",
-                     ("a0", "b1"): "reference", ("a0", "c0"): "reference", ("a1", "b0"): "pair",
-                     ("a1", "b1"): "pair", ("a1", "c0"): "pair", ("b0", "c0"): "pair", ("b1", "c0"): "pair"}
+    # b0 overshot 2.0 by 5%: left out. The reference setting is a (the least-noisy online setting with two
+    # seeds; c has a smaller lr but is offline); every pair of a reference seed with another setting's is a
+    # reference pair
+    assert kinds == {("a0", "a1"): "floor", ("a0", "b1"): "reference", ("a1", "b1"): "reference",
+                     ("a0", "c0"): "reference", ("a1", "c0"): "reference", ("b1", "c0"): "pair"}
+    excluded = pd.read_csv(sweep / "compare" / "excluded.csv")
+    assert excluded[["target", "run"]].values.tolist() == [[2.0, "b0"]] and "below its target" in excluded.reason[0]
     assert set(frame[frame.target == 1.9].run_a) | set(frame[frame.target == 1.9].run_b) == {"a0", "a1", "b0"}
-    flagged = {(r.run_a, r.run_b) for r in at2.itertuples() if r.flagged}
-    assert flagged == {("a0", "b0"), ("a1", "b0"), ("b0", "b1"), ("b0", "c0")}  # every pair with b0
-    summary = pd.read_csv(sweep / "compare" / "summary.csv")
-    row = summary[(summary.target == 2.0) & (summary.run == "b1") & (summary.metric == "tv")].iloc[0]
     d = {(r.run_a, r.run_b): r.value for r in at2.itertuples()}
-    assert row.reference == "a0" and row.floor_from == "own seeds"
-    assert row.ratio == pytest.approx(d[("a0", "b1")] / d[("b0", "b1")])
-    assert row.ci_low <= row.ratio <= row.ci_high
-    c0 = summary[(summary.target == 2.0) & (summary.run == "c0") & (summary.metric == "tv")].iloc[0]
-    assert c0.floor_from == "reference's seeds" and c0.ratio == pytest.approx(d[("a0", "c0")] / d[("a0", "a1")])
-    parquet = pd.read_parquet(sweep / "compare" / "distances.parquet")
-    assert list(parquet.columns[:10]) == ["target", "run_a", "run_b", "metric", "value", "ci_low", "ci_high",
-                                          "loss_a", "loss_b", "kind"]
+    summary = pd.read_csv(sweep / "compare" / "summary.csv")
+    tv2 = summary[(summary.target == 2.0) & (summary.metric == "tv")].set_index("setting")
+    assert list(tv2.index) == ["a0", "b0", "c0"] and set(tv2.reference) == {"a0"}  # settings named by a run
+    b = tv2.loc["b0"]
+    assert (b.n_seeds, b.n_ref_seeds, b.regime) == (1, 2, "online")
+    assert b.d_cross == pytest.approx((d[("a0", "b1")] + d[("a1", "b1")]) / 2)
+    assert b.d_floor == pytest.approx(d[("a0", "a1")])  # b has one seed here: the floor is a's
+    assert b.ratio == pytest.approx(b.d_cross / b.d_floor) and b.ci_low <= b.ratio <= b.ci_high
+    assert 0 < b.p_value <= 1 and b.p_holm >= b.p_value and tv2.loc["c0"].regime == "offline"
+    assert np.isnan(tv2.loc["a0"].ratio)  # the reference itself
+    matrix = pd.read_csv(sweep / "compare" / "settings.csv")
+    assert len(matrix[(matrix.target == 2.0) & (matrix.metric == "tv")]) == 3  # a-b, a-c, b-c
+    compute = pd.read_csv(sweep / "compare" / "compute.csv")
+    a19 = compute[(compute.target == 1.9) & (compute.setting == "a0")].iloc[0]
+    assert (a19.n_seeds, a19.n_reached, a19.steps_mean) == (2, 2, 1.0)
+    assert compute[(compute.target == 1.9) & (compute.setting == "b0")].n_reached.iloc[0] == 1  # b1 never got there
+    assert list(pd.read_parquet(sweep / "compare" / "distances.parquet").columns[:7]) == [
+        "target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value"]
+
+    kept = cmp.compare(sweep, ("tv",), n_boot=50, include_flagged=True)
+    assert ("a0", "b0") in {(r.run_a, r.run_b) for r in kept[kept.target == 2.0].itertuples()}
+    b = pd.read_csv(sweep / "compare" / "summary.csv").set_index(["target", "setting"]).loc[(2.0, "b0")]
+    dk = {(r.run_a, r.run_b): r.value for r in kept[kept.target == 2.0].itertuples()}
+    assert b.d_floor == pytest.approx((dk[("a0", "a1")] + dk[("b0", "b1")]) / 2)  # the pooled floor
+
+
+def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
+    ckpt.write_json(sweep / "c0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
+    frame = cmp.compare(sweep, ("tv",), n_boot=50)
+    assert "c0" not in set(frame.run_a) | set(frame.run_b)
+    lines = cmp.conclusions(sweep)
+    assert lines[0].startswith("left out of the statistics (2") and "c0 at 2 (stalled run)" in lines[0]
+    assert any(line.startswith("online: ") for line in lines)
 
 
 def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, monkeypatch):
-    cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
+    cmp.compare(sweep, ("tv",), n_boot=50)
     computed = []
     real = cmp.pair_sums
 
@@ -148,18 +172,18 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, mo
         return real(models, probe, pairs, *a, **k)
 
     monkeypatch.setattr(cmp, "pair_sums", counting)
-    cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
+    cmp.compare(sweep, ("tv",), n_boot=50)
     assert computed == []
     make_run(sweep, "b2", ["optim.lr=0.1", "seed=2"], [(2.0, 1.99)])
-    frame = cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
-    assert len(computed) == 5  # b2 against each of the five runs at 2.0
-    assert len(frame[frame.target == 2.0]) == 15
+    frame = cmp.compare(sweep, ("tv",), n_boot=50)
+    assert len(computed) == 4  # b2 against each of the four runs kept at 2.0 (b0 overshot it)
+    assert len(frame[frame.target == 2.0]) == 10
     # the cache is written without fsync: a torn file is recomputed, not trusted
     torn = sorted((sweep / "compare" / "cache").glob("*.pt"), key=lambda f: f.stat().st_size)[-1]
     torn.write_bytes(torn.read_bytes()[:10])
     computed.clear()
-    again = cmp.compare(sweep, ("tv",), n_boot=50, figures=False)
-    assert len(computed) == 15  # every pair of the target whose file was torn
+    again = cmp.compare(sweep, ("tv",), n_boot=50)
+    assert len(computed) == 10  # every pair of the target whose file was torn
     assert again.sort_values(["target", "run_a", "run_b"]).value.tolist() == \
         frame.sort_values(["target", "run_a", "run_b"]).value.tolist()
 
@@ -168,8 +192,11 @@ def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep):
     import matplotlib
 
     matplotlib.use("Agg")
-    frame = cmp.compare(sweep, ("tv",), n_boot=50, figures=True)
-    assert (sweep / "figures" / "heatmap-tv-target-2.png").exists()
+    from goldenpath.figures import write_figures
+
+    frame = cmp.compare(sweep, ("tv",), n_boot=50, include_flagged=True)
+    paths = {p.name for p in write_figures(sweep)}
+    assert {"heatmap-tv-target-2.png", "ratios-tv-target-2.png", "compute-to-target.png"} <= paths
     part = frame[(frame.target == 2.0)]
     ax = distance_heatmap(part, order=["a0", "a1", "b0", "b1", "c0"])
     cells = np.asarray(ax.collections[0].get_array()).reshape(5, 5)

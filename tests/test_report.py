@@ -79,21 +79,25 @@ def report(tmp_path_factory):
     from goldenpath.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("report")
-    path = write_sweep(tmp, "grid: {optim.lr: [0.05, 1000.0]}\nseeds: [0, 1]\n")
+    path = write_sweep(tmp, "grid: {optim.lr: [0.05, 0.1, 1000.0]}\nseeds: [0, 1]\n")
     sweep_dir = run_sweep(path, jobs=2, progress=False)
     return write_report(sweep_dir)
 
 
 def test_report_has_every_section_and_needs_no_network(report):
     page = report.read_text()
-    for section in ("Knobs", "Runs", "Loss curves", "Error against loss", "Distances against loss", "Heatmaps",
-                    "Golden-path ratios", "Warnings"):
-        assert f"<h2>{section}</h2>" in page, section
+    sections = ["The answer", "Setting x setting ratios", "Against the reference", "Compute to target", "Runs",
+                "Loss curves", "Error against loss", "Distances against loss", "Run x run distances", "Warnings"]
+    at = [page.find(f"<h2>{s}</h2>") for s in sections]
+    assert all(i >= 0 for i in at) and at == sorted(at), dict(zip(sections, at))  # all there, the answer first
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "diverged" in page  # the lr=1000 runs diverge, and the page says so
     targets = pd.read_parquet(report.parent / "compare" / "distances.parquet").target.nunique()
-    assert page.count("<img") == 2 + 1 + 1 + targets  # loss curves (samples, steps), error, distances, heatmaps
+    settings = pd.read_csv(report.parent / "compare" / "settings.csv")
+    matrices = settings[settings.metric == "tv"].target.nunique()
+    # ratio matrices, compute, loss curves (samples, steps), error, distances, run heatmaps
+    assert page.count("<img") == matrices + 1 + 2 + 1 + 1 + targets
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (.ci/run installs it)")

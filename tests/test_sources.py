@@ -66,7 +66,7 @@ def test_idx_source_trains_end_to_end(idx_dir, tmp_path):
     root, _ = idx_dir
     config = load_config(None, ["data.source=fashion_mnist", f"data.path={root}", "data.eval_size=50",
                                 "data.probe_size=20", "model.width=4", "model.depth=1", "optim.batch_size=30",
-                                "log.progress=false", f"out={tmp_path / 'runs'}", "name=idx"])
+                                "log.progress=false", "budget.min_progress=null", f"out={tmp_path / 'runs'}", "name=idx"])
     status = json.loads((train(config) / "status.json").read_text())
     assert status["state"] == "completed" and status["reason"] == "data exhausted"
     assert status["samples"] == 300  # one pass over the 300-image pool, then it stops

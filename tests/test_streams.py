@@ -117,3 +117,24 @@ def test_real_embedded_stream_ids_are_pool_indices():
     assert [len(b["ids"]) for b in batches] == [4, 4, 4, 4]
     assert torch.equal(torch.cat([b["ids"] for b in batches]), 2 * 2**40 + torch.arange(16))
     assert batches[0]["x"].shape == (4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("size", [None, 1000])
+def test_offline_subsets_are_disjoint_blocks_of_the_pool(size):
+    from goldenpath.data.streams import Stream
+
+    class Pool:
+        def __init__(self, n):
+            self.size = n
+
+        def train_batch(self, index):
+            return {"ids": index.clone()}
+
+    seen = []
+    for subset in (0, 1, 2):
+        stream = Stream(Pool(size), seed=3, data_seed=7, epochs=2, train_size=100, batch_size=50,
+                        micro_batch_size=50, subset=subset)
+        ids = torch.cat([b["ids"] for _ in range(4) for b in stream.next_step()])
+        assert len(set(ids.tolist())) == 100 and len(ids) == 200  # its own 100 samples, twice
+        seen.append(set(ids.tolist()))
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])

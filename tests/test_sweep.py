@@ -30,7 +30,7 @@ def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:
     base.write_text("data: {source: teacher, image_size: 16, eval_size: 128, probe_size: 32}\n"
                     "model: {name: cnn, width: 8, depth: 2}\n"
                     "optim: {lr: 0.05, batch_size: 32}\n"
-                    "budget: {samples: 1280}\n"
+                    "budget: {samples: 1280, min_progress: null}\n"
                     "checkpoint: {targets: [2.28, 2.2], eval_every: 5}\n"
                     "log: {progress: false, sample_ids: true}\n")
     path = tmp_path / f"{name}.yaml"

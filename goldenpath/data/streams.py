@@ -98,17 +98,18 @@ class Stream:
         source: the training pool.
         seed: the run seed (stream order).
         data_seed: picks the offline subset of a finite pool (shared by all runs of a sweep).
+        subset: which disjoint block of ``train_size`` samples of the pool is the offline subset.
         epochs, train_size: the regime (see module docstring).
         batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
     """
 
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
-                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1):
+                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0):
         if batch_size % (micro_batch_size * world):
             raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
                              f"x {world} processes")
-        if train_size is not None and source.size is not None and train_size > source.size:
-            raise ValueError(f"train_size {train_size} exceeds the pool size {source.size}")
+        if train_size is not None and source.size is not None and (subset + 1) * train_size > source.size:
+            raise ValueError(f"subset {subset} of train_size {train_size} exceeds the pool size {source.size}")
         self.source, self.seed, self.epochs = source, seed, epochs
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.accumulation = batch_size // (micro_batch_size * world)
@@ -117,8 +118,9 @@ class Stream:
         self._subset: torch.Tensor | None = None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
         if train_size is not None:
-            self._subset = (torch.arange(train_size) if source.size is None
-                            else torch.randperm(source.size, generator=seeded_generator(data_seed, 1))[:train_size])
+            lo, hi = subset * train_size, (subset + 1) * train_size  # disjoint blocks of one permutation
+            self._subset = (torch.arange(lo, hi) if source.size is None
+                            else torch.randperm(source.size, generator=seeded_generator(data_seed, 1))[lo:hi])
             self.limit = epochs * train_size
         elif source.size is not None:
             self._permutation = torch.randperm(source.size, generator=seeded_generator(seed, 2))
@@ -199,15 +201,17 @@ class SequentialStream:
 class MemorySource:
     """A random-access pool held in memory: the offline subset of a sequential source."""
 
-    def __init__(self, source: SequentialSource, size: int):
+    def __init__(self, source: SequentialSource, size: int, *, skip: int = 0):
         it = source.iterate(seed=0, rank=0, world=1)
         examples = []
-        for example in it:
-            examples.append(example)
+        for k, example in enumerate(it):
+            if k >= skip:
+                examples.append(example)
             if len(examples) == size:
                 break
         if len(examples) < size:
-            raise ValueError(f"the stream holds only {len(examples)} samples, fewer than train_size {size}")
+            raise ValueError(f"the stream holds only {skip + len(examples)} samples, fewer than {skip + size} "
+                             f"(data.subset x train_size + train_size)")
         self._pool = source.collate(examples)
         self.info, self.size, self._source = source.info, size, source
 
@@ -228,10 +232,11 @@ def build_stream(source, data, *, seed: int, batch_size: int, micro_batch_size: 
     """The training stream for a data config (``data``: goldenpath.config.DataConfig) and run seed."""
     if hasattr(source, "train_batch"):
         return Stream(source, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world,
+                      subset=data.subset)
     if data.train_size is not None:
-        return Stream(MemorySource(source, data.train_size), seed=seed, data_seed=data.seed, epochs=data.epochs,
-                      train_size=data.train_size, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                      rank=rank, world=world)
+        pool = MemorySource(source, data.train_size, skip=data.subset * data.train_size)  # the stream's block
+        return Stream(pool, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
     return SequentialStream(source, seed=seed, batch_size=batch_size, micro_batch_size=micro_batch_size,
                             rank=rank, world=world)

@@ -4,7 +4,8 @@ Every sample is a pure function of (data seed, split, sample index): random numb
 counter-based hash (splitmix64) evaluated on whole tensors, so a sample costs no state, any index can be
 produced on demand, and resuming is free. Nothing is downloaded and nothing large is stored.
 
-* **teacher** (vision): smooth random images (band-limited Gaussian fields, unit pixel variance), labels
+* **teacher** (vision): smooth random images (band-limited Gaussian fields, unit pixel variance; 3 x 16 x 16
+  by default), labels
   ``y ~ softmax(T(x) / temperature)`` from a fixed random CNN ``T``. Bayes-optimal loss on the eval set:
   ``mean_x H(softmax(T(x) / temperature))``. Images are computed in float64 and rounded, so a sample's
   pixels do not depend on the batch it is generated in; the teacher runs in float32, whose logits can move
@@ -102,10 +103,10 @@ class TeacherData(DataConfig):
     """Smooth random images labelled by a fixed random CNN teacher (embedded, infinite)."""
 
     source: str = "teacher"
-    image_size: int = 32
+    image_size: int = 16           # 16 x 16: small models learn most of the way to the floor on a CPU
     channels: int = 3
     classes: int = 10
-    max_frequency: int = 4         # highest spatial frequency (cycles per image) of the random fields
+    max_frequency: int = 2         # highest spatial frequency (cycles per image) of the random fields
     temperature: float = 0.5       # labels ~ softmax(T(x) / temperature), T's logits standardised
     teacher_width: int = 16        # channels of the teacher CNN
 
