@@ -64,8 +64,8 @@ def main() -> None:
                 total += 1
                 same += (a["step"], a["eval_loss"]) == (b["step"], b["eval_loss"])
                 if (a["step"], a["eval_loss"]) != (b["step"], b["eval_loss"]):
-                    print(f"  {run.name} {meta_path.parent.name}: step {a['step']} (eval_every "
-                          f"{config.checkpoint.eval_every} -> 1: step {b['step']})")
+                    print(f"  {run.name} {meta_path.parent.name}: step {a['step']} (evaluated after every step: "
+                          f"step {b['step']})")
     print(f"eval after every step: {same} of {total} checkpoints of {len(chosen)} runs at the same step and loss")
 
 

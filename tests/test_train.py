@@ -76,6 +76,15 @@ def test_evals_close_in_on_a_target(rate, target, min_gap, max_gap):
     assert len(evals) < 30 + 5.0 / rate / max_gap  # and it does not evaluate every step to get there
 
 
+def test_a_jittery_loss_near_a_target_is_evaluated_every_step():
+    # 0.02 above the target, jumping by about 0.01 about its trend: it may dip below between evals
+    evals = [(100, 2.05), (110, 2.03), (120, 2.04), (130, 2.02)]
+    assert next_eval_gap(evals, 2.0, max_gap=100, min_gap=1) == 1
+    smooth = [(100, 2.05), (110, 2.04), (120, 2.03), (130, 2.02)]  # the same distance, steadily falling
+    assert next_eval_gap(smooth, 2.0, max_gap=100, min_gap=1) == 10
+    assert next_eval_gap(evals, 1.5, max_gap=100, min_gap=1) > 1  # far from the target: no need
+
+
 # ----------------------------------------------------------------------------- gradient accumulation
 
 
