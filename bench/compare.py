@@ -4,7 +4,7 @@
 
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
-resamples, no figures and no cache, with the allocator settings of ``goldenpath``'s command line
+resamples, no cache (a fresh sweep directory), with the allocator settings of ``goldenpath``'s command line
 (``goldenpath.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2.
 """
@@ -42,18 +42,20 @@ def make_sweep(directory: Path, config_path: Path, n: int) -> Path:
     return directory
 
 
-def forward_seconds(config_path: Path, chunk: int = 256) -> float:
+def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu") -> float:
     """One model's forward over the probe set, as compare runs it (chunks, no grad)."""
     config = load_config(config_path)
     source = config.data.build()
-    probe = {k: v for k, v in source.heldout("probe").items() if k != "ids"}
-    model = build_model(config.model, source.info, seed=0).eval()
+    probe = {k: v.to(device) for k, v in source.heldout("probe").items() if k != "ids"}
+    model = build_model(config.model, source.info, seed=0).to(device).eval()
     n = len(next(iter(probe.values())))
 
     def run():
         with torch.no_grad():
             for lo in range(0, n, chunk):
                 logits(model, {k: v[lo : lo + chunk] for k, v in probe.items()})
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     run()
     t0 = time.perf_counter()
@@ -70,7 +72,7 @@ def main() -> None:
     tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
-        compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2), figures=False)
+        compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2))
     for name, path in MODELS.items():
         for n in [int(x) for x in args.sizes.split(",")]:
             ratios = []
@@ -78,7 +80,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     sweep = make_sweep(Path(tmp) / "s", path, n)
                     t0 = time.perf_counter()
-                    compare(sweep, figures=False)
+                    compare(sweep)
                     wall = time.perf_counter() - t0
                     one = forward_seconds(path)
                     ratios.append(wall / (n * one))

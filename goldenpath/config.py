@@ -283,6 +283,7 @@ class Config:
     cpu: bool = False                                 # force CPU even where a GPU is present
     threads: int | None = None                        # CPU threads; None: $OMP_NUM_THREADS, else cores / 2 (1-4)
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # bf16: autocast on GPU; fp64: for numerical checks
+    compile: bool = False                             # torch.compile the model's forward (fused kernels on a GPU)
     data: DataConfig = field(default_factory=_default_data)
     model: ModelConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -308,6 +309,8 @@ class Config:
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
         require(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}",
                 "use a positive number of CPU threads, or null for the default")
+        require(not self.compile or self.noise.kind != "dp", "compile",
+                "per-sample clipping runs the model eagerly (hooks and torch.func)", "set compile=false under dp")
         require(not self.log.noise_scale or self.noise.kind != "dp", "log.noise_scale",
                 "under dp the trainer forms only clipped gradients", "use goldenpath noise on a checkpoint")
         require(not self.log.noise_scale or (self.optim.micro_batch_size or self.optim.batch_size)

@@ -313,6 +313,8 @@ def start(config: Config) -> Run | Path:
     planned_steps(config, stream.limit, forked and forked["start"])  # budget errors before a run directory exists
     dtype = torch.float64 if config.precision == "fp64" else torch.float32
     model = build_model(config.model, source.info, seed=config.seed).to(accelerator.device, dtype)
+    if config.compile:
+        model.compile()  # in place: parameter names, checkpoints and per-step maths stay those of the module
     optimizer = make_optimizer(model, optim)
     eval_batch = source.heldout("eval")
     if main:  # only now: a config that fails to build leaves no run directory behind

@@ -139,6 +139,26 @@ def test_markov_without_the_cached_table_gives_the_same_tokens(monkeypatch):
     assert torch.equal(cached.train_batch(torch.arange(20))["input_ids"], hashed.train_batch(torch.arange(20))["input_ids"])
 
 
+def test_markov_read_ahead_gives_the_direct_tokens(monkeypatch):
+    """Contiguous reads come from a read-ahead block; the tokens must be those of one sequence at a time."""
+    monkeypatch.setattr(MarkovStream, "READ_AHEAD", 24)
+    src = source("data.source=markov", "data.order=2")
+    start = 5 * 2**40 + 3
+    direct = {i: src._batch("train", torch.tensor([i])) for i in range(start, start + 70)}
+    # micro-batches inside a block, one crossing its end, a read longer than a block, a read back inside it,
+    # a gap, and a non-contiguous read
+    reads = [torch.arange(start, start + 8), torch.arange(start + 8, start + 16), torch.arange(start + 16, start + 24),
+             torch.arange(start + 20, start + 30), torch.arange(start + 30, start + 62),
+             torch.arange(start + 40, start + 44), torch.arange(start + 64, start + 70),
+             torch.tensor([start + 9, start + 2, start + 40])]
+    for index in reads:
+        got = src.train_batch(index)
+        assert torch.equal(got["ids"], index)
+        for k in ("input_ids", "labels"):
+            assert torch.equal(got[k], torch.cat([direct[int(i)][k] for i in index]))
+    assert src._ahead[0] == start + 64  # the block was refilled where the reads jumped
+
+
 def test_splits_are_distinct_and_samples_are_pure_functions_of_their_index():
     src = source()
     a, b = src.train_batch(torch.tensor([3, 4])), src.train_batch(torch.tensor([4]))

@@ -1,0 +1,345 @@
+"""The device check: goldenpath's GPU figures, each against a baseline measured in the same run.
+
+    bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
+    bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
+    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch] [--out DIR]
+
+Parts (each writes its rows; a part that fails is recorded with its error and the others go on):
+
+1. ``train``: GPT-2 small (124M; 768 wide, 12 blocks, 1024 tokens, vocabulary 50257) trained by
+   ``goldenpath train`` against a plain torch loop of the same model reading the same stream, with bf16
+   autocast, without and with ``torch.compile``. Tokens/s, the ratio trainer / plain loop (goal >= 0.97)
+   and MFU: model FLOPs per token (6 N + 12 L d T, N the parameters without the position table) times
+   tokens/s over the GPU's peak dense bf16 rate (``--peak-tflops``; H100/H200 SXM: 989). Goal >= 40%.
+2. ``dp``: one DP-SGD optimizer step (goldenpath's fast path) against the non-private step, at GPT-2
+   small and ResNet-18 shapes, with Opacus in hooks and ghost-clipping modes in the same run (goal:
+   fast path <= 1.2x non-private; faster than every Opacus mode). Steps are interleaved method by method.
+3. ``compare``: ``goldenpath compare`` on 8 and 16 loss-target checkpoints of GPT-2's vocabulary against
+   N x one model's forward over the probe set (goal <= 1.2).
+4. ``launch``: ``accelerate launch`` of the C4 config's model on local parquet text in C4's layout
+   (columns text, timestamp, url; ``train/`` and ``validation/`` files) for 200 steps in bf16: the run
+   must complete and its replicas agree bit for bit at the end (the noise is drawn once per step, after
+   the all-reduce, identically on every process). With one GPU it runs one process; the CPU smoke runs two.
+
+The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
+downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
+``gpu_cpu_smoke.json``) and a short markdown table under ``--out`` (default bench/results; $OUT if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP = 5  # steps before timing starts (compilation, the stream's shuffle buffer); the trainer logs every WARMUP
+sys.path.insert(0, str(ROOT / "bench"))
+
+# Sizes: the GPU check and its CPU smoke. "lm" is the C4 config's model; "dp_*" the DP step's shapes.
+SIZES = {
+    "gpu": {"vocab": 50257, "seq": 1024, "width": 768, "depth": 12, "heads": 12, "batch": 16, "steps": 60,
+            "dp_lm_batch": 8, "dp_cnn": {"width": 64, "batch": 256}, "dp_steps": 20,
+            "compare_sizes": (8, 16), "probe": 64, "chunk": 8, "launch_steps": 200, "docs": 6000},
+    "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
+                  "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
+                  "compare_sizes": (4,), "probe": 16, "chunk": 8, "launch_steps": 10, "docs": 400},
+}
+
+
+# ----------------------------------------------------------------------------- local text in C4's layout
+
+def write_c4_layout(root: Path, *, vocab: int, docs: int, words: int = 600, seed: int = 0) -> tuple[Path, Path]:
+    """Parquet files in C4's layout and a word-level tokenizer of ``vocab`` tokens; returns (data, tokenizer)."""
+    import numpy as np
+    import pandas as pd
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok_dir, data_dir = root / "tokenizer", root / "c4"
+    if not (tok_dir / "tokenizer.json").exists():
+        words_of = {f"w{i}": i for i in range(vocab - 1)} | {"<eos>": vocab - 1}
+        tok = Tokenizer(models.WordLevel(words_of, unk_token="<eos>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tok_dir)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", docs), ("validation", max(docs // 10, 64))):
+        (data_dir / split).mkdir(parents=True, exist_ok=True)
+        path = data_dir / split / "part-00000.parquet"
+        if path.exists():
+            continue
+        ids = rng.integers(0, vocab - 1, size=(n, words))
+        text = [" ".join(f"w{i}" for i in row) for row in ids]
+        pd.DataFrame({"text": text, "timestamp": ["2019-04-25T12:00:00Z"] * n,
+                      "url": [f"https://example.org/{split}/{i}" for i in range(n)]}).to_parquet(path)
+    return data_dir, tok_dir
+
+
+def lm_config_file(root: Path, size: dict, data_dir: Path, tok_dir: Path) -> Path:
+    """configs/c4-gpt2-small.yaml with its data on the local files (and its model at ``size``)."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "c4-gpt2-small.yaml").read_text())
+    cfg["data"] = {"source": "hf_text", "path": "parquet", "split": "train", "eval_split": "validation",
+                   "data_files": {"train": str(data_dir / "train" / "*.parquet"),
+                                  "validation": str(data_dir / "validation" / "*.parquet")},
+                   "tokenizer": str(tok_dir), "seq_len": size["seq"], "eval_size": size["probe"],
+                   "probe_size": size["probe"], "shuffle_buffer": 1000}
+    cfg["model"] = {"name": "gpt2", "width": size["width"], "depth": size["depth"], "heads": size["heads"]}
+    cfg["optim"].update(batch_size=size["batch"], micro_batch_size=size["batch"], warmup=10)
+    cfg["checkpoint"] = {"targets": [], "eval_every": 10**9, "eval_batch_size": size["chunk"]}
+    path = root / "c4-local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------- 1. training throughput
+
+def flops_per_token(model: torch.nn.Module, size: dict) -> float:
+    """6 N + 12 L d T (N: parameters without the position table), the usual estimate of training FLOPs."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+    return 6 * n + 12 * size["depth"] * size["width"] * size["seq"]
+
+
+def plain_lm_loop(config, steps: int, *, device: str, compiled: bool) -> float:
+    """Tokens/s of the simplest correct loop on goldenpath's own stream: forward, CE, backward, AdamW."""
+    from goldenpath.data import build_stream
+    from goldenpath.models import build_model
+    from goldenpath.run import make_optimizer
+
+    source = config.data.build()
+    stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
+                          micro_batch_size=config.optim.batch_size)
+    model = build_model(config.model, source.info, seed=config.seed).to(device)
+    if compiled:
+        model.compile()
+    opt = make_optimizer(model, config.optim)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def step():
+        batch = {k: v.to(device, non_blocking=True) for k, v in stream.next_step()[0].items()}
+        with autocast:
+            out = model(batch["input_ids"])
+        loss = F.cross_entropy(out.float().flatten(0, 1), batch["labels"].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(WARMUP):  # warm-up (and compilation)
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * config.optim.batch_size * config.data.seq_len / (time.perf_counter() - t0)
+
+
+def trainer_tokens_per_s(config_path: Path, steps: int, out: Path, name: str, *, device: str,
+                         compiled: bool) -> float:
+    """Tokens/s of ``goldenpath train`` over its training time (evals and checkpoints timed apart)."""
+    from goldenpath.config import load_config
+    from goldenpath.train import train
+
+    over = [f"budget.steps={WARMUP + steps}", "budget.samples=null", "budget.min_progress=null",
+            "checkpoint.last_every_seconds=1e9", f"log.every={WARMUP}", "log.progress=false", f"out={out}",
+            f"name={name}", f"compile={str(compiled).lower()}", f"cpu={str(device == 'cpu').lower()}",
+            f"precision={'bf16' if device == 'cuda' else 'fp32'}"]
+    run_dir = train(load_config(config_path, over))
+    # steady state, as for the plain loop: from the record after the warm-up steps to the last step's
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [r for r in logs if "train_loss" in r]
+    first, last = steps_logged[0], steps_logged[-1]
+    return (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
+
+
+def part_train(size: dict, work: Path, device: str, peak_tflops: float) -> dict:
+    from goldenpath.config import load_config
+    from goldenpath.models import build_model
+
+    data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
+    path = lm_config_file(work, size, data_dir, tok_dir)
+    config = load_config(path, [f"precision={'bf16' if device == 'cuda' else 'fp32'}"])
+    model = build_model(config.model, config.data.build().info, seed=0)
+    fpt = flops_per_token(model, size)
+    rows = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "flops_per_token": fpt}
+    del model
+    for compiled in (False, True):
+        key = "compiled" if compiled else "eager"
+        ours = trainer_tokens_per_s(path, size["steps"], work / "runs", f"train-{key}", device=device,
+                                    compiled=compiled)
+        plain = plain_lm_loop(config, size["steps"], device=device, compiled=compiled)
+        rows[key] = {"goldenpath_tokens_per_s": ours, "plain_tokens_per_s": plain, "ratio": ours / plain,
+                     "mfu": ours * fpt / (peak_tflops * 1e12) if device == "cuda" else None}
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. the DP-SGD step
+
+def part_dp(size: dict, device: str) -> dict:
+    import dp_step
+
+    cnn = size["dp_cnn"]
+    dp_step.MODELS.update({
+        "gpt2-small": {"overrides": ["data.source=markov", "model.name=gpt2", f"model.width={size['width']}",
+                                     f"model.depth={size['depth']}", f"model.heads={size['heads']}",
+                                     "model.attention=eager"],
+                       "input": (size["seq"],), "classes": size["vocab"], "batch": size["dp_lm_batch"]},
+        "resnet18": {"overrides": ["model.name=resnet18", f"model.width={cnn['width']}", "model.norm=group"],
+                     "input": (3, 32, 32), "classes": 10, "batch": cnn["batch"]},
+    })
+    rows = {}
+    for name in ("gpt2-small", "resnet18"):
+        times = dp_step.step_times(name, size["dp_steps"], device, warmup=2)
+        base = statistics.median(times["non-private"])
+        med = {m: statistics.median(t) for m, t in times.items()}
+        best = min((m for m in dp_step.OPACUS if m in med), key=med.get)
+        rows[name] = {**{m: {"step_ms": t * 1e3, "x_non_private": t / base} for m, t in med.items()},
+                      "best_opacus": best, "best_opacus_over_dp_fast": med[best] / med["dp-fast"],
+                      "not_run": {m: why for (n, m), why in dp_step.UNSUPPORTED.items() if n == name}}
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. compare
+
+def part_compare(size: dict, work: Path, device: str) -> dict:
+    import compare as bench_compare
+
+    from goldenpath.compare import compare
+
+    data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
+    path = lm_config_file(work, size, data_dir, tok_dir)
+    rows = {}
+    for n in size["compare_sizes"]:
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            sweep = bench_compare.make_sweep(Path(tmp) / "s", path, n)
+            compare(sweep, device=device, chunk=size["chunk"])  # warm-up
+            shutil.rmtree(sweep / "compare")  # and its cache: the timed call computes every pair
+            _sync(device)
+            t0 = time.perf_counter()
+            compare(sweep, device=device, chunk=size["chunk"])
+            _sync(device)
+            wall = time.perf_counter() - t0
+            one = bench_compare.forward_seconds(path, chunk=size["chunk"], device=device)
+        rows[str(n)] = {"compare_s": wall, "forward_s": one, "ratio": wall / (n * one)}
+    return rows
+
+
+# ----------------------------------------------------------------------------- 4. accelerate launch
+
+def part_launch(size: dict, work: Path, device: str) -> dict:
+    data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
+    path = lm_config_file(work, size, data_dir, tok_dir)
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    procs = gpus if gpus > 1 else (1 if device == "cuda" else 2)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
+           str(procs), "--mixed_precision", "bf16" if device == "cuda" else "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000)]
+    cmd += ["--multi_gpu"] if procs > 1 else []
+    over = [f"budget.steps={size['launch_steps']}", "budget.samples=null", "budget.min_progress=null",
+            "noise.kind=gaussian",
+            "noise.sigma=1.0", f"out={work / 'runs'}", "name=launch", "log.progress=false",
+            f"optim.micro_batch_size={size['batch'] // procs if procs > 1 else size['batch']}",
+            f"precision={'bf16' if device == 'cuda' else 'fp32'}"] + (["cpu=true"] if device == "cpu" else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if device == "cpu" else dict(os.environ)
+    t0 = time.perf_counter()
+    out = subprocess.run([*cmd, "-m", "goldenpath", "train", str(path), *over], capture_output=True, text=True,
+                         env=env, timeout=900)
+    wall = time.perf_counter() - t0
+    status_path = work / "runs" / "launch" / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    return {"processes": procs, "returncode": out.returncode, "wall_s": wall, "state": status.get("state"),
+            "step": status.get("step"), "replicas_in_sync": status.get("replicas_in_sync"),
+            "ok": out.returncode == 0 and status.get("state") == "completed"
+            and status.get("step") == size["launch_steps"] and status.get("replicas_in_sync") is not False,
+            "stderr_tail": out.stderr[-1500:] if out.returncode else ""}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def table(results: dict) -> str:
+    """The short markdown table of the figures against their goals."""
+    lines = ["| check | figure | goal |", "| --- | --- | --- |"]
+    tr = results.get("train", {})
+    for key in ("eager", "compiled"):
+        if key in tr:
+            r = tr[key]
+            mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+            lines.append(f"| train ({key}) | {r['goldenpath_tokens_per_s']:,.0f} tok/s, {r['ratio']:.3f} of the "
+                         f"plain loop{mfu} | >= 0.97; MFU >= 40% |")
+    for name, r in results.get("dp", {}).items():
+        if isinstance(r, dict) and "dp-fast" in r:
+            lines.append(f"| dp step {name} | fast {r['dp-fast']['x_non_private']:.2f}x non-private; best Opacus "
+                         f"({r['best_opacus']}) {r['best_opacus_over_dp_fast']:.2f}x slower | <= 1.2x; > 1 |")
+    for n, r in results.get("compare", {}).items():
+        if isinstance(r, dict) and "ratio" in r:
+            lines.append(f"| compare N={n} | {r['ratio']:.2f} x (N x forward) | <= 1.2 |")
+    la = results.get("launch", {})
+    if "ok" in la:
+        lines.append(f"| accelerate launch ({la['processes']} proc.) | {la['state']} at step {la['step']}, replicas "
+                     f"in sync: {la['replicas_in_sync']} | completed, in sync |")
+    for part, r in results.items():
+        if isinstance(r, dict) and "error" in r:
+            lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (the check of the check)")
+    parser.add_argument("--parts", default="train,dp,compare,launch")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda"
+    size = SIZES["cpu-smoke" if args.cpu_smoke else "gpu"]
+    if device == "cpu" and not args.cpu_smoke:
+        print("no GPU visible: running the CPU smoke sizes", file=sys.stderr)
+        size = SIZES["cpu-smoke"]
+    results: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                     "sizes": "gpu" if size is SIZES["gpu"] else "cpu-smoke"}
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        jobs = {"train": lambda: part_train(size, work, device, args.peak_tflops), "dp": lambda: part_dp(size, device),
+                "compare": lambda: part_compare(size, work, device), "launch": lambda: part_launch(size, work, device)}
+        for part in [p for p in args.parts.split(",") if p]:
+            if part not in jobs:
+                parser.error(f"--parts: unknown part {part!r}; use some of {','.join(jobs)}")
+            t0 = time.perf_counter()
+            try:
+                results[part] = jobs[part]()
+                failed |= part == "launch" and not results[part]["ok"]
+            except Exception:  # noqa: BLE001 - one part's failure is recorded, the others still run
+                results[part] = {"error": traceback.format_exc()}
+                failed = True
+            results[part]["seconds"] = time.perf_counter() - t0
+            print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{stem}.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(f"wrote {out / stem}.json and .md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

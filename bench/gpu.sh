@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The device check (bench/gpu.py): about 8 minutes on one large NVIDIA GPU; `--cpu-smoke`: toy sizes on a CPU.
+#
+#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch]
+#
+# On a machine whose Python already has torch with CUDA, goldenpath is installed without touching torch
+# (--no-deps); packages the machine lacks (opacus, datasets, submitit, ...) are taken from wheels in
+# ./.whl when that folder exists (pip download them where a registry is reachable). Results go to $OUT
+# when it is set, else bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import goldenpath" 2>/dev/null; then
+  if [ -d .whl ]; then "$PY" -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl; fi
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || "$PY" -m pip install -q --no-deps -e .
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+exec "$PY" bench/gpu.py "$@"
