@@ -3,7 +3,7 @@
     goldenpath train CONFIG [key=value ...]     # prints the run directory last
     goldenpath sweep SWEEP_CONFIG [--out DIR] [--executor local|slurm] [--jobs N] [--retry-diverged]
     goldenpath fork RUN_DIR (--at-loss L | --at-step S) [key=value ...]   # key=x4 or key=/4: relative
-    goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1]    # loss-matched distances + heatmaps
+    goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1,cka,lmc] [--probe-shift noise:0.5]  # + heatmaps
     goldenpath noise RUN_DIR (--at-loss L | --at-step S) [--batches M] [--batch-size b]  # gradient noise
     goldenpath toys lls|dln [key=value ...] [--out DIR]    # theory toys: tables, figures, a verdict
     goldenpath report SWEEP_DIR                 # -> SWEEP_DIR/report.html (one self-contained page)
@@ -64,7 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the child's run name (default: derived from the fork point and changes)")
     p = verbs.add_parser("compare", help="loss-matched functional distances between a sweep's runs")
     p.add_argument("sweep_dir")
-    p.add_argument("--metrics", default="tv,kl,js,top1", help="comma-separated: tv, kl, js, top1")
+    p.add_argument("--metrics", default="tv,kl,js,top1",
+                   help="comma-separated: tv, kl, js, top1, cka (1 - linear CKA of the penultimate features), "
+                        "lmc (loss barrier on the linear path between the weights)")
+    p.add_argument("--probe-shift", metavar="KIND:VALUE",
+                   help="compare on a shifted probe set: noise:SIGMA, contrast:C (images), shuffle:F (text), "
+                        "source:KEY=VALUE (tables under compare-<shift>/)")
+    p.add_argument("--lmc-points", type=int, default=11, help="points on each linear path for lmc (default 11)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--include-flagged", action="store_true",
                    help="keep stalled runs and checkpoints more than 2%% below their target in the statistics")
@@ -196,22 +202,23 @@ def _fork(args) -> int:
 
 
 def _compare(args) -> int:
-    from goldenpath.compare import compare, conclusions
+    from goldenpath.compare import compare, conclusions, tables_dir
     from goldenpath.figures import write_figures
 
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
-    frame = compare(sweep_dir, [m for m in args.metrics.split(",") if m], device=args.device,
-                    include_flagged=args.include_flagged)
-    if not args.no_figures:
+    frame = compare(sweep_dir, [m.strip() for m in args.metrics.split(",") if m.strip()], device=args.device,
+                    include_flagged=args.include_flagged, probe_shift=args.probe_shift, lmc_points=args.lmc_points)
+    tables = tables_dir(sweep_dir, args.probe_shift)
+    if not args.no_figures and args.probe_shift is None:  # the figures are drawn from compare/ alone
         write_figures(sweep_dir)
     pairs = frame.drop_duplicates(["target", "run_a", "run_b"])
-    _print_main(f"{len(pairs)} pairs of runs at {frame['target'].nunique()} loss targets; tables: "
-                f"{sweep_dir / 'compare'}")
-    for line in conclusions(sweep_dir, metric=frame["metric"].iloc[0] if len(frame) else "tv"):
+    _print_main(f"{len(pairs)} pairs of runs at {frame['target'].nunique()} loss targets; tables: {tables}")
+    for line in conclusions(sweep_dir, metric=frame["metric"].iloc[0] if len(frame) else "tv",
+                            probe_shift=args.probe_shift):
         _print_main(line)
-    _print_main(str(sweep_dir / "compare"))
+    _print_main(str(tables))
     return 0
 
 

@@ -3,10 +3,20 @@
 For every loss target, the runs that reached it are compared pairwise on the fixed probe set. Each
 model's forward runs once per probe chunk: the N models' outputs for one chunk are held, all pairs are
 computed, and the next chunk follows, so N checkpoints cost N forwards and memory stays bounded for
-language-model vocabularies. Runs are grouped into *settings* (the same knobs, any seed); each setting is
-compared with the reference (every seed of the least-noisy online setting) and with every other setting:
-the golden-path ratio D / F, its hierarchical-bootstrap interval and its permutation p-value
-(:mod:`goldenpath.stats`, :mod:`goldenpath.ratios`).
+language-model vocabularies (:mod:`goldenpath.pairs`). Runs are grouped into *settings* (the same knobs,
+any seed); each setting is compared with the reference (every seed of the least-noisy online setting) and
+with every other setting: the golden-path ratio D / F, its hierarchical-bootstrap interval and its
+permutation p-value (:mod:`goldenpath.stats`, :mod:`goldenpath.ratios`).
+
+Beyond the pointwise distances (``tv``, ``kl``, ``js``, ``top1``), two opt-in lenses (``--metrics
+...,cka,lmc``): ``cka`` is 1 - linear CKA of the penultimate features on the probe set (per image, or per
+predicted token), read by a hook on the output layer in the same forward as the logits; ``lmc`` is the
+loss barrier on the straight line between the two checkpoints' weights (:mod:`goldenpath.lmc`,
+``lmc_points`` points; batch-norm statistics recomputed at every point from the eval set; nan between
+different architectures). Both are statistics of the whole probe set, not means over its points: their
+setting-level intervals resample seeds only (the probe set held fixed), and their pair rows carry no
+probe-unit interval. ``probe_shift`` (:mod:`goldenpath.data.shift`) compares on a shifted probe set
+instead; its tables go to ``compare-<shift>/`` (e.g. ``compare-noise-0.5/``), leaving ``compare/`` as it is.
 
 Stalled runs, and checkpoints more than ``tolerance`` (relative) below their target, are left out unless
 ``include_flagged``; ``compare/excluded.csv`` lists them. Tables written under ``compare/``:
@@ -27,17 +37,22 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import ratios
 from goldenpath.config import Config, ConfigError, load_config, to_dict
-from goldenpath.distances import FUNCTIONS, METRICS, ON_DISTS, Dist, bootstrap_rows, bootstrap_weights, unit_sums
-from goldenpath.models import build_model, logits
+from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
+from goldenpath.distances import METRICS, bootstrap_rows, bootstrap_weights
+from goldenpath.pairs import load_shared, pair_barriers, pair_sums
+
+WHOLE = ("cka", "lmc")  # statistics of the whole probe set: one value per pair, no probe units to resample
+ALL_METRICS = (*METRICS, *WHOLE)
 
 COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
            "loss_b", "kind", "overshoot_a", "overshoot_b"]
@@ -146,104 +161,42 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-class _Slots:
-    """One built module per architecture, shared by every checkpoint of that architecture: its weight
-    tensors (tied weights once) and the state-dict names that reach each."""
+@dataclass(frozen=True)
+class _Probe:
+    """What every pair at every target is measured on, and how."""
 
-    def __init__(self, module: torch.nn.Module):
-        by_id: dict[int, tuple[torch.Tensor, list[str]]] = {}
-        for name, t in module.state_dict(keep_vars=True).items():
-            by_id.setdefault(id(t), (t, []))[1].append(name)
-        self.module = module
-        self.tensors = [t for t, _ in by_id.values()]
-        self.names = [names for _, names in by_id.values()]
-        self.known = {n for names in self.names for n in names}
-
-    def read(self, path: Path) -> list[torch.Tensor]:
-        """A checkpoint's weights in slot order, checked strictly: each weight present once with its shape,
-        nothing unknown (a tied weight may be stored under any of its names)."""
-        file = path / "model.safetensors"
-        state = load_file(str(file), device=str(self.tensors[0].device) if self.tensors else "cpu")
-        unknown = sorted(set(state) - self.known)
-        if unknown:
-            raise RuntimeError(f"{file}: weights {unknown[:3]} are not in the model its config builds")
-        out = []
-        for t, names in zip(self.tensors, self.names):
-            stored = [state[n] for n in names if n in state]
-            if not stored:
-                raise RuntimeError(f"{file}: weight {names[0]} is missing")
-            if stored[0].shape != t.shape:
-                raise RuntimeError(f"{file}: weight {names[0]} has shape {tuple(stored[0].shape)}, "
-                                   f"the model its config builds {tuple(t.shape)}")
-            if any(not torch.equal(x, stored[0]) for x in stored[1:]):
-                raise RuntimeError(f"{file}: the tied weights {names} are stored with different values")
-            out.append(stored[0].to(t.dtype))
-        return out
+    info: object          # the source's SourceInfo
+    probe: dict           # the probe set (shifted where asked)
+    heldout: dict         # the eval set: batch-norm statistics along a linear path
+    key: str              # the cache key of the probe set and of the lenses' settings
+    chunk: int
+    device: torch.device
+    dtype: torch.dtype
+    lmc_points: int
 
 
-class _Swapped:
-    """A checkpoint's model without a module of its own: its weights, copied into the architecture's shared
-    module just before each forward (copying weights costs far less than copying a module)."""
-
-    def __init__(self, slots: _Slots, path: Path):
-        self.slots, self.weights = slots, slots.read(path)
-
-    def __call__(self, *args):
-        with torch.no_grad():
-            if self.weights:
-                torch._foreach_copy_(self.slots.tensors, self.weights)
-        return self.slots.module(*args)
-
-
-def _load(ck: Checkpoint, config: Config, info, device, dtype, modules: dict) -> _Swapped:
-    """The checkpoint's model, sharing one built module per architecture with the other checkpoints."""
-    key = repr(config.model)  # the frozen dataclass's fields, nested sections included
-    if key not in modules:
-        modules[key] = _Slots(build_model(config.model, info, seed=config.seed).to(device, dtype).eval())
-    return _Swapped(modules[key], ck.path)
-
-
-def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
-              device, dtype) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """Per probe unit sums of each metric for each pair, each model's forward once per chunk.
-
-    ``models[i]`` is a module or any callable with a module's call signature.
-
-    Returns {(i, j): {metric: [units] sums, "count": [units] points}}.
-    """
-    n = len(probe["ids"])
-    lm = "labels" in probe
-    sums = {p: [] for p in pairs}
-    counts = []
-    needed = sorted({i for p in pairs for i in p})
-    with torch.no_grad():
-        for lo in range(0, n, chunk):
-            part = {k: v[lo : lo + chunk].to(device) for k, v in probe.items() if k != "ids"}
-            part = {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
-            outs = {i: Dist(logits(models[i], part)) for i in needed}  # N forwards for this chunk
-            mask = part["labels"] != -100 if lm else None
-            for (i, j) in pairs:
-                values = torch.stack([ON_DISTS[m](outs[i], outs[j]) for m in metrics])  # [metrics, units(, T)]
-                s, c = unit_sums(values, mask)
-                sums[(i, j)].append(s.cpu())
-            counts.append(c.cpu())
-    if not pairs:
-        return {}
-    count = torch.cat(counts)
-    return {p: {**dict(zip(metrics, torch.cat(v, dim=1))), "count": count} for p, v in sums.items()}
+def tables_dir(sweep_dir: str | Path, probe_shift: str | None = None) -> Path:
+    """``compare/``, or ``compare-<shift>/`` for a shifted probe set (e.g. ``compare-noise-0.5``)."""
+    return Path(sweep_dir) / ("compare" if probe_shift is None else f"compare-{parse_shift(probe_shift).slug}")
 
 
 def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
-            tolerance: float = 0.02, n_boot: int = 1000, include_flagged: bool = False):
+            tolerance: float = 0.02, n_boot: int = 1000, include_flagged: bool = False,
+            probe_shift: str | None = None, lmc_points: int = 11):
     """Compare every pair of runs and of settings at every loss target; writes the tables under
-    ``compare/``; returns the pairs (``distances.parquet``) as a DataFrame."""
+    ``compare/`` (``compare-<shift>/`` with ``probe_shift``, e.g. ``"noise:0.5"``); returns the pairs
+    (``distances.parquet``) as a DataFrame. ``metrics``: some of :data:`ALL_METRICS`; ``lmc_points``:
+    points on each pair's linear path (``lmc``)."""
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
     metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in FUNCTIONS]
+    unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
-        raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {list(METRICS)}")
+        raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {','.join(ALL_METRICS)}")
+    if lmc_points < 2:
+        raise ConfigError("--lmc-points", f"got {lmc_points}", "use 2 or more points (both ends count)")
+    out_dir = tables_dir(sweep_dir, probe_shift)
     by_target, runs = collect(sweep_dir)
     if not by_target:
         raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
@@ -252,10 +205,13 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     _, probe_key = _probe_fingerprint(configs)
     first = next(iter(configs.values()))
     source = first.data.build()
-    probe = source.heldout("probe")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float64 if first.precision == "fp64" else torch.float32
-    cache_dir = sweep_dir / "compare" / "cache"
+    probe = source.heldout("probe") if probe_shift is None else shifted_probe(first.data, probe_shift, source=source)
+    lens = f"|lmc:{lmc_points}" if "lmc" in metrics else ""
+    shift = "" if probe_shift is None else f"|shift:{parse_shift(probe_shift).spec}"
+    setup = _Probe(source.info, probe, source.heldout("eval"), probe_key + shift + lens, chunk,
+                   torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                   torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
+    cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     rows, summary, matrix, trend, excluded = [], [], [], [], []
@@ -274,20 +230,27 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
         if len(cks) < 2:
             continue
-        results = _pair_results(cks, by_target[target], configs, source, probe, probe_key, target, metrics,
-                                cache_dir, chunk=chunk, device=device, dtype=dtype)
+        results = _pair_results(cks, by_target[target], configs, setup, target, metrics, cache_dir)
         settings = list(order)
         groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
         ref = ratios.reference_of(settings, [len(g) for g in groups])
         rows += _distance_rows(target, cks, runs, results, metrics, weights, groups[ref])
         pairs = list(itertools.combinations(range(len(cks)), 2))
-        counts = results[pairs[0]]["count"].double().numpy()
         for m in metrics:
             sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
+            # a whole-probe statistic is one "unit": the bootstrap then resamples the seeds alone
+            counts = np.ones(1) if m in WHOLE else results[pairs[0]]["count"].double().numpy()
             s, x, t = ratios.setting_rows(target, m, settings, groups, sums, counts, n_boot=n_boot)
             summary += s
             matrix += x
             trend += t
+    _write_tables(out_dir, runs, by_target, rows, summary, matrix, trend, excluded)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _write_tables(out_dir: Path, runs, by_target, rows, summary, matrix, trend, excluded) -> None:
+    import pandas as pd
+
     reached = []
     for info in runs.values():
         n_seeds = sum(r.setting == info.setting for r in runs.values())
@@ -296,7 +259,6 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
             reached.append({"target": target, "setting": info.setting.label, "regime": info.setting.regime,
                             "columns": info.setting.columns, "n_seeds": n_seeds,
                             "step": hit.step if hit else None, "samples": hit.samples if hit else None})
-    out_dir = sweep_dir / "compare"
     frame = pd.DataFrame(rows, columns=COLUMNS)
     ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     for name, table, columns in (("summary", summary, ratios.SUMMARY), ("settings", matrix, ratios.MATRIX),
@@ -305,16 +267,14 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
         ckpt.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
-    return frame
 
 
-def _pair_results(cks, every, configs, source, probe, probe_key, target, metrics, cache_dir, *, chunk, device,
-                  dtype):
+def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir):
     """Per-unit sums of every metric for every pair of ``cks``, from the cache where it holds them (the cache
     also keeps the pairs of ``every`` checkpoint at this target, those left out included)."""
     pairs = list(itertools.combinations(range(len(cks)), 2))
     keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
-    path = cache_dir / f"{hashlib.sha1(f'{probe_key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
+    path = cache_dir / f"{hashlib.sha1(f'{setup.key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
     cached = _read_cache(path)
     alive = {f"{c.run}|{c.fingerprint}" for c in every}
     previous = {k: v for k, v in cached.items() if {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive}
@@ -323,8 +283,13 @@ def _pair_results(cks, every, configs, source, probe, probe_key, target, metrics
     if todo:
         models, modules = {}, {}
         for idx in sorted({k for t in todo for k in t}):
-            models[idx] = _load(cks[idx], configs[cks[idx].run], source.info, device, dtype, modules)
-        results.update(pair_sums(models, probe, todo, metrics, chunk=chunk, device=device, dtype=dtype))
+            models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
+        kw = {"chunk": setup.chunk, "device": setup.device, "dtype": setup.dtype}
+        new = pair_sums(models, setup.probe, todo, metrics, **kw) if set(metrics) - {"lmc"} else {}
+        if "lmc" in metrics:
+            for p, v in pair_barriers(models, setup.probe, setup.heldout, todo, k=setup.lmc_points, **kw).items():
+                new.setdefault(p, {}).update(v)
+        results.update(new)
         del models
         # keep the cached pairs of checkpoints left out this time (they may be included again)
         current = {**previous, **{keys[p]: results[p] for p in pairs}}
@@ -333,12 +298,18 @@ def _pair_results(cks, every, configs, source, probe, probe_key, target, metrics
 
 
 def _distance_rows(target, cks, runs, results, metrics, weights, reference: list[int]) -> list[dict]:
-    """One row per pair of runs and metric, with a bootstrap interval over probe units."""
-    cells = [(p, m) for p in results for m in metrics]  # every pair and metric in one resampling
-    est = bootstrap_rows(torch.stack([results[p][m] for p, m in cells]),
-                         torch.stack([results[p]["count"] for p, _ in cells]), weights=weights)
+    """One row per pair of runs and metric, with a bootstrap interval over probe units (none for the
+    whole-probe statistics cka and lmc)."""
+    cells = [(p, m) for p in results for m in metrics]
+    unit = [(p, m) for p, m in cells if m not in WHOLE]  # every pair and pointwise metric in one resampling
+    est = {}
+    if unit:
+        got = bootstrap_rows(torch.stack([results[p][m] for p, m in unit]),
+                             torch.stack([results[p]["count"] for p, _ in unit]), weights=weights)
+        est = dict(zip(unit, zip(*(x.tolist() for x in got))))
     rows = []
-    for ((i, j), m), value, low, high in zip(cells, *(x.tolist() for x in est)):
+    for (i, j), m in cells:
+        value, low, high = est.get(((i, j), m)) or (float(results[(i, j)][m][0]), math.nan, math.nan)
         a, b = cks[i], cks[j]
         sa, sb = runs[a.run].setting, runs[b.run].setting
         kind = "floor" if sa == sb else "reference" if (i in reference) != (j in reference) else "pair"
@@ -364,11 +335,12 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         return {}
 
 
-def conclusions(sweep_dir: str | Path, *, metric: str = "tv") -> list[str]:
-    """What a compared sweep says, in plain lines: what was left out (by name), then one sentence per regime."""
+def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
+    """What a compared sweep says, in plain lines: what was left out (by name), then one sentence per regime
+    (from ``compare-<shift>/`` with ``probe_shift``)."""
     import pandas as pd
 
-    tables = Path(sweep_dir) / "compare"
+    tables = tables_dir(sweep_dir, probe_shift)
     lines = []
     excluded = pd.read_csv(tables / "excluded.csv")
     if len(excluded):

@@ -4,6 +4,10 @@ Every function takes logits (last dim = classes or vocabulary) of the same shape
 per point (the leading dims), computed from log-softmax in float32 or better, never from rounded
 probabilities. A distance between two models is the mean over probe points (every predicted token
 position for a language model), with a percentile bootstrap interval over probe units (sequences).
+
+:func:`linear_cka` compares two models' representations instead: feature matrices of the same points,
+one row per point (an image, or a predicted token); :func:`cka_from_moments` gives the same value from sums
+accumulated over chunks of points.
 """
 
 from __future__ import annotations
@@ -91,6 +95,37 @@ def top1(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 
 FUNCTIONS = {"tv": tv, "kl": kl, "js": js, "top1": top1}
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) of features ``x`` [n, d1] and ``y`` [n, d2] of the same n points.
+
+    ||X'Y||_F^2 / (||X'X||_F ||Y'Y||_F) with column-centred X, Y, in float64: the normalised HSIC of the
+    linear kernels. In [0, 1]; 1 when one is an orthogonal transform and isotropic scaling of the other;
+    nan when either matrix has no variance.
+    """
+    if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
+        raise ValueError(f"linear_cka needs [n, d1] and [n, d2] features of the same points, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.double(), y.double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    return _cka(x.T @ y, x.T @ x, y.T @ y)
+
+
+def cka_from_moments(n: float, sum_x: torch.Tensor, sum_y: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor,
+                     xy: torch.Tensor) -> float:
+    """:func:`linear_cka` from sums over n points: ``sum_x`` = sum_i x_i [d1], ``xx`` = sum_i x_i x_i' [d1, d1],
+    ``xy`` = sum_i x_i y_i' [d1, d2] (likewise for y). The features may be shifted by any constant vector
+    first (centring removes it); shifting by about their mean keeps the float64 sums free of cancellation."""
+    sum_x, sum_y = sum_x.double(), sum_y.double()
+    return _cka(xy.double() - torch.outer(sum_x, sum_y) / n, xx.double() - torch.outer(sum_x, sum_x) / n,
+                yy.double() - torch.outer(sum_y, sum_y) / n)
+
+
+def _cka(cross: torch.Tensor, gram_x: torch.Tensor, gram_y: torch.Tensor) -> float:
+    """||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F) from centred cross-products (nan when a denominator is 0)."""
+    den = float(torch.linalg.matrix_norm(gram_x) * torch.linalg.matrix_norm(gram_y))
+    return float(torch.linalg.matrix_norm(cross) ** 2) / den if den > 0 else math.nan
 
 
 def unit_sums(values: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -303,6 +303,19 @@ def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch["x"]) if "x" in batch else model(batch["input_ids"])
 
 
+def output_layer(model: nn.Module) -> nn.Module:
+    """The layer mapping the penultimate features to logits: its input is what representation measures read
+    ([B, d] for images, [B, T, d] per token for text; linear CKA in goldenpath.pairs hooks it)."""
+    if isinstance(model, CausalLM):
+        return model.lm.get_output_embeddings()
+    if isinstance(model, nn.Sequential):
+        return model[-1]
+    for name in ("fc", "head"):  # ResNet, ViT
+        if isinstance(getattr(model, name, None), nn.Module):
+            return getattr(model, name)
+    raise TypeError(f"{type(model).__name__} has no known output layer (a Sequential's last, fc or head)")
+
+
 def sample_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-sample summed cross-entropy [B] (a sequence sums its predicted tokens; labels -100 are skipped).
 

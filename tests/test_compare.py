@@ -11,9 +11,13 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import compare as cmp
+from goldenpath import pairs
 from goldenpath.config import load_config, to_dict
-from goldenpath.distances import js, kl, top1, tv, unit_sums
-from goldenpath.models import build_model, logits
+from goldenpath import lmc
+from goldenpath.config import ConfigError
+from goldenpath.data import probe_shift
+from goldenpath.distances import js, kl, linear_cka, top1, tv, unit_sums
+from goldenpath.models import build_model, logits, sample_losses
 from goldenpath.plots import distance_heatmap
 
 from .conftest import TINY_MARKOV, TINY_TEACHER
@@ -66,15 +70,15 @@ def test_checkpoints_sharing_one_module_give_their_own_outputs_and_bad_files_are
     models = [build_model(config.model, source.info, seed=s).eval() for s in range(2)]
     for s, m in enumerate(models):
         ckpt.save_checkpoint(tmp_path / f"m{s}", m, {"target": 1.0})
-    slots = cmp._Slots(build_model(config.model, source.info, seed=9).eval())
-    swapped = [cmp._Swapped(slots, tmp_path / f"m{s}") for s in range(2)]
+    slots = pairs.Slots(build_model(config.model, source.info, seed=9).eval())
+    swapped = [pairs.Swapped(slots, tmp_path / f"m{s}") for s in range(2)]
     with torch.no_grad():
         for s in (1, 0, 1):  # alternating: each call copies its own weights in
             assert torch.equal(logits(swapped[s], batch), logits(models[s], batch))
     other = load_config(None, [*TINY_MARKOV, "budget.steps=1", "model.width=16"])
     ckpt.save_checkpoint(tmp_path / "narrow", build_model(other.model, source.info, seed=0), {"target": 1.0})
     with pytest.raises(RuntimeError, match="has shape .* the model its config builds"):
-        cmp._Swapped(slots, tmp_path / "narrow")
+        pairs.Swapped(slots, tmp_path / "narrow")
     from safetensors.torch import load_file, save_file
     state = load_file(str(tmp_path / "m0" / "model.safetensors"))  # stored once: under one of the tied names
     (tied,) = [names for names in slots.names if len(names) > 1]
@@ -83,21 +87,33 @@ def test_checkpoints_sharing_one_module_give_their_own_outputs_and_bad_files_are
     (tmp_path / "both").mkdir()
     save_file(state, str(tmp_path / "both" / "model.safetensors"))
     with pytest.raises(RuntimeError, match="tied weights"):
-        cmp._Swapped(slots, tmp_path / "both")
+        pairs.Swapped(slots, tmp_path / "both")
 
 
 # ----------------------------------------------------------------------------- a hand-made sweep
 
 
-def make_run(sweep_dir, name, overrides, targets):
-    """A run directory as the trainer leaves it: config.yaml and loss-target checkpoints (random weights)."""
+def fit(model, source, steps: int):
+    """A few Adam steps on the stream: enough to reach loss ~2 (random models' linear paths have no barrier)."""
+    batch = source.train_batch(torch.arange(512))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for k in range(steps):
+        opt.zero_grad()
+        sample_losses(model, {n: v[(k % 4) * 128 : (k % 4 + 1) * 128] for n, v in batch.items()}).mean().backward()
+        opt.step()
+    return model.eval()
+
+
+def make_run(sweep_dir, name, overrides, targets, *, fit_steps=0):
+    """A run directory as the trainer leaves it: config.yaml and loss-target checkpoints (random weights, or
+    ``fit_steps`` Adam steps from them)."""
     config = load_config(None, [*TINY_TEACHER, f"out={sweep_dir}", f"name={name}", "budget.steps=1", *overrides])
     run = sweep_dir / name
     run.mkdir(parents=True)
     ckpt.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
     source = config.data.build()
     for k, (target, loss) in enumerate(targets):
-        model = build_model(config.model, source.info, seed=config.seed * 10 + k)
+        model = fit(build_model(config.model, source.info, seed=config.seed * 10 + k), source, fit_steps)
         ckpt.save_checkpoint(run / "checkpoints" / ckpt.target_name(target), model,
                              {"target": target, "eval_loss": loss, "step": k, "samples": k, "tokens": 0})
     return run
@@ -207,3 +223,125 @@ def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep):
     assert np.allclose(np.diag(cells), 0)
     assert len(ax.patches) == 2 * (part.kind == "floor").sum()
     assert [t.get_text() for t in ax.get_yticklabels()] == names
+
+
+# ----------------------------------------------------------------------------- the opt-in lenses
+
+
+def penultimate(model, batch, which):
+    """Features by a route of their own: the CNN without its head; GPT-2's last hidden state (after ln_f)."""
+    with torch.no_grad():
+        if which == "cnn":
+            return model[:-1](batch["x"])
+        hidden = model.lm(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        return hidden[batch["labels"] != -100]
+
+
+@pytest.mark.parametrize("which", ["cnn", "lm"])
+def test_cka_from_the_chunked_forwards_equals_linear_cka_of_each_pair(which):
+    overrides = TINY_TEACHER if which == "cnn" else TINY_MARKOV
+    config = load_config(None, [*overrides, "budget.steps=1"])
+    source = config.data.build()
+    probe = {k: v.double() if v.is_floating_point() else v for k, v in source.heldout("probe").items()}
+    if which == "lm":
+        probe["labels"] = probe["labels"].clone()
+        probe["labels"][::3, -5:] = -100  # padded positions are not points
+    models = tiny_models(overrides, 3, source.info)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    got = cmp.pair_sums(models, probe, pairs, ("tv", "cka"), chunk=5, device="cpu", dtype=torch.float64)
+    for i, j in pairs:
+        want = 1 - linear_cka(penultimate(models[i], probe, which), penultimate(models[j], probe, which))
+        assert float(got[(i, j)]["cka"][0]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    same = cmp.pair_sums([models[0], models[0]], probe, [(0, 1)], ("cka",), chunk=7, device="cpu",
+                         dtype=torch.float64)
+    assert float(same[(0, 1)]["cka"][0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def loaded(sweep, run, target=2.0):
+    config = load_config(sweep / run / "config.yaml")
+    model = build_model(config.model, config.data.build().info, seed=0).eval()
+    from safetensors.torch import load_model
+    load_model(model, str(sweep / run / "checkpoints" / ckpt.target_name(target) / "model.safetensors"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two settings of two seeds whose checkpoints learned a little (positive barriers between seeds)."""
+    d = tmp_path_factory.mktemp("trained") / "s"
+    for name, lr, seed, steps in (("a0", 0.01, 0, 20), ("a1", 0.01, 1, 20), ("b0", 0.1, 0, 8), ("b1", 0.1, 1, 8)):
+        make_run(d, name, [f"optim.lr={lr}", f"seed={seed}"], [(2.0, 1.99)], fit_steps=steps)
+    return d
+
+
+def test_cka_and_lmc_get_pair_rows_and_setting_ratios_with_seed_intervals(trained):
+    sweep = trained
+    frame = cmp.compare(sweep, ("tv", "cka", "lmc"), n_boot=200, chunk=24)
+    config = load_config(sweep / "a0" / "config.yaml")
+    source = config.data.build()
+    probe = source.heldout("probe")
+    rows = frame[frame.target == 2.0].set_index(["run_a", "run_b", "metric"])
+    a0, a1, b1 = (loaded(sweep, r) for r in ("a0", "a1", "b1"))
+    assert rows.loc[("a0", "b1", "lmc")].value > 0.05  # trained models: a real barrier to match
+    chunks = [{k: v[lo : lo + 24] for k, v in probe.items()} for lo in range(0, len(probe["ids"]), 24)]
+    _, _, want = lmc.barrier(a0, b1, chunks, k=11)
+    assert rows.loc[("a0", "b1", "lmc")].value == pytest.approx(want, rel=1e-6, abs=1e-9)
+    want = 1 - linear_cka(penultimate(a0, probe, "cnn"), penultimate(a1, probe, "cnn"))
+    assert rows.loc[("a0", "a1", "cka")].value == pytest.approx(want, rel=1e-6, abs=1e-9)
+    whole = frame[frame.metric.isin(["cka", "lmc"])]
+    assert whole.ci_low.isna().all() and whole.value.notna().all()  # no probe-unit interval
+    assert frame[frame.metric == "tv"].ci_low.notna().all()
+    summary = pd.read_csv(sweep / "compare" / "summary.csv").set_index(["target", "metric", "setting"])
+    for metric in ("cka", "lmc"):
+        d = {(r.run_a, r.run_b): r.value for r in frame[frame.metric == metric].itertuples()}
+        assert d[("a0", "a1")] > 0.01 and d[("b0", "b1")] > 0.01, metric  # seeds: different inits
+        b = summary.loc[(2.0, metric, "b0")]
+        assert b.d_cross == pytest.approx(np.mean([d[(a, c)] for a in ("a0", "a1") for c in ("b0", "b1")]))
+        assert b.d_floor == pytest.approx((d[("a0", "a1")] + d[("b0", "b1")]) / 2)
+        assert b.ratio == pytest.approx(b.d_cross / b.d_floor)
+        # seeds alone are resampled (the probe set held fixed): the interval holds the estimate, and the
+        # exact permutation p over the 6 splits of 2 + 2 seeds is a multiple of 1/6
+        assert b.ci_low <= b.ratio <= b.ci_high and b.ci_high > b.ci_low, metric
+        assert b.p_value * 6 == pytest.approx(round(b.p_value * 6))
+    assert set(pd.read_csv(sweep / "compare" / "settings.csv").metric) == {"tv", "cka", "lmc"}
+
+
+def test_default_metrics_are_the_pointwise_ones_and_a_bad_metric_names_the_option(sweep):
+    frame = cmp.compare(sweep, n_boot=20)
+    assert set(frame.metric) == {"tv", "kl", "js", "top1"}
+    with pytest.raises(ConfigError, match=r"^--metrics: unknown metric 'ckaa'; use some of tv,kl,js,top1,cka,lmc$"):
+        cmp.compare(sweep, ("tv", "ckaa"))
+    with pytest.raises(ConfigError, match="--lmc-points"):
+        cmp.compare(sweep, ("lmc",), lmc_points=1)
+
+
+def test_lmc_with_batch_norm_recomputes_statistics_from_the_eval_set(tmp_path):
+    d = tmp_path / "bn"
+    for s in (0, 1):
+        make_run(d, f"r{s}", ["model.norm=batch", f"seed={s}"], [(2.0, 1.99)], fit_steps=15)
+    frame = cmp.compare(d, ("lmc",), n_boot=20, chunk=32, lmc_points=5)
+    source = load_config(d / "r0" / "config.yaml").data.build()
+    split = [{k: v[lo : lo + 32] for k, v in source.heldout(s).items()} for s in ("probe", "eval")
+             for lo in range(0, len(source.heldout(s)["ids"]), 32)]
+    probe_chunks, eval_chunks = split[:2], split[2:]
+    _, _, want = lmc.barrier(loaded(d, "r0"), loaded(d, "r1"), probe_chunks, k=5, reset_batches=eval_chunks)
+    assert frame.value.iloc[0] == pytest.approx(want, rel=1e-6, abs=1e-9) and want > 0.01
+
+
+def test_a_shifted_probe_writes_its_own_tables_from_the_shifted_inputs(sweep):
+    frame = cmp.compare(sweep, ("tv",), n_boot=20, probe_shift="noise:1")
+    assert (sweep / "compare-noise-1" / "summary.csv").exists() and not (sweep / "compare" / "summary.csv").exists()
+    shifted = probe_shift(load_config(sweep / "a0" / "config.yaml").data, "noise:1")
+    a0, a1 = loaded(sweep, "a0"), loaded(sweep, "a1")
+    with torch.no_grad():
+        want = float(tv(a0(shifted["x"]), a1(shifted["x"])).double().mean())
+    got = frame[(frame.target == 2.0) & (frame.run_a == "a0") & (frame.run_b == "a1")].value.iloc[0]
+    assert got == pytest.approx(want, rel=1e-5)
+    clean = cmp.compare(sweep, ("tv",), n_boot=20)
+    assert clean[(clean.target == 2.0) & (clean.run_a == "a0") & (clean.run_b == "a1")].value.iloc[0] != \
+        pytest.approx(got, rel=1e-3)
+    assert cmp.conclusions(sweep, probe_shift="noise:1")
+    from goldenpath.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(sweep), "--probe-shift", "blur:2"])
+    assert exit_.value.code == 2

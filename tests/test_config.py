@@ -68,6 +68,7 @@ BAD = [
     (["noise.kind=laplace"], "noise.kind"),
     (["log.noise_scale=true"], "log.noise_scale"),  # needs a micro-batch below the batch
     (["log.trackers=[mlflow]"], "log.trackers"),
+    (["compile=true", "noise.kind=dp", "noise.sigma=1", "noise.clip=1"], "compile"),
 ]
 
 

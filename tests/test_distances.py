@@ -10,7 +10,11 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr, softmax
 
-from goldenpath.distances import Dist, ON_DISTS, bootstrap, bootstrap_rows, bootstrap_weights, js, kl, top1, tv, unit_sums
+from goldenpath.distances import (
+    Dist, ON_DISTS, bootstrap, bootstrap_rows, bootstrap_weights, cka_from_moments, js, kl, linear_cka, top1, tv,
+    unit_sums,
+)
+
 
 def random_logits(*shape, scale=3.0, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
@@ -146,3 +150,66 @@ def test_masked_vocabularies_keep_float32_accuracy_on_near_identical_pairs():
         unmasked = ON_DISTS[m](Dist(low_a.float()), Dist(low_b.float())).double()
         assert float((got - want)[finite].abs().mean() / want[finite].mean()) < 0.01, m  # kl ~ 3e-5, js ~ 8e-6
         torch.testing.assert_close(got[finite], unmasked[finite], rtol=1e-5, atol=1e-12, msg=m)
+
+
+# ----------------------------------------------------------------------------- linear CKA
+
+
+def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """The HSIC form (Kornblith et al. 2019, eq. 3 with linear kernels): n x n Gram matrices, H centring."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+
+    def hsic(a, b):
+        return np.trace(a @ h @ b @ h) / (n - 1) ** 2
+
+    return hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def features(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def orthogonal(d, seed):
+    q, _ = torch.linalg.qr(features(d, d, seed))
+    return q
+
+
+def test_linear_cka_equals_the_hsic_formula_in_float64():
+    x = features(60, 5, 1)
+    y = x @ features(5, 8, 2) + 0.7 * features(60, 8, 3)  # related, not equivalent
+    got = linear_cka(x, y)
+    assert got == pytest.approx(hsic_cka(x.numpy(), y.numpy()), rel=1e-10) and 0.2 < got < 0.99
+    assert linear_cka(x.float(), y.float()) == pytest.approx(got, rel=1e-5)  # float32 features, float64 sums
+    assert linear_cka(y, x) == pytest.approx(got, rel=1e-12)
+
+
+def test_linear_cka_invariances_and_a_random_other_matrix():
+    x, y = features(200, 6, 4), features(200, 6, 5) + features(200, 6, 4)
+    assert linear_cka(x, 3.5 * x @ orthogonal(6, 6)) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, x + 100.0) == pytest.approx(1.0, abs=1e-12)  # centring: a shift changes nothing
+    base = linear_cka(x, y)
+    assert linear_cka(0.1 * x @ orthogonal(6, 7), 20 * y @ orthogonal(6, 8)) == pytest.approx(base, rel=1e-10)
+    # not invariant to scaling the coordinates unequally (CKA is not CCA)
+    assert linear_cka(x, x * torch.tensor([1.0, 1, 1, 1, 1, 30])) < 0.9
+    # independent features: CKA near 0 (about sqrt(d1 d2) / n = 0.002 here)
+    assert linear_cka(features(2000, 4, 9), features(2000, 4, 10)) < 0.02
+    assert math.isnan(linear_cka(torch.ones(10, 3), x[:10]))  # no variance: undefined
+    with pytest.raises(ValueError, match="same points"):
+        linear_cka(x, y[:-1])
+
+
+def test_cka_from_chunked_moments_equals_linear_cka_even_with_large_means():
+    x = features(90, 4, 11) + 1e4  # ReLU-like features far from 0: uncentred sums would cancel
+    y = x[:, :3] ** 2 / 1e4 + features(90, 3, 12)
+    sx = torch.zeros(4, dtype=torch.float64)
+    sy = torch.zeros(3, dtype=torch.float64)
+    xx, yy, xy = (torch.zeros(a, b, dtype=torch.float64) for a, b in ((4, 4), (3, 3), (4, 3)))
+    shift_x, shift_y = x[:7].mean(0), y[:7].mean(0)
+    for lo in range(0, 90, 7):
+        a, b = x[lo : lo + 7] - shift_x, y[lo : lo + 7] - shift_y
+        sx, sy, xx, yy, xy = sx + a.sum(0), sy + b.sum(0), xx + a.T @ a, yy + b.T @ b, xy + a.T @ b
+    got = cka_from_moments(90, sx, sy, xx, yy, xy)
+    assert got == pytest.approx(hsic_cka((x - x.mean(0)).numpy(), (y - y.mean(0)).numpy()), rel=1e-9)
+    assert got == pytest.approx(linear_cka(x, y), rel=1e-9)
