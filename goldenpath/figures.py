@@ -5,12 +5,17 @@
 - ``heatmap-<metric>-target-<loss>.png``: the run x run distances (seed floors outlined; tv by default);
 - ``ratios-<metric>-target-<loss>.png``: the setting x setting golden-path ratios, significant ones marked;
 - ``compute-to-target.png``: the optimizer steps each setting needed to reach each target.
+
+The matrices of one metric share one colour scale across targets; the reference is marked, online and
+offline blocks are apart. ``ratio_grid`` puts a metric's ratio matrices on one figure (the report's view).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from goldenpath import checkpoints as ckpt
@@ -19,15 +24,16 @@ from goldenpath import plots
 DPI = 110
 
 
-def figure(draw, size):
-    """A matplotlib figure of ``size`` inches drawn by ``draw(ax)``."""
+def figure(draw, size, *, panels: int = 1):
+    """A matplotlib figure of ``size`` inches drawn by ``draw(ax)`` (``draw(axes)`` with ``panels`` > 1, side
+    by side, one y axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
-    draw(ax)
+    fig, axes = plt.subplots(1, panels, figsize=size, sharey=panels > 1, squeeze=False)
+    draw(axes[0, 0] if panels == 1 else list(axes[0]))
     fig.tight_layout()
     return fig
 
@@ -40,9 +46,87 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def matrix_size(n: int) -> tuple[float, float]:
-    """Inches for an n x n matrix with legible labels."""
-    return 3.0 + 0.45 * n, 2.4 + 0.4 * n
+def matrix_size(n: int, *, cell: float = 0.45) -> tuple[float, float]:
+    """Inches for an n x n matrix with legible labels: cells of ``cell`` inches, smaller past 8 inches of cells."""
+    cell = min(cell, 8.0 / max(n, 1))
+    return 3.4 + cell * n, 2.8 + cell * n
+
+
+def ratio_limit(ratios) -> float:
+    """The top of a ratio colour scale shared by several matrices: the largest ratio or inverse ratio,
+    between 1.25 and 10."""
+    r = np.asarray(ratios, dtype=float)
+    r = r[np.isfinite(r) & (r > 0)]
+    return float(np.clip(np.exp(np.abs(np.log(r)).max()), 1.25, 10.0)) if len(r) else 2.0
+
+
+def value_limits(values) -> tuple[float | None, float | None]:
+    """(min, max) of the finite values: one colour scale for every target of a metric."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return (float(v.min()), float(v.max())) if len(v) else (None, None)
+
+
+def references(summary: pd.DataFrame, metric: str) -> dict[float, str]:
+    """The reference setting at each target of ``metric`` (``summary.csv``), highest target first."""
+    part = summary[summary.metric == metric]
+    return part.groupby("target").reference.first().sort_index(ascending=False).to_dict()
+
+
+def setting_order(summary: pd.DataFrame, metric: str | None = None) -> list[str]:
+    """The settings of ``summary.csv`` in compare's order (least noisy first), online ones before offline."""
+    part = summary if metric is None else summary[summary.metric == metric]
+    offline = set(part.setting[part.regime == "offline"])
+    return sorted(dict.fromkeys(part.setting), key=lambda s: s in offline)
+
+
+def run_regimes(distances: pd.DataFrame, settings: pd.DataFrame) -> dict[str, str]:
+    """run -> online/offline, from the settings' regimes (``settings.csv``) and the runs' settings."""
+    regime = {}
+    for side in ("a", "b"):
+        if f"regime_{side}" in settings:
+            regime.update(zip(settings[f"setting_{side}"], settings[f"regime_{side}"]))
+    out = {}
+    for side in ("a", "b"):
+        out.update({r: regime.get(s) for r, s in zip(distances[f"run_{side}"], distances[f"setting_{side}"])})
+    return out
+
+
+def ratio_grid(settings: pd.DataFrame, *, order: list[str], refs: dict[float, str], columns: int = 2):
+    """One metric's setting x setting ratio matrices, one panel per target (highest loss first, the order of
+    training), on one colour scale; every panel has the same rows (``order``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+
+    targets = sorted(settings.target.unique(), reverse=True)
+    n = len(order)
+    cell = min(0.5, 4.6 / max(n, 1))
+    cols = min(columns, len(targets))
+    rows = math.ceil(len(targets) / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(2.4 + cols * (cell * n + 0.3) + 0.9, rows * (cell * n + 0.6) + 2.2))
+    vmax = ratio_limit(settings.ratio)
+    for k, target in enumerate(targets):
+        ax = axes.flat[k]
+        plots.ratio_matrix(settings[settings.target == target], order=order, reference=refs.get(target),
+                           vmax=vmax, cbar=False, ax=ax)
+        ax.set_title(f"loss {target:g}", fontsize=10, pad=14)
+        ax.set_xlabel("")
+        if k % cols:
+            ax.tick_params(labelleft=False)
+        if k + cols < len(targets):
+            ax.tick_params(labelbottom=False)
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    bar = fig.colorbar(ScalarMappable(norm=plots.ratio_norm(vmax), cmap=plots.RATIO_CMAP), ax=axes, shrink=0.6,
+                       label="ratio D / F (log scale)")
+    bar.set_ticks(plots.ratio_ticks(vmax), labels=[f"{t:g}" for t in plots.ratio_ticks(vmax)])
+    bar.minorticks_off()
+    fig.supxlabel("* : p < 0.05 and interval above 1;  blue: the reference;  blank: not compared", fontsize=8)
+    return fig
 
 
 def write_figures(sweep_dir: str | Path, *, run_order: list[str] | None = None,
@@ -54,21 +138,30 @@ def write_figures(sweep_dir: str | Path, *, run_order: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     distances = pd.read_parquet(tables / "distances.parquet")
-    for (target, metric), part in distances[distances.metric.isin(list(heatmap_metrics))].groupby(["target", "metric"]):
-        n = len(set(part.run_a) | set(part.run_b))
-        fig = figure(lambda ax, p=part: plots.distance_heatmap(p, order=run_order, ax=ax), matrix_size(n))
-        fig.axes[0].set_title(f"{metric} at eval loss {target:g}")
-        paths.append(save(fig, out / f"heatmap-{metric}-target-{target:g}.png"))
     summary = _read(tables / "summary.csv")
     settings = _read(tables / "settings.csv")
-    order = list(dict.fromkeys(summary.setting)) if len(summary) else None
-    for (target, metric), part in settings.groupby(["target", "metric"]) if len(settings) else []:
-        ref = summary[(summary.target == target) & (summary.metric == metric)].reference
-        n = len(set(part.setting_a) | set(part.setting_b))
-        fig = figure(lambda ax, p=part: plots.ratio_matrix(p, order=order, reference=ref.iloc[0] if len(ref) else None,
-                                                           ax=ax), matrix_size(n))
-        fig.axes[0].set_title(f"golden-path ratio ({metric}) at eval loss {target:g}")
-        paths.append(save(fig, out / f"ratios-{metric}-target-{target:g}.png"))
+    regimes = run_regimes(distances, settings) if len(settings) else {}
+    for metric in heatmap_metrics:
+        part = distances[distances.metric == metric]
+        vmin, vmax = value_limits(part.value)
+        refs = references(summary, metric) if len(summary) else {}
+        for target, rows in sorted(part.groupby("target"), key=lambda kv: -kv[0]):
+            n = len(set(rows.run_a) | set(rows.run_b))
+            order = [r for r in run_order if r in set(rows.run_a) | set(rows.run_b)] if run_order else None
+            fig = figure(lambda ax, p=rows, t=target: plots.distance_heatmap(
+                p, order=order, reference=refs.get(t), regimes=regimes, vmin=vmin, vmax=vmax, ax=ax),
+                matrix_size(n, cell=0.3))
+            fig.axes[0].set_title(f"{metric} at eval loss {target:g}", pad=16)
+            paths.append(save(fig, out / f"heatmap-{metric}-target-{target:g}.png"))
+    for metric, part in settings.groupby("metric", sort=False) if len(settings) else []:
+        refs, vmax = references(summary, metric), ratio_limit(part.ratio)
+        order = setting_order(summary, metric) if len(summary) else None
+        for target, rows in sorted(part.groupby("target"), key=lambda kv: -kv[0]):
+            n = len(order or set(rows.setting_a) | set(rows.setting_b))
+            fig = figure(lambda ax, p=rows, t=target: plots.ratio_matrix(
+                p, order=order, reference=refs.get(t), vmax=vmax, ax=ax), matrix_size(n))
+            fig.axes[0].set_title(f"golden-path ratio ({metric}) at eval loss {target:g}", pad=16)
+            paths.append(save(fig, out / f"ratios-{metric}-target-{target:g}.png"))
     compute = _read(tables / "compute.csv")
     if len(compute):
         paths.append(save(figure(lambda ax: plots.compute_to_target(compute, ax=ax), (7, 4.5)),

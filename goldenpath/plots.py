@@ -1,10 +1,16 @@
 """Figures from tidy tables (seaborn). Each function takes a DataFrame and keyword-only options, draws on
-``ax`` (a new figure when None) and returns the Axes; no file I/O here.
+``ax`` (a new figure when None) and returns the Axes; no file I/O here. The run x run and setting x setting
+heatmaps live in :mod:`goldenpath.matrices` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+
+from goldenpath.matrices import (  # noqa: F401 - the matrices are plots too
+    RATIO_CMAP, distance_heatmap, ratio_matrix, ratio_norm, ratio_ticks, run_label, short_labels)
 
 
 def _axes(ax):
@@ -22,44 +28,6 @@ def run_order(configs: dict) -> list[str]:
         return (c.data.epochs, c.optim.lr, c.optim.batch_size, c.injected_sigma, c.fork.parent or "", c.seed, name)
 
     return sorted(configs, key=key)
-
-
-def run_label(name: str) -> str:
-    """A run name made readable: ``lr=0.02_bs=16_seed=0`` -> ``lr=0.02 bs=16 seed=0``."""
-    return name.replace("_", " ").replace("+fork-", " > fork ")
-
-
-def distance_heatmap(frame, *, order: list[str] | None = None, ax=None, cmap: str = "viridis"):
-    """The run-by-run matrix of one target's and one metric's distances; seed-floor pairs outlined.
-
-    ``frame``: rows of ``compare/distances.parquet`` for one target and metric (run_a, run_b, value, kind).
-    """
-    import seaborn as sns
-    from matplotlib.patches import Rectangle
-
-    ax = _axes(ax)
-    runs = sorted(set(frame["run_a"]) | set(frame["run_b"]))
-    if order is not None:
-        runs = [r for r in order if r in runs] + [r for r in runs if r not in order]
-    index = {r: i for i, r in enumerate(runs)}
-    matrix = np.zeros((len(runs), len(runs)))
-    floors = []
-    for row in frame.itertuples():
-        i, j = index[row.run_a], index[row.run_b]
-        matrix[i, j] = matrix[j, i] = row.value
-        if row.kind == "floor":
-            floors += [(i, j), (j, i)]
-    labels = [run_label(r) for r in runs]
-    metric = frame["metric"].iloc[0] if len(frame) else "distance"
-    sns.heatmap(matrix, ax=ax, cmap=cmap, square=True, xticklabels=labels, yticklabels=labels,
-                cbar_kws={"label": metric})
-    for i, j in floors:
-        ax.add_patch(Rectangle((j, i), 1, 1, fill=False, edgecolor="white", linewidth=1.5))
-    ax.set_xlabel("run (white outline: same knobs, another seed = seed floor)")
-    ax.set_ylabel("run")
-    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-    ax.tick_params(axis="y", labelrotation=0, labelsize=7)
-    return ax
 
 
 def tail_index_by_layer(table, *, ax=None):
@@ -188,19 +156,76 @@ def loss_curves(curves, *, x: str = "samples", hue: str = "lr", floor: float | N
     return ax
 
 
-def error_vs_loss(curves, *, hue: str = "lr", ax=None):
-    """Eval error against eval loss, one curve per run: the same function at the same loss?"""
+def _dashes(values):
+    values = sorted(set(values), key=lambda v: (v is None, v))
+    return dict(zip(values, ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (2, 3))] * 4))
+
+
+def _knob(name, value):
+    value = f"{value:g}" if isinstance(value, float) else value
+    return f"{'batch' if name == 'batch' else name} {value}" if name in ("batch", "sigma") else f"{name}={value}"
+
+
+def _band_legend(ax, frame, *, hue, style, extra=()):
+    handles = [ax.plot([], [], color=c, linewidth=2, label=_knob(hue, v))[0] for v, c in _palette(frame[hue]).items()]
+    if style:
+        handles += [ax.plot([], [], color="0.3", linestyle=d, label=_knob(style, v))[0]
+                    for v, d in _dashes(frame[style]).items()]
+    from matplotlib.patches import Patch
+
+    handles += [*extra, Patch(color="0.5", alpha=0.25, label="min-max over seeds")]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+
+
+def loss_bands(bands, *, x: str = "samples", hue: str = "lr", style: str | None = "batch",
+               floor: float | None = None, targets=(), legend: bool = True, ax=None):
+    """Eval loss against ``x`` per setting: the mean over its seeds and their min-max band, coloured by
+    ``hue`` and dashed by ``style``; the Bayes floor and the loss targets.
+
+    ``bands``: rows of ``goldenpath.report.seed_bands`` (setting, x, mean, low, high, the hue and style knobs).
+    """
     ax = _axes(ax)
-    colours = _palette(curves[hue])
-    for run, part in curves.groupby("run", sort=False):
-        part = part.sort_values("step")
-        ax.plot(part["eval_loss"], part["eval_error"], color=colours[part[hue].iloc[0]], linewidth=1,
-                linestyle="--" if part["regime"].iloc[0] == "offline" else "-", label=run)
+    colours, dashes = _palette(bands[hue]), _dashes(bands[style]) if style else {}
+    for setting, part in bands.groupby("setting", sort=False):
+        colour, dash = colours[part[hue].iloc[0]], dashes.get(part[style].iloc[0], "-") if style else "-"
+        ax.fill_between(part[x], part["low"], part["high"], color=colour, alpha=0.18, linewidth=0)
+        ax.plot(part[x], part["mean"], color=colour, linestyle=dash, linewidth=1.6, label=setting)
+    for t in targets:
+        ax.axhline(t, color="0.6", linewidth=0.6, alpha=0.6)
+    extra = [ax.axhline(floor, color="k", linewidth=1, linestyle=":", label="Bayes-optimal loss")] \
+        if floor is not None else []
+    if len(bands):  # a diverging setting leaves the top; the start (near chance) stays in view
+        top = bands.groupby("setting", sort=False)["high"].first().min()
+        low = min(bands["low"].min(), floor if floor is not None else np.inf)
+        ax.set_ylim(low - 0.03 * (top - low), top + 0.08 * (top - low))
+    ax.set_xscale("log")
+    ax.set_xlabel({"samples": "samples seen", "step": "optimizer steps", "tokens": "tokens seen"}[x])
+    ax.set_ylabel("eval loss (mean over seeds)")
+    if legend:
+        _band_legend(ax, bands, hue=hue, style=style, extra=extra)
+    return ax
+
+
+def error_bands(bins, *, hue: str = "lr", style: str | None = "batch", legend: bool = True, ax=None):
+    """Eval error against eval loss per setting, binned by loss: the mean over seeds and the min-max band
+    (gaps where no eval fell in a bin): are settings the same function at the same loss?
+
+    ``bins``: rows of ``goldenpath.report.error_by_loss`` (setting, eval_loss, mean, low, high, the knobs).
+    """
+    ax = _axes(ax)
+    colours, dashes = _palette(bins[hue]), _dashes(bins[style]) if style else {}
+    centres = np.sort(bins["eval_loss"].unique())
+    for setting, part in bins.groupby("setting", sort=False):
+        colour, dash = colours[part[hue].iloc[0]], dashes.get(part[style].iloc[0], "-") if style else "-"
+        part = part.set_index("eval_loss").reindex(centres)  # empty bins break the line
+        ax.fill_between(centres, part["low"], part["high"], color=colour, alpha=0.18, linewidth=0)
+        ax.plot(centres, part["mean"], color=colour, linestyle=dash, linewidth=1.6, marker=".", markersize=3,
+                label=setting)
     ax.invert_xaxis()
-    ax.set_xlabel("eval loss (training goes right)")
-    ax.set_ylabel("eval error (top-1, per image or token)")
-    handles = [ax.plot([], [], color=c, label=f"{hue}={v}")[0] for v, c in colours.items()]
-    ax.legend(handles=handles, fontsize=7)
+    ax.set_xlabel("eval loss, binned (training goes right)")
+    ax.set_ylabel("eval error (top-1), mean over seeds")
+    if legend:
+        _band_legend(ax, bins, hue=hue, style=style)
     return ax
 
 
@@ -228,66 +253,49 @@ def distance_vs_loss(distances, *, metric: str = "tv", regimes: dict | None = No
     return ax
 
 
-# ----------------------------------------------------------------------------- setting-level statistics
+# ----------------------------------------------------------------------------- compute to target
 
 
-def ratio_matrix(settings, *, order: list[str] | None = None, reference: str | None = None, alpha: float = 0.05,
-                 ax=None, vmax: float | None = None):
-    """The setting x setting matrix of golden-path ratios at one target and metric; ``*`` where the
-    permutation p-value is below ``alpha`` and the interval lies above 1; the reference's row outlined.
+def _plain_log(axis) -> None:
+    """Plain numbers on a log axis (0.02, 50, not 2 x 10^-2); minor ticks labelled within a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    ``settings``: rows of ``compare/settings.csv`` for one target and metric.
-    """
-    import seaborn as sns
-    from matplotlib.patches import Rectangle
-
-    ax = _axes(ax)
-    names = sorted(set(settings.setting_a) | set(settings.setting_b))
-    if order is not None:
-        names = [n for n in order if n in names] + [n for n in names if n not in order]
-    index = {n: i for i, n in enumerate(names)}
-    values = np.full((len(names), len(names)), np.nan)
-    marks = np.full(values.shape, "", dtype=object)
-    for r in settings.itertuples():
-        i, j = index[r.setting_a], index[r.setting_b]
-        values[i, j] = values[j, i] = r.ratio
-        marks[i, j] = marks[j, i] = "*" if (r.p_value < alpha and r.ci_low > 1) else ""
-    text = np.where(np.isfinite(values), np.char.add(np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(values)),
-                                                     marks.astype(str)), "")
-    sns.heatmap(values, ax=ax, cmap="magma_r", vmin=1 / (vmax or 2), vmax=vmax or 2, square=True, annot=text,
-                fmt="", annot_kws={"fontsize": 7}, xticklabels=[run_label(n) for n in names],
-                yticklabels=[run_label(n) for n in names], cbar_kws={"label": "ratio D / F"}, mask=~np.isfinite(values))
-    if reference in index:
-        k = index[reference]
-        ax.add_patch(Rectangle((0, k), len(names), 1, fill=False, edgecolor="C0", linewidth=2))
-    ax.set_xlabel(f"setting (* : p < {alpha:g} and interval above 1; blue: the reference's row)")
-    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-    ax.tick_params(axis="y", labelrotation=0, labelsize=7)
-    return ax
+    axis.axes.autoscale_view()
+    lo, hi = axis.get_view_interval()
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi < 10 * lo else NullFormatter())
 
 
 def compute_to_target(compute, *, x: str = "optim.lr", hue: str = "optim.batch_size", y: str = "steps_mean",
                       ax=None):
-    """Steps (or samples) each setting needed to reach each target, against ``x``, one line per ``hue`` value
-    and target; offline dashed. ``compute``: rows of ``compare/compute.csv``."""
+    """Steps (or samples) each setting needed to reach each target, against ``x``: colour by target, dashes
+    by ``hue`` (batch size), circles online and squares offline (offline lines thinner).
+    ``compute``: rows of ``compare/compute.csv``."""
     ax = _axes(ax)
     part = compute[compute.n_reached > 0]
     hues = sorted(part[hue].dropna().unique()) if hue in part else [None]
+    dashes = _dashes(hues)
     targets = sorted(part.target.unique(), reverse=True)
-    for ti, target in enumerate(targets):
-        for h in hues:
-            for regime, style in (("online", "-"), ("offline", "--")):
-                rows = part[(part.target == target) & (part.regime == regime)]
-                if h is not None:
-                    rows = rows[rows[hue] == h]
-                if x not in rows or not len(rows):
-                    continue
-                rows = rows.sort_values(x)
-                ax.plot(rows[x], rows[y], style, marker="o", color=f"C{ti}", alpha=0.4 + 0.6 * (hues.index(h) + 1)
-                        / len(hues), label=f"loss {target:g}, {hue.split('.')[-1]}={h} ({regime})")
+    for (ti, target), h, (regime, marker) in itertools.product(enumerate(targets), hues,
+                                                               (("online", "o"), ("offline", "s"))):
+        rows = part[(part.target == target) & (part.regime == regime)]
+        rows = rows[rows[hue] == h] if h is not None else rows
+        if x in rows and len(rows):
+            rows = rows.sort_values(x)
+            ax.plot(rows[x], rows[y], linestyle=dashes[h], marker=marker, markersize=4, color=f"C{ti}",
+                    linewidth=1.4 if regime == "online" else 0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if x in part:
+        ax.set_xticks(sorted(part[x].unique()), [f"{v:g}" for v in sorted(part[x].unique())], minor=False)
+        ax.set_xticks([], minor=True)
+    _plain_log(ax.yaxis)
     ax.set_xlabel(x)
     ax.set_ylabel(y.replace("_mean", " to reach the target (mean over seeds)"))
-    ax.legend(fontsize=6)
+    handles = [ax.plot([], [], color=f"C{k}", linewidth=2, label=f"loss {t:g}")[0] for k, t in enumerate(targets)]
+    handles += [ax.plot([], [], color="0.3", linestyle=dashes[h], label=f"{hue.split('.')[-1]} {h:g}")[0]
+                for h in hues if h is not None]
+    handles += [ax.plot([], [], m, color="0.3", label=r)[0] for r, m in (("online", "o"), ("offline", "s"))
+                if (part.regime == r).any()]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return ax

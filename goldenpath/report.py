@@ -1,10 +1,11 @@
 """One self-contained HTML page per sweep: ``goldenpath report SWEEP_DIR`` -> ``SWEEP_DIR/report.html``.
 
-The page leads with the answer (one sentence per regime, from ``goldenpath.compare.conclusions``), then the
-setting x setting ratio matrices, the ratios against the reference and compute to target; then the runs,
-loss curves (online and offline, against samples and steps), error against loss, distances against loss,
-the run x run heatmaps, and warnings (runs that stalled, diverged or failed).
-Figures are embedded as base64 PNG and the style is inline: the file opens with no network.
+The page names the reference setting, leads with the answer (one sentence per regime, from
+``goldenpath.compare.conclusions``), then one section per metric that ``compare`` measured: the setting x
+setting ratio matrices (one panel per target, one colour scale), the ratios against the reference, the
+distances against loss and, folded, the run x run heatmaps. Then compute to target, loss curves and error
+against loss per setting (mean and min-max over seeds), the runs, and warnings (runs that stalled, diverged
+or failed). Figures are embedded as base64 PNG and the style is inline: the file opens with no network.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings as _warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config
+from goldenpath.ratios import setting_label
+
+KNOBS = ("regime", "lr", "batch", "sigma", "fork")
+METRIC_NAMES = {"tv": "total variation", "kl": "KL divergence", "js": "Jensen-Shannon divergence",
+                "top1": "top-1 disagreement", "cka": "1 - linear CKA of the penultimate features",
+                "lmc": "loss barrier on the linear path between the weights"}
+DPI = 100  # one figure inch is 100 CSS pixels: figures are drawn at the size they are shown
 
 
 def sweep_curves(sweep_dir: str | Path) -> pd.DataFrame:
@@ -37,94 +47,213 @@ def sweep_curves(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _png(draw, size=(6.5, 4.0)) -> str:
-    import matplotlib
+def _finite(curves: pd.DataFrame) -> pd.DataFrame:
+    loss = pd.to_numeric(curves.eval_loss, errors="coerce")
+    return curves[np.isfinite(loss)].assign(eval_loss=loss, setting=curves.run.map(setting_label))
 
-    matplotlib.use("Agg")
+
+def seed_bands(curves: pd.DataFrame, *, x: str = "samples", points: int = 80) -> pd.DataFrame:
+    """Eval loss against ``x`` per setting (a run name without its seed): the mean, min and max over the seeds
+    still running, each seed interpolated in log ``x`` onto ``points`` log-spaced values (x > 0).
+
+    Returns one row per setting and grid point: setting, ``x``, mean, low, high, n_seeds and the knobs.
+    """
+    rows = []
+    for setting, part in _finite(curves[curves[x] > 0]).groupby("setting", sort=False):
+        grid = np.geomspace(part[x].min(), part[x].max(), points)
+        seeds = []
+        for _, run in part.groupby("run"):
+            run = run.drop_duplicates(x, keep="last").sort_values(x)
+            v = np.interp(np.log(grid), np.log(run[x].to_numpy(float)), run.eval_loss.to_numpy(float))
+            v[(grid < run[x].min()) | (grid > run[x].max())] = np.nan
+            seeds.append(v)
+        v = np.vstack(seeds)
+        n = np.isfinite(v).sum(0)
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore", RuntimeWarning)
+            table = pd.DataFrame({x: grid, "mean": np.nanmean(v, 0), "low": np.nanmin(v, 0),
+                                  "high": np.nanmax(v, 0), "n_seeds": n})[n > 0]
+        rows.append(table.assign(setting=setting, **{k: part[k].iloc[0] for k in KNOBS}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def error_by_loss(curves: pd.DataFrame, *, bins: int = 30) -> pd.DataFrame:
+    """Eval error in ``bins`` equal bins of eval loss (up to the highest starting loss) per setting: each
+    seed's mean in a bin, then the mean, min and max over seeds.
+
+    Returns one row per setting and bin holding evals: setting, eval_loss (the bin's centre), mean, low,
+    high, n_seeds and the knobs.
+    """
+    part = _finite(curves.dropna(subset=["eval_error"]))
+    top = part.sort_values("step").groupby("run").eval_loss.first().max()
+    part = part[part.eval_loss <= top]
+    if not len(part):
+        return pd.DataFrame()
+    edges = np.linspace(part.eval_loss.min(), top, bins + 1)
+    part = part.assign(bin=np.clip(np.digitize(part.eval_loss, edges) - 1, 0, bins - 1))
+    per_seed = part.groupby(["setting", "run", "bin"], sort=False).eval_error.mean().reset_index()
+    table = per_seed.groupby(["setting", "bin"], sort=False).eval_error.agg(
+        mean="mean", low="min", high="max", n_seeds="count").reset_index()
+    table["eval_loss"] = (edges[table.bin] + edges[table.bin + 1]) / 2
+    knobs = part.groupby("setting")[list(KNOBS)].first()
+    return table.drop(columns="bin").join(knobs, on="setting")
+
+
+def _png(draw, size=(6.5, 4.0), *, panels: int = 1) -> str:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
-    draw(ax)
-    fig.tight_layout()
+    from goldenpath.figures import figure
+
+    return _encode(figure(draw, size, panels=panels), plt)
+
+
+def _encode(fig, plt=None) -> str:
+    if plt is None:
+        import matplotlib.pyplot as plt
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _img(data: str, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>' \
-           f"{html.escape(alt)}</figcaption></figure>"
+def _img(data: str, alt: str, kind: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" data-figure="{kind}" src="data:image/png;base64,{data}">' \
+           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="")
+    """An HTML table without the columns that are empty in every row (epsilon without DP, say)."""
+    empty = [c for c in frame.columns if frame[c].isna().all() or (frame[c].astype(str).str.strip() == "").all()]
+    body = frame.drop(columns=empty).to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="")
+    return f'<div class="table">{body}</div>'
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px;color:#222}
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1220px;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
-th{background:#f4f4f4}figure{display:inline-block;margin:.5em}figcaption{font-size:12px;color:#555}
-img{max-width:600px}.warn{color:#a40000}pre{background:#f7f7f7;padding:.5em;font-size:12px}"""
+th{background:#f4f4f4}.table{overflow-x:auto;max-height:32em;overflow-y:auto}
+figure{margin:.8em 0}figcaption{font-size:12px;color:#555}img{display:block;max-width:100%;height:auto}
+.warn{color:#a40000}pre{background:#f7f7f7;padding:.5em;font-size:12px;white-space:pre-wrap}
+.ref{font-size:15px;background:#eef4fb;border-left:4px solid #1f77b4;padding:.4em .8em}
+nav a{margin-right:.8em}section.metric{border-top:2px solid #ccc;margin-top:1.5em}h3{font-size:1.35em}
+details{margin:.8em 0}summary{cursor:pointer;font-weight:600}"""
 
 
-def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
-    """Write ``report.html`` (running ``compare`` first when its tables are missing); returns its path.
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
 
-    The page leads with the answer (one sentence per regime), then the setting x setting ratio matrices,
-    the ratios against the reference, compute to target, then runs, curves, distances and warnings.
-    """
-    from goldenpath import figures, plots
+
+def _compared(sweep_dir: Path, metric: str) -> tuple[dict, list[str], list[str]]:
+    """The ``compare/`` tables (running ``compare`` when they are missing), the metrics in the order compare
+    measured them, and the answer's lines for the first metric (``metric`` when it was measured)."""
     from goldenpath.compare import compare, conclusions
 
-    sweep_dir = Path(sweep_dir)
-    curves = sweep_curves(sweep_dir)
-    if curves.empty:
-        raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
-    configs = {r: load_config(sweep_dir / r / "config.yaml") for r in curves.run.unique()}
-    first = next(iter(configs.values()))
-    statuses = {r: ckpt.read_json(sweep_dir / r / "status.json") for r in configs
-                if (sweep_dir / r / "status.json").exists()}
-    floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
-    targets = first.checkpoint.targets
-    parts = [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>"]
-    warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
-                if s.get("state") not in ("completed", None)]
     tables = sweep_dir / "compare"
-    try:
-        if not (tables / "summary.csv").exists():
-            compare(sweep_dir)
-        frame = pd.read_parquet(tables / "distances.parquet")
-        summary, settings = pd.read_csv(tables / "summary.csv"), _read(tables / "settings.csv")
-        compute = _read(tables / "compute.csv")
-        said = conclusions(sweep_dir, metric=metric)
-    except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
-        frame, summary, settings, compute, said = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), []
-        warnings.append(f"no distances: {e}")
+    if not (tables / "summary.csv").exists():
+        compare(sweep_dir)
+    t = {"distances": pd.read_parquet(tables / "distances.parquet"), "summary": pd.read_csv(tables / "summary.csv"),
+         "settings": _read(tables / "settings.csv"), "trend": _read(tables / "trend.csv"),
+         "compute": _read(tables / "compute.csv")}
+    metrics = list(dict.fromkeys([*t["distances"].metric, *t["summary"].metric]))
+    metrics.sort(key=lambda m: m != metric)
+    return t, metrics, conclusions(sweep_dir, metric=metrics[0]) if metrics else []
 
-    # the answer
-    parts += ["<h2>The answer</h2>", "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said)
-              or "<p>no loss-matched comparison</p>",
-              f"<p>Ratio = mean {metric} distance between the seeds of a setting and of the reference / the pooled "
-              "seed floor of both; 95% intervals from a hierarchical bootstrap (seeds within settings, then probe "
-              "units); p from reassigning seeds between the two (Holm-adjusted within a target and regime).</p>"]
-    if len(settings):
-        parts.append("<h2>Setting x setting ratios</h2>")
-        order = list(dict.fromkeys(summary.setting))
-        for target, part in settings[settings.metric == metric].groupby("target", sort=False):
-            ref = summary[(summary.target == target) & (summary.metric == metric)].reference.iloc[0]
-            n = len(set(part.setting_a) | set(part.setting_b))
-            parts.append(_img(_png(lambda ax, p=part, r=ref: plots.ratio_matrix(p, order=order, reference=r, ax=ax),
-                                   size=figures.matrix_size(n)), f"{metric} ratios between settings at loss {target:g}"))
-    if len(summary):
-        cols = ["target", "regime", "setting", "n_seeds", "reference", "n_ref_seeds", "d_cross", "d_floor", "ratio",
-                "ci_low", "ci_high", "p_value", "p_holm"]
-        parts += ["<h2>Against the reference</h2>", _table(summary[summary.metric == metric][cols])]
-    if len(compute):
-        parts += ["<h2>Compute to target</h2>",
-                  _img(_png(lambda ax: plots.compute_to_target(compute, ax=ax), size=(7, 4.5)),
-                       "optimizer steps to reach each target"), _table(compute)]
 
-    # runs
+def _reference_line(summary: pd.DataFrame, metric: str) -> str:
+    from goldenpath.figures import references
+
+    refs = references(summary, metric)
+    if not refs:
+        return ""
+    seeds = summary[(summary.metric == metric) & (summary.setting == summary.reference)].n_ref_seeds
+    n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    names = sorted(set(refs.values()))
+    which = f"<b>{html.escape(names[0])}</b>" if len(names) == 1 else "; ".join(
+        f"at loss {t:g}: <b>{html.escape(r)}</b>" for t, r in refs.items())
+    return (f'<p class="ref">Reference setting: {which} ({n} seeds), the least-noisy online setting with two '
+            "seeds or more at the target. Every ratio on this page compares a setting's seeds with the "
+            "reference's, over the seed floor of both.</p>")
+
+
+def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmaps: bool) -> str:
+    """One metric: its answer, ratio matrices (one panel per target), the ratios against the reference, its
+    distances against loss and, folded, the run x run heatmaps (with ``heatmaps``: they are the slow ones)."""
+    from goldenpath import figures, plots
+    from goldenpath.ratios import answer
+
+    summary, settings = t["summary"], t["settings"]
+    name = f"{metric}: {METRIC_NAMES.get(metric, metric)}"
+    parts = [f'<section class="metric" id="metric-{metric}"><h3>{html.escape(name)}</h3>']
+    if not first:
+        parts += [f"<p><b>{html.escape(line)}</b></p>" for line in answer(summary, t["trend"], metric=metric).values()]
+    part = settings[settings.metric == metric] if len(settings) else settings
+    mine = summary[summary.metric == metric]
+    if len(part):
+        fig = figures.ratio_grid(part, order=figures.setting_order(summary, metric),
+                                 refs=figures.references(summary, metric))
+        parts += [f"<h4>{metric}: setting x setting ratios</h4>",
+                  _img(_encode(fig), f"{metric} golden-path ratios between settings, one panel per loss target "
+                                     "(highest first), one colour scale", "ratios")]
+    if len(mine):
+        rows = mine[mine.setting != mine.reference].drop(columns=["metric"])
+        if rows.reference.nunique() == 1:
+            rows = rows.drop(columns=["reference", "n_ref_seeds"])
+        parts += [f"<h4>{metric}: against the reference</h4>", _table(rows)]
+    frame = t["distances"][t["distances"].metric == metric]
+    regimes = {r: c.regime for r, c in configs.items()}
+    if len(frame):
+        parts += [f"<h4>{metric}: distances against loss</h4>", _img(_png(lambda ax: plots.distance_vs_loss(
+            frame, metric=metric, regimes=regimes, ax=ax)), f"{metric}: distance to the reference's seeds and the "
+                                                            "seed floor, by loss target", "distance-vs-loss")]
+    if len(frame) and heatmaps:
+        present = set(frame.run_a) | set(frame.run_b)
+        order = sorted((r for r in plots.run_order(configs) if r in present), key=lambda r: regimes[r] == "offline")
+        vmin, vmax = figures.value_limits(frame.value)
+        refs = figures.references(summary, metric)
+        heat = [_img(_png(lambda ax, p=p, tg=tg: plots.distance_heatmap(
+            p, order=order, reference=refs.get(tg), regimes=regimes, vmin=vmin, vmax=vmax, ax=ax),
+            size=figures.matrix_size(len(order), cell=0.3)), f"{metric} between runs at loss {tg:g}", "heatmap")
+            for tg, p in sorted(frame.groupby("target"), key=lambda kv: -kv[0])]
+        parts.append(f"<details><summary>Run x run distances: {len(order)} runs, one matrix per loss target "
+                     f"(highest first), one colour scale</summary>{''.join(heat)}</details>")
+    elif len(frame):
+        parts.append("<p>Run x run distances: drawn for the lead metric only "
+                     "(<code>write_report(..., heatmap_metrics=...)</code> draws others).</p>")
+    return "".join(parts) + "</section>"
+
+
+def _curve_sections(curves: pd.DataFrame, *, floor, targets) -> list[str]:
+    """Loss curves against samples and steps and error against loss: per setting, mean and min-max over
+    seeds, one panel per regime, coloured by the first knob that varies and dashed by the second."""
+    from goldenpath import plots
+
+    varying = [k for k in ("lr", "batch", "sigma") if curves[k].nunique() > 1] + ["lr"]
+    hue, style = varying[0], (varying[1] if len(varying) > 2 else None)
+    regimes = [r for r in ("online", "offline") if (curves.regime == r).any()]
+
+    def panels(table, draw, what):
+        def on(axes):
+            for k, (ax, regime) in enumerate(zip(np.atleast_1d(axes), regimes)):
+                draw(table[table.regime == regime], ax=ax, legend=k == 0)
+                ax.set_title(regime)
+        return _img(_png(on, size=(5.6 * len(regimes), 4.2), panels=len(regimes)), what, "curves")
+
+    parts = ['<a id="curves"></a><h2>Loss curves</h2>']
+    for x, unit in (("samples", "samples"), ("step", "steps")):
+        parts.append(panels(seed_bands(curves, x=x), lambda p, **kw: plots.loss_bands(
+            p, x=x, hue=hue, style=style, floor=floor, targets=targets, **kw),
+            f"eval loss against {unit} per setting: mean over seeds, band min-max"))
+    bins = error_by_loss(curves) if curves.eval_error.notna().any() else pd.DataFrame()
+    if len(bins):
+        parts += ['<a id="error"></a><h2>Error against loss</h2>', panels(bins, lambda p, **kw: plots.error_bands(
+            p, hue=hue, style=style, **kw), "eval error against eval loss per setting, binned by loss: mean over "
+                                            "seeds, band min-max")]
+    return parts
+
+
+def _runs_section(sweep_dir: Path, statuses: dict, warnings: list[str]) -> list[str]:
     runs_csv = sweep_dir / "runs.csv"
     runs = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame(
         [{"run": r, "state": s.get("state"), "step": s.get("step"), "samples": s.get("samples"),
@@ -135,39 +264,61 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
                      if r.state in ("skipped", "failed", "pending") and r.run not in statuses]
     cols = [c for c in ("run", "state", "step", "samples", "eval_loss", "best_eval_loss", "epsilon", "targets_reached")
             if c in runs.columns]
-    sweep_yaml = sweep_dir / "sweep.yaml"
-    parts += ["<h2>Runs</h2>", _table(runs[cols])]
-    if sweep_yaml.exists():
-        parts.append(f"<pre>{html.escape(sweep_yaml.read_text())}</pre>")
+    parts = ['<a id="runs"></a><h2>Runs</h2>', _table(runs[cols])]
+    if (sweep_dir / "sweep.yaml").exists():
+        parts.append(f"<pre>{html.escape((sweep_dir / 'sweep.yaml').read_text())}</pre>")
+    return parts
 
-    # curves
-    hue = "lr" if curves.lr.nunique() > 1 else "batch" if curves.batch.nunique() > 1 else "sigma"
-    figs = []
-    for x in ("samples", "steps"):
-        for regime in ("online", "offline"):
-            sub = curves[curves.regime == regime]
-            if len(sub):
-                figs.append(_img(_png(lambda ax, s=sub, x=x: plots.loss_curves(
-                    s, x="step" if x == "steps" else x, hue=hue, floor=floor, targets=targets, ax=ax)),
-                    f"eval loss against {x}, {regime}"))
-    parts += ["<h2>Loss curves</h2>", *figs]
-    if curves.eval_error.notna().any():
-        parts += ["<h2>Error against loss</h2>",
-                  _img(_png(lambda ax: plots.error_vs_loss(curves.dropna(subset=["eval_error"]), hue=hue, ax=ax)),
-                       "eval error against eval loss, one curve per run")]
-    if len(frame):
-        regimes = {r: c.regime for r, c in configs.items()}
-        parts += ["<h2>Distances against loss</h2>",
-                  _img(_png(lambda ax: plots.distance_vs_loss(frame, metric=metric, regimes=regimes, ax=ax)),
-                       f"{metric}: distance to the reference's seeds and the seed floor, by loss target")]
-        order = plots.run_order(configs)
-        heat = []
-        for target, part in frame[frame.metric == metric].groupby("target"):
-            n = len(set(part.run_a) | set(part.run_b))
-            heat.append(_img(_png(lambda ax, p=part: plots.distance_heatmap(p, order=order, ax=ax),
-                                  size=figures.matrix_size(n)), f"{metric} between runs at loss {target:g}"))
-        parts += ["<h2>Run x run distances</h2>", *heat]
-    parts += ["<h2>Warnings</h2>",
+
+def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=None) -> Path:
+    """Write ``report.html`` (running ``compare`` first when its tables are missing); returns its path.
+
+    The page names the reference and leads with the answer for ``metric`` (else the first metric measured),
+    then one section per metric, compute to target, loss curves, error against loss, runs and warnings.
+    ``heatmap_metrics``: the metrics that get run x run matrices (default: the lead metric; a 40-run matrix
+    takes seconds to draw), e.g. ``("tv", "kl")``.
+    """
+    from goldenpath import plots
+
+    sweep_dir = Path(sweep_dir)
+    curves = sweep_curves(sweep_dir)
+    if curves.empty:
+        raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
+    configs = {r: load_config(sweep_dir / r / "config.yaml") for r in curves.run.unique()}
+    statuses = {r: ckpt.read_json(sweep_dir / r / "status.json") for r in configs
+                if (sweep_dir / r / "status.json").exists()}
+    floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
+    warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
+                if s.get("state") not in ("completed", None)]
+    try:
+        t, metrics, said = _compared(sweep_dir, metric)
+    except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
+        t, metrics, said = {"summary": pd.DataFrame(), "compute": pd.DataFrame()}, [], []
+        warnings.append(f"no distances: {e}")
+    links = [(f"metric-{m}", m) for m in metrics] + [("compute", "compute"), ("curves", "loss curves"),
+                                                     ("error", "error against loss"), ("runs", "runs"),
+                                                     ("warnings", "warnings")]
+    parts = [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>",
+             _reference_line(t["summary"], metrics[0]) if metrics else "",
+             "<nav>" + "".join(f'<a href="#{a}">{html.escape(b)}</a>' for a, b in links) + "</nav>",
+             "<h2>The answer</h2>", f"<p>From the {metrics[0]} ratios:</p>" if metrics else "",
+             "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said) or "<p>no loss-matched comparison</p>",
+             "<p>Ratio = mean distance between the seeds of a setting and of the reference / the pooled seed floor "
+             "of both; 95% intervals from a hierarchical bootstrap (seeds within settings, then probe units); p from "
+             "reassigning seeds between the two (Holm-adjusted within a target and regime).</p>"]
+    heat = metrics[:1] if heatmap_metrics is None else list(heatmap_metrics)
+    if metrics:
+        parts += ["<h2>Setting x setting ratios</h2>", f"<p>One section per metric ({', '.join(metrics)}): the "
+                  "ratio matrices, the ratios against the reference and the distances against loss.</p>"]
+    parts += [_metric_section(m, t, configs, first=k == 0, heatmaps=m in heat) for k, m in enumerate(metrics)]
+    compute = t["compute"]
+    if len(compute):
+        parts += ['<a id="compute"></a><h2>Compute to target</h2>',
+                  _img(_png(lambda ax: plots.compute_to_target(compute, ax=ax), size=(8, 4.5)),
+                       "optimizer steps to reach each target", "compute"), _table(compute)]
+    parts += _curve_sections(curves, floor=floor, targets=configs[next(iter(configs))].checkpoint.targets)
+    parts += _runs_section(sweep_dir, statuses, warnings)
+    parts += ['<a id="warnings"></a><h2>Warnings</h2>',
               "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in warnings) + "</ul>"
               if warnings else "<p>none</p>"]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>goldenpath: {html.escape(sweep_dir.name)}"
@@ -175,10 +326,3 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv") -> Path:
     path = sweep_dir / "report.html"
     ckpt.write_text(path, page)
     return path
-
-
-def _read(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return pd.DataFrame()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import itertools
+import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -13,7 +19,9 @@ import pytest
 
 matplotlib.use("Agg")
 
-from goldenpath.plots import distance_vs_loss, error_vs_loss, loss_curves, tail_index_by_layer, toys_metric  # noqa: E402
+from goldenpath.plots import (distance_vs_loss, error_bands, loss_bands, loss_curves, ratio_matrix,  # noqa: E402
+                              short_labels, tail_index_by_layer, toys_metric)
+from goldenpath.report import error_by_loss, seed_bands  # noqa: E402
 
 from .test_sweep import write_sweep  # noqa: E402
 
@@ -41,11 +49,54 @@ def test_loss_curves_draw_each_run_with_floor_and_targets():
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "samples seen"
 
 
-def test_error_vs_loss_plots_error_against_loss_per_run():
-    ax = error_vs_loss(curves(), hue="lr")
-    a = next(line for line in ax.lines if line.get_label() == "a")
-    np.testing.assert_allclose(a.get_xdata(), [2.3, 2.0, 1.8])
-    np.testing.assert_allclose(a.get_ydata(), [0.9, 0.8, 0.7])
+def test_seed_bands_take_mean_min_and_max_over_seeds_in_log_x():
+    rows = [{"run": f"lr=0.1_seed={s}", "step": k, "samples": x, "tokens": 0, "eval_loss": loss, "eval_error": 0.5,
+             "lr": 0.1, "batch": 32, "sigma": 0.0, "regime": "online", "fork": False}
+            for s, pts in ((0, [(0, 2.4), (10, 2.0), (1000, 1.6)]), (1, [(0, 2.4), (10, 2.2), (100, 2.0)]))
+            for k, (x, loss) in enumerate(pts)]
+    bands = seed_bands(pd.DataFrame(rows), x="samples", points=3)  # grid 10, 100, 1000
+    assert bands.setting.unique().tolist() == ["lr=0.1"]
+    np.testing.assert_allclose(bands.samples, [10, 100, 1000])
+    np.testing.assert_allclose(bands["mean"], [2.1, (1.8 + 2.0) / 2, 1.6])  # seed 0 at 100: halfway in log x
+    np.testing.assert_allclose(bands.low, [2.0, 1.8, 1.6])
+    np.testing.assert_allclose(bands.high, [2.2, 2.0, 1.6])
+    assert bands.n_seeds.tolist() == [2, 2, 1]  # seed 1 stopped at 100
+    ax = loss_bands(bands, x="samples", hue="lr", style="batch", floor=1.4, targets=(2.0,))
+    line = next(line for line in ax.lines if line.get_label() == "lr=0.1")
+    np.testing.assert_allclose(line.get_ydata(), bands["mean"])
+
+
+def test_error_by_loss_bins_each_seed_then_spans_the_seeds():
+    rows = [{"run": f"bs=32_seed={s}", "step": k, "samples": k, "tokens": 0, "eval_loss": loss, "eval_error": err,
+             "lr": 0.1, "batch": 32, "sigma": 0.0, "regime": "online", "fork": False}
+            for s, pts in ((0, [(2.0, 0.8), (1.9, 0.7), (1.1, 0.3)]), (1, [(2.0, 0.6), (1.05, 0.1), (1.0, 0.2)]))
+            for k, (loss, err) in enumerate(pts)]
+    bins = error_by_loss(pd.DataFrame(rows), bins=2)  # edges 1.0, 1.5, 2.0
+    top, bottom = bins.set_index("eval_loss").loc[1.75], bins.set_index("eval_loss").loc[1.25]
+    assert (top["mean"], top.low, top.high) == pytest.approx(((0.75 + 0.6) / 2, 0.6, 0.75))  # seed 0: 0.8, 0.7
+    assert (bottom["mean"], bottom.low, bottom.high) == pytest.approx(((0.3 + 0.15) / 2, 0.15, 0.3))
+    ax = error_bands(bins, hue="lr", style="batch")
+    line = next(line for line in ax.lines if line.get_label() == "bs=32")
+    np.testing.assert_allclose(line.get_xdata(), [1.25, 1.75])
+    assert ax.xaxis_inverted()
+
+
+def test_ratio_matrix_keeps_the_order_leaves_the_diagonal_blank_and_marks_the_reference():
+    rows = pd.DataFrame([dict(setting_a=a, setting_b=b, regime_a=ra, regime_b=rb, ratio=r, ci_low=r - 0.1,
+                              p_value=p) for a, b, ra, rb, r, p in
+                         (("lr=1_n=none", "lr=2_n=none", "online", "online", 1.5, 0.01),
+                          ("lr=1_n=none", "lr=1_n=9", "online", "offline", 3.0, 0.2))])
+    order = ["lr=1_n=none", "lr=2_n=none", "lr=1_n=9", "lr=3_n=9"]  # lr=3 was not compared: a blank row
+    ax = ratio_matrix(rows, order=order, reference="lr=1_n=none", vmax=4.0)
+    cells = np.ma.masked_invalid(np.ma.filled(ax.collections[0].get_array(), np.nan)).reshape(4, 4)
+    assert cells.mask[np.diag_indices(4)].all() and cells.mask[3].all()
+    assert cells[0, 1] == pytest.approx(1.5) and cells[2, 0] == pytest.approx(3.0)
+    assert ax.collections[0].norm.vmin == pytest.approx(0.25) and ax.collections[0].norm.vmax == 4.0
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["lr=1 n=none", "lr=2 n=none", "lr=1 n=9", "lr=3 n=9"]
+    assert ax.get_yticklabels()[0].get_fontweight() == "bold" and ax.get_yticklabels()[1].get_fontweight() != "bold"
+    assert {t.get_text() for t in ax.texts} >= {"1.50*", "3.00", "online", "offline"}
+    assert short_labels(["lr=1_n=none_seed=0", "lr=2_n=none_seed=1"]) == {"lr=1_n=none_seed=0": "lr=1 seed=0",
+                                                                          "lr=2_n=none_seed=1": "lr=2 seed=1"}
 
 
 def test_distance_vs_loss_averages_pairs_per_kind_regime_and_target():
@@ -84,31 +135,172 @@ def report(tmp_path_factory):
     return write_report(sweep_dir)
 
 
+TARGETS, METRICS = (2.0, 1.9, 1.8, 1.7), ("tv", "kl", "js", "top1")
+
+
+def demo_like(root: Path) -> Path:
+    """A sweep directory shaped like ``goldenpath demo``'s (lr x batch x online/offline x 5 seeds, 4 targets, 4
+    metrics) with made-up curves and ``compare/`` tables in compare's columns: the report at full size, no training."""
+    from goldenpath.ratios import COMPUTE, MATRIX, SUMMARY, setting_label
+
+    rng = np.random.default_rng(0)
+    sweep, runs = root / "demo", []
+    for lr, bs, (epochs, n), seed in itertools.product((0.02, 0.05), (32, 128), ((1, None), (10, 4096)), range(5)):
+        name = f"lr={lr}_bs={bs}_epochs={epochs}_n={n or 'none'}_seed={seed}"
+        run = sweep / name
+        run.mkdir(parents=True)
+        run.joinpath("config.yaml").write_text(
+            f"name: {name}\nseed: {seed}\ndata: {{source: teacher, epochs: {epochs}, train_size: {n or 'null'}}}\n"
+            f"optim: {{lr: {lr}, batch_size: {bs}}}\ncheckpoint: {{targets: {list(TARGETS)}}}\n")
+        steps = np.unique(np.r_[0, np.geomspace(1, 40960 // bs, 60).astype(int)])
+        rate = lr / bs * (0.8 if epochs > 1 else 1.0) * rng.uniform(0.9, 1.1)
+        loss = 1.45 + 0.82 * np.exp(-rate * steps * 2.0)
+        run.joinpath("metrics.jsonl").write_text("".join(json.dumps(
+            {"step": int(k), "samples": int(k * bs), "tokens": 0, "eval_loss": float(v),
+             "eval_error": float(0.9 - 0.5 * (2.27 - v) + rng.normal(0, 0.01))}) + "\n" for k, v in zip(steps, loss)))
+        run.joinpath("status.json").write_text(json.dumps({"state": "completed", "loss_floor": 1.40}))
+        runs.append({"run": name, "setting": setting_label(name), "regime": "offline" if n else "online",
+                     "knobs": {"optim.lr": lr, "optim.batch_size": bs, "data.epochs": epochs, "data.train_size": n},
+                     "state": "completed", "step": int(steps[-1]), "eval_loss": float(loss[-1]), "epsilon": None})
+    pd.DataFrame(runs).drop(columns=["setting", "regime", "knobs"]).to_csv(sweep / "runs.csv", index=False)
+    settings = {r["setting"]: r for r in runs}
+    ref = "lr=0.02_bs=128_epochs=1_n=none"
+    dist, summary, matrix, compute = [], [], [], []
+    for target, metric in itertools.product(TARGETS, METRICS):
+        for a, b in itertools.combinations(runs, 2):
+            kind = "floor" if a["setting"] == b["setting"] else "reference" if ref in (a["setting"], b["setting"]) \
+                else "pair"
+            v = rng.uniform(0.05, 0.15) * (1 if kind == "floor" else 1.3)
+            dist.append({"target": target, "run_a": a["run"], "run_b": b["run"], "setting_a": a["setting"],
+                         "setting_b": b["setting"], "metric": metric, "value": v, "ci_low": v - 0.01,
+                         "ci_high": v + 0.01, "loss_a": target, "loss_b": target, "kind": kind,
+                         "overshoot_a": 0.0, "overshoot_b": 0.0})
+        for sa, sb in itertools.combinations(settings, 2):
+            r = float(rng.uniform(0.8, 2.5))
+            matrix.append({"target": target, "metric": metric, "setting_a": sa, "setting_b": sb,
+                           "regime_a": settings[sa]["regime"], "regime_b": settings[sb]["regime"], "n_a": 5,
+                           "n_b": 5, "d_cross": 0.1 * r, "d_floor": 0.1, "ratio": r, "ci_low": r - 0.2,
+                           "ci_high": r + 0.2, "p_value": 0.008 if r > 1.5 else 0.3, "permutations": 252})
+        for s, info in settings.items():
+            r = np.nan if s == ref else float(rng.uniform(0.9, 2.0))
+            summary.append({"target": target, "metric": metric, "regime": info["regime"], "setting": s,
+                            "reference": ref, "n_seeds": 5, "n_ref_seeds": 5, "noise_scale": 0.001, "d_cross": 0.1 * r,
+                            "d_floor": 0.1, "ratio": r, "ci_low": r - 0.2, "ci_high": r + 0.2,
+                            "p_value": 0.008 if r > 1.5 else 0.3, "p_holm": 0.024 if r > 1.5 else 0.6, **info["knobs"]})
+    for target, (s, info) in itertools.product(TARGETS, settings.items()):
+        compute.append({"target": target, "setting": s, "regime": info["regime"], "n_seeds": 5, "n_reached": 5,
+                        "steps_mean": 100 / target, "steps_min": 90, "steps_max": 110, "samples_mean": 3200,
+                        **info["knobs"]})
+    tables = sweep / "compare"
+    tables.mkdir()
+    pd.DataFrame(dist).to_parquet(tables / "distances.parquet", index=False)
+    pd.DataFrame(summary)[[*SUMMARY, *runs[0]["knobs"]]].to_csv(tables / "summary.csv", index=False)
+    pd.DataFrame(matrix)[MATRIX].to_csv(tables / "settings.csv", index=False)
+    pd.DataFrame(compute)[[*COMPUTE, *runs[0]["knobs"]]].to_csv(tables / "compute.csv", index=False)
+    pd.DataFrame(columns=["target", "metric", "regime", "reference", "settings", "slope", "ci_low", "ci_high"]).to_csv(
+        tables / "trend.csv", index=False)
+    pd.DataFrame(columns=["target", "run", "checkpoint", "reason"]).to_csv(tables / "excluded.csv", index=False)
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    from goldenpath.report import write_report
+
+    return write_report(demo_like(tmp_path_factory.mktemp("demo")))
+
+
+def figures_on(page: str) -> list[str]:
+    return re.findall(r'<img alt="[^"]*" data-figure="([a-z-]+)"', page)
+
+
 def test_report_has_every_section_and_needs_no_network(report):
     page = report.read_text()
-    sections = ["The answer", "Setting x setting ratios", "Against the reference", "Compute to target", "Runs",
-                "Loss curves", "Error against loss", "Distances against loss", "Run x run distances", "Warnings"]
-    at = [page.find(f"<h2>{s}</h2>") for s in sections]
+    metrics = list(dict.fromkeys(pd.read_csv(report.parent / "compare" / "summary.csv").metric))
+    assert metrics == ["tv", "kl", "js", "top1"]  # every metric compare wrote, the lead one first
+    sections = ["<h2>The answer</h2>", "<h2>Setting x setting ratios</h2>", *(f"<h3>{m}: " for m in metrics),
+                "<h2>Compute to target</h2>", "<h2>Loss curves</h2>", "<h2>Error against loss</h2>", "<h2>Runs</h2>",
+                "<h2>Warnings</h2>"]
+    at = [page.find(s) for s in sections]
     assert all(i >= 0 for i in at) and at == sorted(at), dict(zip(sections, at))  # all there, the answer first
-    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert page.find('class="ref">Reference setting: <b>lr=0.05</b>') < at[0]  # named before the answer
+    sources = re.findall(r'(?:src|href)="([^"#]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "diverged" in page  # the lr=1000 runs diverge, and the page says so
     targets = pd.read_parquet(report.parent / "compare" / "distances.parquet").target.nunique()
-    settings = pd.read_csv(report.parent / "compare" / "settings.csv")
-    matrices = settings[settings.metric == "tv"].target.nunique()
-    # ratio matrices, compute, loss curves (samples, steps), error, distances, run heatmaps
-    assert page.count("<img") == matrices + 1 + 2 + 1 + 1 + targets
+    # per metric a ratio grid and distances against loss; run x run matrices for the lead metric; compute;
+    # loss against samples and steps; error against loss
+    assert sorted(figures_on(page)) == sorted(["ratios", "distance-vs-loss"] * len(metrics) + ["heatmap"] * targets
+                                              + ["compute"] + ["curves"] * 3)
+    assert "<th>epsilon</th>" not in page  # no DP: an empty column, left out
+
+
+def test_demo_sized_page_leaves_empty_columns_out_and_orders_targets(demo_report):
+    page = demo_report.read_text()
+    assert page.count('data-figure="heatmap"') == len(TARGETS) and page.count('data-figure="ratios"') == len(METRICS)
+    heat = re.findall(r'alt="tv between runs at loss ([0-9.]+)"', page)
+    assert [float(t) for t in heat] == sorted(TARGETS, reverse=True)  # training order: highest loss first
+    assert "<th>epsilon</th>" not in page and "<th>reference</th>" not in page  # empty / named at the top
+    assert 'Reference setting: <b>lr=0.02_bs=128_epochs=1_n=none</b> (5 seeds)' in page
+
+
+def pngs(page: str):
+    from PIL import Image
+
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        yield np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("L"))
+
+
+def test_no_label_is_cut_at_the_edge_of_a_figure(report, demo_report):
+    # savefig(bbox_inches="tight") keeps a white margin round everything drawn; a label cut by the canvas
+    # would reach the edge
+    for page in (report.read_text(), demo_report.read_text()):
+        for k, pixels in enumerate(pngs(page)):
+            edge = np.concatenate([pixels[:3].ravel(), pixels[-3:].ravel(), pixels[:, :3].ravel(),
+                                   pixels[:, -3:].ravel()])
+            assert edge.min() > 240, f"figure {k} ({figures_on(page)[k]}) has ink at its edge"
+
+
+MEASURE = """<script>window.addEventListener("load", () => {
+  document.querySelectorAll("details").forEach(d => { d.open = true; });
+  const root = document.documentElement;
+  const images = [...document.images].map(i => { const r = i.getBoundingClientRect();
+    return {kind: i.dataset.figure, alt: i.alt, complete: i.complete, naturalWidth: i.naturalWidth,
+            naturalHeight: i.naturalHeight, left: r.left, right: r.right, width: r.width, height: r.height}; });
+  const out = {viewport: root.clientWidth, scrollWidth: root.scrollWidth, images: images};
+  const pre = document.createElement("pre");
+  pre.id = "measured";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});</script>"""
+
+
+def measure(page: Path, tmp_path: Path, width: int = 1280) -> dict:
+    """Load a copy of the page in headless Chromium with a script that opens every <details> and writes each
+    image's rendered box and natural size into the DOM; returns those measurements."""
+    copy = tmp_path / page.name
+    copy.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    run = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert "net::ERR" not in run.stderr, run.stderr[-2000:]
+    found = re.search(r'<pre id="measured">(.*?)</pre>', run.stdout, re.S)
+    assert found, run.stderr[-2000:]
+    return json.loads(html.unescape(found.group(1)))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (.ci/run installs it)")
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    from PIL import Image
-
-    shot = tmp_path / "shot.png"
-    run = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                          "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
-                         capture_output=True, text=True, timeout=180)
-    assert shot.exists(), run.stderr[-2000:]
-    assert "Failed to load resource" not in run.stderr and "net::ERR" not in run.stderr
-    pixels = np.asarray(Image.open(shot).convert("L"))
-    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and figures, not a blank page
+@pytest.mark.parametrize("which", ["report", "demo_report"])
+def test_report_renders_in_headless_chromium_with_every_figure_whole(which, request, tmp_path):
+    page = request.getfixturevalue(which)
+    got = measure(page, tmp_path)
+    images, viewport = got["images"], got["viewport"]
+    assert [i["kind"] for i in images] == figures_on(page.read_text()) and len(images) >= 8
+    assert got["scrollWidth"] <= viewport, "the page scrolls sideways"
+    for i in images:
+        assert i["complete"] and i["naturalWidth"] > 0 and i["naturalHeight"] > 0, i["alt"]
+        assert 0 <= i["left"] and i["right"] <= viewport, f"{i['alt']} runs off the page: {i}"
+        # shown at the size it was drawn (one figure inch = 100 px), so 7 pt labels stay about 10 px tall
+        assert i["width"] >= 0.98 * i["naturalWidth"], f"{i['alt']} is shrunk to fit: {i}"
+    heat = [i for i in images if i["kind"] == "heatmap"]
+    assert heat and all(i["height"] > 0 for i in heat)  # folded in <details>, there once opened
