@@ -2,6 +2,8 @@
 
 - ``tail_index``: the Mohammadi et al. (2015, Corollary 2.4) estimator of the alpha of a symmetric
   alpha-stable variable, as used by Simsekli et al. (2019); ``tail_index_ci`` adds a bootstrap interval.
+- ``aggregate``, ``aggregation_series``: the tail index of sums of k draws (alpha-stable keeps its alpha,
+  finite variance drifts to 2); ``atom_fraction``: the share of exact zeros (ReLU sparsity) per coordinate.
 - ``gaussianity``: Anderson-Darling and Shapiro-Wilk on standardised noise and on random projections;
   ``qq_data`` for plots.
 - ``noise_scale``: the simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018)
@@ -145,6 +147,46 @@ def per_coordinate_tail_index(samples: np.ndarray) -> np.ndarray:
     return 1.0 / inv
 
 
+def atom_fraction(noise: np.ndarray) -> np.ndarray:
+    """Per column of ``[M, d]`` noise, the share of entries equal to its most repeated value (0 where no value
+    repeats): the exact zeros of the raw gradients (ReLU units silent on a batch), since centring moves them
+    all to one value -mean, while continuous values do not repeat."""
+    a = np.sort(np.asarray(noise, dtype=np.float64), axis=0)
+    m, d = a.shape
+    best = np.ones(d)
+    run = np.ones(d)
+    for i in range(1, m):
+        run = np.where(a[i] == a[i - 1], run + 1, 1)
+        best = np.maximum(best, run)
+    return np.where(best > 1, best / m, 0.0)
+
+
+def aggregate(samples: np.ndarray, k: int) -> np.ndarray:
+    """Sums of ``k`` consecutive draws along axis 0: ``[M, ...] -> [M // k, ...]`` (the remainder dropped).
+
+    The noise of a batch of k samples is (1/k) times such a sum, and the tail index ignores the scale: an
+    alpha-stable law keeps its alpha under this map, one of finite variance tends to alpha = 2 (the CLT).
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k must lie in [1, {len(x)}], got {k}")
+    m = len(x) // k
+    return x[: m * k].reshape(m, k, *x.shape[1:]).sum(1)
+
+
+def aggregation_series(samples: np.ndarray, ks, *, draws: int | None = None) -> dict[int, float]:
+    """{k: median per-coordinate tail index of ``aggregate(samples, k)``}; ``samples`` is ``[N, d]`` with N
+    at least 16 times the largest k (each column keeps at least 16 draws). ``draws``: keep only the first
+    ``draws`` sums at every k, so that the estimator's small-sample bias is the same at every k."""
+    out = {}
+    for k in ks:
+        agg = aggregate(samples, k)[:draws]
+        if len(agg) < 16:
+            raise ValueError(f"k={k} leaves {len(agg)} draws per coordinate; need 16")
+        out[int(k)] = float(np.median(per_coordinate_tail_index(agg - agg.mean(0))))
+    return out
+
+
 def pooled_sample(noise: np.ndarray, max_pooled: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``max_pooled`` of the noise matrix's values, in random order, for the pooled tail index.
 
@@ -157,7 +199,7 @@ def pooled_sample(noise: np.ndarray, max_pooled: int, rng: np.random.Generator) 
 
 def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None, batches: int = 100,
             batch_size: int | None = None, max_coords: int = 200_000, max_pooled: int = 1_000_000,
-            seed: int = 0, progress: bool = True):
+            seed: int = 0, progress: bool = True, estimators: bool = True):
     """Gradient noise of a run's checkpoint on fresh batches of its stream; returns (table, samples).
 
     Draws ``batches`` mini-batches of ``batch_size`` (default: the run's batch) from the run's stream past
@@ -166,7 +208,9 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     (a fixed random subset, spread over the layers in proportion to their size). The table has, per layer
     and for the whole model: the pooled tail index (Simsekli) with a bootstrap interval (on at most
     ``max_pooled`` pooled values), the median per-coordinate tail index across batches (Panigrahi) with
-    its quartiles, the normality statistics, and (whole model, from exact norms) tr Sigma, |G|^2, B_simple.
+    its quartiles, the normality statistics, the share of exact zeros, and (whole model, from exact norms)
+    tr Sigma, |G|^2, B_simple. ``estimators=False`` leaves out the per-layer estimators (for callers that run
+    their own on the returned noise; ``table.attrs["layers"]`` gives each layer's columns).
     """
     import pandas as pd
     import torch
@@ -222,7 +266,7 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
         records.append({"layer": layer, "statistic": statistic, "value": value, "ci_low": low, "ci_high": high,
                         "n": n})
 
-    for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()]:
+    for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()] if estimators else []:
         part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
         pooled = pooled_sample(part, max_pooled, rng)
         if len(pooled) >= 16:
@@ -236,11 +280,14 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
             for key, value in gaussianity(part, seed=seed).items():
                 if not key.endswith("_n"):
                     add(layer, key, value)
+        atoms = atom_fraction(part)
+        add(layer, "atom_fraction", float(atoms.mean()))  # share of entries that are exact zeros of the gradient
         add(layer, "coordinates", part.shape[1], n=int(sum(sizes[i] for i, (n_, _) in enumerate(params)
                                                           if layer in ("all", n_.rsplit(".", 1)[0]))))
     trace, grad_sq, b_simple = noise_scale(sq_small, sq_big, b, b * batches)
     for key, value in (("trace_sigma", trace), ("grad_sq", grad_sq), ("b_simple", b_simple)):
         add("all", key, value)
     table = pd.DataFrame(records)
+    table.attrs.update(layers={k: [(int(a), int(b)) for a, b in v] for k, v in layers.items()})  # noise columns
     table.attrs.update(checkpoint=name, batches=batches, batch_size=b, fresh=fresh, coordinates=int(share.sum()))
     return table, noise

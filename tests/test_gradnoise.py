@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from goldenpath.gradnoise import (default_k1, gaussianity, noise_scale, noise_scale_per_sample, pooled_sample,
-                                  qq_data, tail_index, tail_index_ci)
+from goldenpath.gradnoise import (aggregate, aggregation_series, atom_fraction, default_k1, gaussianity, noise_scale,
+                                  noise_scale_per_sample, pooled_sample, qq_data, tail_index, tail_index_ci)
 
 K = 100_000
 
@@ -46,6 +46,39 @@ def test_k1_is_the_largest_divisor_below_the_root_and_prime_sizes_still_work():
     x = stable(1.5, 99_991, seed=3)  # prime: sqrt(K) groups, the remainder dropped
     assert tail_index(x) == pytest.approx(1.5, abs=0.2)
     assert np.isfinite(tail_index(np.zeros(1000)))  # log 0 guarded
+
+
+def test_aggregate_sums_consecutive_draws_like_a_loop():
+    x = np.random.default_rng(0).standard_normal((103, 4))
+    loop = np.array([[sum(x[i * 5 + j, c] for j in range(5)) for c in range(4)] for i in range(20)])
+    np.testing.assert_allclose(aggregate(x, 5), loop, rtol=1e-12)
+    with pytest.raises(ValueError):
+        aggregate(x, 0)
+
+
+def test_summed_stable_draws_keep_alpha_and_finite_variance_drifts_to_two():
+    """Stability: a sum of k symmetric alpha-stable draws is alpha-stable with the same alpha; a law of
+    finite variance (Student t, 3 degrees of freedom, estimated alpha well below 2 on raw draws) tends to the
+    Gaussian's alpha = 2 (the CLT)."""
+    ks, draws = [1, 8, 64], 300
+    x = stable(1.4, (draws * 64, 40), seed=5)
+    kept = aggregation_series(x, ks, draws=draws)
+    assert all(abs(v - 1.4) < 0.15 for v in kept.values())
+    t3 = aggregation_series(np.random.default_rng(6).standard_t(3, (draws * 64, 40)), ks, draws=draws)
+    assert t3[1] < 1.85 and t3[64] - t3[1] > 0.15 and abs(t3[64] - 2) < 0.15
+    with pytest.raises(ValueError):
+        aggregation_series(x[:100], [64])
+
+
+def test_atom_fraction_counts_the_exact_zeros_of_the_raw_gradients():
+    rng = np.random.default_rng(2)
+    raw = rng.standard_normal((400, 30))
+    zeros = rng.random((400, 30)) < np.linspace(0, 0.8, 30)  # column c silent with probability c / 36
+    raw[zeros] = 0.0
+    noise = raw - raw.mean(0)
+    expected = [np.mean(raw[:, c] == 0) if np.sum(raw[:, c] == 0) > 1 else 0.0 for c in range(30)]
+    np.testing.assert_allclose(atom_fraction(noise), expected)
+    assert (atom_fraction(rng.standard_normal((400, 5))) == 0).all()
 
 
 def test_gaussianity_accepts_gaussian_and_rejects_cauchy_noise():

@@ -92,18 +92,81 @@ def test_label_noise_sgd_lowers_the_effective_alpha_consistently():
     assert noisy[:, 0].max() < clean[:, 0].min() / 5
 
 
-def test_dln_verdict_says_plainly_when_the_claim_does_not_hold():
+def _trend_frame(slopes, *, noise=0.0, sigmas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), seed=0):
+    """Rows whose log alpha_eff is exactly linear in sigma per seed (slope per seed), plus optional noise."""
     import pandas as pd
 
-    from goldenpath.toys.experiments import dln_verdict
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([{"noise": "param", "batch": 10, "sigma": s, "seed": k, "at_bound": False,
+                          "alpha_eff": 0.5 * np.exp(b * s + noise * rng.standard_normal()),
+                          "recovery_error": 1.0, "fit_residual": 0.1}
+                         for k, b in enumerate(slopes) for s in sigmas])
 
-    base = {"noise": "param", "batch": 10, "fit_residual": 0.1, "l1": 1.0, "interpolation_error": 0.0}
-    overlap = pd.DataFrame([{**base, "sigma": s, "seed": k, "alpha_eff": a, "recovery_error": 1.0}
-                            for s, vals in ((0.0, [0.5, 0.5]), (1.0, [0.3, 0.6])) for k, a in enumerate(vals)])
-    assert "does NOT hold" in dln_verdict(overlap)
-    disjoint = overlap.assign(alpha_eff=[0.5, 0.5, 0.2, 0.3], recovery_error=[1.0, 1.0, 0.5, 0.5])
-    text = dln_verdict(disjoint)
-    assert "HOLDS" in text and "closer to the sparse truth" in text
+
+def test_seed_trend_is_the_mean_per_seed_change_with_a_t_interval_and_tost_for_flat():
+    from scipy import stats
+
+    from goldenpath.toys.experiments import seed_trend
+
+    slopes = [-0.5, -0.4, -0.6, -0.45, -0.55]
+    t = seed_trend(_trend_frame(slopes), "alpha_eff", margin=0.1, log=True)
+    assert t["change"] == pytest.approx(np.mean(slopes))  # the span of sigma is 1
+    half = stats.t.ppf(0.975, 4) * np.std(slopes, ddof=1) / np.sqrt(5)
+    assert t["ci95"] == pytest.approx((np.mean(slopes) - half, np.mean(slopes) + half)) and t["verdict"] == "falls"
+    flat = seed_trend(_trend_frame([0.01, -0.01, 0.02, 0.0, -0.02]), "alpha_eff", margin=0.1, log=True)
+    assert flat["verdict"] == "flat"
+    noisy = seed_trend(_trend_frame([0.3, -0.3, 0.2, -0.2, 0.0]), "alpha_eff", margin=0.1, log=True)
+    assert noisy["verdict"] == "inconclusive"  # no fall, and too spread to call flat
+    rising = seed_trend(_trend_frame([0.5, 0.4, 0.6]), "alpha_eff", margin=0.1, log=True)
+    assert rising["verdict"] == "rises"
+    bound = _trend_frame(slopes).assign(at_bound=lambda f: f.sigma > 0.5)
+    assert seed_trend(bound, "alpha_eff", margin=0.1, log=True)["change"] == pytest.approx(np.mean(slopes))
+
+
+def test_rising_steps_finds_a_rise_between_adjacent_sigmas_and_the_verdict_says_it():
+    from goldenpath.toys.experiments import dln_verdict, rising_steps
+
+    frame = _trend_frame([-0.5, -0.4, -0.6, -0.45], noise=0.01)
+    assert rising_steps(frame) == []
+    bump = frame.assign(alpha_eff=frame.alpha_eff * np.where(frame.sigma == 0.4, 1.5, 1.0))
+    assert rising_steps(bump) == [(0.2, 0.4)]
+    text = dln_verdict(bump)
+    assert "HOLDS" in text and "not monotone" in text and "0.2 to 0.4" in text
+    assert "does NOT hold (flat)" in dln_verdict(_trend_frame([0.01, -0.01, 0.02, 0.0, -0.02]))
+
+
+def test_predicted_log_uv_drift_without_gradient_is_the_closed_form():
+    """With X = 0 only the noise moves u and v from alpha, so the drift is -steps (lr sigma / B)^2 / alpha^2:
+    the mean of log((alpha + t Z1)(alpha + t Z2)) over many seeds, to first order in t^2; its median falls
+    by half that."""
+    from goldenpath.toys.problems import Problem
+
+    p = Problem(np.zeros((4, 6)), np.zeros(4), np.zeros(6))
+    alpha, lr, sigma, steps = 0.5, 0.01, 1.0, 500
+    tau2 = (lr * sigma / 4) ** 2
+    pred = dln.predicted_log_uv_drift(p, alpha, lr=lr, sigma=sigma, steps=steps)
+    np.testing.assert_allclose(pred, -steps * tau2 / alpha**2, rtol=1e-12)
+    theta, _ = dln.optimise(dln.gradient(p), np.full(12, alpha), n=4, steps=steps, lr=lr, sigma=sigma,
+                            seeds=20_000, seed=3)
+    change = dln.log_uv(theta) - np.log(alpha**2)
+    assert change.mean() == pytest.approx(pred[0], rel=0.05)  # the Ito drift is the mean's (coordinates alike)
+    assert np.median(change) == pytest.approx(pred[0] / 2, rel=0.1)  # the median falls half as fast
+
+
+def test_noisy_sgd_log_uv_drift_matches_the_ito_prediction_and_u_v_is_a_martingale():
+    """On a real problem: the antithetic mean over seeds of the change of log(u v) is the predicted drift;
+    the mean of u v itself does not move (up to GD's own discretisation, seen in the noise-free run)."""
+    p = make_problem(5, 12, seed=8)
+    alpha, lr, sigma, steps, seeds = 0.5, 0.01, 0.5, 2000, 2000
+    clean, _ = dln.optimise(dln.gradient(p), np.full(24, alpha), n=5, steps=steps, lr=lr)
+    runs = [dln.optimise(dln.gradient(p), np.full(24, alpha), n=5, steps=steps, lr=lr, sigma=s, seeds=seeds,
+                         seed=4)[0] for s in (sigma, -sigma)]
+    drift = np.mean([(dln.log_uv(t) - dln.log_uv(clean)).mean(0) for t in runs], axis=0)
+    pred = dln.predicted_log_uv_drift(p, alpha, lr=lr, sigma=sigma, steps=steps)
+    assert np.abs(pred).min() > 0
+    np.testing.assert_allclose(drift.mean(), pred.mean(), rtol=0.1)
+    uv = np.concatenate([t[:, :12] * t[:, 12:] for t in runs])
+    np.testing.assert_allclose(uv.mean(0), clean[0, :12] * clean[0, 12:], rtol=0.02)
 
 
 def test_toys_cli_writes_table_figure_and_verdict(tmp_path):
