@@ -273,18 +273,20 @@ class _HFSource:
         ds = self.cfg.open(self.cfg.eval_split or self.cfg.split)
         counting = _Counting(iter(ds))
         pending: list[int] = []
-        out = {}
-        for split, n in (("eval", self.cfg.eval_size), ("probe", self.cfg.probe_size)):
-            samples = []
-            for i in range(n):
-                try:
-                    samples.append(self.make_sample(counting, pending))
-                except StopIteration:
-                    raise ConfigError(f"data.{split}_size", f"the held-out data has only {i} samples for {n}",
-                                      f"lower data.{split}_size") from None
-                samples[-1]["ids"] = torch.tensor(i)
-            out[split] = self.collate(samples)
+        out = {split: self._take(counting, pending, split, n, "the held-out data has", f"lower data.{split}_size")
+               for split, n in (("eval", self.cfg.eval_size), ("probe", self.cfg.probe_size))}
         return out, counting.n
+
+    def _take(self, examples, pending: list[int], split: str, n: int, where: str, fix: str) -> Batch:
+        """The next ``n`` samples of ``examples`` (ids 0..n-1) for the held-out ``split``, or a one-line error."""
+        samples = []
+        for i in range(n):
+            try:
+                samples.append(self.make_sample(examples, pending))
+            except StopIteration:
+                raise ConfigError(f"data.{split}_size", f"{where} only {i} samples for {n}", fix) from None
+            samples[-1]["ids"] = torch.tensor(i)
+        return self.collate(samples)
 
     @property
     def _heldout_examples(self) -> int:

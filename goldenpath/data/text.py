@@ -224,15 +224,7 @@ class ShakespeareSource(HFTextSource):
 
     @cached_property
     def _heldout_data(self) -> tuple[dict[str, Batch], int]:
-        out = {}
-        for split, n in (("eval", self.cfg.eval_size), ("probe", self.cfg.probe_size)):
-            examples, pending, samples = iter(self.cfg.open(split)), [], []
-            for i in range(n):
-                try:
-                    samples.append(self.make_sample(examples, pending))
-                except StopIteration:
-                    raise ConfigError(f"data.{split}_size", f"the {split} plays hold only {i} sequences for {n}",
-                                      f"lower data.{split}_size or add plays to data.{split}_plays") from None
-                samples[-1]["ids"] = torch.tensor(i)
-            out[split] = self.collate(samples)
+        out = {split: self._take(iter(self.cfg.open(split)), [], split, n, f"the {split} plays hold",
+                                 f"lower data.{split}_size or add plays to data.{split}_plays")
+               for split, n in (("eval", self.cfg.eval_size), ("probe", self.cfg.probe_size))}
         return out, 0
