@@ -1,7 +1,7 @@
 """goldenpath: does SGD noise change *what* a network learns in online learning, or only how fast?
 
 Public API: ``load_config``, ``train``, ``fork``, ``compare`` (and the modules ``config``, ``data``,
-``models``, ``distances``, ``noise``, ``privacy``, ``gradnoise``, ``toys``). Names are imported on
+``models``, ``distances``, ``lmc``, ``noise``, ``privacy``, ``gradnoise``, ``toys``). Names are imported on
 first use, so ``import goldenpath`` (and ``goldenpath --help``) does not load torch.
 """
 
