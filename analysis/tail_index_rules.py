@@ -106,15 +106,24 @@ def _ad_lines(results: pd.DataFrame, batch: int, target: float) -> list[str]:
     return lines
 
 
+def _widest(part: pd.DataFrame, column: str):
+    """The model size (width, depth) measured at the most values of ``column``, and its seeds x ``column``
+    table of values; None where no size has two values."""
+    counts = part.groupby(["width", "depth"])[column].nunique()
+    if counts.empty or counts.max() < 2:
+        return None
+    w, d = counts.idxmax()
+    return w, d, part[(part.width == w) & (part.depth == d)].pivot_table(index="seed", columns=column, values="value")
+
+
 def _aggregation_line(results: pd.DataFrame, family: str, control: pd.DataFrame | None) -> str | None:
     """Per-coordinate median alpha against the noise batch (sums of more draws), with the controls."""
     part = per_seed(results, "tail_index_per_coordinate_median", family=family, layer="all",
                     at_loss=results.at_loss.min())
-    sizes = part.groupby(["width", "depth"]).batch_size.nunique()
-    if sizes.empty or sizes.max() < 2:
+    picked = _widest(part, "batch_size")
+    if picked is None:
         return None
-    w, d = sizes.idxmax()
-    wide = part[(part.width == w) & (part.depth == d)].pivot_table(index="seed", columns="batch_size", values="value")
+    w, d, wide = picked
     lo, hi = wide.columns.min(), wide.columns.max()
     change = wide[hi] - wide[lo]
     if control is not None:
@@ -144,11 +153,10 @@ def _training_line(results: pd.DataFrame, family: str) -> str | None:
     """Per-coordinate median alpha and the AD ratio at each target (points along training)."""
     batch = train_batch(results)
     part = per_seed(results, "tail_index_per_coordinate_median", family=family, layer="all", batch_size=batch)
-    counts = part.groupby(["width", "depth"]).at_loss.nunique()
-    if counts.empty or counts.max() < 2:
+    picked = _widest(part, "at_loss")
+    if picked is None:
         return None
-    w, d = counts.idxmax()
-    wide = part[(part.width == w) & (part.depth == d)].pivot_table(index="seed", columns="at_loss", values="value")
+    w, d, wide = picked
     first, last = wide.columns.max(), wide.columns.min()
     change = (wide[last] - wide[first]).dropna()
     claim = ("stable along training" if len(change) and (change.abs() <= NEAR).all() else
