@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {"Config": "goldenpath.config", "ConfigError": "goldenpath.config", "load_config": "goldenpath.config",
-            "train": "goldenpath.train", "fork": "goldenpath.fork", "compare": "goldenpath.compare"}
+            "train": "goldenpath.train", "fork": "goldenpath.train", "compare": "goldenpath.compare"}
 
 __all__ = ["__version__", *_EXPORTS]
 

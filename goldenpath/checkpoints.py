@@ -1,11 +1,14 @@
 """Run directories: layout, atomic writes, safetensors checkpoints and the resume state.
 
-Layout (runs/README.md)::
+Layout (:class:`RunDir` names every path; runs/README.md)::
 
     <run>/config.yaml  status.json  metrics.jsonl
     <run>/checkpoints/target-<loss>/   model.safetensors + meta.json   (first eval loss <= target)
     <run>/checkpoints/step-<step>/     model.safetensors + meta.json   (checkpoint.steps)
+    <run>/checkpoints/best/            model.safetensors + meta.json   (checkpoint.best)
     <run>/checkpoints/last/            resume state: model, optimizer, train state, per-process RNG + stream
+    <run>/samples/rank<r>.i64          the sample ids each process trained on (log.sample_ids)
+    <run>/noise/                       goldenpath noise: tables and figures per checkpoint
 
 Every file is written under a temporary name and renamed; every checkpoint directory is filled under a
 temporary name and swapped in with renames, so a kill at any moment leaves the previous checkpoint whole
@@ -21,6 +24,7 @@ import random
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,109 @@ import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import goldenpath
+from goldenpath.config import ConfigError, config_from_dict, read_yaml, to_dict
+
+# ----------------------------------------------------------------------------- the run directory
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of one run directory (the layout above): readers and writers of a run go through it."""
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config = property(lambda self: self.path / "config.yaml")
+    status_file = property(lambda self: self.path / "status.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    last = property(lambda self: self.checkpoints / "last")
+    best = property(lambda self: self.checkpoints / "best")
+    noise = property(lambda self: self.path / "noise")
+
+    def exists(self) -> bool:
+        """Whether this is a run directory (it holds config.yaml)."""
+        return self.config.exists()
+
+    @staticmethod
+    def checkpoint_name(*, at_loss: float | None = None, at_step: int | None = None) -> str:
+        """``target-<loss>`` (first eval loss <= at_loss) or ``step-<n>`` (checkpoint.steps)."""
+        return f"target-{at_loss:g}" if at_loss is not None else f"step-{at_step}"
+
+    def checkpoint(self, *, at_loss: float | None = None, at_step: int | None = None) -> Path:
+        return self.checkpoints / self.checkpoint_name(at_loss=at_loss, at_step=at_step)
+
+    def target_dirs(self) -> list[Path]:
+        """The loss-target checkpoints that hold weights, in name order."""
+        return [d for d in sorted(self.checkpoints.glob("target-*")) if has_weights(d)]
+
+    def status(self) -> dict:
+        """status.json, or {} before the run has written one."""
+        return read_json(self.status_file) if self.status_file.exists() else {}
+
+    def state(self) -> str | None:
+        return self.status().get("state")
+
+    def samples_file(self, rank: int) -> Path:
+        return self.path / "samples" / f"rank{rank}.i64"
+
+    def resume_stream(self, rank: int = 0) -> dict | None:
+        """The stream state of process ``rank`` in the resume state, or None when there is none."""
+        path = self.last / f"rank{rank}.json"
+        return read_json(path)["stream"] if path.exists() else None
+
+    def prepare(self, config) -> None:
+        """Create the directory with config.yaml, or check that an existing one holds the same config
+        (up to :data:`NOT_IDENTITY`)."""
+        mine = to_dict(config)
+        if self.config.exists():
+            theirs = to_dict(config_from_dict(read_yaml(self.config)))
+            diff = sorted(k for k in _diff(mine, theirs) if k not in NOT_IDENTITY)
+            if diff:
+                raise ConfigError("name", f"{self.path} holds a run with another config (differs in "
+                                  f"{', '.join(diff)})", "use another name= or out=, or delete that directory")
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text(self.config, config_text(mine))
+
+
+# Keys that do not change what a run computes: a run may be resumed with other values.
+NOT_IDENTITY = ("log.progress", "threads")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(prefix + k)
+    return out
+
+
+def has_weights(checkpoint_dir: str | Path) -> bool:
+    return (Path(checkpoint_dir) / WEIGHTS).exists()
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict:
+    return read_json(Path(checkpoint_dir) / META)
+
 
 # ----------------------------------------------------------------------------- atomic files and directories
 
@@ -144,15 +251,15 @@ def config_text(config_dict: dict) -> str:
 
 
 def target_name(target: float) -> str:
-    return f"target-{target:g}"
+    return RunDir.checkpoint_name(at_loss=target)
 
 
 def update_status(run_dir: str | Path, **fields) -> dict:
     """Merge ``fields`` into status.json (atomically) and return the whole status."""
-    path = Path(run_dir) / "status.json"
-    status = read_json(path) if path.exists() else {}
+    run = RunDir(run_dir)
+    status = run.status()
     status.update(fields)
-    write_json(path, status)
+    write_json(run.status_file, status)
     return status
 
 
@@ -186,7 +293,7 @@ def _complete(line: str) -> bool:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and _complete(line)]
 
 
@@ -197,12 +304,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``model.safetensors`` + ``meta.json`` (+ the optimizer state) as one directory, atomically."""
     def fill(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / WEIGHTS))
         if optimizer is not None:
             tensors, plain = _optimizer_split(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(plain))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     return replace_dir(path, fill)
 
 
@@ -218,7 +325,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> bool:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load ``<path>/model.safetensors`` into ``model`` (strict) and return it."""
-    load_model(model, str(Path(path) / "model.safetensors"), strict=True)
+    load_model(model, str(Path(path) / WEIGHTS), strict=True)
     return model
 
 
@@ -276,7 +383,7 @@ def write_rank_state(directory: Path, rank: int, stream_state: dict) -> None:
 def write_shared_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        train_state: dict) -> None:
     """The part of the resume state all processes share: model, optimizer and loop counters."""
-    save_model(model, str(directory / "model.safetensors"))
+    save_model(model, str(directory / WEIGHTS))
     tensors, plain = _optimizer_split(optimizer)
     save_file(tensors, str(directory / "optimizer.safetensors"))
     (directory / "state.json").write_text(json.dumps({"train": train_state, "optimizer": plain}, indent=1))

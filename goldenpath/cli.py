@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from goldenpath.config import ConfigError, load_config
+from goldenpath.naming import default_run_name
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -95,22 +96,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Overrides that do not change what a run computes: left out of its default name.
-_NOT_NAMED = ("out", "name", "log.progress", "threads")
-
-
-def default_run_name(config_name: str, overrides) -> str:
-    """``<config name>_<overrides>`` (``teacher-cnn_lr=0.05_bs=128``), as a sweep names its runs; the config's
-    own name when no override changes what the run computes."""
-    from goldenpath.config import parse_override
-    from goldenpath.sweep import run_name
-
-    knobs = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        key = ".".join(keys)
-        if key not in _NOT_NAMED:
-            knobs[key] = value
-    return f"{config_name}_{run_name(knobs)}" if knobs else config_name
 
 
 def _train(args) -> int:
@@ -126,13 +111,13 @@ def _finish_run(run_dir: Path) -> int:
     """One summary line, then the run directory last; exit 0 only for a completed run (130 after Ctrl-C)."""
     import shlex
 
-    from goldenpath.checkpoints import read_json
+    from goldenpath.checkpoints import RunDir
     from goldenpath.runtime import EXIT_CTRL_C
 
-    s = read_json(run_dir / "status.json")
+    s = RunDir(run_dir).status()
     if s["state"] == "interrupted":
         _print_main(f"interrupted ({s.get('reason')}) at step {s.get('step')}, {s.get('samples')} samples; resume "
-                    f"state saved in {run_dir / 'checkpoints' / 'last'}; to resume run the same command: "
+                    f"state saved in {RunDir(run_dir).last}; to resume run the same command: "
                     f"{shlex.join(['goldenpath', *sys.argv[1:]])}")
         _print_main(str(run_dir))
         return EXIT_CTRL_C if s.get("reason") == "Ctrl-C" else 143
@@ -223,96 +208,31 @@ def _compare(args) -> int:
 
 
 def _noise(args) -> int:
-    import matplotlib
+    from goldenpath.figures import write_noise_figures
+    from goldenpath.gradnoise import summary_line, write_analysis
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from goldenpath import checkpoints as ckpt
-    from goldenpath.gradnoise import analyse, qq_data
-    from goldenpath.plots import noise_histogram, qq_plot, tail_index_by_layer
-
-    if args.batches < 8:
-        raise ConfigError("--batches", f"got {args.batches}", "use at least 8 batches (100 or more for tail indices)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError("--batch-size", f"got {args.batch_size}", "use a positive batch size")
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError("run_dir", f"{run_dir} is not a run directory", "give a run's directory (it holds config.yaml)")
-    table, noise = analyse(run_dir, at_loss=args.at_loss, at_step=args.at_step, batches=args.batches,
-                           batch_size=args.batch_size, max_coords=args.max_coords)
-    name = table.attrs["checkpoint"]
-    out = run_dir / "noise"
-    out.mkdir(exist_ok=True)
-    ckpt.atomic_write(out / f"{name}.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    pooled = table[(table.layer == "all") & (table.statistic == "tail_index_pooled")].value.iloc[0]
-    figures = {"tail-index": lambda ax: tail_index_by_layer(table, ax=ax),
-               "histogram": lambda ax: noise_histogram(noise, alpha=pooled, ax=ax),
-               "qq": lambda ax: qq_plot(*qq_data(noise), ax=ax)}
-    for kind, draw in figures.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        draw(ax)
-        ax.set_title(f"{run_dir.name} at {name}: {kind}", fontsize=8)
-        fig.tight_layout()
-        ckpt.atomic_write(out / f"{name}-{kind}.png",
-                          lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
-        plt.close(fig)
-    whole = table[table.layer == "all"].set_index("statistic").value
-    _print_main(f"{args.batches} batches of {table.attrs['batch_size']}, {table.attrs['coordinates']} coordinates"
-                f"{'' if table.attrs['fresh'] else ' (from the training subset: no fresh samples left)'}: "
-                f"tail index pooled {whole['tail_index_pooled']:.2f}, per coordinate (median) "
-                f"{whole.get('tail_index_per_coordinate_median', float('nan')):.2f}, B_simple {whole['b_simple']:.1f}")
-    _print_main(str(out / f"{name}.parquet"))
+    table, noise, path = write_analysis(args.run_dir, at_loss=args.at_loss, at_step=args.at_step,
+                                        batches=args.batches, batch_size=args.batch_size, max_coords=args.max_coords)
+    write_noise_figures(table, noise, path.parent, title=Path(args.run_dir).name)
+    _print_main(summary_line(table, args.batches))
+    _print_main(str(path))
     return 0
 
 
 def _toys(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from goldenpath import checkpoints as ckpt
-    from goldenpath.config import parse_override
-    from goldenpath.plots import null_space_spread, toys_metric
-    from goldenpath.toys import experiments as ex
+    from goldenpath.figures import write_toy_figure
+    from goldenpath.toys.experiments import run_toy, toy_options
 
-    defaults = ex.DLN_DEFAULTS if args.which == "dln" else ex.LLS_DEFAULTS
-    options = {}
-    for text in args.overrides:
-        keys, value = parse_override(text)
-        key = ".".join(keys)
-        if key not in defaults:
-            raise ConfigError(f"toys.{key}", "unknown option", f"use some of {sorted(defaults)}")
-        want = defaults[key]
-        if isinstance(want, list) and not isinstance(value, list):
-            raise ConfigError(f"toys.{key}", f"expected a list, got {value!r}", "write [a, b, ...]")
-        if isinstance(want, (int, float)) and not isinstance(want, bool) and not isinstance(value, (int, float)):
-            raise ConfigError(f"toys.{key}", f"expected a number, got {value!r}", "write a number")
-        options[key] = value
-    if options.get("noise", "param") not in ("param", "label"):
-        raise ConfigError("toys.noise", f"got {options['noise']!r}", "use param (Noisy-SGD) or label")
+    options = toy_options(args.which, args.overrides)
     out = Path(args.out) / f"toys-{args.which}"
     out.mkdir(parents=True, exist_ok=True)
+    frame, line = run_toy(args.which, options)
     if args.which == "dln":
-        frame = ex.run_dln(**options)
-        verdict = ex.dln_verdict(frame)
-        panels = ("alpha_eff", "fit_residual", "l1", "recovery_error")
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-        for ax, metric in zip(axes, panels):
-            toys_metric(frame, metric=metric, ax=ax, log=metric == "alpha_eff")
-        ckpt.write_text(out / "verdict.txt", verdict + "\n")
-        _print_main(verdict)
-    else:
-        frame = ex.run_lls(**options)
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        null_space_spread(frame, ax=ax)
-        worst = float((frame.spread / frame.exact - 1).abs().max())
-        _print_main(f"null-space spread against the exact law: largest relative gap {worst:.3f}")
-    fig.tight_layout()
-    ckpt.atomic_write(out / "figure.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
-    plt.close(fig)
+        ckpt.write_text(out / "verdict.txt", line + "\n")
+    write_toy_figure(frame, args.which, out / "figure.png")
     ckpt.atomic_write(out / "table.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    _print_main(line)
     _print_main(str(out))
     return 0
 

@@ -105,16 +105,13 @@ def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, R
     by_target: dict[float, list[Checkpoint]] = {}
     configs, states = {}, {}
     for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
-        config = load_config(run_dir / "config.yaml")
-        configs[run_dir.name] = config
-        status = run_dir / "status.json"
-        states[run_dir.name] = ckpt.read_json(status).get("state") if status.exists() else None
-        for target_dir in sorted(run_dir.glob("checkpoints/target-*")):
-            weights = target_dir / "model.safetensors"
-            if not weights.exists():
-                continue
-            meta = ckpt.read_json(target_dir / "meta.json")
-            stat = weights.stat()
+        run = ckpt.RunDir(run_dir)
+        config = load_config(run.config)
+        configs[run.name] = config
+        states[run.name] = run.state()
+        for target_dir in run.target_dirs():
+            meta = ckpt.read_meta(target_dir)
+            stat = (target_dir / ckpt.WEIGHTS).stat()
             by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
                 run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
                 int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))

@@ -174,3 +174,48 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------- goldenpath toys, goldenpath noise
+
+
+def write_toy_figure(frame: pd.DataFrame, which: str, path: Path) -> Path:
+    """``figure.png`` of a toy's table: alpha_eff, fit residual, l1 norm and recovery error against sigma
+    (dln), or the null-space spread against the exact law (lls)."""
+    if which == "dln":
+        panels = ("alpha_eff", "fit_residual", "l1", "recovery_error")
+
+        def draw(axes):
+            for ax, metric in zip(axes, panels):
+                plots.toys_metric(frame, metric=metric, ax=ax, log=metric == "alpha_eff")
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+        draw(list(axes))
+        fig.tight_layout()
+    else:
+        fig = figure(lambda ax: plots.null_space_spread(frame, ax=ax), (5, 3.4))
+    return save(fig, path)
+
+
+def write_noise_figures(table: pd.DataFrame, noise: np.ndarray, out: Path, *, title: str) -> list[Path]:
+    """``<checkpoint>-tail-index.png``, ``-histogram.png`` and ``-qq.png`` of a goldenpath noise table."""
+    from goldenpath.gradnoise import qq_data
+
+    name = table.attrs["checkpoint"]
+    pooled = table[(table.layer == "all") & (table.statistic == "tail_index_pooled")].value.iloc[0]
+    draws = {"tail-index": lambda ax: plots.tail_index_by_layer(table, ax=ax),
+             "histogram": lambda ax: plots.noise_histogram(noise, alpha=pooled, ax=ax),
+             "qq": lambda ax: plots.qq_plot(*qq_data(noise), ax=ax)}
+    paths = []
+    for kind, draw in draws.items():
+        def titled(ax, draw=draw, kind=kind):
+            draw(ax)
+            ax.set_title(f"{title} at {name}: {kind}", fontsize=8)
+        paths.append(save(figure(titled, (6, 4)), out / f"{name}-{kind}.png"))
+    return paths
+

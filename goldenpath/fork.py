@@ -16,7 +16,7 @@ from pathlib import Path
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, load_config, parse_override, require, to_dict
-from goldenpath.sweep import fork_name, value_text
+from goldenpath.naming import fork_name, value_text
 
 
 def _relative(value, parent_value):
@@ -36,9 +36,9 @@ def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int 
     run_dir = Path(run_dir).resolve()
     require((at_loss is None) != (at_step is None), "fork", "needs exactly one of --at-loss and --at-step",
             "give --at-loss L (a loss target the parent reached) or --at-step S")
-    require((run_dir / "config.yaml").exists(), "fork", f"{run_dir} is not a run directory",
+    require(ckpt.RunDir(run_dir).exists(), "fork", f"{run_dir} is not a run directory",
             "give the directory of a run (it holds config.yaml)")
-    parent = load_config(run_dir / "config.yaml")
+    parent = load_config(ckpt.RunDir(run_dir).config)
     parent_dict = to_dict(parent)
     changes, resolved = {}, []
     for text in overrides:
@@ -54,16 +54,9 @@ def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int 
         resolved.append(f"{key}={value_text(value)}")
     child = name or fork_name(parent.name, at_loss, at_step, changes)
     at = [f"fork.at_loss={at_loss}"] if at_loss is not None else [f"fork.at_step={at_step}"]
-    return load_config(run_dir / "config.yaml", [
+    return load_config(ckpt.RunDir(run_dir).config, [
         *resolved, f"name={child}", f"out={run_dir.parent}", f"fork.parent={run_dir}",
         "fork.at_loss=null", "fork.at_step=null", *at, f"fork.changed={json.dumps(sorted(changes))}"])
-
-
-def fork(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None, overrides=()) -> Path:
-    """Train a child run from the parent's checkpoint with changed knobs; returns the child's directory."""
-    from goldenpath.train import train
-
-    return train(fork_config(run_dir, at_loss, at_step, overrides))
 
 
 def fork_start(config: Config, rank: int) -> dict | None:
@@ -71,21 +64,20 @@ def fork_start(config: Config, rank: int) -> dict | None:
     fork = config.fork
     if fork.parent is None:
         return None
-    parent = Path(fork.parent)
-    name = ckpt.target_name(fork.at_loss) if fork.at_loss is not None else f"step-{fork.at_step}"
-    src = parent / "checkpoints" / name
+    parent = ckpt.RunDir(fork.parent)
+    src = parent.checkpoint(at_loss=fork.at_loss, at_step=fork.at_step)
     field = "fork.at_loss" if fork.at_loss is not None else "fork.at_step"
-    if not (src / "model.safetensors").exists():
-        raise ConfigError(field, f"{parent} has no checkpoint {name}",
+    if not ckpt.has_weights(src):
+        raise ConfigError(field, f"{parent.path} has no checkpoint {src.name}",
                           "fork at a loss target the parent reached (status.json targets_reached) or a step "
                           "listed in its checkpoint.steps")
-    parent_status = ckpt.read_json(parent / "status.json")
+    parent_status = parent.status()
     if parent_status.get("state") == "running":
-        raise ConfigError("fork.parent", f"{parent} is still running",
+        raise ConfigError("fork.parent", f"{parent.path} is still running",
                           "fork once the parent has stopped: the child reads the stream from where it ended")
     world = parent_status.get("processes", 1)
-    state = ckpt.read_json(parent / "checkpoints" / "last" / f"rank{min(rank, world - 1)}.json")["stream"]
-    meta = ckpt.read_json(src / "meta.json")
+    state = parent.resume_stream(min(rank, world - 1))
+    meta = ckpt.read_meta(src)
     first = next(r for r in ckpt.read_metrics(parent) if "eval_loss" in r)
     return {"dir": src, "meta": meta, "stream": state, "parent_processes": world,
             "start": {"step": meta["step"], "samples": meta["samples"], "position": state["position"]},

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -197,6 +196,40 @@ def pooled_sample(noise: np.ndarray, max_pooled: int, rng: np.random.Generator) 
     return rng.choice(values, min(max_pooled, len(values)), replace=False)
 
 
+def _record(layer, statistic, value, low=None, high=None, n=None) -> dict:
+    return {"layer": layer, "statistic": statistic, "value": value, "ci_low": low, "ci_high": high, "n": n}
+
+
+def _estimates(noise: np.ndarray, layers: dict, params: list, sizes: np.ndarray, *, batches: int, max_pooled: int,
+               rng: np.random.Generator, seed: int) -> list[dict]:
+    """The table rows of the tail-index estimators, normality statistics and exact-zero share, for the whole
+    model (layer "all") and per layer (``layers``: name -> column spans of ``noise``)."""
+    records = []
+
+    def add(*args, **kw):
+        records.append(_record(*args, **kw))
+
+    for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()]:
+        part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
+        pooled = pooled_sample(part, max_pooled, rng)
+        if len(pooled) >= 16:
+            alpha, low, high = tail_index_ci(pooled, n_boot=50, seed=seed)
+            add(layer, "tail_index_pooled", alpha, low, high, len(pooled))
+        per = per_coordinate_tail_index(part[:, part.std(0) > 0]) if batches >= 8 else np.array([])
+        if len(per):
+            q1, med, q3 = np.quantile(per, [0.25, 0.5, 0.75])
+            add(layer, "tail_index_per_coordinate_median", float(med), float(q1), float(q3), len(per))
+        if part.shape[1] >= 2 and batches >= 3:
+            for key, value in gaussianity(part, seed=seed).items():
+                if not key.endswith("_n"):
+                    add(layer, key, value)
+        atoms = atom_fraction(part)
+        add(layer, "atom_fraction", float(atoms.mean()))  # share of entries that are exact zeros of the gradient
+        add(layer, "coordinates", part.shape[1], n=int(sum(sizes[i] for i, (n_, _) in enumerate(params)
+                                                          if layer in ("all", n_.rsplit(".", 1)[0]))))
+    return records
+
+
 def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None, batches: int = 100,
             batch_size: int | None = None, max_coords: int = 200_000, max_pooled: int = 1_000_000,
             seed: int = 0, progress: bool = True, estimators: bool = True):
@@ -221,18 +254,17 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     from goldenpath.data import build_stream
     from goldenpath.models import build_model, count, sample_losses
 
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    name = ckpt.target_name(at_loss) if at_loss is not None else f"step-{at_step}"
-    source_dir = run_dir / "checkpoints" / name
-    if not (source_dir / "model.safetensors").exists():
-        raise ConfigError("--at-loss" if at_loss is not None else "--at-step", f"{run_dir} has no checkpoint {name}",
+    run = ckpt.RunDir(run_dir)
+    config = load_config(run.config)
+    source_dir = run.checkpoint(at_loss=at_loss, at_step=at_step)
+    name = source_dir.name
+    if not ckpt.has_weights(source_dir):
+        raise ConfigError("--at-loss" if at_loss is not None else "--at-step", f"{run.path} has no checkpoint {name}",
                           "pick a loss target the run reached (status.json targets_reached)")
     b = batch_size or config.optim.batch_size
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=b, micro_batch_size=b)
-    last = run_dir / "checkpoints" / "last" / "rank0.json"
-    position = ckpt.read_json(last)["stream"]["position"] if last.exists() else 0
+    position = (run.resume_stream(0) or {"position": 0})["position"]
     fresh = stream.limit is None or position + batches * b <= stream.limit
     stream.load_state_dict({**stream.state_dict(), "position": position if fresh else 0})
     model = build_model(config.model, source.info, seed=config.seed)
@@ -260,34 +292,44 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     layers: dict[str, list[tuple[int, int]]] = {}
     for layer, lo, hi in groups:
         layers.setdefault(layer, []).append((lo, hi))
-    records = []
-
-    def add(layer, statistic, value, low=None, high=None, n=None):
-        records.append({"layer": layer, "statistic": statistic, "value": value, "ci_low": low, "ci_high": high,
-                        "n": n})
-
-    for layer, spans in [("all", [(0, noise.shape[1])]), *layers.items()] if estimators else []:
-        part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
-        pooled = pooled_sample(part, max_pooled, rng)
-        if len(pooled) >= 16:
-            alpha, low, high = tail_index_ci(pooled, n_boot=50, seed=seed)
-            add(layer, "tail_index_pooled", alpha, low, high, len(pooled))
-        per = per_coordinate_tail_index(part[:, part.std(0) > 0]) if batches >= 8 else np.array([])
-        if len(per):
-            q1, med, q3 = np.quantile(per, [0.25, 0.5, 0.75])
-            add(layer, "tail_index_per_coordinate_median", float(med), float(q1), float(q3), len(per))
-        if part.shape[1] >= 2 and batches >= 3:
-            for key, value in gaussianity(part, seed=seed).items():
-                if not key.endswith("_n"):
-                    add(layer, key, value)
-        atoms = atom_fraction(part)
-        add(layer, "atom_fraction", float(atoms.mean()))  # share of entries that are exact zeros of the gradient
-        add(layer, "coordinates", part.shape[1], n=int(sum(sizes[i] for i, (n_, _) in enumerate(params)
-                                                          if layer in ("all", n_.rsplit(".", 1)[0]))))
+    records = _estimates(noise, layers, params, sizes, batches=batches, max_pooled=max_pooled, rng=rng,
+                         seed=seed) if estimators else []
     trace, grad_sq, b_simple = noise_scale(sq_small, sq_big, b, b * batches)
     for key, value in (("trace_sigma", trace), ("grad_sq", grad_sq), ("b_simple", b_simple)):
-        add("all", key, value)
+        records.append(_record("all", key, value))
     table = pd.DataFrame(records)
     table.attrs.update(layers={k: [(int(a), int(b)) for a, b in v] for k, v in layers.items()})  # noise columns
     table.attrs.update(checkpoint=name, batches=batches, batch_size=b, fresh=fresh, coordinates=int(share.sum()))
     return table, noise
+
+
+def write_analysis(run_dir, *, at_loss: float | None = None, at_step: int | None = None, batches: int = 100,
+                   batch_size: int | None = None, max_coords: int = 200_000):
+    """:func:`analyse` a checkpoint and write its table to ``<run>/noise/<checkpoint>.parquet``; returns
+    (table, noise samples, the parquet's path). Bad arguments raise ConfigError naming the option."""
+    from goldenpath import checkpoints as ckpt
+    from goldenpath.config import ConfigError
+
+    if batches < 8:
+        raise ConfigError("--batches", f"got {batches}", "use at least 8 batches (100 or more for tail indices)")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError("--batch-size", f"got {batch_size}", "use a positive batch size")
+    run = ckpt.RunDir(run_dir)
+    if not run.exists():
+        raise ConfigError("run_dir", f"{run.path} is not a run directory", "give a run's directory (it holds config.yaml)")
+    table, noise = analyse(run.path, at_loss=at_loss, at_step=at_step, batches=batches, batch_size=batch_size,
+                           max_coords=max_coords)
+    run.noise.mkdir(exist_ok=True)
+    path = run.noise / f"{table.attrs['checkpoint']}.parquet"
+    ckpt.atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return table, noise, path
+
+
+def summary_line(table, batches: int) -> str:
+    """One line: the draws, and the whole model's tail indices and B_simple."""
+    whole = table[table.layer == "all"].set_index("statistic").value
+    fresh = "" if table.attrs["fresh"] else " (from the training subset: no fresh samples left)"
+    return (f"{batches} batches of {table.attrs['batch_size']}, {table.attrs['coordinates']} coordinates{fresh}: "
+            f"tail index pooled {whole['tail_index_pooled']:.2f}, per coordinate (median) "
+            f"{whole.get('tail_index_per_coordinate_median', float('nan')):.2f}, B_simple {whole['b_simple']:.1f}")
+

@@ -57,6 +57,7 @@ class SGD:
     """
 
     per_sample = False  # needs the bare module (its per-sample gradients), not the DDP wrapper
+    injects = False  # adds noise of its own once per step (its norm is logged)
 
     def __init__(self, noise, *, batch_size: int, seed: int):
         self.noise, self.batch_size, self.seed = noise, batch_size, seed
@@ -80,6 +81,8 @@ class SGD:
 class NoisySGD(SGD):
     """``noise.kind: gaussian``: the mean gradient plus (sigma / B) xi, once per step."""
 
+    injects = True
+
     def step(self, grads, *, step, all_reduce=None, measure=False):
         norm = _norm(grads)
         return norm, add_noise(grads, self.noise.sigma / self.batch_size, seed=self.seed, step=step)
@@ -90,6 +93,7 @@ class DPSGD(SGD):
     micro-batches and processes, plus sigma C xi, divided by B."""
 
     per_sample = True
+    injects = True
 
     def loss_scale(self, total_units: float, world: int) -> float:
         return self.batch_size / total_units  # then (1/B) sum_i g_i is the mean gradient over loss units

@@ -11,9 +11,10 @@ Two methods, the same answer:
   product per layer, no second backward). A module without a rule gets per-sample gradients from
   ``torch.func`` on that module alone, from its recorded inputs and output gradients.
 
-The fast path never guesses. After the forward it walks the autograd graph and finds, for every use of
-every trained parameter, the recorded call that accounts for it: the innermost call, enclosing the use, of
-a module holding the parameter, whose output is the only way the call's work reaches the loss. A
+The fast path never guesses. After the forward it walks the autograd graph (:mod:`goldenpath.tape`) and
+finds, for every use of every trained parameter, the recorded call that accounts for it: the innermost
+call, enclosing the use, of a module holding the parameter, whose output is the only way the call's work
+reaches the loss. A
 parameter with any use no such call accounts for (read directly by a parent's forward, used outside every
 module, inside a call whose output is a tuple with unbatched parts, ...) goes to the reference path, so no
 parameter ever gets a partial or zero gradient. The first time a model meets a batch shape, the fast path
@@ -24,19 +25,18 @@ size, which no shape can tell apart) to the reference path for that shape, with 
 
 from __future__ import annotations
 
-import bisect
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad_and_value, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from goldenpath import layer_rules as lr
+from goldenpath.tape import Call, Tape, attribute, batched
 
 Batch = dict | tuple | list
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # (model, batch) -> per-sample losses [B]
@@ -174,153 +174,6 @@ def _warn_once(model: nn.Module, key: str, text: str) -> None:
         warnings.warn(f"DP-SGD: {text}", stacklevel=3)
 
 
-# ----------------------------------------------------------------------------- recording the forward
-
-
-def _seq_now() -> int:
-    """The autograd sequence number the next graph node will get (nodes are numbered in creation order)."""
-    return torch._C._autograd._get_sequence_nr()
-
-
-@dataclass
-class _Call:
-    """One recorded module call; the graph nodes its forward created are numbered [start, end)."""
-
-    module: nn.Module
-    args: tuple
-    kwargs: dict
-    start: int
-    versions: list  # (tensor, its version when the call began): an in-place change later makes the call unusable
-    output: Any = None
-    end: int = 0
-    edges: list = field(default_factory=list)  # (index among the output's leaves, GradientEdge), leaves needing grad
-
-
-class _Tape:
-    """Forward pre-hooks and hooks recording every call of the given modules."""
-
-    def __init__(self, modules: list[nn.Module]):
-        self.modules, self.calls, self._open = modules, [], []
-
-    def __enter__(self):
-        self._handles = [h for m in self.modules for h in (
-            m.register_forward_pre_hook(self._pre, with_kwargs=True),
-            m.register_forward_hook(self._post, with_kwargs=True))]
-        return self
-
-    def _pre(self, module, args, kwargs):
-        tensors = [x for x in tree_flatten((args, kwargs))[0] if torch.is_tensor(x)]
-        self._open.append(_Call(module, args, kwargs, _seq_now(), [(t, t._version) for t in tensors]))
-
-    def _post(self, module, args, kwargs, output):
-        call = self._open.pop()
-        call.output, call.end = output, _seq_now()
-        leaves = tree_flatten(output)[0]
-        call.edges = [(i, get_gradient_edge(t)) for i, t in enumerate(leaves)
-                      if torch.is_tensor(t) and t.requires_grad]
-        self.calls.append(call)
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-
-
-def _batched(call: _Call, b: int) -> bool:
-    """Whether the call can be differentiated per sample: its inputs unchanged since, every output needing a
-    gradient batched along dim 0 (a tuple output's other parts carry no gradient)."""
-    if any(t._version != v for t, v in call.versions) or not call.edges:
-        return False
-    leaves = tree_flatten(call.output)[0]
-    return all(leaves[i].dim() > 0 and leaves[i].shape[0] == b for i, _ in call.edges)
-
-
-def _attribute(root: torch.Tensor, calls: list[_Call], usable: list[bool],
-               name_of: dict[int, str]) -> tuple[dict[int, set[str]], set[str]]:
-    """Which recorded call accounts for every use of every trained parameter, from the autograd graph.
-
-    A use (a graph node with the parameter's AccumulateGrad among its inputs) belongs to the innermost
-    enclosing call of a module holding the parameter. A call accounts for its parameters' uses only when it
-    is usable and *sealed*: the graph enters the nodes its forward created only through its output. A
-    parameter is left to the reference path when any of its uses has no such call, or when its calls nest
-    (the outer call's gradient would count the inner one's uses twice).
-
-    Returns ({call index: names it accounts for}, names for the reference path).
-    """
-    order = sorted(range(len(calls)), key=lambda i: (calls[i].start, -calls[i].end))
-    starts = [calls[i].start for i in order]
-    ends = [calls[i].end for i in order]
-    parent, open_ = [-1] * len(order), []
-    for k in range(len(order)):
-        while open_ and ends[open_[-1]] <= starts[k]:
-            open_.pop()
-        parent[k] = open_[-1] if open_ else -1
-        open_.append(k)
-    entries = [{(e.node, e.output_nr) for _, e in calls[i].edges} for i in order]
-    holds: dict[int, set[int]] = {}
-
-    def held(k: int) -> set[int]:
-        m = calls[order[k]].module
-        if id(m) not in holds:
-            holds[id(m)] = {id(p) for p in m.parameters()}
-        return holds[id(m)]
-
-    def innermost(seq: int) -> int:
-        k = bisect.bisect_right(starts, seq) - 1
-        while k != -1 and seq >= ends[k]:
-            k = parent[k]
-        return k
-
-    leaky = [False] * len(order)
-
-    def enter(node, nr: int, outer_seq: int) -> None:  # the edge into (node, nr) from a node numbered outer_seq
-        k = innermost(node._sequence_nr())
-        while k != -1 and not starts[k] <= outer_seq < ends[k]:
-            leaky[k] |= (node, nr) not in entries[k]
-            k = parent[k]
-
-    sites: dict[int, set[int]] = {}
-    edge = get_gradient_edge(root)
-    enter(edge.node, edge.output_nr, -1)
-    stack, seen = [edge.node], {edge.node}
-    while stack:
-        node = stack.pop()
-        seq = node._sequence_nr()
-        inner = None
-        for nxt, nr in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)  # an AccumulateGrad: a use of a leaf tensor
-            if var is not None:
-                if id(var) in name_of:
-                    k = innermost(seq) if inner is None else inner
-                    inner = k
-                    while k != -1 and id(var) not in held(k):
-                        k = parent[k]
-                    sites.setdefault(id(var), set()).add(k)
-                continue
-            enter(nxt, nr, seq)
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-
-    accounts: dict[int, set[str]] = {}
-    reference = set()
-    for pid, ks in sites.items():
-        def nested(k):
-            k = parent[k]
-            while k != -1:
-                if k in ks:
-                    return True
-                k = parent[k]
-            return False
-        if any(k == -1 or leaky[k] or not usable[order[k]] or nested(k) for k in ks):
-            reference.add(name_of[pid])
-        else:
-            for k in ks:
-                accounts.setdefault(order[k], set()).add(name_of[pid])
-    return accounts, reference
-
-
 # ----------------------------------------------------------------------------- fast path
 
 
@@ -329,11 +182,11 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
     name_of = {id(p): n for n, p in trained.items()}
     owners = [m for m in model.modules() if any(id(p) in name_of for p in m.parameters(recurse=False))]
     b = _leaves(batch)[0].shape[0]
-    with _Tape(owners) as tape:
+    with Tape(owners) as tape:
         losses = loss_fn(model, batch)
     calls = tape.calls
     if losses.requires_grad:
-        accounts, reference = _attribute(losses, calls, [_batched(c, b) for c in calls], name_of)
+        accounts, reference = attribute(losses, calls, [batched(c, b) for c in calls], name_of)
     else:
         accounts, reference = {}, set()
     reference |= set(forced) & set(trained)
@@ -375,7 +228,7 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
     return parts, losses, reference
 
 
-def _module_grads(call: _Call, grads: list[torch.Tensor], params: dict[str, torch.Tensor],
+def _module_grads(call: Call, grads: list[torch.Tensor], params: dict[str, torch.Tensor],
                   b: int) -> dict[str, torch.Tensor]:
     """Per-sample gradients [B, *shape] of some of a module's parameters, by torch.func on that module alone
     (its recorded inputs, its outputs' gradients)."""

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from goldenpath import checkpoints as ckpt
-from goldenpath.config import Config, ConfigError, OptimConfig, config_from_dict, read_yaml, to_dict
+from goldenpath.config import Config, ConfigError, OptimConfig, accumulation_steps, to_dict
 from goldenpath.data import build_stream
 from goldenpath.data.synthetic import stream_key
 from goldenpath.fork import fork_start
@@ -157,37 +157,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# Keys that do not change what a run computes: a run may be resumed with other values.
-NOT_IDENTITY = ("log.progress", "threads")
-
-
-def prepare_run_dir(config: Config) -> Path:
-    """Create ``<out>/<name>`` with config.yaml, or check that an existing one holds the same config."""
-    run_dir = Path(config.out) / config.name
-    path = run_dir / "config.yaml"
-    mine = to_dict(config)
-    if path.exists():
-        theirs = to_dict(config_from_dict(read_yaml(path)))
-        diff = sorted(k for k in _diff(mine, theirs) if k not in NOT_IDENTITY)
-        if diff:
-            raise ConfigError("name", f"{run_dir} holds a run with another config (differs in {', '.join(diff)})",
-                              "use another name= or out=, or delete that directory")
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text(path, ckpt.config_text(mine))
-    return run_dir
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(prefix + k)
-    return out
-
 
 # ----------------------------------------------------------------------------- the run
 
@@ -223,6 +192,11 @@ class Run:
     bar: Any = None
 
     @property
+    def files(self) -> ckpt.RunDir:
+        """The paths of this run's directory."""
+        return ckpt.RunDir(self.dir)
+
+    @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -254,7 +228,7 @@ class Run:
     def save_last(self) -> None:
         """The resume state, as one directory swapped in atomically (every process writes its part)."""
         t0 = time.perf_counter()
-        last_dir = self.dir / "checkpoints" / "last"
+        last_dir = self.files.last
         tmp = last_dir.with_name("last.tmp")
         if self.main:
             ckpt.staging_dir(last_dir)
@@ -297,12 +271,10 @@ def start(config: Config) -> Run | Path:
 
     optim = config.optim
     micro = optim.micro_batch_size or optim.batch_size // world
-    if optim.batch_size % (micro * world):
-        raise ConfigError("optim.batch_size", f"{optim.batch_size} is not divisible by micro_batch_size {micro} x "
-                          f"{world} processes", "make batch_size a multiple of micro_batch_size x processes")
-    if config.log.noise_scale and optim.batch_size // (micro * world) < 2:
-        raise ConfigError("log.noise_scale", f"needs two micro-batches per process and step, got "
-                          f"{optim.batch_size // (micro * world)}", "lower optim.micro_batch_size")
+    accumulation = accumulation_steps(optim.batch_size, max(1, micro), world)
+    if config.log.noise_scale and accumulation < 2:
+        raise ConfigError("log.noise_scale", f"needs two micro-batches per process and step, got {accumulation}",
+                          "lower optim.micro_batch_size")
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=optim.batch_size,
                           micro_batch_size=micro, rank=rank, world=world)
@@ -318,39 +290,13 @@ def start(config: Config) -> Run | Path:
     optimizer = make_optimizer(model, optim)
     eval_batch = source.heldout("eval")
     if main:  # only now: a config that fails to build leaves no run directory behind
-        prepare_run_dir(config)
+        ckpt.RunDir(Path(config.out) / config.name).prepare(config)
     accelerator.wait_for_everyone()
-    status_path = run_dir / "status.json"
-    if status_path.exists() and ckpt.read_json(status_path).get("state") in FINISHED:
+    files = ckpt.RunDir(run_dir)
+    if files.state() in FINISHED:
         return run_dir
 
-    state = RunState()
-    last_dir = run_dir / "checkpoints" / "last"
-    if main:
-        ckpt.resolve_dir(last_dir)  # finish a swap a kill interrupted
-    accelerator.wait_for_everyone()
-    resumed = last_dir.is_dir()
-    if resumed:
-        saved, stream_state = ckpt.load_resume_state(last_dir, rank, model, optimizer)
-        state.load(saved)
-        stream.load_state_dict(stream_state)
-        if main:
-            print(f"goldenpath: {run_dir}: resuming from step {state.step} ({state.samples} samples)",
-                  file=sys.stderr, flush=True)
-    elif forked:  # the parent's model (and optimizer state) at the fork point; its stream from where it ended
-        meta = forked["meta"]
-        ckpt.load_weights(model, forked["dir"])
-        if meta.get("optimizer") == optim.name:
-            mine = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            if ckpt.load_optimizer(optimizer, forked["dir"]):
-                for group, settings in zip(optimizer.param_groups, mine):  # keep the child's hyperparameters
-                    group.update(settings)
-        stream.load_state_dict(forked["stream"])
-        state.load(dict(step=meta["step"], samples=meta["samples"], tokens=meta["tokens"],
-                        evals=[[meta["step"], meta["eval_loss"]]], initial_eval=forked["initial_eval"],
-                        best=[meta["step"], meta["eval_loss"]],
-                        target_index=sum(t >= meta["eval_loss"] for t in config.checkpoint.targets),
-                        next_eval=meta["step"] + 1, fork_start=forked["start"]))
+    state, resumed = _restore(config, files, model, optimizer, stream, forked, accelerator)
     begin = state.fork_start or {"step": 0, "samples": 0, "position": 0}
     total_steps = planned_steps(config, stream.limit, begin)
     stream_steps = None if stream.limit is None else \
@@ -364,26 +310,59 @@ def start(config: Config) -> Run | Path:
               eval_batch=eval_batch, state=state, autocast=bf16_autocast(accelerator.device, config.precision == "bf16"),
               dtype=dtype, total_steps=total_steps, stream_steps=stream_steps, floor=source.loss_floor(),
               chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None)
-    _open_outputs(run, status_path, begin)
+    _open_outputs(run, begin)
     return run
 
 
-def _open_outputs(run: Run, status_path: Path, begin: dict) -> None:
+def _restore(config: Config, files: ckpt.RunDir, model, optimizer, stream, forked: dict | None,
+             accelerator) -> tuple[RunState, bool]:
+    """The run's counters, with model, optimizer and stream put where the run stands: from the resume state
+    when there is one, else from the parent's checkpoint (a fork), else new; and whether it resumed."""
+    state, rank, main = RunState(), accelerator.process_index, accelerator.is_main_process
+    if main:
+        ckpt.resolve_dir(files.last)  # finish a swap a kill interrupted
+    accelerator.wait_for_everyone()
+    if files.last.is_dir():
+        saved, stream_state = ckpt.load_resume_state(files.last, rank, model, optimizer)
+        state.load(saved)
+        stream.load_state_dict(stream_state)
+        if main:
+            print(f"goldenpath: {files.path}: resuming from step {state.step} ({state.samples} samples)",
+                  file=sys.stderr, flush=True)
+        return state, True
+    if forked:  # the parent's model (and optimizer state) at the fork point; its stream from where it ended
+        meta = forked["meta"]
+        ckpt.load_weights(model, forked["dir"])
+        if meta.get("optimizer") == config.optim.name:
+            mine = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if ckpt.load_optimizer(optimizer, forked["dir"]):
+                for group, settings in zip(optimizer.param_groups, mine):  # keep the child's hyperparameters
+                    group.update(settings)
+        stream.load_state_dict(forked["stream"])
+        state.load(dict(step=meta["step"], samples=meta["samples"], tokens=meta["tokens"],
+                        evals=[[meta["step"], meta["eval_loss"]]], initial_eval=forked["initial_eval"],
+                        best=[meta["step"], meta["eval_loss"]],
+                        target_index=sum(t >= meta["eval_loss"] for t in config.checkpoint.targets),
+                        next_eval=meta["step"] + 1, fork_start=forked["start"]))
+    return state, False
+
+
+def _open_outputs(run: Run, begin: dict) -> None:
     """metrics.jsonl, the sample-id log, status.json's running state, the progress bar and the trackers."""
     config, st, main = run.config, run.state, run.main
     if main:
-        run.metrics = ckpt.MetricsLog(run.dir / "metrics.jsonl", resume_step=st.step if run.resumed else None)
+        run.metrics = ckpt.MetricsLog(run.files.metrics, resume_step=st.step if run.resumed else None)
     if config.log.sample_ids:
-        (run.dir / "samples").mkdir(exist_ok=True)
-        run.ids_file = open(run.dir / "samples" / f"rank{run.accelerator.process_index}.i64", "ab")
+        ids = run.files.samples_file(run.accelerator.process_index)
+        ids.parent.mkdir(exist_ok=True)
+        run.ids_file = open(ids, "ab")
         run.ids_file.truncate((st.samples - begin["samples"]) // run.world * 8)  # drop ids after the resumed state
     if main:
         cpu = run.accelerator.device.type == "cpu"
         ckpt.update_status(run.dir, state="running", reason=None, loss_floor=run.floor, chance_loss=run.chance,
                            planned_steps=run.total_steps, processes=run.world, device=str(run.accelerator.device),
                            threads=torch.get_num_threads() if cpu else None,
-                           started=ckpt.read_json(status_path).get("started", _now()) if status_path.exists()
-                           else _now(), resumed_from_step=st.step if run.resumed else None,
+                           started=run.files.status().get("started", _now()), resumed_from_step=st.step if run.resumed else None,
                            **privacy_spent(config, st.step))
     b = config.optim.batch_size
     run.bar = tqdm(total=run.total_steps * b if run.total_steps else None, initial=st.samples, unit="sample",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import os
 import re
 import shutil
@@ -36,15 +35,11 @@ from pathlib import Path
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config, parse_override, read_yaml, require
+from goldenpath.naming import fork_name, run_name, value_text  # noqa: F401  (run_name: part of the sweep API)
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "seeds", "forks", "processes", "out", "slurm"}
 FORK_KEYS = {"at_loss", "at_step", "set", "where"}
 SLURM_KEYS = {"partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "account", "qos"}
-# short names of common knobs in run names
-ALIASES = {"optim.lr": "lr", "optim.batch_size": "bs", "noise.sigma": "sigma", "noise.clip": "clip",
-           "noise.kind": "noise", "data.epochs": "epochs", "data.train_size": "n", "optim.momentum": "mom",
-           "model.width": "width", "model.depth": "depth", "optim.name": "opt"}
-
 
 # ----------------------------------------------------------------------------- the sweep config
 
@@ -127,31 +122,7 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
                  forks=tuple(forks), processes=processes, out=str(raw.get("out", "runs")), slurm=slurm)
 
 
-# ----------------------------------------------------------------------------- points and names
-
-
-def value_text(value) -> str:
-    """A value as an override writes it (YAML flow)."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _name_text(value) -> str:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    elif isinstance(value, float):
-        value = f"{value:g}"
-    elif value is None:
-        value = "none"
-    text = re.sub(r"^/", "div", str(value))  # a fork's relative "/4" reads "div4", not "4"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
-
-
-def run_name(knobs: dict) -> str:
-    """Readable, stable, filesystem-safe: ``lr=0.05_bs=16_seed=0`` (last key part where no alias)."""
-    labels = {k: ALIASES.get(k, k.rsplit(".", 1)[-1]) for k in knobs}
-    clashes = {lab for lab in labels.values() if list(labels.values()).count(lab) > 1}
-    return "_".join(f"{labels[k] if labels[k] not in clashes else k.replace('.', '-')}={_name_text(v)}"
-                    for k, v in knobs.items())
+# ----------------------------------------------------------------------------- points
 
 
 def expand(sweep: Sweep) -> list[Point]:
@@ -180,17 +151,11 @@ def expand(sweep: Sweep) -> list[Point]:
     return points + forks
 
 
-def fork_name(parent: str, at_loss: float | None, at_step: int | None, changes: dict) -> str:
-    at = f"loss={at_loss:g}" if at_loss is not None else f"step={at_step}"
-    return f"{parent}+fork-{at}" + (f"-{run_name(changes)}" if changes else "")
-
-
 # ----------------------------------------------------------------------------- runs.csv
 
 
 def _state(run_dir: Path) -> str | None:
-    path = run_dir / "status.json"
-    return ckpt.read_json(path).get("state") if path.exists() else None
+    return ckpt.RunDir(run_dir).state()
 
 
 def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = None) -> Path:
@@ -203,8 +168,7 @@ def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = 
 
     rows = []
     for p in points:
-        status_path = sweep_dir / p.name / "status.json"
-        s = ckpt.read_json(status_path) if status_path.exists() else {}
+        s = ckpt.RunDir(sweep_dir / p.name).status()
         if not s and p.name in (skipped or {}):
             s = skipped[p.name]
         reached = s.get("targets_reached") or {}
@@ -269,8 +233,7 @@ def _ready(point: Point, sweep_dir: Path, retry_diverged: bool) -> str:
         if parent_state not in ("completed", "diverged", "stalled"):
             return "never" if parent_state == "failed" else "wait"
         at = point.fork
-        name = ckpt.target_name(at.at_loss) if at.at_loss is not None else f"step-{at.at_step}"
-        if not (parent_dir / "checkpoints" / name).is_dir():
+        if not ckpt.RunDir(parent_dir).checkpoint(at_loss=at.at_loss, at_step=at.at_step).is_dir():
             return "never"
     return "run"
 

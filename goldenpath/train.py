@@ -25,60 +25,17 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import matching
-from goldenpath.config import Config, OptimConfig
+from goldenpath.config import Config
 from goldenpath.data import StreamExhausted
+from goldenpath.fork import fork_config
 from goldenpath.gradnoise import noise_scale
 from goldenpath.models import count, sample_losses_and_errors
 from goldenpath.privacy import privacy_spent
 from goldenpath.run import Run, Window, start
 from goldenpath.runtime import Interrupts, signal_name
+from goldenpath.schedule import get_lr, next_eval_gap
 
 # ----------------------------------------------------------------------------- small pure pieces
-
-
-def get_lr(step: int, optim: OptimConfig, total_steps: int | None) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
-    # 1) linear warmup from 0
-    if step < optim.warmup:
-        return optim.lr * (step + 1) / optim.warmup
-    # 2) constant
-    if optim.schedule == "constant":
-        return optim.lr
-    # 3) cosine from lr down to lr * min_lr_ratio at the last step
-    progress = (step - optim.warmup) / max(1, total_steps - optim.warmup)
-    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def next_eval_gap(evals: list, target: float | None, *, max_gap: int, min_gap: int) -> int:
-    """Steps until the next eval: log-spaced early, then ``max_gap``, shrinking to ``min_gap`` near a target.
-
-    Near a target the gap is half the steps the last two evals predict are needed to reach it, so that
-    the replay that locates the crossing (goldenpath.matching) stays short. Within three times the eval
-    loss's recent jitter of the target (:func:`_jitter`), every ``min_gap`` steps: a noisy loss hovering
-    above a target can dip below it between two evals that both lie above.
-    """
-    step = evals[-1][0]
-    gap = min(max_gap, max(min_gap, step))
-    if target is not None and len(evals) >= 2:
-        s1, l1 = evals[-1]
-        if l1 - target < 3 * _jitter(evals[-6:]):
-            return min_gap
-        # The fastest recent descent (against any of the last few evals) is robust to a noisy last pair.
-        rate = max((l0 - l1) / (s1 - s0) for s0, l0 in evals[-4:-1])
-        if rate > 0:
-            gap = min(gap, int((l1 - target) / rate / 2))
-        else:  # flat or rising near a target: widen the gap gradually, not back to max_gap at once
-            gap = min(gap, 2 * (s1 - evals[-2][0]))
-    return max(min_gap, gap)
-
-
-def _jitter(evals: list) -> float:
-    """The eval loss's fluctuation about its trend: the largest distance of an eval from the straight line
-    through its two neighbours (0 on a loss that falls or rises steadily)."""
-    out = 0.0
-    for (s0, l0), (s1, l1), (s2, l2) in zip(evals, evals[1:], evals[2:]):
-        out = max(out, abs(l1 - (l0 + (l2 - l0) * (s1 - s0) / (s2 - s0))))
-    return out
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -180,7 +137,7 @@ def _train_record(run: Run, sums: dict, lr: float, units: float) -> dict:
               "train_loss": sums["loss"] / sums["units"], "seconds": round(sum(st.seconds.values()), 3)}
     if sums["norm_steps"] > 0:  # norms: every process added the same value
         record["grad_norm"] = sums["grad_norm"] / sums["norm_steps"]
-        if config.noise.kind != "none":
+        if run.mechanism.injects:
             record["noise_norm"] = sums["noise_norm"] / sums["norm_steps"]
     if config.log.noise_scale and sums["scale_steps"] > 0:  # McCandlish et al.: average, then combine
         n = sums["scale_steps"]
@@ -216,7 +173,7 @@ def _save_target(run: Run, crossing: matching.Crossing, previous, replayed: bool
     if run.main:
         meta = {"target": crossing.target, "loss_minus_target": crossing.loss - crossing.target,
                 **_meta(run, crossing.loss, crossing.error, previous), "replayed": replayed}
-        ckpt.save_checkpoint(run.dir / "checkpoints" / ckpt.target_name(crossing.target), run.model, meta, keep)
+        ckpt.save_checkpoint(run.files.checkpoint(at_loss=crossing.target), run.model, meta, keep)
     run.state.reached[f"{crossing.target:g}"] = crossing.step
     run.state.target_index += 1
 
@@ -261,12 +218,11 @@ def run_eval(run: Run, previous: matching.Snapshot | None) -> tuple[float, float
         _save_target(run, matching.Crossing(target, st.step, loss, error), before, False)
     keep = run.optimizer if config.checkpoint.optimizer else None
     if st.step in config.checkpoint.steps and run.main:
-        ckpt.save_checkpoint(run.dir / "checkpoints" / f"step-{st.step}", run.model, _meta(run, loss, error, prev_eval),
-                             keep)
+        ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, _meta(run, loss, error, prev_eval), keep)
     if st.best is None or loss < st.best[1]:
         st.best = [st.step, loss]
         if config.checkpoint.best and run.main:
-            ckpt.save_checkpoint(run.dir / "checkpoints" / "best", run.model, _meta(run, loss, error, prev_eval), keep)
+            ckpt.save_checkpoint(run.files.best, run.model, _meta(run, loss, error, prev_eval), keep)
     st.seconds["checkpoint"] += time.perf_counter() - t0
     nxt = targets[st.target_index] if st.target_index < len(targets) else None
     st.next_eval = st.step + next_eval_gap(st.evals, nxt, max_gap=config.checkpoint.eval_every,
@@ -298,6 +254,12 @@ def train(config: Config) -> Path:
     finally:
         run.close()
     return run.dir
+
+
+def fork(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None, overrides=()) -> Path:
+    """Train a child run from the parent's checkpoint with changed knobs (``key=x4``, ``key=/4``, ``key=v``);
+    returns the child's directory."""
+    return train(fork_config(run_dir, at_loss, at_step, overrides))
 
 
 def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | None]:

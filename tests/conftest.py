@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny configs that train in seconds on a CPU."""
+"""Shared fixtures and helpers: tiny configs that train in seconds on a CPU, a tiny sweep file, and readers
+of a finished run."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +37,32 @@ def tiny_teacher(tmp_path):
 @pytest.fixture
 def tiny_markov(tmp_path):
     return [*TINY_MARKOV, f"out={tmp_path}", "name=run"]
+
+
+def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:
+    """A sweep file ``<tmp_path>/<name>.yaml`` over a tiny teacher-CNN base, with ``body`` (grid, seeds, forks)."""
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {source: teacher, image_size: 16, eval_size: 128, probe_size: 32}\n"
+                    "model: {name: cnn, width: 8, depth: 2}\n"
+                    "optim: {lr: 0.05, batch_size: 32}\n"
+                    "budget: {samples: 1280, min_progress: null}\n"
+                    "checkpoint: {targets: [2.28, 2.2], eval_every: 5}\n"
+                    "log: {progress: false, sample_ids: true}\n")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nbase: base.yaml\nout: {tmp_path / 'out'}\n" + body)
+    return path
+
+
+def status_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def trained_model(config, run_dir: Path, which: str = "last") -> torch.nn.Module:
+    """The weights of checkpoint ``which`` of a run, in a model built from its config."""
+    from goldenpath import checkpoints as ckpt
+    from goldenpath.models import build_model
+
+    model = build_model(config.model, config.data.build().info, seed=config.seed)
+    if config.precision == "fp64":
+        model = model.double()
+    return ckpt.load_weights(model, run_dir / "checkpoints" / which).requires_grad_(False)

@@ -102,3 +102,18 @@ def test_tied_weights_save_and_load(tmp_path):
     ckpt.load_weights(b, tmp_path / "target-1")
     assert torch.equal(a.emb.weight, b.emb.weight) and b.out.weight is b.emb.weight
     assert json.loads((tmp_path / "target-1" / "meta.json").read_text()) == {"target": 1.0}
+
+
+def test_run_dir_names_every_path_of_a_run_and_reads_what_the_trainer_wrote(tiny_teacher, tmp_path):
+    from goldenpath.config import load_config
+    from goldenpath.train import train
+
+    run_dir = train(load_config(None, [*tiny_teacher, "budget.samples=640", "checkpoint.targets=[2.3]",
+                                       "checkpoint.steps=[10]", "checkpoint.best=true"]))
+    run = ckpt.RunDir(run_dir)
+    assert run.exists() and run.config == run_dir / "config.yaml" and run.state() == "completed"
+    assert run.checkpoint(at_loss=2.3) == run_dir / "checkpoints" / "target-2.3" == run.target_dirs()[0]
+    assert run.checkpoint(at_step=10).is_dir() and run.best.is_dir() and run.last.is_dir()
+    assert ckpt.read_meta(run.checkpoint(at_step=10))["step"] == 10
+    assert run.resume_stream(0)["position"] == 640 and run.resume_stream(1) is None
+    assert ckpt.read_metrics(run)[-1]["step"] == 20 and not ckpt.RunDir(tmp_path / "nothing").exists()

@@ -107,3 +107,21 @@ def test_argparse_errors_are_one_line(capsys):
         cli.main(["train"])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_registered_family_is_named_in_the_module_table_and_none_is_imported_by_config():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nimport goldenpath.config as c\n"
+             "assert 'goldenpath.data' not in sys.modules and 'goldenpath.models' not in sys.modules\n"
+             "c.load_config(None, ['model.name=mlp'])\n"
+             "assert 'goldenpath.models' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", probe], check=True)  # config imports a family's module on first use
+    import goldenpath.data  # noqa: F401
+    import goldenpath.models  # noqa: F401
+    from goldenpath.config import DATA_SOURCES, FAMILY_MODULES, MODEL_FAMILIES
+
+    for section, registry in (("data", DATA_SOURCES), ("model", MODEL_FAMILIES)):
+        assert set(FAMILY_MODULES[section]) == set(registry)
+        assert {name: cls.__module__ for name, cls in registry.items()} == FAMILY_MODULES[section]

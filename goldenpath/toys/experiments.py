@@ -202,3 +202,40 @@ def run_lls(**options) -> pd.DataFrame:
     exact = [np.trace(lls.null_space_moments(p.X, beta0, lr=o["lr"], sigma=o["sigma"], batch=b, steps=int(k))[1])
              for k in steps]
     return pd.DataFrame({"step": steps, "spread": records, "exact": exact})
+
+
+# ----------------------------------------------------------------------------- goldenpath toys
+
+
+def toy_options(which: str, overrides) -> dict:
+    """``key=value`` overrides of a toy's defaults (``which``: dln or lls), checked against them."""
+    from goldenpath.config import ConfigError, parse_override
+
+    defaults = DLN_DEFAULTS if which == "dln" else LLS_DEFAULTS
+    options = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        key = ".".join(keys)
+        if key not in defaults:
+            raise ConfigError(f"toys.{key}", "unknown option", f"use some of {sorted(defaults)}")
+        want = defaults[key]
+        if isinstance(want, list) and not isinstance(value, list):
+            raise ConfigError(f"toys.{key}", f"expected a list, got {value!r}", "write [a, b, ...]")
+        if isinstance(want, (int, float)) and not isinstance(want, bool) and not isinstance(value, (int, float)):
+            raise ConfigError(f"toys.{key}", f"expected a number, got {value!r}", "write a number")
+        options[key] = value
+    if options.get("noise", "param") not in ("param", "label"):
+        raise ConfigError("toys.noise", f"got {options['noise']!r}", "use param (Noisy-SGD) or label")
+    return options
+
+
+def run_toy(which: str, options: dict) -> tuple[pd.DataFrame, str]:
+    """Run toy ``which`` (dln or lls); returns its table and one line: the dln verdict, or how far the
+    lls null-space spread lies from the exact law."""
+    if which == "dln":
+        frame = run_dln(**options)
+        return frame, dln_verdict(frame)
+    frame = run_lls(**options)
+    worst = float((frame.spread / frame.exact - 1).abs().max())
+    return frame, f"null-space spread against the exact law: largest relative gap {worst:.3f}"
+

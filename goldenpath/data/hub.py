@@ -1,0 +1,255 @@
+"""Hugging Face datasets through the same Stream interface, streaming.
+
+* ``hf_text`` / ``hf_image``: ``datasets.load_dataset(..., streaming=True)`` (the hub, or local json/parquet
+  files via ``path: json`` + ``data_files``), shuffled with a buffer, sharded by process, resumable through
+  the iterator's ``state_dict``. Text is tokenised (``AutoTokenizer`` or a byte-level fallback) and packed
+  into sequences of ``seq_len + 1`` tokens (or truncated and padded with ``pack: false``).
+
+Images are standardised per channel with the mean and std of the eval set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from goldenpath.config import ConfigError, DataConfig, data_source, require
+from goldenpath.data.sources import _ImagePool
+from goldenpath.data.streams import Batch, SourceInfo
+
+@dataclass(frozen=True)
+class _HFData(DataConfig):
+    path: str = "json"                 # hub dataset name, or a builder (json, parquet, text) with data_files
+    name: str | None = None            # dataset configuration, e.g. "en" for allenai/c4
+    data_files: str | dict[str, str] | None = None  # local files for json/parquet (glob, or {split: files})
+    split: str = "train"
+    eval_split: str | None = None      # held-out split; None: eval and probe come first from `split`
+    shuffle_buffer: int = 10_000       # examples in the streaming shuffle buffer
+
+    def check(self) -> None:
+        super().check()
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"got {self.shuffle_buffer}", "use >= 1")
+
+    def open(self, split: str):
+        """The split as a streaming datasets.IterableDataset."""
+        import datasets
+
+        return datasets.load_dataset(self.path, self.name, data_files=self.data_files, split=split, streaming=True)
+
+
+class _HFIterator:
+    """This process's shard of a streaming dataset, turned into samples; resumable via state_dict."""
+
+    def __init__(self, source, dataset, rank: int, world: int):
+        self._source, self._dataset, self._rank, self._world = source, dataset, rank, world
+        self._it = None
+        self._pending: list[int] = []   # packing: tokens read but not yet emitted
+        self._count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self._dataset)
+        sample = self._source.make_sample(self._it, self._pending)
+        sample["ids"] = torch.tensor(self._count * self._world + self._rank)
+        self._count += 1
+        return sample
+
+    def state_dict(self) -> dict:
+        return {"dataset": self._dataset.state_dict(), "pending": list(self._pending), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._dataset.load_state_dict(state["dataset"])
+        self._pending[:] = state["pending"]
+        self._count = state["count"]
+        self._it = None
+
+
+class _HFSource:
+    """Common parts of streaming text and image sources."""
+
+    def __init__(self, cfg: _HFData):
+        self.cfg = cfg
+
+    def _train_dataset(self):
+        ds = self.cfg.open(self.cfg.split)
+        if self.cfg.eval_split is None:
+            ds = ds.skip(self._heldout_examples)
+        return ds
+
+    def iterate(self, *, seed: int, rank: int, world: int) -> _HFIterator:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = self._train_dataset().shuffle(seed=seed, buffer_size=self.cfg.shuffle_buffer)
+        return _HFIterator(self, split_dataset_by_node(ds, rank=rank, world_size=world), rank, world)
+
+    @cached_property
+    def _heldout_data(self) -> tuple[dict[str, Batch], int]:
+        """Eval then probe samples read in order from the held-out split, and the raw examples consumed."""
+        ds = self.cfg.open(self.cfg.eval_split or self.cfg.split)
+        counting = _Counting(iter(ds))
+        pending: list[int] = []
+        out = {split: self._take(counting, pending, split, n, "the held-out data has", f"lower data.{split}_size")
+               for split, n in (("eval", self.cfg.eval_size), ("probe", self.cfg.probe_size))}
+        return out, counting.n
+
+    def _take(self, examples, pending: list[int], split: str, n: int, where: str, fix: str) -> Batch:
+        """The next ``n`` samples of ``examples`` (ids 0..n-1) for the held-out ``split``, or a one-line error."""
+        samples = []
+        for i in range(n):
+            try:
+                samples.append(self.make_sample(examples, pending))
+            except StopIteration:
+                raise ConfigError(f"data.{split}_size", f"{where} only {i} samples for {n}", fix) from None
+            samples[-1]["ids"] = torch.tensor(i)
+        return self.collate(samples)
+
+    @property
+    def _heldout_examples(self) -> int:
+        return self._heldout_data[1]
+
+    def heldout(self, split: str) -> Batch:
+        return self._heldout_data[0][split]
+
+    def loss_floor(self) -> None:
+        return None
+
+
+class _Counting:
+    def __init__(self, it):
+        self.it, self.n = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255 plus an end-of-text token 256: needs no download."""
+
+    vocab_size = 257
+    eos_token_id = 256
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+@data_source("hf_text")
+@dataclass(frozen=True)
+class HFTextData(_HFData):
+    """Text from a (streaming) Hugging Face dataset, tokenised and packed into fixed-length sequences."""
+
+    source: str = "hf_text"
+    eval_size: int = 256               # sequences
+    probe_size: int = 128              # sequences
+    text_field: str = "text"
+    tokenizer: str = "bytes"           # "bytes", or a name/path for transformers.AutoTokenizer
+    seq_len: int = 128                 # predicted tokens per sequence
+    pack: bool = True                  # True: concatenate documents (eos between); False: one padded document each
+
+    def check(self) -> None:
+        super().check()
+        require(self.seq_len >= 1, "data.seq_len", f"got {self.seq_len}", "use >= 1 token")
+
+    def build(self) -> HFTextSource:
+        return HFTextSource(self)
+
+
+class HFTextSource(_HFSource):
+    def __init__(self, cfg: HFTextData):
+        super().__init__(cfg)
+        if cfg.tokenizer == "bytes":
+            self.tokenizer = ByteTokenizer()
+            vocab, self.eos = ByteTokenizer.vocab_size, ByteTokenizer.eos_token_id
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+            vocab = len(self.tokenizer)
+            self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else vocab - 1
+        self.info = SourceInfo("lm", (cfg.seq_len,), vocab)
+
+    def _tokens(self, example: dict) -> list[int]:
+        require(self.cfg.text_field in example, "data.text_field",
+                f"no column {self.cfg.text_field!r} in {sorted(example)}", "name an existing column")
+        return self.tokenizer.encode(example[self.cfg.text_field], add_special_tokens=False)
+
+    def make_sample(self, examples, pending: list[int]) -> Batch:
+        """Next sample: seq_len + 1 tokens (packed), or one document truncated/padded (labels -100)."""
+        length = self.cfg.seq_len + 1
+        if self.cfg.pack:
+            while len(pending) < length:
+                pending.extend(self._tokens(next(examples)) + [self.eos])
+            seq = pending[:length]
+            del pending[:length]
+            valid = length
+        else:
+            seq = []
+            while len(seq) < 2:
+                seq = (self._tokens(next(examples)) + [self.eos])[:length]
+            valid = len(seq)
+            seq = seq + [self.eos] * (length - valid)
+        tokens = torch.tensor(seq, dtype=torch.int64)
+        labels = tokens[1:].clone()
+        labels[valid - 1 :] = -100
+        return {"input_ids": tokens[:-1], "labels": labels}
+
+    def collate(self, examples: list[Batch]) -> Batch:
+        return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+@data_source("hf_image")
+@dataclass(frozen=True)
+class HFImageData(_HFData):
+    """Labelled images from a (streaming) Hugging Face dataset, e.g. path: uoft-cs/cifar10."""
+
+    source: str = "hf_image"
+    image_field: str = "img"
+    label_field: str = "label"
+    classes: int | None = None         # None: read from the dataset's ClassLabel feature
+
+    def build(self) -> HFImageSource:
+        return HFImageSource(self)
+
+
+class HFImageSource(_HFSource, _ImagePool):
+    def __init__(self, cfg: HFImageData):
+        super().__init__(cfg)
+        heldout = self._heldout_data[0]  # collated before the statistics exist: still raw uint8 [N, H, W, C]
+        classes = cfg.classes
+        if classes is None:
+            features = self.cfg.open(cfg.split).features or {}
+            classes = getattr(features.get(cfg.label_field), "num_classes", None)
+            require(classes is not None, "data.classes", "the dataset does not say how many classes it has",
+                    "set data.classes")
+        h, w, c = heldout["eval"]["raw"].shape[1:]
+        self.info = SourceInfo("classification", (c, h, w), classes)
+        self._set_stats(heldout["eval"]["raw"].numpy())
+        for batch in heldout.values():
+            batch["x"] = self._standardise(batch.pop("raw").numpy())
+
+    def make_sample(self, examples, pending) -> Batch:
+        example = next(examples)
+        for key in ("image_field", "label_field"):
+            column = getattr(self.cfg, key)
+            require(column in example, f"data.{key}", f"no column {column!r} in {sorted(example)}",
+                    "name an existing column")
+        image = np.asarray(example[self.cfg.image_field])
+        image = image[..., None] if image.ndim == 2 else image
+        return {"raw": torch.from_numpy(np.array(image, dtype=np.uint8)),
+                "y": torch.tensor(example[self.cfg.label_field], dtype=torch.int64)}
+
+    def collate(self, examples: list[Batch]) -> Batch:
+        batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+        if hasattr(self, "_mean"):
+            batch["x"] = self._standardise(batch.pop("raw").numpy())
+        return batch
