@@ -71,6 +71,30 @@ def test_fit_alpha_recovers_the_alpha_of_a_flow_limit():
         assert fitted == pytest.approx(alpha, rel=1e-3) and residual < 1e-6
 
 
+
+def test_flow_limit_from_a_warm_dual_start_and_a_shared_alpha_grid_give_the_same_answers():
+    """The dual is strictly convex: a start from another alpha's dual solution ends at the same flow limit
+    (checked by its optimality conditions: X beta = y and beta = 2 alpha^2 sinh(X^T lam)); fits that share
+    one AlphaGrid equal fits that build their own; and Newton reaches its tolerance where the dual's change
+    is below its rounding (Armijo alone then backtracks to nothing and stalls)."""
+    p = make_problem(15, 30, seed=0)
+    for alpha, other in ((0.002, 0.003), (0.3, 0.2), (4.0, 6.0)):
+        warm_lam = dln.dual_solution(p.X, p.y, alpha, lam=dln.dual_solution(p.X, p.y, other))
+        warm = dln.flow_limit(p.X, p.y, alpha, lam=dln.dual_solution(p.X, p.y, other))
+        np.testing.assert_allclose(p.X @ warm, p.y, atol=1e-9)
+        np.testing.assert_allclose(warm, 2 * alpha**2 * np.sinh(p.X.T @ warm_lam), rtol=1e-12)
+        np.testing.assert_allclose(warm, dln.flow_limit(p.X, p.y, alpha), rtol=1e-7, atol=1e-10)
+    grid = dln.AlphaGrid(p.X, p.y)
+    rng = np.random.default_rng(1)
+    for alpha in (0.05, 0.7):
+        beta = dln.flow_limit(p.X, p.y, alpha) + 0.05 * rng.standard_normal(30)
+        shared, alone = dln.fit_alpha(p.X, p.y, beta, grid=grid), dln.fit_alpha(p.X, p.y, beta)
+        assert shared == pytest.approx(alone, rel=1e-6)
+    wide = make_problem(10, 30, seed=0)  # at alpha = 10 the old line search stalled at |X beta - y| ~ 2e-9
+    for alpha in (2.0, 10.0):
+        limit = dln.flow_limit(wide.X, wide.y, alpha)
+        assert np.abs(wide.X @ limit - wide.y).max() <= 1e-12 * max(1.0, np.abs(wide.y).max())
+
 def run_then_converge(p, alpha, *, sigma=0.0, label_noise=0.0, seeds=6):
     """Noise for 20k steps of lr 0.01 (n=10: full batch), then 40k steps of plain GD; alpha_eff and fit residual."""
     d = p.X.shape[1]

@@ -38,34 +38,73 @@ def _dual_newton(X: np.ndarray, y: np.ndarray, alpha: float, lam: np.ndarray, *,
         hess = (X * (c * np.cosh(s))) @ X.T
         step = np.linalg.solve(hess + 1e-13 * np.trace(hess) / len(y) * np.eye(len(y)), grad)
         t, d0 = 1.0, dual(lam)
-        while dual(lam - t * step) > d0 - 0.25 * t * (grad @ step) and t > 1e-12:  # Armijo backtracking
+        # Armijo backtracking; near the optimum the full Newton step's change of the dual is below its
+        # rounding (about 1e-13 of its size), where Armijo cannot tell a decrease: take that step
+        floor = 1e-13 * max(1.0, abs(d0))
+        while (trial := dual(lam - t * step)) > d0 - 0.25 * t * (grad @ step) and t > 1e-12:
+            if t == 1.0 and abs(trial - d0) <= floor:
+                break
             t /= 2
         lam = lam - t * step
     return lam
 
 
-def flow_limit(X: np.ndarray, y: np.ndarray, alpha: float, *, tol: float = 1e-12, max_iter: int = 200) -> np.ndarray:
+def flow_limit(X: np.ndarray, y: np.ndarray, alpha: float, *, tol: float = 1e-12, max_iter: int = 200,
+               lam: np.ndarray | None = None) -> np.ndarray:
     """argmin Q_alpha(beta) s.t. X beta = y, by Newton on the dual; below alpha = 0.1 by continuation in
-    alpha (each solve starts from the last, ten times larger alpha's), which keeps tiny alphas robust."""
+    alpha (each solve starts from the last, ten times larger alpha's), which keeps tiny alphas robust.
+    ``lam``: a dual start (e.g. a nearby alpha's solution, from ``dual_solution``), used instead of the
+    continuation; the dual is strictly convex, so the start changes the work, not the answer."""
+    return 2 * alpha**2 * np.sinh(X.T @ dual_solution(X, y, alpha, tol=tol, max_iter=max_iter, lam=lam))
+
+
+def dual_solution(X: np.ndarray, y: np.ndarray, alpha: float, *, tol: float = 1e-12, max_iter: int = 200,
+                  lam: np.ndarray | None = None) -> np.ndarray:
+    """The dual minimiser lam of ``flow_limit`` (beta = 2 alpha^2 sinh(X^T lam))."""
+    if lam is not None:
+        return _dual_newton(X, y, alpha, lam, tol=tol, max_iter=max_iter)
     a = max(alpha, 0.1)
     lam = _dual_newton(X, y, a, np.zeros(X.shape[0]), tol=tol, max_iter=max_iter)
     while a > alpha:
         a = max(alpha, a / 10)
         lam = _dual_newton(X, y, a, lam, tol=tol, max_iter=max_iter)
-    return 2 * alpha**2 * np.sinh(X.T @ lam)
+    return lam
 
 
-def fit_alpha(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, bounds=(1e-3, 10.0)) -> tuple[float, float]:
-    """(alpha, residual): the alpha whose flow limit is nearest ``beta`` (relative l2), and that distance."""
+class AlphaGrid:
+    """The flow limits of one problem on the coarse log-alpha grid of ``fit_alpha`` (25 points over
+    ``bounds``), with their dual solutions: they do not depend on the beta being fitted, so many fits on
+    one problem share them, and each refinement step starts Newton from the nearest grid point's dual."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, bounds=(1e-3, 10.0), points: int = 25):
+        self.X, self.y, self.bounds = X, y, tuple(bounds)
+        self.log_alpha = np.linspace(math.log(bounds[0]), math.log(bounds[1]), points)
+        self.lams = [dual_solution(X, y, math.exp(g)) for g in self.log_alpha]
+        self.limits = np.array([2 * math.exp(g) ** 2 * np.sinh(X.T @ lam)
+                                for g, lam in zip(self.log_alpha, self.lams)])
+
+    def limit(self, log_alpha: float) -> np.ndarray:
+        lam = self.lams[int(np.argmin(np.abs(self.log_alpha - log_alpha)))]
+        return flow_limit(self.X, self.y, math.exp(log_alpha), lam=lam)
+
+
+def fit_alpha(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, bounds=(1e-3, 10.0),
+              grid: AlphaGrid | None = None) -> tuple[float, float]:
+    """(alpha, residual): the alpha whose flow limit is nearest ``beta`` (relative l2), and that distance.
+    The best of 25 log-spaced alphas over ``bounds``, refined by a bounded scalar search between its
+    neighbours. ``grid``: the problem's ``AlphaGrid`` (built here if not given; pass it for many fits)."""
     beta = np.asarray(beta, dtype=np.float64)
+    if grid is None or grid.X is not X or grid.y is not y or grid.bounds != tuple(bounds):
+        grid = AlphaGrid(X, y, bounds)
+    scale = max(np.linalg.norm(beta), 1e-300)
 
     def gap(log_alpha):
-        return np.linalg.norm(flow_limit(X, y, math.exp(log_alpha)) - beta) / max(np.linalg.norm(beta), 1e-300)
+        return np.linalg.norm(grid.limit(log_alpha) - beta) / scale
 
-    grid = np.linspace(math.log(bounds[0]), math.log(bounds[1]), 25)
-    best = grid[int(np.argmin([gap(g) for g in grid]))]
-    step = grid[1] - grid[0]
-    lo, hi = max(best - step, grid[0]), min(best + step, grid[-1])
+    g = grid.log_alpha
+    best = g[int(np.argmin(np.linalg.norm(grid.limits - beta, axis=1) / scale))]
+    step = g[1] - g[0]
+    lo, hi = max(best - step, g[0]), min(best + step, g[-1])
     res = optimize.minimize_scalar(gap, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     return math.exp(res.x), float(res.fun)  # at a bound: the solution sits at (or beyond) that end
 

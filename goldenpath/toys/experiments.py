@@ -41,6 +41,7 @@ def run_dln(**options) -> pd.DataFrame:
     unit = None  # the Ito prediction at sigma = 1 (it scales with sigma^2)
     if o["noise"] == "param" and o["batches"] == [None]:
         unit = dln.predicted_log_uv_drift(p, o["alpha"], lr=o["lr"], sigma=1.0, steps=o["noise_steps"]).mean()
+    grid = dln.AlphaGrid(p.X, p.y, FIT_BOUNDS)  # the flow limits every fit on this problem compares with
     rows = []
     for batch in o["batches"]:
         for sigma in o["sigmas"]:
@@ -58,7 +59,7 @@ def run_dln(**options) -> pd.DataFrame:
             theta, _ = dln.optimise(dln.gradient(p), theta, n=o["n"], steps=o["converge_steps"], lr=o["lr"],
                                     seeds=o["seeds"])
             for s, beta in enumerate(dln.beta_of(theta)):
-                alpha_eff, residual = dln.fit_alpha(p.X, p.y, beta, bounds=FIT_BOUNDS)
+                alpha_eff, residual = dln.fit_alpha(p.X, p.y, beta, bounds=FIT_BOUNDS, grid=grid)
                 rows.append({"noise": o["noise"], "sigma": sigma, "batch": batch or o["n"], "seed": s,
                              "alpha_eff": alpha_eff, "fit_residual": residual,
                              "at_bound": not FIT_BOUNDS[0] * 1.01 < alpha_eff < FIT_BOUNDS[1] / 1.01,
