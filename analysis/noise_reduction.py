@@ -216,21 +216,20 @@ def with_effective_time(curves: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
 
     parts = []
     for run, g in curves.groupby("run", sort=False):
-        c = load_config(Path(sweep_dir) / run / "config.yaml")
+        c = load_config(ckpt.RunDir(Path(sweep_dir) / run).config)
         constant(c, run)
         fork_step, parent_lr = None, None
         if c.fork.parent is not None:
-            parent = Path(c.fork.parent)
-            if not (parent / "config.yaml").exists():  # the sweep was moved: the parent sits beside the fork
-                parent = Path(sweep_dir) / parent.name
-            pc = load_config(parent / "config.yaml")
+            parent = ckpt.RunDir(c.fork.parent)
+            if not parent.exists():  # the sweep was moved: the parent sits beside the fork
+                parent = ckpt.RunDir(Path(sweep_dir) / parent.name)
+            pc = load_config(parent.config)
             constant(pc, parent.name)
-            name = ckpt.target_name(c.fork.at_loss) if c.fork.at_loss is not None else f"step-{c.fork.at_step}"
-            meta = parent / "checkpoints" / name / "meta.json"
-            if not meta.exists():
-                raise SystemExit(f"fork.parent: {meta} is missing; re-run the sweep so the fork's parent keeps "
-                                 "its fork checkpoint")
-            fork_step, parent_lr = int(ckpt.read_json(meta)["step"]), pc.optim.lr
+            point = parent.checkpoint(at_loss=c.fork.at_loss, at_step=c.fork.at_step)
+            if not (point / ckpt.META).exists():
+                raise SystemExit(f"fork.parent: {point / ckpt.META} is missing; re-run the sweep so the fork's "
+                                 "parent keeps its fork checkpoint")
+            fork_step, parent_lr = int(ckpt.read_meta(point)["step"]), pc.optim.lr
         parts.append(g.assign(effective_time=cumulative_lr(g.step, lr=c.optim.lr, fork_step=fork_step,
                                                            parent_lr=parent_lr),
                               fork_step=fork_step if fork_step is not None else np.nan))

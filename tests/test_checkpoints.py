@@ -109,7 +109,8 @@ def test_run_dir_names_every_path_of_a_run_and_reads_what_the_trainer_wrote(tiny
     from goldenpath.train import train
 
     run_dir = train(load_config(None, [*tiny_teacher, "budget.samples=640", "checkpoint.targets=[2.3]",
-                                       "checkpoint.steps=[10]", "checkpoint.best=true"]))
+                                       "checkpoint.steps=[10]", "checkpoint.best=true",
+                                       "budget.stop_at_last_target=false"]))
     run = ckpt.RunDir(run_dir)
     assert run.exists() and run.config == run_dir / "config.yaml" and run.state() == "completed"
     assert run.checkpoint(at_loss=2.3) == run_dir / "checkpoints" / "target-2.3" == run.target_dirs()[0]
