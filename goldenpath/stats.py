@@ -21,6 +21,7 @@ order, so that the distance of a pair under unit weights w is (sums @ w) / (coun
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -55,21 +56,32 @@ def pair_matrix(values: np.ndarray, n: int) -> np.ndarray:
 def draws(sums: np.ndarray, counts: np.ndarray, groups: list[list[int]], *, n_boot: int = 1000,
           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical bootstrap draws: ([n_boot, n, n] distance matrices under resampled probe units,
-    [n_boot, n] seed weights: how often each run is drawn within its setting). Draw 0 is the data itself."""
+    [n_boot, n] seed weights: how often each run is drawn within its setting). Draw 0 is the data itself.
+
+    The draws depend only on (seed, n_boot, the number of units, groups), so every metric and target of
+    one sweep shares them: they are drawn once and reused (read-only)."""
     n = pair_count_to_n(len(sums))
-    rng = np.random.default_rng(seed)
-    units = len(counts)
-    w = rng.multinomial(units, np.full(units, 1 / units), size=n_boot).astype(np.float64)
-    w[0] = 1.0
+    w, a = _resamples(seed, n_boot, len(counts), n, tuple(tuple(g) for g in groups))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_pair = (sums @ w.T) / (counts @ w.T)  # [pairs, n_boot]
     matrices = pair_matrix(per_pair.T, n)
+    return matrices, a.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _resamples(seed: int, n_boot: int, units: int, n: int, groups: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(unit weights [n_boot, units], seed weights [n_boot, n]) of :func:`draws`, in its order of draws."""
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(units, np.full(units, 1 / units), size=n_boot).astype(np.float64)
+    w[0] = 1.0
     a = np.zeros((n_boot, n))
     for members in groups:
         k = len(members)
-        a[:, members] = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
-        a[0, members] = 1.0
-    return matrices, a
+        a[:, list(members)] = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
+        a[0, list(members)] = 1.0
+    w.setflags(write=False)
+    a.setflags(write=False)
+    return w, a
 
 
 def pair_count_to_n(pairs: int) -> int:
@@ -90,7 +102,7 @@ def ratios(matrices: np.ndarray, weights: np.ndarray, groups: list[list[int]]) -
     for k, members in enumerate(groups):
         member[members, k] = 1.0
     e = weights[:, :, None] * member[None]                 # [draws, n, S]
-    g = np.einsum("bis,bij,bjr->bsr", e, matrices, e)       # weighted sums of distances between settings
+    g = _between(weights, matrices, groups, e)             # weighted sums of distances between settings
     size = e.sum(1)                                         # [draws, S]
     within = np.diagonal(g, axis1=1, axis2=2) / 2           # W_k
     pairs = (size**2 - (e**2).sum(1)) / 2                   # P_k
@@ -98,6 +110,31 @@ def ratios(matrices: np.ndarray, weights: np.ndarray, groups: list[list[int]]) -
         d = g / (size[:, :, None] * size[:, None, :])
         f = (within[:, :, None] + within[:, None, :]) / (pairs[:, :, None] + pairs[:, None, :])
     return d, f
+
+
+def _between(weights: np.ndarray, matrices: np.ndarray, groups: list[list[int]], e: np.ndarray) -> np.ndarray:
+    """g[b, s, r] = sum_{i in s, j in r} a_bi d_bij a_bj, i.e. ``einsum("bis,bij,bjr->bsr", e, d, e)``, to the bit.
+
+    That einsum adds its terms (e_is d_ij) e_jr one by one into a zero, i outer and j inner over every run;
+    the terms of runs outside s or r are exact zeros, which leave a finite sum unchanged. Here only the
+    members' terms are added, in the same order, for all pairs of settings at once (the einsum visits
+    n^2 terms for each of the S^2 pairs). Non-finite distances (0 x inf is nan) go through the einsum."""
+    if not np.isfinite(matrices).all():
+        return np.einsum("bis,bij,bjr->bsr", e, matrices, e)
+    n, s = matrices.shape[-1], len(groups)
+    members = [sorted(set(int(i) for i in g)) for g in groups]
+    width = max((len(m) for m in members), default=0)
+    idx = np.full((s, width), n)  # padded with run n: a zero row and column
+    for k, m in enumerate(members):
+        idx[k, : len(m)] = m
+    terms = np.zeros((len(matrices), n + 1, n + 1))
+    terms[:, :n, :n] = (weights[:, :, None] * matrices) * weights[:, None, :]
+    g = np.zeros((len(matrices), s, s))
+    for p in range(width):
+        rows = terms[:, idx[:, p]]                            # [draws, S, n + 1]
+        for q in range(width):
+            g += rows[:, :, idx[:, q]]
+    return g
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

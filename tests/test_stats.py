@@ -103,3 +103,44 @@ def test_holm_and_slope_against_hand_values():
     x = np.log([0.1, 0.2, 0.4, 0.8])
     assert stats.slope(x, 0.5 * x + 3) == pytest.approx(0.5)
     assert math.isnan(stats.slope(np.ones(3), np.arange(3.0)))
+
+
+@pytest.mark.parametrize("n,n_settings", [(8, 8), (8, 2), (16, 16), (16, 3), (5, 1)])
+def test_between_settings_is_the_einsum_to_the_bit(n, n_settings):
+    """The weighted between-setting sums equal np.einsum's bit for bit (the committed tables came from it),
+    unsorted members and non-finite distances included."""
+    rng = np.random.default_rng(n * 10 + n_settings)
+    groups = [sorted(map(int, g)) for g in np.array_split(rng.permutation(n), n_settings)]
+    groups[0] = groups[0][::-1]
+    d = rng.gamma(2.0, 1.0, (300, n, n))
+    d = d + d.transpose(0, 2, 1)
+    a = np.zeros((300, n))
+    for g in groups:
+        a[:, g] = rng.multinomial(len(g), np.full(len(g), 1 / len(g)), size=300)
+    member = np.zeros((n, n_settings))
+    for k, g in enumerate(groups):
+        member[g, k] = 1.0
+    e = a[:, :, None] * member[None]
+    for matrices in (d, np.where(rng.random(d.shape) < 0.001, np.nan, d)):
+        want = np.einsum("bis,bij,bjr->bsr", e, matrices, e)
+        got = stats._between(a, matrices, groups, e)
+        assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_draws_are_one_generator_sequence_shared_across_calls():
+    """Unit weights first, then each setting's seed weights, from one default_rng(seed); a second call (the
+    next metric) gets the same draws, and changing the returned weights does not change later calls."""
+    rng = np.random.default_rng(5)
+    sums, counts, groups = rng.random((15, 40)), rng.integers(1, 9, 40).astype(float), [[0, 2, 4], [1, 3, 5]]
+    ref = np.random.default_rng(3)
+    w = ref.multinomial(40, np.full(40, 1 / 40), size=50).astype(float)
+    w[0] = 1.0
+    a = np.zeros((50, 6))
+    for g in groups:
+        a[:, g] = ref.multinomial(3, np.full(3, 1 / 3), size=50)
+        a[0, g] = 1.0
+    for _ in range(2):
+        matrices, weights = stats.draws(sums, counts, groups, n_boot=50, seed=3)
+        assert np.array_equal(weights, a)
+        assert np.array_equal(matrices, stats.pair_matrix(((sums @ w.T) / (counts @ w.T)).T, 6))
+        weights[:] = -1.0

@@ -138,3 +138,57 @@ def test_offline_subsets_are_disjoint_blocks_of_the_pool(size):
         assert len(set(ids.tolist())) == 100 and len(ids) == 200  # its own 100 samples, twice
         seen.append(set(ids.tolist()))
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+class Recording:
+    """A teacher source that records which thread generated each micro-batch."""
+
+    def __init__(self, inner):
+        self.inner, self.info, self.size, self.threads = inner, inner.info, inner.size, []
+
+    def train_batch(self, index):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return self.inner.train_batch(index)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                       # online
+    dict(batch_size=32, micro_batch_size=8, world=2, rank=1),     # a shard, two micro-batches per step
+    dict(epochs=2, train_size=96, batch_size=32, micro_batch_size=16),  # offline: epochs, then exhausted
+])
+def test_prefetched_steps_are_the_direct_per_batch_calls(kw):
+    """The background path yields exactly the tensors of the per-batch path, step after step, across a
+    rewind and a jump of the position (resume, replay), and stops at the same place."""
+    from goldenpath.config import load_config
+
+    source = load_config(None, ["data.image_size=8", "budget.steps=1"]).data.build()
+    args = dict(seed=3, data_seed=1, epochs=1, train_size=None, batch_size=16, micro_batch_size=16)
+    args.update(kw)
+    recorded = Recording(source)
+    fast, plain = Stream(recorded, prefetch=True, **args), Stream(source, prefetch=False, **args)
+    assert Stream(source, **args).prefetch and not Stream(IdSource(), **{**args, "train_size": None}).prefetch
+
+    def steps(stream, n):
+        out = []
+        for _ in range(n):
+            try:
+                out.append(stream.next_step())
+            except StreamExhausted:
+                out.append(None)
+        return out
+
+    got, want = [], []
+    for jump in (None, 1, 9):  # as is, rewound to step 1, moved ahead to step 9
+        if jump is not None:
+            for s in (fast, plain):
+                s.load_state_dict({"position": jump * args["batch_size"]})
+        got += steps(fast, 5)
+        want += steps(plain, 5)
+    assert len(got) == len(want) == 15
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        for a, b in zip(g or [], w or [], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(t.startswith("goldenpath-prefetch") for t in recorded.threads)  # the background path ran

@@ -165,3 +165,16 @@ def test_splits_are_distinct_and_samples_are_pure_functions_of_their_index():
     assert torch.equal(a["x"][1], b["x"][0]) and torch.equal(a["y"][1], b["y"][0])
     ev, probe = src.heldout("eval")["x"], src.heldout("probe")["x"]
     assert not torch.equal(ev[0], probe[0]) and not torch.equal(ev[0], src.train_batch(torch.tensor([0]))["x"][0])
+
+
+def test_teacher_logits_are_its_plain_forward_and_labels_train():
+    """The teacher's logits (pooling of a 4 x 4 map skipped, inference mode) equal the plain module's forward
+    to the bit, and a batch's tensors are ordinary ones a loss can be trained on."""
+    src = source("data.image_size=16")
+    batch = src.train_batch(torch.arange(50))
+    with torch.no_grad():
+        want = src.teacher(batch["x"]).double() / src.cfg.temperature
+    assert torch.equal(src.logits(batch["x"]), want)
+    w = torch.zeros(3 * 16 * 16, 10, requires_grad=True)
+    torch.nn.functional.cross_entropy(batch["x"].flatten(1) @ w, batch["y"]).backward()
+    assert w.grad is not None and not batch["y"].is_inference()

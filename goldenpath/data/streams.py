@@ -19,7 +19,9 @@ of ``m``. A logical batch is therefore the same set of samples whatever the numb
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -101,10 +103,16 @@ class Stream:
         subset: which disjoint block of ``train_size`` samples of the pool is the offline subset.
         epochs, train_size: the regime (see module docstring).
         batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
+        prefetch: generate the next step's micro-batches in a background thread while the caller trains on
+            these (default: the source's ``prefetch`` attribute; the teacher stream sets it). The batches are
+            the very same calls, ``source.train_batch`` on the same index chunks, made one step early; a
+            prefetched step is used only at the position it was made for, so resuming or rewinding the
+            position (``load_state_dict``) gives the same samples as without it.
     """
 
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
-                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0):
+                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0,
+                 prefetch: bool | None = None):
         if batch_size % (micro_batch_size * world):
             raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
                              f"x {world} processes")
@@ -115,6 +123,9 @@ class Stream:
         self.accumulation = batch_size // (micro_batch_size * world)
         self.rank, self.world = rank, world
         self.position = 0
+        self.prefetch = bool(getattr(source, "prefetch", False)) if prefetch is None else prefetch
+        self._pending: tuple[int, torch.Tensor, Future] | None = None  # (position, index, its micro-batches)
+        self._worker: tuple[int, ThreadPoolExecutor] | None = None     # (process id, one background thread)
         self._subset: torch.Tensor | None = None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
         if train_size is not None:
@@ -152,11 +163,31 @@ class Stream:
         """This process's micro-batches for the next optimizer step; advances the position."""
         if self.limit is not None and self.position + self.batch_size > self.limit:
             raise StreamExhausted
-        m, a = self.micro_batch_size, self.accumulation
-        start = self.position + self.rank * a * m
-        index = self.indices(start, start + a * m)
+        index = self._step_index(self.position)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == self.position and torch.equal(pending[1], index):
+            batches = pending[2].result()
+        else:
+            batches = self._generate(index)
         self.position += self.batch_size
-        return [self.source.train_batch(chunk) for chunk in index.split(m)]
+        if self.prefetch and (self.limit is None or self.position + self.batch_size <= self.limit):
+            ahead = self._step_index(self.position)
+            self._pending = (self.position, ahead, self._executor().submit(self._generate, ahead))
+        return batches
+
+    def _step_index(self, position: int) -> torch.Tensor:
+        """This process's pool indices for the step at global ``position``."""
+        start = position + self.rank * self.accumulation * self.micro_batch_size
+        return self.indices(start, start + self.accumulation * self.micro_batch_size)
+
+    def _generate(self, index: torch.Tensor) -> list[Batch]:
+        return [self.source.train_batch(chunk) for chunk in index.split(self.micro_batch_size)]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The background thread, started again in a forked child (threads do not survive a fork)."""
+        if self._worker is None or self._worker[0] != os.getpid():
+            self._worker = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="goldenpath-prefetch"))
+        return self._worker[1]
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -164,6 +195,8 @@ class Stream:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pending": None, "_worker": None}  # a copy prefetches for itself
 
 
 class SequentialStream:

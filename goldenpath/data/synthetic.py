@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def stream_key(*parts: int) -> int:
     """A 64-bit key for one random stream (e.g. data seed, split, purpose)."""
-    return _signed(int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]))
+    return _stream_key(tuple(int(p) for p in parts))
+
+
+@lru_cache(maxsize=256)
+def _stream_key(parts: tuple[int, ...]) -> int:
+    return _signed(int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]))
 
 
 def counter_uniform(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:
@@ -128,6 +133,7 @@ class TeacherStream:
     """The teacher vision source (random access by sample index; see module docstring)."""
 
     size = None
+    prefetch = True  # a stream generates the next step's batches in the background (data.streams.Stream)
 
     def __init__(self, cfg: TeacherData):
         self.cfg = cfg
@@ -209,8 +215,13 @@ class TeacherStream:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's tempered logits T(x) / temperature (the log of the true label distribution + const)."""
-        with torch.no_grad():
-            return self.teacher(x).double() / self.cfg.temperature
+        with torch.inference_mode():
+            z = x
+            for layer in self.teacher:
+                # adaptive pooling to 4 x 4 of a 4 x 4 map averages single pixels: the identity, exactly
+                if not (isinstance(layer, nn.AdaptiveAvgPool2d) and z.shape[-2:] == (4, 4)):
+                    z = layer(z)
+        return z.double() / self.cfg.temperature  # outside inference mode: ordinary tensors for the trainer
 
     def _batch(self, split: str, index: torch.Tensor) -> Batch:
         x = self._images(SPLITS[split], index)
@@ -295,10 +306,14 @@ class MarkovStream:
 
     def sequences(self, split: str, index: torch.Tensor) -> torch.Tensor:
         """[N, seq_len + 1] int64 token sequences."""
-        cfg, n = self.cfg, len(index)
+        cfg = self.cfg
+        length = cfg.seq_len + 1
+        return self._tokens(counter_uniform(stream_key(cfg.seed, SPLITS[split], 2), index, length))
+
+    def _tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """[N, seq_len + 1] sequences from their uniforms (row i from row i of ``u`` alone)."""
+        cfg, n = self.cfg, len(u)
         length, k, v = cfg.seq_len + 1, cfg.order, cfg.vocab_size
-        key = stream_key(cfg.seed, SPLITS[split], 2)
-        u = counter_uniform(key, index, length)
         tokens = torch.empty(n, length, dtype=torch.int64)
         tokens[:, :k] = (u[:, :k] * v).long().clamp_max(v - 1)
         code = (tokens[:, :k] * v ** torch.arange(k)).sum(-1)
@@ -336,8 +351,16 @@ class MarkovStream:
 
     @cached_property
     def _heldout(self) -> dict[str, Batch]:
+        """The eval and probe sets. With the table cached, a token is a gather and a search in its own row, so
+        both sets are generated in one pass over the positions (the cost is per position)."""
         sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
-        return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
+        if self._cdf is None:
+            return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
+        u = [counter_uniform(stream_key(self.cfg.seed, SPLITS[s], 2), torch.arange(n), self.cfg.seq_len + 1)
+             for s, n in sizes.items()]
+        seqs = self._tokens(torch.cat(u)).split(list(sizes.values()))
+        return {s: {"ids": torch.arange(n), "input_ids": seq[:, :-1], "labels": seq[:, 1:]}
+                for (s, n), seq in zip(sizes.items(), seqs)}
 
     def token_entropies(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, L] sequences -> [N, L - 1] Bayes entropy of each predicted token given everything before it."""
