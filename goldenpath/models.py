@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from goldenpath.config import ModelConfig, model_family, require
-from goldenpath.data.streams import Batch, SourceInfo, seeded_generator
+from goldenpath.data.streams import Batch, SourceInfo
+from goldenpath.seeding import seeded_generator
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

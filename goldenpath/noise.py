@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from goldenpath.data.synthetic import stream_key
+from goldenpath.seeding import stream_key
 from goldenpath.per_sample import ClipResult, clip_factors, clipped_grad_sum, per_sample_clip
 
 __all__ = ["ClipResult", "DPSGD", "NoisySGD", "SGD", "add_noise", "clip_factors", "clipped_grad_sum", "mechanism",

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import Config, ConfigError, OptimConfig, accumulation_steps, to_dict
 from goldenpath.data import build_stream
-from goldenpath.data.synthetic import stream_key
+from goldenpath.seeding import stream_key
 from goldenpath.fork import fork_start
 from goldenpath.models import build_model
 from goldenpath.noise import mechanism

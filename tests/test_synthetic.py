@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 
 from goldenpath.config import load_config
-from goldenpath.data.synthetic import MarkovStream, counter_normal, counter_uniform, stream_key
+from goldenpath.data.synthetic import MarkovStream
+from goldenpath.seeding import counter_normal, counter_uniform, stream_key
 
 
 def source(*overrides):

@@ -28,7 +28,7 @@ import torch
 
 from goldenpath.config import ConfigError, DataConfig, apply_overrides, config_from_dict, require, to_dict
 from goldenpath.data.streams import Batch
-from goldenpath.data.synthetic import counter_normal, counter_uniform, stream_key
+from goldenpath.seeding import counter_normal, counter_uniform, stream_key
 
 FIELD = "--probe-shift"
 SPELLINGS = "noise:SIGMA or contrast:C (images), shuffle:F (text), source:KEY=VALUE (any)"

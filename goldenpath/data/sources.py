@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from goldenpath.config import ConfigError, DataConfig, data_source, require
-from goldenpath.data.streams import Batch, SourceInfo, seeded_generator
+from goldenpath.data.streams import Batch, SourceInfo
+from goldenpath.seeding import seeded_generator
 
 # ----------------------------------------------------------------------------- shared image handling
 

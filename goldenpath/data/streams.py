@@ -25,8 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
+
+from goldenpath.config import accumulation_steps
+from goldenpath.seeding import seeded_generator
 
 Batch = dict[str, torch.Tensor]
 """A micro-batch: always ``ids`` (int64 sample ids); ``x``/``y`` for images, ``input_ids``/``labels`` for text
@@ -83,12 +85,6 @@ class ExampleIterator(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded from several integers (well mixed by numpy's SeedSequence)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 class StreamExhausted(Exception):
     """The stream has no full logical batch left (finite pool or last offline epoch done)."""
 
@@ -113,14 +109,12 @@ class Stream:
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
                  batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0,
                  prefetch: bool | None = None):
-        if batch_size % (micro_batch_size * world):
-            raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
-                             f"x {world} processes")
+        accumulation = accumulation_steps(batch_size, micro_batch_size, world)
         if train_size is not None and source.size is not None and (subset + 1) * train_size > source.size:
             raise ValueError(f"subset {subset} of train_size {train_size} exceeds the pool size {source.size}")
         self.source, self.seed, self.epochs = source, seed, epochs
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
-        self.accumulation = batch_size // (micro_batch_size * world)
+        self.accumulation = accumulation
         self.rank, self.world = rank, world
         self.position = 0
         self.prefetch = bool(getattr(source, "prefetch", False)) if prefetch is None else prefetch
@@ -204,11 +198,9 @@ class SequentialStream:
 
     def __init__(self, source: SequentialSource, *, seed: int, batch_size: int, micro_batch_size: int,
                  rank: int = 0, world: int = 1):
-        if batch_size % (micro_batch_size * world):
-            raise ValueError(f"batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} "
-                             f"x {world} processes")
+        accumulation = accumulation_steps(batch_size, micro_batch_size, world)
         self.source, self.batch_size, self.micro_batch_size = source, batch_size, micro_batch_size
-        self.accumulation = batch_size // (micro_batch_size * world)
+        self.accumulation = accumulation
         self.limit = None
         self.position = 0
         self._it = source.iterate(seed=seed, rank=rank, world=world)

@@ -1,0 +1,66 @@
+"""Seeding: every random stream of goldenpath is named by integers, never by global RNG state.
+
+- ``stream_key(*parts)``: a 64-bit key for one stream (seed, split, purpose, step), mixed by numpy's
+  SeedSequence; ``seeded_generator(*parts)``: a torch CPU generator from the same kind of key.
+- ``counter_uniform`` / ``counter_normal``: counter-based draws (splitmix64), entry (i, j) a function of
+  (key, index i, counter j) alone, so a sample's values depend on its stream position and nothing else:
+  resume, sharding and replay reproduce them exactly without saved state.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_MASK64 = 2**64
+
+
+def _signed(x: int) -> int:
+    x %= _MASK64
+    return x - _MASK64 if x >= 2**63 else x
+
+
+_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def stream_key(*parts: int) -> int:
+    """A 64-bit key for one random stream (e.g. data seed, split, purpose)."""
+    return _stream_key(tuple(int(p) for p in parts))
+
+
+@lru_cache(maxsize=256)
+def _stream_key(parts: tuple[int, ...]) -> int:
+    return _signed(int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]))
+
+
+def counter_uniform(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) float64 of shape [len(index), n]: entry (i, j) depends only on (key, index[i], j)."""
+    if isinstance(counters, int):
+        counters = torch.arange(counters, dtype=torch.int64, device=index.device)
+    x = _mix(_mix(index.to(torch.int64)[:, None] ^ key) + counters[None, :] * _GOLDEN)
+    return (_shr(x, 11).to(torch.float64) + 0.5) * 2.0**-53
+
+
+def counter_normal(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:
+    """Standard normal float64 of shape [len(index), n], by the inverse CDF of counter_uniform."""
+    return torch.special.ndtri(counter_uniform(key, index, counters))
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (well mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
