@@ -311,7 +311,7 @@ def main() -> None:
     s = SETTINGS[args.quick]
     out = results_dir("noise_reduction")
     sweep_dir = train(Path(args.work), quick=args.quick, jobs=args.jobs)
-    from goldenpath.report import sweep_curves
+    from goldenpath.curves import sweep_curves
 
     curves = sweep_curves(sweep_dir)
     curves["curve"] = [label(r, s["lr"], s["batch"]) for r in curves.itertuples()]

@@ -182,7 +182,7 @@ def loss_bands(bands, *, x: str = "samples", hue: str = "lr", style: str | None 
     """Eval loss against ``x`` per setting: the mean over its seeds and their min-max band, coloured by
     ``hue`` and dashed by ``style``; the Bayes floor and the loss targets.
 
-    ``bands``: rows of ``goldenpath.report.seed_bands`` (setting, x, mean, low, high, the hue and style knobs).
+    ``bands``: rows of ``goldenpath.curves.seed_bands`` (setting, x, mean, low, high, the hue and style knobs).
     """
     ax = _axes(ax)
     colours, dashes = _palette(bands[hue]), _dashes(bands[style]) if style else {}
@@ -210,7 +210,7 @@ def error_bands(bins, *, hue: str = "lr", style: str | None = "batch", legend: b
     """Eval error against eval loss per setting, binned by loss: the mean over seeds and the min-max band
     (gaps where no eval fell in a bin): are settings the same function at the same loss?
 
-    ``bins``: rows of ``goldenpath.report.error_by_loss`` (setting, eval_loss, mean, low, high, the knobs).
+    ``bins``: rows of ``goldenpath.curves.error_by_loss`` (setting, eval_loss, mean, low, high, the knobs).
     """
     ax = _axes(ax)
     colours, dashes = _palette(bins[hue]), _dashes(bins[style]) if style else {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import warnings as _warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,82 +20,12 @@ import pandas as pd
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config
-from goldenpath.ratios import setting_label
+from goldenpath.curves import error_by_loss, seed_bands, sweep_curves
 
-KNOBS = ("regime", "lr", "batch", "sigma", "fork")
 METRIC_NAMES = {"tv": "total variation", "kl": "KL divergence", "js": "Jensen-Shannon divergence",
                 "top1": "top-1 disagreement", "cka": "1 - linear CKA of the penultimate features",
                 "lmc": "loss barrier on the linear path between the weights"}
 DPI = 100  # one figure inch is 100 CSS pixels: figures are drawn at the size they are shown
-
-
-def sweep_curves(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per run and evaluation: run, step, samples, tokens, eval_loss, eval_error and the run's knobs."""
-    rows = []
-    for run_dir in sorted(p.parent for p in Path(sweep_dir).glob("*/metrics.jsonl")):
-        if not (run_dir / "config.yaml").exists():
-            continue
-        c = load_config(run_dir / "config.yaml")
-        knobs = {"lr": c.optim.lr, "batch": c.optim.batch_size, "seed": c.seed,
-                 "sigma": c.injected_sigma, "regime": c.regime, "fork": c.fork.parent is not None}
-        for r in ckpt.read_metrics(run_dir):
-            if "eval_loss" in r:
-                rows.append({"run": run_dir.name, "step": r["step"], "samples": r["samples"],
-                             "tokens": r.get("tokens", 0), "eval_loss": r["eval_loss"],
-                             "eval_error": r.get("eval_error"), **knobs})
-    return pd.DataFrame(rows)
-
-
-def _finite(curves: pd.DataFrame) -> pd.DataFrame:
-    loss = pd.to_numeric(curves.eval_loss, errors="coerce")
-    return curves[np.isfinite(loss)].assign(eval_loss=loss, setting=curves.run.map(setting_label))
-
-
-def seed_bands(curves: pd.DataFrame, *, x: str = "samples", points: int = 80) -> pd.DataFrame:
-    """Eval loss against ``x`` per setting (a run name without its seed): the mean, min and max over the seeds
-    still running, each seed interpolated in log ``x`` onto ``points`` log-spaced values (x > 0).
-
-    Returns one row per setting and grid point: setting, ``x``, mean, low, high, n_seeds and the knobs.
-    """
-    rows = []
-    for setting, part in _finite(curves[curves[x] > 0]).groupby("setting", sort=False):
-        grid = np.geomspace(part[x].min(), part[x].max(), points)
-        seeds = []
-        for _, run in part.groupby("run"):
-            run = run.drop_duplicates(x, keep="last").sort_values(x)
-            v = np.interp(np.log(grid), np.log(run[x].to_numpy(float)), run.eval_loss.to_numpy(float))
-            v[(grid < run[x].min()) | (grid > run[x].max())] = np.nan
-            seeds.append(v)
-        v = np.vstack(seeds)
-        n = np.isfinite(v).sum(0)
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("ignore", RuntimeWarning)
-            table = pd.DataFrame({x: grid, "mean": np.nanmean(v, 0), "low": np.nanmin(v, 0),
-                                  "high": np.nanmax(v, 0), "n_seeds": n})[n > 0]
-        rows.append(table.assign(setting=setting, **{k: part[k].iloc[0] for k in KNOBS}))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-
-
-def error_by_loss(curves: pd.DataFrame, *, bins: int = 30) -> pd.DataFrame:
-    """Eval error in ``bins`` equal bins of eval loss (up to the highest starting loss) per setting: each
-    seed's mean in a bin, then the mean, min and max over seeds.
-
-    Returns one row per setting and bin holding evals: setting, eval_loss (the bin's centre), mean, low,
-    high, n_seeds and the knobs.
-    """
-    part = _finite(curves.dropna(subset=["eval_error"]))
-    top = part.sort_values("step").groupby("run").eval_loss.first().max()
-    part = part[part.eval_loss <= top]
-    if not len(part):
-        return pd.DataFrame()
-    edges = np.linspace(part.eval_loss.min(), top, bins + 1)
-    part = part.assign(bin=np.clip(np.digitize(part.eval_loss, edges) - 1, 0, bins - 1))
-    per_seed = part.groupby(["setting", "run", "bin"], sort=False).eval_error.mean().reset_index()
-    table = per_seed.groupby(["setting", "bin"], sort=False).eval_error.agg(
-        mean="mean", low="min", high="max", n_seeds="count").reset_index()
-    table["eval_loss"] = (edges[table.bin] + edges[table.bin + 1]) / 2
-    knobs = part.groupby("setting")[list(KNOBS)].first()
-    return table.drop(columns="bin").join(knobs, on="setting")
 
 
 def _png(draw, size=(6.5, 4.0), *, panels: int = 1) -> str:
@@ -284,9 +213,9 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
     curves = sweep_curves(sweep_dir)
     if curves.empty:
         raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
-    configs = {r: load_config(sweep_dir / r / "config.yaml") for r in curves.run.unique()}
-    statuses = {r: ckpt.read_json(sweep_dir / r / "status.json") for r in configs
-                if (sweep_dir / r / "status.json").exists()}
+    runs = {r: ckpt.RunDir(sweep_dir / r) for r in curves.run.unique()}
+    configs = {r: load_config(run.config) for r, run in runs.items()}
+    statuses = {r: run.status() for r, run in runs.items() if run.status_file.exists()}
     floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
     warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
                 if s.get("state") not in ("completed", None)]
