@@ -268,7 +268,10 @@ def _demo(args) -> int:
     except SweepInterrupted as stop:
         return _sweep_interrupted(stop)
     runs, counts = _runs_summary(sweep_dir)
-    compare(sweep_dir)
+    # the four output metrics, the penultimate features (cka) and the loss barrier between the weights (lmc);
+    # lmc at 5 points on each path (3 inner ones): every pair of runs at every target, a fifth of the cost
+    # of the 11-point default
+    compare(sweep_dir, metrics=("tv", "kl", "js", "top1", "cka", "lmc"), lmc_points=5)
     write_figures(sweep_dir)
     for line in conclusions(sweep_dir):
         _print_main(line)

@@ -63,6 +63,7 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     valid = summary.dropna(subset=["ratio"])  # the reference setting has no ratio of its own
     assert set(summary.reference) == {"lr=0.02_bs=128_epochs=1_n=none"} and len(valid) > len(summary) / 2
+    assert list(dict.fromkeys(summary.metric)) == ["tv", "kl", "js", "top1", "cka", "lmc"]  # every lens, tv first
     assert (valid.ci_low <= valid.ratio).all() and (valid.ratio <= valid.ci_high).all()
     assert ((valid.p_value > 0) & (valid.p_value <= 1)).all()
     for target in distances.target.unique():

@@ -131,11 +131,15 @@ def report(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("report")
     path = write_sweep(tmp, "grid: {optim.lr: [0.05, 0.1, 1000.0]}\nseeds: [0, 1]\n")
+    from goldenpath.compare import compare
+
     sweep_dir = run_sweep(path, jobs=2, progress=False)
+    compare(sweep_dir, metrics=LENSES, lmc_points=3)  # as goldenpath demo: the output metrics, cka and lmc
     return write_report(sweep_dir)
 
 
-TARGETS, METRICS = (2.0, 1.9, 1.8, 1.7), ("tv", "kl", "js", "top1")
+TARGETS, LENSES = (2.0, 1.9, 1.8, 1.7), ("tv", "kl", "js", "top1", "cka", "lmc")
+WHOLE = ("cka", "lmc")  # one value per pair of runs: no interval over probe units
 
 
 def demo_like(root: Path) -> Path:
@@ -166,14 +170,15 @@ def demo_like(root: Path) -> Path:
     settings = {r["setting"]: r for r in runs}
     ref = "lr=0.02_bs=128_epochs=1_n=none"
     dist, summary, matrix, compute = [], [], [], []
-    for target, metric in itertools.product(TARGETS, METRICS):
+    for target, metric in itertools.product(TARGETS, LENSES):
         for a, b in itertools.combinations(runs, 2):
             kind = "floor" if a["setting"] == b["setting"] else "reference" if ref in (a["setting"], b["setting"]) \
                 else "pair"
             v = rng.uniform(0.05, 0.15) * (1 if kind == "floor" else 1.3)
+            half = np.nan if metric in WHOLE else 0.01
             dist.append({"target": target, "run_a": a["run"], "run_b": b["run"], "setting_a": a["setting"],
-                         "setting_b": b["setting"], "metric": metric, "value": v, "ci_low": v - 0.01,
-                         "ci_high": v + 0.01, "loss_a": target, "loss_b": target, "kind": kind,
+                         "setting_b": b["setting"], "metric": metric, "value": v, "ci_low": v - half,
+                         "ci_high": v + half, "loss_a": target, "loss_b": target, "kind": kind,
                          "overshoot_a": 0.0, "overshoot_b": 0.0})
         for sa, sb in itertools.combinations(settings, 2):
             r = float(rng.uniform(0.8, 2.5))
@@ -217,7 +222,7 @@ def figures_on(page: str) -> list[str]:
 def test_report_has_every_section_and_needs_no_network(report):
     page = report.read_text()
     metrics = list(dict.fromkeys(pd.read_csv(report.parent / "compare" / "summary.csv").metric))
-    assert metrics == ["tv", "kl", "js", "top1"]  # every metric compare wrote, the lead one first
+    assert metrics == list(LENSES)  # every metric compare wrote, the lead one first
     sections = ["<h2>The answer</h2>", "<h2>Setting x setting ratios</h2>", *(f"<h3>{m}: " for m in metrics),
                 "<h2>Compute to target</h2>", "<h2>Loss curves</h2>", "<h2>Error against loss</h2>", "<h2>Runs</h2>",
                 "<h2>Warnings</h2>"]
@@ -233,15 +238,36 @@ def test_report_has_every_section_and_needs_no_network(report):
     assert sorted(figures_on(page)) == sorted(["ratios", "distance-vs-loss"] * len(metrics) + ["heatmap"] * targets
                                               + ["compute"] + ["curves"] * 3)
     assert "<th>epsilon</th>" not in page  # no DP: an empty column, left out
+    has_lens_sections(page, report.parent)
+
+
+def has_lens_sections(page: str, sweep_dir: Path) -> None:
+    """cka and lmc each get a section like the output metrics: heading, answer, the setting x setting ratio
+    figure, the table against the reference (ratio, interval, Holm p) and the distances against loss."""
+    from goldenpath.report import METRIC_NAMES
+
+    summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
+    for m in WHOLE:
+        start = page.find(f'<section class="metric" id="metric-{m}"><h3>{m}: {html.escape(METRIC_NAMES[m])}</h3>')
+        assert start >= 0, m
+        body = page[start:page.find("</section>", start)]
+        assert f'<a href="#metric-{m}">' in page  # in the page's navigation
+        assert re.findall(r'data-figure="([a-z-]+)"', body) == ["ratios", "distance-vs-loss"], m
+        assert f"<h4>{m}: against the reference</h4>" in body
+        table = body[body.find("<table"):body.find("</table>")]
+        assert all(f"<th>{c}</th>" in table for c in ("ratio", "ci_low", "ci_high", "p_holm")), m
+        rows = summary[(summary.metric == m) & (summary.setting != summary.reference)]
+        assert table.count("<tr>") == len(rows) > 0  # one body row per setting and target (the header row is styled)
 
 
 def test_demo_sized_page_leaves_empty_columns_out_and_orders_targets(demo_report):
     page = demo_report.read_text()
-    assert page.count('data-figure="heatmap"') == len(TARGETS) and page.count('data-figure="ratios"') == len(METRICS)
+    assert page.count('data-figure="heatmap"') == len(TARGETS) and page.count('data-figure="ratios"') == len(LENSES)
     heat = re.findall(r'alt="tv between runs at loss ([0-9.]+)"', page)
     assert [float(t) for t in heat] == sorted(TARGETS, reverse=True)  # training order: highest loss first
     assert "<th>epsilon</th>" not in page and "<th>reference</th>" not in page  # empty / named at the top
     assert 'Reference setting: <b>lr=0.02_bs=128_epochs=1_n=none</b> (5 seeds)' in page
+    has_lens_sections(page, demo_report.parent)
 
 
 def pngs(page: str):
