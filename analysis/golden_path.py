@@ -166,12 +166,11 @@ def tables(sweep_dir: Path, dataset: str, study: str = "main",
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     trend = pd.read_csv(sweep_dir / "compare" / "trend.csv")
     rows = []
-    for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
-        from goldenpath.checkpoints import read_json
-        from goldenpath.config import load_config
+    from goldenpath.checkpoints import RunDir
+    from goldenpath.config import load_config
 
-        c = load_config(run_dir / "config.yaml")
-        s = read_json(run_dir / "status.json") if (run_dir / "status.json").exists() else {}
+    for run_dir in [RunDir(p.parent) for p in sorted(sweep_dir.glob("*/config.yaml"))]:
+        c, s = load_config(run_dir.config), run_dir.status()
         rows.append({"run": run_dir.name, "lr": c.optim.lr, "batch": c.optim.batch_size, "regime": c.regime,
                      "width": getattr(c.model, "width", None), "seed": c.seed, "state": s.get("state"),
                      "final_loss": s.get("eval_loss"), "best_loss": s.get("best_eval_loss"),

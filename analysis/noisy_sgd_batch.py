@@ -196,12 +196,8 @@ def run_stage(name: str, base: Path, work: Path, *, fixed: dict, rows: list, see
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text(sweep_dir / "sweep.yaml", path.read_text())
 
-    def state(p):
-        s = sweep_dir / p.name / "status.json"
-        return ckpt.read_json(s).get("state") if s.exists() else None
-
     todo = [(str(sweep.base), (*p.overrides, f"out={sweep_dir}", f"name={p.name}")) for p in points
-            if state(p) not in ("completed", "stalled", "diverged")]
+            if ckpt.RunDir(sweep_dir / p.name).state() not in ("completed", "stalled", "diverged")]
     print(f"{name}: {len(points)} runs, {len(todo)} to train", flush=True)
     if todo:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -267,7 +263,7 @@ def window_means(curves: pd.DataFrame, *, last: float = LAST_FRACTION) -> pd.Dat
 def tidy(sweep_dir: Path, *, stage: str) -> pd.DataFrame:
     """One row per run and regime it belongs to: stage, kind, regime, batch, sigma, lr, steps, samples, seed,
     state, last-k and earlier-window error and loss, final eval loss and error, epsilon, run."""
-    from goldenpath.report import sweep_curves
+    from goldenpath.curves import sweep_curves
 
     runs = pd.read_csv(sweep_dir / "runs.csv")
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
@@ -546,7 +542,7 @@ def main() -> None:
                                  "is the sibling <name>-tune), e.g. analysis/runs/noisy-sgd-batch")
     else:
         tune_dir, main_dir = train(Path(args.work), quick=args.quick, jobs=args.jobs)
-    from goldenpath.report import sweep_curves
+    from goldenpath.curves import sweep_curves
 
     frame = pd.concat([tidy(tune_dir, stage="tune"), tidy(main_dir, stage="main")], ignore_index=True)
     frame.to_csv(out / "results.csv", index=False)

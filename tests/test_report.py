@@ -23,7 +23,7 @@ from goldenpath.plots import (distance_vs_loss, error_bands, loss_bands, loss_cu
                               short_labels, tail_index_by_layer, toys_metric)
 from goldenpath.report import error_by_loss, seed_bands  # noqa: E402
 
-from .test_sweep import write_sweep  # noqa: E402
+from .conftest import write_sweep  # noqa: E402
 
 
 def curves():
