@@ -24,7 +24,7 @@ CONFIGS = ROOT.parent / "configs"
 def parser(doc: str) -> argparse.ArgumentParser:
     """--quick, --work (where the runs go; not committed) and --jobs, the same for every script."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the small setting: at most about 10 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="the small setting: at most about 15 minutes on 2 CPU cores")
     p.add_argument("--work", default=str(ROOT / "runs"), help="directory for the runs (default analysis/runs)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="runs in parallel")
     return p

@@ -21,8 +21,8 @@ The test is believed only where it shows power, so on the teacher stream it also
 
 The verdict rules below (``RULES``) were fixed before the runs. Writes analysis/results/golden_path/:
 summary.csv (one row per study, target, metric and setting), trend.csv, runs.csv, ratios.png,
-controls.png, final_loss.png. Runs stay under --work (analysis/runs by default; a re-run trains only what
-is missing).
+controls.png, final_loss.png; a run of some datasets (--datasets) replaces only their rows. Runs stay
+under --work (analysis/runs by default; a re-run trains only what is missing).
 """
 
 from __future__ import annotations
@@ -388,6 +388,21 @@ def section(results: Path) -> str:
     return "\n".join(lines)
 
 
+def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` in place of the rows of its (dataset, study) pairs in the table at ``path``: a run of some
+    datasets (or without controls) keeps every other committed row. Datasets in STUDIES order, then any
+    other (--sweep) names; within a dataset, kept rows first."""
+    old = pd.read_csv(path) if path.exists() else None
+    if old is not None:
+        replaced = pd.MultiIndex.from_frame(old[["dataset", "study"]]).isin(
+            pd.MultiIndex.from_frame(new[["dataset", "study"]]))
+        if not replaced.all():
+            columns = [*new.columns, *(c for c in old.columns if c not in new.columns)]
+            new = pd.concat([old[~replaced], new], ignore_index=True)[columns]
+    order = {d: i for i, d in enumerate(dict.fromkeys([*STUDIES, *new.dataset]))}
+    return new.sort_values("dataset", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="+", default=list(STUDIES), choices=list(STUDIES))
@@ -411,10 +426,12 @@ def main() -> None:
             d = name.split("-")[0]
             if d in args.datasets:
                 parts.append(tables(contrast(name, spec, work, jobs=args.jobs), d, f"contrast-{name}"))
-    summary, trend, runs = (pd.concat([p[k] for p in parts], ignore_index=True) for k in range(3))
-    summary.to_csv(out / "summary.csv", index=False)
-    trend.to_csv(out / "trend.csv", index=False)
-    runs.to_csv(out / "runs.csv", index=False)
+    names = ("summary", "trend", "runs")
+    frames = [_merged(out / f"{name}.csv", pd.concat([p[k] for p in parts], ignore_index=True))
+              for k, name in enumerate(names)]
+    for name, frame in zip(names, frames):
+        frame.to_csv(out / f"{name}.csv", index=False)
+    summary, trend, runs = frames
     plot(summary, runs, out)
     print(section(out))
     print(out)

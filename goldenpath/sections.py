@@ -196,7 +196,8 @@ class CheckpointConfig:
     eval_min_every: int = 1          # the smallest gap, used right before a target
     eval_batch_size: int = 512       # samples per eval forward
     steps: tuple[int, ...] = ()      # also save the model at these optimizer steps
-    last_every_seconds: float = 120.0  # save the resume state this often; a kill loses at most this much
+    last_every_seconds: float = 120.0  # save the resume state this often, at the next scheduled eval (a kill
+    #                                    loses at most this much plus one eval gap; the schedule never moves)
     optimizer: bool = True           # target/step checkpoints also keep the optimizer state (forks continue it)
     best: bool = False               # also keep checkpoints/best: the model at the lowest eval loss
 

@@ -279,7 +279,7 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | 
     # the state at the last eval, for the replay that locates a target crossed before the next one (the
     # resume state is always saved at an eval, so a resumed run starts from one)
     previous = matching.Snapshot.take(run) if st.target_index < len(targets) else None
-    last_save = time.monotonic()
+    last_save, save_due = time.monotonic(), False
     while True:
         # -------- stopping rules
         if run.total_steps is not None and st.step >= run.total_steps:
@@ -299,19 +299,21 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | 
         st.seconds["train"] += time.perf_counter() - t0
         run.bar.update(config.optim.batch_size)
         # -------- logging, divergence, evaluation, checkpoints
-        record, stop, save = None, False, False
+        record, stop = None, False
         if st.step % config.log.every == 0 or st.step == run.total_steps:
             sums = window.collect(run.accelerator, stop=signals.requested is not None,
                                   save=time.monotonic() - last_save >= config.checkpoint.last_every_seconds)
             record = _train_record(run, sums, lr, units)
             st.train_loss = record["train_loss"]
             run.bar.set_postfix_str(f"loss {st.train_loss:.4f}", refresh=False)
-            stop, save = sums["stop"] > 0, sums["save"] > 0
+            stop, save_due = sums["stop"] > 0, save_due or sums["save"] > 0
             if not math.isfinite(st.train_loss) or st.train_loss > config.budget.diverge_factor * st.initial_eval:
                 run.log(record)
                 return "diverged", f"train loss {st.train_loss:.4g} at step {st.step}", None
         stop = stop or (run.world == 1 and signals.requested is not None)  # one process: at once
-        if st.step >= st.next_eval or ((stop or save) and st.evals[-1][0] != st.step):
+        # the timed resume save waits for the next scheduled eval, so machine speed never moves the schedule
+        save = save_due and st.step >= st.next_eval
+        if st.step >= st.next_eval or (stop and st.evals[-1][0] != st.step):
             loss, error = run_eval(run, previous)  # a resume state is saved only at an eval (see above)
             record = record or {"step": st.step, "samples": st.samples, "tokens": st.tokens}
             record.update(eval_loss=loss, eval_error=error)
@@ -327,7 +329,7 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | 
             return "interrupted", signal_name(signals.requested) or "a signal to another process", None
         if save:
             run.save_last()
-            last_save = time.monotonic()
+            last_save, save_due = time.monotonic(), False
 
 
 # ----------------------------------------------------------------------------- how a run ended

@@ -82,3 +82,20 @@ def test_readme_render_replaces_a_stale_block(tmp_path):
     new = readme.render(stale)
     assert "old numbers" not in new and new.startswith("intro\n") and new.endswith("end\n")
     assert golden_path.section(ANALYSIS / "results" / "golden_path").strip() in new
+
+
+def test_golden_path_run_of_some_datasets_replaces_only_their_rows(tmp_path):
+    old = pd.DataFrame({"dataset": ["teacher", "teacher", "markov", "shakespeare"],
+                        "study": ["main", "width", "main", "main"], "ratio": [1.0, 2.0, 3.0, 4.0],
+                        "model.width": [None, 64.0, None, None]})
+    old.to_csv(tmp_path / "summary.csv", index=False)
+    new = pd.DataFrame({"dataset": ["teacher", "fashion"], "study": ["main", "main"], "ratio": [10.0, 20.0]})
+    merged = golden_path._merged(tmp_path / "summary.csv", new)
+    assert list(zip(merged.dataset, merged.study, merged.ratio)) == [
+        ("teacher", "width", 2.0), ("teacher", "main", 10.0), ("markov", "main", 3.0),
+        ("fashion", "main", 20.0), ("shakespeare", "main", 4.0)]
+    assert merged.loc[0, "model.width"] == 64.0
+    whole = old.assign(ratio=old.ratio * 10)
+    assert golden_path._merged(tmp_path / "summary.csv", whole).equals(whole)
+    assert golden_path._merged(tmp_path / "missing.csv", new).equals(
+        new.iloc[[0, 1]].reset_index(drop=True))

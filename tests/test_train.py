@@ -166,6 +166,23 @@ def test_target_checkpoints_are_first_crossings(tiny_teacher):
                                                                "meta.json").read_text())["step"] for t in targets}
 
 
+def test_timed_resume_saves_never_move_the_eval_schedule(tiny_teacher, monkeypatch):
+    from goldenpath.run import Run
+
+    saved = []
+    save_last = Run.save_last
+    monkeypatch.setattr(Run, "save_last", lambda self: (saved.append(self.state.step), save_last(self))[1])
+    common = [*tiny_teacher, "checkpoint.targets=[2.2]", "checkpoint.eval_every=10", "log.every=1",
+              "budget.samples=1600", "budget.stop_at_last_target=false"]
+    evals = lambda d: [(r["step"], r["eval_loss"]) for r in ckpt.read_metrics(d) if "eval_loss" in r]
+    quiet = evals(train(load_config(None, [*common, "checkpoint.last_every_seconds=1e9", "name=quiet"])))
+    assert saved == [50]  # the final save only
+    saved.clear()
+    eager = evals(train(load_config(None, [*common, "checkpoint.last_every_seconds=0", "name=eager"])))
+    assert eager == quiet  # a save due at every step waited for the scheduled evals
+    assert saved[:-1] == [s for s, _ in quiet[1:-1]] and saved[-1] == 50
+
+
 # ----------------------------------------------------------------------------- resume, kills, signals
 
 
