@@ -390,17 +390,19 @@ def section(results: Path) -> str:
 
 def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     """``new`` in place of the rows of its (dataset, study) pairs in the table at ``path``: a run of some
-    datasets (or without controls) keeps every other committed row. Datasets in STUDIES order, then any
-    other (--sweep) names; within a dataset, kept rows first."""
-    old = pd.read_csv(path) if path.exists() else None
-    if old is not None:
-        replaced = pd.MultiIndex.from_frame(old[["dataset", "study"]]).isin(
-            pd.MultiIndex.from_frame(new[["dataset", "study"]]))
-        if not replaced.all():
-            columns = [*new.columns, *(c for c in old.columns if c not in new.columns)]
-            new = pd.concat([old[~replaced], new], ignore_index=True)[columns]
-    order = {d: i for i, d in enumerate(dict.fromkeys([*STUDIES, *new.dataset]))}
-    return new.sort_values("dataset", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    datasets (or without controls) keeps every other committed row, datasets in the table's order (then
+    new ones), each dataset's kept rows before its new ones. A run that replaces every row writes ``new``."""
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    replaced = pd.MultiIndex.from_frame(old[["dataset", "study"]]).isin(
+        pd.MultiIndex.from_frame(new[["dataset", "study"]]))
+    if replaced.all():
+        return new
+    columns = [*new.columns, *(c for c in old.columns if c not in new.columns)]
+    merged = pd.concat([old[~replaced], new], ignore_index=True)[columns]
+    order = {d: i for i, d in enumerate(dict.fromkeys([*old.dataset, *new.dataset]))}
+    return merged.sort_values("dataset", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
 def main() -> None:

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+
+MAX_ORDER = 256  # the largest Renyi order the RDP accountant tries (needed only for epsilon below ~0.02)
 
 
 def gaussian_delta(epsilon: float, mu: float) -> float:
@@ -33,11 +36,7 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
     if sigma <= 0:
         return math.inf
     if sample_rate < 1:
-        from opacus.accountants import RDPAccountant
-
-        accountant = RDPAccountant()
-        accountant.history = [(sigma, sample_rate, steps)]
-        return float(accountant.get_epsilon(delta))
+        return _rdp_epsilon(sigma, delta, steps, sample_rate)
     from scipy.optimize import brentq
 
     mu = math.sqrt(steps) / sigma
@@ -47,6 +46,44 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
     while gaussian_delta(hi, mu) > delta:
         hi *= 2
     return float(brentq(lambda e: gaussian_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
+
+
+def _rdp_epsilon(sigma: float, delta: float, steps: int, sample_rate: float) -> float:
+    """The RDP bound of opacus' accountant, over its default orders and then every integer order up to
+    MAX_ORDER while the best order is the largest one tried: few steps or a small sampling rate want orders
+    above the default 63, where the default range gives a loose bound (and opacus warns). RDP composes
+    linearly in steps, so a run's per-step curve is computed once."""
+    import warnings
+
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    chunks = 0
+    while True:
+        orders, per_step = _rdp_per_step(sigma, sample_rate, chunks)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
+            eps, best = get_privacy_spent(orders=orders, rdp=per_step * steps, delta=delta)
+        if best < orders[-1] or orders[-1] >= MAX_ORDER:
+            return float(eps)
+        chunks += 1
+
+
+@functools.lru_cache(maxsize=32)
+def _rdp_per_step(sigma: float, sample_rate: float, chunks: int):
+    """(orders, RDP of one step at each): opacus' default orders, then ``chunks`` doublings of the range in
+    integer orders (the bound's minimum over orders is sharp)."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    if chunks == 0:
+        orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        return orders, compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders)
+    orders, per_step = _rdp_per_step(sigma, sample_rate, chunks - 1)
+    top = int(orders[-1])
+    more = list(range(top + 1, min(2 * top, MAX_ORDER) + 1))
+    return [*orders, *more], np.concatenate([per_step, compute_rdp(q=sample_rate, noise_multiplier=sigma,
+                                                                   steps=1, orders=more)])
 
 
 def privacy_spent(config, steps: int) -> dict:

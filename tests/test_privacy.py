@@ -42,3 +42,23 @@ def test_subsampled_rdp_matches_the_library_example():
     assert epsilon(1.5, 1e-5, steps=int(90 / 0.04), sample_rate=0.04) == pytest.approx(7.32911117143, rel=1e-9)
     # and less privacy is spent with a smaller sampling rate or fewer steps
     assert epsilon(1.5, 1e-5, steps=100, sample_rate=0.01) < epsilon(1.5, 1e-5, steps=100, sample_rate=0.04)
+
+
+def test_subsampled_rdp_searches_orders_above_the_default_range():
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    sigma, q, delta = 4.0, 1 / 16, 1 / 8192  # one step: the best Renyi order lies far above opacus' 63
+    orders = list(range(2, 400))
+    brute, order = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                                       orders=orders), delta=delta)
+    default = RDPAccountant()
+    default.history = [(sigma, q, 1)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = epsilon(sigma, delta, steps=1, sample_rate=q)
+        loose = default.get_epsilon(delta)
+    assert order > 63 and ours == pytest.approx(brute, rel=1e-12) and ours <= loose * 0.9
+    assert [str(w.message) for w in caught if "largest alpha" in str(w.message)] == [str(caught[-1].message)]
