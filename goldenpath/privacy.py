@@ -49,41 +49,35 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
 
 
 def _rdp_epsilon(sigma: float, delta: float, steps: int, sample_rate: float) -> float:
-    """The RDP bound of opacus' accountant, over its default orders and then every integer order up to
-    MAX_ORDER while the best order is the largest one tried: few steps or a small sampling rate want orders
-    above the default 63, where the default range gives a loose bound (and opacus warns). RDP composes
-    linearly in steps, so a run's per-step curve is computed once."""
+    """The RDP bound of opacus' accountant over its default orders, or, where the best of those is the
+    largest (63: few steps or a small sampling rate), over every integer order up to MAX_ORDER too, since
+    the default range gives a loose bound there (and opacus warns). RDP composes linearly in steps, so a
+    run's per-step curve is computed once."""
     import warnings
 
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    chunks = 0
-    while True:
-        orders, per_step = _rdp_per_step(sigma, sample_rate, chunks)
+    for wide in (False, True):
+        orders, per_step = _rdp_per_step(sigma, sample_rate, wide)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
             eps, best = get_privacy_spent(orders=orders, rdp=per_step * steps, delta=delta)
-        if best < orders[-1] or orders[-1] >= MAX_ORDER:
-            return float(eps)
-        chunks += 1
+        if best < orders[-1]:
+            break
+    return float(eps)
 
 
 @functools.lru_cache(maxsize=32)
-def _rdp_per_step(sigma: float, sample_rate: float, chunks: int):
-    """(orders, RDP of one step at each): opacus' default orders, then ``chunks`` doublings of the range in
-    integer orders (the bound's minimum over orders is sharp)."""
-    import numpy as np
+def _rdp_per_step(sigma: float, sample_rate: float, wide: bool) -> tuple[list, object]:
+    """(orders, RDP of one step at each): opacus' default orders, and with ``wide`` every integer order
+    above them up to MAX_ORDER (the bound's minimum over orders is sharp: a coarser grid misses it)."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    if chunks == 0:
-        orders = list(RDPAccountant.DEFAULT_ALPHAS)
-        return orders, compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders)
-    orders, per_step = _rdp_per_step(sigma, sample_rate, chunks - 1)
-    top = int(orders[-1])
-    more = list(range(top + 1, min(2 * top, MAX_ORDER) + 1))
-    return [*orders, *more], np.concatenate([per_step, compute_rdp(q=sample_rate, noise_multiplier=sigma,
-                                                                   steps=1, orders=more)])
+    orders = list(RDPAccountant.DEFAULT_ALPHAS)
+    if wide:
+        orders += range(int(orders[-1]) + 1, MAX_ORDER + 1)
+    return orders, compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders)
 
 
 def privacy_spent(config, steps: int) -> dict:

@@ -56,9 +56,9 @@ def test_subsampled_rdp_searches_orders_above_the_default_range():
                                                                        orders=orders), delta=delta)
     default = RDPAccountant()
     default.history = [(sigma, q, 1)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ours = epsilon(sigma, delta, steps=1, sample_rate=q)
+    with pytest.warns(UserWarning, match="largest alpha"):  # opacus' default orders: a loose bound
         loose = default.get_epsilon(delta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # goldenpath searches past them: no warning
+        ours = epsilon(sigma, delta, steps=1, sample_rate=q)
     assert order > 63 and ours == pytest.approx(brute, rel=1e-12) and ours <= loose * 0.9
-    assert [str(w.message) for w in caught if "largest alpha" in str(w.message)] == [str(caught[-1].message)]
