@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--jobs", type=int, help="runs at once (default: one per GPU, else 1)")
     p.add_argument("--retry-diverged", action="store_true", help="run diverged points again from scratch")
+    p.add_argument("--plan", action="store_true", help="print what the design can decide (reference, family, "
+                   "seeds, the smallest adjusted p) and stop; a sweep prints it when it starts")
     p = verbs.add_parser("fork", help="continue a run from one of its checkpoints with changed knobs")
     # one positional list (RUN_DIR then overrides): argparse cannot split two positionals around options
     p.add_argument("run_dir_and_overrides", nargs="+", metavar="RUN_DIR [key=value ...]",
@@ -139,6 +141,13 @@ def _sweep(args) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
+    from goldenpath.plan import plan
+    from goldenpath.sweep import load_sweep
+
+    for line in plan(load_sweep(args.sweep_config)):
+        print(f"plan: {line}", file=sys.stderr if not args.plan else sys.stdout, flush=True)
+    if args.plan:
+        return 0
     try:
         sweep_dir = run_sweep(args.sweep_config, out=args.out, executor=args.executor, jobs=args.jobs,
                               retry_diverged=args.retry_diverged)

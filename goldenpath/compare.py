@@ -4,9 +4,13 @@ For every loss target, the runs that reached it are compared pairwise on the fix
 model's forward runs once per probe chunk: the N models' outputs for one chunk are held, all pairs are
 computed, and the next chunk follows, so N checkpoints cost N forwards and memory stays bounded for
 language-model vocabularies (:mod:`goldenpath.pairs`). Runs are grouped into *settings* (the same knobs,
-any seed); each setting is compared with the reference (every seed of the least-noisy online setting) and
-with every other setting: the golden-path ratio D / F, its hierarchical-bootstrap interval and its
-permutation p-value (:mod:`goldenpath.stats`, :mod:`goldenpath.ratios`).
+any seed); each setting is compared with the reference of its regime (every seed of the least-noisy setting)
+and with every other setting: the golden-path ratio D / F with its interval and permutation p-value, each
+setting's own seed floor, its spread (floor over the reference's) and its location (the distance between
+the settings' mean functions, from the squared distance ``sq``, always measured), and per target and regime
+the family test of every setting at once (:mod:`goldenpath.stats`, :mod:`goldenpath.ratios`). The runs'
+seeds decide the analysis: settings with disjoint seeds are compared as independent, settings that share
+every seed as paired (within seeds); runs of sweeps with different seed designs are refused.
 
 Beyond the pointwise distances (``tv``, ``kl``, ``js``, ``top1``), two opt-in lenses (``--metrics
 ...,cka,lmc``): ``cka`` is 1 - linear CKA of the penultimate features on the probe set (per image, or per
@@ -24,6 +28,8 @@ Stalled runs, and checkpoints more than ``tolerance`` (relative) below their tar
 - ``distances.parquet``: one row per target, pair of runs and metric (value with its probe-unit interval);
 - ``summary.csv``: one row per target, metric and setting: the ratio against the reference;
 - ``settings.csv``: one row per target, metric and pair of settings (the knob x knob matrix);
+- ``family.csv``: one row per target, metric and regime: the family test, its adjusted p and the smallest
+  adjusted p the seeds allow;
 - ``trend.csv``: slope of log ratio on log noise scale per target, metric and regime;
 - ``compute.csv``: samples and steps each setting needed to reach each target.
 
@@ -45,14 +51,16 @@ import numpy as np
 import torch
 
 from goldenpath import checkpoints as ckpt
-from goldenpath import ratios
+from goldenpath import ratios, stats
 from goldenpath.config import Config, ConfigError, load_config, to_dict
 from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
 from goldenpath.distances import METRICS, bootstrap_rows, bootstrap_weights
 from goldenpath.pairs import load_shared, pair_barriers, pair_sums
 
 WHOLE = ("cka", "lmc")  # statistics of the whole probe set: one value per pair, no probe units to resample
-ALL_METRICS = (*METRICS, *WHOLE)
+ALL_METRICS = (*METRICS, "sq", *WHOLE)
+LOCATION = "sq"  # the squared distance whose cell means split into location and spread; always measured
+NOT_SETTING = ("seed", "replicate", "design", "name", "out", "goldenpath", "threads")  # keys a setting ignores
 
 COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
            "loss_b", "kind", "overshoot_a", "overshoot_b"]
@@ -83,7 +91,7 @@ class RunInfo:
 
 def _knobs(config: Config) -> tuple:
     d = to_dict(config)
-    for k in ("seed", "name", "out", "goldenpath", "threads"):
+    for k in NOT_SETTING:
         d.pop(k, None)
     d["log"].pop("progress", None)
     d.get("fork", {}).pop("parent", None)  # forks of seed siblings are siblings
@@ -115,13 +123,16 @@ def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, R
             by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
                 run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
                 int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))
+    designs = sorted({c.design for c in configs.values() if c.design is not None})
+    if len(designs) > 1:
+        raise ConfigError("compare", f"the runs of {sweep_dir} come from sweeps with different seed designs "
+                          f"({', '.join(designs)})", "compare the runs of one design (move one sweep's runs out)")
     return by_target, _settings(configs, states)
 
 
 def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:
     """Group runs by knobs; label each setting by its runs' names without the seed; keep the varying knobs."""
-    flat = {n: _flat({k: v for k, v in to_dict(c).items() if k not in ("name", "out", "seed", "threads")})
-            for n, c in configs.items()}
+    flat = {n: _flat({k: v for k, v in to_dict(c).items() if k not in NOT_SETTING}) for n, c in configs.items()}
     keys = sorted({k for f in flat.values() for k in f})
     varying = [k for k in keys if k != "log.progress" and len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
     by_knobs: dict[tuple, list[str]] = {}
@@ -137,7 +148,7 @@ def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:
         setting = ratios.Setting(label, knobs, c.regime, ratios.noise_scale(c),
                                  (c.regime == "offline", c.fork.parent is not None, c.injected_sigma,
                                   c.optim.lr / c.optim.batch_size, c.optim.lr, label),
-                                 {k: flat[names[0]].get(k) for k in varying})
+                                 {k: flat[names[0]].get(k) for k in varying}, fork=c.fork.parent is not None)
         for n in names:
             out[n] = RunInfo(n, configs[n], states[n], setting)
     return out
@@ -148,7 +159,7 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     sections = set()
     for config in configs.values():
         d = to_dict(config)["data"]
-        for k in ("epochs", "train_size", "subset"):  # the regime and subset do not change the probe set
+        for k in ("epochs", "train_size", "subset", "mix"):  # the regime, subset, training labels: not the probe set
             d.pop(k, None)
         sections.add(json.dumps(d, sort_keys=True))
     if len(sections) > 1:
@@ -178,13 +189,16 @@ def tables_dir(sweep_dir: str | Path, probe_shift: str | None = None) -> Path:
 
 
 def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
-            tolerance: float = 0.02, n_boot: int = 1000, include_flagged: bool = False,
+            tolerance: float = 0.02, n_boot: int = 1000, n_perm: int = 2000, include_flagged: bool = False,
             probe_shift: str | None = None, lmc_points: int = 11):
     """Compare every pair of runs and of settings at every loss target; writes the tables under
     ``compare/`` (``compare-<shift>/`` with ``probe_shift``, e.g. ``"noise:0.5"``); returns the pairs
-    (``distances.parquet``) as a DataFrame. ``metrics``: some of :data:`ALL_METRICS`; ``lmc_points``:
-    points on each pair's linear path (``lmc``)."""
+    (``distances.parquet``) as a DataFrame. ``metrics``: some of :data:`ALL_METRICS`; ``n_boot``: probe-unit
+    resamples of each pair's interval; ``n_perm``: random relabellings of a permutation test that is not
+    exact; ``lmc_points``: points on each pair's linear path (``lmc``)."""
     import pandas as pd
+
+    from goldenpath.data.baselines import trivial_loss
 
     sweep_dir = Path(sweep_dir)
     metrics = tuple(metrics)
@@ -210,8 +224,10 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
                    torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    measured = metrics + (() if LOCATION in metrics else (LOCATION,))
+    baseline = trivial_loss(first.data)[0]
 
-    rows, summary, matrix, trend, excluded = [], [], [], [], []
+    tables = {name: [] for name in ("distances", "summary", "settings", "family", "trend", "excluded")}
     weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every pair
     for target in sorted(by_target, reverse=True):
         cks = []
@@ -220,32 +236,41 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
                    f"{c.overshoot:.4g} below its target (more than {tolerance:.0%})"
                    if c.overshoot > tolerance * target else None)
             if why and not include_flagged:
-                excluded.append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
+                tables["excluded"].append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
             else:
                 cks.append(c)
         order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
         cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
         if len(cks) < 2:
             continue
-        results = _pair_results(cks, by_target[target], configs, setup, target, metrics, cache_dir)
+        results = _pair_results(cks, by_target[target], configs, setup, target, measured, cache_dir)
         settings = list(order)
         groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
-        ref = ratios.reference_of(settings, [len(g) for g in groups])
-        rows += _distance_rows(target, cks, runs, results, metrics, weights, groups[ref])
+        design = stats.Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
+        refs = {r: ratios.reference_of(settings, [len(g) for g in groups], r) for r in ("online", "offline")}
+        against = {}  # a setting is compared with its regime's reference, an offline one also with the online
+        for k, s in enumerate(settings):
+            mine = [refs[s.regime]] + ([refs["online"]] if s.regime == "offline" else [])
+            theirs = {i for r in mine if r is not None and r != k for i in groups[r]}
+            against.update({i: theirs for i in groups[k]})
+        tables["distances"] += _distance_rows(target, cks, runs, results, metrics, weights, against)
         pairs = list(itertools.combinations(range(len(cks)), 2))
+        counts = results[pairs[0]]["count"].double().numpy()
+        sq = torch.stack([results[p][LOCATION] for p in pairs]).double().numpy()
         for m in metrics:
             sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
-            # a whole-probe statistic is one "unit": the bootstrap then resamples the seeds alone
-            counts = np.ones(1) if m in WHOLE else results[pairs[0]]["count"].double().numpy()
-            s, x, t = ratios.setting_rows(target, m, settings, groups, sums, counts, n_boot=n_boot)
-            summary += s
-            matrix += x
-            trend += t
-    _write_tables(out_dir, runs, by_target, rows, summary, matrix, trend, excluded)
-    return pd.DataFrame(rows, columns=COLUMNS)
+            # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
+            got = ratios.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else counts,
+                                      sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
+                                      trivial_loss=baseline, n_perm=n_perm)
+            for name, rows in got.items():
+                tables[name] += rows
+    ratios.adjust(tables["summary"], tables["family"])
+    _write_tables(out_dir, runs, by_target, tables)
+    return pd.DataFrame(tables["distances"], columns=COLUMNS)
 
 
-def _write_tables(out_dir: Path, runs, by_target, rows, summary, matrix, trend, excluded) -> None:
+def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
     import pandas as pd
 
     reached = []
@@ -256,11 +281,14 @@ def _write_tables(out_dir: Path, runs, by_target, rows, summary, matrix, trend, 
             reached.append({"target": target, "setting": info.setting.label, "regime": info.setting.regime,
                             "columns": info.setting.columns, "n_seeds": n_seeds,
                             "step": hit.step if hit else None, "samples": hit.samples if hit else None})
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
     ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
-    for name, table, columns in (("summary", summary, ratios.SUMMARY), ("settings", matrix, ratios.MATRIX),
-                                 ("trend", trend, ratios.TREND), ("compute", ratios.compute_rows(reached), ratios.COMPUTE),
-                                 ("excluded", excluded, ratios.EXCLUDED)):
+    for name, table, columns in (("summary", tables["summary"], ratios.SUMMARY),
+                                 ("settings", tables["settings"], ratios.MATRIX),
+                                 ("family", tables["family"], ratios.FAMILY),
+                                 ("trend", tables["trend"], ratios.TREND),
+                                 ("compute", ratios.compute_rows(reached), ratios.COMPUTE),
+                                 ("excluded", tables["excluded"], ratios.EXCLUDED)):
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
         ckpt.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
@@ -294,9 +322,10 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
     return results
 
 
-def _distance_rows(target, cks, runs, results, metrics, weights, reference: list[int]) -> list[dict]:
+def _distance_rows(target, cks, runs, results, metrics, weights, against: dict[int, set]) -> list[dict]:
     """One row per pair of runs and metric, with a bootstrap interval over probe units (none for the
-    whole-probe statistics cka and lmc)."""
+    whole-probe statistics cka and lmc). ``against``: run -> the runs of the references its setting is
+    compared with (a pair of a run and one of those is a ``reference`` pair)."""
     cells = [(p, m) for p in results for m in metrics]
     unit = [(p, m) for p, m in cells if m not in WHOLE]  # every pair and pointwise metric in one resampling
     est = {}
@@ -309,7 +338,7 @@ def _distance_rows(target, cks, runs, results, metrics, weights, reference: list
         value, low, high = est.get(((i, j), m)) or (float(results[(i, j)][m][0]), math.nan, math.nan)
         a, b = cks[i], cks[j]
         sa, sb = runs[a.run].setting, runs[b.run].setting
-        kind = "floor" if sa == sb else "reference" if (i in reference) != (j in reference) else "pair"
+        kind = "floor" if sa == sb else "reference" if i in against[j] or j in against[i] else "pair"
         rows.append({"target": target, "run_a": a.run, "run_b": b.run, "setting_a": sa.label, "setting_b": sb.label,
                      "metric": m, "value": value, "ci_low": low, "ci_high": high, "loss_a": a.eval_loss,
                      "loss_b": b.eval_loss, "kind": kind, "overshoot_a": a.overshoot, "overshoot_b": b.overshoot})
@@ -348,5 +377,6 @@ def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str |
     if refs.nunique() > 1:
         lines.append("the reference setting differs between targets: "
                      + ", ".join(f"{t:g}: {r}" for t, r in refs.sort_index(ascending=False).items()))
-    lines += list(ratios.answer(summary, pd.read_csv(tables / "trend.csv"), metric=metric).values())
+    lines += list(ratios.answer(summary, pd.read_csv(tables / "trend.csv"), family=pd.read_csv(tables / "family.csv"),
+                                metric=metric).values())
     return lines

@@ -71,7 +71,11 @@ def _top1(a: Dist, b: Dist) -> torch.Tensor:
     return (a.top != b.top).to(torch.float32)
 
 
-ON_DISTS = {"tv": _tv, "kl": _kl, "js": _js, "top1": _top1}
+def _sq(a: Dist, b: Dist) -> torch.Tensor:
+    return (a.p - b.p).square_().sum(-1).mul_(0.5)
+
+
+ON_DISTS = {"tv": _tv, "kl": _kl, "js": _js, "top1": _top1, "sq": _sq}
 
 
 def tv(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,14 @@ def top1(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return (logits_p.argmax(-1) != logits_q.argmax(-1)).to(torch.float32)
 
 
-FUNCTIONS = {"tv": tv, "kl": kl, "js": js, "top1": top1}
+def sq(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Half the squared Euclidean distance 1/2 sum_k (p_k - q_k)^2, in [0, 1]. A squared Euclidean distance,
+    so between two settings it splits into the distance between their mean predicted distributions and
+    their seeds' spreads (the location test of :mod:`goldenpath.stats`)."""
+    return _sq(Dist(logits_p), Dist(logits_q))
+
+
+FUNCTIONS = {"tv": tv, "kl": kl, "js": js, "top1": top1, "sq": sq}
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

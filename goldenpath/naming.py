@@ -1,7 +1,8 @@
 """Run names: readable, stable and filesystem-safe, made from the knobs that set a run apart.
 
-    lr=0.05_bs=16_seed=0                      a sweep point (goldenpath sweep)
-    lr=0.05_bs=16_seed=0+fork-loss=2.2-bs=x4  its fork at loss target 2.2 with batch x 4
+    lr=0.05_bs=16_rep=0                       a sweep point (goldenpath sweep): replicate 0 of its setting
+    lr=0.05_bs=16_seed=0                      a sweep point of a paired design: seed 0 in every setting
+    lr=0.05_bs=16_rep=0+fork-loss=2.2-bs=x4   its fork at loss target 2.2 with batch x 4
     teacher-cnn_lr=0.05                       goldenpath train configs/teacher-cnn.yaml optim.lr=0.05
 """
 
@@ -15,8 +16,9 @@ from goldenpath.config import parse_override
 # short names of common knobs in run names
 ALIASES = {"optim.lr": "lr", "optim.batch_size": "bs", "noise.sigma": "sigma", "noise.clip": "clip",
            "noise.kind": "noise", "data.epochs": "epochs", "data.train_size": "n", "optim.momentum": "mom",
-           "model.width": "width", "model.depth": "depth", "optim.name": "opt"}
-_NOT_NAMED = ("out", "name", "log.progress", "threads")
+           "model.width": "width", "model.depth": "depth", "optim.name": "opt",
+           "replicate": "rep"}
+_NOT_NAMED = ("out", "name", "log.progress", "threads", "design")
 
 
 def value_text(value) -> str:

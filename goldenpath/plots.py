@@ -22,10 +22,11 @@ def _axes(ax):
 
 
 def run_order(configs: dict) -> list[str]:
-    """Run names ordered by their knobs: regime, lr, batch, noise, then seed (forks after their parent)."""
+    """Run names ordered by their knobs: regime, lr, batch, noise, then replicate (forks after their parent)."""
     def key(name):
         c = configs[name]
-        return (c.data.epochs, c.optim.lr, c.optim.batch_size, c.injected_sigma, c.fork.parent or "", c.seed, name)
+        return (c.data.epochs, c.optim.lr, c.optim.batch_size, c.injected_sigma, c.fork.parent or "",
+                c.seed if c.replicate is None else c.replicate, name)
 
     return sorted(configs, key=key)
 

@@ -84,6 +84,7 @@ def _compared(sweep_dir: Path, metric: str) -> tuple[dict, list[str], list[str]]
         compare(sweep_dir)
     t = {"distances": pd.read_parquet(tables / "distances.parquet"), "summary": pd.read_csv(tables / "summary.csv"),
          "settings": _read(tables / "settings.csv"), "trend": _read(tables / "trend.csv"),
+         "family": _read(tables / "family.csv"),
          "compute": _read(tables / "compute.csv")}
     metrics = list(dict.fromkeys([*t["distances"].metric, *t["summary"].metric]))
     metrics.sort(key=lambda m: m != metric)
@@ -116,7 +117,8 @@ def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmap
     name = f"{metric}: {METRIC_NAMES.get(metric, metric)}"
     parts = [f'<section class="metric" id="metric-{metric}"><h3>{html.escape(name)}</h3>']
     if not first:
-        parts += [f"<p><b>{html.escape(line)}</b></p>" for line in answer(summary, t["trend"], metric=metric).values()]
+        parts += [f"<p><b>{html.escape(line)}</b></p>"
+                  for line in answer(summary, t["trend"], family=t.get("family"), metric=metric).values()]
     part = settings[settings.metric == metric] if len(settings) else settings
     mine = summary[summary.metric == metric]
     if len(part):
@@ -232,9 +234,12 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
              "<nav>" + "".join(f'<a href="#{a}">{html.escape(b)}</a>' for a, b in links) + "</nav>",
              "<h2>The answer</h2>", f"<p>From the {metrics[0]} ratios:</p>" if metrics else "",
              "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said) or "<p>no loss-matched comparison</p>",
-             "<p>Ratio = mean distance between the seeds of a setting and of the reference / the pooled seed floor "
-             "of both; 95% intervals from a hierarchical bootstrap (seeds within settings, then probe units); p from "
-             "reassigning seeds between the two (Holm-adjusted within a target and regime).</p>"]
+             "<p>Ratio = mean distance between the seeds of a setting and of the reference (of its regime) / the "
+             "pooled seed floor of both; spread = the setting's own seed floor / the reference's; location = the same "
+             "ratio in the squared distance between predicted distributions, 1 + the distance between the two mean "
+             "functions over their spread. 95% intervals over seeds (the probe set held fixed); p from reassigning "
+             "seeds between settings, adjusted over the verdict's family (every setting of the regime at every "
+             "non-trivial target: min-P within a target, Bonferroni over targets).</p>"]
     heat = metrics[:1] if heatmap_metrics is None else list(heatmap_metrics)
     if metrics:
         parts += ["<h2>Setting x setting ratios</h2>", f"<p>One section per metric ({', '.join(metrics)}): the "

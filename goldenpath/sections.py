@@ -296,7 +296,9 @@ class Config:
 
     name: str = "run"                                 # run directory: <out>/<name>/
     out: str = "runs"
-    seed: int = 0                                     # model init and stream order
+    seed: int = 0                                     # model init, stream order and noise draws
+    replicate: int | None = None                      # which replicate of its setting (a sweep sets it)
+    design: Literal["independent", "paired"] | None = None  # how its sweep seeded settings (None: a lone run)
     cpu: bool = False                                 # force CPU even where a GPU is present
     threads: int | None = None                        # CPU threads; None: $OMP_NUM_THREADS, else cores / 2 (1-4)
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # bf16: autocast on GPU; fp64: for numerical checks
@@ -324,6 +326,8 @@ class Config:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*", self.name)),
                 "name", f"{self.name!r} is not a safe directory name", "use letters, digits and . _ - = +")
         require(0 <= self.seed < 2**20, "seed", f"got {self.seed}", "use 0 <= seed < 2**20")
+        require(self.replicate is None or self.replicate >= 0, "replicate", f"got {self.replicate}",
+                "use 0, 1, ... (a sweep numbers each setting's replicates)")
         require(self.threads is None or self.threads >= 1, "threads", f"got {self.threads}",
                 "use a positive number of CPU threads, or null for the default")
         require(not self.compile or self.noise.kind != "dp", "compile",

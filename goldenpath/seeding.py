@@ -2,6 +2,8 @@
 
 - ``stream_key(*parts)``: a 64-bit key for one stream (seed, split, purpose, step), mixed by numpy's
   SeedSequence; ``seeded_generator(*parts)``: a torch CPU generator from the same kind of key.
+- ``setting_seed(knobs, replicate)``: the seed of one replicate of one setting in a sweep with independent
+  seeds, a function of the setting's knobs and the replicate index alone;
 - ``counter_uniform`` / ``counter_normal``: counter-based draws (splitmix64), entry (i, j) a function of
   (key, index i, counter j) alone, so a sample's values depend on its stream position and nothing else:
   resume, sharding and replay reproduce them exactly without saved state.
@@ -9,6 +11,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -45,6 +49,19 @@ def stream_key(*parts: int) -> int:
 @lru_cache(maxsize=256)
 def _stream_key(parts: tuple[int, ...]) -> int:
     return _signed(int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]))
+
+
+SEED_SPACE = 2**20  # run seeds: online streams read pool indices seed * 2**40 + position (streams.ONLINE_STRIDE)
+_SETTING_SEED = 0x5E7714  # the purpose of the setting-seed stream
+
+
+def setting_seed(knobs: dict, replicate: int, attempt: int = 0) -> int:
+    """The run seed of replicate ``replicate`` of the setting ``knobs`` (dotted key -> value; the keys that
+    vary in the sweep): a hash of both, in [0, 2**20). Every (setting, replicate) gets its own initialisation,
+    stream order and noise draws; ``attempt`` draws another seed where two points of a sweep collide."""
+    text = json.dumps(knobs, sort_keys=True, default=str)
+    setting = int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "big")
+    return stream_key(_SETTING_SEED, setting, replicate, attempt) % SEED_SPACE
 
 
 def counter_uniform(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:

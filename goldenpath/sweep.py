@@ -6,7 +6,8 @@ A sweep config::
     base: ../teacher-cnn.yaml      # relative to this file
     set: {budget.samples: 20000}   # fixed overrides
     grid: {optim.lr: [0.05, 0.1], optim.batch_size: [16, 64]}
-    seeds: [0, 1]
+    seeds: [0, 1]                  # replicates of every setting
+    design: independent            # or paired (below)
     forks:                         # optional: children of grid points, run once their parent is done
       - {at_loss: 1.8, set: {optim.batch_size: x4}, where: {optim.lr: 0.1}}
 
@@ -16,6 +17,13 @@ separate ``goldenpath train`` process (``accelerate launch`` when ``processes`` 
 ``<out>/<name>/<run>/``. Re-running a sweep skips completed runs, resumes interrupted or failed ones,
 and leaves diverged ones unless ``retry_diverged``; a lock per run keeps two sweep processes on the
 same directory from running a point twice. ``runs.csv`` holds one row per run.
+
+Seeds: with ``design: independent`` (the default) every (setting, replicate) gets its own seed, a hash of the
+setting's grid values and the replicate index (``seeding.setting_seed``), so no two settings share an
+initialisation, a stream order or noise draws, and the permutation tests of ``goldenpath compare`` are exact;
+runs are named ``..._rep=<replicate>``. With ``design: paired`` replicate s is seed s in every setting ("the
+same start, different noise"), runs are named ``..._seed=<s>``, and compare analyses the settings within
+seeds. Each run's config records its ``seed``, ``replicate`` and ``design``; a fork keeps its parent's.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ from pathlib import Path
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config, parse_override, read_yaml, require
 from goldenpath.naming import fork_name, run_name, value_text  # noqa: F401  (run_name: part of the sweep API)
+from goldenpath.seeding import setting_seed
 
-SWEEP_KEYS = {"name", "base", "set", "grid", "seeds", "forks", "processes", "out", "slurm"}
+SWEEP_KEYS = {"name", "base", "set", "grid", "seeds", "design", "forks", "processes", "out", "slurm"}
+DESIGNS = ("independent", "paired")
 FORK_KEYS = {"at_loss", "at_step", "set", "where"}
 SLURM_KEYS = {"partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "account", "qos"}
 
@@ -58,11 +68,12 @@ class Sweep:
     base: Path
     set: dict
     grid: dict              # key (or "k1,k2") -> list of values
-    seeds: tuple
+    seeds: tuple            # replicate indices (paired: the seeds themselves)
     forks: tuple = ()
     processes: int = 1      # processes per run (accelerate launch when > 1)
     out: str = "runs"
     slurm: dict = field(default_factory=dict)
+    design: str = "independent"
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,16 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
         if width > 1:
             require(all(isinstance(v, list) and len(v) == width for v in values), f"sweep.grid.{key}",
                     f"joined keys need lists of {width} values", f"write [[a1, b1], [a2, b2], ...]")
+    for key in ("seed", "replicate", "design"):
+        require(key not in grid and key not in (raw.get("set") or {}), f"sweep.grid.{key}",
+                "a sweep sets each run's seed from seeds and design", "list replicates under seeds:")
     seeds = raw.get("seeds", [0])
-    require(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), "sweep.seeds",
-            f"got {seeds!r}", "write a list of integers, e.g. [0, 1]")
+    require(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
+            and len(set(seeds)) == len(seeds), "sweep.seeds", f"got {seeds!r}",
+            "write a list of distinct integers >= 0, e.g. [0, 1]")
+    design = raw.get("design", "independent")
+    require(design in DESIGNS, "sweep.design", f"got {design!r}",
+            "use independent (each setting its own seeds) or paired (the same seeds in every setting)")
     forks = []
     for i, f in enumerate(raw.get("forks") or []):
         require(isinstance(f, dict) and not set(f) - FORK_KEYS, f"sweep.forks[{i}]",
@@ -119,25 +137,34 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
     require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", name)), "sweep.name", f"{name!r} is not a safe "
             "directory name", "use letters, digits and . _ - = +")
     return Sweep(name=name, base=base, set=dict(raw.get("set") or {}), grid=dict(grid), seeds=tuple(seeds),
-                 forks=tuple(forks), processes=processes, out=str(raw.get("out", "runs")), slurm=slurm)
+                 forks=tuple(forks), processes=processes, out=str(raw.get("out", "runs")), slurm=slurm,
+                 design=design)
 
 
 # ----------------------------------------------------------------------------- points
 
 
 def expand(sweep: Sweep) -> list[Point]:
-    """Every grid point x seed (in grid order, seeds last), then the forks of the matching points."""
+    """Every grid point x replicate (in grid order, replicates last), then the forks of the matching points.
+    ``Point.knobs`` holds the grid values, ``seed`` and ``replicate``."""
     keys = list(sweep.grid)
-    points = []
+    settings = []
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
         knobs = {}
         for key, value in zip(keys, combo):
             parts = key.split(",")
             knobs.update(zip(parts, value) if len(parts) > 1 else [(key, value)])
-        for seed in sweep.seeds:
-            k = {**knobs, "seed": seed}
-            fixed = [f"{a}={value_text(b)}" for a, b in sweep.set.items()]
-            points.append(Point(run_name(k), k, (*fixed, *(f"{a}={value_text(b)}" for a, b in k.items()))))
+        settings.append(knobs)
+    seeds = _seeds(sweep, settings)
+    fixed = [f"{a}={value_text(b)}" for a, b in sweep.set.items()]
+    points = []
+    for k, knobs in enumerate(settings):
+        for rep in sweep.seeds:
+            seed = seeds[(k, rep)]
+            named = {**knobs, "seed" if sweep.design == "paired" else "replicate": rep}
+            overrides = (*fixed, *(f"{a}={value_text(b)}" for a, b in knobs.items()), f"seed={seed}",
+                         f"replicate={rep}", f"design={sweep.design}")
+            points.append(Point(run_name(named), {**knobs, "seed": seed, "replicate": rep}, overrides))
     forks = []
     for spec in sweep.forks:
         for p in points:
@@ -149,6 +176,28 @@ def expand(sweep: Sweep) -> list[Point]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     require(not dupes, "sweep.grid", f"two points share the name {dupes[:1]}", "vary each key once")
     return points + forks
+
+
+def _seeds(sweep: Sweep, settings: list[dict]) -> dict[tuple[int, int], int]:
+    """(setting index, replicate) -> run seed. Paired: the replicate itself. Independent: a hash of the
+    setting's grid values and the replicate; where two points collide, the one later in (setting hash,
+    replicate) order draws again, so adding a grid value leaves other points' seeds alone (unless it wins a
+    collision, about once in 10^4 points, which the run directory's config check then reports)."""
+    if sweep.design == "paired":
+        return {(k, rep): rep for k in range(len(settings)) for rep in sweep.seeds}
+    attempt = {(k, rep): 0 for k in range(len(settings)) for rep in sweep.seeds}
+    while True:
+        seeds = {key: setting_seed(settings[key[0]], key[1], attempt[key]) for key in attempt}
+        owner: dict[int, tuple] = {}
+        clash = False
+        for key in sorted(attempt, key=lambda key: (setting_seed(settings[key[0]], key[1]), key[1], key[0])):
+            if seeds[key] in owner:
+                attempt[key] += 1
+                clash = True
+            else:
+                owner[seeds[key]] = key
+        if not clash:
+            return seeds
 
 
 # ----------------------------------------------------------------------------- runs.csv

@@ -122,11 +122,11 @@ def make_run(sweep_dir, name, overrides, targets, *, fit_steps=0):
 @pytest.fixture
 def sweep(tmp_path):
     d = tmp_path / "s"
-    make_run(d, "a0", ["optim.lr=0.01", "seed=0"], [(2.0, 1.99), (1.9, 1.89)])
+    make_run(d, "a0", ["optim.lr=0.01", "seed=0"], [(2.0, 1.99), (1.9, 1.89)])  # every run its own seed
     make_run(d, "a1", ["optim.lr=0.01", "seed=1"], [(2.0, 1.995), (1.9, 1.899)])
-    make_run(d, "b0", ["optim.lr=0.1", "seed=0"], [(2.0, 1.9), (1.9, 1.88)])  # overshot 2.0 by 0.1
-    make_run(d, "b1", ["optim.lr=0.1", "seed=1"], [(2.0, 1.99)])
-    make_run(d, "c0", ["optim.lr=0.001", "data.epochs=2", "data.train_size=64", "seed=0"], [(2.0, 1.99)])
+    make_run(d, "b0", ["optim.lr=0.1", "seed=2"], [(2.0, 1.9), (1.9, 1.88)])  # overshot 2.0 by 0.1
+    make_run(d, "b1", ["optim.lr=0.1", "seed=3"], [(2.0, 1.99)])
+    make_run(d, "c0", ["optim.lr=0.001", "data.epochs=2", "data.train_size=64", "seed=4"], [(2.0, 1.99)])
     return d
 
 
@@ -145,14 +145,21 @@ def test_settings_floors_reference_and_ratios_on_a_hand_made_sweep(sweep):
     d = {(r.run_a, r.run_b): r.value for r in at2.itertuples()}
     summary = pd.read_csv(sweep / "compare" / "summary.csv")
     tv2 = summary[(summary.target == 2.0) & (summary.metric == "tv")].set_index("setting")
-    assert list(tv2.index) == ["a0", "b0", "c0"] and set(tv2.reference) == {"a0"}  # settings named by a run
+    # settings named by a run; each regime has its reference (c is the only offline setting)
+    assert list(tv2.index) == ["a0", "b0", "c0"] and list(tv2.reference) == ["a0", "a0", "c0"]
     b = tv2.loc["b0"]
-    assert (b.n_seeds, b.n_ref_seeds, b.regime) == (1, 2, "online")
+    assert (b.n_seeds, b.n_ref_seeds, b.regime, b.design) == (1, 2, "online", "independent")
     assert b.d_cross == pytest.approx((d[("a0", "b1")] + d[("a1", "b1")]) / 2)
     assert b.d_floor == pytest.approx(d[("a0", "a1")])  # b has one seed here: the floor is a's
-    assert b.ratio == pytest.approx(b.d_cross / b.d_floor) and b.ci_low <= b.ratio <= b.ci_high
-    assert 0 < b.p_value <= 1 and b.p_holm >= b.p_value and tv2.loc["c0"].regime == "offline"
+    assert b.ratio == pytest.approx(b.d_cross / b.d_floor) and b.ref_floor == pytest.approx(d[("a0", "a1")])
+    assert np.isnan(b.ci_low) and np.isnan(b.floor)  # one seed: no floor of its own, no interval
+    assert 0 < b.p_value <= 1 and not b.in_family and np.isnan(b.p_adjusted)  # the family needs two seeds
+    c = tv2.loc["c0"]
+    assert c.regime == "offline" and np.isnan(c.ratio) and c.online_reference == "a0"  # the second reading
+    assert c.online_ratio == pytest.approx((d[("a0", "c0")] + d[("a1", "c0")]) / 2 / d[("a0", "a1")])
     assert np.isnan(tv2.loc["a0"].ratio)  # the reference itself
+    family = pd.read_csv(sweep / "compare" / "family.csv")
+    assert set(family.regime) == {"online", "offline"} and (family.settings == 0).all()
     matrix = pd.read_csv(sweep / "compare" / "settings.csv")
     assert len(matrix[(matrix.target == 2.0) & (matrix.metric == "tv")]) == 3  # a-b, a-c, b-c
     compute = pd.read_csv(sweep / "compare" / "compute.csv")
@@ -167,6 +174,26 @@ def test_settings_floors_reference_and_ratios_on_a_hand_made_sweep(sweep):
     b = pd.read_csv(sweep / "compare" / "summary.csv").set_index(["target", "setting"]).loc[(2.0, "b0")]
     dk = {(r.run_a, r.run_b): r.value for r in kept[kept.target == 2.0].itertuples()}
     assert b.d_floor == pytest.approx((dk[("a0", "a1")] + dk[("b0", "b1")]) / 2)  # the pooled floor
+
+
+def test_compare_reads_the_design_from_the_seeds_and_refuses_to_mix_designs(tmp_path):
+    """Settings that share every seed are analysed within seeds (2^3 swaps for three seeds); runs of a
+    paired and an independent sweep in one directory are refused."""
+    d = tmp_path / "p"
+    for s in (0, 1, 2):
+        for name, lr in (("a", 0.01), ("b", 0.1)):
+            make_run(d, f"{name}{s}", [f"optim.lr={lr}", f"seed={s}", f"replicate={s}", "design=paired"],
+                     [(2.0, 1.99)])
+    cmp.compare(d, ("tv",), n_boot=20)
+    row = pd.read_csv(d / "compare" / "settings.csv").iloc[0]
+    assert (row.design, row.permutations) == ("paired", 8)
+    frame = pd.read_parquet(d / "compare" / "distances.parquet")
+    same = frame[(frame.kind == "reference") & (frame.run_a.str[1] == frame.run_b.str[1])]
+    d_cross = frame[(frame.kind == "reference") & (frame.run_a.str[1] != frame.run_b.str[1])].value.mean()
+    assert len(same) == 3 and row.d_cross == pytest.approx(d_cross)  # same-seed pairs are not in D
+    make_run(d, "c0", ["optim.lr=0.2", "seed=7", "replicate=0", "design=independent"], [(2.0, 1.99)])
+    with pytest.raises(ConfigError, match="different seed designs"):
+        cmp.compare(d, ("tv",))
 
 
 def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
@@ -190,7 +217,7 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, mo
     monkeypatch.setattr(cmp, "pair_sums", counting)
     cmp.compare(sweep, ("tv",), n_boot=50)
     assert computed == []
-    make_run(sweep, "b2", ["optim.lr=0.1", "seed=2"], [(2.0, 1.99)])
+    make_run(sweep, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)])
     frame = cmp.compare(sweep, ("tv",), n_boot=50)
     assert len(computed) == 4  # b2 against each of the four runs kept at 2.0 (b0 overshot it)
     assert len(frame[frame.target == 2.0]) == 10
@@ -269,7 +296,7 @@ def loaded(sweep, run, target=2.0):
 def trained(tmp_path_factory):
     """Two settings of two seeds whose checkpoints learned a little (positive barriers between seeds)."""
     d = tmp_path_factory.mktemp("trained") / "s"
-    for name, lr, seed, steps in (("a0", 0.01, 0, 20), ("a1", 0.01, 1, 20), ("b0", 0.1, 0, 8), ("b1", 0.1, 1, 8)):
+    for name, lr, seed, steps in (("a0", 0.01, 0, 20), ("a1", 0.01, 1, 20), ("b0", 0.1, 2, 8), ("b1", 0.1, 3, 8)):
         make_run(d, name, [f"optim.lr={lr}", f"seed={seed}"], [(2.0, 1.99)], fit_steps=steps)
     return d
 
@@ -281,11 +308,12 @@ def test_cka_and_lmc_get_pair_rows_and_setting_ratios_with_seed_intervals(traine
     source = config.data.build()
     probe = source.heldout("probe")
     rows = frame[frame.target == 2.0].set_index(["run_a", "run_b", "metric"])
-    a0, a1, b1 = (loaded(sweep, r) for r in ("a0", "a1", "b1"))
-    assert rows.loc[("a0", "b1", "lmc")].value > 0.05  # trained models: a real barrier to match
+    cross = max((("a0", "b0"), ("a0", "b1"), ("a1", "b0"), ("a1", "b1")), key=lambda p: rows.loc[(*p, "lmc")].value)
+    assert rows.loc[(*cross, "lmc")].value > 0.05  # trained models: a real barrier to match
+    a0, a1 = loaded(sweep, "a0"), loaded(sweep, "a1")
     chunks = [{k: v[lo : lo + 24] for k, v in probe.items()} for lo in range(0, len(probe["ids"]), 24)]
-    _, _, want = lmc.barrier(a0, b1, chunks, k=11)
-    assert rows.loc[("a0", "b1", "lmc")].value == pytest.approx(want, rel=1e-6, abs=1e-9)
+    _, _, want = lmc.barrier(loaded(sweep, cross[0]), loaded(sweep, cross[1]), chunks, k=11)
+    assert rows.loc[(*cross, "lmc")].value == pytest.approx(want, rel=1e-6, abs=1e-9)
     want = 1 - linear_cka(penultimate(a0, probe, "cnn"), penultimate(a1, probe, "cnn"))
     assert rows.loc[("a0", "a1", "cka")].value == pytest.approx(want, rel=1e-6, abs=1e-9)
     whole = frame[frame.metric.isin(["cka", "lmc"])]
@@ -299,8 +327,8 @@ def test_cka_and_lmc_get_pair_rows_and_setting_ratios_with_seed_intervals(traine
         assert b.d_cross == pytest.approx(np.mean([d[(a, c)] for a in ("a0", "a1") for c in ("b0", "b1")]))
         assert b.d_floor == pytest.approx((d[("a0", "a1")] + d[("b0", "b1")]) / 2)
         assert b.ratio == pytest.approx(b.d_cross / b.d_floor)
-        # seeds alone are resampled (the probe set held fixed): the interval holds the estimate, and the
-        # exact permutation p over the 6 splits of 2 + 2 seeds is a multiple of 1/6
+        # seeds alone vary (the probe set held fixed): the interval holds the estimate, and the exact
+        # permutation p over the 6 splits of 2 + 2 seeds is a multiple of 1/6
         assert b.ci_low <= b.ratio <= b.ci_high and b.ci_high > b.ci_low, metric
         assert b.p_value * 6 == pytest.approx(round(b.p_value * 6))
     assert set(pd.read_csv(sweep / "compare" / "settings.csv").metric) == {"tv", "cka", "lmc"}
@@ -309,7 +337,7 @@ def test_cka_and_lmc_get_pair_rows_and_setting_ratios_with_seed_intervals(traine
 def test_default_metrics_are_the_pointwise_ones_and_a_bad_metric_names_the_option(sweep):
     frame = cmp.compare(sweep, n_boot=20)
     assert set(frame.metric) == {"tv", "kl", "js", "top1"}
-    with pytest.raises(ConfigError, match=r"^--metrics: unknown metric 'ckaa'; use some of tv,kl,js,top1,cka,lmc$"):
+    with pytest.raises(ConfigError, match=r"^--metrics: unknown metric 'ckaa'; use some of tv,kl,js,top1,sq,cka,lmc$"):
         cmp.compare(sweep, ("tv", "ckaa"))
     with pytest.raises(ConfigError, match="--lmc-points"):
         cmp.compare(sweep, ("lmc",), lmc_points=1)

@@ -145,12 +145,12 @@ WHOLE = ("cka", "lmc")  # one value per pair of runs: no interval over probe uni
 def demo_like(root: Path) -> Path:
     """A sweep directory shaped like ``goldenpath demo``'s (lr x batch x online/offline x 5 seeds, 4 targets, 4
     metrics) with made-up curves and ``compare/`` tables in compare's columns: the report at full size, no training."""
-    from goldenpath.ratios import COMPUTE, MATRIX, SUMMARY, setting_label
+    from goldenpath.ratios import COMPUTE, FAMILY, MATRIX, SUMMARY, setting_label
 
     rng = np.random.default_rng(0)
     sweep, runs = root / "demo", []
     for lr, bs, (epochs, n), seed in itertools.product((0.02, 0.05), (32, 128), ((1, None), (10, 4096)), range(5)):
-        name = f"lr={lr}_bs={bs}_epochs={epochs}_n={n or 'none'}_seed={seed}"
+        name = f"lr={lr}_bs={bs}_epochs={epochs}_n={n or 'none'}_rep={seed}"
         run = sweep / name
         run.mkdir(parents=True)
         run.joinpath("config.yaml").write_text(
@@ -169,7 +169,7 @@ def demo_like(root: Path) -> Path:
     pd.DataFrame(runs).drop(columns=["setting", "regime", "knobs"]).to_csv(sweep / "runs.csv", index=False)
     settings = {r["setting"]: r for r in runs}
     ref = "lr=0.02_bs=128_epochs=1_n=none"
-    dist, summary, matrix, compute = [], [], [], []
+    dist, summary, matrix, compute, family = [], [], [], [], []
     for target, metric in itertools.product(TARGETS, LENSES):
         for a, b in itertools.combinations(runs, 2):
             kind = "floor" if a["setting"] == b["setting"] else "reference" if ref in (a["setting"], b["setting"]) \
@@ -186,12 +186,20 @@ def demo_like(root: Path) -> Path:
                            "regime_a": settings[sa]["regime"], "regime_b": settings[sb]["regime"], "n_a": 5,
                            "n_b": 5, "d_cross": 0.1 * r, "d_floor": 0.1, "ratio": r, "ci_low": r - 0.2,
                            "ci_high": r + 0.2, "p_value": 0.008 if r > 1.5 else 0.3, "permutations": 252})
+        for regime in ("online", "offline"):
+            family.append({"target": target, "metric": metric, "regime": regime, "reference": ref, "settings": 3,
+                           "p_global": 0.001, "p_adjusted": 0.004, "smallest_p": 0.0005, "smallest_adjusted": 0.002,
+                           "targets": 4, "trivial": False, "trivial_loss": 1.73})
         for s, info in settings.items():
             r = np.nan if s == ref else float(rng.uniform(0.9, 2.0))
             summary.append({"target": target, "metric": metric, "regime": info["regime"], "setting": s,
                             "reference": ref, "n_seeds": 5, "n_ref_seeds": 5, "noise_scale": 0.001, "d_cross": 0.1 * r,
                             "d_floor": 0.1, "ratio": r, "ci_low": r - 0.2, "ci_high": r + 0.2,
-                            "p_value": 0.008 if r > 1.5 else 0.3, "p_holm": 0.024 if r > 1.5 else 0.6, **info["knobs"]})
+                            "p_value": 0.008 if r > 1.5 else 0.3, "p_adjusted": 0.024 if r > 1.5 else 0.6,
+                            "in_family": s != ref, "trivial": False, "spread": 1.1, "spread_low": 0.9,
+                            "spread_high": 1.3, "spread_p_adjusted": 0.5, "location": r, "location_low": r - 0.1,
+                            "location_high": r + 0.1, "location_p_adjusted": 0.03 if r > 1.5 else 0.7,
+                            **info["knobs"]})
     for target, (s, info) in itertools.product(TARGETS, settings.items()):
         compute.append({"target": target, "setting": s, "regime": info["regime"], "n_seeds": 5, "n_reached": 5,
                         "steps_mean": 100 / target, "steps_min": 90, "steps_max": 110, "samples_mean": 3200,
@@ -199,8 +207,9 @@ def demo_like(root: Path) -> Path:
     tables = sweep / "compare"
     tables.mkdir()
     pd.DataFrame(dist).to_parquet(tables / "distances.parquet", index=False)
-    pd.DataFrame(summary)[[*SUMMARY, *runs[0]["knobs"]]].to_csv(tables / "summary.csv", index=False)
-    pd.DataFrame(matrix)[MATRIX].to_csv(tables / "settings.csv", index=False)
+    pd.DataFrame(summary).reindex(columns=[*SUMMARY, *runs[0]["knobs"]]).to_csv(tables / "summary.csv", index=False)
+    pd.DataFrame(family).reindex(columns=FAMILY).to_csv(tables / "family.csv", index=False)
+    pd.DataFrame(matrix).reindex(columns=MATRIX).to_csv(tables / "settings.csv", index=False)
     pd.DataFrame(compute)[[*COMPUTE, *runs[0]["knobs"]]].to_csv(tables / "compute.csv", index=False)
     pd.DataFrame(columns=["target", "metric", "regime", "reference", "settings", "slope", "ci_low", "ci_high"]).to_csv(
         tables / "trend.csv", index=False)
@@ -243,7 +252,7 @@ def test_report_has_every_section_and_needs_no_network(report):
 
 def has_lens_sections(page: str, sweep_dir: Path) -> None:
     """cka and lmc each get a section like the output metrics: heading, answer, the setting x setting ratio
-    figure, the table against the reference (ratio, interval, Holm p) and the distances against loss."""
+    figure, the table against the reference (ratio, interval, p) and the distances against loss."""
     from goldenpath.report import METRIC_NAMES
 
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
@@ -255,7 +264,7 @@ def has_lens_sections(page: str, sweep_dir: Path) -> None:
         assert re.findall(r'data-figure="([a-z-]+)"', body) == ["ratios", "distance-vs-loss"], m
         assert f"<h4>{m}: against the reference</h4>" in body
         table = body[body.find("<table"):body.find("</table>")]
-        assert all(f"<th>{c}</th>" in table for c in ("ratio", "ci_low", "ci_high", "p_holm")), m
+        assert all(f"<th>{c}</th>" in table for c in ("ratio", "ci_low", "ci_high", "p_value")), m
         rows = summary[(summary.metric == m) & (summary.setting != summary.reference)]
         assert table.count("<tr>") == len(rows) > 0  # one body row per setting and target (the header row is styled)
 

@@ -55,16 +55,55 @@ def test_grid_expands_in_order_with_readable_unique_names(tmp_path):
     points = expand(load_sweep(path))
     base = [p for p in points if p.parent is None]
     assert len(base) == 2 * 2 * 2 * 2 and len(points) == 16 + 8
-    assert base[0].name == "lr=0.05_bs=16_epochs=1_n=none_seed=0"
-    assert base[-1].name == "lr=0.1_bs=64_epochs=4_n=256_seed=1"
+    assert base[0].name == "lr=0.05_bs=16_epochs=1_n=none_rep=0"
+    assert base[-1].name == "lr=0.1_bs=64_epochs=4_n=256_rep=1"
     assert len({p.name for p in points}) == len(points)
     assert all(p.knobs["optim.lr"] == 0.1 for p in points if p.parent)
-    assert points[-1].name == "lr=0.1_bs=64_epochs=4_n=256_seed=1+fork-loss=2.2-bs=x4"
+    assert points[-1].name == "lr=0.1_bs=64_epochs=4_n=256_rep=1+fork-loss=2.2-bs=x4"
     # the overrides reproduce the knobs
     config = load_config(tmp_path / "base.yaml", base[-1].overrides)
-    assert (config.optim.lr, config.optim.batch_size, config.data.epochs, config.data.train_size, config.seed) == \
-        (0.1, 64, 4, 256, 1)
+    assert (config.optim.lr, config.optim.batch_size, config.data.epochs, config.data.train_size, config.replicate,
+            config.design) == (0.1, 64, 4, 256, 1, "independent")
+    assert config.seed == base[-1].knobs["seed"]
     assert run_name({"a.x": 1, "b.x": 2}) == "a-x=1_b-x=2"  # same last part: the full key
+
+
+def test_independent_seeds_differ_across_every_setting_and_paired_ones_are_shared(tmp_path):
+    """The default design: no two points of a sweep share a seed (so no two settings share an
+    initialisation or a stream order); a point's seed depends on its setting and replicate alone. The
+    paired design gives replicate s seed s in every setting."""
+    from goldenpath.seeding import setting_seed
+
+    grid = "grid: {optim.lr: [0.02, 0.05, 0.1], 'data.epochs,data.train_size': [[1, null], [4, 256]]}\n"
+    path = write_sweep(tmp_path, grid + "seeds: [0, 1, 2, 3, 4]\n")
+    points = expand(load_sweep(path))
+    seeds = [p.knobs["seed"] for p in points]
+    assert len(points) == 30 and len(set(seeds)) == 30
+    configs = [load_config(tmp_path / "base.yaml", p.overrides) for p in points]
+    assert [c.seed for c in configs] == seeds and {c.design for c in configs} == {"independent"}
+    # the seed fixes the model's initialisation and the stream's sample ids: no two runs share either
+    from goldenpath.data import build_stream
+    from goldenpath.models import build_model
+
+    info = configs[0].data.build().info
+    inits = {repr(next(build_model(c.model, info, seed=c.seed).parameters()).flatten()[:4].tolist()) for c in configs}
+    assert len(inits) == 30
+    source = configs[0].data.build()
+    firsts = {int(build_stream(source, c.data, seed=c.seed, batch_size=4, micro_batch_size=4).indices(0, 1)[0])
+              for c in configs if c.data.epochs == 1}
+    assert len(firsts) == 15
+    # a point's seed is a function of its setting and replicate: a wider grid leaves it alone
+    (tmp_path / "w").mkdir()
+    (tmp_path / "p").mkdir()
+    wider = write_sweep(tmp_path / "w", grid.replace("0.1]", "0.1, 0.2]") + "seeds: [0, 1, 2, 3, 4, 5]\n")
+    again = {p.name: p.knobs["seed"] for p in expand(load_sweep(wider))}
+    assert all(again[p.name] == p.knobs["seed"] for p in points)
+    assert points[0].knobs["seed"] == setting_seed({"optim.lr": 0.02, "data.epochs": 1, "data.train_size": None}, 0)
+
+    paired = write_sweep(tmp_path / "p", grid + "seeds: [0, 1]\ndesign: paired\n")
+    points = expand(load_sweep(paired))
+    assert [p.knobs["seed"] for p in points] == [0, 1] * 6 and points[1].name.endswith("_seed=1")
+    assert load_config(tmp_path / "p" / "base.yaml", points[1].overrides).design == "paired"
 
 
 @pytest.mark.parametrize("body, field", [
@@ -72,6 +111,9 @@ def test_grid_expands_in_order_with_readable_unique_names(tmp_path):
     ("grid: {optim.lr: 0.1}\n", "sweep.grid.optim.lr"),
     ("grdi: {optim.lr: [0.1]}\n", "sweep.grdi"),
     ("seeds: [a]\n", "sweep.seeds"),
+    ("seeds: [0, 0]\n", "sweep.seeds"),
+    ("design: matched\n", "sweep.design"),
+    ("grid: {seed: [1, 2]}\n", "sweep.grid.seed"),
     ("grid: {'data.epochs,data.train_size': [[1]]}\n", "sweep.grid.data.epochs,data.train_size"),
     ("forks: [{set: {optim.lr: 0.1}}]\n", "sweep.forks[0]"),
     ("grid: {optim.lr: [0.1, -1]}\n", "optim.lr"),  # every point is checked before anything runs
@@ -189,11 +231,11 @@ def test_a_diverging_point_is_recorded_and_the_rest_complete(tmp_path):
     out = sweep_cli(path, "--jobs", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     table = rows(tmp_path / "out" / "s")
-    assert table["lr=1000_seed=0"]["state"] == "diverged"
-    assert table["lr=0.05_seed=0"]["state"] == "completed"
+    assert table["lr=1000_rep=0"]["state"] == "diverged"
+    assert table["lr=0.05_rep=0"]["state"] == "completed"
     again = sweep_cli(path)  # diverged points are not retried unless asked
     assert again.returncode == 0 and "1 diverged" in again.stdout
-    status = read_json(tmp_path / "out" / "s" / "lr=1000_seed=0" / "status.json")
+    status = read_json(tmp_path / "out" / "s" / "lr=1000_rep=0" / "status.json")
     assert status["state"] == "diverged"
 
 
@@ -228,7 +270,7 @@ def test_slurm_arrays_hold_the_points_to_run_then_the_forks(tmp_path):
     assert first[1:3] == ["-m", "accelerate.commands.launch"] and first[first.index("--num_processes") + 1] == "2"
     tail = first[first.index("goldenpath") + 1:]
     assert tail == ["train", str(sweep.base), *points[1].overrides, f"out={sweep_dir}", f"name={points[1].name}"]
-    assert "seed=1" in tail
+    assert f"seed={points[1].knobs['seed']}" in tail and "replicate=1" in tail
     fork_cmd = arrays[1][0]
     assert fork_cmd[fork_cmd.index("goldenpath") + 1:][:4] == ["fork", str(sweep_dir / points[0].name),
                                                                "--at-loss", "2.2"]
@@ -285,8 +327,8 @@ def test_a_sweep_of_two_process_runs_goes_through_accelerate_launch(tmp_path):
                                  "grid: {optim.lr: [0.05]}\nseeds: [0]\nprocesses: 2\n")
     out = sweep_cli(path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    status = read_json(tmp_path / "out" / "s" / "lr=0.05_seed=0" / "status.json")
+    status = read_json(tmp_path / "out" / "s" / "lr=0.05_rep=0" / "status.json")
     assert status["state"] == "completed" and status["processes"] == 2 and status["replicas_in_sync"] is True
-    run = tmp_path / "out" / "s" / "lr=0.05_seed=0"
+    run = tmp_path / "out" / "s" / "lr=0.05_rep=0"
     r0, r1 = ids(run / "samples" / "rank0.i64"), ids(run / "samples" / "rank1.i64")
     assert len(r0) == len(r1) == 320 and not set(r0.tolist()) & set(r1.tolist())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from goldenpath.config import load_config
+from goldenpath.config import ConfigError, load_config
 from goldenpath.data.synthetic import MarkovStream
 from goldenpath.seeding import counter_normal, counter_uniform, stream_key
 
@@ -46,7 +46,8 @@ def test_the_cached_teacher_is_the_calibrated_one_and_a_bad_cache_file_is_rebuil
     monkeypatch.setenv("GOLDENPATH_CACHE", str(tmp_path))
     calibrations = []
     real = TeacherStream._make_teacher
-    monkeypatch.setattr(TeacherStream, "_make_teacher", lambda self: calibrations.append(1) or real(self))
+    monkeypatch.setattr(TeacherStream, "_make_teacher",
+                        lambda self, purpose=10: calibrations.append(1) or real(self, purpose))
     first = source("data.image_size=16")
     (cached,) = tmp_path.glob("teacher-*.pt")
     second = source("data.image_size=16")
@@ -179,3 +180,29 @@ def test_teacher_logits_are_its_plain_forward_and_labels_train():
     w = torch.zeros(3 * 16 * 16, 10, requires_grad=True)
     torch.nn.functional.cross_entropy(batch["x"].flatten(1) @ w, batch["y"]).backward()
     assert w.grad is not None and not batch["y"].is_inference()
+
+
+def test_mix_labels_that_fraction_of_training_samples_by_a_second_teacher_and_nothing_else():
+    """A planted difference of graded strength: the images, the eval and probe labels and the first
+    teacher's training labels are those of mix=0 (bit for bit); a fraction mix of the training samples,
+    chosen by sample id, draws its label from a second teacher."""
+    plain = source("data.image_size=8")
+    mixed = source("data.image_size=8", "data.mix=0.3")
+    index = torch.arange(20000)
+    a, b = plain.train_batch(index), mixed.train_batch(index)
+    assert torch.equal(a["x"], b["x"])
+    for split in ("eval", "probe"):
+        assert torch.equal(plain.heldout(split)["y"], mixed.heldout(split)["y"])
+    assert mixed.loss_floor() == plain.loss_floor()
+    x = a["x"]
+    p1, p2 = torch.softmax(plain.logits(x), -1), torch.softmax(mixed.logits(x, mixed.second), -1)
+    assert (p1 - p2).abs().sum(-1).mean() > 0.3  # an independent teacher
+    # the second teacher labels the samples its id rule picks (about 30%), and only those can change
+    chosen = counter_uniform(stream_key(0, 0, 3), index, 1)[:, 0] < 0.3
+    changed = a["y"] != b["y"]
+    assert abs(chosen.float().mean() - 0.3) < 0.01 and not (changed & ~chosen).any()
+    assert torch.equal(mixed.train_batch(index)["y"], b["y"])  # by sample id: the same labels on every call
+    log_p = {t: torch.log(p[changed].gather(1, b["y"][changed, None])).mean() for t, p in (("1", p1), ("2", p2))}
+    assert changed.float().mean() > 0.15 and log_p["2"] > log_p["1"] + 0.5  # the changed labels are the second's
+    with pytest.raises(ConfigError, match="data.mix"):
+        source("data.mix=1.5")

@@ -10,7 +10,10 @@ produced on demand, and resuming is free. Nothing is downloaded and nothing larg
   ``mean_x H(softmax(T(x) / temperature))``. Images are computed in float64 and rounded, so a sample's
   pixels do not depend on the batch it is generated in; the teacher runs in float32, whose logits can move
   by ~1e-6 with the batch size, which changes a label only if its uniform draw lies that close to a class
-  boundary (about one sample in 10^6).
+  boundary (about one sample in 10^6). ``mix`` plants a difference of graded strength: that fraction of
+  the *training* samples (chosen by sample id) is labelled by a second, independent teacher, so a run
+  learns a mixture of the two; eval and probe labels stay the first teacher's (the power curve of
+  ``analysis/golden_path.py``).
 * **markov** (text): an order-``k`` source over ``vocab_size`` tokens; the next-token logits of each context
   are ``sharpness * N(0, 1)`` hashed from the context, so the source is infinite and stores nothing (the
   table is cached when small). The first ``k`` tokens of a sequence are uniform. Bayes-optimal loss: the
@@ -67,9 +70,12 @@ class TeacherData(DataConfig):
     max_frequency: int = 2         # highest spatial frequency (cycles per image) of the random fields
     temperature: float = 0.5       # labels ~ softmax(T(x) / temperature), T's logits standardised
     teacher_width: int = 16        # channels of the teacher CNN
+    mix: float = 0.0               # a planted difference: this fraction of training labels (never eval or
+                                   # probe ones) is drawn from a second, independent teacher
 
     def check(self) -> None:
         super().check()
+        require(0.0 <= self.mix <= 1.0, "data.mix", f"got {self.mix}", "use a fraction in [0, 1]")
         require(self.image_size >= 8, "data.image_size", f"got {self.image_size}", "use >= 8 pixels")
         require(self.channels >= 1, "data.channels", f"got {self.channels}", "use >= 1")
         require(self.classes >= 2, "data.classes", f"got {self.classes}", "use >= 2 classes")
@@ -93,6 +99,7 @@ class TeacherStream:
         self.info = SourceInfo("classification", (cfg.channels, cfg.image_size, cfg.image_size), cfg.classes)
         self._basis = self._fourier_basis()
         self.teacher = self._cached_teacher()
+        self.second = self._cached_teacher(purpose=11) if cfg.mix > 0 else None
 
     def _fourier_basis(self) -> torch.Tensor:
         """[2M, H*W]: cos and sin of the M modes with |kx|, |ky| <= K, weighted ~ 1/(1+|k|), unit pixel variance."""
@@ -117,7 +124,7 @@ class TeacherStream:
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(w * 16, self.cfg.classes))
 
-    def _cached_teacher(self) -> nn.Module:
+    def _cached_teacher(self, purpose: int = 10) -> nn.Module:
         """The calibrated teacher, from the disk cache when this exact code and config made it before.
 
         Calibration is a float64 forward over 4096 images (about half a second on a CPU), paid by every
@@ -127,7 +134,7 @@ class TeacherStream:
         from goldenpath.checkpoints import atomic_write, cache_dir
 
         fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
-                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__)
+                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__) + ((purpose,) if purpose != 10 else ())
         key = hashlib.sha1(Path(__file__).read_bytes() + repr(fields).encode()).hexdigest()[:20]
         path = cache_dir() / f"teacher-{key}.pt"
         try:
@@ -135,7 +142,7 @@ class TeacherStream:
             net.load_state_dict(torch.load(path, weights_only=True))
             return net.requires_grad_(False).eval()
         except Exception:  # noqa: BLE001 - missing, torn or foreign: calibrate and cache
-            net = self._make_teacher()
+            net = self._make_teacher(purpose)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp), durable=False)
@@ -143,8 +150,8 @@ class TeacherStream:
             pass
         return net
 
-    def _make_teacher(self) -> nn.Module:
-        g = torch.Generator().manual_seed(stream_key(self.cfg.seed, 10) & (2**63 - 1))
+    def _make_teacher(self, purpose: int = 10) -> nn.Module:
+        g = torch.Generator().manual_seed(stream_key(self.cfg.seed, purpose) & (2**63 - 1))
         net = self._teacher_net()
         with torch.no_grad():
             for p in net.parameters():
@@ -166,11 +173,11 @@ class TeacherStream:
         z = counter_normal(stream_key(self.cfg.seed, split, 0), index, c * len(self._basis))
         return (z.view(-1, c, len(self._basis)) @ self._basis).view(-1, c, n, n).to(torch.float32)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
         """The teacher's tempered logits T(x) / temperature (the log of the true label distribution + const)."""
         with torch.inference_mode():
             z = x
-            for layer in self.teacher:
+            for layer in self.teacher if teacher is None else teacher:
                 # adaptive pooling to 4 x 4 of a 4 x 4 map averages single pixels: the identity, exactly
                 if not (isinstance(layer, nn.AdaptiveAvgPool2d) and z.shape[-2:] == (4, 4)):
                     z = layer(z)
@@ -179,7 +186,11 @@ class TeacherStream:
     def _batch(self, split: str, index: torch.Tensor) -> Batch:
         x = self._images(SPLITS[split], index)
         u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), index, 1)[:, 0]
-        y = sample_categorical(torch.softmax(self.logits(x), -1), u)
+        probs = torch.softmax(self.logits(x), -1)
+        if split == "train" and self.second is not None:  # which samples the second teacher labels: by id
+            other = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 3), index, 1)[:, 0] < self.cfg.mix
+            probs = torch.where(other[:, None], torch.softmax(self.logits(x, self.second), -1), probs)
+        y = sample_categorical(probs, u)
         return {"ids": index.clone(), "x": x, "y": y}
 
     def train_batch(self, index: torch.Tensor) -> Batch:
