@@ -29,16 +29,18 @@ from common import markdown_table, parser, results_dir
 from goldenpath import calibration as cal
 
 WORLDS = {
-    "null": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3),
-    "null, unequal seeds": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.6),
+    "no difference": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3),
+    "no difference, unequal seeds": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.6),
     "location 0.15": cal.World(shifts=(0, 0.15), scales=(0.5, 0.5), hetero=0.3),
     "location 0.3": cal.World(shifts=(0, 0.3), scales=(0.5, 0.5), hetero=0.3),
     "spread 1.5x": cal.World(shifts=(0, 0), scales=(0.4, 0.6), hetero=0.3),
     "spread 2x": cal.World(shifts=(0, 0), scales=(0.3, 0.6), hetero=0.3),
-    "paired null (rho 0.3)": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3, rho=0.3, paired=True),
+    "paired, no difference (rho 0.3)": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3, rho=0.3,
+                                                 paired=True),
     "paired spread 1.5x": cal.World(shifts=(0, 0), scales=(0.4, 0.6), hetero=0.3, rho=0.3, paired=True),
-    "shared seeds as if independent": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3, rho=0.3, shared=True),
-    "null, 4 settings (family)": cal.World(shifts=(0, 0, 0, 0), scales=(0.5, 0.5, 0.5, 0.5), hetero=0.3),
+    "shared seeds analysed as independent": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3, rho=0.3,
+                                                      shared=True),
+    "no difference, 4 settings (family)": cal.World(shifts=(0, 0, 0, 0), scales=(0.5, 0.5, 0.5, 0.5), hetero=0.3),
 }
 SEEDS = (5, 10)
 COLUMNS = ["world", "n_seeds", "reps", "true_ratio", "true_spread", "true_location", "ratio_p", "location_p",

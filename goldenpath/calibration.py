@@ -142,11 +142,11 @@ def truth(world: World, *, k: int = 1, r: int = 0, truth_seeds: int = 4000, pair
 
 
 def calibrate(world: World, n: int, *, reps: int = 200, seed: int = 0, n_perm: int = 499,
-              alpha: float = 0.05, truth_seeds: int = 4000) -> dict[str, float]:
+              alpha: float = 0.05, truth_seeds: int = 4000, truth_pairs: int = 400_000) -> dict[str, float]:
     """Rejection rates and interval coverage of settings 1 against 0 (and the family test of every setting
     against setting 0) over ``reps`` simulated sweeps of n seeds per setting."""
     rng = np.random.default_rng(seed)
-    t = truth(world, truth_seeds=truth_seeds)
+    t = truth(world, truth_seeds=truth_seeds, pairs=truth_pairs)
     hits = {"ratio_p": 0, "location_p": 0, "spread_p": 0, "family_p": 0, "ratio_covers": 0, "spread_covers": 0,
             "location_covers": 0}
     widths = []

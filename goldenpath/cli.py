@@ -264,14 +264,17 @@ def _report(args) -> int:
 
 
 def _demo(args) -> int:
-    """A small lr x batch x 2-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
+    """A small lr x batch x 5-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.compare import compare, conclusions
     from goldenpath.figures import write_figures
-    from goldenpath.sweep import SweepInterrupted, run_sweep
+    from goldenpath.plan import plan
+    from goldenpath.sweep import SweepInterrupted, load_sweep, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"
     if not path.exists():
         raise ConfigError("demo", f"{path} not found", "run from a source checkout (pip install -e .)")
+    for line in plan(load_sweep(path)):
+        print(f"plan: {line}", file=sys.stderr, flush=True)
     try:
         sweep_dir = run_sweep(path, out=args.out, jobs=max(1, min(4, os.cpu_count() or 1)))
     except SweepInterrupted as stop:

@@ -177,7 +177,7 @@ def setting_rows(target: float, metric: str, settings: list[Setting], design: st
 def adjust(summary: list[dict], family: list[dict]) -> None:
     """Fill in the family-wise adjusted p-values once every target is in: per metric and regime the family
     is every tested, non-trivial target; a setting's ``p_adjusted`` is targets x its min-P p (Bonferroni
-    over targets), ``location_p_adjusted`` the same for location, ``spread_p_adjusted`` its spread p times
+    over targets), and at least its own pairwise p, ``location_p_adjusted`` the same for location, ``spread_p_adjusted`` its spread p times
     the family's comparisons; a family row's ``p_adjusted`` is targets x its global p, ``smallest_adjusted``
     targets x the smallest p its seeds allow (changes the rows in place)."""
     tested: dict[tuple, int] = {}
@@ -198,8 +198,12 @@ def adjust(summary: list[dict], family: list[dict]) -> None:
         t, m = tested.get(key, 0), comparisons.get(key, 0)
         ok = r["in_family"] and not r["trivial"] and t > 0
         p, loc = r.pop("p_min"), r.pop("location_p_min")
-        r["p_adjusted"] = min(1.0, t * p) if ok and np.isfinite(p) else math.nan
-        r["location_p_adjusted"] = min(1.0, t * loc) if ok and np.isfinite(loc) else math.nan
+        # never below the setting's own pairwise p: the family's relabellings range over every setting's runs
+        # and can resolve a smaller p than a pair's own few splits (two seeds against five: 21); the larger
+        # of two valid p-values is valid, and an adjusted p under the unadjusted one would only confuse
+        r["p_adjusted"] = min(1.0, max(t * p, r["p_value"])) if ok and np.isfinite(p) else math.nan
+        r["location_p_adjusted"] = (min(1.0, max(t * loc, r["location_p"])) if ok and np.isfinite(loc)
+                                    else math.nan)
         sp = r.pop("spread_p", math.nan)
         r["spread_p_adjusted"] = min(1.0, m * sp) if ok and np.isfinite(sp) else math.nan
         r.pop("family_size", None)
@@ -280,12 +284,12 @@ def answer(summary, trend=None, *, family=None, metric: str = "tv", alpha: float
             text += (f"; target{'s' if len(trivial) > 1 else ''} {', '.join(f'{t:g}' for t in trivial)} left out "
                      f"as trivial (at or above the trivial loss {loss.iloc[0]:.3g})" if len(loss) else "")
         if trend is not None and len(trend):
-            t = trend[(trend.metric == metric) & (trend.regime == regime)]
-            moving = t[(t.ci_low > 0) | (t.ci_high < 0)]
-            if len(moving):
-                text += "; the ratio " + ", ".join(
-                    f"{'grows' if x.slope > 0 else 'falls'} with log noise at loss {x.target:g} (slope "
-                    f"{x.slope:.2f} [{x.ci_low:.2f}, {x.ci_high:.2f}], not adjusted)" for x in moving.itertuples())
+            t = trend[(trend.metric == metric) & (trend.regime == regime) & trend.slope.notna()]
+            for word, moving in (("grows", t[t.ci_low > 0]), ("falls", t[t.ci_high < 0])):
+                if len(moving):
+                    text += (f"; the ratio {word} with log noise at {len(moving)} of {len(t)} targets (slope "
+                             + ", ".join(f"{x.slope:.2f} [{x.ci_low:.2f}, {x.ci_high:.2f}] at {x.target:g}"
+                                         for x in moving.itertuples()) + "; not adjusted)")
         out[regime] = text
     return out
 

@@ -92,19 +92,21 @@ def _compared(sweep_dir: Path, metric: str) -> tuple[dict, list[str], list[str]]
 
 
 def _reference_line(summary: pd.DataFrame, metric: str) -> str:
-    from goldenpath.figures import references
-
-    refs = references(summary, metric)
-    if not refs:
+    part = summary[summary.metric == metric] if len(summary) else summary
+    if not len(part):
         return ""
-    seeds = summary[(summary.metric == metric) & (summary.setting == summary.reference)].n_ref_seeds
-    n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
-    names = sorted(set(refs.values()))
-    which = f"<b>{html.escape(names[0])}</b>" if len(names) == 1 else "; ".join(
-        f"at loss {t:g}: <b>{html.escape(r)}</b>" for t, r in refs.items())
-    return (f'<p class="ref">Reference setting: {which} ({n} seeds), the least-noisy online setting with two '
-            "seeds or more at the target. Every ratio on this page compares a setting's seeds with the "
-            "reference's, over the seed floor of both.</p>")
+    names = []
+    for regime in ("online", "offline"):
+        rows = part[part.regime == regime]
+        if len(rows):
+            refs = sorted(set(rows.reference))
+            seeds = rows[rows.setting.isin(refs)].n_ref_seeds
+            n = "" if not len(seeds) else f" ({seeds.min()}" + ("" if seeds.min() == seeds.max() else
+                                                              f"-{seeds.max()}") + " seeds)"
+            names.append(f"{regime}: " + ", ".join(f"<b>{html.escape(r)}</b>" for r in refs) + n)
+    return (f'<p class="ref">Reference settings, the least-noisy setting of each regime with two seeds or more '
+            f"at the target: {'; '.join(names)}. Every ratio on this page compares a setting's seeds with its "
+            "regime's reference, over the seed floor of both.</p>")
 
 
 def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmaps: bool) -> str:

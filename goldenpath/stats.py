@@ -208,7 +208,8 @@ def _var(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
     g = np.zeros(len(cells_.types))
     for (k, r), v in gradient.items():
         g[cells_.index(k, r)] += v
-    return float(g @ cells_.cov @ g)
+    used = np.flatnonzero(g)  # cells of other settings (a one-seed setting's are nan) must not enter as 0 x nan
+    return float(g[used] @ cells_.cov[np.ix_(used, used)] @ g[used])
 
 
 def delta_se(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:

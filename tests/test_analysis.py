@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,52 +25,99 @@ TINY = dict(base="teacher-mlp.yaml", quick=dict(
 
 def test_golden_path_core_gives_setting_ratios_with_intervals_and_p_values(tmp_path):
     sweep_dir = golden_path.train("tiny", TINY, tmp_path, quick=True, seeds=(0, 1, 2), jobs=2)
-    summary, trend, runs = golden_path.tables(sweep_dir, "teacher")
+    t = golden_path.tables(sweep_dir, "teacher")
+    summary, family, runs = t["summary"], t["family"], t["runs"]
     assert len(runs) == 1 * 2 * 2 * 3 and set(runs.regime) == {"online", "offline"}
     assert (runs.state == "completed").all() and runs.final_loss.notna().all()
-    assert set(runs.noise) == {0.05 / 16, 0.05 / 64}
+    assert set(runs.noise) == {0.05 / 16, 0.05 / 64} and runs.seed.nunique() == 12  # every run its own seed
     tv = summary[summary.metric == "tv"]
-    assert set(summary.metric) == {"tv", "js", "top1"} and set(tv.reference) == {"lr=0.05_bs=64_epochs=1_n=none"}
-    rows = golden_path._compared(tv)
-    assert len(rows) == 3  # the other online setting and both offline ones, each with three seeds a side
+    assert set(summary.metric) == {"tv", "js", "top1"}
+    assert set(tv.reference) == {"lr=0.05_bs=64_epochs=1_n=none", "lr=0.05_bs=64_epochs=4_n=512"}
+    rows = tv[tv.ratio.notna()]
+    assert len(rows) == 2 and set(rows.design) == {"independent"}  # one setting against each regime's reference
     assert (rows.ci_low <= rows.ratio + 1e-12).all() and (rows.ratio <= rows.ci_high + 1e-12).all()
     assert rows.ratio.to_numpy() == pytest.approx((rows.d_cross / rows.d_floor).to_numpy())
-    assert ((rows.p_value > 0) & (rows.p_value <= 1)).all() and (rows.p_holm >= rows.p_value).all()
-    assert set(trend.regime) == {"online", "offline"} and (trend.dataset == "teacher").all()
-    summary.to_csv(tmp_path / "summary.csv", index=False)
-    trend.to_csv(tmp_path / "trend.csv", index=False)
-    runs.to_csv(tmp_path / "runs.csv", index=False)
+    assert ((rows.p_value > 0) & (rows.p_value <= 1)).all() and rows.spread.notna().all()
+    assert rows.location.notna().all() and rows.trivial.all()  # 2.2 lies above the teacher's linear model
+    assert set(family.regime) == {"online", "offline"} and family.p_adjusted.isna().all()  # trivial: no family
+    for name, frame in t.items():
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
     text = golden_path.section(tmp_path)
     assert "| teacher | 2.2 | online |" in text and "| teacher | 2.2 | offline |" in text and "**teacher**" in text
+    assert "inconclusive (no family" in text
 
 
-def _rows(study, regime, ratios, *, low=None, high=None, p=None, seeds=5):
-    return [{"dataset": "d", "study": study, "metric": "tv", "target": 2.0, "regime": regime, "setting": f"s{i}",
-             "n_seeds": seeds, "n_ref_seeds": 5, "ratio": r, "ci_low": r - 0.05 if low is None else low,
-             "ci_high": r + 0.05 if high is None else high, "p_value": 0.5 if p is None else p,
-             "p_holm": 0.5 if p is None else p, "d_floor": 0.1} for i, r in enumerate(ratios)]
+def _rows(regime, ratios, *, p=0.5, low=None, high=None, seeds=10, trivial=False, spread_p=0.5, loc_p=0.5):
+    return [{"dataset": "d", "study": "main", "metric": "tv", "target": 2.0, "regime": regime, "setting": f"s{i}",
+             "n_seeds": seeds, "n_ref_seeds": 10, "ratio": r, "ci_low": r - 0.05 if low is None else low,
+             "ci_high": r + 0.05 if high is None else high, "p_value": p, "p_adjusted": p, "in_family": True,
+             "trivial": trivial, "spread": 1.0, "spread_low": 0.9, "spread_high": 1.1, "spread_p_adjusted": spread_p,
+             "location": r, "location_low": r - 0.05, "location_high": r + 0.05, "location_p_adjusted": loc_p}
+            for i, r in enumerate(ratios)]
 
 
-POWER = (_rows("seed-split", "online", [1.0]) + _rows("width", "online", [1.6], p=0.01)
-         + _rows("subsets", "offline", [1.3], p=0.01))
+def _family(regime, *, reach=0.002, p=0.5, trivial=False):
+    return {"dataset": "d", "study": "main", "metric": "tv", "target": 2.0, "regime": regime, "settings": 3,
+            "p_global": p, "p_adjusted": math.nan if trivial else p, "smallest_adjusted": reach, "trivial": trivial,
+            "trivial_loss": 2.1 if trivial else 2.5}
+
+
+POWER = pd.DataFrame({"level": [0.0, 0.05, 0.1], "target": 2.0, "draws": 50, "pool": 16,
+                      "detected": [0.0, 0.5, 0.9], "detected_05": [0.04, 0.8, 1.0], "ratio": [1.0, 1.05, 1.2]})
+WEAK = POWER.assign(detected=[0.04, 0.2, 0.5])
 TREND = pd.DataFrame([{"dataset": "d", "study": "main", "metric": "tv", "regime": "online", "target": 2.0,
                        "slope": 0.01, "ci_low": -0.1, "ci_high": 0.1}])
 RUNS = pd.DataFrame({"dataset": "d", "study": "main", "state": "completed", "regime": ["online"] * 4,
                      "noise": [1, 2, 3, 4], "final_loss": [1.0, 1.1, 1.2, 1.3]})
 
 
-@pytest.mark.parametrize("online, offline, controls, says_online, says_offline", [
-    (_rows("main", "online", [1.0, 1.05]), _rows("main", "offline", [1.5], p=0.01), POWER, "same", "differs"),
-    (_rows("main", "online", [1.3], p=0.01), _rows("main", "offline", [1.0]), POWER, "differs", "same"),
-    (_rows("main", "online", [1.1], low=0.7, high=1.6), [], POWER, "inconclusive (none differs", "inconclusive"),
-    (_rows("main", "online", [1.0]), [], _rows("seed-split", "online", [1.0]), "inconclusive: same", "inconclusive"),
-    (_rows("main", "online", [2.0], p=0.01, seeds=1), [], POWER, "inconclusive (no comparison", "inconclusive"),
+@pytest.mark.parametrize("online, offline, family, power, says_online, says_offline", [
+    (_rows("online", [1.0, 1.05]), _rows("offline", [1.5], p=0.01, loc_p=0.01), [], POWER, "holds", "noise changes"),
+    (_rows("online", [1.3], p=0.01, spread_p=0.01), _rows("offline", [1.0]), [], POWER, "does not hold",
+     "no setting differs"),
+    (_rows("online", [1.1], low=0.7, high=1.6), [], [], POWER, "inconclusive: no setting differs", "inconclusive"),
+    (_rows("online", [1.0]), [], [], WEAK, "inconclusive: no setting differs", "inconclusive"),
+    (_rows("online", [1.0]), [], [], None, "inconclusive: no setting differs", "inconclusive"),
+    (_rows("online", [1.0], seeds=5), [], [_family("online", reach=0.06)], POWER, "cannot be decided with 5 seeds",
+     "inconclusive"),
+    (_rows("online", [1.0], trivial=True), [], [_family("online", trivial=True)], POWER, "inconclusive (no family",
+     "inconclusive"),
 ])
-def test_golden_path_verdict_rules(online, offline, controls, says_online, says_offline):
-    v = golden_path.verdicts(pd.DataFrame(online + offline + controls), TREND, RUNS).iloc[0]
-    assert v.online.startswith(says_online) and v.offline.startswith(says_offline)
-    assert v.power.startswith("shown" if controls is POWER else "not shown")
+def test_golden_path_verdict_rules(online, offline, family, power, says_online, says_offline):
+    regimes = {r["regime"] for r in online + offline}
+    fam = family or [_family(r) for r in sorted(regimes)]
+    v = golden_path.verdicts(pd.DataFrame(online + offline), pd.DataFrame(fam), TREND, RUNS,
+                             power if power is None else power.assign(dataset="d")).iloc[0]
+    assert v.online.startswith(says_online), v.online
+    assert v.offline.startswith(says_offline), v.offline
     assert "online rho 1.00" in v.final_loss
+    if says_online == "holds":
+        assert "planted mix of 0.1 (ratio about 1.20) at >= 80%" in v.online  # the size the curve detects
+    if says_online == "does not hold":
+        assert "0 by their mean function (location), 1 by spread alone" in v.online
+
+
+def test_power_table_detects_a_planted_difference_and_not_the_null(tmp_path, monkeypatch):
+    """The power curve's draws on made-up distances: the null level rejects about as often as its level,
+    a strong planted level always."""
+    rng = np.random.default_rng(0)
+    runs = [(f"m{level}_r{i}", level) for level, n in ((0.0, 40), (0.2, 16)) for i in range(n)]
+    x = {name: rng.normal(size=8) + (3.0 if level else 0.0) * np.eye(8)[0] for name, level in runs}
+    rows = []
+    for (a, _), (b, _) in itertools.combinations(runs, 2):
+        for metric, value in (("tv", np.abs(x[a] - x[b]).mean()), ("sq", ((x[a] - x[b]) ** 2).mean())):
+            rows.append({"target": 1.7, "run_a": a, "run_b": b, "metric": metric, "value": value})
+    d = tmp_path / "power"
+    for i, (name, level) in enumerate(runs):
+        (d / name).mkdir(parents=True)
+        (d / name / "config.yaml").write_text(f"seed: {i}\ndata: {{source: teacher, mix: {level}}}\n")
+    import goldenpath.compare
+
+    monkeypatch.setattr(goldenpath.compare, "compare", lambda *a, **k: pd.DataFrame(rows))
+    table = golden_path.power_table(d, level_alpha=0.01, draws=60)
+    null, planted = table.set_index("level").loc[0.0], table.set_index("level").loc[0.2]
+    assert null.draws == planted.draws == 60 and null.pool == 40 and planted.pool == 16
+    assert null.detected_05 <= 0.15 and planted.detected == 1.0 and planted.ratio > 1.2
 
 
 def test_readme_numbers_are_the_ones_the_results_tables_give():

@@ -53,16 +53,20 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
 
     runs = pd.read_csv(sweep_dir / "runs.csv")
     assert len(runs) == 40 and set(runs.state) == {"completed"}
-    assert set(runs["data.epochs"]) == {1, 10} and set(runs["seed"]) == set(range(5))
+    assert set(runs["data.epochs"]) == {1, 5} and set(runs["replicate"]) == set(range(5))
+    assert runs.seed.nunique() == 40  # independent seeds: every setting and replicate its own
     # the least-noisy setting gets past 60% of the way from chance to the Bayes floor
-    ref = runs[(runs["optim.lr"] == 0.02) & (runs["optim.batch_size"] == 128) & (runs["data.epochs"] == 1)]
+    ref = runs[(runs["optim.lr"] == 0.01) & (runs["optim.batch_size"] == 128) & (runs["data.epochs"] == 1)]
     chance = read_json(sweep_dir / ref.run.iloc[0] / "status.json")["chance_loss"]
     assert ((chance - ref.best_eval_loss) / (chance - ref.loss_floor)).min() > 0.6
     distances = pd.read_parquet(sweep_dir / "compare" / "distances.parquet")
     assert {"floor", "reference", "pair"} <= set(distances.kind)
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     valid = summary.dropna(subset=["ratio"])  # the reference setting has no ratio of its own
-    assert set(summary.reference) == {"lr=0.02_bs=128_epochs=1_n=none"} and len(valid) > len(summary) / 2
+    assert set(summary.reference) == {"lr=0.01_bs=128_epochs=1_n=none", "lr=0.01_bs=128_epochs=5_n=8192"}
+    assert len(valid) > len(summary) / 2 and not summary.trivial.any()  # targets below the linear model's loss
+    family = pd.read_csv(sweep_dir / "compare" / "family.csv")
+    assert (family[family.metric == "tv"].smallest_adjusted < 0.05).all()  # the design can decide
     assert list(dict.fromkeys(summary.metric)) == ["tv", "kl", "js", "top1", "cka", "lmc"]  # every lens, tv first
     assert (valid.ci_low <= valid.ratio).all() and (valid.ratio <= valid.ci_high).all()
     assert ((valid.p_value > 0) & (valid.p_value <= 1)).all()

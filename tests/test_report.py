@@ -275,7 +275,7 @@ def test_demo_sized_page_leaves_empty_columns_out_and_orders_targets(demo_report
     heat = re.findall(r'alt="tv between runs at loss ([0-9.]+)"', page)
     assert [float(t) for t in heat] == sorted(TARGETS, reverse=True)  # training order: highest loss first
     assert "<th>epsilon</th>" not in page and "<th>reference</th>" not in page  # empty / named at the top
-    assert 'Reference setting: <b>lr=0.02_bs=128_epochs=1_n=none</b> (5 seeds)' in page
+    assert 'at the target: online: <b>lr=0.02_bs=128_epochs=1_n=none</b> (5 seeds)' in page
     has_lens_sections(page, demo_report.parent)
 
 
