@@ -141,7 +141,6 @@ def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
         own = _diag(s) / _diag(c)
         ss, cc = _diag(s), _diag(c)
         pooled = (ss[:, :, None] + ss[:, None, :]) / (cc[:, :, None] + cc[:, None, :])
-        pooled = np.where(np.isnan(pooled), np.nan, pooled)
         return {"cross": cross, "own": own, "pooled": pooled, "ratio": cross / pooled}
 
 
@@ -490,20 +489,7 @@ def _min_p(stat: np.ndarray) -> list[float]:
             for j in range(stat.shape[1])]
 
 
-# ----------------------------------------------------------------------------- families and trends
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment (family-wise error), nan left as nan."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full_like(p, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite])]
-    running = 0.0
-    for rank, idx in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p[idx]))
-        out[idx] = running
-    return out.tolist()
+# ----------------------------------------------------------------------------- trends
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> float:
