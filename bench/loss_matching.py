@@ -1,5 +1,5 @@
 """Loss matching on a finished sweep: how far checkpoints overshoot their targets, and whether their steps
-change when the run is evaluated after every step.
+change when the target search evaluates after every step.
 
     goldenpath demo && python bench/loss_matching.py [--sweep runs/demo/demo] [--runs 8]
 
@@ -7,8 +7,9 @@ change when the run is evaluated after every step.
    of one step's change of the eval loss (eval loss of the step before minus its own). With exact loss
    matching the second is at most 1.
 2. ``--runs`` of the sweep's runs (one seed of each setting first) trained again from scratch with
-   ``checkpoint.eval_every=1`` (every step evaluated: the ground truth of "the first step at or below the
-   target"); every checkpoint's step and eval loss must equal the sweep's.
+   ``checkpoint.target_eval_every=1`` (every step evaluated: the ground truth of "the first step at or below
+   the target"); a checkpoint whose step and eval loss differ from the sweep's is one whose loss dipped below
+   its target between two of the search's evals that both lay above it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
     same = total = 0
     with tempfile.TemporaryDirectory() as tmp:
         for run in chosen:
-            config = load_config(run / "config.yaml", [f"out={tmp}", "checkpoint.eval_every=1"])
+            config = load_config(run / "config.yaml", [f"out={tmp}", "checkpoint.target_eval_every=1",
+                                                        "checkpoint.eval_min_every=1"])
             fine = train(config)
             for meta_path in sorted(run.glob("checkpoints/target-*/meta.json")):
                 a, b = read_json(meta_path), read_json(fine / "checkpoints" / meta_path.parent.name / "meta.json")

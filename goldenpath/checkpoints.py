@@ -99,6 +99,12 @@ class RunDir:
         path = self.last / f"rank{rank}.json"
         return read_json(path)["stream"] if path.exists() else None
 
+    def resume_sums(self, rank: int = 0) -> list | None:
+        """The step statistics process ``rank`` gathered since its last logged step, in the resume state (None
+        when there is none, or it was written before they were kept)."""
+        path = self.last / f"rank{rank}.json"
+        return read_json(path).get("sums") if path.exists() else None
+
     def prepare(self, config) -> None:
         """Create the directory with config.yaml, or check that an existing one holds the same config
         (up to :data:`NOT_IDENTITY`)."""
@@ -373,11 +379,12 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def write_rank_state(directory: Path, rank: int, stream_state: dict) -> None:
-    """This process's part of the resume state: its RNG states and stream position."""
+def write_rank_state(directory: Path, rank: int, stream_state: dict, sums: list[float] | None = None) -> None:
+    """This process's part of the resume state: its RNG states, stream position and the step statistics it
+    gathered since its last logged step (``sums``; floats round-trip exactly through JSON)."""
     tensors, plain = rng_state()
     save_file(tensors, str(directory / f"rank{rank}.safetensors"))
-    (directory / f"rank{rank}.json").write_text(json.dumps({"rng": plain, "stream": stream_state}))
+    (directory / f"rank{rank}.json").write_text(json.dumps({"rng": plain, "stream": stream_state, "sums": sums}))
 
 
 def write_shared_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

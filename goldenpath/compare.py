@@ -23,7 +23,9 @@ probe-unit interval. ``probe_shift`` (:mod:`goldenpath.data.shift`) compares on 
 instead; its tables go to ``compare-<shift>/`` (e.g. ``compare-noise-0.5/``), leaving ``compare/`` as it is.
 
 Stalled runs, and checkpoints more than ``tolerance`` (relative) below their target, are left out unless
-``include_flagged``; ``compare/excluded.csv`` lists them. Tables written under ``compare/``:
+``include_flagged``; ``compare/excluded.csv`` lists them. A run that diverged after reaching a target keeps
+its checkpoints in the statistics (each predates the divergence); ``summary.csv``'s ``diverged_later`` and
+the answer (:func:`conclusions`) name it. Tables written under ``compare/``:
 
 - ``distances.parquet``: one row per target, pair of runs and metric (value with its probe-unit interval);
 - ``summary.csv``: one row per target, metric and setting: the ratio against the reference;
@@ -257,12 +259,17 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         pairs = list(itertools.combinations(range(len(cks)), 2))
         counts = results[pairs[0]]["count"].double().numpy()
         sq = torch.stack([results[p][LOCATION] for p in pairs]).double().numpy()
+        # runs that diverged after this checkpoint: their checkpoints count, and the summary names them
+        late = [c.run for c in cks if runs[c.run].state == "diverged"]
+        diverged = {s.label: ";".join(r for r in late if runs[r].setting is s) for s in settings}
         for m in metrics:
             sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
             # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
             got = ratios.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else counts,
                                       sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
                                       trivial_loss=baseline, n_perm=n_perm)
+            for row in got["summary"]:
+                row["diverged_later"] = diverged[row["setting"]]
             for name, rows in got.items():
                 tables[name] += rows
     ratios.adjust(tables["summary"], tables["family"])
@@ -362,8 +369,8 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
-    """What a compared sweep says, in plain lines: what was left out (by name), then one sentence per regime
-    (from ``compare-<shift>/`` with ``probe_shift``)."""
+    """What a compared sweep says, in plain lines: what was left out and which runs diverged after reaching a
+    target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``)."""
     import pandas as pd
 
     tables = tables_dir(sweep_dir, probe_shift)
@@ -373,6 +380,15 @@ def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str |
         names = ", ".join(f"{r.run} at {r.target:g} ({r.reason})" for r in excluded.itertuples())
         lines.append(f"left out of the statistics ({len(excluded)}; --include-flagged keeps them): {names}")
     summary = pd.read_csv(tables / "summary.csv")
+    if "diverged_later" in summary:  # kept: each checkpoint predates its run's divergence
+        late = summary[summary.metric == metric].dropna(subset=["diverged_later"])
+        at = {}
+        for r in late.itertuples():
+            for run in r.diverged_later.split(";"):
+                at.setdefault(run, []).append(f"{r.target:g}")
+        if at:
+            lines.append(f"diverged after reaching a target ({len(at)}; their checkpoints are in the statistics): "
+                         + ", ".join(f"{run} at {', '.join(ts)}" for run, ts in sorted(at.items())))
     refs = summary[summary.metric == metric].groupby("target").reference.first()
     if refs.nunique() > 1:
         lines.append("the reference setting differs between targets: "

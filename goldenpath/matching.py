@@ -1,14 +1,23 @@
 """Exact loss matching: a target's checkpoint at the first optimizer step whose eval loss reaches it.
 
-Evaluating after every step would cost more than training, so a run evaluates now and then (more often as
-the loss nears the next target) and keeps a :class:`Snapshot` of itself at its last eval. When an eval finds
-one or more targets crossed since that snapshot, :func:`replay` restores it (weights, optimizer state,
-stream position, every RNG, the loop's counters), runs the same optimizer steps again with an eval after
-each, and saves each target's checkpoint at the first step whose eval loss is at or below it. The replayed
-steps read the same samples in the same order with the same noise (drawn from the step number), so on a CPU
-they recompute the trajectory bit for bit and no sample is trained on twice; the run then goes on from
-where it was. A checkpoint's step therefore does not depend on ``checkpoint.eval_every``, as long as the
-loss did not dip below the target and come back up between two evals that both lay above it.
+Evaluating after every step would cost more than training, so a run's *target search* evaluates now and then
+(more often as the loss nears the next target; ``goldenpath.schedule.next_eval_gap``) and keeps a
+:class:`Snapshot` of itself at its last eval. When an eval finds one or more targets crossed since that
+snapshot, :func:`replay` restores it (weights, optimizer state, stream position, every RNG, the loop's
+counters), runs the same optimizer steps again with an eval after each, and saves each target's checkpoint
+at the first step whose eval loss is at or below it. The replayed steps read the same samples in the same
+order with the same noise (drawn from the step number), so on a CPU they recompute the trajectory bit for
+bit and no sample is trained on twice; the run then goes on from where it was.
+
+What a checkpoint's step depends on, exactly: it is the first step at or below the target among the steps
+the search evaluated: its scheduled evals, and every step between two of them when the later one finds a
+target crossed. The scheduled evals are a function of the training trajectory (everything that changes
+training, the budget included), the eval set, the targets, ``checkpoint.target_eval_every`` and
+``checkpoint.eval_min_every`` alone: not of ``checkpoint.eval_every`` (logged evals never look for targets),
+``checkpoint.steps``, ``log.*``, when resume states are saved, or a stop and resume. A loss that dips below
+the target and comes back up between two scheduled evals that both lie above it is not seen, so an earlier
+step may reach the target (``checkpoint.target_eval_every=1`` evaluates every step: the true first crossing,
+at the cost of an eval per step).
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ class Snapshot:
     stream: dict
     rng: tuple
     state: dict
+    window: torch.Tensor  # the log window's sums (what the next metrics line averages)
 
     @classmethod
     def take(cls, run) -> Snapshot:
         with torch.no_grad():
             weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         return cls(run.state.step, weights, copy.deepcopy(run.optimizer.state_dict()),
-                   copy.deepcopy(run.stream.state_dict()), ckpt.rng_state(), copy.deepcopy(run.state.as_dict()))
+                   copy.deepcopy(run.stream.state_dict()), ckpt.rng_state(), copy.deepcopy(run.state.as_dict()),
+                   run.window.sums.clone())
 
     def restore(self, run) -> None:
         """Put the run back to this snapshot (the snapshot's tensors are handed over: restore once)."""
@@ -47,6 +58,7 @@ class Snapshot:
         run.stream.load_state_dict(self.stream)
         ckpt.set_rng_state(*self.rng)
         run.state.load(self.state)
+        run.window.sums.copy_(self.window)
 
 
 class Crossing(NamedTuple):

@@ -40,8 +40,9 @@ class RunState:
     samples: int = 0
     tokens: int = 0
     target_index: int = 0                             # the next loss target to reach
-    evals: list = field(default_factory=list)         # [step, eval loss] of every eval, in order
-    next_eval: int = 0
+    evals: list = field(default_factory=list)         # [step, eval loss] of every eval of the target search
+    next_eval: int | None = 0                         # the target search's next eval (None: no target left)
+    latest: list | None = None                        # [step, eval loss] of the latest eval, logged or searching
     reached: dict = field(default_factory=dict)       # target (as text) -> step of its checkpoint
     seconds: dict = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "checkpoint": 0.0, "replay": 0.0})
     initial_eval: float | None = None
@@ -62,7 +63,8 @@ class RunState:
 
     @property
     def last_eval(self) -> float | None:
-        return self.evals[-1][1] if self.evals else None
+        latest = self.latest or (self.evals[-1] if self.evals else None)  # a state saved before `latest` existed
+        return latest[1] if latest else None
 
 
 class Window:
@@ -81,6 +83,11 @@ class Window:
 
     def add(self, name: str, value) -> None:
         self.sums[self._index[name]] += value
+
+    def load(self, sums: list[float] | None) -> None:
+        """Take the sums a resume state saved (None: start from zero)."""
+        if sums is not None:
+            self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
 
     def collect(self, accelerator, **flags: bool) -> dict[str, float]:
         """The sums over all processes (with ``flags``, e.g. stop=True, summed too), then zero them."""
@@ -187,6 +194,7 @@ class Run:
     chance: float
     resumed: bool
     forked: bool
+    window: Window | None = None
     metrics: Any = None
     ids_file: Any = None
     bar: Any = None
@@ -236,7 +244,8 @@ class Run:
         if self.ids_file is not None:  # every id up to this state is on disk before the state is
             self.ids_file.flush()
             os.fsync(self.ids_file.fileno())
-        ckpt.write_rank_state(tmp, self.accelerator.process_index, self.stream.state_dict())
+        ckpt.write_rank_state(tmp, self.accelerator.process_index, self.stream.state_dict(),
+                              sums=self.window.sums.tolist())
         self.accelerator.wait_for_everyone()
         if self.main:
             ckpt.write_shared_state(tmp, self.model, self.optimizer, self.state.as_dict())
@@ -309,7 +318,10 @@ def start(config: Config) -> Run | Path:
               mechanism=mechanism(config.noise, batch_size=optim.batch_size, seed=noise_seed),
               eval_batch=eval_batch, state=state, autocast=bf16_autocast(accelerator.device, config.precision == "bf16"),
               dtype=dtype, total_steps=total_steps, stream_steps=stream_steps, floor=source.loss_floor(),
-              chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None)
+              chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None,
+              window=Window(accelerator.device))
+    if resumed:  # a partly filled log window goes on where it stopped: the next logged line averages every step
+        run.window.load(files.resume_sums(rank))
     _open_outputs(run, begin)
     return run
 
@@ -340,7 +352,8 @@ def _restore(config: Config, files: ckpt.RunDir, model, optimizer, stream, forke
                     group.update(settings)
         stream.load_state_dict(forked["stream"])
         state.load(dict(step=meta["step"], samples=meta["samples"], tokens=meta["tokens"],
-                        evals=[[meta["step"], meta["eval_loss"]]], initial_eval=forked["initial_eval"],
+                        evals=[[meta["step"], meta["eval_loss"]]], latest=[meta["step"], meta["eval_loss"]],
+                        initial_eval=forked["initial_eval"],
                         best=[meta["step"], meta["eval_loss"]],
                         target_index=sum(t >= meta["eval_loss"] for t in config.checkpoint.targets),
                         next_eval=meta["step"] + 1, fork_start=forked["start"]))

@@ -1,6 +1,7 @@
-"""The two schedules of a run: the learning rate per optimizer step, and when to evaluate next.
+"""The two schedules of a run: the learning rate per optimizer step, and when the target search evaluates next.
 
-Pure functions of the step and the evals so far, so a resumed or replayed run follows the same schedule.
+Pure functions of the step and the search's own evals so far (never the logged ones, ``checkpoint.eval_every``),
+so a resumed or replayed run, or one that logs more often, follows the same schedule.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def get_lr(step: int, optim: OptimConfig, total_steps: int | None) -> float:
 
 
 def next_eval_gap(evals: list, target: float | None, *, max_gap: int, min_gap: int) -> int:
-    """Steps until the next eval: log-spaced early, then ``max_gap``, shrinking to ``min_gap`` near a target.
+    """Steps until the target search's next eval: log-spaced early, then ``max_gap``, shrinking to ``min_gap``
+    near a target (``evals``: [step, loss] of the search's evals; ``checkpoint.target_eval_every`` and
+    ``checkpoint.eval_min_every`` in a run).
 
     Near a target the gap is half the steps the last two evals predict are needed to reach it, so that
     the replay that locates the crossing (goldenpath.matching) stays short. Within three times the eval

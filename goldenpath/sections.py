@@ -192,8 +192,9 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     targets: tuple[float, ...] = ()  # eval losses, decreasing: save the model the first time each is reached
-    eval_every: int = 100            # optimizer steps between evals far from a target (the largest gap)
-    eval_min_every: int = 1          # the smallest gap, used right before a target
+    eval_every: int = 100            # log the eval loss every this many optimizer steps (never moves a checkpoint)
+    target_eval_every: int = 100     # the target search: optimizer steps between its evals far from a target
+    eval_min_every: int = 1          # the target search's smallest gap, used right before a target
     eval_batch_size: int = 512       # samples per eval forward
     steps: tuple[int, ...] = ()      # also save the model at these optimizer steps
     last_every_seconds: float = 120.0  # save the resume state this often, at the next scheduled eval (a kill
@@ -207,8 +208,10 @@ class CheckpointConfig:
         require(all(a > b for a, b in zip(t, t[1:])), "checkpoint.targets", f"not decreasing: {list(t)}",
                 "list targets from the highest loss to the lowest")
         require(self.eval_every >= 1, "checkpoint.eval_every", f"got {self.eval_every}", "use >= 1 step")
-        require(1 <= self.eval_min_every <= self.eval_every, "checkpoint.eval_min_every",
-                f"got {self.eval_min_every}", f"use 1 <= eval_min_every <= eval_every={self.eval_every}")
+        require(self.target_eval_every >= 1, "checkpoint.target_eval_every", f"got {self.target_eval_every}",
+                "use >= 1 step")
+        require(1 <= self.eval_min_every <= self.target_eval_every, "checkpoint.eval_min_every",
+                f"got {self.eval_min_every}", f"use 1 <= eval_min_every <= target_eval_every={self.target_eval_every}")
         require(self.eval_batch_size > 0, "checkpoint.eval_batch_size", f"got {self.eval_batch_size}",
                 "use a positive size")
         require(all(s > 0 for s in self.steps), "checkpoint.steps", f"got {list(self.steps)}",

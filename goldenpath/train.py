@@ -7,11 +7,14 @@ Per optimizer step (:func:`optimizer_step`): take this process's micro-batches f
 noise mechanism (``goldenpath.noise``: SGD, Noisy-SGD, DP-SGD) accumulate each one's gradient of ``sum of
 per-sample losses / loss units in the whole logical batch`` (images, or predicted tokens), end the step's
 gradient once (the all-reduce, then Noisy-SGD's or DP-SGD's noise, drawn once per step), set the learning
-rate, step. Around it: evaluation on the fixed eval set (denser as the loss nears the next target), a
-checkpoint at the first step whose eval loss reaches each target (``goldenpath.matching`` replays the
-steps since the previous eval to find it), the resume state in ``checkpoints/last``, and the run's final
-state: completed, diverged (the train loss is not finite or exploded), or stalled (no better than chance).
-Re-running the same command resumes; on CPU the result is bit-identical.
+rate, step. Around it, two eval schedules on the fixed eval set: the target search's, denser as the loss
+nears the next target, saves a checkpoint at the first step whose eval loss reaches each target
+(``goldenpath.matching`` replays the steps since the search's previous eval to find it); the logged evals,
+every ``checkpoint.eval_every`` steps, never look for targets, so how often a run logs never moves a
+checkpoint. Then the resume state in ``checkpoints/last`` (always at the search's last eval while a target
+remains), and the run's final state: completed, diverged (the train loss is not finite or exploded), or
+stalled (no better than chance). Re-running the same command resumes; on CPU the checkpoints, the weights
+and metrics.jsonl (all but its wall-clock ``seconds``) are bit-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -178,16 +181,11 @@ def _save_target(run: Run, crossing: matching.Crossing, previous, replayed: bool
     run.state.target_index += 1
 
 
-def run_eval(run: Run, previous: matching.Snapshot | None) -> tuple[float, float]:
-    """Evaluate; save the checkpoint of every target crossed since the previous eval at its first step
-    (replayed from ``previous``), the step and best checkpoints; plan the next eval."""
+def _search(run: Run, previous: matching.Snapshot | None, loss: float, error: float, prev_eval) -> None:
+    """Save the checkpoint of every target crossed since the target search's previous eval (``prev_eval``:
+    its [step, loss]) at its first step, replayed from ``previous``, the state at that eval."""
     config, st = run.config, run.state
     targets = config.checkpoint.targets
-    loss, error = _eval(run)
-    prev_eval = st.evals[-1] if st.evals else None
-    st.evals.append([st.step, loss])
-    st.eval_error = error
-    t0 = time.perf_counter()
     crossed = [t for t in targets[st.target_index:] if loss <= t]  # a prefix: the targets decrease
     if crossed and previous is not None:  # replay: these, and deeper ones the loss dipped below meanwhile
         history = {previous.step: prev_eval[1] if prev_eval else None}
@@ -216,18 +214,35 @@ def run_eval(run: Run, previous: matching.Snapshot | None) -> tuple[float, float
         before = prev_eval
     for target in crossed:
         _save_target(run, matching.Crossing(target, st.step, loss, error), before, False)
-    keep = run.optimizer if config.checkpoint.optimizer else None
+
+
+def run_eval(run: Run, previous: matching.Snapshot | None, *, search: bool) -> tuple[float, float]:
+    """Evaluate; save the step and best checkpoints. With ``search`` (an eval of the target search), also save
+    every target crossed since the search's previous eval (:func:`_search`) and plan the search's next eval.
+
+    A logged eval (``checkpoint.eval_every``, ``checkpoint.steps``) never looks for targets, so how often a
+    run logs never moves a checkpoint; the search's schedule depends only on its own evals.
+    """
+    config, st = run.config, run.state
+    targets = config.checkpoint.targets
+    loss, error = _eval(run)
+    prev_latest, st.latest, st.eval_error = st.latest, [st.step, loss], error
+    t0 = time.perf_counter()
+    if search:
+        prev_eval = st.evals[-1] if st.evals else None
+        st.evals.append([st.step, loss])
+        _search(run, previous, loss, error, prev_eval)
+        nxt = targets[st.target_index] if st.target_index < len(targets) else None
+        st.next_eval = None if nxt is None else st.step + next_eval_gap(
+            st.evals, nxt, max_gap=config.checkpoint.target_eval_every, min_gap=config.checkpoint.eval_min_every)
+    keep, meta = run.optimizer if config.checkpoint.optimizer else None, _meta(run, loss, error, prev_latest)
     if st.step in config.checkpoint.steps and run.main:
-        ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, _meta(run, loss, error, prev_eval), keep)
+        ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, meta, keep)
     if st.best is None or loss < st.best[1]:
         st.best = [st.step, loss]
         if config.checkpoint.best and run.main:
-            ckpt.save_checkpoint(run.files.best, run.model, _meta(run, loss, error, prev_eval), keep)
+            ckpt.save_checkpoint(run.files.best, run.model, meta, keep)
     st.seconds["checkpoint"] += time.perf_counter() - t0
-    nxt = targets[st.target_index] if st.target_index < len(targets) else None
-    st.next_eval = st.step + next_eval_gap(st.evals, nxt, max_gap=config.checkpoint.eval_every,
-                                           min_gap=config.checkpoint.eval_min_every)
-    st.next_eval = min([st.next_eval, *(s for s in config.checkpoint.steps if s > st.step)])
     spent = privacy_spent(config, st.step)
     run.bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {run.floor:.4f}" if run.floor is not None else "")
                             + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
@@ -263,21 +278,22 @@ def fork(run_dir: str | Path, at_loss: float | None = None, at_step: int | None 
 
 
 def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | None]:
-    """Train until a stopping rule; returns (state, reason, the snapshot at the last eval): state is
-    completed, diverged or interrupted."""
+    """Train until a stopping rule; returns (state, reason, the snapshot at the target search's last eval):
+    state is completed, diverged or interrupted."""
     config, st = run.config, run.state
     targets = config.checkpoint.targets
-    window = Window(run.accelerator.device)
+    window = run.window
     data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
     if st.step == 0 and not st.evals:
-        loss, error = run_eval(run, None)
+        loss, error = run_eval(run, None, search=True)
         run.log({"step": 0, "samples": 0, "tokens": 0, "eval_loss": loss, "eval_error": error})
         st.initial_eval = loss
     elif run.forked and not run.resumed:  # the child's curve starts at the parent's checkpoint
         run.log({"step": st.step, "samples": st.samples, "tokens": st.tokens, "eval_loss": st.evals[0][1],
                  "forked_from": config.fork.parent})
-    # the state at the last eval, for the replay that locates a target crossed before the next one (the
-    # resume state is always saved at an eval, so a resumed run starts from one)
+    # the state at the target search's last eval, for the replay that locates a target crossed before its
+    # next one (while a target remains, the resume state is saved only at such an eval: a resumed run starts
+    # from one)
     previous = matching.Snapshot.take(run) if st.target_index < len(targets) else None
     last_save, save_due = time.monotonic(), False
     while True:
@@ -311,23 +327,31 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | 
                 run.log(record)
                 return "diverged", f"train loss {st.train_loss:.4g} at step {st.step}", None
         stop = stop or (run.world == 1 and signals.requested is not None)  # one process: at once
-        # the timed resume save waits for the next scheduled eval, so machine speed never moves the schedule
-        save = save_due and st.step >= st.next_eval
-        if st.step >= st.next_eval or (stop and st.evals[-1][0] != st.step):
-            loss, error = run_eval(run, previous)  # a resume state is saved only at an eval (see above)
+        # two schedules: the target search's (a function of its own evals) and the logged evals (a fixed grid)
+        search = st.next_eval is not None and st.step >= st.next_eval
+        if search or st.step % config.checkpoint.eval_every == 0 or st.step in config.checkpoint.steps:
+            loss, error = run_eval(run, previous, search=search)
             record = record or {"step": st.step, "samples": st.samples, "tokens": st.tokens}
             record.update(eval_loss=loss, eval_error=error)
             if not math.isfinite(loss):
                 run.log(record)
                 return "diverged", f"eval loss {loss} at step {st.step}", None
-            previous = matching.Snapshot.take(run) if st.target_index < len(targets) else None
+            if search:
+                previous = matching.Snapshot.take(run) if st.target_index < len(targets) else None
             run.status(state="running")
         if record is not None:
             run.log(record)
-        if stop:  # Ctrl-C or SIGTERM
+        # the resume state is the state at the search's last eval while a target remains (what a replay starts
+        # from), so neither a stop nor a timed save ever moves an eval or a checkpoint
+        at_rest = previous is None or previous.step == st.step
+        if stop:  # Ctrl-C or SIGTERM: back to the search's last eval (the steps since are redone on resume)
+            if not at_rest:
+                seconds = dict(st.seconds)
+                previous.restore(run)
+                st.seconds = seconds  # the time spent is spent
             run.save_last()
             return "interrupted", signal_name(signals.requested) or "a signal to another process", None
-        if save:
+        if save_due and at_rest:
             run.save_last()
             last_save, save_due = time.monotonic(), False
 
@@ -337,13 +361,14 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, matching.Snapshot | 
 OVERFIT = 0.02  # an eval loss this far above its best, with a train loss this far below it: overfitting
 
 
-def judge(state, *, chance: float, min_progress: float | None) -> tuple[str, str, dict]:
+def judge(state, *, chance: float, min_progress: float | None, offline: bool) -> tuple[str, str, dict]:
     """A finished run's state (completed or stalled), the reason's addition, and status fields.
 
     Stalled: its best eval loss never got ``min_progress`` below chance (the lower of the label marginal's
     entropy and the initial eval loss), or it fell back to chance in eval and train loss alike (``min_progress``
-    None: never stalled). Overfitting
-    (the run completes): the last eval loss rose above the best and the train loss lies below it.
+    None: never stalled). Overfitting, for an ``offline`` run only (the run completes): the last eval loss rose
+    above the best and the train loss lies below it. An online run never sees a sample twice, so its train
+    loss estimates the eval loss and a gap between them is noise, not overfitting.
     """
     base = min(chance, state.initial_eval) if state.initial_eval is not None else chance
     threshold = base * (1 - min_progress) if min_progress is not None else math.inf
@@ -354,7 +379,7 @@ def judge(state, *, chance: float, min_progress: float | None) -> tuple[str, str
     if last > threshold and (train is None or train > threshold):
         return "stalled", (f"fell back to chance: eval loss {last:.4g} (chance {base:.4g}) after {best:.4g} at step "
                            f"{best_step}"), {}
-    if last > best * (1 + OVERFIT) and train is not None and train < last * (1 - OVERFIT):
+    if offline and last > best * (1 + OVERFIT) and train is not None and train < last * (1 - OVERFIT):
         rise = last / best - 1
         return "completed", (f"overfitting: the eval loss rose {rise:.1%} above its best ({best:.4g} at step "
                              f"{best_step}) while the train loss is {train:.4g}"), \
@@ -367,15 +392,23 @@ def _finish(run: Run, state: str, reason: str, previous: matching.Snapshot | Non
     """The final eval and resume state of a completed run, its verdict, and the final status."""
     st = run.state
     if state == "completed":
-        if st.evals[-1][0] != st.step:
-            loss, error = run_eval(run, previous)
-            run.log({"step": st.step, "samples": st.samples, "tokens": st.tokens, "eval_loss": loss,
-                     "eval_error": error})
+        # the last step is one of the target search's (a target crossed since its previous eval is found)
+        search = st.next_eval is not None and st.evals[-1][0] != st.step
+        logged = st.latest is not None and st.latest[0] == st.step
+        if search or not logged:
+            loss, error = run_eval(run, previous, search=search)
+            if not logged:
+                run.log({"step": st.step, "samples": st.samples, "tokens": st.tokens, "eval_loss": loss,
+                         "eval_error": error})
         run.save_last()
-        verdict, why, fields = judge(st, chance=run.chance, min_progress=run.config.budget.min_progress)
+        verdict, why, fields = judge(st, chance=run.chance, min_progress=run.config.budget.min_progress,
+                                     offline=run.config.regime == "offline")
         reason = f"{reason}; {why}" if why else reason
         run.status(state=verdict, reason=reason, replicas_in_sync=_replicas_in_sync(run.model, run.accelerator),
                    **fields)
+    elif state == "diverged" and st.reached:  # its checkpoints predate the divergence: kept, and said so
+        run.status(state=state, reason=f"{reason}, after reaching {', '.join(st.reached)} (those checkpoints are "
+                                       "kept)", diverged_after_targets=dict(st.reached))
     else:
         run.status(state=state, reason=reason)
     run.accelerator.wait_for_everyone()  # every process returns after the final status is written

@@ -205,6 +205,22 @@ def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
     assert any(line.startswith("online: ") for line in lines)
 
 
+def test_a_run_that_diverged_after_reaching_its_targets_counts_and_is_named(sweep):
+    cmp.compare(sweep, ("tv",), n_boot=50)
+    numbers = ["target", "setting", "n_seeds", "d_cross", "d_floor", "ratio", "p_value"]
+    completed = pd.read_csv(sweep / "compare" / "summary.csv")[numbers]
+    ckpt.write_json(sweep / "a1" / "status.json", {"state": "diverged", "diverged_after_targets": {"2": 0, "1.9": 1},
+                                                   "reason": "train loss 9.1 at step 40, after reaching 2, 1.9"})
+    frame = cmp.compare(sweep, ("tv",), n_boot=50)
+    assert "a1" in set(frame.run_a) | set(frame.run_b)
+    summary = pd.read_csv(sweep / "compare" / "summary.csv")
+    pd.testing.assert_frame_equal(summary[numbers], completed)  # its checkpoints count as a completed run's
+    named = summary.set_index(["target", "setting"]).diverged_later
+    assert named.dropna().to_dict() == {(2.0, "a0"): "a1", (1.9, "a0"): "a1"}  # a1 is one of setting a0's seeds
+    lines = cmp.conclusions(sweep)
+    assert "diverged after reaching a target (1; their checkpoints are in the statistics): a1 at 2, 1.9" in lines
+
+
 def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, monkeypatch):
     cmp.compare(sweep, ("tv",), n_boot=50)
     computed = []

@@ -45,6 +45,8 @@ BAD = [
     (["optim.batch_size=30", "optim.micro_batch_size=8"], "optim.batch_size"),
     (["checkpoint.targets=[1.0, 2.0]"], "checkpoint.targets"),
     (["checkpoint.targets=[2.0, -1.0]"], "checkpoint.targets"),
+    (["checkpoint.target_eval_every=0"], "checkpoint.target_eval_every"),
+    (["checkpoint.target_eval_every=10", "checkpoint.eval_min_every=20"], "checkpoint.eval_min_every"),
     (["data.source=imagenet"], "data.source"),
     (["model.name=transformer"], "model.name"),
     (["cpu=maybe"], "cpu"),

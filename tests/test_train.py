@@ -29,6 +29,11 @@ from goldenpath.train import train
 from .conftest import status_of, trained_model
 
 
+def metrics_but_seconds(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock ``seconds`` (the one field a resumed run cannot repeat)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in ckpt.read_metrics(run_dir)]
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -145,7 +150,8 @@ def test_target_checkpoints_are_first_crossings(tiny_teacher):
     assert status["state"] == "completed" and status["reason"] == "last target reached"
     assert 0 < status["loss_floor"] < 2.0
     eval_batch = config.data.build().heldout("eval")
-    evals = [(r["step"], r["eval_loss"]) for r in ckpt.read_metrics(run_dir) if "eval_loss" in r]
+    # the target search's evals (logged ones, checkpoint.eval_every, never look for targets)
+    evals = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["train"]["evals"]
     for target in targets:
         directory = run_dir / "checkpoints" / f"target-{target:g}"
         meta = json.loads((directory / "meta.json").read_text())
@@ -166,21 +172,25 @@ def test_target_checkpoints_are_first_crossings(tiny_teacher):
                                                                "meta.json").read_text())["step"] for t in targets}
 
 
-def test_timed_resume_saves_never_move_the_eval_schedule(tiny_teacher, monkeypatch):
+def test_timed_resume_saves_never_move_an_eval_and_wait_for_the_target_search(tiny_teacher, monkeypatch):
     from goldenpath.run import Run
 
     saved = []
     save_last = Run.save_last
     monkeypatch.setattr(Run, "save_last", lambda self: (saved.append(self.state.step), save_last(self))[1])
-    common = [*tiny_teacher, "checkpoint.targets=[2.2]", "checkpoint.eval_every=10", "log.every=1",
+    common = [*tiny_teacher, "checkpoint.targets=[2.25]", "checkpoint.eval_every=10", "log.every=1",
               "budget.samples=1600", "budget.stop_at_last_target=false"]
-    evals = lambda d: [(r["step"], r["eval_loss"]) for r in ckpt.read_metrics(d) if "eval_loss" in r]
-    quiet = evals(train(load_config(None, [*common, "checkpoint.last_every_seconds=1e9", "name=quiet"])))
+    quiet = train(load_config(None, [*common, "checkpoint.last_every_seconds=1e9", "name=quiet"]))
     assert saved == [50]  # the final save only
     saved.clear()
-    eager = evals(train(load_config(None, [*common, "checkpoint.last_every_seconds=0", "name=eager"])))
-    assert eager == quiet  # a save due at every step waited for the scheduled evals
-    assert saved[:-1] == [s for s, _ in quiet[1:-1]] and saved[-1] == 50
+    eager = train(load_config(None, [*common, "checkpoint.last_every_seconds=0", "name=eager"]))
+    assert metrics_but_seconds(eager) == metrics_but_seconds(quiet)  # a save due at every step moved nothing
+    # while the target remains, a due save waits for the target search's next eval (what a replay starts
+    # from); once it is reached, every step will do
+    search = [s for s, _ in json.loads((quiet / "checkpoints" / "last" / "state.json").read_text())["train"]["evals"]]
+    reached = status_of(quiet)["targets_reached"]["2.25"]
+    assert reached <= search[-1] < 50
+    assert saved == [s for s in range(1, 51) if s in search or s > search[-1]] + [50]
 
 
 # ----------------------------------------------------------------------------- resume, kills, signals
@@ -248,6 +258,7 @@ def test_kill_9_at_any_time_then_resume_is_bit_identical(resumable, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda d: [(r["step"], r["train_loss"]) for r in ckpt.read_metrics(d) if "train_loss" in r]
     assert losses(run_dir) == losses(ref_dir)  # one line per step, same values: nothing lost or repeated
+    assert metrics_but_seconds(run_dir) == metrics_but_seconds(ref_dir)  # every logged eval too
     ids = lambda d: (d / "samples" / "rank0.i64").read_bytes()
     assert ids(run_dir) == ids(ref_dir) and len(ids(run_dir)) == 3200 * 8
     assert status_of(run_dir)["resumed_from_step"] > 0 and status_of(run_dir)["state"] == "completed"
@@ -263,21 +274,23 @@ def test_sigterm_saves_and_marks_the_run_interrupted(resumable, tmp_path):
     status = status_of(tmp_path / "term")
     assert status["state"] == "interrupted" and status["reason"] == "SIGTERM"
     state = json.loads((tmp_path / "term" / "checkpoints" / "last" / "state.json").read_text())
-    assert state["train"]["step"] == status["step"] >= 10
+    assert state["train"]["step"] == status["step"] > 0
     proc = launch(path, *args)
     assert proc.wait(120) == 0
     assert status_of(tmp_path / "term")["state"] == "completed" and status_of(tmp_path / "term")["step"] == 100
 
 
-def test_ctrl_c_saves_the_current_step_exits_130_and_the_rerun_resumes_bit_identically(resumable, tmp_path):
+def test_ctrl_c_exits_130_and_the_rerun_logs_and_saves_as_if_never_stopped(resumable, tmp_path):
     path, overrides = resumable
-    # no periodic resume state and a metrics line every 50 steps: only Ctrl-C can have saved step N
-    args = [*overrides, "checkpoint.last_every_seconds=1000", "log.every=50", f"out={tmp_path}"]
+    # no periodic resume state, a train-loss line every 7 steps and logged evals every 10: a stop lands
+    # inside a log window, between evals, with 2.1 still to reach (2.2 is reached at step 17)
+    args = [*overrides, "checkpoint.last_every_seconds=1000", "log.every=7", "checkpoint.targets=[2.2, 2.1]",
+            f"out={tmp_path}"]
     reference = launch(path, *args, "name=reference")
     assert reference.wait(120) == 0, reference.stderr.read()
     proc = launch(path, *args, "name=ctrl-c")
     run_dir = tmp_path / "ctrl-c"
-    wait_for_step(run_dir, 20, proc)  # the eval at step 20
+    wait_for_step(run_dir, 20, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -288,7 +301,8 @@ def test_ctrl_c_saves_the_current_step_exits_130_and_the_rerun_resumes_bit_ident
     assert status["state"] == "interrupted" and status["reason"] == "Ctrl-C"
     assert f"at step {status['step']}," in lines[0] and "run the same command" in lines[0]
     state = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
-    assert state["train"]["step"] == status["step"] >= 20 and status["step"] % 50 != 0
+    assert state["train"]["step"] == status["step"] > 0
+    assert state["train"]["evals"][-1][0] == status["step"]  # a target remains: saved at the search's last eval
 
     proc = launch(path, *args, "name=ctrl-c")
     out, err = proc.communicate(timeout=120)
@@ -299,6 +313,10 @@ def test_ctrl_c_saves_the_current_step_exits_130_and_the_rerun_resumes_bit_ident
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = lambda d: (d / "samples" / "rank0.i64").read_bytes()
     assert ids(run_dir) == ids(tmp_path / "reference")
+    # the same lines: evals at the same steps, train losses over whole windows, the same values
+    assert metrics_but_seconds(run_dir) == metrics_but_seconds(tmp_path / "reference")
+    targets = lambda d: [(p.name, ckpt.read_meta(p)) for p in ckpt.RunDir(d).target_dirs()]
+    assert targets(run_dir) == targets(tmp_path / "reference")
 
 
 def test_ctrl_c_outside_a_run_s_loop_exits_130_with_one_line(tiny_teacher, tmp_path, monkeypatch, capsys):
@@ -334,6 +352,16 @@ def test_divergence_is_recorded_and_exits_1(tiny_teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", str(config), *tiny_teacher, "optim.lr=1000", "checkpoint.targets=[2.2]"])
     assert status_of(run_dir) == status
+
+
+def test_a_run_that_diverges_after_a_target_keeps_its_checkpoint_and_says_so(tiny_teacher):
+    # the learning rate warms up to 1000: the run reaches 2.28 within a few steps, then explodes
+    run_dir = train(load_config(None, [*tiny_teacher, "optim.lr=1000", "optim.warmup=1000", "budget.samples=6400",
+                                       "checkpoint.targets=[2.28]", "budget.stop_at_last_target=false"]))
+    status, meta = status_of(run_dir), ckpt.read_meta(run_dir / "checkpoints" / "target-2.28")
+    assert status["state"] == "diverged" and meta["step"] < status["step"]
+    assert status["diverged_after_targets"] == {"2.28": meta["step"]}
+    assert status["reason"].endswith("after reaching 2.28 (those checkpoints are kept)")
 
 
 def test_a_finished_run_is_not_redone_and_a_changed_config_is_refused(tiny_teacher, capsys):
@@ -397,20 +425,34 @@ def state_of(initial, best, last, train_loss):
     return RunState(initial_eval=initial, best=list(best), evals=[[0, initial], [99, last]], train_loss=train_loss)
 
 
-@pytest.mark.parametrize("best, last, train_loss, verdict, says", [
-    ((40, 1.9), 1.95, 1.96, "completed", None),                 # learned (the last eval a little above its best)
-    ((3, 2.26), 2.27, 2.26, "stalled", "never got 5% below"),  # 2.26 > 0.95 x 2.3
-    ((40, 1.9), 2.29, 2.28, "stalled", "fell back to chance"),  # eval and train loss back at chance
-    ((40, 1.9), 2.29, 1.2, "completed", "overfitting"),         # eval back up, train far below: overfitting
-    ((40, 1.9), 1.92, 1.2, "completed", None),                  # within 2% of its best: not overfitting
+@pytest.mark.parametrize("best, last, train_loss, offline, verdict, says", [
+    ((40, 1.9), 1.95, 1.96, True, "completed", None),                 # learned (the last eval a little above its best)
+    ((3, 2.26), 2.27, 2.26, True, "stalled", "never got 5% below"),  # 2.26 > 0.95 x 2.3
+    ((40, 1.9), 2.29, 2.28, True, "stalled", "fell back to chance"),  # eval and train loss back at chance
+    ((40, 1.9), 2.29, 1.2, True, "completed", "overfitting"),         # eval back up, train far below: overfitting
+    ((40, 1.9), 1.92, 1.2, True, "completed", None),                  # within 2% of its best: not overfitting
+    ((40, 1.9), 2.2, 1.2, False, "completed", None),                  # online: every sample new, never overfitting
 ])
-def test_a_finished_run_is_judged_by_stated_rules(best, last, train_loss, verdict, says):
+def test_a_finished_run_is_judged_by_stated_rules(best, last, train_loss, offline, verdict, says):
     from goldenpath.train import judge
 
-    state, why, fields = judge(state_of(2.3, best, last, train_loss), chance=2.4, min_progress=0.05)
+    state, why, fields = judge(state_of(2.3, best, last, train_loss), chance=2.4, min_progress=0.05, offline=offline)
     assert state == verdict
     assert (says in why) if says else why == ""
     assert ("overfit" in fields) == (says == "overfitting")
+
+
+def test_an_online_run_is_never_called_overfitting(tiny_teacher):
+    # this seed ends with its eval loss 13% above its best and its last train loss below it: the pattern the
+    # offline rule calls overfitting, here the noise of a stream whose every sample is new
+    run_dir = train(load_config(None, [*tiny_teacher, "optim.lr=0.1", "optim.momentum=0.99", "optim.batch_size=16",
+                                       "budget.samples=3200", "checkpoint.eval_every=20", "log.every=1", "seed=3"]))
+    rows = ckpt.read_metrics(run_dir)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    last_train = [r["train_loss"] for r in rows if "train_loss" in r][-1]
+    assert evals[-1] > min(evals) * 1.02 and last_train < evals[-1] * 0.98
+    status = status_of(run_dir)
+    assert (status["state"], status["reason"]) == ("completed", "budget") and "overfit" not in status
 
 
 def test_a_run_that_never_learns_is_stalled_not_completed_and_a_sweep_leaves_it(tiny_teacher):
@@ -434,3 +476,4 @@ def test_best_checkpoint_holds_the_lowest_eval_loss(tiny_teacher):
     meta = json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())
     assert (meta["step"], meta["eval_loss"]) == (step, loss)
     assert status_of(run_dir)["best_eval_loss"] == loss
+
