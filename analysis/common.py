@@ -21,9 +21,14 @@ RESULTS = ROOT / "results"
 CONFIGS = ROOT.parent / "configs"
 
 
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph as one line: the description a script's --help shows."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """--quick, --work (where the runs go; not committed) and --jobs, the same for every script."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(doc))
     p.add_argument("--quick", action="store_true", help="the small setting: at most about 15 minutes on 2 CPU cores")
     p.add_argument("--work", default=str(ROOT / "runs"), help="directory for the runs (default analysis/runs)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="runs in parallel")

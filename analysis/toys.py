@@ -35,6 +35,8 @@ from goldenpath.plots import null_space_spread, toys_metric  # noqa: E402
 from goldenpath.toys import dln, make_problem  # noqa: E402
 from goldenpath.toys import experiments as ex  # noqa: E402
 
+from common import summary  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results" / "toys"
 # n Gaussian rows, d = 30, a 3-sparse truth, alpha = 0.5: at n = 10 min-l1 does not recover the truth (so
 # "closer to the truth" cannot be tested); at n = 15 it recovers it exactly while the alpha = 0.5 flow
@@ -104,7 +106,7 @@ def _cpu() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--quick", action="store_true",
                         help="16 seeds (about 70 CPU seconds: a minute or two alone on 2 cores)")
     args = parser.parse_args()

@@ -6,11 +6,11 @@
     goldenpath compare SWEEP_DIR [--metrics tv,kl,js,top1,cka,lmc] [--probe-shift noise:0.5]  # + heatmaps
     goldenpath noise RUN_DIR (--at-loss L | --at-step S) [--batches M] [--batch-size b]  # gradient noise
     goldenpath toys lls|dln [key=value ...] [--out DIR]    # theory toys: tables, figures, a verdict
-    goldenpath report SWEEP_DIR                 # -> SWEEP_DIR/report.html (one self-contained page)
+    goldenpath report SWEEP_DIR                 # -> SWEEP_DIR/report.html (compares again what changed)
     goldenpath demo [--out DIR]                 # the README's main job
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the field and the fix), 1 failure during
-work (the run's status.json records it).
+Exit codes: 0 success (and a bare ``goldenpath``, which prints this help), 2 bad input (one line on stderr
+naming the field and the fix), 1 failure during work (the run's status.json records it).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train one run (resumes when its directory holds a checkpoint)",
                          description=TRAIN_HELP)
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. optim.lr=0.1")
     p = verbs.add_parser("sweep", help="run a grid of runs (skips completed ones, resumes interrupted ones)")
     p.add_argument("sweep_config", help="sweep YAML: base, set, grid, seeds, forks")
     p.add_argument("--out", help="output root (default: the sweep's out, else runs)")
@@ -88,9 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-coords", type=int, default=200_000, help="coordinates kept (a fixed random subset)")
     p = verbs.add_parser("toys", help="theory toys: linear least squares (lls), diagonal linear networks (dln)")
     p.add_argument("which", choices=["lls", "dln"])
-    p.add_argument("overrides", nargs="*", help="e.g. sigmas=[0,0.3,1] noise=label seeds=16")
+    p.add_argument("overrides", nargs="*", default=[], help="e.g. sigmas=[0,0.3,1] noise=label seeds=16")
     p.add_argument("--out", default="runs", help="output root (default: runs)")
-    p = verbs.add_parser("report", help="one self-contained HTML page for a sweep (compares first if needed)")
+    p = verbs.add_parser("report", help="one self-contained HTML page for a sweep (compares again first where runs "
+                         "landed or changed since compare)")
     p.add_argument("sweep_dir")
     p = verbs.add_parser("demo", help="a small sweep on the embedded vision stream, compared and drawn")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -182,7 +183,7 @@ def _runs_summary(sweep_dir: Path):
 
     runs = pd.read_csv(sweep_dir / "runs.csv")
     counts = runs["state"].value_counts().to_dict()
-    _print_main(f"{len(runs)} runs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    _print_main(f"{_count(len(runs), 'run')}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                 + f"; table: {sweep_dir / 'runs.csv'}")
     return runs, counts
 
@@ -208,7 +209,8 @@ def _compare(args) -> int:
     if not args.no_figures and args.probe_shift is None:  # the figures are drawn from compare/ alone
         write_figures(sweep_dir)
     pairs = frame.drop_duplicates(["target", "run_a", "run_b"])
-    _print_main(f"{len(pairs)} pairs of runs at {frame['target'].nunique()} loss targets; tables: {tables}")
+    _print_main(f"{_count(len(pairs), 'pair')} of runs at {_count(frame['target'].nunique(), 'loss target')}; "
+                f"tables: {tables}")
     for line in conclusions(sweep_dir, metric=frame["metric"].iloc[0] if len(frame) else "tv",
                             probe_shift=args.probe_shift):
         _print_main(line)
@@ -258,7 +260,7 @@ def _report(args) -> int:
         raise ConfigError("sweep_dir", str(e), "give a sweep directory whose runs have trained") from None
     page = path.read_text()
     figures, warnings = page.count("<img"), page.count('class="warn"')
-    _print_main(f"{figures} figures, {warnings} warnings on one page")
+    _print_main(f"{_count(figures, 'figure')}, {_count(warnings, 'warning')} on one page")
     _print_main(str(path))
     return 0
 
@@ -295,6 +297,11 @@ def _demo(args) -> int:
     return 1 if counts.get("failed") else 0
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 warning``, ``2 warnings``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_main(text: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(text, flush=True)
@@ -302,6 +309,9 @@ def _print_main(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare goldenpath: what it can do
+        parser.print_help()
+        raise SystemExit(0)
     args, extra = parser.parse_known_args(argv)
     if args.verb == "fork":  # key=value after the options: argparse leaves them over
         args.run_dir_and_overrides += [a for a in extra if "=" in a and not a.startswith("-")]

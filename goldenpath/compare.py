@@ -37,7 +37,9 @@ the answer (:func:`conclusions`) name it. Tables written under ``compare/``:
 
 Per-pair results are cached under ``compare/cache/`` (one file per target and metric set) keyed by both
 checkpoint files' size and mtime and by the probe set, so a re-run recomputes only pairs whose
-checkpoints changed or are new. Figures are drawn from these tables (``goldenpath.figures``).
+checkpoints changed or are new. ``compare/inputs.json`` records the options and every run's checkpoints
+the tables come from: :func:`changes` says what changed in the sweep since (``goldenpath report`` compares
+again when something did). Figures are drawn from these tables (``goldenpath.figures``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ ALL_METRICS = (*METRICS, "sq", *WHOLE)
 LOCATION = "sq"  # the squared distance whose cell means split into location and spread; always measured
 NOT_SETTING = ("seed", "replicate", "design", "name", "out", "goldenpath", "threads")  # keys a setting ignores
 
+INPUTS = "inputs.json"  # the options and checkpoints a tables directory was computed from
 COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
            "loss_b", "kind", "overshoot_a", "overshoot_b"]
 
@@ -274,7 +277,49 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
                 tables[name] += rows
     ratios.adjust(tables["summary"], tables["family"])
     _write_tables(out_dir, runs, by_target, tables)
+    options = {"metrics": list(metrics), "tolerance": tolerance, "n_boot": n_boot, "n_perm": n_perm,
+               "include_flagged": include_flagged, "probe_shift": probe_shift, "lmc_points": lmc_points}
+    ckpt.write_json(out_dir / INPUTS, {"options": options, "runs": _inputs(runs, by_target)})  # last: after the tables
     return pd.DataFrame(tables["distances"], columns=COLUMNS)
+
+
+def _inputs(runs: dict[str, RunInfo], by_target: dict[float, list[Checkpoint]]) -> dict[str, dict]:
+    """What a comparison depends on in each run: whether it stalled, and its checkpoints' fingerprints by target."""
+    out = {name: {"stalled": info.state == "stalled", "checkpoints": {}} for name, info in runs.items()}
+    for target, cks in by_target.items():
+        for c in cks:
+            out[c.run]["checkpoints"][f"{target:g}"] = c.fingerprint
+    return out
+
+
+def changes(sweep_dir: str | Path, probe_shift: str | None = None) -> list[str] | None:
+    """What changed in the sweep's runs since compare wrote ``compare/`` (``compare-<shift>/``), one phrase per
+    kind (``"new runs: a, b"``); [] when nothing did, None when the tables record no inputs (written by an
+    older goldenpath)."""
+    path = tables_dir(sweep_dir, probe_shift) / INPUTS
+    if not path.exists():
+        return None
+    old = ckpt.read_json(path)["runs"]
+    by_target, runs = collect(Path(sweep_dir))
+    now = _inputs(runs, by_target)
+    found = {"new runs": sorted(now.keys() - old.keys()), "removed runs": sorted(old.keys() - now.keys()),
+             "new checkpoints": [], "changed checkpoints": [], "removed checkpoints": [], "stalled or no longer": []}
+    for run in sorted(old.keys() & now.keys()):
+        before, after = old[run]["checkpoints"], now[run]["checkpoints"]
+        for target in sorted(before.keys() | after.keys(), key=float, reverse=True):
+            kind = ("new" if target not in before else "removed" if target not in after else
+                    "changed" if before[target] != after[target] else None)
+            if kind:
+                found[f"{kind} checkpoints"].append(f"{run} at {target}")
+        if old[run]["stalled"] != now[run]["stalled"]:
+            found["stalled or no longer"].append(run)
+    return [f"{what}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            for what, names in found.items() if names]
+
+
+def last_options(sweep_dir: str | Path, probe_shift: str | None = None) -> dict:
+    """The keyword arguments compare last wrote ``compare/`` (``compare-<shift>/``) with (from ``inputs.json``)."""
+    return ckpt.read_json(tables_dir(sweep_dir, probe_shift) / INPUTS)["options"]
 
 
 def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
@@ -317,9 +362,12 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
         for idx in sorted({k for t in todo for k in t}):
             models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
         kw = {"chunk": setup.chunk, "device": setup.device, "dtype": setup.dtype}
-        new = pair_sums(models, setup.probe, todo, metrics, **kw) if set(metrics) - {"lmc"} else {}
+        label = f"loss {target:g}: {len(todo)} pairs"
+        new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards", **kw) \
+            if set(metrics) - {"lmc"} else {}
         if "lmc" in metrics:
-            for p, v in pair_barriers(models, setup.probe, setup.heldout, todo, k=setup.lmc_points, **kw).items():
+            for p, v in pair_barriers(models, setup.probe, setup.heldout, todo, k=setup.lmc_points,
+                                      progress=f"{label}, lmc paths", **kw).items():
                 new.setdefault(p, {}).update(v)
         results.update(new)
         del models

@@ -13,10 +13,12 @@ offline blocks are apart. ``ratio_grid`` puts a metric's ratio matrices on one f
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import plots
@@ -50,6 +52,14 @@ def matrix_size(n: int, *, cell: float = 0.45) -> tuple[float, float]:
     """Inches for an n x n matrix with legible labels: cells of ``cell`` inches, smaller past 8 inches of cells."""
     cell = min(cell, 8.0 / max(n, 1))
     return 3.4 + cell * n, 2.8 + cell * n
+
+
+def counted(settings: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``settings.csv`` whose settings both have two seeds or more: the ones a verdict can use
+    (a single seed has no floor of its own). A ratio matrix greys the others out of its colour scale."""
+    if not {"n_a", "n_b"} <= set(settings.columns):
+        return settings
+    return settings[(settings.n_a >= 2) & (settings.n_b >= 2)]
 
 
 def ratio_limit(ratios) -> float:
@@ -108,7 +118,7 @@ def ratio_grid(settings: pd.DataFrame, *, order: list[str], refs: dict[float, st
     rows = math.ceil(len(targets) / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
                              figsize=(2.4 + cols * (cell * n + 0.3) + 0.9, rows * (cell * n + 0.6) + 2.2))
-    vmax = ratio_limit(settings.ratio)
+    vmax = ratio_limit(counted(settings).ratio)
     for k, target in enumerate(targets):
         ax = axes.flat[k]
         plots.ratio_matrix(settings[settings.target == target], order=order, reference=refs.get(target),
@@ -125,48 +135,60 @@ def ratio_grid(settings: pd.DataFrame, *, order: list[str], refs: dict[float, st
                        label="ratio D / F (log scale)")
     bar.set_ticks(plots.ratio_ticks(vmax), labels=[f"{t:g}" for t in plots.ratio_ticks(vmax)])
     bar.minorticks_off()
-    fig.supxlabel("* : p < 0.05 and interval above 1;  blue: the reference;  blank: not compared", fontsize=8)
+    fig.supxlabel("* : p < 0.05 and interval above 1;  blue: the reference;  grey: one seed, out of the verdicts;  "
+                  "blank: not compared", fontsize=8)
     return fig
 
 
 def write_figures(sweep_dir: str | Path, *, run_order: list[str] | None = None,
                   heatmap_metrics=("tv",)) -> list[Path]:
     """The figures of ``compare/``'s tables (run x run heatmaps for ``heatmap_metrics`` only: they are the
-    slow ones); returns their paths."""
+    slow ones), with a progress bar over them; returns their paths."""
     sweep_dir = Path(sweep_dir)
     tables, out = sweep_dir / "compare", sweep_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     distances = pd.read_parquet(tables / "distances.parquet")
     summary = _read(tables / "summary.csv")
     settings = _read(tables / "settings.csv")
     regimes = run_regimes(distances, settings) if len(settings) else {}
+    jobs = []  # (file name, () -> figure), listed first so that the bar knows how many
     for metric in heatmap_metrics:
         part = distances[distances.metric == metric]
         vmin, vmax = value_limits(part.value)
         refs = references(summary, metric) if len(summary) else {}
         for target, rows in sorted(part.groupby("target"), key=lambda kv: -kv[0]):
-            n = len(set(rows.run_a) | set(rows.run_b))
-            order = [r for r in run_order if r in set(rows.run_a) | set(rows.run_b)] if run_order else None
-            fig = figure(lambda ax, p=rows, t=target: plots.distance_heatmap(
-                p, order=order, reference=refs.get(t), regimes=regimes, vmin=vmin, vmax=vmax, ax=ax),
-                matrix_size(n, cell=0.3))
-            fig.axes[0].set_title(f"{metric} at eval loss {target:g}", pad=16)
-            paths.append(save(fig, out / f"heatmap-{metric}-target-{target:g}.png"))
+            runs = set(rows.run_a) | set(rows.run_b)
+            jobs.append((f"heatmap-{metric}-target-{target:g}.png", partial(
+                _heatmap, rows, title=f"{metric} at eval loss {target:g}", reference=refs.get(target),
+                order=[r for r in run_order if r in runs] if run_order else None, regimes=regimes, vmin=vmin,
+                vmax=vmax)))
     for metric, part in settings.groupby("metric", sort=False) if len(settings) else []:
-        refs, vmax = references(summary, metric), ratio_limit(part.ratio)
+        refs, vmax = references(summary, metric), ratio_limit(counted(part).ratio)
         order = setting_order(summary, metric) if len(summary) else None
         for target, rows in sorted(part.groupby("target"), key=lambda kv: -kv[0]):
-            n = len(order or set(rows.setting_a) | set(rows.setting_b))
-            fig = figure(lambda ax, p=rows, t=target: plots.ratio_matrix(
-                p, order=order, reference=refs.get(t), vmax=vmax, ax=ax), matrix_size(n))
-            fig.axes[0].set_title(f"golden-path ratio ({metric}) at eval loss {target:g}", pad=16)
-            paths.append(save(fig, out / f"ratios-{metric}-target-{target:g}.png"))
+            jobs.append((f"ratios-{metric}-target-{target:g}.png", partial(
+                _ratios, rows, title=f"golden-path ratio ({metric}) at eval loss {target:g}",
+                reference=refs.get(target), order=order, vmax=vmax)))
     compute = _read(tables / "compute.csv")
     if len(compute):
-        paths.append(save(figure(lambda ax: plots.compute_to_target(compute, ax=ax), (7, 4.5)),
-                          out / "compute-to-target.png"))
-    return paths
+        jobs.append(("compute-to-target.png",
+                     partial(figure, lambda ax: plots.compute_to_target(compute, ax=ax), (7, 4.5))))
+    bar = tqdm(jobs, desc=f"figures {sweep_dir.name}", unit="figure", disable=None)
+    return [save(draw(), out / name) for name, draw in bar]
+
+
+def _heatmap(rows: pd.DataFrame, *, title: str, order, **options):
+    n = len(set(rows.run_a) | set(rows.run_b))
+    fig = figure(lambda ax: plots.distance_heatmap(rows, order=order, ax=ax, **options), matrix_size(n, cell=0.3))
+    fig.axes[0].set_title(title, pad=16)
+    return fig
+
+
+def _ratios(rows: pd.DataFrame, *, title: str, order, **options):
+    n = len(order or set(rows.setting_a) | set(rows.setting_b))
+    fig = figure(lambda ax: plots.ratio_matrix(rows, order=order, ax=ax, **options), matrix_size(n))
+    fig.axes[0].set_title(title, pad=16)
+    return fig
 
 
 def _read(path: Path) -> pd.DataFrame:

@@ -259,8 +259,12 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     source_dir = run.checkpoint(at_loss=at_loss, at_step=at_step)
     name = source_dir.name
     if not ckpt.has_weights(source_dir):
-        raise ConfigError("--at-loss" if at_loss is not None else "--at-step", f"{run.path} has no checkpoint {name}",
-                          "pick a loss target the run reached (status.json targets_reached)")
+        kind, field, what = ("target", "--at-loss", "a loss target the run reached") if at_loss is not None else \
+            ("step", "--at-step", "a step with a checkpoint (checkpoint.steps)")
+        saved = sorted((d.name.split("-", 1)[1] for d in run.checkpoints.glob(f"{kind}-*") if ckpt.has_weights(d)),
+                       key=float, reverse=kind == "target")  # targets in the order training reached them
+        raise ConfigError(field, f"{run.path} has no checkpoint {name}",
+                          f"pick {what}: {', '.join(saved) or 'none yet'}")
     b = batch_size or config.optim.batch_size
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=b, micro_batch_size=b)

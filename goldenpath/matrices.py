@@ -143,14 +143,17 @@ def ratio_ticks(vmax: float) -> list[float]:
 
 
 RATIO_CMAP = "RdBu_r"  # white at ratio 1 (as far apart as seeds), red above, blue below
+SINGLE_SEED = "0.85"   # the grey of a ratio whose setting has one seed: no floor of its own, out of the verdicts
 
 
 def ratio_matrix(settings, *, order: list[str] | None = None, reference: str | None = None, alpha: float = 0.05,
                  vmax: float | None = None, cbar: bool = True, ax=None):
     """The setting x setting matrix of golden-path ratios at one target and metric, on a log scale symmetric
     about 1 (``vmax``: share it across targets); ``*`` where the permutation p-value is below ``alpha`` and
-    the interval lies above 1; the reference outlined in blue; online and offline blocks apart; the diagonal
-    blank. ``order``: the rows as given (a setting absent at this target is a blank row).
+    the interval lies above 1; grey, out of the colour scale, where a setting has a single seed (``n_a`` or
+    ``n_b`` below 2: no floor of its own, left out of the verdicts); the reference outlined in blue; online
+    and offline blocks apart; the diagonal blank. ``order``: the rows as given (a setting absent at this
+    target is a blank row).
 
     ``settings``: rows of ``compare/settings.csv`` for one target and metric.
     """
@@ -159,20 +162,28 @@ def ratio_matrix(settings, *, order: list[str] | None = None, reference: str | N
     index = {n: i for i, n in enumerate(names)}
     values = np.full((len(names), len(names)), np.nan)
     marks = np.full(values.shape, "", dtype=object)
+    single = np.zeros(values.shape, dtype=bool)
     regimes = {}
     for r in settings.itertuples():
         i, j = index[r.setting_a], index[r.setting_b]
         values[i, j] = values[j, i] = r.ratio
+        single[i, j] = single[j, i] = min(getattr(r, "n_a", 2), getattr(r, "n_b", 2)) < 2
         marks[i, j] = marks[j, i] = "*" if (r.p_value < alpha and r.ci_low > 1) else ""
         regimes.update({r.setting_a: getattr(r, "regime_a", None), r.setting_b: getattr(r, "regime_b", None)})
     text = np.where(np.isfinite(values), np.char.add(np.vectorize(lambda v: f"{v:.2f}")(np.nan_to_num(values)),
                                                      marks.astype(str)), "")
     labels = short_labels(names)
     size = 7 if len(names) <= 10 else 6 if len(names) <= 14 else 5
-    _matrix(ax, np.nan_to_num(values, nan=1.0), labels=[labels[n] for n in names], mask=~np.isfinite(values),
+    _matrix(ax, np.nan_to_num(values, nan=1.0), labels=[labels[n] for n in names], mask=~np.isfinite(values) | single,
             norm=ratio_norm(vmax or 2.0), cmap=RATIO_CMAP, cbar=cbar, label="ratio D / F (log scale)", annot=text,
             fontsize=size)
+    if single.any():
+        from matplotlib.colors import ListedColormap
+
+        ax.pcolormesh(np.ma.masked_array(np.zeros(values.shape), ~single), cmap=ListedColormap([SINGLE_SEED]))
+        for i, j in zip(*np.nonzero(single & np.isfinite(values))):
+            ax.text(j + 0.5, i + 0.5, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=size, color="0.45")
     _mark_reference(ax, names, {reference})
     _blocks(ax, names, regimes)
-    ax.set_xlabel(f"setting (* : p < {alpha:g} and interval above 1; blue: the reference)")
+    ax.set_xlabel(f"setting (* : p < {alpha:g} and interval above 1; blue: the reference; grey: one seed)")
     return ax

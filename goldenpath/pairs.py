@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from goldenpath import lmc
 from goldenpath.config import Config
@@ -83,11 +84,12 @@ def load_shared(ck, config: Config, info, device, dtype, modules: dict) -> Swapp
 
 
 def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
-              device, dtype) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+              device, dtype, progress: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """Per probe unit sums of each pointwise metric for each pair, and 1 - linear CKA of the penultimate
     features where ``metrics`` holds ``cka``; each model's forward once per chunk.
 
     ``models[i]`` is a module or a checkpoint's :class:`Swapped` model (``cka`` hooks its output layer).
+    ``progress``: the label of a progress bar over the probe chunks (on a terminal; None: no bar).
 
     Returns {(i, j): {metric: [units] sums, "count": [units] points, "cka": [1]}}.
     """
@@ -98,7 +100,9 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
     sums = {p: [] for p in pairs}
     counts = []
     needed = sorted({i for p in pairs for i in p})
-    with torch.no_grad(), _hooked(models, needed, active=moments is not None) as features:
+    bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
+               disable=None if progress and pairs else True)
+    with bar, torch.no_grad(), _hooked(models, needed, active=moments is not None) as features:
         for lo in range(0, n, chunk):
             part = _to(probe, lo, chunk, device, dtype)
             mask = part["labels"] != -100 if lm else None
@@ -119,6 +123,7 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
                     sums[(i, j)].append(s.cpu())
             counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else
                           torch.ones(min(chunk, n - lo), dtype=torch.float64))
+            bar.update()
     if not pairs:
         return {}
     count = torch.cat(counts)
@@ -192,12 +197,13 @@ def _hooked(models, needed, *, active: bool):
 
 
 def pair_barriers(models, probe: dict, heldout: dict, pairs: list[tuple[int, int]], *, k: int, chunk: int,
-                  device, dtype) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+                  device, dtype, progress: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """The loss barrier of each pair on the probe set at ``k`` points (:func:`goldenpath.lmc.barrier`).
 
     ``models[i]``: a checkpoint's :class:`Swapped` model. Batch-norm statistics are recomputed at every
     point from ``heldout`` (the eval set, disjoint from the probe set). Each model's end loss is computed
-    once; a pair costs its k - 2 inner points. nan between two architectures.
+    once; a pair costs its k - 2 inner points. nan between two architectures. ``progress``: the label of a
+    progress bar over those points (on a terminal; None: no bar).
 
     Returns {(i, j): {"lmc": [1] float64}}.
     """
@@ -213,12 +219,17 @@ def pair_barriers(models, probe: dict, heldout: dict, pairs: list[tuple[int, int
                                reset_batches=resets[id(slots)])
 
     ts = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
-    ends = {i: path(i, i, [0.0])[0] for i in sorted({i for p in pairs for i in p})}
-    out = {}
-    for i, j in pairs:
-        value = math.nan
-        if models[i].slots is models[j].slots:
+    models_in = sorted({i for p in pairs for i in p})
+    same = [(i, j) for i, j in pairs if models[i].slots is models[j].slots]
+    with tqdm(total=len(models_in) + len(same) * (k - 2), desc=progress, unit="point", leave=False,
+              disable=None if progress else True) as bar:
+        ends = {}
+        for i in models_in:
+            ends[i] = path(i, i, [0.0])[0]
+            bar.update()
+        out = {p: {"lmc": torch.tensor([math.nan], dtype=torch.float64)} for p in pairs}
+        for i, j in same:
             losses = torch.tensor([ends[i], *path(i, j, ts[1:-1].tolist()), ends[j]], dtype=torch.float64)
-            value = lmc.barrier_of(ts, losses)
-        out[(i, j)] = {"lmc": torch.tensor([value], dtype=torch.float64)}
+            out[(i, j)]["lmc"][0] = lmc.barrier_of(ts, losses)
+            bar.update(k - 2)
     return out

@@ -6,6 +6,7 @@ heatmaps live in :mod:`goldenpath.matrices` and are re-exported here.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -258,13 +259,20 @@ def distance_vs_loss(distances, *, metric: str = "tv", regimes: dict | None = No
 
 
 def _plain_log(axis) -> None:
-    """Plain numbers on a log axis (0.02, 50, not 2 x 10^-2); minor ticks labelled within a decade."""
+    """Plain numbers on a log axis (0.02, 50, not 2 x 10^-2). Where fewer than two powers of ten lie in view,
+    minor ticks are labelled too: every one within a decade, else those at 2 and 5 x 10^k."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     axis.axes.autoscale_view()
-    lo, hi = axis.get_view_interval()
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.floor(math.log10(hi) + 1e-9) - math.ceil(math.log10(lo) - 1e-9) + 1 if lo > 0 else 2
+
+    def some(v, _):
+        return f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""
+
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi < 10 * lo else NullFormatter())
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi < 10 * lo else
+                             FuncFormatter(some) if decades < 2 else NullFormatter())
 
 
 def compute_to_target(compute, *, x: str = "optim.lr", hue: str = "optim.batch_size", y: str = "steps_mean",

@@ -6,6 +6,11 @@ setting ratio matrices (one panel per target, one colour scale), the ratios agai
 distances against loss and, folded, the run x run heatmaps. Then compute to target, loss curves and error
 against loss per setting (mean and min-max over seeds), the runs, and warnings (runs that stalled, diverged
 or failed). Figures are embedded as base64 PNG and the style is inline: the file opens with no network.
+
+Tables that no longer match the sweep's runs (a run or a checkpoint landed, changed or went since compare
+wrote them: ``goldenpath.compare.changes``) are compared again first, with the options compare last used;
+its pair cache keeps the pairs that did not change. Each ``compare-<shift>/`` (``compare --probe-shift``)
+gets its own sections after the metrics.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config
@@ -74,21 +81,74 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def _compared(sweep_dir: Path, metric: str) -> tuple[dict, list[str], list[str]]:
-    """The ``compare/`` tables (running ``compare`` when they are missing), the metrics in the order compare
-    measured them, and the answer's lines for the first metric (``metric`` when it was measured)."""
+def _say(line: str) -> None:
+    print(f"report: {line}", file=sys.stderr, flush=True)
+
+
+def _up_to_date(sweep_dir: Path, probe_shift: str | None, warnings: list[str]) -> bool:
+    """Compare again, with the options compare last used, when the sweep's runs changed since it wrote the
+    tables of ``probe_shift`` (its pair cache keeps the unchanged pairs), saying why; returns whether it did."""
+    from goldenpath.compare import changes, compare, last_options, tables_dir
+
+    name = tables_dir(sweep_dir, probe_shift).name
+    changed = changes(sweep_dir, probe_shift)
+    if changed is None:
+        warnings.append(f"{name}/ does not record the runs it compared (an older goldenpath wrote it): runs that "
+                        f"landed since are not in it; run goldenpath compare again")
+    elif changed:
+        _say(f"{name}/ is out of date ({'; '.join(changed)}): comparing again with the options it was made with "
+             f"(pairs of unchanged checkpoints come from its cache)")
+        compare(sweep_dir, **last_options(sweep_dir, probe_shift))
+    return bool(changed)
+
+
+def _tables(tables: Path) -> dict:
+    return {"distances": pd.read_parquet(tables / "distances.parquet"), "summary": pd.read_csv(tables / "summary.csv"),
+            "settings": _read(tables / "settings.csv"), "trend": _read(tables / "trend.csv"),
+            "family": _read(tables / "family.csv"), "compute": _read(tables / "compute.csv")}
+
+
+def _metrics(t: dict, lead: str) -> list[str]:
+    """The metrics of a tables directory in the order compare measured them, ``lead`` first when measured."""
+    metrics = list(dict.fromkeys([*t["distances"].metric, *t["summary"].metric]))
+    return sorted(metrics, key=lambda m: m != lead)
+
+
+def _compared(sweep_dir: Path, metric: str, warnings: list[str]) -> tuple[dict, list[str], list[str]]:
+    """The ``compare/`` tables (compared first when they are missing or out of date), the metrics in the
+    order compare measured them, and the answer's lines for the first metric (``metric`` when it was measured)."""
     from goldenpath.compare import compare, conclusions
+    from goldenpath.figures import write_figures
 
     tables = sweep_dir / "compare"
     if not (tables / "summary.csv").exists():
+        _say(f"{tables} is missing: comparing first (goldenpath compare's default metrics)")
         compare(sweep_dir)
-    t = {"distances": pd.read_parquet(tables / "distances.parquet"), "summary": pd.read_csv(tables / "summary.csv"),
-         "settings": _read(tables / "settings.csv"), "trend": _read(tables / "trend.csv"),
-         "family": _read(tables / "family.csv"),
-         "compute": _read(tables / "compute.csv")}
-    metrics = list(dict.fromkeys([*t["distances"].metric, *t["summary"].metric]))
-    metrics.sort(key=lambda m: m != metric)
+    elif _up_to_date(sweep_dir, None, warnings) and (sweep_dir / "figures").is_dir():
+        write_figures(sweep_dir)  # drawn from the old tables: drawn again
+    t = _tables(tables)
+    metrics = _metrics(t, metric)
     return t, metrics, conclusions(sweep_dir, metric=metrics[0]) if metrics else []
+
+
+def _shifted(sweep_dir: Path, metric: str, warnings: list[str]) -> list[tuple[tuple[str, str], dict, list[str]]]:
+    """((the shift, its slug), its tables, its metrics) of each ``compare-<slug>/``, compared again when out of
+    date."""
+    from goldenpath.compare import INPUTS
+
+    out = []
+    for tables in sorted(p.parent for p in sweep_dir.glob("compare-*/summary.csv")):
+        inputs = tables / INPUTS
+        shift = ckpt.read_json(inputs)["options"]["probe_shift"] if inputs.exists() else None
+        if shift is not None:
+            _up_to_date(sweep_dir, shift, warnings)
+        else:
+            warnings.append(f"{tables.name}/ does not record the runs it compared (an older goldenpath wrote it): "
+                            f"runs that landed since are not in it; run goldenpath compare --probe-shift again")
+        slug = tables.name.removeprefix("compare-")
+        t = _tables(tables)
+        out.append(((shift or slug, slug), t, _metrics(t, metric)))
+    return out
 
 
 def _reference_line(summary: pd.DataFrame, metric: str) -> str:
@@ -109,15 +169,18 @@ def _reference_line(summary: pd.DataFrame, metric: str) -> str:
             "regime's reference, over the seed floor of both.</p>")
 
 
-def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmaps: bool) -> str:
+def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmaps: bool,
+                    shift: tuple[str, str] | None = None) -> str:
     """One metric: its answer, ratio matrices (one panel per target), the ratios against the reference, its
-    distances against loss and, folded, the run x run heatmaps (with ``heatmaps``: they are the slow ones)."""
+    distances against loss and, folded, the run x run heatmaps (with ``heatmaps``: they are the slow ones).
+    ``shift``: (the shift, its directory's slug) when the tables come from a shifted probe set."""
     from goldenpath import figures, plots
     from goldenpath.ratios import answer
 
     summary, settings = t["summary"], t["settings"]
-    name = f"{metric}: {METRIC_NAMES.get(metric, metric)}"
-    parts = [f'<section class="metric" id="metric-{metric}"><h3>{html.escape(name)}</h3>']
+    name = f"{metric}: {METRIC_NAMES.get(metric, metric)}" + (f", probe shifted by {shift[0]}" if shift else "")
+    anchor = f"metric-{metric}" if shift is None else f"shift-{shift[1]}-{metric}"
+    parts = [f'<section class="metric" id="{anchor}"><h3>{html.escape(name)}</h3>']
     if not first:
         parts += [f"<p><b>{html.escape(line)}</b></p>"
                   for line in answer(summary, t["trend"], family=t.get("family"), metric=metric).values()]
@@ -151,7 +214,7 @@ def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmap
             for tg, p in sorted(frame.groupby("target"), key=lambda kv: -kv[0])]
         parts.append(f"<details><summary>Run x run distances: {len(order)} runs, one matrix per loss target "
                      f"(highest first), one colour scale</summary>{''.join(heat)}</details>")
-    elif len(frame):
+    elif len(frame) and shift is None:
         parts.append("<p>Run x run distances: drawn for the lead metric only "
                      "(<code>write_report(..., heatmap_metrics=...)</code> draws others).</p>")
     return "".join(parts) + "</section>"
@@ -204,10 +267,12 @@ def _runs_section(sweep_dir: Path, statuses: dict, warnings: list[str]) -> list[
 
 
 def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=None) -> Path:
-    """Write ``report.html`` (running ``compare`` first when its tables are missing); returns its path.
+    """Write ``report.html`` (running ``compare`` first when its tables are missing or out of date); returns
+    its path.
 
     The page names the reference and leads with the answer for ``metric`` (else the first metric measured),
-    then one section per metric, compute to target, loss curves, error against loss, runs and warnings.
+    then one section per metric, the shifted probe sets (``compare-<shift>/``), compute to target, loss
+    curves, error against loss, runs and warnings; a progress bar counts the sections as they are drawn.
     ``heatmap_metrics``: the metrics that get run x run matrices (default: the lead metric; a 40-run matrix
     takes seconds to draw), e.g. ``("tv", "kl")``.
     """
@@ -224,13 +289,21 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
     warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
                 if s.get("state") not in ("completed", None)]
     try:
-        t, metrics, said = _compared(sweep_dir, metric)
+        t, metrics, said = _compared(sweep_dir, metric, warnings)
     except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
         t, metrics, said = {"summary": pd.DataFrame(), "compute": pd.DataFrame()}, [], []
         warnings.append(f"no distances: {e}")
-    links = [(f"metric-{m}", m) for m in metrics] + [("compute", "compute"), ("curves", "loss curves"),
-                                                     ("error", "error against loss"), ("runs", "runs"),
-                                                     ("warnings", "warnings")]
+    try:
+        shifted = _shifted(sweep_dir, metrics[0] if metrics else metric, warnings)
+    except Exception as e:  # noqa: BLE001 - the page still shows the unshifted probe
+        shifted = []
+        warnings.append(f"no shifted-probe distances: {e}")
+    links = [(f"metric-{m}", m) for m in metrics] + [(f"shift-{slug}", f"probe {shift}")
+                                                     for (shift, slug), _, _ in shifted]
+    links += [("compute", "compute"), ("curves", "loss curves"), ("error", "error against loss"), ("runs", "runs"),
+              ("warnings", "warnings")]
+    bar = tqdm(total=len(metrics) + sum(len(ms) for _, _, ms in shifted) + 2, desc=f"report {sweep_dir.name}",
+               unit="section", disable=None)
     parts = [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>",
              _reference_line(t["summary"], metrics[0]) if metrics else "",
              "<nav>" + "".join(f'<a href="#{a}">{html.escape(b)}</a>' for a, b in links) + "</nav>",
@@ -246,13 +319,26 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
     if metrics:
         parts += ["<h2>Setting x setting ratios</h2>", f"<p>One section per metric ({', '.join(metrics)}): the "
                   "ratio matrices, the ratios against the reference and the distances against loss.</p>"]
-    parts += [_metric_section(m, t, configs, first=k == 0, heatmaps=m in heat) for k, m in enumerate(metrics)]
+    for k, m in enumerate(metrics):
+        parts.append(_metric_section(m, t, configs, first=k == 0, heatmaps=m in heat))
+        bar.update()
+    for shift, shifted_tables, shifted_metrics in shifted:
+        parts += [f'<a id="shift-{shift[1]}"></a><h2>Probe shifted by {html.escape(shift[0])}</h2>',
+                  f"<p>The same comparison on a probe set moved off the training distribution (<code>goldenpath "
+                  f"compare --probe-shift {html.escape(shift[0])}</code>, tables under <code>compare-{shift[1]}/"
+                  "</code>): the same checkpoints, other inputs.</p>"]
+        for m in shifted_metrics:
+            parts.append(_metric_section(m, shifted_tables, configs, first=False, heatmaps=False, shift=shift))
+            bar.update()
     compute = t["compute"]
     if len(compute):
         parts += ['<a id="compute"></a><h2>Compute to target</h2>',
                   _img(_png(lambda ax: plots.compute_to_target(compute, ax=ax), size=(8, 4.5)),
                        "optimizer steps to reach each target", "compute"), _table(compute)]
+    bar.update()
     parts += _curve_sections(curves, floor=floor, targets=configs[next(iter(configs))].checkpoint.targets)
+    bar.update()
+    bar.close()
     parts += _runs_section(sweep_dir, statuses, warnings)
     parts += ['<a id="warnings"></a><h2>Warnings</h2>',
               "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in warnings) + "</ul>"

@@ -392,6 +392,8 @@ def _finish(run: Run, state: str, reason: str, previous: matching.Snapshot | Non
     """The final eval and resume state of a completed run, its verdict, and the final status."""
     st = run.state
     if state == "completed":
+        run.bar.total = run.bar.n  # stopped before the budget (the last target, the data's end): the bar ends full
+        run.bar.refresh()
         # the last step is one of the target search's (a target crossed since its previous eval is found)
         search = st.next_eval is not None and st.evals[-1][0] != st.step
         logged = st.latest is not None and st.latest[0] == st.step

@@ -3,6 +3,7 @@ of a finished run."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -37,6 +38,29 @@ def tiny_teacher(tmp_path):
 @pytest.fixture
 def tiny_markov(tmp_path):
     return [*TINY_MARKOV, f"out={tmp_path}", "name=run"]
+
+
+@pytest.fixture
+def bars():
+    """A tqdm class to patch in for a module's own: it always draws (into a string, whatever the terminal) and
+    keeps each bar's label, count, total, unit and drawn text in ``.closed`` when the bar closes."""
+    from tqdm.auto import tqdm
+
+    closed = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.out = io.StringIO()
+            super().__init__(*args, **{**kwargs, "disable": False, "file": self.out})
+
+        def close(self):
+            if not self.disable:  # once: a closed bar is disabled
+                closed.append({"desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit,
+                               "text": self.out.getvalue()})
+            super().close()
+
+    Recorded.closed = closed
+    return Recorded
 
 
 def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import math
 import sys
@@ -148,3 +149,22 @@ def test_golden_path_run_of_some_datasets_replaces_only_their_rows(tmp_path):
     whole = old.assign(ratio=old.ratio * 10).iloc[[3, 1, 0, 2]]  # a run of everything: its rows, its order
     assert golden_path._merged(tmp_path / "summary.csv", whole) is whole
     assert golden_path._merged(tmp_path / "missing.csv", new) is new
+
+
+def _first_paragraph(path: Path) -> str:
+    return (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n\n")[0]
+
+
+# the scripts a user runs whose first paragraph spans lines (argparse showed only its first line)
+LONG_SUMMARIES = [p.name for p in sorted(ANALYSIS.glob("*.py"))
+                  if '__name__ == "__main__"' in p.read_text() and "\n" in _first_paragraph(p)]
+
+
+@pytest.mark.parametrize("script", LONG_SUMMARIES)
+def test_help_shows_the_script_s_whole_first_paragraph(script):
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ANALYSIS / script), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert " ".join(_first_paragraph(ANALYSIS / script).split()) in " ".join(out.stdout.split())  # rewrapped

@@ -59,3 +59,23 @@ def test_a_wrong_choice_names_the_choices_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2
     assert err == "goldenpath: optim.name: unknown value 'adam'; use one of ['sgd', 'adamw']"
+
+
+def test_a_bare_goldenpath_prints_help_and_train_requires_only_its_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: goldenpath") and "{train,sweep,fork" in out
+    for verb, needed in (("train", "config"), ("toys", "which")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([verb])
+        assert exit_info.value.code == 2  # the overrides are optional: only the positional before them is named
+        assert capsys.readouterr().err == (f"goldenpath: the following arguments are required: {needed}; "
+                                           f"see goldenpath {verb} --help\n")
+
+
+def test_counts_in_printed_lines_agree_with_their_number(tmp_path, capsys):
+    assert [cli._count(n, "warning") for n in (0, 1, 2)] == ["0 warnings", "1 warning", "2 warnings"]
+    (tmp_path / "runs.csv").write_text("run,state\nlr=0.1_rep=0,completed\n")
+    cli._runs_summary(tmp_path)
+    assert capsys.readouterr().out.startswith("1 run: 1 completed;")

@@ -247,15 +247,52 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, mo
         frame.sort_values(["target", "run_a", "run_b"]).value.tolist()
 
 
-def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep):
+def test_changes_name_the_runs_and_checkpoints_that_landed_changed_or_went(sweep):
+    cmp.compare(sweep, ("tv",), n_boot=20, n_perm=100)
+    assert cmp.changes(sweep) == [] and cmp.changes(sweep, "noise:1") is None  # never compared shifted
+    assert cmp.last_options(sweep) == {"metrics": ["tv"], "tolerance": 0.02, "n_boot": 20, "n_perm": 100,
+                                       "include_flagged": False, "probe_shift": None, "lmc_points": 11}
+    make_run(sweep, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)])
+    make_run(sweep.parent / "later", "b1", ["optim.lr=0.1", "seed=3"], [(2.0, 1.99), (1.9, 1.89)])
+    (sweep.parent / "later" / "b1" / "checkpoints" / "target-1.9").rename(sweep / "b1" / "checkpoints" / "target-1.9")
+    weights = sweep / "a1" / "checkpoints" / "target-2" / ckpt.WEIGHTS
+    weights.write_bytes(weights.read_bytes() + b" ")  # retrained: another file
+    import shutil
+
+    shutil.rmtree(sweep / "c0")
+    ckpt.write_json(sweep / "b0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
+    assert cmp.changes(sweep) == ["new runs: b2", "removed runs: c0", "new checkpoints: b1 at 1.9",
+                                  "changed checkpoints: a1 at 2", "stalled or no longer: b0"]
+
+
+def test_compare_draws_a_bar_over_each_target_s_probe_chunks_and_lmc_points(sweep, bars, monkeypatch):
+    monkeypatch.setattr(pairs, "tqdm", bars)
+    frame = cmp.compare(sweep, ("tv", "lmc"), n_boot=20, n_perm=100, chunk=16, lmc_points=4)
+    probe_size = load_config(sweep / "a0" / "config.yaml").data.probe_size
+    closed = {b["desc"]: b for b in bars.closed}
+    for target, rows in frame.groupby("target"):
+        n_pairs = len(rows.drop_duplicates(["run_a", "run_b"]))
+        n_runs = len(set(rows.run_a) | set(rows.run_b))
+        forwards = closed.pop(f"loss {target:g}: {n_pairs} pairs, forwards")
+        assert forwards["n"] == forwards["total"] == math.ceil(probe_size / 16)
+        paths = closed.pop(f"loss {target:g}: {n_pairs} pairs, lmc paths")
+        assert paths["n"] == paths["total"] == n_runs + n_pairs * (4 - 2)  # each end once, 2 inner points a pair
+    assert not closed
+
+
+def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep, bars, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
+    from goldenpath import figures
     from goldenpath.figures import write_figures
 
     frame = cmp.compare(sweep, ("tv",), n_boot=50, include_flagged=True)
+    monkeypatch.setattr(figures, "tqdm", bars)
     paths = {p.name for p in write_figures(sweep)}
     assert {"heatmap-tv-target-2.png", "ratios-tv-target-2.png", "compute-to-target.png"} <= paths
+    drawn = len(list((sweep / "figures").glob("*.png")))
+    assert [(b["n"], b["total"], b["unit"]) for b in bars.closed] == [(drawn, drawn, "figure")]  # one bar, over all
     part = frame[(frame.target == 2.0)]
     ax = distance_heatmap(part, order=["a0", "a1", "b0", "b1", "c0"])
     cells = np.asarray(ax.collections[0].get_array()).reshape(5, 5)

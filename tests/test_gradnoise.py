@@ -150,3 +150,19 @@ def test_noise_cli_on_a_small_teacher_cnn_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "goldenpath", "noise", str(run), "--at-loss", "0.01"],
                          capture_output=True, text=True, cwd=root, timeout=120)
     assert bad.returncode == 2 and "target-0.01" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_noise_at_a_checkpoint_the_run_lacks_names_the_ones_it_has(tmp_path, capsys):
+    from goldenpath import cli
+
+    from .test_compare import make_run
+
+    run = make_run(tmp_path, "r", [], [(2.2, 2.19), (1.95, 1.94), (2.0, 1.99)])
+    for args, field, have in ((["--at-loss", "1.5"], "--at-loss", "pick a loss target the run reached: 2.2, 2, 1.95"),
+                              (["--at-step", "7"], "--at-step", "pick a step with a checkpoint (checkpoint.steps): "
+                                                                "none yet")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["noise", str(run), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1
+        assert err[0].startswith(f"goldenpath: {field}: {run} has no checkpoint ") and err[0].endswith(have)

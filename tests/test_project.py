@@ -91,3 +91,20 @@ def test_every_shipped_sweep_expands_into_valid_runs(path):
     for p in points:
         if p.fork is None:
             load_config(sweep.base, p.overrides)
+
+
+def test_the_readme_makes_each_run_directory_before_a_command_reads_it():
+    from goldenpath.sweep import load_sweep
+
+    made = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("goldenpath demo"):
+            made.append("runs/demo/demo")  # --out runs/demo, then the sweep's name
+        elif sweep := re.match(r"goldenpath sweep (configs/sweeps/\S+\.yaml)", line):
+            spec = load_sweep(ROOT / sweep.group(1))
+            made.append(f"{spec.out}/{spec.name}")
+        for read in re.findall(r"^goldenpath (?:compare|report|fork|noise) (runs/\S+)", line):
+            assert any(read == d or read.startswith(d + "/") for d in made), f"{line!r} reads what no line above makes"
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install"):readme.index("## The two commands")]
+    assert "apt-get install dataset-fashion-mnist" in install  # the Debian package of the Fashion-MNIST source

@@ -7,6 +7,7 @@ import html
 import io
 import itertools
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -97,6 +98,46 @@ def test_ratio_matrix_keeps_the_order_leaves_the_diagonal_blank_and_marks_the_re
     assert {t.get_text() for t in ax.texts} >= {"1.50*", "3.00", "online", "offline"}
     assert short_labels(["lr=1_n=none_seed=0", "lr=2_n=none_seed=1"]) == {"lr=1_n=none_seed=0": "lr=1 seed=0",
                                                                           "lr=2_n=none_seed=1": "lr=2 seed=1"}
+
+
+def test_ratio_matrix_greys_out_single_seed_settings_and_keeps_them_off_the_colour_scale():
+    from goldenpath.figures import counted, ratio_limit
+    from goldenpath.matrices import SINGLE_SEED
+
+    rows = pd.DataFrame([dict(setting_a=a, setting_b=b, n_a=na, n_b=nb, ratio=r, ci_low=r - 0.1, p_value=0.01)
+                         for a, b, na, nb, r in (("ref", "two", 3, 2, 1.5), ("ref", "one", 3, 1, 6.0),
+                                                 ("two", "one", 2, 1, 5.0))])
+    order = ["ref", "two", "one"]
+    ax = ratio_matrix(rows, order=order, reference="ref", vmax=ratio_limit(counted(rows).ratio))
+    assert ax.collections[0].norm.vmax == pytest.approx(1.5)  # the 6.0 and 5.0 of one seed do not stretch it
+    coloured = np.ma.getmaskarray(ax.collections[0].get_array()).reshape(3, 3)
+    grey = ax.collections[1]
+    assert grey.cmap(0.0)[:3] == pytest.approx((0.85, 0.85, 0.85)) and SINGLE_SEED == "0.85"
+    greyed = ~np.ma.getmaskarray(grey.get_array()).reshape(3, 3)
+    want = np.zeros((3, 3), dtype=bool)
+    want[2, :2] = want[:2, 2] = True  # the row and column of "one", the diagonal blank
+    assert (greyed == want).all() and (coloured[want]).all()
+    assert {t.get_text() for t in ax.texts} >= {"1.50*", "6.00", "5.00"}  # the greyed values, with no star
+    assert "6.00*" not in {t.get_text() for t in ax.texts}
+
+
+def test_compute_to_target_labels_two_ticks_or_more_on_a_log_axis_of_one_decade_tick():
+    import matplotlib.pyplot as plt
+
+    from goldenpath.plots import compute_to_target
+
+    compute = pd.DataFrame([dict(target=t, setting=f"lr={lr}", regime="online", n_reached=2, steps_mean=s,
+                                 **{"optim.lr": lr, "optim.batch_size": 32})
+                            for t, pts in ((1.72, ((0.01, 130), (0.02, 300))), (1.7, ((0.01, 700), (0.02, 1600))))
+                            for lr, s in pts])
+    ax = compute_to_target(compute)
+    ax.figure.canvas.draw()
+    lo, hi = sorted(ax.get_ylim())
+    assert math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1 == 1  # one power of ten in view: 1000
+    shown = {float(t.get_text()): t.get_position()[1] for t in ax.yaxis.get_ticklabels(which="both")
+             if t.get_text() and lo <= t.get_position()[1] <= hi}
+    assert len(shown) >= 2 and all(v == pytest.approx(pos) for v, pos in shown.items())
+    plt.close(ax.figure)
 
 
 def test_distance_vs_loss_averages_pairs_per_kind_regime_and_target():
@@ -222,6 +263,74 @@ def demo_report(tmp_path_factory):
     from goldenpath.report import write_report
 
     return write_report(demo_like(tmp_path_factory.mktemp("demo")))
+
+
+def with_curve(run: Path) -> Path:
+    """A run as make_run leaves it, with the eval curve a report draws."""
+    run.joinpath("metrics.jsonl").write_text("".join(json.dumps(
+        {"step": k, "samples": 32 * k, "tokens": 0, "eval_loss": 2.3 - 0.2 * k, "eval_error": 0.9 - 0.1 * k}) + "\n"
+        for k in range(3)))
+    return run
+
+
+def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path, bars, monkeypatch, capsys):
+    from goldenpath import compare as cmp
+    from goldenpath import report as rep
+
+    from .test_compare import make_run
+
+    d, later = tmp_path / "s", tmp_path / "later"
+    for name, seed, lr, targets in (("a0", 0, 0.01, [(2.0, 1.99), (1.9, 1.89)]),
+                                    ("a1", 1, 0.01, [(2.0, 1.995), (1.9, 1.899)]), ("b0", 2, 0.1, [(2.0, 1.99)]),
+                                    ("b1", 3, 0.1, [(2.0, 1.99), (1.9, 1.89)])):
+        with_curve(make_run(d, name, [f"optim.lr={lr}", f"seed={seed}"], targets))
+    (d / "b1" / "checkpoints" / "target-1.9").rename(later)  # b1 reaches 1.9 only after the first report
+    options = {"n_boot": 50, "n_perm": 200}
+    cmp.compare(d, ("tv",), **options)
+    cmp.compare(d, ("tv",), probe_shift="noise:1", **options)
+    rep.write_report(d)
+    assert "out of date" not in capsys.readouterr().err
+
+    with_curve(make_run(d, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)]))  # a run lands
+    later.rename(d / "b1" / "checkpoints" / "target-1.9")
+    computed = []
+    real = cmp.pair_sums
+
+    def counting(models, probe, pairs, *args, **kwargs):
+        computed.extend(pairs)
+        return real(models, probe, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(cmp, "pair_sums", counting)
+    monkeypatch.setattr(rep, "tqdm", bars)
+    page = rep.write_report(d).read_text()
+    err = capsys.readouterr().err
+    for tables in ("compare", "compare-noise-1"):
+        assert f"report: {tables}/ is out of date (new runs: b2; new checkpoints: b1 at 1.9): comparing again" in err
+    assert len(computed) == 2 * (4 + 2)  # per directory: b2 with the 4 runs at 2, b1 with a0 and a1 at 1.9
+
+    # the tables now are what a comparison from scratch of the grown sweep gives
+    fresh = tmp_path / "fresh"
+    shutil.copytree(d, fresh, ignore=shutil.ignore_patterns("compare*", "report.html"))
+    for shift in (None, "noise:1"):
+        want = cmp.compare(fresh, ("tv",), probe_shift=shift, **options)
+        got = pd.read_parquet(cmp.tables_dir(d, shift) / "distances.parquet")
+        key = ["target", "run_a", "run_b", "metric"]
+        pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
+                                      want.sort_values(key).reset_index(drop=True))
+    heat = re.search(r"Run x run distances: (\d+) runs", page)
+    assert heat and int(heat.group(1)) == 5  # every run directory
+    # the shifted probe's own sections: heading, answer, the table against the reference
+    start = page.index("<h2>Probe shifted by noise:1</h2>")
+    assert page.index('<section class="metric" id="metric-tv">') < start < page.index("<h2>Compute to target</h2>")
+    shifted = page[start:page.index("<h2>Compute to target</h2>")]
+    assert '<section class="metric" id="shift-noise-1-tv">' in shifted
+    assert "<h4>tv: against the reference</h4>" in shifted
+    assert '<a href="#shift-noise-1">probe noise:1</a>' in page
+    sections = page.count('<section class="metric"')
+    assert [(b["n"], b["total"]) for b in bars.closed] == [(sections + 2, sections + 2)]  # + compute, curves
+
+    (d / "compare" / "inputs.json").unlink()  # tables from before goldenpath recorded their inputs
+    assert "compare/ does not record the runs it compared" in rep.write_report(d).read_text()
 
 
 def figures_on(page: str) -> list[str]:

@@ -24,6 +24,7 @@ def test_threads_follow_the_config_then_the_environment_then_half_the_cores(monk
 
 
 def test_a_first_signal_asks_and_a_second_ctrl_c_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, else Python's default_int_handler
     asked = []
     with runtime.Interrupts(on_request=asked.append) as interrupts:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -34,7 +35,17 @@ def test_a_first_signal_asks_and_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored, whatever it was
+
+
+def test_signals_are_handled_and_restored_when_sigint_comes_in_ignored_as_in_a_background_job():
+    """A shell starts a background job (``pytest &``) with SIGINT ignored; the test above then runs as well."""
+    import pathlib
+
+    test = f"{pathlib.Path(__file__).resolve()}::test_a_first_signal_asks_and_a_second_ctrl_c_stops_at_once"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], capture_output=True,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
 
 
 

@@ -56,12 +56,15 @@ def stream_documents(src, iterator) -> tuple[list[list[int]], int]:
     return docs, n  # each shard packs its own scenes from its start: the first one is whole too
 
 
-def test_tokenizer_is_trained_cached_and_read_back(tmp_path, monkeypatch):
+def test_tokenizer_is_trained_cached_and_read_back(tmp_path, monkeypatch, capsys):
     from transformers import PreTrainedTokenizerFast
 
     monkeypatch.setenv("GOLDENPATH_CACHE", str(tmp_path))
     first = data_config().build()
     assert first.layout.parent == tmp_path / "shakespeare"
+    said = capsys.readouterr().err.splitlines()  # the seconds it takes are not silent
+    assert said == [f"preparing Shakespeare (once; cached in {first.layout}): 2 training plays as scenes and a "
+                    "300-token BPE trained on them"]
     tok = first.tokenizer
     assert isinstance(tok, PreTrainedTokenizerFast) and len(tok) == 300 and first.info.num_classes == 300
     line = documents(first.layout / "train.jsonl")[3]["text"]
@@ -74,6 +77,7 @@ def test_tokenizer_is_trained_cached_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(text, "train_tokenizer", untrainable)
     again = data_config().build()  # the same config reads the cache
     assert again.layout == first.layout and again.tokenizer.encode(line) == tok.encode(line)
+    assert "preparing" not in capsys.readouterr().err
     with pytest.raises(AssertionError, match="trained again"):
         data_config("data.vocab_size=301").build()  # another vocabulary is another cache entry
 

@@ -477,3 +477,15 @@ def test_best_checkpoint_holds_the_lowest_eval_loss(tiny_teacher):
     assert (meta["step"], meta["eval_loss"]) == (step, loss)
     assert status_of(run_dir)["best_eval_loss"] == loss
 
+
+def test_the_progress_bar_ends_full_when_the_last_target_stops_the_run(tiny_teacher, bars, monkeypatch):
+    from goldenpath import run as run_module
+
+    monkeypatch.setattr(run_module, "tqdm", bars)
+    run_dir = train(load_config(None, [*tiny_teacher, "log.progress=true", "checkpoint.targets=[2.28]",
+                                       "budget.samples=12800"]))
+    status = status_of(run_dir)
+    assert status["reason"].startswith("last target reached") and status["samples"] < 12800  # stopped early
+    (bar,) = [b for b in bars.closed if b["unit"] == "sample"]
+    assert bar["n"] == bar["total"] == status["samples"]
+    assert "100%" in [line for line in bar["text"].split("\r") if line.strip()][-1]  # as the terminal shows it last

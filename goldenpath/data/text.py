@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -174,6 +175,8 @@ def lay_out(cfg: ShakespeareData) -> Path:
         except OSError:  # a read-only cache: lay out under the system's temporary directory
             continue
         try:
+            print(f"preparing Shakespeare (once; cached in {final}): {len(split['train'])} training plays as "
+                  f"scenes and a {cfg.vocab_size}-token BPE trained on them", file=sys.stderr, flush=True)
             _write_layout(tmp, split, files, cfg.vocab_size)
             os.rename(tmp, final)
         except OSError:
