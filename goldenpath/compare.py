@@ -56,7 +56,7 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import ratios, stats
-from goldenpath.config import Config, ConfigError, load_config, to_dict
+from goldenpath.config import Config, ConfigError, load_config, run_key, to_dict
 from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
 from goldenpath.distances import METRICS, bootstrap_rows, bootstrap_weights
 from goldenpath.pairs import load_shared, pair_barriers, pair_sums
@@ -128,11 +128,23 @@ def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, R
             by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
                 run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
                 int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))
+    _refuse_duplicates(configs, sweep_dir)
     designs = sorted({c.design for c in configs.values() if c.design is not None})
     if len(designs) > 1:
         raise ConfigError("compare", f"the runs of {sweep_dir} come from sweeps with different seed designs "
                           f"({', '.join(designs)})", "compare the runs of one design (move one sweep's runs out)")
     return by_target, _settings(configs, states)
+
+
+def _refuse_duplicates(configs: dict[str, Config], sweep_dir: Path) -> None:
+    """Two run directories that compute one run (same resolved config, seed and replicate) would enter the
+    statistics as two seeds at distance 0: refuse, naming both."""
+    seen: dict[str, str] = {}
+    for name, config in configs.items():
+        first = seen.setdefault(run_key(config), name)
+        if first != name:
+            raise ConfigError("compare", f"{sweep_dir / name} is {first} again under another name (same config, "
+                              "seed and replicate)", f"remove one of them (rm -r {sweep_dir / name})")
 
 
 def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:

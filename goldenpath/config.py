@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 import types
 import typing
@@ -198,3 +199,15 @@ def to_dict(config) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(config))
+
+
+# keys that name, place or pace a run but do not change what it computes
+LABELS = ("name", "out", "goldenpath", "threads")
+
+
+def run_key(config) -> str:
+    """What a run computes, as one string: its resolved config without the keys that only name, place or pace
+    it (and without the progress bar). Two runs with one key are one run under two names."""
+    d = {k: v for k, v in to_dict(config).items() if k not in LABELS}
+    d["log"].pop("progress", None)
+    return json.dumps(d, sort_keys=True)

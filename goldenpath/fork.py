@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from goldenpath import checkpoints as ckpt
-from goldenpath.config import Config, ConfigError, load_config, parse_override, require, to_dict
+from goldenpath.config import Config, ConfigError, load_config, parse_override, require, run_key, to_dict
 from goldenpath.naming import fork_name, value_text
 
 
@@ -54,9 +54,21 @@ def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int 
         resolved.append(f"{key}={value_text(value)}")
     child = name or fork_name(parent.name, at_loss, at_step, changes)
     at = [f"fork.at_loss={at_loss}"] if at_loss is not None else [f"fork.at_step={at_step}"]
-    return load_config(ckpt.RunDir(run_dir).config, [
+    config = load_config(ckpt.RunDir(run_dir).config, [
         *resolved, f"name={child}", f"out={run_dir.parent}", f"fork.parent={run_dir}",
         "fork.at_loss=null", "fork.at_step=null", *at, f"fork.changed={json.dumps(sorted(changes))}"])
+    _refuse_duplicate(config, run_dir.parent)
+    return config
+
+
+def _refuse_duplicate(config: Config, out: Path) -> None:
+    """A fork that another run directory beside it already computes (the same parent, fork point and
+    changes, written ``x4`` there and ``64`` here) would enter every comparison twice: refuse, naming it."""
+    key = run_key(config)
+    for other in sorted(out.glob("*/config.yaml")):
+        if other.parent.name != config.name and run_key(load_config(other)) == key:
+            raise ConfigError("fork", f"{other.parent} already is this fork (same parent, fork point and changes)",
+                              "use that run (compare reads it already), or fork with other changes")
 
 
 def fork_start(config: Config, rank: int) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,6 +321,34 @@ def test_fork_refuses_changing_data_or_a_missing_checkpoint(tmp_path):
         fork_config(parent, at_loss=2.0, overrides=["seed=3"])
     with pytest.raises(ConfigError, match="no checkpoint target-0.1"):
         train(fork_config(parent, at_loss=0.1))
+
+
+def test_a_fork_that_another_run_already_computes_is_refused_and_compare_refuses_duplicates(tmp_path):
+    # the sweep names its fork by the override as written (bs=x2), the CLI by the resolved value (bs=64): one
+    # run under two names would enter compare as two seeds at distance 0
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=p", "budget.samples=1280",
+                                      "checkpoint.targets=[2.28]", "checkpoint.eval_every=5"]))
+    assert "2.28" in read_json(parent / "status.json")["targets_reached"]
+
+    def fork(*args):
+        return subprocess.run([sys.executable, "-m", "goldenpath", "fork", str(parent), "--at-loss", "2.28", *args,
+                               "budget.samples=1600"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    first = fork("optim.batch_size=x2", "--name=p+fork-loss=2.28-bs=x2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    again = fork("optim.batch_size=64")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("goldenpath: fork: ")
+    assert str(tmp_path / "p+fork-loss=2.28-bs=x2") in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    other = fork("optim.batch_size=x4")  # a different fork is fine
+    assert other.returncode == 0, other.stderr[-2000:]
+
+    from goldenpath.compare import compare
+    shutil.copytree(parent, tmp_path / "p-copy")
+    with pytest.raises(ConfigError, match="p-copy is p again"):
+        compare(tmp_path)
 
 
 def test_a_sweep_of_two_process_runs_goes_through_accelerate_launch(tmp_path):
