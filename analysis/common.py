@@ -61,6 +61,15 @@ def run_grid(name: str, base: str | Path, work: str | Path, *, fixed: dict | Non
     return run_sweep(path, out=str(work), jobs=jobs)
 
 
+def rounded(frame, digits: int = 6):
+    """``frame`` with every float rounded to ``digits`` significant digits: what a script writes is then the
+    same on every machine (float64 sums and BLAS kernels differ in the last bits from one CPU to another)."""
+    out = frame.copy()
+    for c in out.columns[[k == "f" for k in out.dtypes.map(lambda t: t.kind)]]:
+        out[c] = [float(f"{v:.{digits}g}") for v in out[c]]
+    return out
+
+
 def interval(value: float, low: float, high: float, digits: int = 2) -> str:
     """``1.23 [1.01, 1.50]``."""
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

@@ -4,7 +4,7 @@ lemma says, and does the LLS null space spread as the exact law says?
 
     python analysis/toys.py [--quick]
 
-Writes analysis/results/toys/: dln.parquet (one row per regime, noise kind, sigma, batch and seed),
+Writes analysis/results/toys/ (or --out): dln.parquet (one row per regime, noise kind, sigma, batch and seed),
 regimes.csv (each regime's problem and how well min-l1 recovers its truth), drift.csv (the Ito check),
 dln.png, lls.parquet, lls.png and verdict.txt. A thin composition of goldenpath.toys.experiments.
 
@@ -35,7 +35,7 @@ from goldenpath.plots import null_space_spread, toys_metric  # noqa: E402
 from goldenpath.toys import dln, make_problem  # noqa: E402
 from goldenpath.toys import experiments as ex  # noqa: E402
 
-from common import summary  # noqa: E402
+from common import rounded, summary  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "toys"
 # n Gaussian rows, d = 30, a 3-sparse truth, alpha = 0.5: at n = 10 min-l1 does not recover the truth (so
@@ -109,20 +109,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--quick", action="store_true",
                         help="16 seeds (about 70 CPU seconds: a minute or two alone on 2 cores)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where the tables go (default {OUT})")
     args = parser.parse_args()
     start = time.time()
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     scale = SCALE["quick" if args.quick else "full"]
     regimes = REGIMES if args.quick else {**REGIMES, **FULL_EXTRA}
     frames, verdict, drifts = [], [], []
     for name, r in regimes.items():
         for noise, sigmas in GRIDS.items():
-            frame = ex.run_dln(noise=noise, sigmas=sigmas, **r, **scale).assign(regime=name)
+            frame = rounded(ex.run_dln(noise=noise, sigmas=sigmas, **r, **scale)).assign(regime=name)
             frames.append(frame)
             label = "Noisy-SGD (isotropic noise on the weights)" if noise == "param" else "SGD with label noise"
             verdict.append(f"{name}, {label}: " + ex.dln_verdict(frame))
             if noise == "param":
-                d = ex.drift_table(frame).assign(regime=name)
+                d = rounded(ex.drift_table(frame)).assign(regime=name)
                 drifts.append(d)
                 for quantity, q in d.groupby("quantity", sort=False):
                     verdict.append(f"{name}, Ito drift of log(u v), {quantity} against "
@@ -132,27 +134,27 @@ def main() -> None:
                                        for t in q.itertuples()))
         print(f"{name}: {time.time() - start:.0f} s wall, {_cpu():.0f} CPU seconds so far", flush=True)
     first = next(iter(REGIMES.values()))  # SGD's own noise: mini-batches, no injected noise
-    batches = ex.run_dln(noise="param", sigmas=[0.0], batches=[None, 5, 2], **first, **scale)
+    batches = rounded(ex.run_dln(noise="param", sigmas=[0.0], batches=[None, 5, 2], **first, **scale))
     frames.append(batches.assign(noise="sgd", regime=next(iter(REGIMES))))
     verdict.append("SGD without injected noise (n=10), alpha_eff (median over seeds) by batch size: " + ", ".join(
         f"B={b}: {v:.3g}" for b, v in batches.groupby("batch").alpha_eff.median().sort_index(ascending=False).items()))
     dln_rows = pd.concat(frames, ignore_index=True)
-    dln_rows.to_parquet(OUT / "dln.parquet", index=False)
+    dln_rows.to_parquet(out / "dln.parquet", index=False)
     pd.concat(drifts, ignore_index=True)[["regime", "sigma", "quantity", "seeds", "observed", "ci_low", "ci_high",
-                                          "predicted", "verdict"]].to_csv(OUT / "drift.csv", index=False)
-    problems(regimes).to_csv(OUT / "regimes.csv", index=False)
-    figure(dln_rows, OUT / "dln.png")
-    lls = ex.run_lls(seeds=500 if args.quick else 4000)
-    lls.to_parquet(OUT / "lls.parquet", index=False)
+                                          "predicted", "verdict"]].to_csv(out / "drift.csv", index=False)
+    rounded(problems(regimes)).to_csv(out / "regimes.csv", index=False)
+    figure(dln_rows, out / "dln.png")
+    lls = rounded(ex.run_lls(seeds=500 if args.quick else 4000))
+    lls.to_parquet(out / "lls.parquet", index=False)
     fig, ax = plt.subplots(figsize=(5, 3.4))
     null_space_spread(lls, ax=ax)
     fig.tight_layout()
-    fig.savefig(OUT / "lls.png", dpi=110)
+    fig.savefig(out / "lls.png", dpi=110)
     gap = float((lls.spread / lls.exact - 1).abs().max())
     verdict.append(f"LLS null-space spread against the exact law: largest relative gap {gap:.3f}")
-    (OUT / "verdict.txt").write_text("\n".join(verdict) + "\n")
+    (out / "verdict.txt").write_text("\n".join(verdict) + "\n")
     print("\n".join(verdict))
-    print(f"{OUT} ({time.time() - start:.0f} s wall, {_cpu():.0f} CPU seconds)")
+    print(f"{out} ({time.time() - start:.0f} s wall, {_cpu():.0f} CPU seconds)")
 
 
 if __name__ == "__main__":

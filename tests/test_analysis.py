@@ -168,3 +168,34 @@ def test_help_shows_the_script_s_whole_first_paragraph(script):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert " ".join(_first_paragraph(ANALYSIS / script).split()) in " ".join(out.stdout.split())  # rewrapped
+
+
+def test_what_a_script_writes_does_not_change_with_the_last_bits_of_its_floats(tmp_path):
+    # another CPU's BLAS kernels move float64 results by ~1e-13 (relative): the tables must not move
+    from common import rounded
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=500) * 10.0 ** rng.integers(-6, 6, 500), "n": np.arange(500),
+                          "ok": rng.random(500) < 0.5})
+    moved = frame.assign(x=frame.x * (1 + 1e-13 * rng.choice([-1, 1], 500)))
+    assert not (moved.x == frame.x).all()
+    rounded(frame).to_csv(tmp_path / "a.csv", index=False)
+    rounded(moved).to_csv(tmp_path / "b.csv", index=False)
+    rounded(frame).to_parquet(tmp_path / "a.parquet")
+    rounded(moved).to_parquet(tmp_path / "b.parquet")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    back = pd.read_csv(tmp_path / "a.csv")
+    assert back.x.to_numpy() == pytest.approx(frame.x.to_numpy(), rel=5e-6, abs=0)  # six significant digits
+    assert (back.n == frame.n).all() and (back.ok == frame.ok).all()
+
+
+@pytest.mark.slow  # about 90 CPU seconds
+def test_toys_quick_reproduces_the_committed_tables_byte_for_byte(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ANALYSIS / "toys.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("dln.parquet", "lls.parquet", "drift.csv", "regimes.csv", "verdict.txt"):
+        assert (tmp_path / name).read_bytes() == (ANALYSIS / "results" / "toys" / name).read_bytes(), name
