@@ -71,10 +71,12 @@ OVERSHOOT_ABOVE = 1.25
 SETTINGS = {
     True: dict(lr=0.02, batch=16, fork_at=2.2, seeds=tuple(range(8)),
                fixed={"data.eval_size": 512, "data.probe_size": 512, "budget.samples": 12288,
-                      "checkpoint.targets": [2.2, 2.1, 2.0], "checkpoint.eval_every": 10}),
+                      "checkpoint.targets": [2.2, 2.1, 2.0], "checkpoint.eval_every": 10,
+                      "checkpoint.target_eval_every": 10}),
     False: dict(lr=0.02, batch=16, fork_at=2.1, seeds=tuple(range(10)),
                 fixed={"budget.samples": 60000, "checkpoint.targets": [2.2, 2.1, 2.0, 1.9, 1.8],
-                       "checkpoint.eval_every": 20}),
+                       "checkpoint.eval_every": 20,
+                       "checkpoint.target_eval_every": 20}),
 }
 # each fork: its change to the noisy parent, and the axes it is compared on (see the docstring)
 FORKS = {"batch x4": {"set": {"optim.batch_size": "x4"}, "axes": ("samples", "step")},
