@@ -34,7 +34,9 @@ so their covariance has an unbiased estimate (:func:`cells`, Hoeffding's constru
 carries it to the statistic. A ratio that is 1 where two settings are the same (the golden-path ratio, the
 location ratio) gets a score interval (:func:`score_interval`): its variance is the permutation variance at
 1 and grows with the effect, so the interval does not shrink with an estimate that falls short. The spread
-gets a t interval on the log scale. Degrees of freedom: the smaller setting's seeds minus one.
+gets a t interval on the log scale (in a paired design with the jackknife variance over seeds, since its
+two floors share their seeds). Degrees of freedom: the smaller setting's seeds minus one (the location
+ratio: Satterthwaite's, see :func:`score_interval`).
 Simulations with a known truth check all of it (:mod:`goldenpath.calibration`, ``analysis/calibration.py``).
 
 Distances between runs arrive as per-unit sums (``sums`` [pairs, units], ``counts`` [units], pairs in
@@ -339,7 +341,7 @@ class Comparison:
     spread: float         # floor_a / floor_b
     spread_low: float
     spread_high: float
-    spread_p: float       # jackknife t p of "the same spread"
+    spread_p: float       # t p of "the same spread" (log scale)
     location: float       # 1 + squared distance between mean functions over the mean spread (nan without q)
     location_low: float
     location_high: float
@@ -357,25 +359,60 @@ def _log_var(x: np.ndarray) -> float:
     return float(np.var(np.log(x), ddof=1)) if len(x) > 2 else math.nan
 
 
-def score_interval(estimate: float, var: float, null_var: float, dof_: float, *,
-                   level: float = 0.95) -> tuple[float, float]:
+def score_interval(estimate: float, var: float, null_var: float, dof_: float, *, level: float = 0.95,
+                   satterthwaite: bool = False) -> tuple[float, float]:
     """An interval for a ratio that is 1 where two settings are the same (the golden-path ratio, the location
-    ratio), on the log scale L. Its variance is ``null_var`` at L = 0 (the spread of L over relabellings)
+    ratio), on the log scale L. Its variance is ``null_var`` at L <= 0 (the spread of L over relabellings)
     and grows with the effect: V(L) = null_var + kappa L, kappa fitted through the delta-method variance
     ``var`` at the estimate. The interval is every L with (L_hat - L)^2 <= t^2 V(L) (a score interval, as
     Wilson's for a proportion): a Wald interval would shrink with an estimate that falls short of the truth,
-    since the variance shrinks with it, and undercover near 1."""
+    since the variance shrinks with it, and undercover near 1. An estimate within its null noise of 0 (or
+    below) cannot say how fast the variance grows: kappa is then the excess variance over that noise.
+
+    ``satterthwaite``: t's degrees of freedom are Satterthwaite's for the sum of the null variance (from
+    thousands of relabellings: exact) and the excess (from the seeds: ``dof_``), so a ratio at 1 gets the
+    normal quantile; else ``dof_``. The golden-path ratio keeps ``dof_``: where the seeds' spreads differ, its
+    excess follows the spread's estimate, itself a t quantity (simulations: analysis/calibration.py)."""
     if not (np.isfinite(estimate) and estimate > 0 and dof_ >= 1):
         return math.nan, math.nan
     v0 = null_var if np.isfinite(null_var) else (var if np.isfinite(var) else math.nan)
     if not np.isfinite(v0):
         return math.nan, math.nan
     ell = math.log(estimate)
-    kappa = max(0.0, (var - v0) / ell) if ell > 0 and np.isfinite(var) else 0.0
-    t2 = float(sps.t.ppf(0.5 + level / 2, dof_)) ** 2
+    excess = max(var - v0, 0.0) if np.isfinite(var) else 0.0
+    kappa = excess / max(ell, math.sqrt(v0)) if v0 > 0 else 0.0
+    df = dof_
+    if satterthwaite:
+        df = math.inf if excess == 0 else dof_ * ((v0 + excess) / excess) ** 2
+    t2 = float(sps.norm.ppf(0.5 + level / 2) if math.isinf(df) else sps.t.ppf(0.5 + level / 2, df)) ** 2
+    # the truth is never below 1 (D >= the pooled floor for a distance of negative type, as tv's): at L <= 0
+    # the variance is the null's, above it grows as v0 + kappa L; the interval is the union of both pieces
+    pieces = []
+    if ell - math.sqrt(t2 * v0) <= 0:
+        pieces.append((ell - math.sqrt(t2 * v0), min(ell + math.sqrt(t2 * v0), 0.0)))
     b, c = 2 * ell + t2 * kappa, ell**2 - t2 * v0
-    root = math.sqrt(max(b * b - 4 * c, 0.0))
-    return math.exp((b - root) / 2), math.exp((b + root) / 2)
+    if b * b - 4 * c >= 0 and (b + math.sqrt(b * b - 4 * c)) / 2 >= 0:
+        root = math.sqrt(b * b - 4 * c)
+        pieces.append((max((b - root) / 2, 0.0), (b + root) / 2))
+    return math.exp(min(p[0] for p in pieces)), math.exp(max(p[1] for p in pieces))
+
+
+def paired_spread_var(m: np.ndarray, design: Design, k: int, r: int) -> float:
+    """Jackknife variance of log(F_k / F_r) over the seeds of a paired design (one seed left out of both
+    settings at a time). The two floors share their seeds, so the spread is a small contrast of two correlated
+    means, whose unbiased covariance estimate is too often negative with few seeds; the jackknife's is not."""
+    where = {design.seeds[i]: i for i in design.groups[r]}
+    pairs = [(i, where[design.seeds[i]]) for i in design.groups[k]]
+    n = len(pairs)
+    if n < 3:
+        return math.nan
+    iu = np.triu_indices(n - 1, 1)
+    out = []
+    for drop in range(n):
+        kk, rr = map(list, zip(*(p for j, p in enumerate(pairs) if j != drop)))
+        out.append(math.log(m[np.ix_(kk, kk)][iu].mean() / m[np.ix_(rr, rr)][iu].mean()))
+    out = np.asarray(out)
+    return float((n - 1) / n * ((out - out.mean()) ** 2).sum())
 
 
 def dof(design: Design, members: list[int]) -> float:
@@ -421,7 +458,9 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
             var = _var(cm, {(k, r): 1 / cross, (k, k): -wk / (wk + wr) / pooled, (r, r): -wr / (wk + wr) / pooled})
             low, high = score_interval(ratio, var, null_ratio, df, level=level)
             spread = own[k] / own[r]
-            s_se = delta_se(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
+            s_var = paired_spread_var(m, design, k, r) if relation == "paired" else \
+                _var(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
+            s_se = math.sqrt(s_var) if s_var > 0 else math.nan
             s_low, s_high = t_interval(spread, s_se, df, level=level)
             l_low = l_high = location = math.nan
             if loc is not None:
@@ -429,7 +468,7 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
                 qk, qr = cq.means[cq.index(k, k)], cq.means[cq.index(r, r)]
                 den = (qk + qr) / 2
                 l_var = _var(cq, {(k, r): 1 / cq.means[cq.index(k, r)], (k, k): -0.5 / den, (r, r): -0.5 / den})
-                l_low, l_high = score_interval(location, l_var, null_loc, df, level=level)
+                l_low, l_high = score_interval(location, l_var, null_loc, df, level=level, satterthwaite=True)
         out[(k, r)] = Comparison(
             float(cross), float(pooled), float(own[k]), float(own[r]), float(ratio), low, high, p_ratio,
             float(spread), s_low, s_high, t_p_value(spread, s_se, df), float(location), l_low, l_high, p_loc,
