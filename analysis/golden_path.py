@@ -1,6 +1,6 @@
 """The golden-path test (Vyas et al.): at matched loss, are runs with different SGD noise the same function?
 
-    python analysis/golden_path.py [--quick] [--datasets teacher markov fashion]
+    python analysis/golden_path.py [--quick] [--datasets teacher markov fashion power]
     python analysis/golden_path.py --sweep SWEEP_DIR --dataset NAME   # a sweep run elsewhere (e.g. on a GPU)
 
 For each dataset, a learning rate x batch size grid with 10 seeds per setting is trained online (one pass
@@ -18,6 +18,8 @@ seeds; twice as many at f = 0), and ``DRAWS`` draws per level of 10 seeds of the
 the f = 0 pool (at f = 0: two disjoint halves of it, the null), each tested as the main study tests one
 setting: the permutation p of the ratio against the level a single comparison needs in the main study's
 online family (alpha / (settings x targets)). Detection rate per level and target; the null's rejection rate.
+The curve is its own part (``--datasets power``, after teacher when both run): its pools stop at their last
+target, since only the target checkpoints enter it.
 
 The rules (``RULES``, ``verdicts``), fixed before these runs. Online: the golden path *does not hold* if a
 family-adjusted p < alpha; it *holds* (the same functions) only if none does, every online interval lies
@@ -64,7 +66,8 @@ STUDIES = {
         # stalls near 2.0, above the trivial loss: the grid stops at lr 0.02
         base="teacher-mlp.yaml",
         quick=dict(fixed={"budget.samples": 81920, "checkpoint.targets": [1.72, 1.70, 1.68, 1.66],
-                          "checkpoint.eval_every": 20},
+                          "checkpoint.eval_every": 20,
+                          "checkpoint.target_eval_every": 20},
                    lr=[0.01, 0.02], batch=[32, 128], offline=[5, 16384]),
         full=dict(fixed={"data.eval_size": 2048, "data.probe_size": 2048, "budget.samples": 327680,
                          "checkpoint.targets": [1.75, 1.7, 1.65, 1.6, 1.55]},
@@ -72,7 +75,8 @@ STUDIES = {
     "markov": dict(  # an order-1 chain over 16 symbols, tiny GPT-2: chance 2.77, unigram 2.67, floor 1.70
         base="markov-gpt2.yaml",
         quick=dict(fixed={"data.order": 1, "data.vocab_size": 16, "data.seq_len": 32, "budget.samples": 4096,
-                          "checkpoint.targets": [2.2, 2.0, 1.9, 1.8], "checkpoint.eval_every": 20},
+                          "checkpoint.targets": [2.2, 2.0, 1.9, 1.8], "checkpoint.eval_every": 20,
+                          "checkpoint.target_eval_every": 20},
                    lr=[0.003, 0.01], batch=[8, 32], offline=[4, 1024]),
         full=dict(fixed={"budget.samples": 40000, "checkpoint.targets": [3.0, 2.7, 2.4]},
                   lr=[0.001, 0.003, 0.01], batch=[8, 16, 64], offline=[10, 4000])),
@@ -80,7 +84,8 @@ STUDIES = {
         # trivial loss) 0.52; one pass over the 60,000 training images
         base="fashion-mnist-cnn.yaml",
         quick=dict(fixed={**MLP, "data.eval_size": 1000, "data.probe_size": 1000, "budget.samples": 59904,
-                          "checkpoint.targets": [0.50, 0.48, 0.46], "checkpoint.eval_every": 20},
+                          "checkpoint.targets": [0.50, 0.48, 0.46], "checkpoint.eval_every": 20,
+                          "checkpoint.target_eval_every": 20},
                    lr=[0.01, 0.02], batch=[32, 128], offline=[4, 14976]),
         full=dict(fixed={**MLP, "budget.samples": 59904, "checkpoint.targets": [0.50, 0.47, 0.44, 0.41]},
                   lr=[0.005, 0.01, 0.02], batch=[16, 64, 256], offline=[10, 5990])),
@@ -107,7 +112,8 @@ def power_runs(study: dict, work: Path, *, quick: bool, levels=LEVELS, pool: int
     """The power curve's pools at the reference setting (online, least noisy): 2 x ``pool`` runs at f = 0
     and ``pool`` at each other level, as one directory of links that compare reads like a sweep."""
     s = study["quick" if quick else "full"]
-    fixed = {**COMMON, **s["fixed"], "optim.lr": min(s["lr"]), "optim.batch_size": max(s["batch"])}
+    fixed = {**COMMON, **s["fixed"], "optim.lr": min(s["lr"]), "optim.batch_size": max(s["batch"]),
+             "budget.stop_at_last_target": True}  # only the target checkpoints enter the curve
     tag = "-quick" if quick else ""
     null = run_grid(f"gp-power-null{tag}", study["base"], work, fixed=fixed, grid={"data.mix": [levels[0]]},
                     seeds=range(2 * pool), jobs=jobs)
@@ -503,12 +509,21 @@ def _merged(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     return merged.sort_values("dataset", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
+def _family_size(family: pd.DataFrame, dataset: str) -> int:
+    """Settings x targets of a dataset's online family: a single comparison's share of alpha is alpha over it."""
+    fam = family[(family.dataset == dataset) & (family.metric == RULES["metric"]) & (family.regime == "online")
+                 & family.p_adjusted.notna()]
+    if fam.empty:
+        raise SystemExit(f"golden_path: no online family of {dataset} in family.csv; run --datasets {dataset} first")
+    return int(fam.settings.max()) * int(fam.targets.max())
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--datasets", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    p.add_argument("--datasets", nargs="+", default=[*STUDIES, "power"], choices=[*STUDIES, "power"],
+                   help="studies to run; power: the power curve on the teacher stream")
     p.add_argument("--sweep", help="analyse this sweep directory (already trained) instead of training")
     p.add_argument("--dataset", default="sweep", help="the name to give --sweep's dataset")
-    p.add_argument("--no-power", action="store_true", help="skip the power curve")
     args = p.parse_args()
     out = results_dir("golden_path")
     work = Path(args.work)
@@ -516,19 +531,20 @@ def main() -> None:
     power = None
     if args.sweep:
         parts.append(tables(Path(args.sweep), args.dataset))
-    for d in [] if args.sweep else args.datasets:
+    for d in [] if args.sweep else [d for d in args.datasets if d != "power"]:
         parts.append(tables(train(d, STUDIES[d], work, quick=args.quick, jobs=args.jobs), d))
-        if d == "teacher" and not args.no_power:
-            fam = parts[-1]["family"]
-            online = fam[(fam.metric == RULES["metric"]) & (fam.regime == "online") & fam.p_adjusted.notna()]
-            size = int(online.settings.max()) * int(online.targets.max()) if len(online) else 1
-            power = power_table(power_runs(STUDIES[d], work, quick=args.quick, jobs=args.jobs),
-                                level_alpha=RULES["alpha"] / size)
-            power.insert(0, "dataset", d)
     names = ("summary", "family", "trend", "runs")
-    frames = [_merged(out / f"{name}.csv", pd.concat([p[name] for p in parts], ignore_index=True)) for name in names]
-    for name, frame in zip(names, frames):
-        frame.to_csv(out / f"{name}.csv", index=False)
+    if parts:
+        frames = [_merged(out / f"{name}.csv", pd.concat([p[name] for p in parts], ignore_index=True))
+                  for name in names]
+        for name, frame in zip(names, frames):
+            frame.to_csv(out / f"{name}.csv", index=False)
+    else:  # the power curve alone: the studies' tables as committed
+        frames = [pd.read_csv(out / f"{name}.csv") for name in names]
+    if "power" in args.datasets and not args.sweep:
+        power = power_table(power_runs(STUDIES["teacher"], work, quick=args.quick, jobs=args.jobs),
+                            level_alpha=RULES["alpha"] / _family_size(frames[1], "teacher"))
+        power.insert(0, "dataset", "teacher")
     if power is not None:
         power.to_csv(out / "power.csv", index=False)
     elif (out / "power.csv").exists():
