@@ -76,6 +76,16 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert any(line.startswith("online: ") for line in lines) and any(line.startswith("offline: ") for line in lines)
     assert f"report: {sweep_dir / 'report.html'}" in out.stdout and (sweep_dir / "report.html").exists()
+    # the README's gradient-noise example is this run and this command, with the numbers it prints
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^goldenpath noise runs/demo/demo/(\S+) (.*)$", readme, re.M)
+    said = re.search(r"pooled index is about ([0-9.]+) and the per-coordinate median about ([0-9.]+)", readme)
+    noise = subprocess.run([sys.executable, "-m", "goldenpath", "noise", str(sweep_dir / command.group(1)),
+                            *command.group(2).split()], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert noise.returncode == 0, noise.stderr[-2000:]
+    got = re.search(r"tail index pooled ([0-9.]+), per coordinate \(median\) ([0-9.]+)", noise.stdout)
+    assert abs(float(got.group(1)) - float(said.group(1))) <= 0.05, (got.group(0), said.group(0))
+    assert abs(float(got.group(2)) - float(said.group(2))) <= 0.05, (got.group(0), said.group(0))
     page = (sweep_dir / "report.html").read_text()
     assert page.index("<h2>The answer</h2>") < page.index("<h2>Setting x setting ratios</h2>") < \
         page.index("<h2>Compute to target</h2>")
