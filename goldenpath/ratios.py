@@ -235,6 +235,11 @@ def _why(r, metric: str, alpha: float) -> str:
     return f" (neither location nor spread alone is significant: {location or 'location not measured'}; {spread})"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 target``, ``2 targets``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def answer(summary, trend=None, *, family=None, metric: str = "tv", alpha: float = ALPHA) -> dict[str, str]:
     """One plain sentence per regime from the summary rows (a DataFrame) of one metric, over every target,
     and the family rows (``family.csv``): differs (naming the strongest setting and whether its mean
@@ -272,11 +277,12 @@ def answer(summary, trend=None, *, family=None, metric: str = "tv", alpha: float
                            if others else f"; the only one of {len(members)} comparisons"))
             elif reach >= alpha:
                 text = (f"{regime}: cannot be decided with {n} seeds per setting: the smallest adjusted p these "
-                        f"seeds allow is {reach:.2g} (family of {len(members)} comparisons over {len(tested)} "
-                        f"targets; {largest})")
+                        f"seeds allow is {reach:.2g} (family of {_count(len(members), 'comparison')} over "
+                        f"{_count(len(tested), 'target')}; {largest})")
             else:
                 text = (f"{regime}: no setting differs from the reference {ref} beyond its seeds (family of "
-                        f"{len(members)} comparisons over {len(tested)} targets, smallest adjusted p "
+                        f"{_count(len(members), 'comparison')} over {_count(len(tested), 'target')}, smallest "
+                        f"adjusted p "
                         f"{members.p_adjusted.min():.2g}, reachable {reach:.2g}; {largest}); how large a "
                         f"difference these seeds would detect is a power curve's question")
         if trivial:

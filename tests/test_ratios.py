@@ -72,6 +72,7 @@ def test_the_answer_says_no_setting_differs_and_names_trivial_targets():
     family = [family_row(1.7, p_global=0.3), family_row(1.9, p_global=0.001, trivial=True)]
     s, f = adjusted(summary, family)
     text = ratios.answer(s, family=f)["online"]
-    assert text.startswith("online: no setting differs from the reference ref beyond its seeds")
+    assert text.startswith("online: no setting differs from the reference ref beyond its seeds (family of 1 "
+                           "comparison over 1 target, smallest adjusted p 0.3")
     assert "target 1.9 left out as trivial (at or above the trivial loss 1.73)" in text
     assert "power curve" in text  # not "the same": that needs the test's power
