@@ -56,7 +56,7 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import ratios, stats
-from goldenpath.config import Config, ConfigError, load_config, run_key, to_dict
+from goldenpath.config import Config, ConfigError, load_config, run_dict, run_key, to_dict
 from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
 from goldenpath.distances import METRICS, bootstrap_rows, bootstrap_weights
 from goldenpath.pairs import load_shared, pair_barriers, pair_sums
@@ -95,10 +95,10 @@ class RunInfo:
 
 
 def _knobs(config: Config) -> tuple:
-    d = to_dict(config)
+    """What a run computes, less what sets its seeds apart: runs with equal knobs are seeds of one setting."""
+    d = run_dict(config)
     for k in NOT_SETTING:
         d.pop(k, None)
-    d["log"].pop("progress", None)
     d.get("fork", {}).pop("parent", None)  # forks of seed siblings are siblings
     return (json.dumps(d, sort_keys=True),)
 

@@ -205,9 +205,14 @@ def to_dict(config) -> dict:
 LABELS = ("name", "out", "goldenpath", "threads")
 
 
-def run_key(config) -> str:
-    """What a run computes, as one string: its resolved config without the keys that only name, place or pace
-    it (and without the progress bar). Two runs with one key are one run under two names."""
+def run_dict(config) -> dict:
+    """What a run computes: its resolved config without the keys that only name, place or pace it (and
+    without the progress bar)."""
     d = {k: v for k, v in to_dict(config).items() if k not in LABELS}
     d["log"].pop("progress", None)
-    return json.dumps(d, sort_keys=True)
+    return d
+
+
+def run_key(config) -> str:
+    """:func:`run_dict` as one string: two runs with one key are one run under two names."""
+    return json.dumps(run_dict(config), sort_keys=True)
