@@ -63,6 +63,23 @@ def bars():
     return Recorded
 
 
+@pytest.fixture
+def computed_pairs(monkeypatch):
+    """The pairs of runs compare computes distances for (its pair cache serves the others), in a list that
+    grows as compare runs; clear it to count from a point on."""
+    from goldenpath import compare as cmp
+
+    computed = []
+    real = cmp.pair_sums
+
+    def counting(models, probe, pairs, *args, **kwargs):
+        computed.extend(pairs)
+        return real(models, probe, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(cmp, "pair_sums", counting)
+    return computed
+
+
 def write_sweep(tmp_path: Path, body: str, name: str = "s") -> Path:
     """A sweep file ``<tmp_path>/<name>.yaml`` over a tiny teacher-CNN base, with ``body`` (grid, seeds, forks)."""
     base = tmp_path / "base.yaml"

@@ -221,16 +221,10 @@ def test_a_run_that_diverged_after_reaching_its_targets_counts_and_is_named(swee
     assert "diverged after reaching a target (1; their checkpoints are in the statistics): a1 at 2, 1.9" in lines
 
 
-def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, monkeypatch):
+def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, computed_pairs):
     cmp.compare(sweep, ("tv",), n_boot=50)
-    computed = []
-    real = cmp.pair_sums
-
-    def counting(models, probe, pairs, *a, **k):
-        computed.extend(pairs)
-        return real(models, probe, pairs, *a, **k)
-
-    monkeypatch.setattr(cmp, "pair_sums", counting)
+    computed = computed_pairs
+    computed.clear()
     cmp.compare(sweep, ("tv",), n_boot=50)
     assert computed == []
     make_run(sweep, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)])

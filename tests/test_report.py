@@ -273,7 +273,8 @@ def with_curve(run: Path) -> Path:
     return run
 
 
-def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path, bars, monkeypatch, capsys):
+def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path, bars, monkeypatch, capsys,
+                                                                       computed_pairs):
     from goldenpath import compare as cmp
     from goldenpath import report as rep
 
@@ -293,20 +294,13 @@ def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path,
 
     with_curve(make_run(d, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)]))  # a run lands
     later.rename(d / "b1" / "checkpoints" / "target-1.9")
-    computed = []
-    real = cmp.pair_sums
-
-    def counting(models, probe, pairs, *args, **kwargs):
-        computed.extend(pairs)
-        return real(models, probe, pairs, *args, **kwargs)
-
-    monkeypatch.setattr(cmp, "pair_sums", counting)
+    computed_pairs.clear()
     monkeypatch.setattr(rep, "tqdm", bars)
     page = rep.write_report(d).read_text()
     err = capsys.readouterr().err
     for tables in ("compare", "compare-noise-1"):
         assert f"report: {tables}/ is out of date (new runs: b2; new checkpoints: b1 at 1.9): comparing again" in err
-    assert len(computed) == 2 * (4 + 2)  # per directory: b2 with the 4 runs at 2, b1 with a0 and a1 at 1.9
+    assert len(computed_pairs) == 2 * (4 + 2)  # per directory: b2 with the 4 runs at 2, b1 with a0 and a1 at 1.9
 
     # the tables now are what a comparison from scratch of the grown sweep gives
     fresh = tmp_path / "fresh"
