@@ -190,7 +190,7 @@ def test_what_a_script_writes_does_not_change_with_the_last_bits_of_its_floats(t
     assert (back.n == frame.n).all() and (back.ok == frame.ok).all()
 
 
-@pytest.mark.slow  # about 90 CPU seconds
+@pytest.mark.slow  # about 2 CPU minutes
 def test_toys_quick_reproduces_the_committed_tables_byte_for_byte(tmp_path):
     import subprocess
 

@@ -4,8 +4,10 @@
   the fit hit the search bound, the l1 norm and the recovery error of the planted sparse truth, and the
   change of log(u v) over the noise phase next to its Ito prediction, against the noise sigma (isotropic
   Noisy-SGD on the weights, or label noise) and the batch size, over seeds.
-- ``seed_trend``: the change of a metric over the whole sigma grid, one least-squares slope per seed, with
-  t-intervals over seeds; "falls" / "rises" only beyond zero, "flat" only by an equivalence test (TOST).
+- ``sign_median``: the median over seeds of per-seed changes some of which are censored (a fit at the
+  search bound), with the exact sign test and its distribution-free intervals; "falls" / "rises" only
+  beyond zero, "flat" only by an equivalence test (TOST). ``seed_trend``: the same for an uncensored
+  metric by per-seed least-squares slopes and t-intervals.
 - ``lls``: the spread of the null-space part of beta under Noisy-SGD against steps, with the exact law.
 """
 
@@ -23,7 +25,14 @@ DLN_DEFAULTS = {"n": 10, "d": 30, "sparsity": 3, "alpha": 0.5, "sigmas": [0.0, 0
                 "converge_steps": 40_000, "seeds": 8, "problem_seed": 0, "seed": 1}
 LLS_DEFAULTS = {"n": 10, "d": 30, "lr": 0.05, "sigma": 1.0, "batch": None, "steps": 400, "every": 40,
                 "seeds": 2000, "problem_seed": 0, "seed": 1}
-FIT_BOUNDS = (1e-3, 10.0)  # the alpha search range of dln.fit_alpha; a fit at either end is left out
+# The alpha search range of dln.fit_alpha. A fit at either end is a censored observation: the solution's
+# alpha_eff lies at or beyond that end, so its side (and its rank among the seeds) is known, its value not.
+FIT_BOUNDS = (1e-3, 10.0)
+# alpha_eff is identified at a sigma where the median fit residual over seeds (relative l2 distance of the
+# solution to the nearest flow limit) is at most 0.1: halving alpha from 0.5 moves the flow limit by 0.09
+# (n = 10) to 0.24 (n = 20, d = 60), so a solution further off the family is as far off it as the move
+# the claim is about.
+RESIDUAL_LEVEL = 0.1
 # Margins of the equivalence ("flat") test, over the whole sigma grid: log alpha_eff changes by less than
 # log 1.1 (alpha_eff within 10%), the recovery error by less than 0.05 (the truth's norm is 1.5 to 2).
 MARGINS = {"log_alpha_eff": float(np.log(1.1)), "recovery_error": 0.05}
@@ -83,16 +92,21 @@ def median_drift(change: np.ndarray, *, seed: int = 0, n_boot: int = 200) -> tup
     return float(np.median(change, axis=0).mean()), *map(float, np.quantile(draws, [0.025, 0.975]))
 
 
+def _verdict(ci95: tuple, ci90: tuple, margin: float) -> str:
+    """"flat" where the 90% interval lies within the margin (TOST at 5%), else "falls" / "rises" where the
+    95% interval lies below / above 0, else "inconclusive"."""
+    if -margin < ci90[0] and ci90[1] < margin:
+        return "flat"
+    return "falls" if ci95[1] < 0 else "rises" if ci95[0] > 0 else "inconclusive"
+
+
 def seed_trend(frame: pd.DataFrame, metric: str, *, margin: float, log: bool = False) -> dict:
-    """The change of ``metric`` over the sigma grid: per seed, the least-squares slope on sigma times the
-    grid's span (rows at the fit bound left out; a seed needs 3 sigmas); mean over seeds with 95% and 90%
-    t-intervals. Verdict: "falls" / "rises" where the 95% interval excludes 0 and the 90% interval is not
-    inside [-margin, margin]; "flat" where it is (TOST at 5%); else "inconclusive"."""
-    part = frame[~frame.at_bound] if "at_bound" in frame else frame
+    """The change of an uncensored ``metric`` over the sigma grid: per seed, the least-squares slope on sigma
+    times the grid's span; mean over seeds with 95% and 90% t-intervals; verdict by ``_verdict``."""
     span = frame.sigma.max() - frame.sigma.min()
     changes = []
-    for _, seed in part.groupby("seed"):
-        if seed.sigma.nunique() >= 3:
+    for _, seed in frame.groupby("seed"):
+        if seed.sigma.nunique() >= 2:
             y = np.log(seed[metric]) if log else seed[metric]
             changes.append(np.polyfit(seed.sigma, y, 1)[0] * span)
     k = len(changes)
@@ -103,66 +117,113 @@ def seed_trend(frame: pd.DataFrame, metric: str, *, margin: float, log: bool = F
     for name, level in (("ci95", 0.975), ("ci90", 0.95)):
         half = stats.t.ppf(level, k - 1) * se
         out[name] = (out["change"] - half, out["change"] + half)
-    if -margin < out["ci90"][0] and out["ci90"][1] < margin:
-        verdict = "flat"
-    elif out["ci95"][1] < 0:
-        verdict = "falls"
-    elif out["ci95"][0] > 0:
-        verdict = "rises"
-    else:
-        verdict = "inconclusive"
-    return {**out, "verdict": verdict}
+    return {**out, "verdict": _verdict(out["ci95"], out["ci90"], margin)}
 
 
-def rising_steps(frame: pd.DataFrame, metric: str = "alpha_eff") -> list[tuple[float, float]]:
-    """Adjacent sigmas (a, b) where log ``metric`` rises: the 95% t-interval over seeds of the paired
-    per-seed difference (every seed index draws the same noise at every sigma) lies above 0."""
-    part = frame[~frame.at_bound] if "at_bound" in frame else frame
-    wide = np.log(part.pivot_table(index="seed", columns="sigma", values=metric))
-    out = []
-    sigmas = sorted(wide.columns)
-    for a, b in zip(sigmas, sigmas[1:]):
-        d = (wide[b] - wide[a]).dropna().to_numpy()
-        if len(d) >= 3 and d.std(ddof=1) > 0:
-            low = d.mean() - stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-            out += [(a, b)] if low > 0 else []
-        elif len(d) >= 3 and d.mean() > 0:
-            out.append((a, b))
-    return out
+def censored_log_alpha(frame: pd.DataFrame) -> pd.Series:
+    """log alpha_eff per row; +inf / -inf where the fit sits at the upper / lower search bound (censored: the
+    solution's alpha_eff lies at or beyond that end)."""
+    upper = np.where(frame.alpha_eff > np.sqrt(FIT_BOUNDS[0] * FIT_BOUNDS[1]), np.inf, -np.inf)
+    return np.log(frame.alpha_eff).where(~frame.at_bound, upper)
 
 
-def _says(t: dict, *, log: bool) -> str:
-    """``falls (change over the grid x0.8 [x0.7, x0.9] over 8 seeds; flat within ...)``."""
+def alpha_changes(frame: pd.DataFrame, a: float, b: float) -> np.ndarray:
+    """Per seed, log alpha_eff at sigma ``b`` minus at sigma ``a``, censored fits kept: +inf where the fit
+    at b is at the upper bound (or the one at a at the lower), -inf the other way round; a seed censored on
+    the same side at both sigmas is left out (the sign of its change is unknown)."""
+    wide = frame.assign(log_alpha=censored_log_alpha(frame)).pivot(index="seed", columns="sigma", values="log_alpha")
+    with np.errstate(invalid="ignore"):
+        change = (wide[b] - wide[a]).to_numpy()
+    return change[~np.isnan(change)]
+
+
+def sign_median(changes, *, margin: float) -> dict:
+    """The median over seeds of per-seed ``changes``, some censored (+-inf: beyond every value on that side),
+    with the exact two-sided sign test (changes of 0 left out) and distribution-free 95% and 90% intervals
+    of the median from order statistics: [x_(r), x_(k+1-r)] with r the largest such that
+    P(Bin(k, 1/2) < r) <= (1 - level) / 2, the sign test inverted. Censored values only need their rank, so
+    both are valid with them kept; the median is finite while fewer than half the seeds are censored on
+    either side, an interval's end is infinite where it falls on a censored seed. Verdict by ``_verdict``."""
+    x = np.sort(np.asarray(changes, dtype=float))
+    k = len(x)
+    falls, rises = int((x < 0).sum()), int((x > 0).sum())
+    mid = x[[(k - 1) // 2, k // 2]] if k else np.array([np.nan, np.nan])  # a censored and a known one: unknown
+    out = {"seeds": k, "falls": falls, "rises": rises, "censored": int(np.isinf(x).sum()), "margin": margin,
+           "change": float(mid[0]) if mid[0] == mid[1] else float(mid.mean()) if np.isfinite(mid).all() else np.nan,
+           "p": float(stats.binomtest(falls, falls + rises).pvalue) if falls + rises else 1.0}
+    for name, level in (("ci95", 0.95), ("ci90", 0.90)):
+        r = int((stats.binom.cdf(np.arange(k), k, 0.5) <= (1 - level) / 2).sum())
+        out[name] = (float(x[r - 1]), float(x[k - r])) if r else (-np.inf, np.inf)
+    return {**out, "verdict": _verdict(out["ci95"], out["ci90"], margin)}
+
+
+def rising_steps(frame: pd.DataFrame) -> list[tuple[float, float]]:
+    """Adjacent sigmas (a, b) where alpha_eff rises: the 95% interval of the median per-seed change
+    (``alpha_changes``, censored fits kept; every seed index draws the same noise at every sigma) lies
+    above 0."""
+    sigmas = sorted(frame.sigma.unique())
+    return [(a, b) for a, b in zip(sigmas, sigmas[1:])
+            if sign_median(alpha_changes(frame, a, b), margin=0.0)["ci95"][0] > 0]
+
+
+def _factor(x: float) -> str:
+    """A change of log alpha_eff as a factor; an infinite one is censored at the search bound."""
+    return f"x{np.exp(x):.3g}" if np.isfinite(x) else "beyond the bound" if np.isinf(x) else "unknown"
+
+
+def _says(t: dict) -> str:
+    """``rises (change over the grid +0.3 [+0.2, +0.4] over 8 seeds; flat within +-0.05)`` (``seed_trend``)."""
     lo, hi = t["ci95"]
-    if log:
-        fmt = lambda x: f"x{np.exp(x):.3g}"  # noqa: E731
-        flat = f"x{np.exp(-t['margin']):.3g} to x{np.exp(t['margin']):.3g}"
-    else:
-        fmt = lambda x: f"{x:+.3g}"  # noqa: E731
-        flat = f"+-{t['margin']:g}"
-    return (f"{t['verdict']} (change over the grid {fmt(t['change'])} [{fmt(lo)}, {fmt(hi)}] over "
-            f"{t['seeds']} seeds; flat within {flat})")
+    return (f"{t['verdict']} (change over the grid {t['change']:+.3g} [{lo:+.3g}, {hi:+.3g}] over {t['seeds']} "
+            f"seeds; flat within +-{t['margin']:g})")
+
+
+def _says_signs(t: dict) -> str:
+    """``falls (12 of 16 seeds fall, 4 rise, 3 censored at the bound; sign test p 0.08; median ...)``."""
+    return (f"{t['verdict']} ({t['falls']} of {t['seeds']} seeds fall, {t['rises']} rise, {t['censored']} "
+            f"censored at the search bound; sign test p {t['p']:.3g}; median change "
+            f"{_factor(t['change'])} [{_factor(t['ci95'][0])}, {_factor(t['ci95'][1])}]; flat within "
+            f"x{np.exp(-t['margin']):.3g} to x{np.exp(t['margin']):.3g})")
 
 
 def dln_verdict(frame: pd.DataFrame) -> str:
-    """Per batch: does alpha_eff fall over the sigma grid, and does the solution move toward the truth?"""
+    """Per batch: is alpha_eff identified over the sigma grid (the median fit residual at most
+    RESIDUAL_LEVEL at every sigma), does it fall from the first sigma to the last (``sign_median``,
+    censored fits kept), and does the solution move toward the truth (``seed_trend``)? Where it is not
+    identified, the claim is "not identified" whatever the fall says, and the sigmas before the first
+    poorly identified one get the same test as a second reading."""
     lines = []
     for batch, part in frame.groupby("batch"):
-        fall = seed_trend(part, "alpha_eff", margin=MARGINS["log_alpha_eff"], log=True)
+        sigmas = sorted(part.sigma.unique())
+        residual = part.groupby("sigma").fit_residual.median()
+        poor = [s for s in sigmas if residual[s] > RESIDUAL_LEVEL]
+        margin = MARGINS["log_alpha_eff"]
+        fall = sign_median(alpha_changes(part, sigmas[0], sigmas[-1]), margin=margin)
         closer = seed_trend(part, "recovery_error", margin=MARGINS["recovery_error"])
-        claim = {"falls": "HOLDS", "flat": "does NOT hold (flat)", "rises": "does NOT hold (it rises)",
-                 "inconclusive": "is inconclusive at this scale"}[fall["verdict"]]
+        if poor:
+            claim = "is NOT IDENTIFIED"
+            fit = (f"median fit residual {residual[poor[0]]:.3g} > {RESIDUAL_LEVEL:g} at sigma {poor[0]:g} (up to "
+                   f"{residual.max():.3g})")
+            known = [s for s in sigmas if s < poor[0]]
+            within = (f"; over the identified sigmas {known[0]:g} to {known[-1]:g}: alpha_eff "
+                      f"{_says_signs(sign_median(alpha_changes(part, known[0], known[-1]), margin=margin))}"
+                      if len(known) >= 2 else f"; identified at sigma {known[0]:g} only" if known else "")
+        else:
+            claim = {"falls": "HOLDS", "flat": "does NOT hold (flat)", "rises": "does NOT hold (it rises)",
+                     "inconclusive": "is inconclusive at this scale"}[fall["verdict"]]
+            fit = f"identified at every sigma (median fit residual at most {residual.max():.3g} <= {RESIDUAL_LEVEL:g})"
+            within = ""
         toward = {"falls": "the solution moves toward the sparse truth",
                   "flat": "the solution does not move toward the sparse truth (flat)",
                   "rises": "the solution moves away from the sparse truth",
                   "inconclusive": "movement toward the sparse truth inconclusive"}[closer["verdict"]]
-        hits = int(part.at_bound.sum()) if "at_bound" in part else 0
         rises = rising_steps(part)
         shape = ("; not monotone: it rises significantly from sigma " + ", ".join(f"{a:g} to {b:g}" for a, b in rises)
                  if rises else "; no significant rise between adjacent sigmas")
-        lines.append(f"batch {batch}, sigma {part.sigma.min():g} to {part.sigma.max():g}: the claim that alpha_eff "
-                     f"falls {claim}: alpha_eff {_says(fall, log=True)}{shape}; {toward}: recovery error "
-                     f"{_says(closer, log=False)}; {hits} of {len(part)} fits at the search bound left out")
+        lines.append(f"batch {batch}, sigma {sigmas[0]:g} to {sigmas[-1]:g}: the claim that alpha_eff falls "
+                     f"{claim}: {fit}; alpha_eff {_says_signs(fall)}{within}{shape}; {toward}: recovery error "
+                     f"{_says(closer)}; {int(part.at_bound.sum())} of {len(part)} fits at the search "
+                     f"bound, kept as censored")
     return "\n".join(lines)
 
 
