@@ -7,9 +7,10 @@ MLPs and CNNs of several widths and depths, 3 seeds each, are trained online on 
 stream, with one lr and batch, to the same held-out losses; at the last one ``gradnoise.analyse`` draws 300
 (full: 1,000) fresh mini-batches and returns their gradient noise n_j = g_j - mean_j g_j on a random subset
 of the coordinates. On each noise matrix, whole model and per layer, this script runs the tail-index
-estimators (pooled, Simsekli; per coordinate, Panigrahi), Anderson-Darling on the standardised coordinates
-and a count of exact zeros (ReLU sparsity), and the same on Gaussian noise with each coordinate's own
-standard deviation (pooling coordinates of different scales alone pulls the pooled estimate below 2). For
+estimators (pooled, Simsekli; per coordinate, Panigrahi), the distance to the normal of the standardised
+coordinates and of random projections (Wasserstein-1; Anderson-Darling kept for reference) and a count of
+exact zeros (ReLU sparsity), and the same on Gaussian noise with each coordinate's own standard deviation
+(pooling coordinates of different scales alone pulls the pooled estimate below 2). For
 one model per family the noise is also measured at several noise batch sizes (a batch of k samples sums k
 draws: the aggregation test) and at the earlier losses (points along training); alpha-stable and Gaussian
 draws summed the same way, at the same number of draws, are the estimator's controls and give its bias.
@@ -19,19 +20,21 @@ Writes analysis/results/tail_index/: results.csv (one row per family, noise sour
 batch size, loss, layer, seed and statistic), controls.csv (the estimator on summed alpha-stable and
 Gaussian draws), alpha.png (alpha against width, depth and noise batch size, with the scale-matched
 control) and noise.png (histogram and normal QQ plot of one model's noise). The runs stay under --work
-(analysis/runs by default; a re-run only trains what is missing).
+(analysis/runs by default; a re-run only trains what is missing), each measured noise matrix next to its run
+(tail_index_noise/; a re-run draws only what is missing).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import interval, markdown_table, parser, results_dir, run_grid
-from tail_index_rules import NEAR, ad_ratio, per_seed, series, summarise, train_batch, verdicts
+from common import interval, markdown_table, parser, results_dir, rounded, run_grid
+from tail_index_rules import gaussian, per_seed, series, summarise, train_batch, verdicts
 
 TARGETS = (2.1, 2.0, 1.9)  # held-out losses (nats; chance 2.27, teacher floor about 1.40) where noise is measured
 TARGET = TARGETS[-1]  # the main one: every model and noise batch; the earlier ones for the reference models
@@ -39,8 +42,8 @@ TRAIN = {"optim.lr": 0.02, "optim.batch_size": 64, "checkpoint.targets": list(TA
          "checkpoint.target_eval_every": 20,
          "checkpoint.eval_min_every": 4, "log.progress": False}  # momentum 0.9 from teacher-cnn.yaml
 # Each family: sizes as (width, depth) pairs (a width series at one depth, a depth series at one width),
-# and the model whose noise is also measured at other batch sizes. Quick, from scratch: about 440 CPU seconds
-# (training about 230, noise measurements about 210), under 4 minutes alone on 2 CPU cores.
+# and the model whose noise is also measured at other batch sizes. Quick, from scratch: about 450 CPU seconds
+# (training about 180, noise measurements and statistics about 270); with the noise cached about 140.
 SETTINGS = {
     "quick": {
         "fixed": {"data.eval_size": 512, "data.probe_size": 256, "budget.samples": 30720},
@@ -60,6 +63,7 @@ SETTINGS = {
 GAUSSIAN = {"coordinates_anderson", "projections_anderson", "projections_shapiro_p"}  # normality tests kept
 KEEP = GAUSSIAN | {"trace_sigma", "grad_sq", "b_simple"}  # from analyse's whole-model rows
 ORDERS = 20  # random orders of the pooled values averaged in the pooled estimate (see noise_statistics)
+DIRECTIONS = 100  # random unit directions the noise vectors are projected on (Gaussianity along directions)
 
 
 def train(family: str, setting: dict, work: Path, *, quick: bool, jobs: int | None = None) -> Path:
@@ -68,6 +72,29 @@ def train(family: str, setting: dict, work: Path, *, quick: bool, jobs: int | No
     return run_grid(f"tail-index-{family}{'-quick' if quick else ''}", "teacher-cnn.yaml", work,
                     fixed={**TRAIN, **setting["fixed"], "model.name": family},
                     grid={"model.width,model.depth": sizes}, seeds=setting["seeds"], jobs=jobs)
+
+
+def standardised(noise: np.ndarray) -> np.ndarray:
+    """Each column of ``[draws, columns]`` centred and scaled to unit standard deviation over the draws;
+    columns with no spread left out."""
+    sd = noise.std(0)
+    return (noise[:, sd > 0] - noise[:, sd > 0].mean(0)) / sd[sd > 0]
+
+
+def normal_distance(z: np.ndarray) -> float:
+    """Wasserstein-1 distance between the values ``z`` (standardised) and N(0, 1), in standard deviations:
+    the mean gap between the ordered values and the normal quantiles at (i - 1/2) / n. For a fixed law it
+    settles as the values grow (their own noise shrinks), where a normality test's statistic grows."""
+    from scipy import stats
+
+    z = np.sort(np.ravel(z))
+    return float(np.abs(z - stats.norm.ppf((np.arange(len(z)) + 0.5) / len(z))).mean())
+
+
+def projections(noise: np.ndarray, directions: int = DIRECTIONS, seed: int = 0) -> np.ndarray:
+    """The noise vectors (rows) projected on ``directions`` random unit directions, each standardised."""
+    u = np.random.default_rng(seed).standard_normal((noise.shape[1], directions))
+    return standardised(noise @ (u / np.linalg.norm(u, axis=0)))
 
 
 def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0, orders: int = ORDERS,
@@ -80,7 +107,8 @@ def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0, order
     random orders, as one order's grouping noise alone can put it outside its bootstrap interval. The
     per-coordinate median (Panigrahi) comes with its quartiles over coordinates. ``atom_fraction``: the share
     of entries that are exact zeros of the raw gradient; the ``_dense`` statistics use only the coordinates
-    with no such zero, to tell ReLU sparsity from a tail.
+    with no such zero, to tell ReLU sparsity from a tail. ``coordinates_w1`` and ``projections_w1``: the
+    distance to N(0, 1) (``normal_distance``) of the standardised coordinates and of random projections.
     """
     from goldenpath import gradnoise
 
@@ -100,12 +128,15 @@ def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0, order
             {"statistic": "atom_coordinates", "value": float((atoms > 0).mean())}]
     tests = gradnoise.gaussianity(live, seed=seed)
     rows += [{"statistic": k, "value": tests[k]} for k in sorted(GAUSSIAN) if k in tests]
+    rows += [{"statistic": "coordinates_w1", "value": normal_distance(standardised(live))},
+             {"statistic": "projections_w1", "value": normal_distance(projections(live, seed=seed))}]
     dense = live[:, atoms == 0]
     if dense.shape[1] >= 2:
         rows += [{"statistic": "tail_index_per_coordinate_median_dense",
                   "value": float(np.median(gradnoise.per_coordinate_tail_index(dense)))},
                  {"statistic": "coordinates_anderson_dense",
-                  "value": gradnoise.gaussianity(dense, projections=2, seed=seed)["coordinates_anderson"]}]
+                  "value": gradnoise.gaussianity(dense, projections=2, seed=seed)["coordinates_anderson"]},
+                 {"statistic": "coordinates_w1_dense", "value": normal_distance(standardised(dense))}]
     return rows
 
 
@@ -116,13 +147,32 @@ def _both(noise: np.ndarray, key: dict, setting: dict, **kw) -> list[dict]:
             for stat in noise_statistics(x, max_pooled=setting["max_pooled"], seed=key["seed"], **kw)]
 
 
+def noise_at(run_dir: Path, at_loss: float, batch_size: int, setting: dict, seed: int) -> tuple[np.ndarray, dict]:
+    """(noise, {"whole": analyse's whole-model rows, "layers": each layer's noise columns}) of a run's
+    checkpoint at ``at_loss`` and noise batch ``batch_size``, from ``gradnoise.analyse``; cached next to the
+    run (tail_index_noise/), so that a re-run of the statistics does not draw the noise again."""
+    from goldenpath import gradnoise
+
+    path = run_dir / "tail_index_noise" / (f"loss{at_loss:g}_batch{batch_size}_draws{setting['batches']}"
+                                           f"_coords{setting['max_coords']}_seed{seed}.npz")
+    if path.exists():
+        cached = np.load(path)
+        return cached["noise"], json.loads(str(cached["meta"]))
+    table, noise = gradnoise.analyse(run_dir, at_loss=at_loss, batches=setting["batches"], batch_size=batch_size,
+                                     max_coords=setting["max_coords"], max_pooled=setting["max_pooled"], seed=seed,
+                                     progress=False, estimators=False)
+    whole = table[(table.layer == "all") & table.statistic.isin(KEEP - GAUSSIAN)]
+    meta = json.dumps({"whole": whole[["statistic", "value"]].to_dict("records"), "layers": table.attrs["layers"]})
+    path.parent.mkdir(exist_ok=True)
+    np.savez(path, noise=noise, meta=meta)
+    return noise, json.loads(meta)  # as a cached read gives it
+
+
 def measure(sweep_dir: Path, family: str, setting: dict) -> tuple[list[dict], dict]:
     """Noise statistics of every run at the main target (whole model and per layer), and of the reference
     model at each noise batch size and at each earlier target, each with its scale-matched Gaussian control;
-    returns (rows, {noise batch size: noise} of the reference, seed 0, at the main target)."""
+    returns (rows, {noise batch size: noise} of the reference's first replicate at the main target)."""
     import torch
-
-    from goldenpath import gradnoise
 
     # One intra-op thread: these models are small, and on shared CPU cores a second thread mostly spins
     # (measured: 3 to 10 times the CPU time per noise draw at the same wall time or worse).
@@ -144,22 +194,17 @@ def measure(sweep_dir: Path, family: str, setting: dict) -> tuple[list[dict], di
         for at_loss, b in points:
             if f"{at_loss:g}" not in reached:
                 continue
-            table, noise = gradnoise.analyse(sweep_dir / r["run"], at_loss=at_loss, batches=setting["batches"],
-                                             batch_size=b, max_coords=setting["max_coords"],
-                                             max_pooled=setting["max_pooled"], seed=key["seed"], progress=False,
-                                             estimators=False)
+            noise, meta = noise_at(sweep_dir / r["run"], at_loss, b, setting, key["seed"])
             print(f"  {r['run']}: loss {at_loss:g}, noise batch {b}", flush=True)
             here = {**key, "batch_size": b, "at_loss": at_loss}
-            whole = table[(table.layer == "all") & table.statistic.isin(KEEP - GAUSSIAN)]
             rows += _both(noise, {**here, "layer": "all"}, setting)
-            rows += [{**here, "layer": "all", "noise": "sgd", **stat}
-                     for stat in whole[["statistic", "value"]].to_dict("records")]
+            rows += [{**here, "layer": "all", "noise": "sgd", **stat} for stat in meta["whole"]]
             if b == batch and at_loss == TARGET:  # per layer: the same estimators, lighter (no bootstrap)
-                for layer, spans in table.attrs["layers"].items():
+                for layer, spans in meta["layers"].items():
                     part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
                     if part.shape[1] >= 16:
                         rows += _both(part, {**here, "layer": layer}, setting, orders=4, boot=0)
-            if is_reference and key["seed"] == 0 and at_loss == TARGET:
+            if is_reference and int(r["replicate"]) == 0 and at_loss == TARGET:
                 kept[b] = noise
     return rows, kept
 
@@ -194,6 +239,12 @@ def _cell(part: pd.DataFrame, noise: str, statistic: str, digits: int = 2, bound
     return interval(r.value, r.ci_low, r.ci_high, digits) if bounds and not np.isnan(r.ci_low) else f"{r.value:.{digits}f}"
 
 
+def _w1(table: pd.DataFrame, key: tuple) -> str:
+    if key not in table.index:
+        return ""
+    return f"{table.loc[key, 'value']:.3f} ({table.loc[key, 'value_gauss']:.3f})"
+
+
 def section(results: Path) -> str:
     """The README block: alpha per model, per noise batch and along training with the controls, the
     estimators' controls, then the verdicts."""
@@ -201,7 +252,9 @@ def section(results: Path) -> str:
     control = pd.read_csv(results / "controls.csv") if (results / "controls.csv").exists() else None
     s = summarise(frame)
     batch, target = train_batch(frame), frame.at_loss.min()
-    ratios = ad_ratio(frame).groupby(["family", "width", "depth", "batch_size", "at_loss", "layer"]).ratio.mean()
+    model = ["family", "width", "depth", "batch_size", "at_loss", "layer"]
+    w1 = {view: gaussian(frame, view).groupby(model)[["value", "value_gauss"]].mean()
+          for view in ("coordinates", "projections")}
     rows = []
     for (family, width, depth, b, t), part in s[s.layer == "all"].groupby(
             ["family", "width", "depth", "batch_size", "at_loss"], sort=False):
@@ -214,7 +267,8 @@ def section(results: Path) -> str:
                      "pooled, Gaussian same scales": _cell(part, "gaussian_matched", "tail_index_pooled"),
                      "per-coordinate median [quartiles]": _cell(part, "sgd", "tail_index_per_coordinate_median"),
                      "same, no-zero coordinates": _cell(part, "sgd", "tail_index_per_coordinate_median_dense"),
-                     "AD / control's AD": f"{ratios.get((family, width, depth, b, t, 'all'), np.nan):.3g}",
+                     **{f"W1 {view} (control)": _w1(w1[view], (family, width, depth, b, t, "all"))
+                        for view in ("coordinates", "projections")},
                      "zeros": f"{part[(part.noise == 'sgd') & (part.statistic == 'atom_fraction')].value.iloc[0]:.1%}",
                      "steps to loss": "" if steps.empty or np.isnan(steps.iloc[0]) else f"{steps.iloc[0]:.0f}"})
     table = pd.DataFrame(rows)
@@ -224,11 +278,13 @@ def section(results: Path) -> str:
     more = pd.concat([more, main.merge(more[["family", "width", "depth"]].drop_duplicates())])
     runs = frame[(frame.statistic == "steps_to_target") & (frame.at_loss == target)]
     lines = [f"Noise of the teacher-stream models trained with batch {batch}; {int(runs.value.notna().sum())} of "
-             f"{len(runs)} runs reached held-out loss {target:g}. {frame.seed.nunique()} seeds, "
+             f"{len(runs)} runs reached held-out loss {target:g}. {int(s.seeds.max())} seeds per model (each run its "
+             "own seed), "
              f"{int(control.draws.max()) if control is not None else 'several hundred'} noise draws per coordinate. Pooled alpha: mean over seeds, 95% bootstrap "
              "interval (envelope over seeds); per coordinate: median and quartiles over coordinates (mean over "
-             "seeds); AD: Anderson-Darling of the standardised coordinates pooled, over the scale-matched "
-             "Gaussian control's (mean over seeds); zeros: share of noise entries that are exact zeros of the "
+             "seeds); W1: Wasserstein-1 distance to N(0, 1) of the standardised noise, coordinates or "
+             f"{DIRECTIONS} random projections pooled, in standard deviations, with the scale-matched Gaussian "
+             "control's in brackets (mean over seeds); zeros: share of noise entries that are exact zeros of the "
              "gradient.", "", f"Every model at loss {target:g}, noise batch {batch}:", "",
              markdown_table(main.drop(columns=["loss", "noise batch"])), "",
              "The reference models at other noise batches (aggregation) and earlier along training:", "",
@@ -237,7 +293,7 @@ def section(results: Path) -> str:
         lines += ["Controls: per-coordinate median alpha of sums of k draws, at the study's draws per coordinate "
                   "(and at 100 draws, k = 1); the estimator's bias is the gap to the true alpha:", "",
                   markdown_table(control.assign(bias=control.median_alpha - control.alpha)), ""]
-    lines += ["Verdicts (rules in `tail_index_rules.py`, fixed before the runs):", ""]
+    lines += ["Verdicts (rules in `tail_index_rules.py`, fixed on 2026-12-04 before these runs):", ""]
     lines += [f"- {v}" for v in verdicts(frame, control)]
     return "\n".join(lines)
 
@@ -323,14 +379,14 @@ def main() -> None:
             noises[family] = kept
     columns = ["family", "noise", "width", "depth", "batch_size", "at_loss", "layer", "seed", "statistic",
                "value", "ci_low", "ci_high"]
-    results = pd.DataFrame(rows).reindex(columns=columns)
+    results = rounded(pd.DataFrame(rows).reindex(columns=columns))
     results.to_csv(out / "results.csv", index=False)
     # the estimators' controls, an alpha-stable law at the alpha SGD's noise shows at the smallest noise batch
     small = per_seed(results, "tail_index_per_coordinate_median", layer="all", at_loss=TARGET,
                      batch_size=min(setting["noise_batches"]))
     alpha = float(np.clip(small.value.mean(), 1.1, 1.9)) if len(small) else 1.5
     before = _cpu()
-    pd.DataFrame(controls(setting, round(alpha, 2))).to_csv(out / "controls.csv", index=False)
+    rounded(pd.DataFrame(controls(setting, round(alpha, 2)))).to_csv(out / "controls.csv", index=False)
     plot(results, noises, out)
     print(section(out))
     print(f"controls, figures and tables: {_cpu() - before:.0f} CPU seconds")
