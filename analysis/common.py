@@ -42,9 +42,10 @@ def results_dir(script: str) -> Path:
 
 
 def run_grid(name: str, base: str | Path, work: str | Path, *, fixed: dict | None = None, grid: dict | None = None,
-             seeds=(0,), forks=(), jobs: int | None = None) -> Path:
+             seeds=(0,), forks=(), jobs: int | None = None, design: str = "independent") -> Path:
     """Write ``<work>/<name>.yaml`` (a goldenpath sweep over ``base``: ``fixed`` is its
-    ``set``, then ``grid``, ``seeds`` and ``forks`` as in a sweep file) and run or continue it; returns its dir.
+    ``set``, then ``grid``, ``seeds``, ``design`` and ``forks`` as in a sweep file) and run or continue it;
+    returns its dir.
 
     ``base`` is a config path (absolute, or relative to configs/). Runs already completed are skipped, so a
     re-run of a script only trains what is missing.
@@ -55,7 +56,7 @@ def run_grid(name: str, base: str | Path, work: str | Path, *, fixed: dict | Non
     work.mkdir(parents=True, exist_ok=True)
     base = Path(base) if Path(base).is_absolute() else CONFIGS / base
     spec = {"name": name, "base": str(base), "set": dict(fixed or {}), "grid": dict(grid or {}),
-            "seeds": list(seeds), "forks": list(forks)}
+            "seeds": list(seeds), "design": design, "forks": list(forks)}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return run_sweep(path, out=str(work), jobs=jobs)
