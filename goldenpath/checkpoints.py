@@ -121,7 +121,7 @@ class RunDir:
 
 
 # Keys that do not change what a run computes: a run may be resumed with other values.
-NOT_IDENTITY = ("log.progress", "threads")
+NOT_IDENTITY = ("log.progress", "threads", "data.prefetch")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -176,7 +176,7 @@ def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
     sections = set()
     for config in configs.values():
         d = to_dict(config)["data"]
-        for k in ("epochs", "train_size", "subset", "mix"):  # the regime, subset, training labels: not the probe set
+        for k in ("epochs", "train_size", "subset", "mix", "prefetch"):  # regime, subset, training labels, pace
             d.pop(k, None)
         sections.add(json.dumps(d, sort_keys=True))
     if len(sections) > 1:

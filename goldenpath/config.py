@@ -207,9 +207,10 @@ LABELS = ("name", "out", "goldenpath", "threads")
 
 def run_dict(config) -> dict:
     """What a run computes: its resolved config without the keys that only name, place or pace it (and
-    without the progress bar)."""
+    without the progress bar and how far ahead its batches are made)."""
     d = {k: v for k, v in to_dict(config).items() if k not in LABELS}
     d["log"].pop("progress", None)
+    d["data"].pop("prefetch", None)
     return d
 
 

@@ -103,6 +103,7 @@ class DataConfig:
     subset: int = 0                 # offline: which of the disjoint blocks of train_size samples is the subset
     eval_size: int = 2048           # held-out samples (sequences for text) that define the eval loss
     probe_size: int = 1024          # disjoint held-out samples on which functions are compared
+    prefetch: int = 2               # optimizer steps of batches made ahead in a background thread; 0: in the step
 
     def check(self) -> None:
         """Validate fields that depend on each other (subclasses extend)."""
@@ -118,6 +119,8 @@ class DataConfig:
         require(self.eval_size > 0, "data.eval_size", f"got {self.eval_size}", "use a positive size")
         require(self.probe_size > 0, "data.probe_size", f"got {self.probe_size}", "use a positive size")
         require(0 <= self.seed < 2**31, "data.seed", f"got {self.seed}", "use 0 <= seed < 2**31")
+        require(self.prefetch >= 0, "data.prefetch", f"got {self.prefetch}",
+                "use 0 (batches made in the step) or the steps to make ahead, e.g. 2")
 
     def build(self):
         """Return the source (goldenpath.data.Source) this section describes."""

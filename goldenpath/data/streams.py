@@ -19,15 +19,14 @@ of ``m``. A logical batch is therefore the same set of samples whatever the numb
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
 from goldenpath.config import accumulation_steps
+from goldenpath.data.prefetch import Prefetched
 from goldenpath.seeding import seeded_generator
 
 Batch = dict[str, torch.Tensor]
@@ -99,16 +98,10 @@ class Stream:
         subset: which disjoint block of ``train_size`` samples of the pool is the offline subset.
         epochs, train_size: the regime (see module docstring).
         batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
-        prefetch: generate the next step's micro-batches in a background thread while the caller trains on
-            these (default: the source's ``prefetch`` attribute; the teacher stream sets it). The batches are
-            the very same calls, ``source.train_batch`` on the same index chunks, made one step early; a
-            prefetched step is used only at the position it was made for, so resuming or rewinding the
-            position (``load_state_dict``) gives the same samples as without it.
     """
 
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
-                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0,
-                 prefetch: bool | None = None):
+                 batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0):
         accumulation = accumulation_steps(batch_size, micro_batch_size, world)
         if train_size is not None and source.size is not None and (subset + 1) * train_size > source.size:
             raise ValueError(f"subset {subset} of train_size {train_size} exceeds the pool size {source.size}")
@@ -117,9 +110,6 @@ class Stream:
         self.accumulation = accumulation
         self.rank, self.world = rank, world
         self.position = 0
-        self.prefetch = bool(getattr(source, "prefetch", False)) if prefetch is None else prefetch
-        self._pending: tuple[int, torch.Tensor, Future] | None = None  # (position, index, its micro-batches)
-        self._worker: tuple[int, ThreadPoolExecutor] | None = None     # (process id, one background thread)
         self._subset: torch.Tensor | None = None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
         if train_size is not None:
@@ -148,25 +138,19 @@ class Stream:
         return self.seed * ONLINE_STRIDE + pos
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
+        order = self._order  # read once: another thread may replace it
+        if order is None or order[0] != epoch:
             perm = torch.randperm(len(self._subset), generator=seeded_generator(self.seed, 3, epoch))
-            self._order = (epoch, perm)
-        return self._order[1]
+            order = self._order = (epoch, perm)
+        return order[1]
 
     def next_step(self) -> list[Batch]:
         """This process's micro-batches for the next optimizer step; advances the position."""
         if self.limit is not None and self.position + self.batch_size > self.limit:
             raise StreamExhausted
         index = self._step_index(self.position)
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == self.position and torch.equal(pending[1], index):
-            batches = pending[2].result()
-        else:
-            batches = self._generate(index)
+        batches = [self.source.train_batch(chunk) for chunk in index.split(self.micro_batch_size)]
         self.position += self.batch_size
-        if self.prefetch and (self.limit is None or self.position + self.batch_size <= self.limit):
-            ahead = self._step_index(self.position)
-            self._pending = (self.position, ahead, self._executor().submit(self._generate, ahead))
         return batches
 
     def _step_index(self, position: int) -> torch.Tensor:
@@ -174,23 +158,11 @@ class Stream:
         start = position + self.rank * self.accumulation * self.micro_batch_size
         return self.indices(start, start + self.accumulation * self.micro_batch_size)
 
-    def _generate(self, index: torch.Tensor) -> list[Batch]:
-        return [self.source.train_batch(chunk) for chunk in index.split(self.micro_batch_size)]
-
-    def _executor(self) -> ThreadPoolExecutor:
-        """The background thread, started again in a forked child (threads do not survive a fork)."""
-        if self._worker is None or self._worker[0] != os.getpid():
-            self._worker = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="goldenpath-prefetch"))
-        return self._worker[1]
-
     def state_dict(self) -> dict:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pending": None, "_worker": None}  # a copy prefetches for itself
 
 
 class SequentialStream:
@@ -253,15 +225,32 @@ class MemorySource:
 
 
 def build_stream(source, data, *, seed: int, batch_size: int, micro_batch_size: int, rank: int = 0,
-                 world: int = 1) -> Stream | SequentialStream:
-    """The training stream for a data config (``data``: goldenpath.config.DataConfig) and run seed."""
+                 world: int = 1, device: torch.device | str | None = None) -> Stream | SequentialStream | Prefetched:
+    """The training stream for a data config (``data``: goldenpath.config.DataConfig) and run seed.
+
+    With ``data.prefetch`` > 0 it is :class:`~goldenpath.data.prefetch.Prefetched`: that many steps made ahead
+    in a background thread, in pinned memory when ``device`` (default: the current CUDA device, if any) is a
+    CUDA device.
+    """
     if hasattr(source, "train_batch"):
-        return Stream(source, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world,
-                      subset=data.subset)
-    if data.train_size is not None:
+        stream = Stream(source, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
+                        batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world,
+                        subset=data.subset)
+    elif data.train_size is not None:
         pool = MemorySource(source, data.train_size, skip=data.subset * data.train_size)  # the stream's block
-        return Stream(pool, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
-    return SequentialStream(source, seed=seed, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                            rank=rank, world=world)
+        stream = Stream(pool, seed=seed, data_seed=data.seed, epochs=data.epochs, train_size=data.train_size,
+                        batch_size=batch_size, micro_batch_size=micro_batch_size, rank=rank, world=world)
+    else:
+        stream = SequentialStream(source, seed=seed, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                                  rank=rank, world=world)
+    if data.prefetch == 0:
+        return stream
+    return Prefetched(stream, steps=data.prefetch, pin_device=pin_device(device))
+
+
+def pin_device(device: torch.device | str | None) -> torch.device | None:
+    """The CUDA device batches are pinned for, or None (a CPU run, or no GPU)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return device if device.type == "cuda" else None

@@ -92,7 +92,6 @@ class TeacherStream:
     """The teacher vision source (random access by sample index; see module docstring)."""
 
     size = None
-    prefetch = True  # a stream generates the next step's batches in the background (data.streams.Stream)
 
     def __init__(self, cfg: TeacherData):
         self.cfg = cfg
