@@ -241,3 +241,38 @@ def test_offline_regime_on_a_streaming_source_holds_the_subset_in_memory(text_js
         except Exception:
             break
     assert sorted(seen) == sorted(list(range(10)) * 3)
+
+
+def test_hf_text_tokenises_documents_in_batches_with_the_one_by_one_samples_and_states(text_json, tmp_path):
+    """Read ahead and tokenised 64 at a time, the samples and every state a resume would save are those of
+    reading and tokenising one document at a time through transformers; a resume from each state agrees."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path / "bpe")
+    for pack in ("true", "false"):
+        src = text_source(text_json, f"data.tokenizer={tmp_path / 'bpe'}", "data.seq_len=7", f"data.pack={pack}",
+                          "data.shuffle_buffer=8")
+        one = text_source(text_json, f"data.tokenizer={tmp_path / 'bpe'}", "data.seq_len=7", f"data.pack={pack}",
+                          "data.shuffle_buffer=8")
+        one.read_ahead = 1
+        one.prepare = lambda examples, one=one: [one.tokenizer.encode(e["text"], add_special_tokens=False)
+                                                 for e in examples]
+        assert src.read_ahead > 1
+
+        def run(source, state=None):
+            it = source.iterate(seed=2, rank=0, world=1)
+            if state is not None:
+                it.load_state_dict(json.loads(json.dumps(state)))
+            return [(s["input_ids"], s["labels"], it.state_dict()) for s in it]
+
+        got, want = run(src), run(one)
+        assert len(got) == len(want) > 20
+        for (a, la, sa), (b, lb, sb) in zip(got, want):
+            assert torch.equal(a, b) and torch.equal(la, lb) and sa == sb
+        for k in (0, 5, 13):  # resumed from a saved state (the shuffle buffer refills alike)
+            again, ref = run(src, want[k][2]), run(one, want[k][2])
+            assert len(again) == len(ref) and all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(again, ref))

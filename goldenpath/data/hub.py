@@ -10,6 +10,8 @@ Images are standardised per channel with the mean and std of the eval set.
 
 from __future__ import annotations
 
+import collections
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -40,12 +42,37 @@ class _HFData(DataConfig):
         return datasets.load_dataset(self.path, self.name, data_files=self.data_files, split=split, streaming=True)
 
 
+class _ReadAhead:
+    """A dataset's examples read ``n`` at a time and prepared in one call (text: tokenised), handed out one by
+    one; ``state`` is the dataset's state after the last one handed out, as if they were read one by one."""
+
+    def __init__(self, dataset, prepare, n: int):
+        self._dataset, self._it, self._prepare, self._n = dataset, iter(dataset), prepare, n
+        self._ready: collections.deque = collections.deque()  # (prepared example, dataset state after reading it)
+        self.state = dataset.state_dict()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._ready:
+            examples, states = [], []
+            for example in itertools.islice(self._it, self._n):
+                examples.append(example)
+                states.append(self._dataset.state_dict())  # what a resume state saved after this example holds
+            if not examples:
+                raise StopIteration
+            self._ready.extend(zip(self._prepare(examples), states))
+        item, self.state = self._ready.popleft()
+        return item
+
+
 class _HFIterator:
     """This process's shard of a streaming dataset, turned into samples; resumable via state_dict."""
 
     def __init__(self, source, dataset, rank: int, world: int):
         self._source, self._dataset, self._rank, self._world = source, dataset, rank, world
-        self._it = None
+        self._it: _ReadAhead | None = None
         self._pending: list[int] = []   # packing: tokens read but not yet emitted
         self._count = 0
 
@@ -54,14 +81,15 @@ class _HFIterator:
 
     def __next__(self) -> Batch:
         if self._it is None:
-            self._it = iter(self._dataset)
+            self._it = _ReadAhead(self._dataset, self._source.prepare, self._source.read_ahead)
         sample = self._source.make_sample(self._it, self._pending)
         sample["ids"] = torch.tensor(self._count * self._world + self._rank)
         self._count += 1
         return sample
 
     def state_dict(self) -> dict:
-        return {"dataset": self._dataset.state_dict(), "pending": list(self._pending), "count": self._count}
+        dataset = self._it.state if self._it is not None else self._dataset.state_dict()
+        return {"dataset": dataset, "pending": list(self._pending), "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
         self._dataset.load_state_dict(state["dataset"])
@@ -73,8 +101,14 @@ class _HFIterator:
 class _HFSource:
     """Common parts of streaming text and image sources."""
 
+    read_ahead = 1  # training examples read and prepared at once
+
     def __init__(self, cfg: _HFData):
         self.cfg = cfg
+
+    def prepare(self, examples: list[dict]) -> list:
+        """What ``make_sample`` reads for each example."""
+        return examples
 
     def _train_dataset(self):
         ds = self.cfg.open(self.cfg.split)
@@ -101,6 +135,7 @@ class _HFSource:
     def _take(self, examples, pending: list[int], split: str, n: int, where: str, fix: str) -> Batch:
         """The next ``n`` samples of ``examples`` (ids 0..n-1) for the held-out ``split``, or a one-line error."""
         samples = []
+        examples = (item for example in examples for item in self.prepare([example]))  # one at a time: counted
         for i in range(n):
             try:
                 samples.append(self.make_sample(examples, pending))
@@ -178,24 +213,34 @@ class HFTextSource(_HFSource):
             self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else vocab - 1
         self.info = SourceInfo("lm", (cfg.seq_len,), vocab)
 
-    def _tokens(self, example: dict) -> list[int]:
-        require(self.cfg.text_field in example, "data.text_field",
-                f"no column {self.cfg.text_field!r} in {sorted(example)}", "name an existing column")
-        return self.tokenizer.encode(example[self.cfg.text_field], add_special_tokens=False)
+    read_ahead = 64  # documents tokenised in one call of a fast tokenizer
 
-    def make_sample(self, examples, pending: list[int]) -> Batch:
-        """Next sample: seq_len + 1 tokens (packed), or one document truncated/padded (labels -100)."""
+    def prepare(self, examples: list[dict]) -> list[list[int]]:
+        """Each document's tokens: one batched call for a fast tokenizer (its Rust core, without the GIL)."""
+        field = self.cfg.text_field
+        for example in examples:
+            require(field in example, "data.text_field", f"no column {field!r} in {sorted(example)}",
+                    "name an existing column")
+        texts = [example[field] for example in examples]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+
+    def make_sample(self, documents, pending: list[int]) -> Batch:
+        """Next sample from the documents' tokens: seq_len + 1 tokens (packed), or one document truncated and
+        padded (labels -100)."""
         length = self.cfg.seq_len + 1
         if self.cfg.pack:
             while len(pending) < length:
-                pending.extend(self._tokens(next(examples)) + [self.eos])
+                pending.extend(next(documents) + [self.eos])
             seq = pending[:length]
             del pending[:length]
             valid = length
         else:
             seq = []
             while len(seq) < 2:
-                seq = (self._tokens(next(examples)) + [self.eos])[:length]
+                seq = (next(documents) + [self.eos])[:length]
             valid = len(seq)
             seq = seq + [self.eos] * (length - valid)
         tokens = torch.tensor(seq, dtype=torch.int64)
