@@ -2,7 +2,7 @@
 
     bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
-    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch] [--out DIR]
+    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch,profile] [--out DIR]
 
 Parts (each writes its rows; a part that fails is recorded with its error and the others go on):
 
@@ -20,6 +20,14 @@ Parts (each writes its rows; a part that fails is recorded with its error and th
    (columns text, timestamp, url; ``train/`` and ``validation/`` files) for 200 steps in bf16: the run
    must complete and its replicas agree bit for bit at the end (the noise is drawn once per step, after
    the all-reduce, identically on every process). With one GPU it runs one process; the CPU smoke runs two.
+5. ``profile``: where a GPT-2 small training step's time goes (``bench/step_profile.py``): torch.profiler over
+   3 eager and 3 compiled steps of the plain loop on batches already on the device (bf16 autocast on
+   CUDA): the device's idle fraction, host and wall ms per step, kernels per step, time by category (lm head
+   + cross-entropy, attention and the SDPA backend chosen, autocast casts, block matmuls, layer norm,
+   optimizer, ...) and the top kernels; then the lm head + cross-entropy in token chunks
+   (``goldenpath.lm_loss``, ``bench/lm_head_loss.py``) against the plain float32-logits path at the step's
+   shape: time and peak memory, chunked / plain. Written also as ``<stem>_profile.md`` and ``.csv``.
+   It runs under its own time limit (``limits_s``); what it measured before the limit is kept.
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
 downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
@@ -29,9 +37,11 @@ downloaded): throughput depends on the shapes, not on what the words say. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,10 +61,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 SIZES = {
     "gpu": {"vocab": 50257, "seq": 1024, "width": 768, "depth": 12, "heads": 12, "batch": 16, "steps": 60,
             "dp_lm_batch": 8, "dp_cnn": {"width": 64, "batch": 256}, "dp_steps": 20,
-            "compare_sizes": (8, 16), "probe": 64, "chunk": 8, "launch_steps": 200, "docs": 6000},
+            "compare_sizes": (8, 16), "probe": 64, "chunk": 8, "launch_steps": 200, "docs": 6000,
+            "profile_vocab": 50257, "head_chunk": 4096, "limits_s": {"profile": 180}},
     "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
                   "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
-                  "compare_sizes": (4,), "probe": 16, "chunk": 8, "launch_steps": 10, "docs": 400},
+                  "compare_sizes": (4,), "probe": 16, "chunk": 8, "launch_steps": 10, "docs": 400,
+                  # a vocabulary no other dimension equals: the profile finds the lm head by it
+                  "profile_vocab": 997, "head_chunk": 128, "limits_s": {"profile": 300}},
 }
 
 
@@ -266,7 +279,41 @@ def part_launch(size: dict, work: Path, device: str) -> dict:
             "stderr_tail": out.stderr[-1500:] if out.returncode else ""}
 
 
+# ----------------------------------------------------------------------------- 5. profile
+
+def part_profile(size: dict, device: str, rows: dict) -> dict:
+    """Fills ``rows`` as it goes (eager, lm_head, compiled), so a part stopped by its time limit keeps the rest."""
+    import lm_head_loss
+    import step_profile
+
+    rows["eager"] = step_profile.profile_lm(size, device, compiled=False)
+    rows["lm_head"] = lm_head_loss.measure(tokens=size["batch"] * size["seq"], width=size["width"],
+                                           vocab=size["profile_vocab"], chunk=size["head_chunk"], device=device,
+                                           reps=3)
+    rows["compiled"] = step_profile.profile_lm(size, device, compiled=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- driver
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise TimeoutError in the main thread after ``seconds`` (None: no limit)."""
+    if not seconds:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TimeoutError(f"stopped at its time limit of {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
 
 def _sync(device: str) -> None:
     if device == "cuda":
@@ -294,6 +341,22 @@ def table(results: dict) -> str:
     if "ok" in la:
         lines.append(f"| accelerate launch ({la['processes']} proc.) | {la['state']} at step {la['step']}, replicas "
                      f"in sync: {la['replicas_in_sync']} | completed, in sync |")
+    pr = results.get("profile", {})
+    for key in ("eager", "compiled"):
+        if isinstance(pr.get(key), dict) and "categories" in pr[key]:
+            r, cats = pr[key], pr[key]["categories"]
+            share = {c: 100 * cats.get(c, {}).get("share", 0.0) for c in ("lm head + cross-entropy", "attention",
+                                                                            "casts (_to_copy)")}
+            lines.append(f"| profile ({key}) | device idle {100 * r['idle_fraction']:.1f}%, host "
+                         f"{r['host_ms_per_step']:.1f} of {r['wall_ms_per_step']:.1f} ms/step, "
+                         f"{r['kernels_per_step']:.0f} kernels/step; "
+                         f"lm head + CE {share['lm head + cross-entropy']:.1f}%, "
+                         f"attention {share['attention']:.1f}% ({', '.join(r['attention_backends']) or '-'}), "
+                         f"casts {share['casts (_to_copy)']:.1f}% | where the time goes |")
+    head = pr.get("lm_head", {})
+    if "time_ratio" in head:
+        lines.append(f"| lm head + CE in chunks of {head['chunk_tokens']} | time {head['time_ratio']:.2f}x, peak "
+                     f"memory {head['memory_ratio']:.2f}x of the float32-logits path | memory < 1, time ~1 |")
     for part, r in results.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")
@@ -303,7 +366,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (the check of the check)")
-    parser.add_argument("--parts", default="train,dp,compare,launch")
+    parser.add_argument("--parts", default="train,dp,compare,launch,profile")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
     args = parser.parse_args(argv)
@@ -318,16 +381,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         jobs = {"train": lambda: part_train(size, work, device, args.peak_tflops), "dp": lambda: part_dp(size, device),
-                "compare": lambda: part_compare(size, work, device), "launch": lambda: part_launch(size, work, device)}
+                "compare": lambda: part_compare(size, work, device), "launch": lambda: part_launch(size, work, device),
+                "profile": lambda: part_profile(size, device, results.setdefault("profile", {}))}
         for part in [p for p in args.parts.split(",") if p]:
             if part not in jobs:
                 parser.error(f"--parts: unknown part {part!r}; use some of {','.join(jobs)}")
             t0 = time.perf_counter()
             try:
-                results[part] = jobs[part]()
+                with _time_limit(size["limits_s"].get(part)):
+                    results[part] = jobs[part]()
                 failed |= part == "launch" and not results[part]["ok"]
             except Exception:  # noqa: BLE001 - one part's failure is recorded, the others still run
-                results[part] = {"error": traceback.format_exc()}
+                results[part] = {**results.get(part, {}), "error": traceback.format_exc()}
                 failed = True
             results[part]["seconds"] = time.perf_counter() - t0
             print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)
@@ -336,6 +401,11 @@ def main(argv=None) -> int:
     stem = "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     (out / f"{stem}.md").write_text(table(results) + "\n")
+    if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
+        import step_profile
+
+        step_profile.write_tables(results["profile"], out, stem)
+        print(step_profile.markdown(results["profile"]))
     print(table(results))
     print(f"wrote {out / stem}.json and .md")
     return 1 if failed else 0

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The device check (bench/gpu.py): about 8 minutes on one large NVIDIA GPU; `--cpu-smoke`: toy sizes on a CPU.
 #
-#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch]
+#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile]
+#
+# Writes gpu.json and gpu.md (the figures against their goals); the profile part also writes gpu_profile.md
+# and gpu_profile.csv: per mode (eager, compiled) wall and host ms per step, the GPU's idle fraction,
+# kernels per step, the attention backend, time by category (lm head + cross-entropy, attention, casts,
+# block matmuls, ...) and the top kernels, then the chunked lm head + cross-entropy against the float32-logits
+# path (time and peak memory, chunked / plain). README.md "Reading the profile part" says how to read them.
+# The --cpu-smoke files are named gpu_cpu_smoke*.
 #
 # On a machine whose Python already has torch with CUDA, goldenpath is installed without touching torch
 # (--no-deps); packages the machine lacks (opacus, datasets, submitit, ...) are taken from wheels in

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +38,107 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert launch["ok"] and launch["processes"] == 2 and launch["replicas_in_sync"] is True
     table = (tmp_path / "gpu_cpu_smoke.md").read_text()
     assert "accelerate launch (2 proc.)" in table and "FAILED" not in table
+    profile = results["profile"]
+    assert "error" not in profile, profile.get("error")
+    for mode in ("eager", "compiled"):
+        row = profile[mode]
+        assert 0 <= row["idle_fraction"] < 1 and row["kernels_per_step"] > 0 and row["host_ms_per_step"] > 0
+        assert row["categories"]["lm head + cross-entropy"]["ms_per_step"] > 0
+        assert row["categories"]["matmul (blocks)"]["ms_per_step"] > 0
+        assert abs(sum(c["share"] for c in row["categories"].values()) - 1) < 1e-9
+    assert profile["eager"]["attention_backends"] and profile["eager"]["ce_input_dtype"] == "float32"
+    assert profile["lm_head"]["time_ratio"] > 0 and profile["lm_head"]["memory_ratio"] > 0
+    assert "profile (compiled)" in table
+    assert "| lm head + cross-entropy |" in (tmp_path / "gpu_cpu_smoke_profile.md").read_text()
+    assert (tmp_path / "gpu_cpu_smoke_profile.csv").read_text().startswith("mode,kind,name,category")
+
+
+# ----------------------------------------------------------------------------- the profile part's arithmetic
+
+def _step_profile():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import step_profile
+
+    return step_profile
+
+
+def test_profile_categories_from_kernel_names_launching_ops_and_the_vocabulary_dim():
+    sp = _step_profile()
+    V = 50257
+    cases = [  # kernel name, launching ops, dims -> category
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>",
+         "aten::_flash_attention_forward < aten::_scaled_dot_product_flash_attention", {16, 12, 1024, 64},
+         "attention"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "aten::mm < aten::matmul < aten::linear",
+         {16384, 768, V}, "lm head + cross-entropy"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "aten::addmm", {16384, 768, 2304}, "matmul (blocks)"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "aten::mm < MmBackward0", {768, 3072}, "matmul (blocks)"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>",
+         "aten::_log_softmax < aten::log_softmax < aten::cross_entropy_loss", {16384, V}, "lm head + cross-entropy"),
+        ("triton_red_fused__log_softmax_nll_loss_forward_3", "", set(), "lm head + cross-entropy"),
+        ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>",
+         "aten::copy_ < aten::_to_copy < aten::to", {768, 2304}, "casts (_to_copy)"),
+        ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>",
+         "aten::copy_ < aten::_to_copy < aten::to", {16384, V}, "lm head + cross-entropy"),  # float32 logits
+        ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>",
+         "aten::copy_ < aten::clone < aten::contiguous", {16, 1024, 768}, "elementwise / other"),
+        ("void at::native::multi_tensor_apply_kernel<AdamW>", "aten::_foreach_mul_ < Optimizer.step#AdamW.step",
+         set(), "optimizer"),
+        ("void at::native::embedding_backward_feature_kernel", "aten::embedding_dense_backward", {V, 768}, "embedding"),
+        ("triton_per_fused_native_layer_norm_7", "", set(), "layer norm"),
+        ("Memcpy HtoD (Pageable -> Device)", "aten::copy_ < aten::to", set(), "memcpy / memset"),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "aten::gelu", {3072},
+         "elementwise / other"),
+    ]
+    for name, context, dims, want in cases:
+        row = sp.Row(name, 0.0, 1.0, 1.0, context, frozenset(dims))
+        assert sp.category(row, V) == want, (name, context)
+    math_row = sp.Row("aten::bmm", 0, 1, 1, "aten::_scaled_dot_product_attention_math", frozenset())
+    assert sp.attention_backend(math_row) == "math"
+    assert sp.attention_backend(sp.Row("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", 0, 1, 1,
+                                       "aten::_efficient_attention_forward")) == "mem-efficient"
+
+
+def test_profile_idle_fraction_and_per_step_figures_of_a_hand_made_window():
+    sp = _step_profile()
+    V = 1000
+    rows = [  # two steps in a 0..100 us window; kernels overlap (streams) and one is nested in another
+        sp.Row("gemm_a", 0, 20, 20, "aten::mm", frozenset({64, 32})),
+        sp.Row("gemm_lm", 10, 30, 20, "aten::mm", frozenset({64, V})),        # overlaps gemm_a by 10
+        sp.Row("flash_fwd", 40, 50, 10, "aten::_scaled_dot_product_flash_attention"),
+        sp.Row("copy", 42, 45, 3, "aten::copy_ < aten::_to_copy"),           # inside flash_fwd
+        sp.Row("gemm_a", 60, 80, 20, "aten::mm", frozenset({64, 32})),
+        sp.Row("late", 95, 110, 15, "aten::add"),                            # runs past the window: 5 us count
+    ]
+    s = sp.summarise(rows, vocab=V, steps=2, window=(0.0, 100.0), top=3)
+    # busy: [0, 30] + [40, 50] + [60, 80] + [95, 100] = 65 of 100
+    assert abs(s["idle_fraction"] - 0.35) < 1e-12
+    assert abs(s["busy_ms_per_step"] - 65 / 2 / 1e3) < 1e-12 and s["window_ms_per_step"] == 0.05
+    assert s["kernels_per_step"] == 3.0
+    total = 20 + 20 + 10 + 3 + 20 + 15
+    cats = s["categories"]
+    assert cats["matmul (blocks)"]["ms_per_step"] == 40 / 2 / 1e3
+    assert cats["lm head + cross-entropy"]["share"] == 20 / total
+    assert cats["attention"]["share"] == 10 / total and cats["casts (_to_copy)"]["share"] == 3 / total
+    assert list(cats)[0] == "matmul (blocks)"                                # sorted by time
+    assert [t["name"] for t in s["top"]] == ["gemm_a", "gemm_lm", "late"]
+    assert s["top"][0]["calls_per_step"] == 1.0
+    assert s["attention_backends"] == ["flash"]
+    assert sp.busy_us([], 0.0, 10.0) == 0.0
+
+
+def test_a_part_past_its_time_limit_is_stopped_and_keeps_what_it_measured(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    def slow(size, device, rows):
+        rows["eager"] = {"measured": True}
+        time.sleep(30)
+
+    monkeypatch.setattr(gpu, "part_profile", slow)
+    monkeypatch.setitem(gpu.SIZES["cpu-smoke"], "limits_s", {"profile": 0.5})
+    t0 = time.perf_counter()
+    assert gpu.main(["--cpu-smoke", "--parts", "profile", "--out", str(tmp_path)]) == 1
+    assert time.perf_counter() - t0 < 10
+    profile = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())["profile"]
+    assert profile["eager"] == {"measured": True} and "time limit of 0.5 s" in profile["error"].splitlines()[-1]
