@@ -27,7 +27,7 @@ from goldenpath.sections import (  # noqa: F401  (re-exported: the config's whol
 
 __all__ = [
     "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig",
-    "ModelConfig", "OptimConfig", "data_source", "load_config", "model_family", "to_dict",
+    "ModelConfig", "OptimConfig", "auto_precision", "data_source", "load_config", "model_family", "to_dict",
 ]
 
 
@@ -170,10 +170,20 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def auto_precision(*, cuda: bool) -> str:
+    """What ``precision: auto`` means: bf16 autocast on a CUDA GPU, float32 elsewhere."""
+    return "bf16" if cuda else "fp32"
+
+
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from a plain mapping (as read from YAML)."""
     raw = {k: v for k, v in raw.items() if k != "goldenpath"}  # provenance written into run directories
     config = _build(Config, raw, "")
+    if config.precision == "auto":  # resolved here, so a run's config.yaml says what it computes in
+        import torch
+
+        cuda = not config.cpu and torch.cuda.is_available()
+        config = dataclasses.replace(config, precision=auto_precision(cuda=cuda))
     config.check()
     return config
 

@@ -226,13 +226,34 @@ class CausalLM(nn.Module):
         return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
+CAUSAL_SDPA = "goldenpath_causal_sdpa"
+
+
+def attn_implementation(attention: str) -> str:
+    """The transformers attention implementation for ``model.attention``.
+
+    "sdpa" is transformers' own SDPA function under a name of ours with no mask function registered, so the
+    model builds no attention mask and SDPA runs with ``is_causal=True`` (its fused kernels). Under the name
+    "sdpa" transformers first checks the position ids for packed sequences, a read of a device value (a wait
+    for the GPU) in every forward; goldenpath feeds whole sequences, each positioned 0..T-1, so that check can
+    only say "none" and the two give the same logits. "eager" is transformers' eager attention, with its mask.
+    """
+    if attention != "sdpa":
+        return attention
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)  # idempotent: a dict entry
+    return CAUSAL_SDPA
+
+
 @dataclass(frozen=True)
 class _LMConfig(ModelConfig):
     width: int = 128                  # embedding size
     depth: int = 2                    # transformer blocks
     heads: int = 4
     tie_embeddings: bool = True       # share the token embedding with the output layer
-    attention: Literal["sdpa", "eager"] = "sdpa"   # eager works under torch.func.vmap
+    attention: Literal["sdpa", "eager"] = "sdpa"   # sdpa: causal SDPA; eager works under torch.func.vmap
 
     def check(self) -> None:
         require(self.width >= 1 and self.depth >= 1, "model.width", f"width {self.width}, depth {self.depth}",
@@ -258,7 +279,7 @@ class GPT2Config(_LMConfig):
             vocab_size=info.num_classes, n_positions=info.input_shape[0], n_embd=self.width, n_layer=self.depth,
             n_head=self.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=self.tie_embeddings, **self._special(info))
-        config._attn_implementation = self.attention
+        config._attn_implementation = attn_implementation(self.attention)
         return CausalLM(transformers.GPT2LMHeadModel(config))
 
 
@@ -286,7 +307,7 @@ class LlamaConfig(_LMConfig):
             num_hidden_layers=self.depth, num_attention_heads=self.heads,
             num_key_value_heads=self.kv_heads or self.heads, max_position_embeddings=info.input_shape[0],
             tie_word_embeddings=self.tie_embeddings, **self._special(info))
-        config._attn_implementation = self.attention
+        config._attn_implementation = attn_implementation(self.attention)
         return CausalLM(transformers.LlamaForCausalLM(config))
 
 

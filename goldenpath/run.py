@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from goldenpath import checkpoints as ckpt
-from goldenpath.config import Config, ConfigError, OptimConfig, accumulation_steps, to_dict
+from goldenpath.config import (Config, ConfigError, OptimConfig, accumulation_steps, auto_precision, require,
+                               to_dict)
 from goldenpath.data import build_stream
 from goldenpath.seeding import stream_key
 from goldenpath.fork import fork_start
@@ -102,12 +103,21 @@ class Window:
 # ----------------------------------------------------------------------------- small pure pieces
 
 
+def optimizer_kwargs(device: torch.device, dtypes) -> dict:
+    """Extra optimizer arguments for parameters of ``dtypes`` on ``device``: the fused kernel on a CUDA GPU (one
+    launch per step for all parameters, and step counters kept on the device, so the update never waits for
+    the host or makes the host wait); nothing elsewhere (the CPU keeps torch's default implementation)."""
+    return {"fused": True} if device.type == "cuda" and all(d.is_floating_point for d in dtypes) else {}
+
+
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    extra = optimizer_kwargs(params[0].device, {p.dtype for p in params}) if params else {}
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                               weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+                               weight_decay=optim.weight_decay, **extra)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                             **extra)
 
 
 def planned_steps(config: Config, stream_limit: int | None, start: dict | None = None) -> int | None:
@@ -133,6 +143,13 @@ def planned_steps(config: Config, stream_limit: int | None, start: dict | None =
         raise ConfigError("optim.schedule", "cosine needs a known number of steps",
                           "set budget.samples or budget.steps")
     return steps
+
+
+def tf32_allowed(device: torch.device, precision: str) -> bool | None:
+    """Whether float32 matmuls and convolutions on ``device`` may use TF32 tensor cores: on a CUDA GPU, yes under
+    bf16 (what autocast leaves in float32) and no under fp32 (strict float32, as asked); None elsewhere (no such
+    setting: the CPU computes as it always did)."""
+    return precision == "bf16" if device.type == "cuda" else None
 
 
 def bf16_autocast(device: torch.device, enabled: bool):
@@ -276,6 +293,13 @@ def start(config: Config) -> Run | Path:
     accelerator = Accelerator(cpu=config.cpu, log_with=trackers or None, project_dir=str(run_dir))
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(config.threads))
+    if config.precision == "auto":  # a Config built in code (load_config resolves it)
+        config = dataclasses.replace(config, precision=auto_precision(cuda=accelerator.device.type == "cuda"))
+    tf32 = tf32_allowed(accelerator.device, config.precision)
+    if tf32 is not None:  # process-wide switches: set both ways, whatever a run before in this process chose
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        require(config.precision != "bf16" or torch.cuda.is_bf16_supported(), "precision",
+                f"bf16 but {torch.cuda.get_device_name(accelerator.device)} has no bfloat16", "set precision=fp32")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     optim = config.optim

@@ -307,7 +307,8 @@ class Config:
     design: Literal["independent", "paired"] | None = None  # how its sweep seeded settings (None: a lone run)
     cpu: bool = False                                 # force CPU even where a GPU is present
     threads: int | None = None                        # CPU threads; None: $OMP_NUM_THREADS, else cores / 2 (1-4)
-    precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # bf16: autocast on GPU; fp64: for numerical checks
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"  # auto: bf16 on a CUDA GPU, else fp32 (resolved
+    # when the config loads); bf16: autocast (+ TF32 on a GPU); fp32: strict float32; fp64: for numerical checks
     compile: bool = False                             # torch.compile the model's forward (fused kernels on a GPU)
     data: DataConfig = field(default_factory=_default_data)
     model: ModelConfig = field(default_factory=_default_model)

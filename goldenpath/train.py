@@ -15,6 +15,12 @@ checkpoint. Then the resume state in ``checkpoints/last`` (always at the search'
 remains), and the run's final state: completed, diverged (the train loss is not finite or exploded), or
 stalled (no better than chance). Re-running the same command resumes; on CPU the checkpoints, the weights
 and metrics.jsonl (all but its wall-clock ``seconds``) are bit-identical to an uninterrupted run's.
+
+A step reads no value from the device, so the host queues step after step while a GPU works: its losses,
+norms and DP-SGD counts are summed on the device (:class:`goldenpath.run.Window`) and read once per logged
+line, where a diverged train loss is noticed; evals and saves read at their own cadence, and an eval that
+finds a non-finite loss ends the run diverged before anything is saved. (A text step counts its predicted
+tokens on the host batches, before they move.)
 """
 
 from __future__ import annotations
@@ -59,12 +65,12 @@ def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dt
     was_training = model.training
     model.eval()
     for start_row in range(lo, hi, chunk):
-        part = to_device({k: v[start_row : min(hi, start_row + chunk)] for k, v in batch.items()},
-                         accelerator.device, dtype)
+        part = {k: v[start_row : min(hi, start_row + chunk)] for k, v in batch.items()}
+        total[1] += count(part)  # from the host rows, before they move
+        part = to_device(part, accelerator.device, dtype)
         with autocast():
             losses, errors = sample_losses_and_errors(model, part)
         total[0] += losses.sum().double()
-        total[1] += count(part)
         total[2] += errors.sum()
     model.train(was_training)
     total = accelerator.reduce(total, "sum") if world > 1 else total
@@ -90,7 +96,8 @@ def optimizer_step(run: Run, micro_batches: list[dict], window: Window) -> tuple
     """
     config, st, mech, acc = run.config, run.state, run.mechanism, run.accelerator
     world, trained = run.world, run.trained
-    units = sum(count(b) for b in micro_batches)
+    counts = [count(b) for b in micro_batches]  # read from the host batches: the device is never waited for
+    units = sum(counts)
     if world > 1 and "labels" in micro_batches[0]:
         total_units = float(acc.reduce(torch.tensor(float(units), device=acc.device)))
     else:
@@ -107,8 +114,8 @@ def optimizer_step(run: Run, micro_batches: list[dict], window: Window) -> tuple
             window.add(name, value)
         if config.log.noise_scale and i == 0:  # this micro-batch's own mean gradient, squared (no host sync)
             sq = torch.stack(torch._foreach_norm([p.grad for p in trained if p.grad is not None])).double()
-            window.add("micro_sq", sq.square().sum() * (total_units / (world * count(batch))) ** 2)
-            window.add("micro_units", count(batch))
+            window.add("micro_sq", sq.square().sum() * (total_units / (world * counts[i])) ** 2)
+            window.add("micro_units", counts[i])
     window.add("units", units)
     grads = [p.grad for p in trained if p.grad is not None]
     log_due = (st.step + 1) % config.log.every == 0 or st.step + 1 == run.total_steps
@@ -236,7 +243,7 @@ def run_eval(run: Run, previous: matching.Snapshot | None, *, search: bool) -> t
         st.next_eval = None if nxt is None else st.step + next_eval_gap(
             st.evals, nxt, max_gap=config.checkpoint.target_eval_every, min_gap=config.checkpoint.eval_min_every)
     keep, meta = run.optimizer if config.checkpoint.optimizer else None, _meta(run, loss, error, prev_latest)
-    if st.step in config.checkpoint.steps and run.main:
+    if st.step in config.checkpoint.steps and run.main and math.isfinite(loss):  # a diverged model is never saved
         ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, meta, keep)
     if st.best is None or loss < st.best[1]:
         st.best = [st.step, loss]

@@ -354,6 +354,15 @@ def test_divergence_is_recorded_and_exits_1(tiny_teacher, tmp_path, capsys):
     assert status_of(run_dir) == status
 
 
+def test_a_run_that_diverges_between_logged_steps_saves_no_checkpoint_of_the_diverged_model(tiny_teacher):
+    # the train loss is read every 50 steps only; the eval at step 2 (checkpoint.steps) sees the divergence
+    run_dir = train(load_config(None, [*tiny_teacher, "optim.lr=1e8", "log.every=50", "checkpoint.eval_every=50",
+                                       "checkpoint.steps=[2, 4]", "checkpoint.targets=[]", "budget.steps=40"]))
+    status = status_of(run_dir)
+    assert status["state"] == "diverged" and status["reason"] == "eval loss nan at step 2"
+    assert not (run_dir / "checkpoints" / "step-2").exists() and not (run_dir / "checkpoints" / "last").exists()
+
+
 def test_a_run_that_diverges_after_a_target_keeps_its_checkpoint_and_says_so(tiny_teacher):
     # the learning rate warms up to 1000: the run reaches 2.28 within a few steps, then explodes
     run_dir = train(load_config(None, [*tiny_teacher, "optim.lr=1000", "optim.warmup=1000", "budget.samples=6400",
