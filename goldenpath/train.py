@@ -20,7 +20,8 @@ A step reads no value from the device, so the host queues step after step while 
 norms and DP-SGD counts are summed on the device (:class:`goldenpath.run.Window`) and read once per logged
 line, where a diverged train loss is noticed; evals and saves read at their own cadence, and an eval that
 finds a non-finite loss ends the run diverged before anything is saved. (A text step counts its predicted
-tokens on the host batches, before they move.)
+tokens on the host batches, before they move; with several processes their sum over processes is the one
+value it reads, for the loss scale and the token counter.)
 """
 
 from __future__ import annotations
