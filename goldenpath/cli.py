@@ -318,10 +318,11 @@ def main(argv: list[str] | None = None) -> None:
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from goldenpath.runtime import tune_malloc
+    from goldenpath.runtime import gpu_memory_share, tune_malloc
 
     tune_malloc()
     try:
+        gpu_memory_share()
         code = {"train": _train, "sweep": _sweep, "fork": _fork, "compare": _compare, "noise": _noise,
                 "toys": _toys, "report": _report, "demo": _demo}[args.verb](args)
     except ConfigError as e:

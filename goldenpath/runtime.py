@@ -4,6 +4,7 @@
   else half the cores this process may use, 1 to 4. (On 2 cores the teacher CNN trains as fast on one thread
   as on two, 33-37 s either way, while two threads on a busy machine took 47 s against 10 s.)
 - :func:`tune_malloc` keeps freed tensor buffers in glibc's heap (what the ``goldenpath`` command runs with).
+- :func:`gpu_memory_share` bounds the GPU memory of a run that shares its GPU with other runs of a sweep.
 - :class:`Interrupts`: the first Ctrl-C (SIGINT) or SIGTERM asks the work to stop at its next safe point
   (a run saves its resume state there); a second Ctrl-C stops at once.
 """
@@ -16,6 +17,7 @@ import sys
 from typing import Callable
 
 MAX_DEFAULT_THREADS = 4
+MEMORY_FRACTION_ENV = "GOLDENPATH_GPU_MEMORY_FRACTION"  # set by a sweep that puts several runs on one GPU
 EXIT_CTRL_C = 128 + signal.SIGINT  # 130, as a shell reports a Ctrl-C
 
 
@@ -57,6 +59,31 @@ def tune_malloc() -> bool:
         return False
     m_top_pad, m_mmap_threshold = -2, -3
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_top_pad, 256 << 20))
+
+
+def gpu_memory_share() -> float | None:
+    """Cap this process's share of each visible GPU's memory at ``$GOLDENPATH_GPU_MEMORY_FRACTION`` (set by
+    ``goldenpath sweep --jobs N`` when N runs share the GPUs): past it the caching allocator raises out of
+    memory in this run instead of taking memory its neighbours hold. Returns the share applied, or None
+    (not set, or no GPU)."""
+    text = os.environ.get(MEMORY_FRACTION_ENV, "")
+    if not text:
+        return None
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        from goldenpath.sections import ConfigError
+
+        raise ConfigError(MEMORY_FRACTION_ENV, f"got {text!r}", "use a fraction in (0, 1], or unset it")
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(share, device)
+    return share
 
 
 def signal_name(signum: int | None) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import math
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from pathlib import Path
 from goldenpath import checkpoints as ckpt
 from goldenpath.config import load_config, parse_override, read_yaml, require
 from goldenpath.naming import fork_name, run_name, value_text  # noqa: F401  (run_name: part of the sweep API)
+from goldenpath.runtime import MEMORY_FRACTION_ENV
 from goldenpath.seeding import setting_seed
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "seeds", "design", "forks", "processes", "out", "slurm"}
@@ -328,13 +330,23 @@ class SweepInterrupted(Exception):
 
 
 def _slots(jobs: int | None, processes: int) -> list[dict]:
-    """Environment per parallel job: its GPUs (one group of ``processes`` each), or its CPU threads."""
+    """Environment per parallel job: its GPUs (one group of ``processes`` each), or its CPU threads.
+
+    With more jobs than GPU groups, ``k`` jobs share each GPU: the sweep says so, and each job may allocate
+    at most ``1 / k`` of a GPU's memory (``GOLDENPATH_GPU_MEMORY_FRACTION``, applied by
+    :func:`goldenpath.runtime.gpu_memory_share`), so one run cannot starve the others."""
     import torch
 
     gpus = torch.cuda.device_count()
     if gpus:
         n = jobs or max(1, gpus // processes)
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(str((i * processes + j) % gpus) for j in range(processes))}
+        share = math.ceil(n * processes / gpus)
+        env = {}
+        if share > 1:
+            env = {MEMORY_FRACTION_ENV: f"{0.95 / share:.4f}"}
+            print(f"{n} runs at once on {gpus} GPU{'s' if gpus > 1 else ''}: {share} share each GPU, each may "
+                  f"use {0.95 / share:.0%} of its memory", flush=True)
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(str((i * processes + j) % gpus) for j in range(processes)), **env}
                 for i in range(n)]
     n = jobs or 1
     threads = max(1, (os.cpu_count() or 1) // (n * processes))

@@ -361,3 +361,35 @@ def test_a_sweep_of_two_process_runs_goes_through_accelerate_launch(tmp_path):
     run = tmp_path / "out" / "s" / "lr=0.05_rep=0"
     r0, r1 = ids(run / "samples" / "rank0.i64"), ids(run / "samples" / "rank1.i64")
     assert len(r0) == len(r1) == 320 and not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory(monkeypatch, capsys):
+    import torch
+
+    from goldenpath import runtime
+    from goldenpath.sweep import _slots
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one_each = _slots(2, 1)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in one_each] == ["0", "1"]
+    assert all(runtime.MEMORY_FRACTION_ENV not in s for s in one_each) and capsys.readouterr().out == ""
+    shared = _slots(5, 1)  # 5 runs on 2 GPUs: up to 3 on one of them
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "1", "0", "1", "0"]
+    assert [float(s[runtime.MEMORY_FRACTION_ENV]) for s in shared] == pytest.approx([0.95 / 3] * 5, abs=1e-4)
+    assert "3 share each GPU" in capsys.readouterr().out
+    pairs = _slots(4, 2)  # two-process runs: four of them on two GPUs, each process a GPU of its own
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["0,1"] * 4
+    assert float(pairs[0][runtime.MEMORY_FRACTION_ENV]) == pytest.approx(0.95 / 4, abs=1e-4)
+
+    # the run process applies its share to every visible GPU, and refuses a share that is not a fraction
+    applied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: applied.append((f, d)))
+    monkeypatch.setenv(runtime.MEMORY_FRACTION_ENV, shared[0][runtime.MEMORY_FRACTION_ENV])
+    assert runtime.gpu_memory_share() == pytest.approx(0.95 / 3, abs=1e-4)
+    assert [d for _, d in applied] == [0, 1] and [f for f, _ in applied] == pytest.approx([0.95 / 3] * 2, abs=1e-4)
+    monkeypatch.setenv(runtime.MEMORY_FRACTION_ENV, "1.5")
+    with pytest.raises(ValueError, match=f"{runtime.MEMORY_FRACTION_ENV}: got '1.5'; use a fraction"):
+        runtime.gpu_memory_share()
+    monkeypatch.delenv(runtime.MEMORY_FRACTION_ENV)
+    assert runtime.gpu_memory_share() is None
