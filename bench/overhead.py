@@ -1,17 +1,19 @@
-"""Trainer overhead and stream speed, as ratios against baselines measured in the same run.
+"""Trainer overhead and the time the loop waits for data, as ratios against baselines measured in the same run.
 
-    python bench/overhead.py [--rounds 5] [--steps 300] [--configs teacher-mlp,teacher-cnn] [--streams-only]
+    python bench/overhead.py [--rounds 5] [--steps 300] [--configs teacher-mlp,teacher-cnn] [--data-only]
 
 1. samples/s of ``goldenpath train`` (its training time, eval/checkpoint time reported apart) on each of
    ``--configs`` (the demo's MLP and the teacher CNN), against a minimal hand-written torch loop on the same
    model and the same stream. Goal: ratio >= 0.97. Rounds alternate the two so machine noise hits both alike;
    medians are reported.
-2. the embedded streams against the trainer's consumption rate (goal >= 10x), for the teacher MLP and CNN
-   and the Markov GPT-2 configs: the rate at which the stream hands the trainer its samples (samples / the
-   seconds the trainer spends waiting in ``next_step``: generation, less what the background prefetch of the
-   teacher stream did while the trainer stepped), and the stream's bare generation rate in the trainer's
-   micro-batch size. For streams that prefetch, rounds alternate prefetch on and off (medians), so the
-   trainer's rate with the background thread is compared with its rate without.
+2. the data-wait fraction per source (``--sources``: teacher, markov, fashion-mnist, cifar5m-npz, hf-text,
+   hf-image): the seconds ``goldenpath train`` spends blocked in the stream's ``next_step`` over its training
+   seconds, with the batches made in the step (``data.prefetch=0``) and made ahead by the background thread
+   (``data.prefetch=2``), rounds alternating the two; and the prefetched run's training samples/s over the
+   synchronous one's. CIFAR-5m parts, the datasets files (json text with a BPE fast tokenizer trained here,
+   parquet images) are written in a temporary directory in their real formats; Fashion-MNIST reads the Debian
+   package's files when installed. Goal: the prefetched fraction near 0 wherever the stream is faster than
+   the step.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch.nn.functional as F
 
 from goldenpath.config import load_config
 from goldenpath.data import build_stream
-from goldenpath.data.streams import Stream
 from goldenpath.models import build_model
 from goldenpath.run import make_optimizer
 from goldenpath.train import train
@@ -67,73 +68,122 @@ def trainer(config_path: Path, steps: int, out: str, name: str, extra=()) -> dic
             "wall_samples_per_s": samples / wall, **{f"{k}_s": v for k, v in status["seconds"].items()}}
 
 
-def generation_rate(config, seconds: float = 2.0) -> float:
-    """Samples/s the stream produces in the trainer's own micro-batch size."""
-    source = config.data.build()
-    stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
-                          micro_batch_size=config.optim.micro_batch_size or config.optim.batch_size)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += sum(len(b["ids"]) for b in stream.next_step())
-    return n / (time.perf_counter() - t0)
+class Timed:
+    """The stream ``goldenpath train`` builds, with the seconds its ``next_step`` blocks the loop counted."""
+
+    def __init__(self, stream, waits: list):
+        self._stream, self._waits = stream, waits
+
+    def next_step(self):
+        t0 = time.perf_counter()
+        try:
+            return self._stream.next_step()
+        finally:
+            self._waits.append(time.perf_counter() - t0)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_stream":
+            raise AttributeError(name)
+        return getattr(self._stream, name)
 
 
-class Waits:
-    """Times every Stream.next_step call of the trainer (patched in for one run); ``prefetch`` forces it."""
+def timed_train(config_path, overrides, steps: int, out: str, name: str) -> dict:
+    """One trainer run with every ``next_step`` timed: its data-wait fraction and training samples/s."""
+    import goldenpath.run as run_module
 
-    def __init__(self, prefetch: bool | None):
-        self.prefetch, self.seconds, self.samples = prefetch, 0.0, 0
-
-    def __enter__(self):
-        original, init, waits = Stream.next_step, Stream.__init__, self
-
-        def next_step(stream):
-            t0 = time.perf_counter()
-            try:
-                out = original(stream)
-            finally:
-                waits.seconds += time.perf_counter() - t0
-            waits.samples += sum(len(b["ids"]) for b in out)
-            return out
-
-        def __init__(stream, *args, **kw):
-            init(stream, *args, **kw)
-            if waits.prefetch is not None:
-                stream.prefetch = waits.prefetch
-
-        self._restore = (original, init)
-        Stream.next_step, Stream.__init__ = next_step, __init__
-        return self
-
-    def __exit__(self, *exc):
-        Stream.next_step, Stream.__init__ = self._restore
+    waits: list[float] = []
+    build = run_module.build_stream
+    run_module.build_stream = lambda *a, **kw: Timed(build(*a, **kw), waits)
+    try:
+        res = trainer(config_path, steps, out, name, extra=["budget.min_progress=null", *overrides])
+    finally:
+        run_module.build_stream = build
+    return {"wait": sum(waits) / res["train_s"], "samples_per_s": res["samples_per_s"]}
 
 
-def stream_rates(name: str, out: str, rounds: int) -> dict:
-    """Consumption, waits and bare generation of one config's stream; prefetch on and off alternate."""
-    path = ROOT / "configs" / f"{name}.yaml"
-    prefetches = bool(getattr(load_config(path).data.build(), "prefetch", False))
-    modes = (True, False) if prefetches else (None,)
-    got: dict = {m: {"consumed": [], "handed": []} for m in modes}
-    for r in range(rounds):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            with Waits(mode) as waits:
-                res = trainer(path, 150, out, f"stream-{name}-{r}-{mode}")
-            got[mode]["consumed"].append(res["samples_per_s"])
-            got[mode]["handed"].append(waits.samples / max(waits.seconds, 1e-9))
-    made = generation_rate(res["config"])
-    row = {"generated_per_s": made, "prefetch": prefetches}
-    for mode, v in got.items():
-        key = {True: "prefetch_on", False: "prefetch_off", None: "plain"}[mode]
-        consumed, handed = statistics.median(v["consumed"]), statistics.median(v["handed"])
-        row[key] = {"consumed_per_s": consumed, "handed_per_s": handed, "ratio": handed / consumed,
-                    "bare_ratio": made / consumed, "rounds": v}
-        print(f"{name} ({key}): the trainer consumes {consumed:7.0f} samples/s; the stream hands them over at "
-              f"{handed:9.0f} samples/s: {handed / consumed:6.1f}x (goal >= 10x); bare generation {made:7.0f} "
-              f"samples/s: {made / consumed:5.1f}x", flush=True)
-    main_mode = row.get("prefetch_on") or row["plain"]
-    row.update(consumed_per_s=main_mode["consumed_per_s"], ratio=main_mode["ratio"])
-    return row
+def write_sources(root: Path) -> dict[str, tuple[Path | None, list[str]]]:
+    """{source: (base config or None, overrides)}; the file-backed ones written under ``root``."""
+    import numpy as np
+
+    cnn = ["model.name=cnn", "model.width=32", "model.depth=2", "optim.batch_size=64", "optim.lr=0.02",
+           "optim.momentum=0.9"]
+    rng = np.random.default_rng(0)
+    cifar = root / "cifar5m"
+    cifar.mkdir()
+    for part in range(2):  # uncompressed parts: memory-mapped, as the released files
+        np.savez(cifar / f"cifar5m_part{part}.npz", X=rng.integers(0, 256, (6000, 32, 32, 3), dtype=np.uint8),
+                 Y=rng.integers(0, 10, 6000))
+    out = {
+        "teacher": (ROOT / "configs" / "teacher-cnn.yaml", []),
+        "markov": (ROOT / "configs" / "markov-gpt2.yaml", []),
+        "cifar5m-npz": (None, ["data.source=cifar5m", f"data.path={cifar}", "data.eval_size=1000",
+                               "data.probe_size=1000", *cnn]),
+        "hf-text": (None, ["data.source=hf_text", "data.path=json", f"data.data_files={write_text(root)}",
+                           f"data.tokenizer={root / 'tokenizer'}", "data.seq_len=128", "data.eval_size=64",
+                           "data.probe_size=32", "data.shuffle_buffer=1000", "model.name=gpt2", "model.width=128",
+                           "model.depth=2", "model.heads=4", "optim.name=adamw", "optim.lr=0.003",
+                           "optim.batch_size=16"]),
+        "hf-image": (None, ["data.source=hf_image", "data.path=parquet", f"data.data_files={write_images(root)}",
+                            "data.eval_size=500", "data.probe_size=250", "data.shuffle_buffer=1000", *cnn]),
+    }
+    fashion = Path("/usr/share/datasets/fashion-mnist")
+    if any(fashion.glob("train-images-idx3-ubyte*")):
+        out["fashion-mnist"] = (ROOT / "configs" / "fashion-mnist-cnn.yaml", [])
+    return out
+
+
+def write_text(root: Path) -> Path:
+    """8000 documents of random words as json lines, and a 2048-token byte-level BPE trained on them."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(1)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(5000)]
+    docs = [" ".join(rng.choice(words, rng.integers(50, 400))) + "." for _ in range(8000)]
+    path = root / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                                      show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(root / "tokenizer")
+    return path
+
+
+def write_images(root: Path) -> Path:
+    """6000 labelled 32 x 32 PNG images in a parquet file, as datasets writes an image dataset."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6000)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    ds = datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(6000)]}, features=features)
+    ds.to_parquet(root / "images.parquet")
+    return root / "images.parquet"
+
+
+def data_waits(sources: dict, names: list[str], steps: int, rounds: int, out: str) -> dict:
+    """Per source: the data-wait fraction synchronous and prefetched (medians over rounds, alternating)."""
+    results = {}
+    for name in names:
+        base, overrides = sources[name]
+        got: dict = {0: [], 2: []}
+        for r in range(rounds):
+            for prefetch in (0, 2) if r % 2 == 0 else (2, 0):
+                got[prefetch].append(timed_train(base, [*overrides, f"data.prefetch={prefetch}"], steps, out,
+                                                 f"wait-{name}-{r}-{prefetch}"))
+        med = {p: {k: statistics.median(x[k] for x in v) for k in ("wait", "samples_per_s")} for p, v in got.items()}
+        speed = statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(got[2], got[0]))
+        results[name] = {"wait_sync": med[0]["wait"], "wait_prefetch": med[2]["wait"], "speed_ratio": speed,
+                         "rounds": got}
+        print(f"{name:14s} waits for data {100 * med[0]['wait']:5.1f}% of step time synchronous, "
+              f"{100 * med[2]['wait']:5.1f}% prefetched; prefetched / synchronous samples/s {speed:.3f}",
+              flush=True)
+    return results
 
 
 def main() -> None:
@@ -141,10 +191,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--configs", default="teacher-mlp,teacher-cnn", help="configs/<name>.yaml to time")
-    parser.add_argument("--streams-only", action="store_true", help="only part 2 (the streams)")
-    parser.add_argument("--streams", default="teacher-mlp,teacher-cnn,markov-gpt2", help="configs of part 2")
+    parser.add_argument("--data-only", action="store_true", help="only part 2 (the data-wait fraction)")
+    parser.add_argument("--sources", default="teacher,markov,fashion-mnist,cifar5m-npz,hf-text,hf-image",
+                        help="sources of part 2")
+    parser.add_argument("--wait-steps", type=int, default=150, help="steps per run of part 2")
     args = parser.parse_args()
-    parser_configs = [] if args.streams_only else [c for c in args.configs.split(",") if c]
+    parser_configs = [] if args.data_only else [c for c in args.configs.split(",") if c]
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
                      "overhead": {}}
     with tempfile.TemporaryDirectory() as out:
@@ -166,10 +218,11 @@ def main() -> None:
             print(f"{name}: trainer / plain loop: median {statistics.median(ratios):.3f} "
                   f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds; goal >= 0.97")
 
-        results["streams"] = {}
-        for name in (c for c in args.streams.split(",") if c):
-            results["streams"][name] = stream_rates(name, out, max(2, min(args.rounds, 4)))
-    path = ROOT / "bench" / "results" / ("overhead-streams.json" if args.streams_only else "overhead.json")
+        with tempfile.TemporaryDirectory() as files:
+            sources = write_sources(Path(files))
+            names = [n for n in args.sources.split(",") if n in sources]
+            results["data_wait"] = data_waits(sources, names, args.wait_steps, max(2, min(args.rounds, 4)), out)
+    path = ROOT / "bench" / "results" / ("overhead-data.json" if args.data_only else "overhead.json")
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")

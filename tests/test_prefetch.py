@@ -80,8 +80,8 @@ def sources(tmp_path):
                             "data.pack=false"],
         "hf-text-offline": [*text, "data.path=json", f"data.data_files={tmp_path / 'docs.jsonl'}",
                             "data.epochs=2", "data.train_size=40"],
-        "hf-image-parquet": ["data.source=hf_image", "data.path=parquet", f"data.data_files={tmp_path / 'images.parquet'}",
-                             "data.eval_size=8", "data.probe_size=4", "data.shuffle_buffer=8"],
+        "hf-image-parquet": ["data.source=hf_image", "data.path=parquet", "data.eval_size=8", "data.probe_size=4",
+                             f"data.data_files={tmp_path / 'images.parquet'}", "data.shuffle_buffer=8"],
     }
     if (FASHION / "train-images-idx3-ubyte.gz").exists() or (FASHION / "train-images-idx3-ubyte").exists():
         out["fashion-mnist"] = ["data.source=fashion_mnist"]
@@ -231,6 +231,7 @@ def test_the_thread_ends_at_close_at_exhaustion_and_when_the_stream_is_dropped()
     assert len(prefetch_threads()) == 1
     fast.close()
     assert not prefetch_threads()
+    fast.stream.close()  # every stream has close(), so the trainer closes whichever it has
     with stream_of(Failing(fail_at=0)) as fast:  # closed by the with block, with a full queue
         fast.next_step()
     assert not prefetch_threads()

@@ -164,6 +164,9 @@ class Stream:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
+    def close(self) -> None:
+        """Nothing to release (a :class:`~goldenpath.data.prefetch.Prefetched` stream stops its thread)."""
+
 
 class SequentialStream:
     """Like :class:`Stream` for a sequential source: each process reads its own shard in order."""
@@ -193,6 +196,9 @@ class SequentialStream:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
         self._it.load_state_dict(state["iterator"])
+
+    def close(self) -> None:
+        """Nothing to release (a :class:`~goldenpath.data.prefetch.Prefetched` stream stops its thread)."""
 
 
 class MemorySource:
