@@ -25,8 +25,9 @@ Parts (each writes its rows; a part that fails is recorded with its error and th
    CUDA): the device's idle fraction, host and wall ms per step, kernels per step, time by category (lm head
    + cross-entropy, attention and the SDPA backend chosen, autocast casts, block matmuls, layer norm,
    optimizer, ...) and the top kernels; then the lm head + cross-entropy in token chunks
-   (``goldenpath.lm_loss``, ``bench/lm_head_loss.py``) against the plain float32-logits path at the step's
-   shape: time and peak memory, chunked / plain. Written also as ``<stem>_profile.md`` and ``.csv``.
+   (``goldenpath.lm_loss``, ``bench/lm_head_loss.py``; gradients summed in the forward, and logits recomputed
+   in the backward) against the plain float32-logits path at the step's shape: time and peak memory,
+   chunked / plain. Written also as ``<stem>_profile.md`` and ``.csv``.
    It runs under its own time limit (``limits_s``); what it measured before the limit is kept.
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
@@ -356,7 +357,9 @@ def table(results: dict) -> str:
     head = pr.get("lm_head", {})
     if "time_ratio" in head:
         lines.append(f"| lm head + CE in chunks of {head['chunk_tokens']} | time {head['time_ratio']:.2f}x, peak "
-                     f"memory {head['memory_ratio']:.2f}x of the float32-logits path | memory < 1, time ~1 |")
+                     f"memory {head['memory_ratio']:.2f}x of the float32-logits path (recomputing: "
+                     f"{head['recompute_time_ratio']:.2f}x, {head['recompute_memory_ratio']:.2f}x) | "
+                     f"memory < 1, time <= 1 |")
     for part, r in results.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")

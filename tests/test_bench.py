@@ -48,6 +48,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
         assert abs(sum(c["share"] for c in row["categories"].values()) - 1) < 1e-9
     assert profile["eager"]["attention_backends"] and profile["eager"]["ce_input_dtype"] == "float32"
     assert profile["lm_head"]["time_ratio"] > 0 and profile["lm_head"]["memory_ratio"] > 0
+    assert profile["lm_head"]["recompute_time_ratio"] > 0 and profile["lm_head"]["recompute_memory_ratio"] > 0
     assert "profile (compiled)" in table
     assert "| lm head + cross-entropy |" in (tmp_path / "gpu_cpu_smoke_profile.md").read_text()
     assert (tmp_path / "gpu_cpu_smoke_profile.csv").read_text().startswith("mode,kind,name,category")

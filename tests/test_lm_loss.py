@@ -29,13 +29,15 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 37, 64])
-def test_losses_errors_and_gradients_equal_the_full_logits_path(chunk):
+def test_losses_errors_and_gradients_equal_the_full_logits_path(chunk, grad_in_forward):
     hidden, weight, labels = _inputs()
-    weights_out = torch.linspace(0.5, 2.0, len(labels))  # a non-uniform incoming gradient per token
+    # the recomputing backward takes any incoming gradient per token; the other one a constant
+    weights_out = torch.full((len(labels),), 0.37) if grad_in_forward else torch.linspace(0.5, 2.0, len(labels))
     ref_losses, ref_errors = _plain(hidden, weight, labels)
     ref = torch.autograd.grad((ref_losses * weights_out).sum(), (hidden, weight))
-    losses, errors = lm_head_losses(hidden, weight, labels, chunk_tokens=chunk)
+    losses, errors = lm_head_losses(hidden, weight, labels, chunk_tokens=chunk, grad_in_forward=grad_in_forward)
     got = torch.autograd.grad((losses * weights_out).sum(), (hidden, weight))
     assert losses.dtype == torch.float32 and errors.dtype == torch.bool
     assert _rel(losses, ref_losses) < 1e-6 and torch.equal(errors, ref_errors)
@@ -75,3 +77,40 @@ def test_under_bf16_autocast_the_logits_are_bf16_and_the_loss_float32_as_in_the_
     ref_g = torch.autograd.grad(ref.sum(), weight)[0]
     got_g = torch.autograd.grad(losses.sum(), weight)[0]
     assert got_g.dtype == torch.float32 and _rel(got_g, ref_g) < 2e-2  # bf16 products, summed per chunk
+
+
+def test_a_gpt2_model_gives_the_loss_and_gradients_of_its_full_logits():
+    from goldenpath.config import load_config
+    from goldenpath.data import SourceInfo
+    from goldenpath.lm_loss import causal_lm_losses
+    from goldenpath.models import build_model, sample_losses
+
+    config = load_config(None, ["model.name=gpt2", "model.width=32", "model.depth=2", "model.heads=4",
+                                "budget.steps=1"]).model
+    model = build_model(config, SourceInfo("lm", (12,), 97), seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(97, (3, 12), generator=g)
+    labels = torch.randint(97, (3, 12), generator=g)
+    labels[0, :4] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_loss = sample_losses(model, {"input_ids": ids, "labels": labels}).sum()
+    ref = torch.autograd.grad(ref_loss, params)
+    for grad_in_forward in (False, True):
+        losses, _ = causal_lm_losses(model, ids, labels, chunk_tokens=7, grad_in_forward=grad_in_forward)
+        got = torch.autograd.grad(losses.sum() / 30, params)  # goldenpath's loss: a sum over tokens, scaled
+        assert abs(float(losses.sum() - ref_loss)) < 1e-6 * float(ref_loss)
+        for (name, _), a, b in zip(model.named_parameters(), got, ref):
+            assert _rel(a * 30, b) < 1e-6, (name, grad_in_forward)
+
+
+def test_gradients_from_the_forward_refuse_an_uneven_weighting_of_the_tokens():
+    hidden, weight, labels = _inputs()
+    losses, _ = lm_head_losses(hidden, weight, labels, chunk_tokens=8, grad_in_forward=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((losses * torch.linspace(0.5, 2.0, len(labels))).sum(), weight)
+    # the hidden states' gradient scales row by row: any weighting is exact for them (a frozen weight)
+    weight = weight.detach()
+    losses, _ = lm_head_losses(hidden, weight, labels, chunk_tokens=8, grad_in_forward=True)
+    w = torch.linspace(0.5, 2.0, len(labels))
+    ref = torch.autograd.grad((_plain(hidden, weight, labels)[0] * w).sum(), hidden)[0]
+    assert _rel(torch.autograd.grad((losses * w).sum(), hidden)[0], ref) < 1e-6
