@@ -143,3 +143,26 @@ def test_a_part_past_its_time_limit_is_stopped_and_keeps_what_it_measured(tmp_pa
     assert time.perf_counter() - t0 < 10
     profile = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())["profile"]
     assert profile["eager"] == {"measured": True} and "time limit of 0.5 s" in profile["error"].splitlines()[-1]
+
+
+def test_profile_rows_of_cuda_events_link_each_kernel_to_its_launching_op():
+    # the CUDA branch cannot run here: hand-made profiler events (torch's own FunctionEvent) stand in for it
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    sp = _step_profile()
+    V = 50257
+    step = FunctionEvent(1, sp.STEP, 0, 0.0, 100.0, input_shapes=[])
+    mm = FunctionEvent(7, "aten::mm", 0, 10.0, 20.0, input_shapes=[[64, 32], [32, V]])
+    mm.set_cpu_parent(step)
+    gemm = FunctionEvent(8, "sm90_xmma_gemm_bf16", 0, 15.0, 40.0, device_type=DeviceType.CUDA,
+                         linked_correlation_id=7)
+    late = FunctionEvent(9, "Memset (Device)", 0, 90.0, 120.0, device_type=DeviceType.CUDA,
+                         linked_correlation_id=42)  # its launcher was not recorded
+    rows, window = sp.rows_of([step, mm, gemm, late], "cuda")
+    assert window == (0.0, 120.0)
+    assert [(r.name, r.self_us, r.context) for r in rows] == [
+        ("sm90_xmma_gemm_bf16", 25.0, f"aten::mm < {sp.STEP}"), ("Memset (Device)", 30.0, "")]
+    assert sp.category(rows[0], V) == sp.LM_HEAD and sp.category(rows[1], V) == "memcpy / memset"
+    s = sp.summarise(rows, vocab=V, steps=1, window=window)
+    assert abs(s["idle_fraction"] - (1 - 55 / 120)) < 1e-12
