@@ -273,7 +273,7 @@ class Run:
     def close(self) -> None:
         if self.config.log.trackers:
             self.accelerator.end_training()
-        for thing in (self.bar, self.metrics, self.ids_file):
+        for thing in (self.bar, self.metrics, self.ids_file, self.stream):  # the stream: its prefetch thread
             if thing is not None:
                 thing.close()
 
@@ -310,7 +310,7 @@ def start(config: Config) -> Run | Path:
                           "lower optim.micro_batch_size")
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=optim.batch_size,
-                          micro_batch_size=micro, rank=rank, world=world)
+                          micro_batch_size=micro, rank=rank, world=world, device=accelerator.device)
     forked = fork_start(config, rank)
     if forked and "iterator" in forked["stream"] and forked["parent_processes"] != world:
         raise ConfigError("fork.parent", f"the parent read its sequential stream with {forked['parent_processes']} "
