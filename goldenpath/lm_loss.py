@@ -11,7 +11,8 @@ hand, which needs a loss that weighs every predicted token alike (a sum or mean 
 constant, as goldenpath's training loss).
 
 The logits are computed in the compute dtype (autocast's when it is on, as the plain path's ``hidden @
-weight.T`` is) and the log-softmax in float32, exactly as ``goldenpath.models`` computes the loss.
+weight.T`` is) and the log-softmax in float32 (float64 in a float64 run), exactly as ``goldenpath.models``
+computes the loss. A language model uses it when ``model.loss_chunk_tokens`` is set (not under DP-SGD).
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int, dtype: torch.dtype, grad_in_forward: bool):
         n = hidden.shape[0]
         w = weight.to(dtype)
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(dtype, torch.float32)  # log-softmax in float32, or float64 in a float64 run
+        losses = torch.empty(n, dtype=acc, device=hidden.device)
         errors = torch.empty(n, dtype=torch.bool, device=hidden.device)
         unit_hidden = torch.empty_like(hidden) if grad_in_forward else None
-        unit_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_in_forward else None
+        unit_weight = torch.zeros_like(weight, dtype=acc) if grad_in_forward else None
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk].to(dtype)
-            z = (h @ w.T).float()
+            z = (h @ w.T).to(acc)
             y = labels[s : s + chunk]
             keep = y != IGNORE
             logp = torch.log_softmax(z, -1)
@@ -84,12 +86,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_weight = (unit_weight * c).to(weight.dtype)
             return grad_hidden, grad_weight, None, None, None, None
         w = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dtype)
             y = labels[s : s + chunk]
-            g = _logit_grad(torch.softmax((h @ w.T).float(), -1), y, y != IGNORE)
+            g = _logit_grad(torch.softmax((h @ w.T).to(acc), -1), y, y != IGNORE)
             g = g.mul_(grad_losses[s : s + chunk, None]).to(dtype)
             if grad_hidden is not None:
                 grad_hidden[s : s + chunk] = (g @ w).to(hidden.dtype)
@@ -100,7 +103,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def _add_weight_grad(total: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    if g.dtype == torch.float32:
+    if g.dtype == total.dtype:
         total.addmm_(g.T, h)  # in place: no [vocab, d] temporary per chunk
     else:
         total += (g.T @ h).float()
@@ -108,7 +111,8 @@ def _add_weight_grad(total: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> N
 
 def lm_head_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 2048,
                    grad_in_forward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy (float32) and top-1 errors (bool) of the logits ``hidden @ weight.T``.
+    """Per-token cross-entropy (float32; float64 for float64 inputs) and top-1 errors (bool) of the logits
+    ``hidden @ weight.T``.
 
     Args:
         hidden: final hidden states [..., d] (after the last norm).

@@ -214,13 +214,21 @@ class ViTConfig(ModelConfig):
 # ----------------------------------------------------------------------------- causal LMs (transformers)
 
 class CausalLM(nn.Module):
-    """A transformers causal LM returning plain logits [B, T, vocab]."""
+    """A transformers causal LM returning plain logits [B, T, vocab]; given ``labels``, per-token losses and
+    top-1 errors [B, T] instead, through the chunked head of :mod:`goldenpath.lm_loss` when
+    ``loss_chunk_tokens`` is set (the full float32 logits are never held)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int | None = None):
         super().__init__()
         self.lm = lm
+        self.loss_chunk_tokens = loss_chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None:  # through forward, so DDP and a compiled module see the call
+            from goldenpath.lm_loss import causal_lm_losses
+
+            return causal_lm_losses(self, input_ids, labels, chunk_tokens=self.loss_chunk_tokens,
+                                    grad_in_forward=True)
         # Explicit [B, T] positions: every sample's position-embedding lookup is its own (per-sample gradients).
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
@@ -254,12 +262,15 @@ class _LMConfig(ModelConfig):
     heads: int = 4
     tie_embeddings: bool = True       # share the token embedding with the output layer
     attention: Literal["sdpa", "eager"] = "sdpa"   # sdpa: causal SDPA; eager works under torch.func.vmap
+    loss_chunk_tokens: int | None = None  # lm head + cross-entropy this many tokens at a time (None: full logits)
 
     def check(self) -> None:
         require(self.width >= 1 and self.depth >= 1, "model.width", f"width {self.width}, depth {self.depth}",
                 "use positive sizes")
         require(self.heads >= 1 and self.width % self.heads == 0, "model.heads",
                 f"{self.heads} does not divide model.width={self.width}", "pick heads that divide width")
+        require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 1, "model.loss_chunk_tokens",
+                f"got {self.loss_chunk_tokens}", "use a positive number of tokens, or null for the full logits")
 
     def _special(self, info: SourceInfo) -> dict:
         # transformers' defaults (50256, ...) lie outside small vocabularies.
@@ -280,7 +291,7 @@ class GPT2Config(_LMConfig):
             n_head=self.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=self.tie_embeddings, **self._special(info))
         config._attn_implementation = attn_implementation(self.attention)
-        return CausalLM(transformers.GPT2LMHeadModel(config))
+        return CausalLM(transformers.GPT2LMHeadModel(config), self.loss_chunk_tokens)
 
 
 @model_family("llama")
@@ -308,7 +319,7 @@ class LlamaConfig(_LMConfig):
             num_key_value_heads=self.kv_heads or self.heads, max_position_embeddings=info.input_shape[0],
             tie_word_embeddings=self.tie_embeddings, **self._special(info))
         config._attn_implementation = attn_implementation(self.attention)
-        return CausalLM(transformers.LlamaForCausalLM(config))
+        return CausalLM(transformers.LlamaForCausalLM(config), self.loss_chunk_tokens)
 
 
 # ----------------------------------------------------------------------------- building and losses
@@ -344,7 +355,19 @@ def sample_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     The training loss of a logical batch is ``sample_losses(...).sum() / count(batch)`` summed over its
     micro-batches and processes, so every token (or image) weighs the same however the batch is split.
     """
-    return _losses(logits(model, batch), batch)
+    chunked = _chunked_losses(model, batch)
+    return chunked[0] if chunked else _losses(logits(model, batch), batch)
+
+
+def _chunked_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sequence summed losses and errors [B] from a CausalLM's chunked head, or None when the model has
+    none (images, or ``model.loss_chunk_tokens`` null)."""
+    inner = getattr(model, "module", model)  # under DDP
+    inner = getattr(inner, "_orig_mod", inner)  # under torch.compile
+    if "x" in batch or getattr(inner, "loss_chunk_tokens", None) is None:
+        return None
+    losses, errors = model(batch["input_ids"], labels=batch["labels"])
+    return losses.sum(1), errors.sum(1).to(torch.float64)
 
 
 def _losses(out: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -358,6 +381,9 @@ def _losses(out: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def sample_losses_and_errors(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed cross-entropy and top-1 errors [B] (a sequence counts its wrongly predicted tokens)."""
+    chunked = _chunked_losses(model, batch)
+    if chunked:
+        return chunked
     out = logits(model, batch)
     if "y" in batch:
         errors = (out.argmax(-1) != batch["y"]).to(torch.float64)

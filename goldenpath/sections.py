@@ -344,6 +344,9 @@ class Config:
         require(not self.log.noise_scale or (self.optim.micro_batch_size or self.optim.batch_size)
                 < self.optim.batch_size, "log.noise_scale", "needs two batch sizes: a micro-batch and the batch",
                 "set optim.micro_batch_size below optim.batch_size")
+        require(self.noise.kind != "dp" or getattr(self.model, "loss_chunk_tokens", None) is None,
+                "model.loss_chunk_tokens", "per-sample clipping needs the output layer's own forward",
+                "set model.loss_chunk_tokens=null with noise.kind=dp")
         require(self.noise.kind != "dp" or getattr(self.model, "norm", None) != "batch", "model.norm",
                 "batch norm mixes the samples of a batch, so DP-SGD has no per-sample gradients",
                 "use model.norm=group with noise.kind=dp")

@@ -114,3 +114,30 @@ def test_gradients_from_the_forward_refuse_an_uneven_weighting_of_the_tokens():
     w = torch.linspace(0.5, 2.0, len(labels))
     ref = torch.autograd.grad((_plain(hidden, weight, labels)[0] * w).sum(), hidden)[0]
     assert _rel(torch.autograd.grad((losses * w).sum(), hidden)[0], ref) < 1e-6
+
+
+def test_a_run_with_the_chunked_head_trains_as_the_full_logits_run_and_dp_refuses_it(tmp_path):
+    """model.loss_chunk_tokens: the trainer's losses, errors and updates come through the chunked head, the
+    same run as with the full logits (fp64: within 1e-9 over every logged value, eval included)."""
+    import json
+    from pathlib import Path
+
+    from goldenpath.config import ConfigError, load_config
+    from goldenpath.train import train
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "markov-gpt2.yaml"
+    common = [f"out={tmp_path}", "budget.samples=256", "optim.batch_size=32", "checkpoint.targets=[]",
+              "checkpoint.eval_every=4", "log.every=2", "log.progress=false", "precision=fp64"]
+    logs = {}
+    for name, chunk in (("full", "null"), ("chunked", "7")):
+        train(load_config(base, [*common, f"name={name}", f"model.loss_chunk_tokens={chunk}"]))
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs["full"]) == len(logs["chunked"]) > 4
+    for full, chunked in zip(logs["full"], logs["chunked"]):
+        for key in ("train_loss", "grad_norm", "eval_loss", "eval_error"):
+            if key in full:
+                assert chunked[key] == pytest.approx(full[key], rel=1e-9, abs=1e-12), key
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens: per-sample clipping"):
+        load_config(base, [*common, "model.loss_chunk_tokens=7", "noise.kind=dp", "noise.sigma=1", "noise.clip=1"])
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens: got 0"):
+        load_config(base, [*common, "model.loss_chunk_tokens=0"])
