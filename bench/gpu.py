@@ -2,7 +2,7 @@
 
     bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
-    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch,profile] [--out DIR]
+    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads] [--out DIR]
 
 Parts (each writes its rows; a part that fails is recorded with its error and the others go on):
 
@@ -29,6 +29,21 @@ Parts (each writes its rows; a part that fails is recorded with its error and th
    in the backward) against the plain float32-logits path at the step's shape: time and peak memory,
    chunked / plain. Written also as ``<stem>_profile.md`` and ``.csv``.
    It runs under its own time limit (``limits_s``); what it measured before the limit is kept.
+6. ``data``: the fraction of ``goldenpath train``'s step time spent waiting for data (``bench/overhead.py``'s
+   ``data_waits``), batches made in the step (``data.prefetch=0``) against made ahead (``data.prefetch=2``, the
+   default), rounds alternating the two, and the prefetched run's samples/s over the other's: the teacher CNN
+   (embedded stream), a small CNN on CIFAR-5m npz parts written to a temporary folder, and the train part's
+   GPT-2 on the C4-layout parquet text. The first step's wait (a shuffle buffer's first fill, the thread's
+   start) is left out. Goal: prefetched near 0.
+7. ``reads``: host reads per step of the train part's GPT-2 under ``goldenpath train`` (12 steps, logging and
+   evaluating every 4): every ``Tensor.item`` / ``tolist`` / ``cpu`` / ``numpy`` / ``__float__`` ... of the
+   main thread, counted per loop iteration by ``bench/host_reads.py`` (the counter of tests/test_host_sync.py;
+   host tensors count too: a text batch's token count, torch's CPU AdamW step counters); on CUDA also the
+   synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` warns of, the device's own count, which sees
+   what the patched methods cannot (``.to("cpu")``, nonzero, boolean masks). Per quiet step (neither logging
+   nor evaluating; the max and mean) and per logged step; then the same run with one ``float()`` of the
+   step's loss sum added per step, the control both counts must see (goal on CUDA: 0 syncs per quiet step).
+   Each of 6 and 7 runs under its own time limit and keeps the rows it finished.
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
 downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
@@ -63,12 +78,16 @@ SIZES = {
     "gpu": {"vocab": 50257, "seq": 1024, "width": 768, "depth": 12, "heads": 12, "batch": 16, "steps": 60,
             "dp_lm_batch": 8, "dp_cnn": {"width": 64, "batch": 256}, "dp_steps": 20,
             "compare_sizes": (8, 16), "probe": 64, "chunk": 8, "launch_steps": 200, "docs": 6000,
-            "profile_vocab": 50257, "head_chunk": 4096, "limits_s": {"profile": 180}},
+            "profile_vocab": 50257, "head_chunk": 4096,
+            "data_steps": {"teacher": 200, "cifar5m-npz": 200, "c4-text": 25}, "data_rounds": 2, "reads_steps": 12,
+            "limits_s": {"profile": 180, "data": 90, "reads": 45}},
     "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
                   "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
                   "compare_sizes": (4,), "probe": 16, "chunk": 8, "launch_steps": 10, "docs": 400,
                   # a vocabulary no other dimension equals: the profile finds the lm head by it
-                  "profile_vocab": 997, "head_chunk": 128, "limits_s": {"profile": 300}},
+                  "profile_vocab": 997, "head_chunk": 128,
+                  "data_steps": {"teacher": 10, "cifar5m-npz": 10, "c4-text": 6}, "data_rounds": 2, "reads_steps": 12,
+                  "limits_s": {"profile": 300, "data": 300, "reads": 120}},
 }
 
 
@@ -295,6 +314,111 @@ def part_profile(size: dict, device: str, rows: dict) -> dict:
     return rows
 
 
+# ----------------------------------------------------------------------------- 6. the data-wait fraction
+
+def part_data(size: dict, work: Path, device: str, rows: dict) -> dict:
+    """bench/overhead.py's data-wait fraction on this device: the share of ``goldenpath train``'s step time spent
+    blocked in the stream, batches made in the step (``data.prefetch=0``) against made ahead (``=2``), for the
+    teacher CNN, a CNN on CIFAR-5m parts and the train part's GPT-2 on C4-layout parquet. Fills ``rows`` as it goes."""
+    import overhead
+
+    data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
+    files = work / "data-files"
+    files.mkdir(exist_ok=True)
+    cpu = ["cpu=true"] if device == "cpu" else []
+    small = ["data.eval_size=64", "data.probe_size=64"] if device == "cpu" else []  # the smoke's evals: short
+    cifar_base, cifar = overhead.write_cifar5m(files)
+    sources = {"teacher": (ROOT / "configs" / "teacher-cnn.yaml", [*cpu, *small]),
+               "cifar5m-npz": (cifar_base, [*cifar, *cpu, *small]),
+               "c4-text": (lm_config_file(work, size, data_dir, tok_dir), cpu)}
+    for name, steps in size["data_steps"].items():  # the first step's wait (shuffle buffer, thread start) left out
+        got = overhead.data_waits(sources, [name], steps, size["data_rounds"], str(work / "runs"), skip=1)[name]
+        rows[name] = {"wait_sync": got["wait_sync"], "wait_prefetch": got["wait_prefetch"],
+                      "speed_ratio": got["speed_ratio"], "steps": steps, "rounds": got["rounds"]}
+    return rows
+
+
+# ----------------------------------------------------------------------------- 7. host reads per step
+
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def host_reads(config_path: Path | None, steps: int, every: int, out: Path, name: str, *, device: str,
+               added_read: bool = False, overrides=()) -> dict:
+    """``goldenpath train`` for ``steps`` steps, logging and evaluating every ``every``: host reads per loop
+    iteration (bench/host_reads.py) and, on CUDA, the synchronisations torch's sync debug mode warns of (its own
+    count, which sees what patched Tensor methods cannot: ``.to("cpu")``, nonzero, boolean masks).
+    ``added_read``: one ``float()`` of the step's summed loss per step, the control that both must see."""
+    import threading
+    import warnings
+
+    from host_reads import HostReads
+
+    from goldenpath import train as train_mod
+    from goldenpath.config import load_config
+    from goldenpath.train import train
+
+    over = [f"budget.steps={steps}", "budget.samples=null", "budget.min_progress=null", f"log.every={every}",
+            f"checkpoint.eval_every={every}", "checkpoint.last_every_seconds=1e9", "log.progress=false",
+            f"out={out}", f"name={name}", *overrides] + (["cpu=true"] if device == "cpu" else [])
+    syncs = {"main": 0, "other": 0}
+    marks: list[int] = []
+    shown = warnings.showwarning
+
+    def counted(message, category, *args, **kwargs):
+        if SYNC_WARNING in str(message):
+            syncs["main" if threading.current_thread() is threading.main_thread() else "other"] += 1
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with HostReads() as reads, warnings.catch_warnings():
+        real = train_mod.optimizer_step
+
+        def step(run, micro_batches, window):
+            marks.append(syncs["main"])
+            result = real(run, micro_batches, window)
+            if added_read:
+                float(window.sums[0])
+            return result
+
+        warnings.filterwarnings("always", message=SYNC_WARNING)
+        warnings.showwarning = counted
+        train_mod.optimizer_step = step
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(load_config(config_path, over))
+        finally:
+            train_mod.optimizer_step = real
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    per_read = reads.per_step()
+    per_sync = dict(zip(per_read, (b - a for a, b in zip(marks, marks[1:]))))
+    quiet = [s for s in per_read if s % every and s > 1]  # neither logging nor evaluating; past the first step
+    logged = [s for s in per_read if not s % every]
+
+    def figures(per: dict) -> dict:
+        return {"quiet_max": max(per[s] for s in quiet), "quiet_mean": statistics.mean(per[s] for s in quiet),
+                "log_mean": statistics.mean(per[s] for s in logged)}
+
+    return {"reads": figures(per_read), "read_kinds": dict(reads.kinds),
+            "syncs": figures(per_sync) if device == "cuda" else None,
+            "syncs_other_threads": syncs["other"] if device == "cuda" else None, "steps": steps, "every": every}
+
+
+def part_reads(size: dict, work: Path, device: str, rows: dict) -> dict:
+    """Host reads per step of the train part's GPT-2 on the device, and the same run with one read added per step."""
+    data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
+    path = lm_config_file(work, size, data_dir, tok_dir)
+    for key, added in (("trainer", False), ("added_read", True)):
+        rows[key] = host_reads(path, size["reads_steps"], 4, work / "runs", f"reads-{key}", device=device,
+                               added_read=added)
+    seen = {c: rows["added_read"][c]["quiet_mean"] - rows["trainer"][c]["quiet_mean"] for c in ("reads", "syncs")
+            if rows["trainer"][c] is not None}
+    rows["added_read_seen"] = seen  # per quiet step: 1 read; on CUDA at least 1 sync
+    return rows
+
+
 # ----------------------------------------------------------------------------- driver
 
 @contextlib.contextmanager
@@ -360,6 +484,21 @@ def table(results: dict) -> str:
                      f"memory {head['memory_ratio']:.2f}x of the float32-logits path (recomputing: "
                      f"{head['recompute_time_ratio']:.2f}x, {head['recompute_memory_ratio']:.2f}x) | "
                      f"memory < 1, time <= 1 |")
+    for name, r in results.get("data", {}).items():
+        if isinstance(r, dict) and "wait_sync" in r:
+            lines.append(f"| data wait {name} | {100 * r['wait_sync']:.1f}% of step time in the step, "
+                         f"{100 * r['wait_prefetch']:.1f}% prefetched; samples/s prefetched / in the step "
+                         f"{r['speed_ratio']:.2f} | prefetched near 0 |")
+    rd = results.get("reads", {})
+    for key in ("trainer", "added_read"):
+        if key in rd:
+            r, sy = rd[key], rd[key]["syncs"]
+            syncs = (f"; CUDA syncs {sy['quiet_max']} per quiet step (max), {sy['log_mean']:.1f} per log step"
+                     if sy else "")
+            what = "GPT-2 trainer" if key == "trainer" else "with 1 read added per step"
+            lines.append(f"| host reads per step ({what}) | {r['reads']['quiet_max']} per quiet step (max), "
+                         f"{r['reads']['log_mean']:.1f} per log step{syncs} | "
+                         f"{'no CUDA sync between logs' if key == 'trainer' else 'the added read counted'} |")
     for part, r in results.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")
@@ -369,7 +508,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (the check of the check)")
-    parser.add_argument("--parts", default="train,dp,compare,launch,profile")
+    parser.add_argument("--parts", default="train,dp,compare,launch,profile,data,reads")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
     args = parser.parse_args(argv)
@@ -385,7 +524,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         jobs = {"train": lambda: part_train(size, work, device, args.peak_tflops), "dp": lambda: part_dp(size, device),
                 "compare": lambda: part_compare(size, work, device), "launch": lambda: part_launch(size, work, device),
-                "profile": lambda: part_profile(size, device, results.setdefault("profile", {}))}
+                "profile": lambda: part_profile(size, device, results.setdefault("profile", {})),
+                "data": lambda: part_data(size, work, device, results.setdefault("data", {})),
+                "reads": lambda: part_reads(size, work, device, results.setdefault("reads", {}))}
         for part in [p for p in args.parts.split(",") if p]:
             if part not in jobs:
                 parser.error(f"--parts: unknown part {part!r}; use some of {','.join(jobs)}")

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The device check (bench/gpu.py): about 8 minutes on one large NVIDIA GPU; `--cpu-smoke`: toy sizes on a CPU.
 #
-#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile]
+#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads]
 #
 # Writes gpu.json and gpu.md (the figures against their goals); the profile part also writes gpu_profile.md
 # and gpu_profile.csv: per mode (eager, compiled) wall and host ms per step, the GPU's idle fraction,
 # kernels per step, the attention backend, time by category (lm head + cross-entropy, attention, casts,
 # block matmuls, ...) and the top kernels, then the chunked lm head + cross-entropy against the float32-logits
 # path (time and peak memory, chunked / plain). README.md "Reading the profile part" says how to read them.
+# The data part: the fraction of step time goldenpath train waits for data, batches made in the step vs made
+# ahead (data.prefetch), for the teacher CNN, CIFAR-5m npz parts and GPT-2 on C4-layout parquet text. The reads
+# part: host reads per step (quiet and logged steps) of GPT-2 under goldenpath train, and on CUDA the
+# synchronisations torch.cuda.set_sync_debug_mode counts, with a one-read-per-step control that both must see.
 # The --cpu-smoke files are named gpu_cpu_smoke*.
 #
 # On a machine whose Python already has torch with CUDA, goldenpath is installed without touching torch

@@ -35,6 +35,9 @@ from goldenpath.run import make_optimizer
 from goldenpath.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
+# the small CNN the file-backed image sources train
+CNN = ["model.name=cnn", "model.width=32", "model.depth=2", "optim.batch_size=64", "optim.lr=0.02",
+       "optim.momentum=0.9"]
 
 
 def plain_loop(config, steps: int) -> float:
@@ -87,8 +90,9 @@ class Timed:
         return getattr(self._stream, name)
 
 
-def timed_train(config_path, overrides, steps: int, out: str, name: str) -> dict:
-    """One trainer run with every ``next_step`` timed: its data-wait fraction and training samples/s."""
+def timed_train(config_path, overrides, steps: int, out: str, name: str, skip: int = 0) -> dict:
+    """One trainer run with every ``next_step`` timed: its data-wait fraction and training samples/s (the
+    first ``skip`` steps' waits, e.g. a shuffle buffer's first fill, left out of the time and the waits)."""
     import goldenpath.run as run_module
 
     waits: list[float] = []
@@ -98,38 +102,40 @@ def timed_train(config_path, overrides, steps: int, out: str, name: str) -> dict
         res = trainer(config_path, steps, out, name, extra=["budget.min_progress=null", *overrides])
     finally:
         run_module.build_stream = build
-    return {"wait": sum(waits) / res["train_s"], "samples_per_s": res["samples_per_s"]}
+    return {"wait": sum(waits[skip:]) / (res["train_s"] - sum(waits[:skip])), "samples_per_s": res["samples_per_s"]}
 
 
 def write_sources(root: Path) -> dict[str, tuple[Path | None, list[str]]]:
     """{source: (base config or None, overrides)}; the file-backed ones written under ``root``."""
-    import numpy as np
-
-    cnn = ["model.name=cnn", "model.width=32", "model.depth=2", "optim.batch_size=64", "optim.lr=0.02",
-           "optim.momentum=0.9"]
-    rng = np.random.default_rng(0)
-    cifar = root / "cifar5m"
-    cifar.mkdir()
-    for part in range(2):  # uncompressed parts: memory-mapped, as the released files
-        np.savez(cifar / f"cifar5m_part{part}.npz", X=rng.integers(0, 256, (6000, 32, 32, 3), dtype=np.uint8),
-                 Y=rng.integers(0, 10, 6000))
     out = {
         "teacher": (ROOT / "configs" / "teacher-cnn.yaml", []),
         "markov": (ROOT / "configs" / "markov-gpt2.yaml", []),
-        "cifar5m-npz": (None, ["data.source=cifar5m", f"data.path={cifar}", "data.eval_size=1000",
-                               "data.probe_size=1000", *cnn]),
+        "cifar5m-npz": write_cifar5m(root),
         "hf-text": (None, ["data.source=hf_text", "data.path=json", f"data.data_files={write_text(root)}",
                            f"data.tokenizer={root / 'tokenizer'}", "data.seq_len=128", "data.eval_size=64",
                            "data.probe_size=32", "data.shuffle_buffer=1000", "model.name=gpt2", "model.width=128",
                            "model.depth=2", "model.heads=4", "optim.name=adamw", "optim.lr=0.003",
                            "optim.batch_size=16"]),
         "hf-image": (None, ["data.source=hf_image", "data.path=parquet", f"data.data_files={write_images(root)}",
-                            "data.eval_size=500", "data.probe_size=250", "data.shuffle_buffer=1000", *cnn]),
+                            "data.eval_size=500", "data.probe_size=250", "data.shuffle_buffer=1000", *CNN]),
     }
     fashion = Path("/usr/share/datasets/fashion-mnist")
     if any(fashion.glob("train-images-idx3-ubyte*")):
         out["fashion-mnist"] = (ROOT / "configs" / "fashion-mnist-cnn.yaml", [])
     return out
+
+
+def write_cifar5m(root: Path) -> tuple[None, list[str]]:
+    """Two CIFAR-5m parts of 6000 random images under ``root``; (no base config, the overrides that train on them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cifar = root / "cifar5m"
+    cifar.mkdir()
+    for part in range(2):  # uncompressed parts: memory-mapped, as the released files
+        np.savez(cifar / f"cifar5m_part{part}.npz", X=rng.integers(0, 256, (6000, 32, 32, 3), dtype=np.uint8),
+                 Y=rng.integers(0, 10, 6000))
+    return None, ["data.source=cifar5m", f"data.path={cifar}", "data.eval_size=1000", "data.probe_size=1000", *CNN]
 
 
 def write_text(root: Path) -> Path:
@@ -166,8 +172,9 @@ def write_images(root: Path) -> Path:
     return root / "images.parquet"
 
 
-def data_waits(sources: dict, names: list[str], steps: int, rounds: int, out: str) -> dict:
-    """Per source: the data-wait fraction synchronous and prefetched (medians over rounds, alternating)."""
+def data_waits(sources: dict, names: list[str], steps: int, rounds: int, out: str, skip: int = 0) -> dict:
+    """Per source: the data-wait fraction synchronous and prefetched (medians over rounds, alternating; the
+    first ``skip`` steps' waits left out)."""
     results = {}
     for name in names:
         base, overrides = sources[name]
@@ -175,7 +182,7 @@ def data_waits(sources: dict, names: list[str], steps: int, rounds: int, out: st
         for r in range(rounds):
             for prefetch in (0, 2) if r % 2 == 0 else (2, 0):
                 got[prefetch].append(timed_train(base, [*overrides, f"data.prefetch={prefetch}"], steps, out,
-                                                 f"wait-{name}-{r}-{prefetch}"))
+                                                 f"wait-{name}-{r}-{prefetch}", skip))
         med = {p: {k: statistics.median(x[k] for x in v) for k in ("wait", "samples_per_s")} for p, v in got.items()}
         speed = statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(got[2], got[0]))
         results[name] = {"wait_sync": med[0]["wait"], "wait_prefetch": med[2]["wait"], "speed_ratio": speed,

@@ -52,6 +52,20 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert "profile (compiled)" in table
     assert "| lm head + cross-entropy |" in (tmp_path / "gpu_cpu_smoke_profile.md").read_text()
     assert (tmp_path / "gpu_cpu_smoke_profile.csv").read_text().startswith("mode,kind,name,category")
+    data = results["data"]
+    assert "error" not in data, data.get("error")
+    for source in ("teacher", "cifar5m-npz", "c4-text"):
+        row = data[source]
+        assert 0 <= row["wait_prefetch"] <= 1 and 0 <= row["wait_sync"] <= 1 and row["speed_ratio"] > 0
+        assert f"| data wait {source} |" in table
+    reads = results["reads"]
+    assert "error" not in reads, reads.get("error")
+    for key in ("trainer", "added_read"):
+        r = reads[key]["reads"]
+        assert 0 <= r["quiet_max"] and 0 <= r["quiet_mean"] <= r["quiet_max"] and r["log_mean"] >= 0
+        assert reads[key]["syncs"] is None  # CUDA's own count: on a GPU only
+    assert reads["added_read_seen"] == {"reads": 1}  # one float() per step, counted in every quiet step
+    assert "host reads per step (GPT-2 trainer)" in table
 
 
 # ----------------------------------------------------------------------------- the profile part's arithmetic
@@ -166,3 +180,45 @@ def test_profile_rows_of_cuda_events_link_each_kernel_to_its_launching_op():
     assert sp.category(rows[0], V) == sp.LM_HEAD and sp.category(rows[1], V) == "memcpy / memset"
     s = sp.summarise(rows, vocab=V, steps=1, window=window)
     assert abs(s["idle_fraction"] - (1 - 55 / 120)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- the reads part's CUDA count
+
+def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, monkeypatch):
+    # no GPU here: torch's sync debug mode is stood in for by its warning, issued where a batch moves to the
+    # device (once per step, in the main thread) and from a second thread (counted apart)
+    import threading
+    import warnings
+
+    import torch
+
+    from goldenpath import train as train_mod
+
+    from .conftest import TINY_TEACHER
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    real = train_mod.to_device
+
+    def syncing(batch, device, dtype):
+        warnings.warn(gpu.SYNC_WARNING)
+        if not modes[1:]:  # once, from another thread
+            thread = threading.Thread(target=warnings.warn, args=(gpu.SYNC_WARNING,))
+            thread.start()
+            thread.join()
+            modes.append("thread done")
+        return real(batch, device, dtype)
+
+    monkeypatch.setattr(train_mod, "to_device", syncing)
+    rows = {key: gpu.host_reads(None, 12, 4, tmp_path, key, device="cuda", added_read=key == "added",
+                                overrides=[*TINY_TEACHER, "cpu=true"]) for key in ("plain", "added")}
+    assert modes[0] == "warn" and modes[-1] == 0
+    for key, row in rows.items():
+        assert row["syncs"]["quiet_max"] == row["syncs"]["quiet_mean"] == 1, (key, row)
+        assert row["syncs"]["log_mean"] >= 1  # and the eval's batches
+        assert row["reads"]["quiet_max"] == (1 if key == "added" else 0), (key, row)
+    assert rows["plain"]["syncs_other_threads"] == 1
+    assert train_mod.to_device is syncing  # the part put back what it patched, and no more

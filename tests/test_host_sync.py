@@ -4,13 +4,13 @@ CUDA GPU (fused optimizers, TF32, bf16 by default, SDPA without a mask), as far 
 
 from __future__ import annotations
 
-import threading
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from goldenpath import run as run_mod
 from goldenpath import train as train_mod
 from goldenpath.checkpoints import read_metrics
 from goldenpath.config import auto_precision, load_config
@@ -20,61 +20,8 @@ from goldenpath.train import train
 
 from .conftest import TINY_MARKOV, TINY_TEACHER
 
-# every way Python code pulls a tensor's value onto the host (on a GPU, each one waits for the device)
-READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__", "__format__", "__repr__")
-
-
-class HostReads:
-    """Counts the host reads of the main thread while a run trains, per loop iteration (the optimizer step,
-    then its logging, evaluation and saves), leaving out the stream making the next batch (host data, made
-    before the step; a background thread's reads are not counted either)."""
-
-    def __init__(self, monkeypatch):
-        self.n, self.depth, self.paused = 0, 0, False
-        self.kinds: Counter = Counter()
-        self.marks: list[tuple[int, int]] = []  # (the step an iteration ends at, reads before it began)
-        main = threading.main_thread()
-        for name in READS:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name), main))
-        real_step, real_stream = train_mod.optimizer_step, run_mod.build_stream
-
-        def step(run, micro_batches, window):
-            self.marks.append((run.state.step + 1, self.n))
-            return real_step(run, micro_batches, window)
-
-        def stream(*args, **kwargs):
-            s = real_stream(*args, **kwargs)
-            s.next_step = self._paused(s.next_step)
-            return s
-
-        monkeypatch.setattr(train_mod, "optimizer_step", step)
-        monkeypatch.setattr(run_mod, "build_stream", stream)
-
-    def _counted(self, name, real, main):
-        def wrapper(tensor, *args, **kwargs):
-            if self.depth == 0 and not self.paused and threading.current_thread() is main:
-                self.n += 1
-                self.kinds[name] += 1
-            self.depth += 1  # a read inside a read (repr -> tolist) is one read
-            try:
-                return real(tensor, *args, **kwargs)
-            finally:
-                self.depth -= 1
-        return wrapper
-
-    def _paused(self, fn):
-        def wrapper(*args, **kwargs):
-            self.paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.paused = False
-        return wrapper
-
-    def per_step(self) -> dict[int, int]:
-        """{step: host reads of the loop iteration ending at it} (the last one, cut by the run's end, left out)."""
-        return {s: nxt - n for (s, n), (_, nxt) in zip(self.marks, self.marks[1:])}
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from host_reads import READS, HostReads  # noqa: E402 - the counter bench/gpu.py's reads part runs on a device
 
 EVERY = 4  # log.every and checkpoint.eval_every: the steps in between must not read
 LOOP = ["budget.steps=12", f"log.every={EVERY}", f"checkpoint.eval_every={EVERY}", "checkpoint.targets=[]",
@@ -101,10 +48,10 @@ PATHS = {
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_steps_between_logs_never_read_a_device_value(path, tmp_path, monkeypatch):
+def test_steps_between_logs_never_read_a_device_value(path, tmp_path):
     overrides, allowed, why = PATHS[path]
-    reads = HostReads(monkeypatch)
-    train(load_config(None, [*overrides, *LOOP, f"out={tmp_path}", "name=run"]))
+    with HostReads() as reads:
+        train(load_config(None, [*overrides, *LOOP, f"out={tmp_path}", "name=run"]))
     # neither logging nor evaluating; after the first step (DP-SGD checks a batch shape's first per-sample
     # norms once against a loop over samples)
     quiet = {s: n for s, n in reads.per_step().items() if s % EVERY and s > 1}
@@ -114,7 +61,6 @@ def test_steps_between_logs_never_read_a_device_value(path, tmp_path, monkeypatc
 
 
 def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
-    reads = HostReads(monkeypatch)
     step = train_mod.optimizer_step
 
     def reading(run, micro_batches, window):
@@ -123,7 +69,8 @@ def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
         return lr, units
 
     monkeypatch.setattr(train_mod, "optimizer_step", reading)
-    train(load_config(None, [*PATHS["plain"][0], *LOOP, f"out={tmp_path}", "name=run"]))
+    with HostReads() as reads:
+        train(load_config(None, [*PATHS["plain"][0], *LOOP, f"out={tmp_path}", "name=run"]))
     assert set(n for s, n in reads.per_step().items() if s % EVERY) == {1}
 
 
