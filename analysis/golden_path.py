@@ -2,6 +2,8 @@
 
     python analysis/golden_path.py [--quick] [--datasets teacher markov fashion power]
     python analysis/golden_path.py --sweep SWEEP_DIR --dataset NAME   # a sweep run elsewhere (e.g. on a GPU)
+    python analysis/golden_path.py --gpu [--datasets teacher power]   # the teacher study sized for one GPU
+    python analysis/golden_path.py --cpu-smoke --work DIR --out DIR   # --gpu's path at toy sizes, on a CPU
 
 For each dataset, a learning rate x batch size grid with 10 seeds per setting is trained online (one pass
 over a stream, no sample seen twice) and offline (epochs over a fixed subset, the same sample budget).
@@ -30,6 +32,16 @@ if a family-adjusted p < alpha. Earlier versions of this script (before independ
 settings, adjusted by Holm within a target and regime, used targets above the trivial loss, and took power
 from controls (a narrower network, disjoint subsets); their verdicts are withdrawn (analysis/README.md).
 
+``--gpu`` (``bash bench/science_gpu.sh`` runs it on a GPU machine, each part under its own time limit): the
+teacher study with the CNN of configs/teacher-cnn.yaml, lr x batch 2 x 2, online and offline, 10 seeds per
+setting, runs meant (by an extrapolation) to reach targets down to 1.48 (90% of the way from chance to the
+Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing it, and its power
+curve (three levels, pools of 10, 20 at f = 0). Its size comes from CPU timings and an assumption, both in the comment above
+``GPU``: about 13 minutes on one H200 while the teacher stream is made on the CPU; not run on a GPU yet. It
+writes the same tables, plus gap.csv (how much of the chance-to-floor gap each setting closes) and
+verdict.md, under analysis/results/golden_path/gpu/ (--out), leaving the quick tables alone. ``--cpu-smoke``
+runs that path at toy sizes (tested).
+
 Writes analysis/results/golden_path/: summary.csv, family.csv, trend.csv, runs.csv, power.csv, ratios.png,
 power.png, final_loss.png; a run of some datasets (--datasets) replaces only their rows. Runs stay under
 --work (analysis/runs by default; a re-run trains only what is missing).
@@ -39,12 +51,13 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common import interval, markdown_table, parser, results_dir, run_grid
+from common import RESULTS, interval, markdown_table, parser, results_dir, rounded, run_grid
 
 # ----------------------------------------------------------------------------- the rules, fixed before the runs
 
@@ -59,6 +72,21 @@ RULES = {
 
 COMMON = {"log.progress": False, "budget.stop_at_last_target": False}
 MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
+# --gpu, sized for one large GPU (an H200); not run on a GPU yet. Measured on a 2-core CPU, one thread per
+# run (configs/teacher-cnn.yaml, width 32, one seed each): the eval loss at constant lr falls ever more
+# slowly, the same per sample at batch 128, 256 and 512: at lr 0.02, batch 512, 1.70 at ~140k samples, 1.63
+# at 290k, 1.58 at 563k, 1.567 at 894k (lr 0.05: 1.58 at 563k; group or batch norm: faster to 1.65, then the
+# same, 1.60 at 300k). 1.48, 90% of the way from chance (2.27) to the Bayes floor (1.40), then needs about
+# 5M samples (extrapolated at the 290k-894k rate, which is still falling: more is possible): the budget is
+# 5,120,000. The CNN trains at ~2,500-4,000 samples/s per CPU thread. The assumption on the GPU: a run is
+# bound by the teacher stream, made on the CPU at ~56,000 samples/s per thread (a bf16 step of this CNN
+# takes ~1 ms, so the GPU keeps up); GPU_JOBS runs share the GPU (goldenpath sweep --jobs), one CPU thread
+# each: ~780,000 samples/s in all on 16 cores. The grid (80 runs, 410M samples) then takes ~9 minutes and
+# the power pools (40 runs, ~4.6M samples each: they stop at the last target) ~4: about 13 minutes, twice the
+# 6 aimed at. It fits in 6 only with the teacher stream made on the GPU at >= 2M samples/s in all.
+GPU = {"cpu": False, "precision": "auto", "threads": 1}  # auto: bf16 autocast on a CUDA GPU
+GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS = [0.02, 0.05], [128, 512], 5_120_000, 8
+GPU_JOBS = 14  # runs at once on the GPU (goldenpath sweep --jobs: they share it, each its share of its memory)
 SEEDS = tuple(range(10))
 STUDIES = {
     "teacher": dict(  # the embedded teacher images, 3 x 16 x 16, a 2-layer MLP: chance 2.27, linear model
@@ -71,7 +99,19 @@ STUDIES = {
                    lr=[0.01, 0.02], batch=[32, 128], offline=[5, 16384]),
         full=dict(fixed={"data.eval_size": 2048, "data.probe_size": 2048, "budget.samples": 327680,
                          "checkpoint.targets": [1.75, 1.7, 1.65, 1.6, 1.55]},
-                  lr=[0.005, 0.01, 0.02], batch=[32, 128, 512], offline=[8, 40960])),
+                  lr=[0.005, 0.01, 0.02], batch=[32, 128, 512], offline=[8, 40960]),
+        gpu=dict(base="teacher-cnn.yaml",  # --gpu: the CNN on one GPU, sized as said above GPU
+                 fixed={**GPU, "budget.samples": GPU_SAMPLES, "checkpoint.targets": [1.70, 1.64, 1.58, 1.52, 1.48],
+                        "checkpoint.eval_every": 50, "checkpoint.target_eval_every": 50},
+                 lr=GPU_LR, batch=GPU_BATCH, offline=[GPU_EPOCHS, GPU_SAMPLES // GPU_EPOCHS],
+                 levels=(0.0, 0.05, 0.2), pool=10),
+        cpu_smoke=dict(base="teacher-cnn.yaml",  # --cpu-smoke: --gpu's path end to end at toy sizes on a CPU
+                       fixed={"cpu": True, "model.width": 8, "model.depth": 2, "data.eval_size": 256,
+                              "data.probe_size": 256, "budget.samples": 1536, "budget.min_progress": None,
+                              "checkpoint.targets": [2.26, 2.24], "checkpoint.eval_every": 8,
+                              "checkpoint.target_eval_every": 8},
+                       lr=[0.05], batch=[16, 64], offline=[3, 512], seeds=(0, 1),
+                       levels=(0.0, 0.2), pool=2, per_side=2, draws=20)),
     "markov": dict(  # an order-1 chain over 16 symbols, tiny GPT-2: chance 2.77, unigram 2.67, floor 1.70
         base="markov-gpt2.yaml",
         quick=dict(fixed={"data.order": 1, "data.vocab_size": 16, "data.seq_len": 32, "budget.samples": 4096,
@@ -97,27 +137,41 @@ POOL = 16
 DRAWS = 100
 
 
-def train(name: str, study: dict, work: Path, *, quick: bool, seeds=SEEDS, jobs: int | None = None) -> Path:
-    """Run (or continue) one study's lr x batch x seed grid, online and offline; returns its sweep dir."""
-    s = study["quick" if quick else "full"]
+def _mode(quick: bool, mode: str | None) -> str:
+    return mode or ("quick" if quick else "full")
+
+
+def _tag(mode: str) -> str:
+    """The suffix of a mode's sweep names: none for full, -quick, -gpu, -cpu-smoke."""
+    return "" if mode == "full" else f"-{mode.replace('_', '-')}"
+
+
+def train(name: str, study: dict, work: Path, *, quick: bool = False, mode: str | None = None, seeds=SEEDS,
+          jobs: int | None = None) -> Path:
+    """Run (or continue) one study's lr x batch x seed grid, online and offline; returns its sweep dir.
+    ``mode``: the study's setting (quick, full, gpu, cpu_smoke); by default quick or full by ``quick``."""
+    mode = _mode(quick, mode)
+    s = study[mode]
     epochs, size = s["offline"]
-    return run_grid(f"golden-path-{name}{'-quick' if quick else ''}", study["base"], work,
+    return run_grid(f"golden-path-{name}{_tag(mode)}", s.get("base", study["base"]), work,
                     fixed={**COMMON, **s["fixed"]}, seeds=seeds, jobs=jobs,
                     grid={"optim.lr": s["lr"], "optim.batch_size": s["batch"],
                           "data.epochs,data.train_size": [[1, None], [epochs, size]]})
 
 
-def power_runs(study: dict, work: Path, *, quick: bool, levels=LEVELS, pool: int = POOL,
-               jobs: int | None = None) -> Path:
+def power_runs(study: dict, work: Path, *, quick: bool = False, mode: str | None = None, levels=LEVELS,
+               pool: int = POOL, jobs: int | None = None) -> Path:
     """The power curve's pools at the reference setting (online, least noisy): 2 x ``pool`` runs at f = 0
     and ``pool`` at each other level, as one directory of links that compare reads like a sweep."""
-    s = study["quick" if quick else "full"]
+    mode = _mode(quick, mode)
+    s = study[mode]
+    levels, pool = s.get("levels", levels), s.get("pool", pool)
     fixed = {**COMMON, **s["fixed"], "optim.lr": min(s["lr"]), "optim.batch_size": max(s["batch"]),
              "budget.stop_at_last_target": True}  # only the target checkpoints enter the curve
-    tag = "-quick" if quick else ""
-    null = run_grid(f"gp-power-null{tag}", study["base"], work, fixed=fixed, grid={"data.mix": [levels[0]]},
+    tag, base = _tag(mode), s.get("base", study["base"])
+    null = run_grid(f"gp-power-null{tag}", base, work, fixed=fixed, grid={"data.mix": [levels[0]]},
                     seeds=range(2 * pool), jobs=jobs)
-    planted = run_grid(f"gp-power{tag}", study["base"], work, fixed=fixed, grid={"data.mix": list(levels[1:])},
+    planted = run_grid(f"gp-power{tag}", base, work, fixed=fixed, grid={"data.mix": list(levels[1:])},
                        seeds=range(pool), jobs=jobs)
     return _combined(work / f"gp-power-all{tag}", [*_runs(null), *_runs(planted)])
 
@@ -518,13 +572,86 @@ def _family_size(family: pd.DataFrame, dataset: str) -> int:
     return int(fam.settings.max()) * int(fam.targets.max())
 
 
+# ----------------------------------------------------------------------------- --gpu and --cpu-smoke
+
+
+def gap_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per regime and setting: how much of the gap from chance to the Bayes floor the seeds close (by the median
+    of their best eval loss); ``reference`` marks each regime's least-noisy setting."""
+    rows = []
+    for (regime, lr, batch), r in runs.groupby(["regime", "lr", "batch"], sort=False):
+        chance, floor, best = r.chance.median(), r.floor.median(), r.best_loss.median()
+        rows.append({"dataset": r.dataset.iloc[0], "regime": regime, "lr": lr, "batch": batch, "runs": len(r),
+                     "completed": int((r.state == "completed").sum()), "best_loss": best,
+                     "final_loss": r.final_loss.median(), "chance": chance, "floor": floor,
+                     "gap_closed": (chance - best) / (chance - floor)})
+    out = pd.DataFrame(rows)
+    noise = out.lr / out.batch
+    out["reference"] = noise == noise.groupby(out.regime).transform("min")
+    return out
+
+
+def scaled(args, mode: str) -> Path:
+    """The teacher study (and its power curve) at ``mode``'s size: ``gpu`` or ``cpu_smoke``. Writes
+    summary, family, trend, runs, power, gap (.csv), the figures, and verdict.md (the README block and the gap
+    the reference closes) under ``args.out``; returns it."""
+    study = STUDIES["teacher"]
+    s = study[mode]
+    default = RESULTS / "golden_path" / "gpu" if mode == "gpu" else Path(args.work) / f"golden_path_{mode}"
+    out = Path(args.out or default)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    names = ("summary", "family", "trend", "runs")
+    if "teacher" in args.datasets:
+        t = tables(train("teacher", study, work, mode=mode, seeds=s.get("seeds", SEEDS), jobs=args.jobs), "teacher")
+        for name in names:
+            rounded(t[name]).to_csv(out / f"{name}.csv", index=False)
+    summary, family, trend, runs = (pd.read_csv(out / f"{name}.csv") for name in names)
+    power = None
+    if "power" in args.datasets:
+        fam = family[(family.metric == RULES["metric"]) & (family.regime == "online") & family.p_adjusted.notna()]
+        size = (int(fam.settings.max()) * int(fam.targets.max()) if len(fam) else  # trivial targets: the grid's
+                (len(s["lr"]) * len(s["batch"]) - 1) * len(s["fixed"]["checkpoint.targets"]))
+        power = power_table(power_runs(study, work, mode=mode, jobs=args.jobs), level_alpha=RULES["alpha"] / size,
+                            draws=s.get("draws", DRAWS), per_side=s.get("per_side", 10))
+        power.insert(0, "dataset", "teacher")
+        rounded(power).to_csv(out / "power.csv", index=False)
+    elif (out / "power.csv").exists():
+        power = pd.read_csv(out / "power.csv")
+    gap = gap_table(runs)
+    rounded(gap).to_csv(out / "gap.csv", index=False)
+    plot(summary, runs, power, out)
+    ref = gap[gap.reference & (gap.regime == "online")].iloc[0]
+    text = (f"Mode {mode}: the CNN (configs/teacher-cnn.yaml), lr {s['lr']} x batch {s['batch']}, online and offline "
+            f"({s['offline'][0]} epochs x {s['offline'][1]}), {runs.groupby(['regime', 'lr', 'batch']).size().min()} "
+            f"seeds per setting, {int(runs.samples.max())} samples. Gap closed: the least-noisy online setting "
+            f"(lr {ref.lr:g}, batch {int(ref.batch)}) reaches a median best loss of {ref.best_loss:.3f}, "
+            f"{100 * ref.gap_closed:.0f}% of the way from chance ({ref.chance:.2f}) to the Bayes floor "
+            f"({ref.floor:.2f}); the goal is 90%.\n\n" + section(out) + "\n")
+    (out / "verdict.md").write_text(text)
+    print(text)
+    print(out)
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="+", default=[*STUDIES, "power"], choices=[*STUDIES, "power"],
                    help="studies to run; power: the power curve on the teacher stream")
     p.add_argument("--sweep", help="analyse this sweep directory (already trained) instead of training")
     p.add_argument("--dataset", default="sweep", help="the name to give --sweep's dataset")
+    p.add_argument("--gpu", action="store_true", help="the teacher study with a CNN sized for one large GPU (its "
+                   "sizing is above GPU in the script); tables under results/golden_path/gpu/ (--datasets: teacher, "
+                   "power)")
+    p.add_argument("--cpu-smoke", action="store_true", help="--gpu's path end to end at toy sizes on a CPU (under a "
+                   "minute on 2 cores); tables under <work>/golden_path_cpu_smoke/")
+    p.add_argument("--out", help="where --gpu or --cpu-smoke write their tables")
     args = p.parse_args()
+    if args.gpu or args.cpu_smoke:
+        if args.gpu:
+            args.jobs = args.jobs if "--jobs" in sys.argv else GPU_JOBS
+        scaled(args, "gpu" if args.gpu else "cpu_smoke")
+        return
     out = results_dir("golden_path")
     work = Path(args.work)
     parts = []
