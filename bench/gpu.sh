@@ -21,9 +21,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import goldenpath" 2>/dev/null; then
-  if [ -d .whl ]; then "$PY" -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl; fi
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || "$PY" -m pip install -q --no-deps -e .
-fi
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+source bench/install.sh
 exec "$PY" bench/gpu.py "$@"
