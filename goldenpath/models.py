@@ -362,8 +362,7 @@ def sample_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
 def _chunked_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-sequence summed losses and errors [B] from a CausalLM's chunked head, or None when the model has
     none (images, or ``model.loss_chunk_tokens`` null)."""
-    inner = getattr(model, "module", model)  # under DDP
-    inner = getattr(inner, "_orig_mod", inner)  # under torch.compile
+    inner = getattr(model, "module", model)  # under DDP (goldenpath compiles in place: no wrapper to look through)
     if "x" in batch or getattr(inner, "loss_chunk_tokens", None) is None:
         return None
     losses, errors = model(batch["input_ids"], labels=batch["labels"])
