@@ -36,8 +36,9 @@ from controls (a narrower network, disjoint subsets); their verdicts are withdra
 teacher study with the CNN of configs/teacher-cnn.yaml, lr x batch 2 x 2, online and offline, 10 seeds per
 setting, runs meant (by an extrapolation) to reach targets down to 1.48 (90% of the way from chance to the
 Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing it, and its power
-curve (three levels, pools of 10, 20 at f = 0). Its size comes from CPU timings and an assumption, both in the comment above
-``GPU``: about 13 minutes on one H200 while the teacher stream is made on the CPU; not run on a GPU yet. It
+curve (three levels, pools of 10, 20 at f = 0), the teacher stream made on the GPU (``data.generate=device``).
+Its size comes from CPU timings and an estimate, both in the comment above ``GPU``: about 4-6 minutes on one
+H200 (13 with the stream made on the CPU); not run on a GPU yet. It
 writes the same tables, plus gap.csv (how much of the chance-to-floor gap each setting closes) and
 verdict.md, under analysis/results/golden_path/gpu/ (--out), leaving the quick tables alone. ``--cpu-smoke``
 runs that path at toy sizes (tested).
@@ -78,13 +79,14 @@ MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
 # at 290k, 1.58 at 563k, 1.567 at 894k (lr 0.05: 1.58 at 563k; group or batch norm: faster to 1.65, then the
 # same, 1.60 at 300k). 1.48, 90% of the way from chance (2.27) to the Bayes floor (1.40), then needs about
 # 5M samples (extrapolated at the 290k-894k rate, which is still falling: more is possible): the budget is
-# 5,120,000. The CNN trains at ~2,500-4,000 samples/s per CPU thread. The assumption on the GPU: a run is
-# bound by the teacher stream, made on the CPU at ~56,000 samples/s per thread (a bf16 step of this CNN
-# takes ~1 ms, so the GPU keeps up); GPU_JOBS runs share the GPU (goldenpath sweep --jobs), one CPU thread
-# each: ~780,000 samples/s in all on 16 cores. The grid (80 runs, 410M samples) then takes ~9 minutes and
-# the power pools (40 runs, ~4.6M samples each: they stop at the last target) ~4: about 13 minutes, twice the
-# 6 aimed at. It fits in 6 only with the teacher stream made on the GPU at >= 2M samples/s in all.
-GPU = {"cpu": False, "precision": "auto", "threads": 1}  # auto: bf16 autocast on a CUDA GPU
+# 5,120,000. The CNN trains at ~2,500-4,000 samples/s per CPU thread. Made on the CPU, the teacher stream
+# (~56,000 samples/s per thread) would bind the GPU runs: ~780,000 samples/s for 14 runs on 16 cores, about
+# 13 minutes for the grid (80 runs, 410M samples) and the power pools (40 runs, ~4.6M samples each: they stop
+# at the last target). So the stream is made on the GPU (data.generate=device). What binds then is an
+# estimate, not a measurement: ~2.5 PFLOP of training in all (6 MFLOP per sample) is seconds; the 2M optimizer
+# steps launch ~30 kernels each, ~4 us apiece on a GPU the GPU_JOBS processes time-slice, about 4 minutes,
+# near the 6 aimed at. bench/science_gpu.sh records each part's wall time: the first GPU slot settles it.
+GPU = {"cpu": False, "precision": "auto", "threads": 1, "data.generate": "device"}  # auto: bf16 on a CUDA GPU
 GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS = [0.02, 0.05], [128, 512], 5_120_000, 8
 GPU_JOBS = 14  # runs at once on the GPU (goldenpath sweep --jobs: they share it, each its share of its memory)
 SEEDS = tuple(range(10))
@@ -106,7 +108,8 @@ STUDIES = {
                  lr=GPU_LR, batch=GPU_BATCH, offline=[GPU_EPOCHS, GPU_SAMPLES // GPU_EPOCHS],
                  levels=(0.0, 0.05, 0.2), pool=10),
         cpu_smoke=dict(base="teacher-cnn.yaml",  # --cpu-smoke: --gpu's path end to end at toy sizes on a CPU
-                       fixed={"cpu": True, "model.width": 8, "model.depth": 2, "data.eval_size": 256,
+                       fixed={"cpu": True, "data.generate": "device", "model.width": 8, "model.depth": 2,
+                              "data.eval_size": 256,
                               "data.probe_size": 256, "budget.samples": 1536, "budget.min_progress": None,
                               "checkpoint.targets": [2.26, 2.24], "checkpoint.eval_every": 8,
                               "checkpoint.target_eval_every": 8},

@@ -309,6 +309,8 @@ def start(config: Config) -> Run | Path:
         raise ConfigError("log.noise_scale", f"needs two micro-batches per process and step, got {accumulation}",
                           "lower optim.micro_batch_size")
     source = config.data.build()
+    if getattr(config.data, "generate", "cpu") == "device":  # embedded sources: training batches made on the device
+        source.place(accelerator.device)
     stream = build_stream(source, config.data, seed=config.seed, batch_size=optim.batch_size,
                           micro_batch_size=micro, rank=rank, world=world, device=accelerator.device)
     forked = fork_start(config, rank)

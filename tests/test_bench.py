@@ -23,9 +23,10 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert results["sizes"] == "cpu-smoke"
     for part in ("train", "dp", "compare", "launch"):
         assert "error" not in results[part], results[part].get("error")
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled", "compiled_big"):
         row = results["train"][mode]
         assert row["goldenpath_tokens_per_s"] > 0 and row["plain_tokens_per_s"] > 0
+    assert results["train"]["compiled_big"]["batch"] == 2 * results["train"]["compiled"]["batch"]
     for model in ("gpt2-small", "resnet18"):
         row = results["dp"][model]
         assert {"non-private", "dp-fast", "opacus-hooks"} <= set(row)
@@ -54,7 +55,11 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert (tmp_path / "gpu_cpu_smoke_profile.csv").read_text().startswith("mode,kind,name,category")
     data = results["data"]
     assert "error" not in data, data.get("error")
-    for source in ("teacher", "cifar5m-npz", "c4-text"):
+    for name, row in data["device_streams"].items():  # made on the "device" (the CPU here): the CPU's samples
+        assert row["samples"] == 512 and row["inputs_differing"] == 0 and row["labels_differing"] == 0
+        assert row["samples_per_s"] > 0 and f"| {name} stream made on the device |" in table
+    assert set(data["device_streams"]) == {"teacher", "teacher-mix", "markov"}
+    for source in ("teacher", "teacher-device", "cifar5m-npz", "c4-text"):
         row = data[source]
         assert 0 <= row["wait_prefetch"] <= 1 and 0 <= row["wait_sync"] <= 1 and row["speed_ratio"] > 0
         assert f"| data wait {source} |" in table

@@ -27,6 +27,8 @@ def test_gpu_setting_is_a_cnn_on_the_gpu_deep_enough_with_ten_seeds():
     c = load_config(ROOT / "configs" / s["base"],
                     [f"{k}={v}" for k, v in s["fixed"].items() if k != "checkpoint.targets"])
     assert c.model.name == "cnn" and not c.cpu and c.threads == 1
+    assert c.data.generate == "device"  # the teacher stream made on the GPU: the CPU's would bind the runs
+    assert golden_path.STUDIES["teacher"]["cpu_smoke"]["fixed"]["data.generate"] == "device"  # its path, tested
 
 
 def test_cpu_smoke_writes_the_tables_and_a_verdict(tmp_path):

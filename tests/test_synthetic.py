@@ -206,3 +206,43 @@ def test_mix_labels_that_fraction_of_training_samples_by_a_second_teacher_and_no
     assert changed.float().mean() > 0.15 and log_p["2"] > log_p["1"] + 0.5  # the changed labels are the second's
     with pytest.raises(ConfigError, match="data.mix"):
         source("data.mix=1.5")
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3])
+def test_teacher_made_on_a_device_matches_the_cpu_stream_but_for_float32_label_flips(mix):
+    """data.generate=device: the basis and a float64 teacher where the run is (here the CPU, the code path a GPU
+    takes): the images are the CPU stream's bit for bit, a label differs only where its uniform lies within the
+    float32 teacher's error of a class boundary (none in 20,000 here), the held-out sets stay the CPU's."""
+    cpu = source("data.image_size=8", f"data.mix={mix}", "data.eval_size=256", "data.probe_size=64")
+    dev = source("data.image_size=8", f"data.mix={mix}", "data.eval_size=256", "data.probe_size=64").place("cpu")
+    assert dev._train[1][0].weight.dtype == torch.float64 and dev.teacher[0].weight.dtype == torch.float32
+    index = torch.arange(7 * 2**40, 7 * 2**40 + 20000)
+    a, b = cpu.train_batch(index), dev.train_batch(index)
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["ids"], b["ids"])
+    assert int((a["y"] != b["y"]).sum()) <= 1
+    # the float64 teacher's logits are the float32 teacher's to float32 precision, not bit for bit
+    z32, z64 = cpu.logits(a["x"][:500]), dev.logits(a["x"][:500], dev._train[1])
+    assert 0 < float((z32 - z64).abs().max()) < 1e-4
+    for split in ("eval", "probe"):
+        assert all(torch.equal(cpu.heldout(split)[k], dev.heldout(split)[k]) for k in ("x", "y"))
+    assert dev.loss_floor() == cpu.loss_floor()
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_markov_made_on_a_device_gives_the_cpu_tokens(monkeypatch, limit):
+    """With the next-token table cached (and without it), the device path's tokens are the CPU's exactly."""
+    if limit is not None:
+        monkeypatch.setattr(MarkovStream, "TABLE_LIMIT", limit)
+    cpu = source("data.source=markov", "data.order=2")
+    dev = source("data.source=markov", "data.order=2").place("cpu")
+    for index in (torch.arange(3 * 2**40, 3 * 2**40 + 40), torch.tensor([5, 1, 9])):
+        a, b = cpu.train_batch(index), dev.train_batch(index)
+        assert all(torch.equal(a[k], b[k]) for k in ("ids", "input_ids", "labels"))
+    assert torch.equal(cpu.heldout("eval")["input_ids"], dev.heldout("eval")["input_ids"])
+
+
+def test_generate_takes_cpu_or_device():
+    with pytest.raises(ConfigError, match="data.generate"):
+        source("data.generate=gpu")
+    with pytest.raises(ConfigError, match="data.generate"):
+        source("data.source=markov", "data.generate=cuda")

@@ -498,3 +498,15 @@ def test_the_progress_bar_ends_full_when_the_last_target_stops_the_run(tiny_teac
     (bar,) = [b for b in bars.closed if b["unit"] == "sample"]
     assert bar["n"] == bar["total"] == status["samples"]
     assert "100%" in [line for line in bar["text"].split("\r") if line.strip()][-1]  # as the terminal shows it last
+
+
+@pytest.mark.parametrize("tiny", ["tiny_teacher", "tiny_markov"])
+def test_batches_made_on_the_device_train_the_run_made_on_the_cpu(tmp_path, tiny, request):
+    """data.generate=device on a CPU run takes the code path a GPU takes (source.place(run device), a float64
+    teacher): the run's metrics are the CPU stream's, and a run directory refuses the other setting."""
+    base = [*request.getfixturevalue(tiny), "budget.steps=6", "checkpoint.eval_every=3"]
+    cpu = train(load_config(None, [*base, "name=cpu"]))
+    dev = train(load_config(None, [*base, "name=dev", "data.generate=device"]))
+    assert metrics_but_seconds(cpu) == metrics_but_seconds(dev)
+    with pytest.raises(Exception, match="data.generate"):
+        train(load_config(None, [*base, "name=cpu", "data.generate=device", "budget.steps=8"]))

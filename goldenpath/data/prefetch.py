@@ -75,7 +75,8 @@ def _produce(stream, out: queue.Queue, halt: threading.Event, pin_device: torch.
         try:
             batches = stream.next_step()
             if pin_device is not None:
-                batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+                batches = [{k: v.pin_memory() if v.device.type == "cpu" else v for k, v in b.items()}
+                           for b in batches]  # a batch made on the device (data.generate=device) stays there
             item = (batches, stream.state_dict())
         except BaseException as e:  # noqa: BLE001 - every failure reaches the trainer, none hangs it
             item = _Failed(e)

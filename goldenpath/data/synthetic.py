@@ -18,10 +18,20 @@ produced on demand, and resuming is free. Nothing is downloaded and nothing larg
   are ``sharpness * N(0, 1)`` hashed from the context, so the source is infinite and stores nothing (the
   table is cached when small). The first ``k`` tokens of a sequence are uniform. Bayes-optimal loss: the
   mean conditional entropy of every predicted eval token given its context.
+
+**Where samples are made** (``data.generate``): ``cpu`` (default) makes every batch on the CPU; ``device``
+makes the *training* batches on the run's device (a GPU is then fed at its own rate, with no host-to-device
+copy), while the eval and probe sets stay CPU-made, so targets, floors and comparisons do not depend on the
+device. The counter-based draws are integer hashes, exact on any device. On a device the teacher runs in
+float64 (on the CPU in float32): a teacher image equals the CPU's up to float32 rounding of a float64 value
+and a label differs only where its uniform lies within the CPU teacher's float32 error (~1e-6) of a class
+boundary, about one sample in 10^6. Markov tokens with the next-token table cached (vocab_size ** (order + 1)
+<= 2**22) are gathers and searches on the same float64 table: identical to the CPU's.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass
@@ -56,6 +66,19 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _check_generate(value: str) -> None:
+    require(value in ("cpu", "device"), "data.generate", f"got {value!r}",
+            "use cpu (batches made on the CPU) or device (training batches made on the run's device)")
+
+
+def _resolved(device: torch.device | str) -> torch.device:
+    """``device`` with its index (cuda -> cuda:N, the current one), as the tensors made there report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 # ----------------------------------------------------------------------------- teacher vision stream
 
 @data_source("teacher")
@@ -72,9 +95,11 @@ class TeacherData(DataConfig):
     teacher_width: int = 16        # channels of the teacher CNN
     mix: float = 0.0               # a planted difference: this fraction of training labels (never eval or
                                    # probe ones) is drawn from a second, independent teacher
+    generate: str = "cpu"          # where training batches are made: cpu, or device (the run's; module docstring)
 
     def check(self) -> None:
         super().check()
+        _check_generate(self.generate)
         require(0.0 <= self.mix <= 1.0, "data.mix", f"got {self.mix}", "use a fraction in [0, 1]")
         require(self.image_size >= 8, "data.image_size", f"got {self.image_size}", "use >= 8 pixels")
         require(self.channels >= 1, "data.channels", f"got {self.channels}", "use >= 1")
@@ -99,6 +124,15 @@ class TeacherStream:
         self._basis = self._fourier_basis()
         self.teacher = self._cached_teacher()
         self.second = self._cached_teacher(purpose=11) if cfg.mix > 0 else None
+        self._train = (self._basis, self.teacher, self.second)  # what makes training batches (place() moves it)
+
+    def place(self, device: torch.device | str) -> TeacherStream:
+        """Make training batches on ``device`` from now on (data.generate=device): the basis and float64 copies
+        of the teachers move there; held-out sets stay CPU-made. Returns self."""
+        device = _resolved(device)
+        on = lambda net: None if net is None else copy.deepcopy(net).to(device, torch.float64)  # noqa: E731
+        self._train = (self._basis.to(device), on(self.teacher), on(self.second))
+        return self
 
     def _fourier_basis(self) -> torch.Tensor:
         """[2M, H*W]: cos and sin of the M modes with |kx|, |ky| <= K, weighted ~ 1/(1+|k|), unit pixel variance."""
@@ -166,29 +200,34 @@ class TeacherStream:
             last.weight.div_(scale), last.bias.div_(scale)
         return net.float().requires_grad_(False).eval()
 
-    def _images(self, split: int, index: torch.Tensor) -> torch.Tensor:
+    def _images(self, split: int, index: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, H, W] float32 images on ``basis``'s device (default: the CPU's basis)."""
         c, n = self.cfg.channels, self.cfg.image_size
+        basis = self._basis if basis is None else basis
         # float64 then rounded: a sample's pixels do not depend on which batch it is generated in
-        z = counter_normal(stream_key(self.cfg.seed, split, 0), index, c * len(self._basis))
-        return (z.view(-1, c, len(self._basis)) @ self._basis).view(-1, c, n, n).to(torch.float32)
+        z = counter_normal(stream_key(self.cfg.seed, split, 0), index.to(basis.device), c * len(basis))
+        return (z.view(-1, c, len(basis)) @ basis).view(-1, c, n, n).to(torch.float32)
 
     def logits(self, x: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
         """The teacher's tempered logits T(x) / temperature (the log of the true label distribution + const)."""
+        teacher = self.teacher if teacher is None else teacher
         with torch.inference_mode():
-            z = x
-            for layer in self.teacher if teacher is None else teacher:
+            z = x.to(teacher[0].weight.dtype)  # a float64 teacher (data.generate=device) sees the same pixels
+            for layer in teacher:
                 # adaptive pooling to 4 x 4 of a 4 x 4 map averages single pixels: the identity, exactly
                 if not (isinstance(layer, nn.AdaptiveAvgPool2d) and z.shape[-2:] == (4, 4)):
                     z = layer(z)
         return z.double() / self.cfg.temperature  # outside inference mode: ordinary tensors for the trainer
 
     def _batch(self, split: str, index: torch.Tensor) -> Batch:
-        x = self._images(SPLITS[split], index)
-        u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), index, 1)[:, 0]
-        probs = torch.softmax(self.logits(x), -1)
-        if split == "train" and self.second is not None:  # which samples the second teacher labels: by id
-            other = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 3), index, 1)[:, 0] < self.cfg.mix
-            probs = torch.where(other[:, None], torch.softmax(self.logits(x, self.second), -1), probs)
+        basis, teacher, second = self._train if split == "train" else (self._basis, self.teacher, self.second)
+        at = index.to(basis.device)  # ids stay where the stream made them (the CPU)
+        x = self._images(SPLITS[split], at, basis)
+        u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), at, 1)[:, 0]
+        probs = torch.softmax(self.logits(x, teacher), -1)
+        if split == "train" and second is not None:  # which samples the second teacher labels: by id
+            other = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 3), at, 1)[:, 0] < self.cfg.mix
+            probs = torch.where(other[:, None], torch.softmax(self.logits(x, second), -1), probs)
         y = sample_categorical(probs, u)
         return {"ids": index.clone(), "x": x, "y": y}
 
@@ -221,9 +260,11 @@ class MarkovData(DataConfig):
     order: int = 2                 # tokens of context that set the next-token distribution
     seq_len: int = 64              # predicted tokens per sequence (a sample holds seq_len + 1 tokens)
     sharpness: float = 2.0         # std of the random next-token logits: larger = lower entropy
+    generate: str = "cpu"          # where training batches are made: cpu, or device (the run's; module docstring)
 
     def check(self) -> None:
         super().check()
+        _check_generate(self.generate)
         require(self.vocab_size >= 2, "data.vocab_size", f"got {self.vocab_size}", "use >= 2 tokens")
         require(self.order >= 1, "data.order", f"got {self.order}", "use an order >= 1")
         require(self.vocab_size ** self.order < 2**62, "data.order", "too many contexts for 64-bit codes",
@@ -253,6 +294,15 @@ class MarkovStream:
         if n_contexts * cfg.vocab_size <= self.TABLE_LIMIT:
             self._table = self._logits_of(torch.arange(n_contexts))
             self._cdf = _cdf(torch.softmax(self._table, -1))
+        self._device = torch.device("cpu")  # where training sequences are made
+        self._cdfs = {self._device: self._cdf}
+
+    def place(self, device: torch.device | str) -> MarkovStream:
+        """Make training sequences on ``device`` from now on (data.generate=device); held-out sets stay
+        CPU-made. Returns self."""
+        self._device, self._ahead = _resolved(device), None
+        self._cdfs.setdefault(self._device, None if self._cdf is None else self._cdf.to(self._device))
+        return self
 
     def _logits_of(self, context: torch.Tensor) -> torch.Tensor:
         return self.cfg.sharpness * counter_normal(self._table_key, context, self.cfg.vocab_size)
@@ -271,26 +321,28 @@ class MarkovStream:
         """[N, seq_len + 1] int64 token sequences."""
         cfg = self.cfg
         length = cfg.seq_len + 1
-        return self._tokens(counter_uniform(stream_key(cfg.seed, SPLITS[split], 2), index, length))
+        at = index.to(self._device) if split == "train" else index
+        return self._tokens(counter_uniform(stream_key(cfg.seed, SPLITS[split], 2), at, length))
 
     def _tokens(self, u: torch.Tensor) -> torch.Tensor:
         """[N, seq_len + 1] sequences from their uniforms (row i from row i of ``u`` alone)."""
         cfg, n = self.cfg, len(u)
         length, k, v = cfg.seq_len + 1, cfg.order, cfg.vocab_size
-        tokens = torch.empty(n, length, dtype=torch.int64)
+        table = self._cdfs[u.device] if self._cdf is not None else None  # made on u's device
+        tokens = torch.empty(n, length, dtype=torch.int64, device=u.device)
         tokens[:, :k] = (u[:, :k] * v).long().clamp_max(v - 1)
-        code = (tokens[:, :k] * v ** torch.arange(k)).sum(-1)
+        code = (tokens[:, :k] * v ** torch.arange(k, device=u.device)).sum(-1)
         newest = v ** (k - 1)
         u_t = u.T.contiguous()  # [length, N]: each step reads one contiguous row
         for t in range(k, length):
-            cdf = self._cdf[code] if self._cdf is not None else _cdf(torch.softmax(self._logits_of(code), -1))
+            cdf = table[code] if table is not None else _cdf(torch.softmax(self._logits_of(code), -1))
             token = torch.searchsorted(cdf, u_t[t].unsqueeze(1)).squeeze(1).clamp_max_(v - 1)
             tokens[:, t] = token
             code = code // v + token * newest  # drop the oldest token, append the new one
         return tokens
 
     def _batch(self, split: str, index: torch.Tensor) -> Batch:
-        seq = self.sequences(split, index)
+        seq = self.sequences(split, index)  # on the training device for "train"; ids stay on the CPU
         return {"ids": index.clone(), "input_ids": seq[:, :-1], "labels": seq[:, 1:]}
 
     def train_batch(self, index: torch.Tensor) -> Batch:
