@@ -82,6 +82,7 @@ def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
 def _clip(parts: dict[str, list], trained: dict, losses: torch.Tensor, clip: float, reference: tuple) -> ClipResult:
     """Norms over all parameters, clip factors, and each parameter's weighted sum of its contributions."""
     b = losses.shape[0]
+    parts = lr.keep_formed(parts, _formed_budget(losses.device))
     sq = [lr.sq_norms(ps) for ps in parts.values() if ps]
     norms = torch.stack(sq).sum(0, dtype=torch.float64).sqrt() if sq else losses.new_zeros(b, dtype=torch.float64)
     factors = clip_factors(norms, clip)
@@ -91,6 +92,22 @@ def _clip(parts: dict[str, list], trained: dict, losses: torch.Tensor, clip: flo
         sums = [lr.weighted_sum(part, c[lr.dtype_of(part)], p.shape) for part in parts.get(n, ())]
         grads[n] = (sum(sums[1:], sums[0]) if sums else torch.zeros_like(p)).to(p.dtype)
     return ClipResult(grads, norms, losses.detach(), reference)
+
+
+FORMED_SHARE = 0.25  # of the device's free memory, for per-sample gradients kept between norm and sum
+
+
+def _formed_budget(device: torch.device) -> float:
+    """Bytes the per-sample gradients kept by :func:`layer_rules.keep_formed` may take: a share of the free
+    memory (CUDA: the device's; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return FORMED_SHARE * torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        free = 2**30  # no /proc (not Linux): 1 GB
+    return FORMED_SHARE * free
 
 
 # ----------------------------------------------------------------------------- batches
