@@ -33,11 +33,21 @@ class Dist:
     and shared by every metric and every pair it enters. ``masked``: some token has probability exactly 0
     (a -inf logit), so the metrics take the slower forms in which such a token contributes exactly 0."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor | None = None):
+        if logits is None:  # filled by take()
+            return
         self.log_p = log_probs(logits)
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
         self.masked = bool(torch.isneginf(self.log_p).any())
+
+    def take(self, index: torch.Tensor) -> Dist:
+        """The distributions of several models stacked on dim 0 (``Dist(torch.stack(logits))``), rows
+        ``index`` of that dim: e.g. the first and the second model of each of a group of pairs."""
+        out = Dist()
+        out.log_p, out.p, out.top = self.log_p[index], self.p[index], self.top[index]
+        out.masked = self.masked
+        return out
 
 
 def _tv(a: Dist, b: Dist) -> torch.Tensor:
@@ -58,10 +68,13 @@ def _kl(a: Dist, b: Dist) -> torch.Tensor:
 
 
 def _js(a: Dist, b: Dist) -> torch.Tensor:
-    # each log-ratio is taken pointwise before it is weighted: log m = logaddexp keeps m's rounding at the
-    # scale of log 2, where log(p + q) (or the entropy form H(m) - (H(p) + H(q)) / 2) would add rounding at
-    # the scale of log p, as large as the distance itself for near-equal models
-    log_m = torch.logaddexp(a.log_p, b.log_p).sub_(math.log(2.0))
+    # each log-ratio is taken pointwise before it is weighted (the entropy form H(m) - (H(p) + H(q)) / 2 would
+    # subtract sums at the scale of the entropies, as large as the distance itself for near-equal models).
+    # log m = log(p + q) - log 2 from the probabilities: one log where logaddexp takes an exp and a log1p
+    # (1.6x faster on a CPU) and as accurate (p, q carry one rounding each: an absolute error ~1e-7 in log m,
+    # as logaddexp's at |log p| ~ 1; tested against float64). Where p + q underflows below the smallest
+    # normal float, log m is that float's log: such tokens weigh < 1e-37 (0 where p = 0, never 0 * inf).
+    log_m = torch.log((a.p + b.p).clamp_min_(torch.finfo(a.p.dtype).tiny)).sub_(math.log(2.0))
     masked = a.masked or b.masked
     value = _weighted(a.p, a.log_p - log_m, masked) + _weighted(b.p, b.log_p - log_m, masked)
     return value.mul_(0.5).clamp_(0.0, math.log(2.0))

@@ -106,21 +106,22 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
         for lo in range(0, n, chunk):
             part = _to(probe, lo, chunk, device, dtype)
             mask = part["labels"] != -100 if lm else None
-            outs, feats = {}, {}
+            outs, feats = [], {}
             for i in needed:  # N forwards for this chunk
                 out = logits(models[i], part)
                 if unit:
-                    outs[i] = Dist(out)
+                    outs.append(out)
                 if moments is not None:
                     f = features(i)
                     feats[i] = f[mask] if lm else f.flatten(1)  # one row per predicted token, or per image
             if moments is not None:
                 moments.add(feats)
-            for (i, j) in pairs:
-                if unit:
-                    values = torch.stack([ON_DISTS[m](outs[i], outs[j]) for m in unit])  # [metrics, units(, T)]
-                    s, _ = unit_sums(values, mask)
-                    sums[(i, j)].append(s.cpu())
+            if unit and pairs:
+                slot = {i: k for k, i in enumerate(needed)}
+                for group, s in _pair_groups(Dist(torch.stack(outs)), [(slot[i], slot[j]) for i, j in pairs],
+                                             unit, mask):
+                    for p, row in zip(group, s.cpu().unbind(1)):  # s: [metrics, pairs, units]
+                        sums[pairs[p]].append(row)
             counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else
                           torch.ones(min(chunk, n - lo), dtype=torch.float64))
             bar.update()
@@ -133,6 +134,24 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
         for p, d in moments.distances().items():
             out[p]["cka"] = d
     return out
+
+
+PAIR_GROUP_BYTES = 8 * 2**20  # the pairs of one probe chunk are measured in groups of about this many bytes
+
+
+def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask):
+    """Yield (indices into ``pairs``, per-unit sums [metrics, len(group), units]) for groups of pairs whose
+    gathered distributions take about PAIR_GROUP_BYTES: each metric is then a few large tensor operations
+    over a whole group instead of a few small ones per pair (the same values, elementwise and per row)."""
+    per_pair = 2 * dist.log_p[0].numel() * dist.log_p.element_size() * 2  # log_p and p of both models
+    size = max(1, int(PAIR_GROUP_BYTES // max(1, per_pair)))
+    for lo in range(0, len(pairs), size):
+        group = range(lo, min(len(pairs), lo + size))
+        first = torch.tensor([pairs[k][0] for k in group], device=dist.log_p.device)
+        second = torch.tensor([pairs[k][1] for k in group], device=dist.log_p.device)
+        a, b = dist.take(first), dist.take(second)
+        values = torch.stack([ON_DISTS[m](a, b) for m in unit])  # [metrics, pairs, units(, T)]
+        yield group, unit_sums(values, mask)[0]
 
 
 def _to(batch: dict, lo: int, chunk: int, device, dtype) -> dict:

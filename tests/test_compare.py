@@ -30,8 +30,14 @@ def tiny_models(overrides, n, info):
     return [build_model(config.model, info, seed=s).double().eval() for s in range(n)]
 
 
+@pytest.mark.parametrize("group_bytes", [None, 1])
 @pytest.mark.parametrize("which", ["cnn", "lm"])
-def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which):
+def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, group_bytes, monkeypatch):
+    """All pairs of a chunk in one group (the default here), and one pair per group."""
+    if group_bytes is not None:
+        import goldenpath.pairs
+
+        monkeypatch.setattr(goldenpath.pairs, "PAIR_GROUP_BYTES", group_bytes)
     config = load_config(None, [*(TINY_TEACHER if which == "cnn" else TINY_MARKOV), "budget.steps=1"])
     source = config.data.build()
     probe = {k: v.double() if v.is_floating_point() else v for k, v in source.heldout("probe").items()}

@@ -213,3 +213,17 @@ def test_cka_from_chunked_moments_equals_linear_cka_even_with_large_means():
     got = cka_from_moments(90, sx, sy, xx, yy, xy)
     assert got == pytest.approx(hsic_cka((x - x.mean(0)).numpy(), (y - y.mean(0)).numpy()), rel=1e-9)
     assert got == pytest.approx(linear_cka(x, y), rel=1e-9)
+
+
+def test_js_in_float32_where_probabilities_underflow_matches_float64():
+    """Tokens whose probabilities underflow in float32 (logits 120 below the top) in one model or both: JS is
+    finite and within float32 accuracy of the float64 value (log m never meets 0 * inf)."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(400, 12, generator=gen, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(a.shape, generator=gen, dtype=torch.float64)
+    a[:, 5:9] -= 120.0  # p underflows to 0 (or a subnormal) in float32, not in float64
+    b[:, 7:11] -= 120.0
+    want = js(a, b)
+    got = js(a.float(), b.float()).double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
