@@ -10,7 +10,7 @@ from torch import nn
 from goldenpath.config import load_config
 from goldenpath.data import SourceInfo
 from goldenpath.models import build_model, sample_losses
-from goldenpath import layer_rules
+from goldenpath import layer_rules, per_sample
 from goldenpath.per_sample import clipped_grad_sum, per_sample_clip
 
 @pytest.fixture(autouse=True)
@@ -143,8 +143,10 @@ LAYERS = {
 
 @pytest.fixture(params=["auto", "ghost", "per-sample"])
 def norm_route(request, monkeypatch):
-    """Run a check with goldenpath's own choice, then forcing ghost norms, then per-sample gradients."""
+    """Run a check with goldenpath's own choice (book-keeping: per-sample gradients formed once where memory
+    allows), then, with nothing kept formed, forcing ghost norms, then per-sample gradients formed and dropped."""
     if request.param != "auto":
+        monkeypatch.setattr(per_sample, "FORMED_SHARE", 0.0)
         monkeypatch.setattr(layer_rules, "per_sample_cheaper", lambda *_: request.param == "per-sample")
     return request.param
 
