@@ -41,9 +41,9 @@ class Dist:
         self.top = self.log_p.argmax(-1)
         self.masked = bool(torch.isneginf(self.log_p).any())
 
-    def take(self, index: torch.Tensor) -> Dist:
+    def take(self, index: slice | torch.Tensor) -> Dist:
         """The distributions of several models stacked on dim 0 (``Dist(torch.stack(logits))``), rows
-        ``index`` of that dim: e.g. the first and the second model of each of a group of pairs."""
+        ``index`` of that dim (a slice: views, no copy)."""
         out = Dist()
         out.log_p, out.p, out.top = self.log_p[index], self.p[index], self.top[index]
         out.masked = self.masked

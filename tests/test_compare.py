@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from goldenpath import checkpoints as ckpt
 from goldenpath import compare as cmp
-from goldenpath import pairs
+from goldenpath import distances, pairs
 from goldenpath.config import load_config, to_dict
 from goldenpath import lmc
 from goldenpath.config import ConfigError
@@ -33,10 +34,11 @@ def tiny_models(overrides, n, info):
 @pytest.mark.parametrize("group_bytes", [None, 1])
 @pytest.mark.parametrize("which", ["cnn", "lm"])
 def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, group_bytes, monkeypatch):
-    """All pairs of a chunk in one group (the default here), and one pair per group."""
-    if group_bytes is not None:
-        import goldenpath.pairs
+    """All pairs of a chunk in one gathered group (the default here), and, with the groups' bytes at 1, one
+    model against two others at a time: consecutive ones (views) or not (0 against 1 and 3)."""
+    import goldenpath.pairs
 
+    if group_bytes is not None:
         monkeypatch.setattr(goldenpath.pairs, "PAIR_GROUP_BYTES", group_bytes)
     config = load_config(None, [*(TINY_TEACHER if which == "cnn" else TINY_MARKOV), "budget.steps=1"])
     source = config.data.build()
@@ -50,7 +52,10 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
         m.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     chunk = 5
-    got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1"), chunk=chunk, device="cpu",
+    if group_bytes is not None:  # two models against others in groups of two: consecutive ones (a view) or not
+        monkeypatch.setattr(goldenpath.pairs, "_pairs_per_group", lambda per_pair: 2)
+        pairs = [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
+    got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=chunk, device="cpu",
                         dtype=torch.float64)
     n_chunks = math.ceil(len(probe["ids"]) / chunk)
     assert calls == [n_chunks] * 4
@@ -58,7 +63,7 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
         outs = [logits(m, probe) for m in models]
     mask = probe["labels"] != -100 if which == "lm" else None
     for i, j in pairs:
-        for name, f in (("tv", tv), ("kl", kl), ("js", js), ("top1", top1)):
+        for name, f in (("tv", tv), ("kl", kl), ("js", js), ("top1", top1), ("sq", distances.sq)):
             values = f(outs[i], outs[j])
             if mask is not None:
                 want = (values * mask).sum(1)
@@ -426,3 +431,30 @@ def test_a_shifted_probe_writes_its_own_tables_from_the_shifted_inputs(sweep):
     with pytest.raises(SystemExit) as exit_:
         main(["compare", str(sweep), "--probe-shift", "blur:2"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("which", ["cnn", "lm"])
+def test_float32_pair_sums_are_within_the_stated_tolerances_of_float64(which):
+    """compare's float32 path (kl and sq from the batched inner products, js from log(p + q)) against the
+    pointwise forms in float64 on the same logits: every metric within 1e-5 per probe unit, and kl's mean over
+    the probe within 1e-4 relative."""
+    config = load_config(None, [*(TINY_TEACHER if which == "cnn" else TINY_MARKOV), "budget.steps=1"])
+    source = config.data.build()
+    probe = source.heldout("probe")
+    models = [m.float() for m in tiny_models(TINY_TEACHER if which == "cnn" else TINY_MARKOV, 4, source.info)]
+    pairs = list(itertools.combinations(range(4), 2))
+    got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=64, device="cpu",
+                        dtype=torch.float32)
+    with torch.no_grad():
+        outs = [logits(m, probe).double() for m in models]
+    mask = probe["labels"] != -100 if which == "lm" else None
+    for i, j in pairs:
+        count = got[(i, j)]["count"]
+        for name, f in (("tv", tv), ("kl", kl), ("js", js), ("top1", top1), ("sq", distances.sq)):
+            values = f(outs[i], outs[j])
+            want = (values * mask).sum(1) if mask is not None else values
+            torch.testing.assert_close(got[(i, j)][name] / count, want / count, rtol=0, atol=1e-5,
+                                       msg=f"{name} {i},{j}")
+            if name == "kl":  # the pair's distance, a mean over the probe points
+                mean, want_mean = got[(i, j)][name].sum() / count.sum(), want.sum() / count.sum()
+                assert abs(float(mean / want_mean) - 1) < 1e-4, (i, j, float(mean), float(want_mean))
