@@ -6,7 +6,8 @@ A sweep directory of N loss-target checkpoints (one target, N runs with random w
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
 resamples, no cache (a fresh sweep directory), with the allocator settings of ``goldenpath``'s command line
 (``goldenpath.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
-probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2.
+probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2. Each line also splits the median
+round's time into the models' forwards, the pair metrics and the rest (loading, statistics, tables).
 
 ``--compiled-metrics`` times the same with the pair metrics (tv, kl, js) under ``torch.compile`` and
 reports their largest difference from the eager metrics on a near-identical pair (float32 accuracy).
@@ -15,6 +16,7 @@ reports their largest difference from the eager metrics on a near-identical pair
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -67,6 +69,35 @@ def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu") ->
     return (time.perf_counter() - t0) / 3
 
 
+@contextlib.contextmanager
+def split_timed(device: str = "cpu"):
+    """Within the block, ``goldenpath compare``'s seconds in the models' forwards and in the pair metrics
+    (pair_sums less its forwards): yields a dict filled at exit with ``forwards_s`` and ``pairs_s``."""
+    import goldenpath.compare as gc
+    import goldenpath.pairs as gp
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    got = {"forwards_s": 0.0, "pair_sums_s": 0.0}
+    originals = gp.logits, gc.pair_sums
+
+    def wrap(fn, key):
+        def timed(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            got[key] += time.perf_counter() - t0
+            return out
+        return timed
+
+    gp.logits, gc.pair_sums = wrap(gp.logits, "forwards_s"), wrap(gc.pair_sums, "pair_sums_s")
+    try:
+        yield got
+    finally:
+        gp.logits, gc.pair_sums = originals
+        got["pairs_s"] = got.pop("pair_sums_s") - got["forwards_s"]
+
+
 def compile_metrics() -> None:
     """Swap the pair metrics for compiled ones, after checking they agree with eager on near-equal models."""
     from goldenpath import distances
@@ -100,18 +131,23 @@ def main() -> None:
         compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2))
     for name, path in ((m, MODELS[m]) for m in args.models.split(",")):
         for n in [int(x) for x in args.sizes.split(",")]:
-            ratios = []
+            ratios, parts = [], []
             for _ in range(args.rounds):
                 with tempfile.TemporaryDirectory() as tmp:
                     sweep = make_sweep(Path(tmp) / "s", path, n)
-                    t0 = time.perf_counter()
-                    compare(sweep)
-                    wall = time.perf_counter() - t0
+                    with split_timed() as split:
+                        t0 = time.perf_counter()
+                        compare(sweep)
+                        wall = time.perf_counter() - t0
                     one = forward_seconds(path)
                     ratios.append(wall / (n * one))
+                    parts.append({**split, "wall_s": wall})
                     shutil.rmtree(sweep / "compare", ignore_errors=True)
-            print(f"{name:8s} N={n:3d}: compare / (N x forward) = {statistics.median(ratios):.2f} "
-                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)", flush=True)
+            k = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]  # the median round
+            print(f"{name:8s} N={n:3d}: compare / (N x forward) = {ratios[k]:.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2); in that round: forwards "
+                  f"{parts[k]['forwards_s']:.3f} s, pair metrics {parts[k]['pairs_s']:.3f} s, the rest "
+                  f"{parts[k]['wall_s'] - parts[k]['forwards_s'] - parts[k]['pairs_s']:.3f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DP-SGD step cost: goldenpath's fast path and vmap path, Opacus (hooks, ghost), non-private SGD, same run.
 
-    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2] [--system-malloc]
+    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2] [--system-malloc] [--routes]
 
 Each method gets its own copy of the same model and batch. After a warm-up, full optimizer steps
 (forward, backward or per-sample clipping, noise, SGD update) are timed interleaved, one step of each
@@ -12,6 +12,8 @@ Opacus runs in both of its modes for a plain model: ``hooks`` (per-sample gradie
 layer hooks) and ``ghost`` (ghost clipping: per-sample norms from activations and output gradients, then a
 second backward with the clipping coefficients), and goldenpath is compared with the faster of the two.
 Goals: fast-path dp <= 1.3x non-private on a CPU (1.2x on a GPU); faster than every Opacus mode.
+``--routes`` adds where a fast-path step's time goes (:func:`route_times`): the forward, the backward to the
+layer outputs, each layer rule, each parameter's norm and clipped sum by route, the noise, the rest.
 """
 
 from __future__ import annotations
@@ -183,12 +185,92 @@ def step_times(model_name: str, steps: int, device: str, warmup: int = 5) -> dic
     return times
 
 
+def route_times(model_name: str, device: str, steps: int = 3, warmup: int = 2) -> list[dict]:
+    """Where a fast-path DP step's time goes, per part and per layer: the forward (with the tape), the
+    backward to the layer outputs, each layer rule (by type and input shape), each parameter's norm and
+    clipped sum (by route: formed per sample and kept, formed and dropped, ghost), the torch.func paths, the
+    noise, and the rest. On CUDA every timed part is synchronised, so the parts add up (the step itself runs
+    a little slower). Returns rows {part, detail, ms_per_step, share}, largest first."""
+    from goldenpath import layer_rules as lr
+    from goldenpath import models, noise, per_sample
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    totals: dict[tuple[str, str], float] = {}
+    patches = []
+
+    def timed(owner, attr, key):
+        fn = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            k = key(*args, **kwargs)
+            totals[k] = totals.get(k, 0.0) + time.perf_counter() - t0
+            return out
+        patches.append((owner, attr, fn))
+        if isinstance(owner, dict):
+            owner[attr] = wrapper
+        else:
+            setattr(owner, attr, wrapper)
+
+    def route(parts):
+        f = parts[0]
+        if not isinstance(f, lr.Factored):
+            return "formed", tuple(f.shape[1:])
+        if len(parts) == 1 and f.u.is_floating_point() and lr.per_sample_cheaper(f.v.shape[1], f.rows, f.v.shape[-1]):
+            return "formed and dropped", tuple(f.shape)
+        return ("ghost (tied)" if len(parts) > 1 else "ghost"), tuple(f.shape)
+
+    timed(models, "sample_losses", lambda *a, **k: ("forward", ""))
+    timed(per_sample.torch.autograd, "grad", lambda *a, **k: ("backward to layer outputs", ""))
+    timed(per_sample, "reference_grads", lambda *a, **k: ("torch.func, whole model", ""))
+    timed(per_sample, "_module_grads", lambda call, *a, **k: ("torch.func, one module", type(call.module).__name__))
+    timed(lr, "keep_formed", lambda *a, **k: ("form per-sample gradients (kept)", ""))
+    timed(lr, "sq_norms", lambda parts: ("norm: " + route(parts)[0], str(route(parts)[1])))
+    timed(lr, "weighted_sum", lambda part, c, shape: ("clipped sum: " + ("formed, weighted over samples"
+                                                                        if torch.is_tensor(part) else "factored"),
+                                                      str(tuple(shape))))
+    timed(noise, "add_noise", lambda *a, **k: ("noise", ""))
+    import transformers.pytorch_utils  # noqa: F401 - so that rule_of registers Conv1D's rule now
+
+    lr.rule_of(torch.nn.Linear(1, 1))
+    for t in list(lr.RULES):
+        timed(lr.RULES, t, lambda m, a, g: ("layer rule", f"{type(m).__name__} {tuple(a.shape)}"))
+    try:
+        step = make_step(model_name, "dp-fast", device)
+        for _ in range(warmup):
+            step()
+        totals.clear()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = time.perf_counter() - t0
+    finally:
+        for owner, attr, fn in reversed(patches):
+            if isinstance(owner, dict):
+                owner[attr] = fn
+            else:
+                setattr(owner, attr, fn)
+    rows = [{"part": k[0], "detail": k[1], "ms_per_step": v / steps * 1e3} for k, v in totals.items()]
+    rows.append({"part": "rest (update, tape, Python)", "detail": "",
+                 "ms_per_step": max(0.0, wall - sum(totals.values())) / steps * 1e3})
+    for r in rows:
+        r["share"] = r["ms_per_step"] / (wall / steps * 1e3)
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method, interleaved")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocator defaults")
+    parser.add_argument("--routes", action="store_true", help="also: where a fast-path step's time goes, per part "
+                        "and layer (route_times)")
     args = parser.parse_args()
     malloc = "system" if args.system_malloc or not tune_malloc() else "goldenpath"
     results: dict = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
@@ -215,6 +297,11 @@ def main() -> None:
               f"dp fast / non-private: {rows['dp-fast']['ratio_to_non_private']:.2f}x (goal <= 1.3)", flush=True)
         for m, why in rows["unsupported"].items():
             print(f"{m}: not run ({why})")
+        if args.routes:
+            rows["routes"] = route_times(name, args.device)
+            print(f"where a dp-fast step goes ({name}; parts timed apart, synchronised):")
+            for r in rows["routes"][:15]:
+                print(f"  {r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}%  {r['part']} {r['detail']}")
     path = ROOT / "bench" / "results" / f"dp_step_{args.device}{'_system_malloc' if malloc == 'system' else ''}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=1))

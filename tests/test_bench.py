@@ -35,6 +35,13 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert "opacus-ghost" in results["dp"]["resnet18"]
     assert "opacus-ghost" in results["dp"]["gpt2-small"]["not_run"]
     assert results["compare"]["4"]["ratio"] > 1.0  # compare does the forwards and more
+    split = results["compare"]["4"]
+    assert 0 < split["forwards_s"] and 0 < split["pairs_s"] and split["forwards_s"] + split["pairs_s"] < split["compare_s"]
+    for model in ("gpt2-small", "resnet18"):  # where a dp-fast step goes: the parts add up to the step
+        routes = results["dp"][model]["routes"]
+        assert {"forward", "backward to layer outputs", "noise"} <= {r["part"] for r in routes}
+        assert any(r["part"] == "layer rule" for r in routes)
+        assert 0.5 < sum(r["share"] for r in routes) <= 1.0 + 1e-9
     launch = results["launch"]
     assert launch["ok"] and launch["processes"] == 2 and launch["replicas_in_sync"] is True
     table = (tmp_path / "gpu_cpu_smoke.md").read_text()
