@@ -373,3 +373,21 @@ def test_the_first_batch_check_routes_a_sequence_first_layer_whose_length_equals
         got = per_sample_clip(model, readout, batch, 1.0)
     assert "layer.enc.linear1.weight" in got.reference
     check_paths(model, readout, batch, reference=got.reference)
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv2d-dilated", "conv2d-deep"])
+def test_the_gpu_route_of_convolutions_matches_the_naive_loop(name, monkeypatch):
+    """A GPU takes every convolution's per-sample weight gradients from batched products of its patches, a
+    few samples at a time when memory is short: the same gradients (forced here on the CPU, two samples at a
+    time)."""
+    monkeypatch.setattr(layer_rules, "_patch_products", lambda a: True)
+    monkeypatch.setattr(layer_rules, "per_sample_cheaper", lambda *_: True)  # not the ghost norm
+    monkeypatch.setattr(layer_rules, "_samples_per_product", lambda a, patch_bytes: 2)  # memory short: 2 at a time
+    monkeypatch.setattr(per_sample, "FORMED_SHARE", 0.0)
+    calls = []
+    product = layer_rules._patch_product
+    monkeypatch.setattr(layer_rules, "_patch_product", lambda a, g, m: calls.append(1) or product(a, g, m))
+    torch.manual_seed(0)
+    make, x_shape, out_shape = LAYERS[name]
+    check_paths(Head(make(), out_shape), readout, {"x": torch.randn(x_shape)})
+    assert calls  # the route was taken
