@@ -142,9 +142,9 @@ _FEW_PATCH_VALUES = 32
 
 def _patch_products(a: torch.Tensor) -> bool:
     """Whether every convolution's per-sample weight gradients come from batched products of its patches:
-    on a GPU (as Opacus' hooks do; a grouped convolution with one group per sample is slow there: the first
-    GPU measurement had the grouped route at 6.2x a non-private ResNet-18 step, Opacus' hooks at 3.9x). On a
-    CPU only for a first layer (``_FEW_PATCH_VALUES``)."""
+    on a GPU, as Opacus' hooks do (the first GPU measurement had goldenpath's grouped-convolution route at
+    6.2x a non-private ResNet-18 step, Opacus' hooks at 3.9x; this route is not measured on a GPU yet). On a
+    CPU only for a first layer (``_FEW_PATCH_VALUES``): past it a grouped convolution is faster there."""
     return a.device.type == "cuda"
 
 
