@@ -41,6 +41,17 @@ class Dist:
         self.top = self.log_p.argmax(-1)
         self.masked = bool(torch.isneginf(self.log_p).any())
 
+    @staticmethod
+    def stack_into(stacked: Dist | None, k: int, n: int, one: Dist) -> Dist:
+        """``one`` written as row ``k`` of the distributions of ``n`` models stacked on dim 0 (made at k = 0)."""
+        if stacked is None:
+            stacked = Dist()
+            stacked.log_p, stacked.p = (t.new_empty((n, *t.shape)) for t in (one.log_p, one.p))
+            stacked.top, stacked.masked = one.top.new_empty((n, *one.top.shape)), False
+        stacked.log_p[k], stacked.p[k], stacked.top[k] = one.log_p, one.p, one.top
+        stacked.masked = stacked.masked or one.masked
+        return stacked
+
     def take(self, index: slice | torch.Tensor) -> Dist:
         """The distributions of several models stacked on dim 0 (``Dist(torch.stack(logits))``), rows
         ``index`` of that dim (a slice: views, no copy)."""

@@ -107,11 +107,11 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
         for lo in range(0, n, chunk):
             part = _to(probe, lo, chunk, device, dtype)
             mask = part["labels"] != -100 if lm else None
-            outs, feats = [], {}
-            for i in needed:  # N forwards for this chunk
+            dist, feats = None, {}
+            for k, i in enumerate(needed):  # N forwards for this chunk
                 out = logits(models[i], part)
-                if unit:
-                    outs.append(out)
+                if unit:  # each model's distributions into one stack (the logits are not kept)
+                    dist = Dist.stack_into(dist, k, len(needed), Dist(out))
                 if moments is not None:
                     f = features(i)
                     feats[i] = f[mask] if lm else f.flatten(1)  # one row per predicted token, or per image
@@ -119,7 +119,6 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
                 moments.add(feats)
             if unit and pairs:
                 slot = {i: k for k, i in enumerate(needed)}
-                dist = Dist(torch.stack(outs))
                 for group, s in _pair_groups(dist, [(slot[i], slot[j]) for i, j in pairs], unit, mask,
                                              _Gram(dist) if set(unit) & set(_Gram.METRICS) else None):
                     for p, row in zip(group, s.cpu().unbind(1)):  # s: [metrics, pairs, units]
