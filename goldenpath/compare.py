@@ -192,7 +192,7 @@ class _Probe:
 
     info: object          # the source's SourceInfo
     probe: dict           # the probe set (shifted where asked)
-    heldout: dict         # the eval set: batch-norm statistics along a linear path
+    source: object        # the data source: its eval set gives batch-norm statistics along a linear path
     key: str              # the cache key of the probe set and of the lenses' settings
     chunk: int
     device: torch.device
@@ -236,7 +236,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     probe = source.heldout("probe") if probe_shift is None else shifted_probe(first.data, probe_shift, source=source)
     lens = f"|lmc:{lmc_points}" if "lmc" in metrics else ""
     shift = "" if probe_shift is None else f"|shift:{parse_shift(probe_shift).spec}"
-    setup = _Probe(source.info, probe, source.heldout("eval"), probe_key + shift + lens, chunk,
+    setup = _Probe(source.info, probe, source, probe_key + shift + lens, chunk,
                    torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
                    torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
     cache_dir = out_dir / "cache"
@@ -378,7 +378,7 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
         new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards", **kw) \
             if set(metrics) - {"lmc"} else {}
         if "lmc" in metrics:
-            for p, v in pair_barriers(models, setup.probe, setup.heldout, todo, k=setup.lmc_points,
+            for p, v in pair_barriers(models, setup.probe, setup.source.heldout("eval"), todo, k=setup.lmc_points,
                                       progress=f"{label}, lmc paths", **kw).items():
                 new.setdefault(p, {}).update(v)
         results.update(new)

@@ -125,6 +125,7 @@ class TeacherStream:
         self.teacher = self._cached_teacher()
         self.second = self._cached_teacher(purpose=11) if cfg.mix > 0 else None
         self._train = (self._basis, self.teacher, self.second)  # what makes training batches (place() moves it)
+        self._heldout: dict[str, Batch] = {}  # eval and probe sets, made on first use
 
     def place(self, device: torch.device | str) -> TeacherStream:
         """Make training batches on ``device`` from now on (data.generate=device): the basis and float64 copies
@@ -235,12 +236,11 @@ class TeacherStream:
         return self._batch("train", index)
 
     def heldout(self, split: str) -> Batch:
+        """The eval or probe set, made on first use (compare needs only the probe set)."""
+        if split not in self._heldout:
+            self._heldout[split] = self._batch(split, torch.arange({"eval": self.cfg.eval_size,
+                                                                     "probe": self.cfg.probe_size}[split]))
         return self._heldout[split]
-
-    @cached_property
-    def _heldout(self) -> dict[str, Batch]:
-        sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
-        return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
 
     def loss_floor(self) -> float:
         return float(entropy(self.logits(self.heldout("eval")["x"])).mean())
