@@ -2,10 +2,10 @@
 
     python analysis/calibration.py [--quick]
 
-Each *world* is a population of simulated functions (goldenpath.calibration: a classifier's predicted
+Each *world* is a population of simulated functions (goldenpath.comparison.calibration: a classifier's predicted
 distributions on a fixed probe set of 200 points, 10 classes; seeds scatter around their setting's mean
 function, some further than others). A sweep draws n seeds per setting; every statistic of
-``goldenpath.stats`` is computed as ``goldenpath compare`` computes it, ``reps`` times per world:
+``goldenpath.comparison.stats`` is computed as ``goldenpath compare`` computes it, ``reps`` times per world:
 
 - the rejection rate of each test at 0.05 (the ratio, the location and the spread tests against one
   other setting; the family test of three settings against a reference);
@@ -26,7 +26,7 @@ import pandas as pd
 
 from common import markdown_table, parser, results_dir
 
-from goldenpath import calibration as cal
+from goldenpath.comparison import calibration as cal
 
 WORLDS = {
     "no difference": cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3),

@@ -50,7 +50,7 @@ def run_grid(name: str, base: str | Path, work: str | Path, *, fixed: dict | Non
     ``base`` is a config path (absolute, or relative to configs/). Runs already completed are skipped, so a
     re-run of a script only trains what is missing.
     """
-    from goldenpath.sweep import run_sweep
+    from goldenpath.training.sweep import run_sweep
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)

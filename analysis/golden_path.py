@@ -201,8 +201,8 @@ def _combined(path: Path, runs: list[Path]) -> Path:
 def tables(sweep_dir: Path, dataset: str, study: str = "main",
            metrics=("tv", "js", "top1")) -> dict[str, pd.DataFrame]:
     """Compare the sweep's settings; returns {summary, family, trend, runs} with dataset and study columns."""
-    from goldenpath.checkpoints import RunDir
-    from goldenpath.compare import compare
+    from goldenpath.store.rundir import RunDir
+    from goldenpath.comparison.compare import compare
     from goldenpath.config import load_config
 
     compare(sweep_dir, metrics=metrics)
@@ -229,8 +229,8 @@ def power_table(power_dir: Path, *, level_alpha: float, draws: int = DRAWS, per_
     """Detection rate of each planted level at each target: ``draws`` draws of ``per_side`` runs of the
     level's pool against ``per_side`` of the f = 0 pool (at f = 0: two disjoint halves of it), each tested by
     the permutation p of the tv ratio (and of the location ratio) against ``level_alpha`` and 0.05."""
-    from goldenpath import stats
-    from goldenpath.compare import compare
+    from goldenpath.comparison import stats
+    from goldenpath.comparison.compare import compare
     from goldenpath.config import load_config
 
     frame = compare(power_dir, metrics=("tv", "sq"))

@@ -208,7 +208,7 @@ def with_effective_time(curves: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
     A fork's config gives its parent's directory and loss target; the parent's checkpoint meta gives the
     fork step, and the parent's config its lr.
     """
-    from goldenpath import checkpoints as ckpt
+    from goldenpath.store import rundir as ckpt
     from goldenpath.config import load_config
 
     def constant(c, where):
@@ -313,7 +313,7 @@ def main() -> None:
     s = SETTINGS[args.quick]
     out = results_dir("noise_reduction")
     sweep_dir = train(Path(args.work), quick=args.quick, jobs=args.jobs)
-    from goldenpath.curves import sweep_curves
+    from goldenpath.draw.curves import sweep_curves
 
     curves = sweep_curves(sweep_dir)
     curves["curve"] = [label(r, s["lr"], s["batch"]) for r in curves.itertuples()]

@@ -12,7 +12,7 @@ the same at every B and in both noised arms:
   mini-batch noise from the injected noise.
 - gaussian: Noisy-SGD, g = mean gradient + r xi (noise.sigma = r B on the summed gradient).
 - dp: DP-SGD, g = (sum clip_C(g_i) + sigma C xi) / B with sigma = r B / C, so its noise is Noisy-SGD's and the
-  two arms differ by the clipping alone. Epsilon is goldenpath's (goldenpath/privacy.py): online each sample
+  two arms differ by the clipping alone. Epsilon is goldenpath's (goldenpath/dp/privacy.py): online each sample
   enters one noised sum (one Gaussian mechanism, delta 1e-5); offline the RDP accountant of the subsampled
   Gaussian over all steps, at delta = 1 / N. It is recorded, not bounded, in quick mode: the noise that
   changes what this small model learns leaves no meaningful guarantee; the full mode keeps epsilon <= 8.
@@ -175,8 +175,8 @@ def row_ratio(row: list) -> float:
 
 
 def row_epsilon(row: list, delta_online: float = 1e-5) -> float | None:
-    """epsilon of a dp row as goldenpath records it (goldenpath.privacy), None for the other kinds."""
-    from goldenpath.privacy import epsilon
+    """epsilon of a dp row as goldenpath records it (goldenpath.dp.privacy), None for the other kinds."""
+    from goldenpath.dp.privacy import epsilon
 
     b, kind, sigma, _clip, epochs, size, samples, _every, _lr = row
     if kind != "dp":
@@ -201,7 +201,7 @@ def check_rows(rows: list[list]) -> None:
 def _train_point(task: tuple) -> str:
     base, overrides = task
     from goldenpath.config import load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     try:
         train(load_config(base, list(overrides)))
@@ -223,8 +223,8 @@ def run_stage(name: str, base: Path, work: Path, *, fixed: dict, rows: list, see
         return run_grid(name, base, work, fixed=fixed, grid=grid, seeds=seeds, jobs=jobs, design=design)
     import multiprocessing
 
-    from goldenpath import checkpoints as ckpt
-    from goldenpath.sweep import expand, load_sweep, write_runs_csv
+    from goldenpath.store import rundir as ckpt
+    from goldenpath.training.sweep import expand, load_sweep, write_runs_csv
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{name}.yaml"
@@ -315,8 +315,8 @@ def tidy(sweep_dir: Path, *, stage: str) -> pd.DataFrame:
     """One row per run and regime it belongs to (stage 0: online, fixed steps only): stage, kind, regime,
     batch, sigma, ratio, lr, steps, samples, seed, state, last-k and earlier-window error and loss, final eval
     loss and error, chance loss, epsilon, run."""
-    from goldenpath import checkpoints as ckpt
-    from goldenpath.curves import sweep_curves
+    from goldenpath.store import rundir as ckpt
+    from goldenpath.draw.curves import sweep_curves
 
     runs = pd.read_csv(sweep_dir / "runs.csv")
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
@@ -715,7 +715,7 @@ def main() -> None:
         ratio_dir = ratio_dir if (ratio_dir / "runs.csv").exists() else None
     else:
         ratio_dir, tune_dir, main_dir = train(Path(args.work), quick=args.quick, jobs=args.jobs)
-    from goldenpath.curves import sweep_curves
+    from goldenpath.draw.curves import sweep_curves
 
     stages = [(ratio_dir, "ratio"), (tune_dir, "tune"), (main_dir, "main")]
     frame = pd.concat([tidy(d, stage=s) for d, s in stages if d is not None], ignore_index=True)

@@ -309,7 +309,7 @@ def plot(results: pd.DataFrame, noises: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     from goldenpath import gradnoise
-    from goldenpath.plots import noise_histogram, qq_plot
+    from goldenpath.draw.plots import noise_histogram, qq_plot
 
     s = summarise(results)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

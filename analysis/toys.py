@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from goldenpath.plots import null_space_spread, toys_metric  # noqa: E402
+from goldenpath.draw.plots import null_space_spread, toys_metric  # noqa: E402
 from goldenpath.toys import dln, make_problem  # noqa: E402
 from goldenpath.toys import experiments as ex  # noqa: E402
 

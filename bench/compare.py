@@ -5,7 +5,7 @@
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
 resamples, no cache (a fresh sweep directory), with the allocator settings of ``goldenpath``'s command line
-(``goldenpath.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
+(``goldenpath.training.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2. Each line also splits the median
 round's time into the models' forwards, the pair metrics and the rest (loading, statistics, tables).
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from goldenpath import checkpoints as ckpt
-from goldenpath.runtime import tune_malloc
-from goldenpath.compare import compare
+from goldenpath.store import rundir as ckpt
+from goldenpath.training.runtime import tune_malloc
+from goldenpath.comparison.compare import compare
 from goldenpath.config import load_config, to_dict
 from goldenpath.models import build_model, logits
 
@@ -73,8 +73,8 @@ def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu") ->
 def split_timed(device: str = "cpu"):
     """Within the block, ``goldenpath compare``'s seconds in the models' forwards and in the pair metrics
     (pair_sums less its forwards): yields a dict filled at exit with ``forwards_s`` and ``pairs_s``."""
-    import goldenpath.compare as gc
-    import goldenpath.pairs as gp
+    import goldenpath.comparison.compare as gc
+    import goldenpath.comparison.pairs as gp
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     got = {"forwards_s": 0.0, "pair_sums_s": 0.0}
@@ -100,7 +100,7 @@ def split_timed(device: str = "cpu"):
 
 def compile_metrics() -> None:
     """Swap the pair metrics for compiled ones, after checking they agree with eager on near-equal models."""
-    from goldenpath import distances
+    from goldenpath.comparison import distances
 
     eager = dict(distances.ON_DISTS)
     for m in ("tv", "kl", "js"):

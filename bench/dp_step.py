@@ -7,7 +7,7 @@ Each method gets its own copy of the same model and batch. After a warm-up, full
 method in turn, so machine noise hits all alike; the table gives median step times as ratios to
 non-private SGD. Peak memory of a step above what the setup holds is measured per method in a fresh
 process. Every process runs with the allocator settings of ``goldenpath``'s command line
-(``goldenpath.runtime.tune_malloc``), unless ``--system-malloc`` keeps glibc's defaults.
+(``goldenpath.training.runtime.tune_malloc``), unless ``--system-malloc`` keeps glibc's defaults.
 Opacus runs in both of its modes for a plain model: ``hooks`` (per-sample gradients materialised by
 layer hooks) and ``ghost`` (ghost clipping: per-sample norms from activations and output gradients, then a
 second backward with the clipping coefficients), and goldenpath is compared with the faster of the two.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from goldenpath.runtime import tune_malloc
+from goldenpath.training.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("non-private", "dp-fast", "dp-vmap", "opacus-hooks", "opacus-ghost")
@@ -50,7 +50,7 @@ def make_step(model_name: str, method: str, device: str):
     from goldenpath.config import load_config
     from goldenpath.data import SourceInfo
     from goldenpath.models import build_model, sample_losses
-    from goldenpath.noise import add_noise, per_sample_clip
+    from goldenpath.dp.mechanisms import add_noise, per_sample_clip
 
     torch.manual_seed(0)
     spec = MODELS[model_name]
@@ -191,8 +191,9 @@ def route_times(model_name: str, device: str, steps: int = 3, warmup: int = 2) -
     clipped sum (by route: formed per sample and kept, formed and dropped, ghost), the torch.func paths, the
     noise, and the rest. On CUDA every timed part is synchronised, so the parts add up (the step itself runs
     a little slower). Returns rows {part, detail, ms_per_step, share}, largest first."""
-    from goldenpath import layer_rules as lr
-    from goldenpath import models, noise, per_sample
+    from goldenpath.dp import layer_rules as lr
+    from goldenpath import models
+    from goldenpath.dp import mechanisms, per_sample
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     totals: dict[tuple[str, str], float] = {}
@@ -232,7 +233,7 @@ def route_times(model_name: str, device: str, steps: int = 3, warmup: int = 2) -
     timed(lr, "weighted_sum", lambda part, c, shape: ("clipped sum: " + ("formed, weighted over samples"
                                                                         if torch.is_tensor(part) else "factored"),
                                                       str(tuple(shape))))
-    timed(noise, "add_noise", lambda *a, **k: ("noise", ""))
+    timed(mechanisms, "add_noise", lambda *a, **k: ("noise", ""))
     import transformers.pytorch_utils  # noqa: F401 - so that rule_of registers Conv1D's rule now
 
     lr.rule_of(torch.nn.Linear(1, 1))

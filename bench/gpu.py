@@ -28,7 +28,7 @@ Parts (each writes its rows; a part that fails is recorded with its error and th
    CUDA): the device's idle fraction, host and wall ms per step, kernels per step, time by category (lm head
    + cross-entropy, attention and the SDPA backend chosen, autocast casts, block matmuls, layer norm,
    optimizer, ...) and the top kernels; then the lm head + cross-entropy in token chunks
-   (``goldenpath.lm_loss``, ``bench/lm_head_loss.py``; gradients summed in the forward, and logits recomputed
+   (``goldenpath.models.lm_loss``, ``bench/lm_head_loss.py``; gradients summed in the forward, and logits recomputed
    in the backward) against the plain float32-logits path at the step's shape: time and peak memory,
    chunked / plain. Written also as ``<stem>_profile.md`` and ``.csv``.
    It runs under its own time limit (``limits_s``); what it measured before the limit is kept.
@@ -159,7 +159,7 @@ def plain_lm_loop(config, steps: int, *, device: str, compiled: bool) -> float:
     """Tokens/s of the simplest correct loop on goldenpath's own stream: forward, CE, backward, AdamW."""
     from goldenpath.data import build_stream
     from goldenpath.models import build_model
-    from goldenpath.run import make_optimizer
+    from goldenpath.training.run import make_optimizer
 
     source = config.data.build()
     stream = build_stream(source, config.data, seed=config.seed, batch_size=config.optim.batch_size,
@@ -193,7 +193,7 @@ def trainer_tokens_per_s(config_path: Path, steps: int, out: Path, name: str, *,
                          compiled: bool, extra=()) -> float:
     """Tokens/s of ``goldenpath train`` over its training time (evals and checkpoints timed apart)."""
     from goldenpath.config import load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     over = [f"budget.steps={WARMUP + steps}", "budget.samples=null", "budget.min_progress=null",
             "checkpoint.last_every_seconds=1e9", f"log.every={WARMUP}", "log.progress=false", f"out={out}",
@@ -267,7 +267,7 @@ def part_dp(size: dict, device: str) -> dict:
 def part_compare(size: dict, work: Path, device: str) -> dict:
     import compare as bench_compare
 
-    from goldenpath.compare import compare
+    from goldenpath.comparison.compare import compare
 
     data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
     path = lm_config_file(work, size, data_dir, tok_dir)
@@ -405,9 +405,9 @@ def host_reads(config_path: Path | None, steps: int, every: int, out: Path, name
 
     from host_reads import HostReads
 
-    from goldenpath import train as train_mod
+    from goldenpath.training import trainer as train_mod
     from goldenpath.config import load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     over = [f"budget.steps={steps}", "budget.samples=null", "budget.min_progress=null", f"log.every={every}",
             f"checkpoint.eval_every={every}", "checkpoint.last_every_seconds=1e9", "log.progress=false",

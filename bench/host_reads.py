@@ -16,8 +16,7 @@ from collections import Counter
 
 import torch
 
-from goldenpath import run as run_mod
-from goldenpath import train as train_mod
+from goldenpath.training import run as run_mod, trainer as train_mod
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__", "__format__", "__repr__")
 _UNSET = object()

@@ -1,4 +1,4 @@
-"""The lm-head + cross-entropy in token chunks (goldenpath.lm_loss) against the plain full-logits path.
+"""The lm-head + cross-entropy in token chunks (goldenpath.models.lm_loss) against the plain full-logits path.
 
     python bench/lm_head_loss.py [--tokens 2048] [--width 768] [--vocab 50257] [--chunk 512] [--device cpu]
     python bench/lm_head_loss.py --depth 4 --width 256 --heads 4 --tokens 1024 --seq 256   # a whole GPT-2
@@ -6,7 +6,7 @@
 The plain path is goldenpath's loss today: logits = hidden @ W.T in the compute dtype, their float32 copy,
 F.cross_entropy per token. With ``--depth`` the hidden states come from a GPT-2 of that size (a training
 step's forward and backward without the optimizer: ``model(ids)`` then the loss, against
-``goldenpath.lm_loss.causal_lm_losses``); without it, from fixed random features (the head alone). The
+``goldenpath.models.lm_loss.causal_lm_losses``); without it, from fixed random features (the head alone). The
 times are medians over interleaved repetitions (one of each path in turn); the peak memory is what a
 forward + backward holds above its inputs (on a GPU the allocator's peak; on a CPU the resident high-water
 mark of a fresh process per path). Ratios are chunked / plain, measured in the same run. bf16 autocast on
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from goldenpath.lm_loss import causal_lm_losses, lm_head_losses  # noqa: E402
+from goldenpath.models.lm_loss import causal_lm_losses, lm_head_losses  # noqa: E402
 
 # plain: the float32 logits; chunked: gradients summed in the forward; chunked-recompute: logits recomputed in
 # the backward

@@ -19,9 +19,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from goldenpath.checkpoints import read_json
+from goldenpath.store.rundir import read_json
 from goldenpath.config import load_config
-from goldenpath.train import train
+from goldenpath.training.trainer import train
 
 
 def overshoots(sweep: Path) -> list[dict]:

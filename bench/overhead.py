@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from goldenpath.config import load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model
-from goldenpath.run import make_optimizer
-from goldenpath.train import train
+from goldenpath.training.run import make_optimizer
+from goldenpath.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # the small CNN the file-backed image sources train
@@ -93,7 +93,7 @@ class Timed:
 def timed_train(config_path, overrides, steps: int, out: str, name: str, skip: int = 0) -> dict:
     """One trainer run with every ``next_step`` timed: its data-wait fraction and training samples/s (the
     first ``skip`` steps' waits, e.g. a shuffle buffer's first fill, left out of the time and the waits)."""
-    import goldenpath.run as run_module
+    import goldenpath.training.run as run_module
 
     waits: list[float] = []
     build = run_module.build_stream

@@ -176,7 +176,7 @@ def lm_step(size: dict, device: str, *, compiled: bool):
     from goldenpath.config import load_config
     from goldenpath.data import SourceInfo
     from goldenpath.models import build_model
-    from goldenpath.run import make_optimizer
+    from goldenpath.training.run import make_optimizer
 
     root = Path(__file__).resolve().parent.parent
     config = load_config(root / "configs" / "c4-gpt2-small.yaml",

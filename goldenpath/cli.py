@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from goldenpath.config import ConfigError, load_config
-from goldenpath.naming import default_run_name
+from goldenpath.config.naming import default_run_name
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     config = load_config(args.config, args.overrides)
     if not any(o.split("=", 1)[0].strip() == "name" for o in args.overrides):
@@ -114,8 +114,8 @@ def _finish_run(run_dir: Path) -> int:
     """One summary line, then the run directory last; exit 0 only for a completed run (130 after Ctrl-C)."""
     import shlex
 
-    from goldenpath.checkpoints import RunDir
-    from goldenpath.runtime import EXIT_CTRL_C
+    from goldenpath.store.rundir import RunDir
+    from goldenpath.training.runtime import EXIT_CTRL_C
 
     s = RunDir(run_dir).status()
     if s["state"] == "interrupted":
@@ -138,12 +138,12 @@ def _finish_run(run_dir: Path) -> int:
 
 
 def _sweep(args) -> int:
-    from goldenpath.sweep import SweepInterrupted, run_sweep
+    from goldenpath.training.sweep import SweepInterrupted, run_sweep
 
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
-    from goldenpath.plan import plan
-    from goldenpath.sweep import load_sweep
+    from goldenpath.comparison.plan import plan
+    from goldenpath.training.sweep import load_sweep
 
     for line in plan(load_sweep(args.sweep_config)):
         print(f"plan: {line}", file=sys.stderr if not args.plan else sys.stdout, flush=True)
@@ -167,7 +167,7 @@ def _sweep_interrupted(stop) -> int:
     """One line: what the interrupted sweep finished and saved, and how to go on."""
     import shlex
 
-    from goldenpath.runtime import EXIT_CTRL_C, signal_name
+    from goldenpath.training.runtime import EXIT_CTRL_C, signal_name
 
     runs, counts = _runs_summary(stop.sweep_dir)
     _print_main(f"sweep stopped ({signal_name(stop.signum)}): {counts.get('interrupted', 0)} runs saved their resume "
@@ -189,16 +189,16 @@ def _runs_summary(sweep_dir: Path):
 
 
 def _fork(args) -> int:
-    from goldenpath.fork import fork_config
-    from goldenpath.train import train
+    from goldenpath.training.fork import fork_config
+    from goldenpath.training.trainer import train
 
     parent, *overrides = args.run_dir_and_overrides
     return _finish_run(train(fork_config(parent, args.at_loss, args.at_step, overrides, name=args.name)))
 
 
 def _compare(args) -> int:
-    from goldenpath.compare import compare, conclusions, tables_dir
-    from goldenpath.figures import write_figures
+    from goldenpath.comparison.compare import compare, conclusions, tables_dir
+    from goldenpath.draw.figures import write_figures
 
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
@@ -219,8 +219,8 @@ def _compare(args) -> int:
 
 
 def _noise(args) -> int:
-    from goldenpath.figures import write_noise_figures
-    from goldenpath.gradnoise import summary_line, write_analysis
+    from goldenpath.draw.figures import write_noise_figures
+    from goldenpath.gradnoise.collect import summary_line, write_analysis
 
     table, noise, path = write_analysis(args.run_dir, at_loss=args.at_loss, at_step=args.at_step,
                                         batches=args.batches, batch_size=args.batch_size, max_coords=args.max_coords)
@@ -231,8 +231,8 @@ def _noise(args) -> int:
 
 
 def _toys(args) -> int:
-    from goldenpath import checkpoints as ckpt
-    from goldenpath.figures import write_toy_figure
+    from goldenpath.store import rundir as ckpt
+    from goldenpath.draw.figures import write_toy_figure
     from goldenpath.toys.experiments import run_toy, toy_options
 
     options = toy_options(args.which, args.overrides)
@@ -249,7 +249,7 @@ def _toys(args) -> int:
 
 
 def _report(args) -> int:
-    from goldenpath.report import write_report
+    from goldenpath.draw.report import write_report
 
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
@@ -267,10 +267,10 @@ def _report(args) -> int:
 
 def _demo(args) -> int:
     """A small lr x batch x 5-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
-    from goldenpath.compare import compare, conclusions
-    from goldenpath.figures import write_figures
-    from goldenpath.plan import plan
-    from goldenpath.sweep import SweepInterrupted, load_sweep, run_sweep
+    from goldenpath.comparison.compare import compare, conclusions
+    from goldenpath.draw.figures import write_figures
+    from goldenpath.comparison.plan import plan
+    from goldenpath.training.sweep import SweepInterrupted, load_sweep, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"
     if not path.exists():
@@ -289,7 +289,7 @@ def _demo(args) -> int:
     write_figures(sweep_dir)
     for line in conclusions(sweep_dir):
         _print_main(line)
-    from goldenpath.report import write_report
+    from goldenpath.draw.report import write_report
 
     _print_main(f"tables: {sweep_dir / 'compare'}; figures: {sweep_dir / 'figures'}")
     _print_main(f"report: {write_report(sweep_dir)}")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         extra = [a for a in extra if "=" not in a or a.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from goldenpath.runtime import gpu_memory_share, tune_malloc
+    from goldenpath.training.runtime import gpu_memory_share, tune_malloc
 
     tune_malloc()
     try:
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"goldenpath: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        from goldenpath.runtime import EXIT_CTRL_C
+        from goldenpath.training.runtime import EXIT_CTRL_C
 
         print("goldenpath: stopped by Ctrl-C; completed checkpoints and the last saved resume point are kept: "
               "run the same command to resume", file=sys.stderr)

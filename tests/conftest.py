@@ -67,7 +67,7 @@ def bars():
 def computed_pairs(monkeypatch):
     """The pairs of runs compare computes distances for (its pair cache serves the others), in a list that
     grows as compare runs; clear it to count from a point on."""
-    from goldenpath import compare as cmp
+    from goldenpath.comparison import compare as cmp
 
     computed = []
     real = cmp.pair_sums
@@ -100,7 +100,7 @@ def status_of(run_dir: Path) -> dict:
 
 def trained_model(config, run_dir: Path, which: str = "last") -> torch.nn.Module:
     """The weights of checkpoint ``which`` of a run, in a model built from its config."""
-    from goldenpath import checkpoints as ckpt
+    from goldenpath.store import rundir as ckpt
     from goldenpath.models import build_model
 
     model = build_model(config.model, config.data.build().info, seed=config.seed)

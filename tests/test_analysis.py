@@ -112,9 +112,9 @@ def test_power_table_detects_a_planted_difference_and_not_the_null(tmp_path, mon
     for i, (name, level) in enumerate(runs):
         (d / name).mkdir(parents=True)
         (d / name / "config.yaml").write_text(f"seed: {i}\ndata: {{source: teacher, mix: {level}}}\n")
-    import goldenpath.compare
+    import goldenpath.comparison.compare
 
-    monkeypatch.setattr(goldenpath.compare, "compare", lambda *a, **k: pd.DataFrame(rows))
+    monkeypatch.setattr(goldenpath.comparison.compare, "compare", lambda *a, **k: pd.DataFrame(rows))
     table = golden_path.power_table(d, level_alpha=0.01, draws=60)
     null, planted = table.set_index("level").loc[0.0], table.set_index("level").loc[0.2]
     assert null.draws == planted.draws == 60 and null.pool == 40 and planted.pool == 16

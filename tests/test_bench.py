@@ -204,7 +204,7 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
 
     import torch
 
-    from goldenpath import train as train_mod
+    from goldenpath.training import trainer as train_mod
 
     from .conftest import TINY_TEACHER
 

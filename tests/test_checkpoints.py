@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from goldenpath import checkpoints as ckpt
+from goldenpath.store import rundir as ckpt
 
 
 def test_a_crash_while_filling_keeps_the_previous_directory(tmp_path):
@@ -106,7 +106,7 @@ def test_tied_weights_save_and_load(tmp_path):
 
 def test_run_dir_names_every_path_of_a_run_and_reads_what_the_trainer_wrote(tiny_teacher, tmp_path):
     from goldenpath.config import load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     run_dir = train(load_config(None, [*tiny_teacher, "budget.samples=640", "checkpoint.targets=[2.3]",
                                        "checkpoint.steps=[10]", "checkpoint.best=true",

@@ -10,16 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from goldenpath import checkpoints as ckpt
-from goldenpath import compare as cmp
-from goldenpath import distances, pairs
+from goldenpath.store import rundir as ckpt
+from goldenpath.comparison import compare as cmp, distances, pairs
 from goldenpath.config import load_config, to_dict
-from goldenpath import lmc
+from goldenpath.comparison import lmc
 from goldenpath.config import ConfigError
 from goldenpath.data import probe_shift
-from goldenpath.distances import js, kl, linear_cka, top1, tv, unit_sums
+from goldenpath.comparison.distances import js, kl, linear_cka, top1, tv, unit_sums
 from goldenpath.models import build_model, logits, sample_losses
-from goldenpath.plots import distance_heatmap
+from goldenpath.draw.plots import distance_heatmap
 
 from .conftest import TINY_MARKOV, TINY_TEACHER
 
@@ -36,10 +35,10 @@ def tiny_models(overrides, n, info):
 def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, group_bytes, monkeypatch):
     """All pairs of a chunk in one gathered group (the default here), and, with the groups' bytes at 1, one
     model against two others at a time: consecutive ones (views) or not (0 against 1 and 3)."""
-    import goldenpath.pairs
+    import goldenpath.comparison.pairs
 
     if group_bytes is not None:
-        monkeypatch.setattr(goldenpath.pairs, "PAIR_GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(goldenpath.comparison.pairs, "PAIR_GROUP_BYTES", group_bytes)
     config = load_config(None, [*(TINY_TEACHER if which == "cnn" else TINY_MARKOV), "budget.steps=1"])
     source = config.data.build()
     probe = {k: v.double() if v.is_floating_point() else v for k, v in source.heldout("probe").items()}
@@ -53,7 +52,7 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     chunk = 5
     if group_bytes is not None:  # two models against others in groups of two: consecutive ones (a view) or not
-        monkeypatch.setattr(goldenpath.pairs, "_pairs_per_group", lambda per_pair: 2)
+        monkeypatch.setattr(goldenpath.comparison.pairs, "_pairs_per_group", lambda per_pair: 2)
         pairs = [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
     got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=chunk, device="cpu",
                         dtype=torch.float64)
@@ -289,8 +288,8 @@ def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep, bars, monk
     import matplotlib
 
     matplotlib.use("Agg")
-    from goldenpath import figures
-    from goldenpath.figures import write_figures
+    from goldenpath.draw import figures
+    from goldenpath.draw.figures import write_figures
 
     frame = cmp.compare(sweep, ("tv",), n_boot=50, include_flagged=True)
     monkeypatch.setattr(figures, "tqdm", bars)

@@ -10,7 +10,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr, softmax
 
-from goldenpath.distances import (
+from goldenpath.comparison.distances import (
     Dist, ON_DISTS, bootstrap, bootstrap_rows, bootstrap_weights, cka_from_moments, js, kl, linear_cka, top1, tv,
     unit_sums,
 )

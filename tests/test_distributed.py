@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from goldenpath.config import load_config
-from goldenpath.train import train
+from goldenpath.training.trainer import train
 from tests.conftest import TINY_TEACHER
 
 

@@ -122,7 +122,7 @@ def test_noise_cli_on_a_small_teacher_cnn_run(tmp_path):
     import pandas as pd
 
     from goldenpath.config import load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     from .conftest import TINY_TEACHER
 

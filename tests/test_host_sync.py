@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from goldenpath import train as train_mod
-from goldenpath.checkpoints import read_metrics
+from goldenpath.training import trainer as train_mod
+from goldenpath.store.rundir import read_metrics
 from goldenpath.config import auto_precision, load_config
 from goldenpath.models import CAUSAL_SDPA, attn_implementation, build_model, logits
-from goldenpath.run import make_optimizer, optimizer_kwargs, tf32_allowed
-from goldenpath.train import train
+from goldenpath.training.run import make_optimizer, optimizer_kwargs, tf32_allowed
+from goldenpath.training.trainer import train
 
 from .conftest import TINY_MARKOV, TINY_TEACHER
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goldenpath.lm_loss import lm_head_losses
+from goldenpath.models.lm_loss import lm_head_losses
 
 
 def _inputs(n=37, d=16, vocab=101, seed=0, ignored=(3, 20, 21)):
@@ -82,7 +82,7 @@ def test_under_bf16_autocast_the_logits_are_bf16_and_the_loss_float32_as_in_the_
 def test_a_gpt2_model_gives_the_loss_and_gradients_of_its_full_logits():
     from goldenpath.config import load_config
     from goldenpath.data import SourceInfo
-    from goldenpath.lm_loss import causal_lm_losses
+    from goldenpath.models.lm_loss import causal_lm_losses
     from goldenpath.models import build_model, sample_losses
 
     config = load_config(None, ["model.name=gpt2", "model.width=32", "model.depth=2", "model.heads=4",
@@ -123,7 +123,7 @@ def test_a_run_with_the_chunked_head_trains_as_the_full_logits_run_and_dp_refuse
     from pathlib import Path
 
     from goldenpath.config import ConfigError, load_config
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     base = Path(__file__).resolve().parents[1] / "configs" / "markov-gpt2.yaml"
     common = [f"out={tmp_path}", "budget.samples=256", "optim.batch_size=32", "checkpoint.targets=[]",

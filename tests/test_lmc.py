@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goldenpath import lmc
+from goldenpath.comparison import lmc
 from goldenpath.config import load_config
 from goldenpath.models import build_model
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from goldenpath.checkpoints import read_json, read_metrics
+from goldenpath.store.rundir import read_json, read_metrics
 from goldenpath.config import load_config
-from goldenpath.schedule import next_eval_gap
-from goldenpath.train import train
+from goldenpath.training.schedule import next_eval_gap
+from goldenpath.training.trainer import train
 
 TARGETS = [2.28, 2.26, 2.24, 2.22]
 SCHEDULES = {  # the target search's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from goldenpath.noise import add_noise
+from goldenpath.dp.mechanisms import add_noise
 
 
 def test_noise_has_the_stated_mean_and_covariance_and_is_reproducible():

@@ -171,7 +171,7 @@ def test_design_noise_and_regimes(quick):
 
 def test_row_epsilon_is_what_goldenpath_records():
     from goldenpath.config import load_config
-    from goldenpath.privacy import privacy_spent
+    from goldenpath.dp.privacy import privacy_spent
 
     s = m.setting(True, ratio=1 / 32)
     dp = [r for r in s["rows"] if r[1] == "dp"]
@@ -183,7 +183,7 @@ def test_row_epsilon_is_what_goldenpath_records():
 
 
 def test_full_sweep_is_a_valid_goldenpath_sweep():
-    from goldenpath.sweep import expand, load_sweep
+    from goldenpath.training.sweep import expand, load_sweep
 
     points = expand(load_sweep(m.FULL_SWEEP))
     assert len(points) == len(m.setting(False)["rows"]) * len(m.TUNE_SEEDS)

@@ -10,8 +10,8 @@ from torch import nn
 from goldenpath.config import load_config
 from goldenpath.data import SourceInfo
 from goldenpath.models import build_model, sample_losses
-from goldenpath import layer_rules, per_sample
-from goldenpath.per_sample import clipped_grad_sum, per_sample_clip
+from goldenpath.dp import layer_rules, per_sample
+from goldenpath.dp.per_sample import clipped_grad_sum, per_sample_clip
 
 @pytest.fixture(autouse=True)
 def float64():

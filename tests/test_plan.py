@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from goldenpath import plan
-from goldenpath.sweep import load_sweep
+from goldenpath.comparison import plan
+from goldenpath.training.sweep import load_sweep
 
 from .conftest import write_sweep
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from goldenpath.config import ConfigError, load_config, run_key
-from goldenpath.data import StreamExhausted, build_stream
-from goldenpath.data import prefetch as pf
+from goldenpath.config import ConfigError, load_config
+from goldenpath.config.identity import identity_key
+from goldenpath.data import build_stream, prefetch as pf, StreamExhausted
 from goldenpath.data.prefetch import Prefetched
 from goldenpath.data.streams import SourceInfo, Stream
 from tests.test_sources import DOCS, write_idx
@@ -311,7 +311,7 @@ def test_prefetch_is_checked_and_does_not_change_what_a_run_computes():
     with pytest.raises(ConfigError, match=r"^data.prefetch: got -1; use 0"):
         load_config(None, ["data.prefetch=-1"])
     assert load_config(None).data.prefetch == 2
-    assert run_key(load_config(None, ["data.prefetch=0"])) == run_key(load_config(None, ["data.prefetch=4"]))
-    from goldenpath.checkpoints import NOT_IDENTITY
+    assert identity_key(load_config(None, ["data.prefetch=0"])) == identity_key(load_config(None, ["data.prefetch=4"]))
+    from goldenpath.config.identity import RESUMABLE
 
-    assert "data.prefetch" in NOT_IDENTITY  # a run may be resumed with another value
+    assert "data.prefetch" in RESUMABLE  # a run may be resumed with another value

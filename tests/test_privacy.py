@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import integrate, optimize, stats
 
-from goldenpath.privacy import epsilon
+from goldenpath.dp.privacy import epsilon
 
 
 def profile_by_quadrature(eps: float, sigma: float) -> float:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from goldenpath.checkpoints import read_json, read_metrics
+from goldenpath.store.rundir import read_json, read_metrics
 from goldenpath.config import load_config
-from goldenpath.train import train
+from goldenpath.training.trainer import train
 
 from .conftest import TINY_TEACHER
 
@@ -93,7 +93,7 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_expands_into_valid_runs(path):
-    from goldenpath.sweep import expand, load_sweep
+    from goldenpath.training.sweep import expand, load_sweep
 
     sweep = load_sweep(path)
     points = expand(sweep)
@@ -104,7 +104,7 @@ def test_every_shipped_sweep_expands_into_valid_runs(path):
 
 
 def test_the_readme_makes_each_run_directory_before_a_command_reads_it():
-    from goldenpath.sweep import load_sweep
+    from goldenpath.training.sweep import load_sweep
 
     made = []
     for line in (ROOT / "README.md").read_text().splitlines():

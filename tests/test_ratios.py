@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from goldenpath import ratios
+from goldenpath.comparison import verdicts
 
 
 def summary_row(target, setting, *, p_min, ratio=1.3, spread=1.0, spread_p=0.5, location=1.2, location_p_min=0.5,
@@ -28,7 +28,7 @@ def family_row(target, *, p_global, smallest=0.0005, trivial=False, regime="onli
 
 
 def adjusted(summary, family):
-    ratios.adjust(summary, family)
+    verdicts.adjust(summary, family)
     return pd.DataFrame(summary), pd.DataFrame(family)
 
 
@@ -49,19 +49,19 @@ def test_the_answer_says_whether_location_or_spread_sets_a_setting_apart():
     summary = [summary_row(1.7, "noisy", p_min=0.001, ratio=1.4, spread=1.9, spread_p=0.001, location=1.01),
                summary_row(1.7, "other", p_min=0.4, ratio=1.05)]
     s, f = adjusted(summary, [family_row(1.7, p_global=0.001)])
-    text = ratios.answer(s, family=f)["online"]
+    text = verdicts.answer(s, family=f)["online"]
     assert text.startswith("online: noisy differs from the reference ref at loss 1.7 (tv ratio 1.40")
     assert "scatters 1.9x wider than the reference around the same mean function" in text
     summary = [summary_row(1.7, "shifted", p_min=0.001, location=1.5, location_p_min=0.001)]
     s, f = adjusted(summary, [family_row(1.7, p_global=0.001)])
-    assert "its mean function differs (location 1.50" in ratios.answer(s, family=f)["online"]
+    assert "its mean function differs (location 1.50" in verdicts.answer(s, family=f)["online"]
 
 
 def test_the_answer_says_cannot_be_decided_where_the_seeds_cannot_reach_the_level():
     summary = [summary_row(t, "a", p_min=2 / 252, seeds=5) for t in (1.7, 1.65, 1.6, 1.55, 1.5, 1.45, 1.4)]
     family = [family_row(t, p_global=2 / 252, smallest=2 / 252) for t in (1.7, 1.65, 1.6, 1.55, 1.5, 1.45, 1.4)]
     s, f = adjusted(summary, family)
-    text = ratios.answer(s, family=f)["online"]
+    text = verdicts.answer(s, family=f)["online"]
     assert text.startswith("online: cannot be decided with 5 seeds per setting: the smallest adjusted p these "
                            "seeds allow is 0.056")
     assert "no setting differs" not in text
@@ -71,7 +71,7 @@ def test_the_answer_says_no_setting_differs_and_names_trivial_targets():
     summary = [summary_row(1.7, "a", p_min=0.3, ratio=1.02), summary_row(1.9, "a", p_min=0.001, trivial=True)]
     family = [family_row(1.7, p_global=0.3), family_row(1.9, p_global=0.001, trivial=True)]
     s, f = adjusted(summary, family)
-    text = ratios.answer(s, family=f)["online"]
+    text = verdicts.answer(s, family=f)["online"]
     assert text.startswith("online: no setting differs from the reference ref beyond its seeds (family of 1 "
                            "comparison over 1 target, smallest adjusted p 0.3")
     assert "target 1.9 left out as trivial (at or above the trivial loss 1.73)" in text

@@ -20,9 +20,9 @@ import pytest
 
 matplotlib.use("Agg")
 
-from goldenpath.plots import (distance_vs_loss, error_bands, loss_bands, loss_curves, ratio_matrix,  # noqa: E402
+from goldenpath.draw.plots import (distance_vs_loss, error_bands, loss_bands, loss_curves, ratio_matrix,  # noqa: E402
                               short_labels, tail_index_by_layer, toys_metric)
-from goldenpath.report import error_by_loss, seed_bands  # noqa: E402
+from goldenpath.draw.report import error_by_loss, seed_bands  # noqa: E402
 
 from .conftest import write_sweep  # noqa: E402
 
@@ -101,8 +101,8 @@ def test_ratio_matrix_keeps_the_order_leaves_the_diagonal_blank_and_marks_the_re
 
 
 def test_ratio_matrix_greys_out_single_seed_settings_and_keeps_them_off_the_colour_scale():
-    from goldenpath.figures import counted, ratio_limit
-    from goldenpath.matrices import SINGLE_SEED
+    from goldenpath.draw.figures import counted, ratio_limit
+    from goldenpath.draw.matrices import SINGLE_SEED
 
     rows = pd.DataFrame([dict(setting_a=a, setting_b=b, n_a=na, n_b=nb, ratio=r, ci_low=r - 0.1, p_value=0.01)
                          for a, b, na, nb, r in (("ref", "two", 3, 2, 1.5), ("ref", "one", 3, 1, 6.0),
@@ -124,7 +124,7 @@ def test_ratio_matrix_greys_out_single_seed_settings_and_keeps_them_off_the_colo
 def test_compute_to_target_labels_two_ticks_or_more_on_a_log_axis_of_one_decade_tick():
     import matplotlib.pyplot as plt
 
-    from goldenpath.plots import compute_to_target
+    from goldenpath.draw.plots import compute_to_target
 
     compute = pd.DataFrame([dict(target=t, setting=f"lr={lr}", regime="online", n_reached=2, steps_mean=s,
                                  **{"optim.lr": lr, "optim.batch_size": 32})
@@ -167,12 +167,12 @@ def test_tail_index_bars_and_toys_metric_draw_their_values():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from goldenpath.report import write_report
-    from goldenpath.sweep import run_sweep
+    from goldenpath.draw.report import write_report
+    from goldenpath.training.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("report")
     path = write_sweep(tmp, "grid: {optim.lr: [0.05, 0.1, 1000.0]}\nseeds: [0, 1]\n")
-    from goldenpath.compare import compare
+    from goldenpath.comparison.compare import compare
 
     sweep_dir = run_sweep(path, jobs=2, progress=False)
     compare(sweep_dir, metrics=LENSES, lmc_points=3)  # as goldenpath demo: the output metrics, cka and lmc
@@ -186,7 +186,8 @@ WHOLE = ("cka", "lmc")  # one value per pair of runs: no interval over probe uni
 def demo_like(root: Path) -> Path:
     """A sweep directory shaped like ``goldenpath demo``'s (lr x batch x online/offline x 5 seeds, 4 targets, 4
     metrics) with made-up curves and ``compare/`` tables in compare's columns: the report at full size, no training."""
-    from goldenpath.ratios import COMPUTE, FAMILY, MATRIX, SUMMARY, setting_label
+    from goldenpath.comparison.verdicts import COMPUTE, FAMILY, MATRIX, SUMMARY
+    from goldenpath.config.identity import setting_label
 
     rng = np.random.default_rng(0)
     sweep, runs = root / "demo", []
@@ -260,7 +261,7 @@ def demo_like(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
-    from goldenpath.report import write_report
+    from goldenpath.draw.report import write_report
 
     return write_report(demo_like(tmp_path_factory.mktemp("demo")))
 
@@ -275,8 +276,8 @@ def with_curve(run: Path) -> Path:
 
 def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path, bars, monkeypatch, capsys,
                                                                        computed_pairs):
-    from goldenpath import compare as cmp
-    from goldenpath import report as rep
+    from goldenpath.comparison import compare as cmp
+    from goldenpath.draw import report as rep
 
     from .test_compare import make_run
 
@@ -356,7 +357,7 @@ def test_report_has_every_section_and_needs_no_network(report):
 def has_lens_sections(page: str, sweep_dir: Path) -> None:
     """cka and lmc each get a section like the output metrics: heading, answer, the setting x setting ratio
     figure, the table against the reference (ratio, interval, p) and the distances against loss."""
-    from goldenpath.report import METRIC_NAMES
+    from goldenpath.draw.report import METRIC_NAMES
 
     summary = pd.read_csv(sweep_dir / "compare" / "summary.csv")
     for m in WHOLE:

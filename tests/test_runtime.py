@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from goldenpath import runtime
+from goldenpath.training import runtime
 
 
 def test_threads_follow_the_config_then_the_environment_then_half_the_cores(monkeypatch):
@@ -59,7 +59,7 @@ libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 applied = False
 if sys.argv[1] == "tuned":  # imported only here: what an import frees could move glibc's default threshold
-    from goldenpath.runtime import tune_malloc
+    from goldenpath.training.runtime import tune_malloc
     applied = tune_malloc()
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(16 << 20)  # an activation-sized buffer

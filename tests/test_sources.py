@@ -62,7 +62,7 @@ def test_idx_reader_and_source(idx_dir):
 
 
 def test_idx_source_trains_end_to_end(idx_dir, tmp_path):
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     root, _ = idx_dir
     config = load_config(None, ["data.source=fashion_mnist", f"data.path={root}", "data.eval_size=50",

@@ -1,5 +1,5 @@
 """Setting-level statistics against an independent PERMANOVA (scikit-bio), hand computations, brute-force
-enumerations, and simulations with a known truth (goldenpath.calibration): the tests reject at their level
+enumerations, and simulations with a known truth (goldenpath.comparison.calibration): the tests reject at their level
 under the null, the location and spread tests each reject only their own effect, the intervals cover the
 truth, and seeds shared unknowingly break all of it (the reason for the independent design)."""
 
@@ -11,8 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from goldenpath import calibration as cal
-from goldenpath import stats
+from goldenpath.comparison import calibration as cal, stats
 
 
 def pair_sums(outputs: np.ndarray) -> np.ndarray:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from goldenpath.checkpoints import read_json, read_metrics
+from goldenpath.store.rundir import read_json, read_metrics
 from goldenpath.config import ConfigError, load_config
-from goldenpath.fork import fork_config
-from goldenpath.sweep import expand, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
-from goldenpath.train import train
+from goldenpath.training.fork import fork_config
+from goldenpath.training.sweep import expand, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
+from goldenpath.training.trainer import train
 
 from .conftest import TINY_TEACHER, write_sweep
 
@@ -345,7 +345,7 @@ def test_a_fork_that_another_run_already_computes_is_refused_and_compare_refuses
     other = fork("optim.batch_size=x4")  # a different fork is fine
     assert other.returncode == 0, other.stderr[-2000:]
 
-    from goldenpath.compare import compare
+    from goldenpath.comparison.compare import compare
     shutil.copytree(parent, tmp_path / "p-copy")
     with pytest.raises(ConfigError, match="p-copy is p again"):
         compare(tmp_path)
@@ -366,8 +366,8 @@ def test_a_sweep_of_two_process_runs_goes_through_accelerate_launch(tmp_path):
 def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory(monkeypatch, capsys):
     import torch
 
-    from goldenpath import runtime
-    from goldenpath.sweep import _slots
+    from goldenpath.training import runtime
+    from goldenpath.training.sweep import _slots
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     one_each = _slots(2, 1)

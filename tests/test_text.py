@@ -150,7 +150,7 @@ def curve(run: Path) -> list[float]:
 
 @pytest.mark.parametrize("config", ["shakespeare-gpt2.yaml", "shakespeare-llama.yaml"])
 def test_tiny_run_of_the_config_reaches_a_target(config, tmp_path):
-    from goldenpath.train import train
+    from goldenpath.training.trainer import train
 
     cfg = load_config(CONFIGS / config, [*TINY, *TINY_MODEL, "budget.steps=40", "checkpoint.targets=[4.5]",
                                          f"out={tmp_path}", "name=run"])
@@ -164,10 +164,10 @@ def test_tiny_run_of_the_config_reaches_a_target(config, tmp_path):
 
 
 def test_dp_step_on_llama_through_the_per_sample_fallback(src, tmp_path):
-    from goldenpath.layer_rules import rule_of
+    from goldenpath.dp.layer_rules import rule_of
     from goldenpath.models import build_model, sample_losses
-    from goldenpath.per_sample import per_sample_clip
-    from goldenpath.train import train
+    from goldenpath.dp.per_sample import per_sample_clip
+    from goldenpath.training.trainer import train
 
     cfg = load_config(CONFIGS / "shakespeare-llama.yaml", [*TINY, *TINY_MODEL, "model.attention=eager"])
     model = build_model(cfg.model, src.info, seed=0)

@@ -18,13 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from goldenpath import checkpoints as ckpt
+from goldenpath.store import rundir as ckpt
 from goldenpath import cli
 from goldenpath.config import OptimConfig, load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model
-from goldenpath.schedule import get_lr, next_eval_gap
-from goldenpath.train import train
+from goldenpath.training.schedule import get_lr, next_eval_gap
+from goldenpath.training.trainer import train
 
 from .conftest import status_of, trained_model
 
@@ -173,7 +173,7 @@ def test_target_checkpoints_are_first_crossings(tiny_teacher):
 
 
 def test_timed_resume_saves_never_move_an_eval_and_wait_for_the_target_search(tiny_teacher, monkeypatch):
-    from goldenpath.run import Run
+    from goldenpath.training.run import Run
 
     saved = []
     save_last = Run.save_last
@@ -320,11 +320,11 @@ def test_ctrl_c_exits_130_and_the_rerun_logs_and_saves_as_if_never_stopped(resum
 
 
 def test_ctrl_c_outside_a_run_s_loop_exits_130_with_one_line(tiny_teacher, tmp_path, monkeypatch, capsys):
-    import goldenpath.train
+    import goldenpath.training.trainer
 
     def interrupted(config):
         raise KeyboardInterrupt
-    monkeypatch.setattr(goldenpath.train, "train", interrupted)
+    monkeypatch.setattr(goldenpath.training.trainer, "train", interrupted)
     config = tmp_path / "c.yaml"
     config.write_text("budget: {samples: 6400}\n")
     with pytest.raises(SystemExit) as exit_info:
@@ -429,7 +429,7 @@ def test_tensorboard_tracker_holds_the_logged_scalars(tiny_teacher):
 
 
 def state_of(initial, best, last, train_loss):
-    from goldenpath.run import RunState
+    from goldenpath.training.run import RunState
 
     return RunState(initial_eval=initial, best=list(best), evals=[[0, initial], [99, last]], train_loss=train_loss)
 
@@ -443,7 +443,7 @@ def state_of(initial, best, last, train_loss):
     ((40, 1.9), 2.2, 1.2, False, "completed", None),                  # online: every sample new, never overfitting
 ])
 def test_a_finished_run_is_judged_by_stated_rules(best, last, train_loss, offline, verdict, says):
-    from goldenpath.train import judge
+    from goldenpath.training.trainer import judge
 
     state, why, fields = judge(state_of(2.3, best, last, train_loss), chance=2.4, min_progress=0.05, offline=offline)
     assert state == verdict
@@ -488,7 +488,7 @@ def test_best_checkpoint_holds_the_lowest_eval_loss(tiny_teacher):
 
 
 def test_the_progress_bar_ends_full_when_the_last_target_stops_the_run(tiny_teacher, bars, monkeypatch):
-    from goldenpath import run as run_module
+    from goldenpath.training import run as run_module
 
     monkeypatch.setattr(run_module, "tqdm", bars)
     run_dir = train(load_config(None, [*tiny_teacher, "log.progress=true", "checkpoint.targets=[2.28]",

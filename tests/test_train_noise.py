@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from goldenpath import privacy
-from goldenpath.checkpoints import read_metrics
+from goldenpath.dp import privacy
+from goldenpath.store.rundir import read_metrics
 from goldenpath.config import load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model, sample_losses
-from goldenpath.noise import add_noise
-from goldenpath.train import train
+from goldenpath.dp.mechanisms import add_noise
+from goldenpath.training.trainer import train
 
 from .conftest import status_of, trained_model
 

@@ -5,7 +5,7 @@ predictor, so a ratio near 1 there says nothing about the settings compared.
 
 * **language models** (``SourceInfo.task == "lm"``): the **unigram** loss, the entropy (nats) of the eval
   set's own token frequencies (labels != -100): the lowest mean loss any context-free predictor reaches on
-  the eval set (the same number as ``goldenpath.run.chance_loss`` of the eval batch).
+  the eval set (the same number as ``goldenpath.training.run.chance_loss`` of the eval batch).
 * **classification**: the lower of two eval losses, both fitted on the first ``samples`` (8192, or the whole
   pool if smaller) training samples:
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from goldenpath.checkpoints import atomic_write, cache_dir
+from goldenpath.store.rundir import atomic_write, cache_dir
 from goldenpath.config import ConfigError, DataConfig, require, to_dict
 from goldenpath.data.streams import Batch
 from goldenpath.seeding import seeded_generator

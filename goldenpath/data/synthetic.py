@@ -165,7 +165,7 @@ class TeacherStream:
         process that builds the source. The cache key hashes this file's code, the config fields that
         shape the teacher and the torch version, so any change rebuilds it; a bad file is rebuilt too.
         """
-        from goldenpath.checkpoints import atomic_write, cache_dir
+        from goldenpath.store.rundir import atomic_write, cache_dir
 
         fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
                   self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__) + ((purpose,) if purpose != 10 else ())

@@ -1,0 +1,436 @@
+"""Loss-matched functional distances across a sweep: ``goldenpath compare SWEEP_DIR``.
+
+For every loss target, the runs that reached it are compared pairwise on the fixed probe set. Each
+model's forward runs once per probe chunk: the N models' outputs for one chunk are held, all pairs are
+computed, and the next chunk follows, so N checkpoints cost N forwards and memory stays bounded for
+language-model vocabularies (:mod:`goldenpath.comparison.pairs`). Runs are grouped into *settings* (the same knobs,
+any seed); each setting is compared with the reference of its regime (every seed of the least-noisy setting)
+and with every other setting: the golden-path ratio D / F with its interval and permutation p-value, each
+setting's own seed floor, its spread (floor over the reference's) and its location (the distance between
+the settings' mean functions, from the squared distance ``sq``, always measured), and per target and regime
+the family test of every setting at once (:mod:`goldenpath.comparison.stats`, :mod:`goldenpath.comparison.verdicts`). The runs'
+seeds decide the analysis: settings with disjoint seeds are compared as independent, settings that share
+every seed as paired (within seeds); runs of sweeps with different seed designs are refused.
+
+Beyond the pointwise distances (``tv``, ``kl``, ``js``, ``top1``), two opt-in lenses (``--metrics
+...,cka,lmc``): ``cka`` is 1 - linear CKA of the penultimate features on the probe set (per image, or per
+predicted token), read by a hook on the output layer in the same forward as the logits; ``lmc`` is the
+loss barrier on the straight line between the two checkpoints' weights (:mod:`goldenpath.comparison.lmc`,
+``lmc_points`` points; batch-norm statistics recomputed at every point from the eval set; nan between
+different architectures). Both are statistics of the whole probe set, not means over its points: their
+setting-level intervals resample seeds only (the probe set held fixed), and their pair rows carry no
+probe-unit interval. ``probe_shift`` (:mod:`goldenpath.data.shift`) compares on a shifted probe set
+instead; its tables go to ``compare-<shift>/`` (e.g. ``compare-noise-0.5/``), leaving ``compare/`` as it is.
+
+Stalled runs, and checkpoints more than ``tolerance`` (relative) below their target, are left out unless
+``include_flagged``; ``compare/excluded.csv`` lists them. A run that diverged after reaching a target keeps
+its checkpoints in the statistics (each predates the divergence); ``summary.csv``'s ``diverged_later`` and
+the answer (:func:`conclusions`) name it. Tables written under ``compare/``:
+
+- ``distances.parquet``: one row per target, pair of runs and metric (value with its probe-unit interval);
+- ``summary.csv``: one row per target, metric and setting: the ratio against the reference;
+- ``settings.csv``: one row per target, metric and pair of settings (the knob x knob matrix);
+- ``family.csv``: one row per target, metric and regime: the family test, its adjusted p and the smallest
+  adjusted p the seeds allow;
+- ``trend.csv``: slope of log ratio on log noise scale per target, metric and regime;
+- ``compute.csv``: samples and steps each setting needed to reach each target.
+
+Per-pair results are cached under ``compare/cache/`` (one file per target and metric set) keyed by both
+checkpoint files' size and mtime and by the probe set, so a re-run recomputes only pairs whose
+checkpoints changed or are new. ``compare/inputs.json`` records the options and every run's checkpoints
+the tables come from: :func:`changes` says what changed in the sweep since (``goldenpath report`` compares
+again when something did). Figures are drawn from these tables (``goldenpath.draw.figures``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from goldenpath.store import rundir as ckpt
+from goldenpath.comparison import stats, verdicts
+from goldenpath.config import Config, ConfigError, load_config, to_dict
+from goldenpath.config import identity
+from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
+from goldenpath.comparison.distances import METRICS, bootstrap_rows, bootstrap_weights
+from goldenpath.comparison.pairs import load_shared, pair_barriers, pair_sums
+
+WHOLE = ("cka", "lmc")  # statistics of the whole probe set: one value per pair, no probe units to resample
+ALL_METRICS = (*METRICS, "sq", *WHOLE)
+LOCATION = "sq"  # the squared distance whose cell means split into location and spread; always measured
+INPUTS = "inputs.json"  # the options and checkpoints a tables directory was computed from
+COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
+           "loss_b", "kind", "overshoot_a", "overshoot_b"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run: str
+    path: Path
+    target: float
+    eval_loss: float
+    step: int
+    samples: int
+    fingerprint: str
+
+    @property
+    def overshoot(self) -> float:
+        return self.target - self.eval_loss
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    config: Config
+    state: str | None
+    setting: verdicts.Setting
+
+
+def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, RunInfo]]:
+    """Every loss-target checkpoint of the sweep's runs, by target; and each run's config, state and setting."""
+    by_target: dict[float, list[Checkpoint]] = {}
+    configs, states = {}, {}
+    for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
+        run = ckpt.RunDir(run_dir)
+        config = load_config(run.config)
+        configs[run.name] = config
+        states[run.name] = run.state()
+        for target_dir in run.target_dirs():
+            meta = ckpt.read_meta(target_dir)
+            stat = (target_dir / ckpt.WEIGHTS).stat()
+            by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
+                run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
+                int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))
+    _refuse_duplicates(configs, sweep_dir)
+    designs = sorted({c.design for c in configs.values() if c.design is not None})
+    if len(designs) > 1:
+        raise ConfigError("compare", f"the runs of {sweep_dir} come from sweeps with different seed designs "
+                          f"({', '.join(designs)})", "compare the runs of one design (move one sweep's runs out)")
+    return by_target, _settings(configs, states)
+
+
+def _refuse_duplicates(configs: dict[str, Config], sweep_dir: Path) -> None:
+    """Two run directories that compute one run (same resolved config, seed and replicate) would enter the
+    statistics as two seeds at distance 0: refuse, naming both."""
+    seen: dict[str, str] = {}
+    for name, config in configs.items():
+        first = seen.setdefault(identity.identity_key(config), name)
+        if first != name:
+            raise ConfigError("compare", f"{sweep_dir / name} is {first} again under another name (same config, "
+                              "seed and replicate)", f"remove one of them (rm -r {sweep_dir / name})")
+
+
+def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:
+    """Group runs by knobs; label each setting by its runs' names without the seed; keep the varying knobs."""
+    flat = {n: identity.setting_columns(c) for n, c in configs.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
+    by_knobs: dict[tuple, list[str]] = {}
+    for n, c in configs.items():
+        by_knobs.setdefault((identity.knobs(c),), []).append(n)
+    out, used = {}, set()
+    for knobs, names in by_knobs.items():
+        label = identity.setting_label(sorted(names)[0])
+        while label in used:
+            label += "'"
+        used.add(label)
+        c = configs[names[0]]
+        setting = verdicts.Setting(label, knobs, c.regime, identity.noise_level(c), (*identity.order_key(c), label),
+                                 {k: flat[names[0]].get(k) for k in varying}, fork=c.fork.parent is not None)
+        for n in names:
+            out[n] = RunInfo(n, configs[n], states[n], setting)
+    return out
+
+
+def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
+    """The data section shared by every run (the probe set depends on it), minus the regime keys."""
+    sections = set()
+    for config in configs.values():
+        d = to_dict(config)["data"]
+        for k in ("epochs", "train_size", "subset", "mix", "prefetch"):  # regime, subset, training labels, pace
+            d.pop(k, None)
+        sections.add(json.dumps(d, sort_keys=True))
+    if len(sections) > 1:
+        raise ConfigError("compare", "the runs of this directory use different data sources or probe sets",
+                          "compare runs of one sweep (one data source)")
+    text = sections.pop()
+    return json.loads(text), hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What every pair at every target is measured on, and how."""
+
+    info: object          # the source's SourceInfo
+    probe: dict           # the probe set (shifted where asked)
+    source: object        # the data source: its eval set gives batch-norm statistics along a linear path
+    key: str              # the cache key of the probe set and of the lenses' settings
+    chunk: int
+    device: torch.device
+    dtype: torch.dtype
+    lmc_points: int
+
+
+def tables_dir(sweep_dir: str | Path, probe_shift: str | None = None) -> Path:
+    """``compare/``, or ``compare-<shift>/`` for a shifted probe set (e.g. ``compare-noise-0.5``)."""
+    return Path(sweep_dir) / ("compare" if probe_shift is None else f"compare-{parse_shift(probe_shift).slug}")
+
+
+def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
+            tolerance: float = 0.02, n_boot: int = 1000, n_perm: int = 2000, include_flagged: bool = False,
+            probe_shift: str | None = None, lmc_points: int = 11):
+    """Compare every pair of runs and of settings at every loss target; writes the tables under
+    ``compare/`` (``compare-<shift>/`` with ``probe_shift``, e.g. ``"noise:0.5"``); returns the pairs
+    (``distances.parquet``) as a DataFrame. ``metrics``: some of :data:`ALL_METRICS`; ``n_boot``: probe-unit
+    resamples of each pair's interval; ``n_perm``: random relabellings of a permutation test that is not
+    exact; ``lmc_points``: points on each pair's linear path (``lmc``)."""
+    import pandas as pd
+
+    from goldenpath.data.baselines import trivial_loss
+
+    sweep_dir = Path(sweep_dir)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {','.join(ALL_METRICS)}")
+    if lmc_points < 2:
+        raise ConfigError("--lmc-points", f"got {lmc_points}", "use 2 or more points (both ends count)")
+    out_dir = tables_dir(sweep_dir, probe_shift)
+    by_target, runs = collect(sweep_dir)
+    if not by_target:
+        raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
+                          "run a sweep whose runs reach checkpoint.targets first")
+    configs = {n: r.config for n, r in runs.items()}
+    _, probe_key = _probe_fingerprint(configs)
+    first = next(iter(configs.values()))
+    source = first.data.build()
+    probe = source.heldout("probe") if probe_shift is None else shifted_probe(first.data, probe_shift, source=source)
+    lens = f"|lmc:{lmc_points}" if "lmc" in metrics else ""
+    shift = "" if probe_shift is None else f"|shift:{parse_shift(probe_shift).spec}"
+    setup = _Probe(source.info, probe, source, probe_key + shift + lens, chunk,
+                   torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                   torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
+    cache_dir = out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    measured = metrics + (() if LOCATION in metrics else (LOCATION,))
+    baseline = trivial_loss(first.data)[0]
+
+    tables = {name: [] for name in ("distances", "summary", "settings", "family", "trend", "excluded")}
+    weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every pair
+    for target in sorted(by_target, reverse=True):
+        cks = []
+        for c in by_target[target]:
+            why = ("stalled run" if runs[c.run].state == "stalled" else
+                   f"{c.overshoot:.4g} below its target (more than {tolerance:.0%})"
+                   if c.overshoot > tolerance * target else None)
+            if why and not include_flagged:
+                tables["excluded"].append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
+            else:
+                cks.append(c)
+        order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
+        cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
+        if len(cks) < 2:
+            continue
+        results = _pair_results(cks, by_target[target], configs, setup, target, measured, cache_dir)
+        settings = list(order)
+        groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
+        design = stats.Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
+        refs = {r: verdicts.reference_of(settings, [len(g) for g in groups], r) for r in ("online", "offline")}
+        against = {}  # a setting is compared with its regime's reference, an offline one also with the online
+        for k, s in enumerate(settings):
+            mine = [refs[s.regime]] + ([refs["online"]] if s.regime == "offline" else [])
+            theirs = {i for r in mine if r is not None and r != k for i in groups[r]}
+            against.update({i: theirs for i in groups[k]})
+        tables["distances"] += _distance_rows(target, cks, runs, results, metrics, weights, against)
+        pairs = list(itertools.combinations(range(len(cks)), 2))
+        counts = results[pairs[0]]["count"].double().numpy()
+        sq = torch.stack([results[p][LOCATION] for p in pairs]).double().numpy()
+        # runs that diverged after this checkpoint: their checkpoints count, and the summary names them
+        late = [c.run for c in cks if runs[c.run].state == "diverged"]
+        diverged = {s.label: ";".join(r for r in late if runs[r].setting is s) for s in settings}
+        for m in metrics:
+            sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
+            # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
+            got = verdicts.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else counts,
+                                      sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
+                                      trivial_loss=baseline, n_perm=n_perm)
+            for row in got["summary"]:
+                row["diverged_later"] = diverged[row["setting"]]
+            for name, rows in got.items():
+                tables[name] += rows
+    verdicts.adjust(tables["summary"], tables["family"])
+    _write_tables(out_dir, runs, by_target, tables)
+    options = {"metrics": list(metrics), "tolerance": tolerance, "n_boot": n_boot, "n_perm": n_perm,
+               "include_flagged": include_flagged, "probe_shift": probe_shift, "lmc_points": lmc_points}
+    ckpt.write_json(out_dir / INPUTS, {"options": options, "runs": _inputs(runs, by_target)})  # last: after the tables
+    return pd.DataFrame(tables["distances"], columns=COLUMNS)
+
+
+def _inputs(runs: dict[str, RunInfo], by_target: dict[float, list[Checkpoint]]) -> dict[str, dict]:
+    """What a comparison depends on in each run: whether it stalled, and its checkpoints' fingerprints by target."""
+    out = {name: {"stalled": info.state == "stalled", "checkpoints": {}} for name, info in runs.items()}
+    for target, cks in by_target.items():
+        for c in cks:
+            out[c.run]["checkpoints"][f"{target:g}"] = c.fingerprint
+    return out
+
+
+def changes(sweep_dir: str | Path, probe_shift: str | None = None) -> list[str] | None:
+    """What changed in the sweep's runs since compare wrote ``compare/`` (``compare-<shift>/``), one phrase per
+    kind (``"new runs: a, b"``); [] when nothing did, None when the tables record no inputs (written by an
+    older goldenpath)."""
+    path = tables_dir(sweep_dir, probe_shift) / INPUTS
+    if not path.exists():
+        return None
+    old = ckpt.read_json(path)["runs"]
+    by_target, runs = collect(Path(sweep_dir))
+    now = _inputs(runs, by_target)
+    found = {"new runs": sorted(now.keys() - old.keys()), "removed runs": sorted(old.keys() - now.keys()),
+             "new checkpoints": [], "changed checkpoints": [], "removed checkpoints": [], "stalled or no longer": []}
+    for run in sorted(old.keys() & now.keys()):
+        before, after = old[run]["checkpoints"], now[run]["checkpoints"]
+        for target in sorted(before.keys() | after.keys(), key=float, reverse=True):
+            kind = ("new" if target not in before else "removed" if target not in after else
+                    "changed" if before[target] != after[target] else None)
+            if kind:
+                found[f"{kind} checkpoints"].append(f"{run} at {target}")
+        if old[run]["stalled"] != now[run]["stalled"]:
+            found["stalled or no longer"].append(run)
+    return [f"{what}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            for what, names in found.items() if names]
+
+
+def last_options(sweep_dir: str | Path, probe_shift: str | None = None) -> dict:
+    """The keyword arguments compare last wrote ``compare/`` (``compare-<shift>/``) with (from ``inputs.json``)."""
+    return ckpt.read_json(tables_dir(sweep_dir, probe_shift) / INPUTS)["options"]
+
+
+def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
+    import pandas as pd
+
+    reached = []
+    for info in runs.values():
+        n_seeds = sum(r.setting == info.setting for r in runs.values())
+        for target in by_target:
+            hit = next((c for c in by_target[target] if c.run == info.name), None)
+            reached.append({"target": target, "setting": info.setting.label, "regime": info.setting.regime,
+                            "columns": info.setting.columns, "n_seeds": n_seeds,
+                            "step": hit.step if hit else None, "samples": hit.samples if hit else None})
+    frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
+    ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    for name, table, columns in (("summary", tables["summary"], verdicts.SUMMARY),
+                                 ("settings", tables["settings"], verdicts.MATRIX),
+                                 ("family", tables["family"], verdicts.FAMILY),
+                                 ("trend", tables["trend"], verdicts.TREND),
+                                 ("compute", verdicts.compute_rows(reached), verdicts.COMPUTE),
+                                 ("excluded", tables["excluded"], verdicts.EXCLUDED)):
+        table = pd.DataFrame(table)
+        table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
+        ckpt.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+
+
+def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir):
+    """Per-unit sums of every metric for every pair of ``cks``, from the cache where it holds them (the cache
+    also keeps the pairs of ``every`` checkpoint at this target, those left out included)."""
+    pairs = list(itertools.combinations(range(len(cks)), 2))
+    keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
+    path = cache_dir / f"{hashlib.sha1(f'{setup.key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
+    cached = _read_cache(path)
+    alive = {f"{c.run}|{c.fingerprint}" for c in every}
+    previous = {k: v for k, v in cached.items() if {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive}
+    results = {p: cached[k] for p, k in keys.items() if k in cached}
+    todo = [p for p in pairs if p not in results]
+    if todo:
+        models, modules = {}, {}
+        for idx in sorted({k for t in todo for k in t}):
+            models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
+        kw = {"chunk": setup.chunk, "device": setup.device, "dtype": setup.dtype}
+        label = f"loss {target:g}: {len(todo)} pairs"
+        new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards", **kw) \
+            if set(metrics) - {"lmc"} else {}
+        if "lmc" in metrics:
+            for p, v in pair_barriers(models, setup.probe, setup.source.heldout("eval"), todo, k=setup.lmc_points,
+                                      progress=f"{label}, lmc paths", **kw).items():
+                new.setdefault(p, {}).update(v)
+        results.update(new)
+        del models
+        # keep the cached pairs of checkpoints left out this time (they may be included again)
+        current = {**previous, **{keys[p]: results[p] for p in pairs}}
+        ckpt.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
+    return results
+
+
+def _distance_rows(target, cks, runs, results, metrics, weights, against: dict[int, set]) -> list[dict]:
+    """One row per pair of runs and metric, with a bootstrap interval over probe units (none for the
+    whole-probe statistics cka and lmc). ``against``: run -> the runs of the references its setting is
+    compared with (a pair of a run and one of those is a ``reference`` pair)."""
+    cells = [(p, m) for p in results for m in metrics]
+    unit = [(p, m) for p, m in cells if m not in WHOLE]  # every pair and pointwise metric in one resampling
+    est = {}
+    if unit:
+        got = bootstrap_rows(torch.stack([results[p][m] for p, m in unit]),
+                             torch.stack([results[p]["count"] for p, _ in unit]), weights=weights)
+        est = dict(zip(unit, zip(*(x.tolist() for x in got))))
+    rows = []
+    for (i, j), m in cells:
+        value, low, high = est.get(((i, j), m)) or (float(results[(i, j)][m][0]), math.nan, math.nan)
+        a, b = cks[i], cks[j]
+        sa, sb = runs[a.run].setting, runs[b.run].setting
+        kind = "floor" if sa == sb else "reference" if i in against[j] or j in against[i] else "pair"
+        rows.append({"target": target, "run_a": a.run, "run_b": b.run, "setting_a": sa.label, "setting_b": sb.label,
+                     "metric": m, "value": value, "ci_low": low, "ci_high": high, "loss_a": a.eval_loss,
+                     "loss_b": b.eval_loss, "kind": kind, "overshoot_a": a.overshoot, "overshoot_b": b.overshoot})
+    return rows
+
+
+def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """{pair key: {name: [units]}} as one [pairs, units] tensor per name (one small file per target)."""
+    keys = list(results)
+    names = list(next(iter(results.values()))) if keys else []
+    return {"keys": keys, "values": {n: torch.stack([results[k][n] for k in keys]) for n in names}}
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A target's cached pair results by pair key; empty when missing or unreadable (written without fsync)."""
+    try:
+        packed = torch.load(path, weights_only=True)
+        return {k: {n: v[i] for n, v in packed["values"].items()} for i, k in enumerate(packed["keys"])}
+    except Exception:  # noqa: BLE001 - missing, torn or foreign: recompute the target's pairs
+        return {}
+
+
+def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
+    """What a compared sweep says, in plain lines: what was left out and which runs diverged after reaching a
+    target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``)."""
+    import pandas as pd
+
+    tables = tables_dir(sweep_dir, probe_shift)
+    lines = []
+    excluded = pd.read_csv(tables / "excluded.csv")
+    if len(excluded):
+        names = ", ".join(f"{r.run} at {r.target:g} ({r.reason})" for r in excluded.itertuples())
+        lines.append(f"left out of the statistics ({len(excluded)}; --include-flagged keeps them): {names}")
+    summary = pd.read_csv(tables / "summary.csv")
+    if "diverged_later" in summary:  # kept: each checkpoint predates its run's divergence
+        late = summary[summary.metric == metric].dropna(subset=["diverged_later"])
+        at = {}
+        for r in late.itertuples():
+            for run in r.diverged_later.split(";"):
+                at.setdefault(run, []).append(f"{r.target:g}")
+        if at:
+            lines.append(f"diverged after reaching a target ({len(at)}; their checkpoints are in the statistics): "
+                         + ", ".join(f"{run} at {', '.join(ts)}" for run, ts in sorted(at.items())))
+    refs = summary[summary.metric == metric].groupby("target").reference.first()
+    if refs.nunique() > 1:
+        lines.append("the reference setting differs between targets: "
+                     + ", ".join(f"{t:g}: {r}" for t, r in refs.sort_index(ascending=False).items()))
+    lines += list(verdicts.answer(summary, pd.read_csv(tables / "trend.csv"), family=pd.read_csv(tables / "family.csv"),
+                                metric=metric).values())
+    return lines

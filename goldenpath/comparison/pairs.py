@@ -1,0 +1,341 @@
+"""Loss-matched checkpoints as models that share one module per architecture, and what is measured on each
+pair of them over the probe set (``goldenpath compare``'s inner loop).
+
+- :func:`pair_sums`: the pointwise distances (tv, kl, js, top1, sq) as per-probe-unit sums, measured in groups
+  of pairs (kl and sq from inner products of every two models, :class:`_Gram`), and 1 - linear CKA
+  of the penultimate features (``cka``), each model's forward once per probe chunk: the N models' outputs
+  for one chunk are held, all pairs are computed, the next chunk follows. The features are the input of
+  the output layer (:func:`goldenpath.models.output_layer`), read by a pre-hook in the same forward.
+- :func:`pair_barriers`: the loss barrier on each pair's linear path (:mod:`goldenpath.comparison.lmc`), written
+  straight into the shared module's weight tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from goldenpath.comparison import lmc
+from goldenpath.config import Config
+from goldenpath.comparison.distances import ON_DISTS, Dist, cka_from_moments, unit_sums
+from goldenpath.models import build_model, logits, output_layer
+
+
+class Slots:
+    """One built module per architecture, shared by every checkpoint of that architecture: its weight
+    tensors (tied weights once) and the state-dict names that reach each."""
+
+    def __init__(self, module: torch.nn.Module):
+        by_id: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            by_id.setdefault(id(t), (t, []))[1].append(name)
+        self.module = module
+        self.tensors = [t for t, _ in by_id.values()]
+        self.names = [names for _, names in by_id.values()]
+        self.known = {n for names in self.names for n in names}
+
+    def read(self, path: Path) -> list[torch.Tensor]:
+        """A checkpoint's weights in slot order, checked strictly: each weight present once with its shape,
+        nothing unknown (a tied weight may be stored under any of its names)."""
+        file = path / "model.safetensors"
+        state = load_file(str(file), device=str(self.tensors[0].device) if self.tensors else "cpu")
+        unknown = sorted(set(state) - self.known)
+        if unknown:
+            raise RuntimeError(f"{file}: weights {unknown[:3]} are not in the model its config builds")
+        out = []
+        for t, names in zip(self.tensors, self.names):
+            stored = [state[n] for n in names if n in state]
+            if not stored:
+                raise RuntimeError(f"{file}: weight {names[0]} is missing")
+            if stored[0].shape != t.shape:
+                raise RuntimeError(f"{file}: weight {names[0]} has shape {tuple(stored[0].shape)}, "
+                                   f"the model its config builds {tuple(t.shape)}")
+            if any(not torch.equal(x, stored[0]) for x in stored[1:]):
+                raise RuntimeError(f"{file}: the tied weights {names} are stored with different values")
+            out.append(stored[0].to(t.dtype))
+        return out
+
+
+class Swapped:
+    """A checkpoint's model without a module of its own: its weights, copied into the architecture's shared
+    module just before each forward (copying weights costs far less than copying a module)."""
+
+    def __init__(self, slots: Slots, path: Path):
+        self.slots, self.weights = slots, slots.read(path)
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            if self.weights:
+                torch._foreach_copy_(self.slots.tensors, self.weights)
+        return self.slots.module(*args)
+
+
+def load_shared(ck, config: Config, info, device, dtype, modules: dict) -> Swapped:
+    """The model of checkpoint ``ck`` (its ``path``), sharing one built module per architecture (``modules``,
+    keyed by the model section) with the other checkpoints."""
+    key = repr(config.model)  # the frozen dataclass's fields, nested sections included
+    if key not in modules:
+        modules[key] = Slots(build_model(config.model, info, seed=config.seed).to(device, dtype).eval())
+    return Swapped(modules[key], ck.path)
+
+
+def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
+              device, dtype, progress: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Per probe unit sums of each pointwise metric for each pair, and 1 - linear CKA of the penultimate
+    features where ``metrics`` holds ``cka``; each model's forward once per chunk.
+
+    ``models[i]`` is a module or a checkpoint's :class:`Swapped` model (``cka`` hooks its output layer).
+    ``progress``: the label of a progress bar over the probe chunks (on a terminal; None: no bar).
+
+    Returns {(i, j): {metric: [units] sums, "count": [units] points, "cka": [1]}}.
+    """
+    n = len(probe["ids"])
+    lm = "labels" in probe
+    unit = [m for m in metrics if m in ON_DISTS]
+    moments = _Moments(pairs) if "cka" in metrics else None
+    sums = {p: [] for p in pairs}
+    counts = []
+    needed = sorted({i for p in pairs for i in p})
+    bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
+               disable=None if progress and pairs else True)
+    with bar, torch.no_grad(), _hooked(models, needed, active=moments is not None) as features:
+        for lo in range(0, n, chunk):
+            part = _to(probe, lo, chunk, device, dtype)
+            mask = part["labels"] != -100 if lm else None
+            dist, feats = None, {}
+            for k, i in enumerate(needed):  # N forwards for this chunk
+                out = logits(models[i], part)
+                if unit:  # each model's distributions into one stack (the logits are not kept)
+                    dist = Dist.stack_into(dist, k, len(needed), Dist(out))
+                if moments is not None:
+                    f = features(i)
+                    feats[i] = f[mask] if lm else f.flatten(1)  # one row per predicted token, or per image
+            if moments is not None:
+                moments.add(feats)
+            if unit and pairs:
+                slot = {i: k for k, i in enumerate(needed)}
+                for group, s in _pair_groups(dist, [(slot[i], slot[j]) for i, j in pairs], unit, mask,
+                                             _Gram(dist) if set(unit) & set(_Gram.METRICS) else None):
+                    for p, row in zip(group, s.cpu().unbind(1)):  # s: [metrics, pairs, units]
+                        sums[pairs[p]].append(row)
+            counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else
+                          torch.ones(min(chunk, n - lo), dtype=torch.float64))
+            bar.update()
+    if not pairs:
+        return {}
+    count = torch.cat(counts)
+    out = {p: {**dict(zip(unit, torch.cat(v, dim=1))), "count": count} if unit else {"count": count}
+           for p, v in sums.items()}
+    if moments is not None:
+        for p, d in moments.distances().items():
+            out[p]["cka"] = d
+    return out
+
+
+PAIR_GROUP_BYTES = 8 * 2**20  # the pairs of one probe chunk are measured in groups of about this many bytes
+
+
+def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None):
+    """Yield (indices into ``pairs``, per-unit sums [metrics, len(group), units]) for groups of pairs, each
+    metric a few tensor operations over a whole group instead of a few per pair (the same values,
+    elementwise and per row). Small outputs (an image classifier's): all pairs of the chunk in one group,
+    their distributions gathered. Large ones (a language model's): the pairs that share their first model,
+    that model a view broadcast against the others, a view too where their indices run consecutively (all
+    pairs), in groups whose temporaries take about PAIR_GROUP_BYTES. ``gram``: kl and sq (:class:`_Gram`)."""
+    per_pair = dist.log_p[0].numel() * dist.log_p.element_size() * 2  # a pair's temporaries, about
+    by_gram = {m for m in unit if gram is not None and gram.has(m)}
+    lead = dist.log_p.shape[1:-1]
+    device = dist.log_p.device
+
+    def measured(first, second):
+        a, b = (dist.take(first), dist.take(second)) if set(unit) - by_gram else (None, None)
+        n = len(second) if torch.is_tensor(second) else second.stop - second.start
+        return unit_sums(torch.stack([gram(m, first, second) if m in by_gram else ON_DISTS[m](a, b).expand(n, *lead)
+                                      for m in unit]), mask)[0]  # [metrics, pairs, units]
+
+    if 2 * per_pair * len(pairs) <= PAIR_GROUP_BYTES:  # gathering every pair costs little: one group
+        first = torch.tensor([i for i, _ in pairs], device=device)
+        yield range(len(pairs)), measured(first, torch.tensor([j for _, j in pairs], device=device))
+        return
+    size = _pairs_per_group(per_pair)
+    by_first: dict[int, list[int]] = {}
+    for k, (i, _) in enumerate(pairs):
+        by_first.setdefault(i, []).append(k)
+    for i, ks in by_first.items():
+        for lo in range(0, len(ks), size):
+            group = ks[lo : lo + size]
+            js = [pairs[k][1] for k in group]
+            others = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[0] + len(js))) else \
+                torch.tensor(js, device=device)
+            yield group, measured(slice(i, i + 1), others)
+
+
+def _pairs_per_group(per_pair: int) -> int:
+    """How many pairs of ``per_pair`` bytes of temporaries a group takes (at least one)."""
+    return max(1, int(PAIR_GROUP_BYTES // max(1, per_pair)))
+
+
+class _Gram:
+    """kl and sq of every pair at every point from inner products over the classes, one batched product for
+    all models at once (tensor cores on a GPU) instead of a pass over each pair's distributions:
+
+        KL(i || j) = sum_k p_ik log p_ik - sum_k p_ik log p_jk,   sq(i, j) = (|p_i|^2 + |p_j|^2) / 2 - p_i . p_j
+
+    in float32 with float32 sums (TF32 off), within about 1e-6 of the pointwise forms (tested against float64;
+    compare's tolerance for kl: 1e-4 relative). Not for distributions with a token ruled out (-inf logits:
+    0 * log 0), which keep the pointwise forms."""
+
+    METRICS = ("kl", "sq")
+
+    def __init__(self, dist: Dist):
+        self.dist, self.lead = dist, dist.log_p.shape[1:-1]
+        self.usable = not dist.masked
+        self._products: dict[str, torch.Tensor] = {}
+
+    def has(self, metric: str) -> bool:
+        return self.usable and metric in self.METRICS
+
+    def _product(self, name: str) -> torch.Tensor:
+        """[points, models, models]: p_i . log p_j ("pl") or p_i . p_j ("pp") at every point."""
+        if name not in self._products:
+            p = self.dist.p.flatten(1, -2)  # [models, points, classes]
+            other = p if name == "pp" else self.dist.log_p.flatten(1, -2)
+            models, points, classes = p.shape
+            step = max(1, PAIR_GROUP_BYTES // (2 * models * classes * p.element_size()))  # bounds the copies
+            with _no_tf32():
+                self._products[name] = torch.cat([
+                    torch.bmm(p[:, lo : lo + step].transpose(0, 1), other[:, lo : lo + step].permute(1, 2, 0))
+                    for lo in range(0, points, step)])  # [points, models, models]
+        return self._products[name]
+
+    def __call__(self, metric: str, first: slice | torch.Tensor, second: slice | torch.Tensor) -> torch.Tensor:
+        """[pairs, *lead]: ``metric`` of the pairs of models (first[k], second[k]); ``first`` may be one model
+        (a slice of length 1) against several."""
+        name = "pl" if metric == "kl" else "pp"
+        product = self._product(name)
+        own = torch.diagonal(product, dim1=1, dim2=2)  # [points, models]: p_i . log p_i or |p_i|^2
+        if isinstance(first, slice):
+            cross = product[:, first.start, second]  # [points, pairs]
+        else:
+            cross = product[:, first, second]
+        if metric == "kl":
+            value = (own[:, first] - cross).clamp_min_(0.0)
+        else:
+            value = ((own[:, first] + own[:, second]).mul_(0.5) - cross).clamp_min_(0.0)
+        return value.T.reshape(value.shape[1], *self.lead)
+
+
+@contextmanager
+def _no_tf32():
+    """float32 products in float32 on a CUDA GPU whatever a run set before in this process."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _to(batch: dict, lo: int, chunk: int, device, dtype) -> dict:
+    """Rows [lo, lo + chunk) of a held-out set, without ids, on ``device``, floats in ``dtype``."""
+    part = {k: v[lo : lo + chunk].to(device) for k, v in batch.items() if k != "ids"}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
+
+
+class _Moments:
+    """Float64 sums over the probe chunks from which every pair's linear CKA follows (cka_from_moments).
+
+    Each model's features are shifted by their mean on the first chunk, so the sums of products do not
+    cancel against the squared mean (ReLU features have means far from 0)."""
+
+    def __init__(self, pairs):
+        self.pairs, self.n = pairs, 0
+        self.shift, self.sum, self.gram, self.cross = {}, {}, {}, {}
+
+    def add(self, feats: dict[int, torch.Tensor]) -> None:
+        rows = len(next(iter(feats.values()))) if feats else 0
+        if not rows:
+            return
+        shifted = {}
+        for i, f in feats.items():
+            f = f.double()
+            if i not in self.shift:
+                self.shift[i] = f.mean(0)
+            f = shifted[i] = f - self.shift[i]
+            self.sum[i] = self.sum.get(i, 0) + f.sum(0)
+            self.gram[i] = self.gram.get(i, 0) + f.T @ f
+        for i, j in self.pairs:
+            self.cross[(i, j)] = self.cross.get((i, j), 0) + shifted[i].T @ shifted[j]
+        self.n += rows
+
+    def distances(self) -> dict[tuple[int, int], torch.Tensor]:
+        """{pair: [1] float64 1 - linear CKA} (nan where a model's features do not vary)."""
+        out = {}
+        for i, j in self.pairs:
+            cka = (cka_from_moments(self.n, self.sum[i], self.sum[j], self.gram[i], self.gram[j], self.cross[(i, j)])
+                   if self.n else math.nan)
+            out[(i, j)] = torch.tensor([1.0 - cka], dtype=torch.float64).clamp_(0.0, 1.0)  # nan stays nan
+        return out
+
+
+@contextmanager
+def _hooked(models, needed, *, active: bool):
+    """``features(i)``: the input of model i's output layer in its last forward (a pre-hook per module)."""
+    store, handles = {}, []
+
+    def module_of(i):
+        return models[i].slots.module if isinstance(models[i], Swapped) else models[i]
+
+    if active:
+        for module in {id(module_of(i)): module_of(i) for i in needed}.values():
+            handles.append(output_layer(module).register_forward_pre_hook(
+                lambda _, args, key=id(module): store.__setitem__(key, args[0])))
+    try:
+        yield lambda i: store.pop(id(module_of(i)))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pair_barriers(models, probe: dict, heldout: dict, pairs: list[tuple[int, int]], *, k: int, chunk: int,
+                  device, dtype, progress: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The loss barrier of each pair on the probe set at ``k`` points (:func:`goldenpath.comparison.lmc.barrier`).
+
+    ``models[i]``: a checkpoint's :class:`Swapped` model. Batch-norm statistics are recomputed at every
+    point from ``heldout`` (the eval set, disjoint from the probe set). Each model's end loss is computed
+    once; a pair costs its k - 2 inner points. nan between two architectures. ``progress``: the label of a
+    progress bar over those points (on a terminal; None: no bar).
+
+    Returns {(i, j): {"lmc": [1] float64}}.
+    """
+    batches = [_to(probe, lo, chunk, device, dtype) for lo in range(0, len(probe["ids"]), chunk)]
+    resets: dict[int, list | None] = {}
+
+    def path(i, j, ts):
+        slots = models[i].slots
+        if id(slots) not in resets:
+            resets[id(slots)] = ([_to(heldout, lo, chunk, device, dtype) for lo in range(0, len(heldout["ids"]), chunk)]
+                                 if lmc.norm_layers(slots.module) else None)
+        return lmc.path_losses(slots.module, slots.tensors, models[i].weights, models[j].weights, ts, batches,
+                               reset_batches=resets[id(slots)])
+
+    ts = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
+    models_in = sorted({i for p in pairs for i in p})
+    same = [(i, j) for i, j in pairs if models[i].slots is models[j].slots]
+    with tqdm(total=len(models_in) + len(same) * (k - 2), desc=progress, unit="point", leave=False,
+              disable=None if progress else True) as bar:
+        ends = {}
+        for i in models_in:
+            ends[i] = path(i, i, [0.0])[0]
+            bar.update()
+        out = {p: {"lmc": torch.tensor([math.nan], dtype=torch.float64)} for p in pairs}
+        for i, j in same:
+            losses = torch.tensor([ends[i], *path(i, j, ts[1:-1].tolist()), ends[j]], dtype=torch.float64)
+            out[(i, j)]["lmc"][0] = lmc.barrier_of(ts, losses)
+            bar.update(k - 2)
+    return out

@@ -1,0 +1,572 @@
+"""Setting-level statistics of loss-matched distances: pure functions on distance matrices.
+
+A *setting* is one point of the knob grid with all its seeds; a run's *seed* fixes its initialisation and
+its stream order. Seeds are independent across settings by default (no two settings share one), so runs
+are exchangeable between settings under "the same distribution of functions" and a permutation test that
+reassigns runs between settings is exact. In a *paired* design every setting runs the same seeds; the runs
+are then exchangeable only within a seed, and the permutation test swaps setting labels within each seed.
+Cross-setting pairs of runs that share a seed are left out of every mean (they are closer than two seeds
+can be), so the two designs estimate the same quantities.
+
+For settings K and R at one loss target, from the [runs, runs] matrix of a distance (``tv``, ...):
+
+- D(K, R): the mean distance over cross pairs (a seed of K, another seed of R);
+- F_K: K's own seed floor, the mean over its within-setting pairs; F(K, R), the pooled floor, the mean over
+  all within-K and within-R pairs;
+- ratio = D / F: about 1 when K and R give the same *distribution* of functions. It is an energy-distance
+  statistic, so it grows when the settings differ in where their functions lie (location) *or* in how
+  widely their seeds scatter (spread);
+- spread = F_K / F_R;
+- location = D_2 / ((F_2K + F_2R) / 2) in the squared Euclidean distance between predicted distributions
+  (``sq``): D_2 - (F_2K + F_2R) / 2 estimates, without bias, the squared distance between the settings'
+  *mean functions* (the mean predicted distribution over seeds, per probe point) whatever the spreads, so
+  the location ratio is 1 + that distance over the mean spread, about 1 when the mean functions agree.
+
+Tests are permutation tests (ratio, location) on the seeds: exact over every relabelling when they are few,
+else over ``n_perm`` random ones plus the observed one. The *family* test of settings against a reference is
+the single-step min-P test of Westfall and Young over the same relabellings of every run in the family: it
+rejects when any setting differs, controls the family-wise error, and gives each setting an adjusted p.
+
+Intervals hold the probe set fixed (a fixed probe set of a thousand points or more; the seeds are the unit)
+and count each source of noise once. Every statistic is a smooth function of *cell means* (the mean
+distance between two settings, or within one), and each cell mean is a U-statistic over independent seeds,
+so their covariance has an unbiased estimate (:func:`cells`, Hoeffding's construction); the delta method
+carries it to the statistic. A ratio that is 1 where two settings are the same (the golden-path ratio, the
+location ratio) gets a score interval (:func:`score_interval`): its variance is the permutation variance at
+1 and grows with the effect, so the interval does not shrink with an estimate that falls short. The spread
+gets a t interval on the log scale (in a paired design with the jackknife variance over seeds, since its
+two floors share their seeds). Degrees of freedom: the smaller setting's seeds minus one (the location
+ratio: Satterthwaite's, see :func:`score_interval`).
+Simulations with a known truth check all of it (:mod:`goldenpath.comparison.calibration`, ``analysis/calibration.py``).
+
+Distances between runs arrive as per-unit sums (``sums`` [pairs, units], ``counts`` [units], pairs in
+``itertools.combinations(range(n), 2)`` order); a pair's distance is ``sums.sum(1) / counts.sum()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+# ----------------------------------------------------------------------------- matrices and designs
+
+
+def pair_count_to_n(pairs: int) -> int:
+    n = int(round((1 + math.sqrt(1 + 8 * pairs)) / 2))
+    if n * (n - 1) // 2 != pairs:
+        raise ValueError(f"{pairs} is not a number of pairs n (n - 1) / 2")
+    return n
+
+
+def pair_matrix(values: np.ndarray, n: int) -> np.ndarray:
+    """[..., pairs] values in combinations order -> [..., n, n] symmetric matrices with a zero diagonal."""
+    rows, cols = np.triu_indices(n, 1)
+    out = np.zeros((*values.shape[:-1], n, n))
+    out[..., rows, cols] = values
+    out[..., cols, rows] = values
+    return out
+
+
+def distance_matrix(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[runs, runs] mean distance of every pair over the probe set, from per-unit sums."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pair_matrix(np.asarray(sums, float).sum(1) / float(np.sum(counts)), pair_count_to_n(len(sums)))
+
+
+@dataclass(frozen=True)
+class Design:
+    """Which runs form each setting and which seed each run has.
+
+    ``groups``: run indices of each setting; ``seeds``: per run, its seed's identity (any hashable; runs of
+    two settings with the same seed share initialisation and stream order)."""
+
+    groups: tuple[tuple[int, ...], ...]
+    seeds: tuple
+
+    def __post_init__(self):
+        for k, g in enumerate(self.groups):
+            mine = [self.seeds[i] for i in g]
+            if len(set(mine)) != len(mine):
+                raise ValueError(f"setting {k} has two runs with one seed")
+
+    def relation(self, members: list[int]) -> str:
+        """How the settings ``members`` share seeds: ``independent`` (no seed in two of them), ``paired``
+        (every seed in all of them) or ``partial`` (neither: no exact permutation test exists)."""
+        sets = [{self.seeds[i] for i in self.groups[k]} for k in members]
+        count = Counter(s for ss in sets for s in ss)
+        if all(c == 1 for c in count.values()):
+            return "independent"
+        if all(c == len(members) for c in count.values()):
+            return "paired"
+        return "partial"
+
+
+def _different_seed(design: Design) -> np.ndarray:
+    """[n, n] 1 where two runs have different seeds (0 on the diagonal and between same-seed runs)."""
+    code = {s: i for i, s in enumerate(dict.fromkeys(design.seeds))}
+    seeds = np.array([code[s] for s in design.seeds])
+    return (seeds[:, None] != seeds[None, :]).astype(float)
+
+
+def _labels(design: Design) -> np.ndarray:
+    n = len(design.seeds)
+    z = np.zeros((n, len(design.groups)))
+    for k, g in enumerate(design.groups):
+        z[list(g), k] = 1.0
+    return z
+
+
+# ----------------------------------------------------------------------------- the statistics of one labelling
+
+
+def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
+    distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings."""
+    zt = np.swapaxes(z, 1, 2)
+    return zt @ (m * a) @ z, zt @ a @ z
+
+
+def _diag(x: np.ndarray) -> np.ndarray:
+    return np.diagonal(x, axis1=-2, axis2=-1)
+
+
+def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
+    """D [B, S, S], own floors [B, S], pooled floors [B, S, S] and ratios [B, S, S] of labellings z."""
+    s, c = _cells(m, a, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cross = s / c
+        own = _diag(s) / _diag(c)
+        ss, cc = _diag(s), _diag(c)
+        pooled = (ss[:, :, None] + ss[:, None, :]) / (cc[:, :, None] + cc[:, None, :])
+        return {"cross": cross, "own": own, "pooled": pooled, "ratio": cross / pooled}
+
+
+def location_ratio(q: np.ndarray, a: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """[B, S, S]: D_2 / ((F_2K + F_2R) / 2) in the squared distance ``q`` (1 = the same mean function)."""
+    s, c = _cells(q, a, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own = _diag(s) / _diag(c)
+        return (s / c) / ((own[:, :, None] + own[:, None, :]) / 2)
+
+
+# ----------------------------------------------------------------------------- variances of cell means
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The mean distance of every *cell* (the pairs of runs between settings k and r, or within k when
+    k == r; pairs with a shared seed left out) and an unbiased estimate of their covariance."""
+
+    types: list[tuple[int, int]]    # (k, r), k <= r
+    means: np.ndarray               # [T]
+    cov: np.ndarray                 # [T, T]
+    pairs: np.ndarray               # [T] pairs of runs in each cell
+
+    def index(self, k: int, r: int) -> int:
+        return self.types.index((min(k, r), max(k, r)))
+
+
+def cells(m: np.ndarray, design: Design, members: list[int] | None = None) -> Cells:
+    """Cell means of the distance matrix ``m`` and their covariance, by Hoeffding's construction: each cell
+    mean is a U-statistic over independent seeds, so cov(U_t, U_u) = E[U_t U_u] - mu_t mu_u, and mu_t mu_u
+    is estimated without bias by the mean of d_a d_b over pairs a (of cell t) and b (of cell u) that share
+    no seed. The estimate is unbiased (it can be negative where a variance is near 0)."""
+    members = list(range(len(design.groups))) if members is None else members
+    code = {s: i for i, s in enumerate(dict.fromkeys(design.seeds))}
+    seed_of = np.zeros((len(design.seeds), len(code)))
+    seed_of[np.arange(len(design.seeds)), [code[s] for s in design.seeds]] = 1.0
+    a, z = _different_seed(design), _labels(design)
+    types = [(k, r) for i, k in enumerate(members) for r in members[i:]]
+    q, c = [], []   # per cell, [seeds, seeds]: the sum of distances (and count of pairs) between two seeds
+    for k, r in types:
+        mask = np.outer(z[:, k], z[:, r])
+        mask = (mask + mask.T if k != r else mask) * a
+        q.append(seed_of.T @ (m * mask) @ seed_of)
+        c.append(seed_of.T @ mask @ seed_of)
+    q, c = np.asarray(q), np.asarray(c)
+    total, pairs = q.sum((1, 2)) / 2, c.sum((1, 2)) / 2
+
+    def disjoint(x: np.ndarray, tot: np.ndarray) -> np.ndarray:
+        """sum over pairs a in t, b in u sharing no seed of x_a x_b: all minus those touching a common seed
+        (a pair touching two common seeds is counted twice by the first term)."""
+        touching = x.sum(2)                                           # [T, seeds]
+        return np.outer(tot, tot) - touching @ touching.T + np.einsum("tab,uab->tu", x, x) / 2
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = total / pairs
+        product = disjoint(q, total) / disjoint(c, pairs)
+    return Cells(types, means, np.outer(means, means) - product, pairs)
+
+
+def _var(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
+    """Delta-method variance of a smooth function of cell means from its gradient {cell: d f / d mean}
+    (unbiased for the linearised function; it can be negative near 0)."""
+    g = np.zeros(len(cells_.types))
+    for (k, r), v in gradient.items():
+        g[cells_.index(k, r)] += v
+    used = np.flatnonzero(g)  # cells of other settings (a one-seed setting's are nan) must not enter as 0 x nan
+    return float(g[used] @ cells_.cov[np.ix_(used, used)] @ g[used])
+
+
+def delta_se(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
+    """Standard error of a smooth function of cell means (delta method); nan where the estimated variance
+    is not positive."""
+    var = _var(cells_, gradient)
+    return math.sqrt(var) if var > 0 else math.nan
+
+
+def t_interval(estimate: float, se: float, dof: float, *, level: float = 0.95) -> tuple[float, float]:
+    """exp(log estimate -/+ t se): an interval for a positive ratio from the standard error of its log."""
+    if not (np.isfinite(estimate) and estimate > 0 and np.isfinite(se) and dof >= 1):
+        return math.nan, math.nan
+    half = float(sps.t.ppf(0.5 + level / 2, dof)) * se
+    return math.exp(math.log(estimate) - half), math.exp(math.log(estimate) + half)
+
+
+def t_p_value(estimate: float, se: float, dof: float) -> float:
+    """Two-sided p of "the ratio is 1" from the standard error of its log."""
+    if not (np.isfinite(estimate) and estimate > 0 and np.isfinite(se) and dof >= 1):
+        return math.nan
+    return float(2 * sps.t.sf(abs(math.log(estimate)) / se, dof))
+
+
+# ----------------------------------------------------------------------------- permutations
+
+
+def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000,
+                 seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Labellings z [B, n, S] of the runs of ``members`` (row 0: the observed one) that keep every setting's
+    size: every distinct one when at most ``max_exact``, else ``n_perm`` random ones. Independent seeds: runs
+    move freely between the settings; paired seeds: labels move only within a seed. Returns (z, exact)."""
+    relation = design.relation(members)
+    if relation == "partial":
+        raise ValueError("the settings share some seeds but not all: no exact permutation test")
+    z0 = _labels(design)
+    runs = [i for k in members for i in design.groups[k]]
+    label = {i: k for k in members for i in design.groups[k]}
+    if relation == "independent":
+        blocks = [runs]
+    else:
+        by_seed: dict = {}
+        for i in runs:
+            by_seed.setdefault(design.seeds[i], []).append(i)
+        blocks = list(by_seed.values())
+    count = 1
+    for b in blocks:
+        sizes = Counter(label[i] for i in b)
+        count *= math.factorial(len(b)) // math.prod(math.factorial(v) for v in sizes.values())
+    if count <= max_exact:
+        options = [list(dict.fromkeys(itertools.permutations([label[i] for i in b]))) for b in blocks] \
+            if relation == "paired" else [list(_arrangements([label[i] for i in blocks[0]]))]
+        assignments = [sum((list(x) for x in combo), []) for combo in itertools.product(*options)]
+        observed = [label[i] for b in blocks for i in b]
+        assignments.remove(observed)
+        assignments.insert(0, observed)
+    else:
+        rng = np.random.default_rng(seed)
+        assignments = [[label[i] for b in blocks for i in b]]
+        for _ in range(n_perm):
+            assignments.append([label[b[j]] for b in blocks for j in rng.permutation(len(b))])
+    order = [i for b in blocks for i in b]
+    z = np.repeat(z0[None], len(assignments), 0)
+    z[:, order] = 0.0
+    lab = np.asarray(assignments)
+    z[np.arange(len(lab))[:, None], np.asarray(order)[None, :], lab] = 1.0
+    return z, count <= max_exact
+
+
+def _arrangements(labels: list) -> itertools.chain:
+    """Every distinct arrangement of a multiset of labels (as tuples)."""
+    if not labels:
+        yield ()
+        return
+    counts = Counter(labels)
+    first = sorted(counts)
+    for k in first:
+        counts[k] -= 1
+        rest = [x for x, c in counts.items() for _ in range(c)]
+        for tail in _arrangements(rest):
+            yield (k, *tail)
+        counts[k] += 1
+
+
+def smallest_p(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000) -> float:
+    """The smallest permutation p-value the seeds of ``members`` allow (a statistic symmetric in two
+    settings of equal size ties with the swapped labelling)."""
+    relation = design.relation(members)
+    sizes = [len(design.groups[k]) for k in members]
+    if relation == "independent":
+        count = math.factorial(sum(sizes)) // math.prod(math.factorial(s) for s in sizes)
+    elif relation == "paired":
+        count = math.factorial(len(members)) ** sizes[0]
+    else:
+        return math.nan
+    ties = 2 if len(members) == 2 and sizes[0] == sizes[1] else 1
+    return ties / count if count <= max_exact else max(ties / count, 1 / (n_perm + 1))
+
+
+def upper_p(stats: np.ndarray) -> np.ndarray:
+    """[B, F] statistics of B labellings (row 0 observed) -> [B, F]: for every labelling, the fraction of
+    labellings whose statistic is at least its own (ties within a relative 1e-12 count: the swapped
+    labelling of two equal settings gives the same value in another rounding). nan stays the smallest."""
+    b = len(stats)
+    x = np.where(np.isfinite(stats), stats, -np.inf)
+    out = np.empty_like(x)
+    for j in range(x.shape[1]):
+        column = np.sort(x[:, j])
+        out[:, j] = (b - np.searchsorted(column, x[:, j] - 1e-12 * np.abs(x[:, j]), side="left")) / b
+    return out
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Settings K (``a``) and R (``b``) at one target and metric."""
+
+    d_cross: float
+    d_floor: float        # pooled seed floor
+    floor_a: float        # K's own seed floor
+    floor_b: float        # R's own seed floor
+    ratio: float
+    ci_low: float
+    ci_high: float
+    p_value: float        # permutation p of "the same distribution of functions"
+    spread: float         # floor_a / floor_b
+    spread_low: float
+    spread_high: float
+    spread_p: float       # t p of "the same spread" (log scale)
+    location: float       # 1 + squared distance between mean functions over the mean spread (nan without q)
+    location_low: float
+    location_high: float
+    location_p: float     # permutation p of "the same mean function"
+    n_a: int
+    n_b: int
+    design: str           # independent or paired
+    permutations: int     # relabellings the p-values were computed from (every one when exact)
+
+
+def _log_var(x: np.ndarray) -> float:
+    """Variance of log x over relabellings (finite, positive values): the statistic's sampling variance
+    where the settings are the same."""
+    x = x[np.isfinite(x) & (x > 0)]
+    return float(np.var(np.log(x), ddof=1)) if len(x) > 2 else math.nan
+
+
+def score_interval(estimate: float, var: float, null_var: float, dof_: float, *, level: float = 0.95,
+                   satterthwaite: bool = False) -> tuple[float, float]:
+    """An interval for a ratio that is 1 where two settings are the same (the golden-path ratio, the location
+    ratio), on the log scale L. Its variance is ``null_var`` at L <= 0 (the spread of L over relabellings)
+    and grows with the effect: V(L) = null_var + kappa L, kappa fitted through the delta-method variance
+    ``var`` at the estimate. The interval is every L with (L_hat - L)^2 <= t^2 V(L) (a score interval, as
+    Wilson's for a proportion): a Wald interval would shrink with an estimate that falls short of the truth,
+    since the variance shrinks with it, and undercover near 1. An estimate within its null noise of 0 (or
+    below) cannot say how fast the variance grows: kappa is then the excess variance over that noise.
+
+    ``satterthwaite``: t's degrees of freedom are Satterthwaite's for the sum of the null variance (from
+    thousands of relabellings: exact) and the excess (from the seeds: ``dof_``), so a ratio at 1 gets the
+    normal quantile; else ``dof_``. The golden-path ratio keeps ``dof_``: where the seeds' spreads differ, its
+    excess follows the spread's estimate, itself a t quantity (simulations: analysis/calibration.py)."""
+    if not (np.isfinite(estimate) and estimate > 0 and dof_ >= 1):
+        return math.nan, math.nan
+    v0 = null_var if np.isfinite(null_var) else (var if np.isfinite(var) else math.nan)
+    if not np.isfinite(v0):
+        return math.nan, math.nan
+    ell = math.log(estimate)
+    excess = max(var - v0, 0.0) if np.isfinite(var) else 0.0
+    kappa = excess / max(ell, math.sqrt(v0)) if v0 > 0 else 0.0
+    df = dof_
+    if satterthwaite:
+        df = math.inf if excess == 0 else dof_ * ((v0 + excess) / excess) ** 2
+    t2 = float(sps.norm.ppf(0.5 + level / 2) if math.isinf(df) else sps.t.ppf(0.5 + level / 2, df)) ** 2
+    # the truth is never below 1 (D >= the pooled floor for a distance of negative type, as tv's): at L <= 0
+    # the variance is the null's, above it grows as v0 + kappa L; the interval is the union of both pieces
+    pieces = []
+    if ell - math.sqrt(t2 * v0) <= 0:
+        pieces.append((ell - math.sqrt(t2 * v0), min(ell + math.sqrt(t2 * v0), 0.0)))
+    b, c = 2 * ell + t2 * kappa, ell**2 - t2 * v0
+    if b * b - 4 * c >= 0 and (b + math.sqrt(b * b - 4 * c)) / 2 >= 0:
+        root = math.sqrt(b * b - 4 * c)
+        pieces.append((max((b - root) / 2, 0.0), (b + root) / 2))
+    return math.exp(min(p[0] for p in pieces)), math.exp(max(p[1] for p in pieces))
+
+
+def paired_spread_var(m: np.ndarray, design: Design, k: int, r: int) -> float:
+    """Jackknife variance of log(F_k / F_r) over the seeds of a paired design (one seed left out of both
+    settings at a time). The two floors share their seeds, so the spread is a small contrast of two correlated
+    means, whose unbiased covariance estimate is too often negative with few seeds; the jackknife's is not."""
+    where = {design.seeds[i]: i for i in design.groups[r]}
+    pairs = [(i, where[design.seeds[i]]) for i in design.groups[k]]
+    n = len(pairs)
+    if n < 3:
+        return math.nan
+    iu = np.triu_indices(n - 1, 1)
+    out = []
+    for drop in range(n):
+        kk, rr = map(list, zip(*(p for j, p in enumerate(pairs) if j != drop)))
+        out.append(math.log(m[np.ix_(kk, kk)][iu].mean() / m[np.ix_(rr, rr)][iu].mean()))
+    out = np.asarray(out)
+    return float((n - 1) / n * ((out - out.mean()) ** 2).sum())
+
+
+def dof(design: Design, members: list[int]) -> float:
+    """Degrees of freedom of a t interval on settings ``members``: the smallest setting's seeds minus one
+    (Welch's lower bound; it keeps the intervals' coverage at 10 seeds where seeds minus settings does not)."""
+    return float(min(len(design.groups[k]) for k in members) - 1)
+
+
+def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq_sums: np.ndarray | None = None,
+                     level: float = 0.95, max_exact: int = 5000, n_perm: int = 2000,
+                     seed: int = 0) -> tuple[dict[tuple[int, int], Comparison], Cells]:
+    """Every pair of settings (k < r) at one target and metric; pairs that share some seeds but not all get
+    nan p-values. Returns ({(k, r): Comparison}, the cells of the metric, for derived statistics such as the
+    trend)."""
+    m = distance_matrix(sums, counts)
+    q = distance_matrix(sq_sums, counts) if sq_sums is not None else None
+    a = _different_seed(design)
+    z = _labels(design)[None]
+    full = parts(m, a, z)
+    loc = location_ratio(q, a, z)[0] if q is not None else None
+    cm = cells(m, design)
+    cq = cells(q, design) if q is not None else None
+    own = full["own"][0]
+    out = {}
+    for k, r in itertools.combinations(range(len(design.groups)), 2):
+        relation = design.relation([k, r])
+        ratio, pooled, cross = full["ratio"][0, k, r], full["pooled"][0, k, r], full["cross"][0, k, r]
+        null_ratio = null_loc = math.nan
+        p_ratio = p_loc = math.nan
+        used = 0
+        if relation != "partial":
+            zz, _ = relabellings(design, [k, r], max_exact=max_exact, n_perm=n_perm, seed=seed)
+            stat = parts(m, a, zz)["ratio"][:, k, r]
+            p_ratio = float(upper_p(stat[:, None])[0, 0]) if np.isfinite(stat[0]) else math.nan
+            null_ratio, used = _log_var(stat), len(zz)
+            if q is not None:
+                lstat = location_ratio(q, a, zz)[:, k, r]
+                p_loc = float(upper_p(lstat[:, None])[0, 0]) if np.isfinite(lstat[0]) else math.nan
+                null_loc = _log_var(lstat)
+        df = dof(design, [k, r])
+        wk, wr = cm.pairs[cm.index(k, k)], cm.pairs[cm.index(r, r)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = _var(cm, {(k, r): 1 / cross, (k, k): -wk / (wk + wr) / pooled, (r, r): -wr / (wk + wr) / pooled})
+            low, high = score_interval(ratio, var, null_ratio, df, level=level)
+            spread = own[k] / own[r]
+            s_var = paired_spread_var(m, design, k, r) if relation == "paired" else \
+                _var(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
+            s_se = math.sqrt(s_var) if s_var > 0 else math.nan
+            s_low, s_high = t_interval(spread, s_se, df, level=level)
+            l_low = l_high = location = math.nan
+            if loc is not None:
+                location = loc[k, r]
+                qk, qr = cq.means[cq.index(k, k)], cq.means[cq.index(r, r)]
+                den = (qk + qr) / 2
+                l_var = _var(cq, {(k, r): 1 / cq.means[cq.index(k, r)], (k, k): -0.5 / den, (r, r): -0.5 / den})
+                l_low, l_high = score_interval(location, l_var, null_loc, df, level=level, satterthwaite=True)
+        out[(k, r)] = Comparison(
+            float(cross), float(pooled), float(own[k]), float(own[r]), float(ratio), low, high, p_ratio,
+            float(spread), s_low, s_high, t_p_value(spread, s_se, df), float(location), l_low, l_high, p_loc,
+            len(design.groups[k]), len(design.groups[r]), relation, used)
+    return out, cm
+
+
+@dataclass(frozen=True)
+class FamilyTest:
+    """The min-P test of every setting of a family against the reference at one target."""
+
+    p_global: float                 # P(some setting differs); the smallest adjusted p
+    adjusted: dict[int, float]      # setting -> its min-P adjusted p (ratio)
+    location: dict[int, float]      # setting -> its min-P adjusted p (location)
+    smallest: float                 # the smallest p these seeds allow
+    permutations: int
+    exact: bool
+    slope_null_var: float           # variance over the relabellings of the trend's slope (nan without x)
+
+
+def family_test(sums: np.ndarray, counts: np.ndarray, design: Design, family: list[int], reference: int, *,
+                sq_sums: np.ndarray | None = None, max_exact: int = 5000, n_perm: int = 2000, seed: int = 0,
+                x: np.ndarray | None = None) -> FamilyTest:
+    """Westfall-Young single-step min-P over the settings ``family`` (reference excluded) against
+    ``reference``: every run of the family and the reference relabelled at once (within seeds when paired),
+    each setting's permutation p computed in every relabelling, and each observed p compared with the
+    distribution of the smallest. Exact when the relabellings are few. ``x``: each family setting's log
+    noise, for the null variance of the trend's slope."""
+    members = [reference, *family]
+    z, exact = relabellings(design, members, max_exact=max_exact, n_perm=n_perm, seed=seed)
+    m = distance_matrix(sums, counts)
+    a = _different_seed(design)
+    stat = parts(m, a, z)["ratio"][:, family, reference]            # [B, F]
+    adjusted = _min_p(stat)
+    loc = {}
+    if sq_sums is not None:
+        q = distance_matrix(sq_sums, counts)
+        loc = dict(zip(family, _min_p(location_ratio(q, a, z)[:, family, reference])))
+    null = math.nan
+    if x is not None and len(family) > 1 and len(np.unique(x)) > 1:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slopes = np.array([slope(np.asarray(x, float), np.log(row)) for row in stat])
+        slopes = slopes[np.isfinite(slopes)]
+        null = float(np.var(slopes, ddof=1)) if len(slopes) > 2 else math.nan
+    return FamilyTest(float(min(adjusted)) if len(adjusted) else math.nan, dict(zip(family, adjusted)), loc,
+                      smallest_p(design, members, max_exact=max_exact, n_perm=n_perm), len(z), exact, null)
+
+
+def _min_p(stat: np.ndarray) -> list[float]:
+    """Single-step min-P adjusted p-values from statistics [B, F] (row 0 observed; larger = more extreme)."""
+    p = upper_p(stat)                                                # [B, F] each row's marginal p's
+    finite = np.isfinite(stat[0])
+    if not finite.any():
+        return [math.nan] * stat.shape[1]
+    smallest = np.where(finite[None], p, np.inf).min(1)              # [B]
+    return [float(np.mean(smallest <= p[0, j] * (1 + 1e-12))) if finite[j] else math.nan
+            for j in range(stat.shape[1])]
+
+
+# ----------------------------------------------------------------------------- trends
+
+
+def slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y on x over finite pairs (nan with fewer than two distinct x)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(np.unique(x)) < 2:
+        return math.nan
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc**2).sum())
+
+
+def trend(x: np.ndarray, cells_: Cells, settings: list[int], reference: int, *, null_var: float = math.nan,
+          dof_: float, level: float = 0.95) -> tuple[float, float, float]:
+    """Slope of log ratio (each of ``settings`` against ``reference``) on ``x``, with a delta-method t
+    interval from the cell covariance (floored by ``null_var``, the slope's variance over relabellings)."""
+    x = np.asarray(x, float)
+    if len(settings) < 2 or len(np.unique(x)) < 2:
+        return math.nan, math.nan, math.nan
+    means = {t: cells_.means[i] for i, t in enumerate(cells_.types)}
+    grad: dict = {}
+    y = []
+    w = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    for k, wk in zip(settings, w):
+        cross = means[(min(k, reference), max(k, reference))]
+        nk, nr = cells_.pairs[cells_.index(k, k)], cells_.pairs[cells_.index(reference, reference)]
+        pooled = (means[(k, k)] * nk + means[(reference, reference)] * nr) / (nk + nr)
+        y.append(math.log(cross / pooled))
+        for cell, g in (((k, reference), 1 / cross), ((k, k), -nk / (nk + nr) / pooled),
+                        ((reference, reference), -nr / (nk + nr) / pooled)):
+            cell = (min(cell), max(cell))
+            grad[cell] = grad.get(cell, 0.0) + wk * g
+    point = slope(x, np.asarray(y))
+    # where the family is the same, the slope's first-order term vanishes and its delta-method variance
+    # is unstable: the relabellings' spread stands in there, as for the ratio
+    se = math.sqrt(np.nanmax([_var(cells_, grad), null_var, 0.0]))
+    se = se if se > 0 else math.nan
+    if not np.isfinite(se):
+        return point, math.nan, math.nan
+    half = float(sps.t.ppf(0.5 + level / 2, dof_)) * se
+    return point, point - half, point + half

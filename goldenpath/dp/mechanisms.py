@@ -1,0 +1,128 @@
+"""Gradient transforms for one optimizer step: SGD, Noisy-SGD and DP-SGD (see README, "Noise").
+
+    gaussian: g = mean gradient + (sigma / B) xi
+    dp:       g = (sum_i clip_C(g_i) + sigma C xi) / B,   clip_C(v) = v min(1, C / ||v||)
+
+Each kind is one small class (:data:`MECHANISMS`) saying what it does per micro-batch and once per optimizer
+step; the training loop calls them and never branches on the kind. ``sum_i clip_C(g_i)`` comes from
+:mod:`goldenpath.dp.per_sample` (``per_sample_clip``, ``clipped_grad_sum``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from goldenpath.seeding import stream_key
+from goldenpath.dp.per_sample import ClipResult, clip_factors, clipped_grad_sum, per_sample_clip
+
+__all__ = ["ClipResult", "DPSGD", "NoisySGD", "SGD", "add_noise", "clip_factors", "clipped_grad_sum", "mechanism",
+           "per_sample_clip"]
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) -> torch.Tensor | float:
+    """``grads += std * xi`` with xi ~ N(0, I); returns ``||std * xi||`` (a tensor on the gradients' device,
+    so that the step loop never waits for the device).
+
+    xi comes from a generator seeded by (seed, step) on the gradients' device: the same on every
+    process, drawn once per optimizer step, and reproduced exactly on resume without saved state.
+    """
+    if std == 0 or not grads:
+        return 0.0
+    gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, 0x6E6F697365, step) & (2**63 - 1))
+    norms = []
+    for g in grads:  # one noise tensor at a time: no second copy of the model's gradients
+        xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+        g.add_(xi, alpha=std)
+        norms.append(torch.linalg.vector_norm(xi, dtype=torch.float64))
+    return torch.linalg.vector_norm(torch.stack(norms)) * std
+
+
+# ----------------------------------------------------------------------------- the mechanisms
+
+
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """||grads|| over all tensors, in float64 (a tensor: no host sync)."""
+    return torch.stack(torch._foreach_norm(grads)).double().norm()
+
+
+class SGD:
+    """``noise.kind: none``. Per micro-batch: the gradient of its summed losses; per step: nothing added.
+
+    ``micro_batch`` returns the micro-batch's statistics (sums, as tensors): ``loss`` and, under DP-SGD,
+    ``clipped``, ``sample_norm`` and ``samples``. ``step`` ends the logical batch's gradient in place and
+    returns (its norm before noise or None, the noise's norm).
+    """
+
+    per_sample = False  # needs the bare module (its per-sample gradients), not the DDP wrapper
+    injects = False  # adds noise of its own once per step (its norm is logged)
+
+    def __init__(self, noise, *, batch_size: int, seed: int):
+        self.noise, self.batch_size, self.seed = noise, batch_size, seed
+
+    def loss_scale(self, total_units: float, world: int) -> float:
+        """The factor on the summed per-sample losses of a micro-batch: the batch mean over loss units
+        (images or tokens), times ``world`` because DDP averages gradients over processes."""
+        return world / total_units
+
+    def micro_batch(self, model, batch: dict, scale: float, backward) -> dict:
+        from goldenpath.models import sample_losses
+
+        losses = sample_losses(model, batch)
+        backward(losses.sum() * scale)
+        return {"loss": losses.detach().sum()}
+
+    def step(self, grads: list[torch.Tensor], *, step: int, all_reduce=None, measure: bool = False):
+        return (_norm(grads) if measure else None), 0.0
+
+
+class NoisySGD(SGD):
+    """``noise.kind: gaussian``: the mean gradient plus (sigma / B) xi, once per step."""
+
+    injects = True
+
+    def step(self, grads, *, step, all_reduce=None, measure=False):
+        norm = _norm(grads)
+        return norm, add_noise(grads, self.noise.sigma / self.batch_size, seed=self.seed, step=step)
+
+
+class DPSGD(SGD):
+    """``noise.kind: dp``: per micro-batch sum_i clip_C(g_i) (per_sample_clip); per step the sum over
+    micro-batches and processes, plus sigma C xi, divided by B."""
+
+    per_sample = True
+    injects = True
+
+    def loss_scale(self, total_units: float, world: int) -> float:
+        return self.batch_size / total_units  # then (1/B) sum_i g_i is the mean gradient over loss units
+
+    def micro_batch(self, model, batch, scale, backward):
+        from goldenpath.models import sample_losses
+
+        noise = self.noise
+        clipped = per_sample_clip(model, lambda m, b: sample_losses(m, b) * scale, batch, noise.clip,
+                                  method=noise.method, chunk=noise.vmap_chunk)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad = clipped.grads[n] if p.grad is None else p.grad.add_(clipped.grads[n])
+        return {"loss": clipped.losses.double().sum() / scale, "clipped": (clipped.norms > noise.clip).sum(),
+                "sample_norm": clipped.norms.sum(), "samples": len(clipped.norms)}
+
+    def step(self, grads, *, step, all_reduce=None, measure=False):
+        b = self.batch_size
+        if all_reduce is not None:
+            all_reduce(grads)
+        norm = _norm(grads) / b
+        noise = add_noise(grads, self.noise.sigma * self.noise.clip, seed=self.seed, step=step) / b
+        torch._foreach_div_(grads, b)
+        return norm, noise
+
+
+MECHANISMS = {"none": SGD, "gaussian": NoisySGD, "dp": DPSGD}
+
+
+def mechanism(noise, *, batch_size: int, seed: int) -> SGD:
+    """The mechanism of ``noise.kind`` (a NoiseConfig) for logical batches of ``batch_size``."""
+    return MECHANISMS[noise.kind](noise, batch_size=batch_size, seed=seed)

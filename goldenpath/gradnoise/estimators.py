@@ -1,0 +1,196 @@
+"""Gradient-noise analysis at fixed parameters (docs/science.md, "Gradient noise at fixed parameters"): pure functions.
+
+- ``tail_index``: the Mohammadi et al. (2015, Corollary 2.4) estimator of the alpha of a symmetric
+  alpha-stable variable, as used by Simsekli et al. (2019); ``tail_index_ci`` adds a bootstrap interval.
+- ``aggregate``, ``aggregation_series``: the tail index of sums of k draws (alpha-stable keeps its alpha,
+  finite variance drifts to 2); ``atom_fraction``: the share of exact zeros (ReLU sparsity) per coordinate.
+- ``gaussianity``: Anderson-Darling and Shapiro-Wilk on standardised noise and on random projections;
+  ``qq_data`` for plots.
+- ``noise_scale``: the simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018)
+  from squared gradient norms at two batch sizes; ``noise_scale_per_sample`` from per-sample norms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EPS = np.spacing(1)  # guards log 0, as the reference implementation does
+
+
+def _as_array(samples) -> np.ndarray:
+    if hasattr(samples, "detach"):
+        samples = samples.detach().cpu().double().numpy()
+    return np.asarray(samples, dtype=np.float64).ravel()
+
+
+def default_k1(k: int) -> int:
+    """The largest divisor of K not above sqrt(K) (the reference's choice of the group size K1)."""
+    best = 1
+    for i in range(1, math.isqrt(k) + 1):
+        if k % i == 0:
+            best = i
+    return best
+
+
+def tail_index(samples, k1: int | None = None) -> float:
+    """alpha of symmetric alpha-stable samples: 1/alpha = (mean log|Y_i| - mean log|X_i|) / log K1,
+    Y_i the sums of K1 consecutive samples. When K has no divisor near sqrt(K), the last samples are dropped
+    so that K1 = floor(sqrt(K)) divides the rest.
+    """
+    x = _as_array(samples)
+    k = len(x)
+    if k < 4:
+        raise ValueError(f"tail_index needs at least 4 samples, got {k}")
+    if k1 is None:
+        k1 = default_k1(k)
+        if k1 < math.isqrt(k) // 4 or k1 < 2:  # e.g. K prime: use sqrt(K) and drop the remainder
+            k1 = math.isqrt(k)
+    if not 2 <= k1 <= k // 2:
+        raise ValueError(f"k1 must lie in [2, K/2] = [2, {k // 2}], got {k1}")
+    k2 = k // k1
+    x = x[: k1 * k2]
+    y = x.reshape(k2, k1).sum(1)
+    inv_alpha = (np.log(np.abs(y) + EPS).mean() - np.log(np.abs(x) + EPS).mean()) / math.log(k1)
+    return float(1.0 / inv_alpha)
+
+
+def tail_index_ci(samples, k1: int | None = None, *, n_boot: int = 200, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(alpha, low, high): the estimate and a percentile bootstrap interval (samples resampled i.i.d.)."""
+    x = _as_array(samples)
+    alpha = tail_index(x, k1)
+    rng = np.random.default_rng(seed)
+    draws = np.array([tail_index(x[rng.integers(0, len(x), len(x))], k1) for _ in range(n_boot)])
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return alpha, float(low), float(high)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    sd = x.std()
+    return (x - x.mean()) / (sd if sd > 0 else 1.0)
+
+
+def gaussianity(noise, *, projections: int = 20, max_shapiro: int = 5000, seed: int = 0) -> dict:
+    """Normality tests of gradient noise ``[M, d]`` (M batches x d coordinates; or a 1-d sample).
+
+    Each coordinate is standardised across the batches and the coordinates are pooled; separately, the
+    noise vectors are projected on ``projections`` random unit directions (standardised, pooled). Returns
+    Anderson-Darling statistics with their 5% critical value and Shapiro-Wilk p-values (on at most
+    ``max_shapiro`` values, the test's range), for both views.
+    """
+    from scipy import stats  # here, not at import: the training loop imports this module
+
+    a = noise.detach().cpu().double().numpy() if hasattr(noise, "detach") else np.asarray(noise, np.float64)
+    rng = np.random.default_rng(seed)
+    if a.ndim == 1:
+        coords = _standardise(a)
+        proj = coords
+    else:
+        sd = a.std(0)
+        keep = sd > 0
+        coords = ((a[:, keep] - a[:, keep].mean(0)) / sd[keep]).ravel()
+        u = rng.standard_normal((a.shape[1], projections))
+        u /= np.linalg.norm(u, axis=0)
+        proj = np.concatenate([_standardise(col) for col in (a @ u).T])
+    out = {}
+    for name, values in (("coordinates", coords), ("projections", proj)):
+        ad = stats.anderson(values, dist="norm", method="interpolate")  # p interpolated within [0.01, 0.15]
+        sub = values if len(values) <= max_shapiro else rng.choice(values, max_shapiro, replace=False)
+        out[f"{name}_anderson"] = float(ad.statistic)
+        out[f"{name}_anderson_p"] = float(ad.pvalue)
+        out[f"{name}_shapiro_p"] = float(stats.shapiro(sub).pvalue)
+        out[f"{name}_n"] = int(len(values))
+    return out
+
+
+def qq_data(samples, *, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(normal quantiles, ordered standardised samples), subsampled to ``max_points`` for plotting."""
+    from scipy import stats
+
+    x = _standardise(_as_array(samples))
+    if len(x) > max_points:
+        x = np.random.default_rng(seed).choice(x, max_points, replace=False)
+    (theoretical, ordered), _ = stats.probplot(x, dist="norm")
+    return theoretical, ordered
+
+
+def noise_scale(sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float) -> tuple[float, float, float]:
+    """(tr Sigma, |G|^2, B_simple) from E|G_b|^2 = |G|^2 + tr(Sigma) / b at two batch sizes b_small < b_big."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
+    grad_sq = (b_big * sq_norm_big - b_small * sq_norm_small) / (b_big - b_small)
+    trace = (sq_norm_small - sq_norm_big) / (1 / b_small - 1 / b_big)
+    return float(trace), float(grad_sq), float(trace / grad_sq) if grad_sq != 0 else math.inf
+
+
+def noise_scale_per_sample(per_sample_sq_norms, batch_grad_sq_norm: float, batch_size: int):
+    """The same from per-sample gradients (b_small = 1): their mean squared norm and the batch mean's."""
+    return noise_scale(float(np.mean(_as_array(per_sample_sq_norms))), batch_grad_sq_norm, 1, batch_size)
+
+
+# ----------------------------------------------------------------------------- a run's checkpoint
+
+
+def per_coordinate_tail_index(samples: np.ndarray) -> np.ndarray:
+    """The tail index of every column of ``[M, d]`` samples (M draws of each coordinate), vectorised."""
+    m = samples.shape[0]
+    k1 = default_k1(m)
+    if k1 < 2:
+        k1 = math.isqrt(m)
+    k2 = m // k1
+    x = samples[: k1 * k2]
+    y = x.reshape(k2, k1, -1).sum(1)
+    inv = (np.log(np.abs(y) + EPS).mean(0) - np.log(np.abs(x) + EPS).mean(0)) / math.log(k1)
+    return 1.0 / inv
+
+
+def atom_fraction(noise: np.ndarray) -> np.ndarray:
+    """Per column of ``[M, d]`` noise, the share of entries equal to its most repeated value (0 where no value
+    repeats): the exact zeros of the raw gradients (ReLU units silent on a batch), since centring moves them
+    all to one value -mean, while continuous values do not repeat."""
+    a = np.sort(np.asarray(noise, dtype=np.float64), axis=0)
+    m, d = a.shape
+    best = np.ones(d)
+    run = np.ones(d)
+    for i in range(1, m):
+        run = np.where(a[i] == a[i - 1], run + 1, 1)
+        best = np.maximum(best, run)
+    return np.where(best > 1, best / m, 0.0)
+
+
+def aggregate(samples: np.ndarray, k: int) -> np.ndarray:
+    """Sums of ``k`` consecutive draws along axis 0: ``[M, ...] -> [M // k, ...]`` (the remainder dropped).
+
+    The noise of a batch of k samples is (1/k) times such a sum, and the tail index ignores the scale: an
+    alpha-stable law keeps its alpha under this map, one of finite variance tends to alpha = 2 (the CLT).
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if not 1 <= k <= len(x):
+        raise ValueError(f"k must lie in [1, {len(x)}], got {k}")
+    m = len(x) // k
+    return x[: m * k].reshape(m, k, *x.shape[1:]).sum(1)
+
+
+def aggregation_series(samples: np.ndarray, ks, *, draws: int | None = None) -> dict[int, float]:
+    """{k: median per-coordinate tail index of ``aggregate(samples, k)``}; ``samples`` is ``[N, d]`` with N
+    at least 16 times the largest k (each column keeps at least 16 draws). ``draws``: keep only the first
+    ``draws`` sums at every k, so that the estimator's small-sample bias is the same at every k."""
+    out = {}
+    for k in ks:
+        agg = aggregate(samples, k)[:draws]
+        if len(agg) < 16:
+            raise ValueError(f"k={k} leaves {len(agg)} draws per coordinate; need 16")
+        out[int(k)] = float(np.median(per_coordinate_tail_index(agg - agg.mean(0))))
+    return out
+
+
+def pooled_sample(noise: np.ndarray, max_pooled: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_pooled`` of the noise matrix's values, in random order, for the pooled tail index.
+
+    The estimator sums K1 consecutive samples and assumes them i.i.d.; values in coordinate order put
+    correlated neighbours (the weights of one unit) in the same block and bias alpha down.
+    """
+    values = noise.ravel()
+    return rng.choice(values, min(max_pooled, len(values)), replace=False)
