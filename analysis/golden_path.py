@@ -230,6 +230,7 @@ def power_table(power_dir: Path, *, level_alpha: float, draws: int = DRAWS, per_
     level's pool against ``per_side`` of the f = 0 pool (at f = 0: two disjoint halves of it), each tested by
     the permutation p of the tv ratio (and of the location ratio) against ``level_alpha`` and 0.05."""
     from goldenpath.comparison import stats
+    from goldenpath.comparison.design import Design
     from goldenpath.comparison.compare import compare
     from goldenpath.config import load_config
 
@@ -263,7 +264,7 @@ def power_table(power_dir: Path, *, level_alpha: float, draws: int = DRAWS, per_
                     a, b = list(rng.choice(zero, per_side, replace=False)), list(rng.choice(pool, per_side, replace=False))
                 members = [index[r] for r in a + b]
                 sub = {k: v[np.ix_(members, members)] for k, v in matrices.items()}
-                design = stats.Design((tuple(range(per_side)), tuple(range(per_side, 2 * per_side))),
+                design = Design((tuple(range(per_side)), tuple(range(per_side, 2 * per_side))),
                                       tuple(seed_of[r] for r in a + b))
                 iu = np.triu_indices(2 * per_side, 1)
                 c = stats.compare_settings(sub["tv"][iu][:, None], np.ones(1), design,

@@ -223,8 +223,9 @@ def run_stage(name: str, base: Path, work: Path, *, fixed: dict, rows: list, see
         return run_grid(name, base, work, fixed=fixed, grid=grid, seeds=seeds, jobs=jobs, design=design)
     import multiprocessing
 
-    from goldenpath.store import rundir as ckpt
-    from goldenpath.training.sweep import expand, load_sweep, write_runs_csv
+    from goldenpath.store import files, rundir as ckpt
+    from goldenpath.training.grid import expand, load_sweep
+    from goldenpath.training.sweep import write_runs_csv
 
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{name}.yaml"
@@ -234,7 +235,7 @@ def run_stage(name: str, base: Path, work: Path, *, fixed: dict, rows: list, see
     points = expand(sweep)
     sweep_dir = work / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text(sweep_dir / "sweep.yaml", path.read_text())
+    files.write_text(sweep_dir / "sweep.yaml", path.read_text())
 
     todo = [(str(sweep.base), (*p.overrides, f"out={sweep_dir}", f"name={p.name}")) for p in points
             if ckpt.RunDir(sweep_dir / p.name).state() not in ("completed", "stalled", "diverged")]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files, rundir as ckpt
 from goldenpath.training.runtime import tune_malloc
 from goldenpath.comparison.compare import compare
 from goldenpath.config import load_config, to_dict
@@ -40,7 +40,7 @@ def make_sweep(directory: Path, config_path: Path, n: int) -> Path:
         config = load_config(config_path, [f"out={directory}", f"name=run{s}", f"seed={s}"])
         run = directory / f"run{s}"
         run.mkdir(parents=True)
-        ckpt.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
+        files.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
         model = build_model(config.model, config.data.build().info, seed=s)
         ckpt.save_checkpoint(run / "checkpoints" / ckpt.target_name(1.0), model,
                              {"target": 1.0, "eval_loss": 0.99, "step": 0, "samples": 0, "tokens": 0})

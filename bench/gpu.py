@@ -405,7 +405,7 @@ def host_reads(config_path: Path | None, steps: int, every: int, out: Path, name
 
     from host_reads import HostReads
 
-    from goldenpath.training import trainer as train_mod
+    from goldenpath.training import step as step_mod
     from goldenpath.config import load_config
     from goldenpath.training.trainer import train
 
@@ -423,7 +423,7 @@ def host_reads(config_path: Path | None, steps: int, every: int, out: Path, name
             shown(message, category, *args, **kwargs)
 
     with HostReads() as reads, warnings.catch_warnings():
-        real = train_mod.optimizer_step
+        real = step_mod.optimizer_step
 
         def step(run, micro_batches, window):
             marks.append(syncs["main"])
@@ -434,13 +434,13 @@ def host_reads(config_path: Path | None, steps: int, every: int, out: Path, name
 
         warnings.filterwarnings("always", message=SYNC_WARNING)
         warnings.showwarning = counted
-        train_mod.optimizer_step = step
+        step_mod.optimizer_step = step
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
             train(load_config(config_path, over))
         finally:
-            train_mod.optimizer_step = real
+            step_mod.optimizer_step = real
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
     per_read = reads.per_step()

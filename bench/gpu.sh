@@ -7,7 +7,7 @@
 # and gpu_profile.csv: per mode (eager, compiled) wall and host ms per step, the GPU's idle fraction,
 # kernels per step, the attention backend, time by category (lm head + cross-entropy, attention, casts,
 # block matmuls, ...) and the top kernels, then the chunked lm head + cross-entropy against the float32-logits
-# path (time and peak memory, chunked / plain). README.md "Reading the profile part" says how to read them.
+# path (time and peak memory, chunked / plain). docs/benchmarks.md "Reading the profile part" says how to read them.
 # The data part: the fraction of step time goldenpath train waits for data, batches made in the step vs made
 # ahead (data.prefetch), for the teacher CNN, CIFAR-5m npz parts and GPT-2 on C4-layout parquet text. The reads
 # part: host reads per step (quiet and logged steps) of GPT-2 under goldenpath train, and on CUDA the

@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from goldenpath.training import run as run_mod, trainer as train_mod
+from goldenpath.training import run as run_mod, step as step_mod
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__", "__format__", "__repr__")
 _UNSET = object()
@@ -38,7 +38,7 @@ class HostReads:
         main = threading.main_thread()
         for name in READS:
             self._patch(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name), main))
-        real_step, real_stream = train_mod.optimizer_step, run_mod.build_stream
+        real_step, real_stream = step_mod.optimizer_step, run_mod.build_stream
 
         def step(run, micro_batches, window):
             self.marks.append((run.state.step + 1, self.n))
@@ -49,7 +49,7 @@ class HostReads:
             s.next_step = self._paused(s.next_step)
             return s
 
-        self._patch(train_mod, "optimizer_step", step)
+        self._patch(step_mod, "optimizer_step", step)
         self._patch(run_mod, "build_stream", stream)
         return self
 

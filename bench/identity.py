@@ -5,8 +5,8 @@ each, into a fresh temporary directory and cache) and fingerprints what it write
 
   mlp     tiny MLP on the teacher stream                  gauss   tiny CNN, Noisy-SGD (noise.kind=gaussian)
   dp      tiny group-norm CNN, DP-SGD (per-sample clip)   markov  tiny GPT-2 on the Markov text stream
-  gauss-fork  gauss forked at step 30 with noise.sigma=4
-  sweep   2 lr x 2 seeds of a tiny CNN, + forks of lr=0.06 at loss 2.25 with batch x 2; goldenpath compare
+  gauss-fork  gauss forked at step 30 with noise.sigma=4   sweep   tiny CNN, 2 lr x 2 seeds + forks at loss 2.25
+  (batch x 2), then goldenpath compare --metrics tv,kl,js,top1,cka,lmc
 
 Fingerprint: the sha256 of every *.safetensors (path relative to its run) but the resume RNG state (SKIP),
 every metrics.jsonl line less its timing fields (DROP_KEYS), the sweep's runs.csv and every compare/ table
@@ -18,7 +18,7 @@ What was dropped was found by running twice: nothing else differs between two id
     (--keep DIR keeps the runs in DIR; a failed goldenpath command exits 1 with its output's tail)
 
 Which goldenpath is exercised is whatever ``python -m goldenpath`` imports (set PYTHONPATH to pick a
-checkout); the script prints its path first. About 80 s on 2 CPU cores.
+checkout); the script prints its path first. About 70 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -104,14 +104,24 @@ def fingerprint(work: Path) -> dict[str, str]:
     return {k: v.replace(str(work), "WORK") for k, v in fp.items()}  # forked_from, fork.parent
 
 
-def diff(old: dict[str, str], new: dict[str, str], limit: int = 20) -> list[str]:
+def changed(a: str, b: str) -> str:
+    """The fields of two JSON lines that differ (the whole values for a hash)."""
+    if not a.startswith("{"):
+        return f"{a[:16]}.. -> {b[:16]}.."
+    a, b = json.loads(a), json.loads(b)
+    return "; ".join(f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))[:300]
+
+
+def diff(old: dict[str, str], new: dict[str, str], limit: int = 15) -> list[str]:
     """One line per differing entry (the first ``limit``), then how many differ in each run or table."""
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    lines = [f"- {k}: missing now" if k not in new else f"+ {k}: new" if k not in old else
-             f"~ {k}:\n    was {old[k][:200]}\n    now {new[k][:200]}" for k in keys[:limit]]
+    natural = lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]
+    keys = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)), key=natural)
+    lines = [f"  {k}: " + ("missing now" if k not in new else "new" if k not in old else changed(old[k], new[k]))
+             for k in keys[:limit]]
     where = Counter(re.split(r"/checkpoints/|/metrics\.jsonl|:", k)[0] for k in keys)  # the run or the table
-    return lines + [f"{len(keys)} entries differ (of {len(old)} in the baseline): " + ", ".join(f"{w} ({n})" for w, n in where.items())
-                    ] if keys else []
+    return lines + [f"{len(keys)} entries differ (of {len(old)} in the baseline): "
+                    + ", ".join(f"{w} ({n})" for w, n in where.items())] if keys else []
 
 
 def main() -> None:

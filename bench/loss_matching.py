@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from goldenpath.store.rundir import read_json
+from goldenpath.store.files import read_json
 from goldenpath.config import load_config
 from goldenpath.training.trainer import train
 

@@ -143,7 +143,7 @@ def _sweep(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
     from goldenpath.comparison.plan import plan
-    from goldenpath.training.sweep import load_sweep
+    from goldenpath.training.grid import load_sweep
 
     for line in plan(load_sweep(args.sweep_config)):
         print(f"plan: {line}", file=sys.stderr if not args.plan else sys.stdout, flush=True)
@@ -196,18 +196,61 @@ def _fork(args) -> int:
     return _finish_run(train(fork_config(parent, args.at_loss, args.at_step, overrides, name=args.name)))
 
 
-def _compare(args) -> int:
-    from goldenpath.comparison.compare import compare, conclusions, tables_dir
+def compare_and_draw(sweep_dir: Path, options: dict | None = None, *, figures: bool = True,
+                     report: bool = False) -> tuple[object, Path | None]:
+    """From a sweep's runs to its tables, figures and report page: the one path of the compare, demo and report
+    verbs. Returns (compare's pair rows or None, the report page or None).
+
+    ``options``: compare's keyword arguments: compare now. None: compare again only the tables directories
+    whose runs changed since compare wrote them, with the options they were made with (their pair cache keeps
+    the unchanged pairs); a directory that records no inputs is named on the page. ``figures``: draw the
+    figures after ``compare/`` was compared (they are drawn from it alone). ``report``: then write the page.
+    """
+    from goldenpath.comparison.compare import compare
+    from goldenpath.comparison.runs import changes, last_options, tables_dir
     from goldenpath.draw.figures import write_figures
+    from goldenpath.draw.report import write_report
+    from goldenpath.store.tables import COMPARE, INPUTS, shift_of
+
+    frame, warnings, unshifted = None, [], False
+    if options is not None:
+        frame, unshifted = compare(sweep_dir, **options), options.get("probe_shift") is None
+    else:
+        for tables in [sweep_dir / COMPARE, *sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv"))]:
+            if not (tables / "summary.csv").exists():
+                continue  # the page names what is missing
+            if not (tables / INPUTS).exists():
+                warnings.append(f"{tables.name}/ does not record the runs it compared (an older goldenpath wrote "
+                                "it): runs that landed since are not in it; run goldenpath compare again")
+                continue
+            shift = shift_of(tables)
+            changed = changes(sweep_dir, shift)
+            if changed:
+                _say(f"report: {tables_dir(sweep_dir, shift).name}/ is out of date ({'; '.join(changed)}): comparing "
+                     "again with the options it was made with (pairs of unchanged checkpoints come from its cache)")
+                compare(sweep_dir, **last_options(sweep_dir, shift))
+                unshifted = unshifted or shift is None
+    if figures and unshifted:
+        write_figures(sweep_dir)
+    return frame, write_report(sweep_dir, warnings=warnings) if report else None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _compare(args) -> int:
+    from goldenpath.comparison.compare import conclusions
+    from goldenpath.comparison.runs import tables_dir
 
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
-    frame = compare(sweep_dir, [m.strip() for m in args.metrics.split(",") if m.strip()], device=args.device,
-                    include_flagged=args.include_flagged, probe_shift=args.probe_shift, lmc_points=args.lmc_points)
+    options = {"metrics": [m.strip() for m in args.metrics.split(",") if m.strip()], "device": args.device,
+               "include_flagged": args.include_flagged, "probe_shift": args.probe_shift,
+               "lmc_points": args.lmc_points}
+    frame, _ = compare_and_draw(sweep_dir, options, figures=not args.no_figures)
     tables = tables_dir(sweep_dir, args.probe_shift)
-    if not args.no_figures and args.probe_shift is None:  # the figures are drawn from compare/ alone
-        write_figures(sweep_dir)
     pairs = frame.drop_duplicates(["target", "run_a", "run_b"])
     _print_main(f"{_count(len(pairs), 'pair')} of runs at {_count(frame['target'].nunique(), 'loss target')}; "
                 f"tables: {tables}")
@@ -231,7 +274,7 @@ def _noise(args) -> int:
 
 
 def _toys(args) -> int:
-    from goldenpath.store import rundir as ckpt
+    from goldenpath.store import files
     from goldenpath.draw.figures import write_toy_figure
     from goldenpath.toys.experiments import run_toy, toy_options
 
@@ -240,22 +283,20 @@ def _toys(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     frame, line = run_toy(args.which, options)
     if args.which == "dln":
-        ckpt.write_text(out / "verdict.txt", line + "\n")
+        files.write_text(out / "verdict.txt", line + "\n")
     write_toy_figure(frame, args.which, out / "figure.png")
-    ckpt.atomic_write(out / "table.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    files.atomic_write(out / "table.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     _print_main(line)
     _print_main(str(out))
     return 0
 
 
 def _report(args) -> int:
-    from goldenpath.draw.report import write_report
-
     sweep_dir = Path(args.sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError("sweep_dir", f"{sweep_dir} is not a directory", "give a sweep directory (it holds runs)")
     try:
-        path = write_report(sweep_dir)
+        _, path = compare_and_draw(sweep_dir, figures=(sweep_dir / "figures").is_dir(), report=True)
     except ValueError as e:
         raise ConfigError("sweep_dir", str(e), "give a sweep directory whose runs have trained") from None
     page = path.read_text()
@@ -267,10 +308,10 @@ def _report(args) -> int:
 
 def _demo(args) -> int:
     """A small lr x batch x 5-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
-    from goldenpath.comparison.compare import compare, conclusions
-    from goldenpath.draw.figures import write_figures
+    from goldenpath.comparison.compare import conclusions
     from goldenpath.comparison.plan import plan
-    from goldenpath.training.sweep import SweepInterrupted, load_sweep, run_sweep
+    from goldenpath.training.grid import load_sweep
+    from goldenpath.training.sweep import SweepInterrupted, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"
     if not path.exists():
@@ -285,14 +326,12 @@ def _demo(args) -> int:
     # the four output metrics, the penultimate features (cka) and the loss barrier between the weights (lmc);
     # lmc at 5 points on each path (3 inner ones): every pair of runs at every target, a fifth of the cost
     # of the 11-point default
-    compare(sweep_dir, metrics=("tv", "kl", "js", "top1", "cka", "lmc"), lmc_points=5)
-    write_figures(sweep_dir)
+    _, page = compare_and_draw(sweep_dir, {"metrics": ("tv", "kl", "js", "top1", "cka", "lmc"), "lmc_points": 5},
+                               report=True)
     for line in conclusions(sweep_dir):
         _print_main(line)
-    from goldenpath.draw.report import write_report
-
     _print_main(f"tables: {sweep_dir / 'compare'}; figures: {sweep_dir / 'figures'}")
-    _print_main(f"report: {write_report(sweep_dir)}")
+    _print_main(f"report: {page}")
     _print_main(str(sweep_dir))
     return 1 if counts.get("failed") else 0
 

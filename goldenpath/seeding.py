@@ -51,8 +51,33 @@ def _stream_key(parts: tuple[int, ...]) -> int:
     return _signed(int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]))
 
 
+class Purpose:
+    """What each random stream is for: the number that keys it apart from every other stream of the same seed
+    (``stream_key(seed, Purpose.X, ...)``, ``seeded_generator(seed, Purpose.X, ...)``). A value changed here
+    changes every run that draws from that stream."""
+
+    SUBSET = 1          # an offline run's training subset: disjoint blocks of one permutation of a finite pool
+    ORDER = 2           # an online run's order over a finite pool
+    EPOCH = 3           # an offline run's order within each epoch (with the epoch)
+    HELDOUT = 4         # a finite source's held-out rows, split into the eval and probe sets
+    INIT = 5            # a model's initialisation
+    TEACHER = 10        # the teacher network of the teacher source
+    SECOND_TEACHER = 11  # its second teacher (data.mix)
+    MARKOV_TABLE = 20   # the Markov source's transition table
+    SHIFT = 30          # a shifted probe set's perturbations
+    PROBES = 0xBA5E     # the random probes of the trivial-loss baselines
+    SETTING = 0x5E7714  # a sweep's setting seeds (independent design)
+    NOISE = 0x6E6F697365  # ("noise") the injected noise of each optimizer step
+    FORK = 0x666F726B   # ("fork") a fork's own noise seed, from its seed and fork step
+
+    # Within one split of an embedded source (``stream_key(seed, split, Purpose.X)``):
+    IMAGES = 0          # the teacher's images
+    LABELS = 1          # the teacher's labels
+    TOKENS = 2          # the Markov source's tokens
+    MIXED = 3           # which samples take the second teacher's label (data.mix)
+
+
 SEED_SPACE = 2**20  # run seeds: online streams read pool indices seed * 2**40 + position (streams.ONLINE_STRIDE)
-_SETTING_SEED = 0x5E7714  # the purpose of the setting-seed stream
 
 
 def setting_seed(knobs: dict, replicate: int, attempt: int = 0) -> int:
@@ -61,7 +86,7 @@ def setting_seed(knobs: dict, replicate: int, attempt: int = 0) -> int:
     stream order and noise draws; ``attempt`` draws another seed where two points of a sweep collide."""
     text = json.dumps(knobs, sort_keys=True, default=str)
     setting = int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "big")
-    return stream_key(_SETTING_SEED, setting, replicate, attempt) % SEED_SPACE
+    return stream_key(Purpose.SETTING, setting, replicate, attempt) % SEED_SPACE
 
 
 def counter_uniform(key: int, index: torch.Tensor, counters: int | torch.Tensor) -> torch.Tensor:

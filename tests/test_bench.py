@@ -204,7 +204,7 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
 
     import torch
 
-    from goldenpath.training import trainer as train_mod
+    from goldenpath.training import step as step_mod
 
     from .conftest import TINY_TEACHER
 
@@ -213,7 +213,7 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-    real = train_mod.to_device
+    real = step_mod.to_device
 
     def syncing(batch, device, dtype):
         warnings.warn(gpu.SYNC_WARNING)
@@ -224,7 +224,7 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
             modes.append("thread done")
         return real(batch, device, dtype)
 
-    monkeypatch.setattr(train_mod, "to_device", syncing)
+    monkeypatch.setattr(step_mod, "to_device", syncing)
     rows = {key: gpu.host_reads(None, 12, 4, tmp_path, key, device="cuda", added_read=key == "added",
                                 overrides=[*TINY_TEACHER, "cpu=true"]) for key in ("plain", "added")}
     assert modes[0] == "warn" and modes[-1] == 0
@@ -233,4 +233,4 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
         assert row["syncs"]["log_mean"] >= 1  # and the eval's batches
         assert row["reads"]["quiet_max"] == (1 if key == "added" else 0), (key, row)
     assert rows["plain"]["syncs_other_threads"] == 1
-    assert train_mod.to_device is syncing  # the part put back what it patched, and no more
+    assert step_mod.to_device is syncing  # the part put back what it patched, and no more

@@ -9,41 +9,41 @@ import numpy as np
 import pytest
 import torch
 
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files, rundir as ckpt
 
 
 def test_a_crash_while_filling_keeps_the_previous_directory(tmp_path):
     path = tmp_path / "last"
-    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
+    files.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
 
     def crash(d):
         (d / "a.txt").write_text("half")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        ckpt.replace_dir(path, crash)
+        files.replace_dir(path, crash)
     assert (path / "a.txt").read_text() == "old"
-    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("new"))  # the leftover temp dir is no obstacle
+    files.replace_dir(path, lambda d: (d / "a.txt").write_text("new"))  # the leftover temp dir is no obstacle
     assert (path / "a.txt").read_text() == "new" and not (tmp_path / "last.tmp").exists()
 
 
 def test_a_crash_between_the_renames_is_recovered(tmp_path):
     path = tmp_path / "last"
-    ckpt.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
+    files.replace_dir(path, lambda d: (d / "a.txt").write_text("old"))
     path.rename(tmp_path / "last.old")  # the first rename happened, the second did not
-    assert ckpt.resolve_dir(path) == path and (path / "a.txt").read_text() == "old"
+    assert files.resolve_dir(path) == path and (path / "a.txt").read_text() == "old"
 
 
 def test_atomic_write_never_leaves_a_torn_file(tmp_path):
     path = tmp_path / "status.json"
-    ckpt.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
 
     def torn(tmp):
         tmp.write_text('{"a": ')
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.atomic_write(path, torn)
+        files.atomic_write(path, torn)
     assert json.loads(path.read_text()) == {"a": 1}
 
 

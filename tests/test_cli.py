@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from goldenpath import __version__, cli
-from goldenpath.store.rundir import read_json
+from goldenpath.store.files import read_json
 from goldenpath.config import apply_overrides
 
 from .conftest import TINY_TEACHER

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from goldenpath.store import rundir as ckpt
-from goldenpath.comparison import compare as cmp, distances, pairs
+from goldenpath.store import files, rundir as ckpt
+from goldenpath.comparison import compare as cmp, distances, pairs, runs as runs_mod
 from goldenpath.config import load_config, to_dict
 from goldenpath.comparison import lmc
 from goldenpath.config import ConfigError
@@ -120,7 +120,7 @@ def make_run(sweep_dir, name, overrides, targets, *, fit_steps=0):
     config = load_config(None, [*TINY_TEACHER, f"out={sweep_dir}", f"name={name}", "budget.steps=1", *overrides])
     run = sweep_dir / name
     run.mkdir(parents=True)
-    ckpt.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
+    files.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
     source = config.data.build()
     for k, (target, loss) in enumerate(targets):
         model = fit(build_model(config.model, source.info, seed=config.seed * 10 + k), source, fit_steps)
@@ -207,7 +207,7 @@ def test_compare_reads_the_design_from_the_seeds_and_refuses_to_mix_designs(tmp_
 
 
 def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
-    ckpt.write_json(sweep / "c0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
+    files.write_json(sweep / "c0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
     frame = cmp.compare(sweep, ("tv",), n_boot=50)
     assert "c0" not in set(frame.run_a) | set(frame.run_b)
     lines = cmp.conclusions(sweep)
@@ -219,7 +219,7 @@ def test_a_run_that_diverged_after_reaching_its_targets_counts_and_is_named(swee
     cmp.compare(sweep, ("tv",), n_boot=50)
     numbers = ["target", "setting", "n_seeds", "d_cross", "d_floor", "ratio", "p_value"]
     completed = pd.read_csv(sweep / "compare" / "summary.csv")[numbers]
-    ckpt.write_json(sweep / "a1" / "status.json", {"state": "diverged", "diverged_after_targets": {"2": 0, "1.9": 1},
+    files.write_json(sweep / "a1" / "status.json", {"state": "diverged", "diverged_after_targets": {"2": 0, "1.9": 1},
                                                    "reason": "train loss 9.1 at step 40, after reaching 2, 1.9"})
     frame = cmp.compare(sweep, ("tv",), n_boot=50)
     assert "a1" in set(frame.run_a) | set(frame.run_b)
@@ -253,8 +253,8 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, co
 
 def test_changes_name_the_runs_and_checkpoints_that_landed_changed_or_went(sweep):
     cmp.compare(sweep, ("tv",), n_boot=20, n_perm=100)
-    assert cmp.changes(sweep) == [] and cmp.changes(sweep, "noise:1") is None  # never compared shifted
-    assert cmp.last_options(sweep) == {"metrics": ["tv"], "tolerance": 0.02, "n_boot": 20, "n_perm": 100,
+    assert runs_mod.changes(sweep) == [] and runs_mod.changes(sweep, "noise:1") is None  # never compared shifted
+    assert runs_mod.last_options(sweep) == {"metrics": ["tv"], "tolerance": 0.02, "n_boot": 20, "n_perm": 100,
                                        "include_flagged": False, "probe_shift": None, "lmc_points": 11}
     make_run(sweep, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)])
     make_run(sweep.parent / "later", "b1", ["optim.lr=0.1", "seed=3"], [(2.0, 1.99), (1.9, 1.89)])
@@ -264,8 +264,8 @@ def test_changes_name_the_runs_and_checkpoints_that_landed_changed_or_went(sweep
     import shutil
 
     shutil.rmtree(sweep / "c0")
-    ckpt.write_json(sweep / "b0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
-    assert cmp.changes(sweep) == ["new runs: b2", "removed runs: c0", "new checkpoints: b1 at 1.9",
+    files.write_json(sweep / "b0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
+    assert runs_mod.changes(sweep) == ["new runs: b2", "removed runs: c0", "new checkpoints: b1 at 1.9",
                                   "changed checkpoints: a1 at 2", "stalled or no longer: b0"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from goldenpath.training import trainer as train_mod
+from goldenpath.training import step as step_mod
 from goldenpath.store.rundir import read_metrics
 from goldenpath.config import auto_precision, load_config
 from goldenpath.models import CAUSAL_SDPA, attn_implementation, build_model, logits
@@ -61,14 +61,14 @@ def test_steps_between_logs_never_read_a_device_value(path, tmp_path):
 
 
 def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
-    step = train_mod.optimizer_step
+    step = step_mod.optimizer_step
 
     def reading(run, micro_batches, window):
         lr, units = step(run, micro_batches, window)
         float(window.sums[0])  # what a loop that checks its loss every step does
         return lr, units
 
-    monkeypatch.setattr(train_mod, "optimizer_step", reading)
+    monkeypatch.setattr(step_mod, "optimizer_step", reading)
     with HostReads() as reads:
         train(load_config(None, [*PATHS["plain"][0], *LOOP, f"out={tmp_path}", "name=run"]))
     assert set(n for s, n in reads.per_step().items() if s % EVERY) == {1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from goldenpath.comparison.compare import _settings
+from goldenpath.comparison.runs import settings_of
 from goldenpath.config import load_config
 from goldenpath.config import identity as ident
 from goldenpath.config.naming import default_run_name
@@ -18,7 +18,7 @@ def test_seeds_that_differ_only_in_where_they_ran_or_what_they_record_are_one_se
                "r2": load_config(None, [*base, "seed=2", "log.trackers=[tensorboard]"]),
                "r3": load_config(None, [*base, "seed=3", "log.sample_ids=true", "log.every=3"]),
                "other": load_config(None, ["optim.lr=0.1", "seed=4"])}
-    runs = _settings(configs, {n: "completed" for n in configs})
+    runs = settings_of(configs, {n: "completed" for n in configs})
     assert len({id(runs[n].setting) for n in ("r0", "r1", "r2", "r3")}) == 1
     assert runs["other"].setting is not runs["r0"].setting
     assert set(runs["r0"].setting.columns) == {"optim.lr"}  # only the knob that varies becomes a column

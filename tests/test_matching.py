@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from goldenpath.store.rundir import read_json, read_metrics
+from goldenpath.store.rundir import read_metrics
+
+from goldenpath.store.files import read_json
 from goldenpath.config import load_config
 from goldenpath.training.schedule import next_eval_gap
 from goldenpath.training.trainer import train

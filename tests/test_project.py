@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from goldenpath.store.rundir import read_json, read_metrics
+from goldenpath.store.rundir import read_metrics
+
+from goldenpath.store.files import read_json
 from goldenpath.config import load_config
 from goldenpath.training.trainer import train
 
@@ -93,7 +95,7 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_expands_into_valid_runs(path):
-    from goldenpath.training.sweep import expand, load_sweep
+    from goldenpath.training.grid import expand, load_sweep
 
     sweep = load_sweep(path)
     points = expand(sweep)
@@ -104,7 +106,7 @@ def test_every_shipped_sweep_expands_into_valid_runs(path):
 
 
 def test_the_readme_makes_each_run_directory_before_a_command_reads_it():
-    from goldenpath.training.sweep import load_sweep
+    from goldenpath.training.grid import load_sweep
 
     made = []
     for line in (ROOT / "README.md").read_text().splitlines():

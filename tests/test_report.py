@@ -186,6 +186,7 @@ WHOLE = ("cka", "lmc")  # one value per pair of runs: no interval over probe uni
 def demo_like(root: Path) -> Path:
     """A sweep directory shaped like ``goldenpath demo``'s (lr x batch x online/offline x 5 seeds, 4 targets, 4
     metrics) with made-up curves and ``compare/`` tables in compare's columns: the report at full size, no training."""
+    from goldenpath.comparison.compare import write_answer
     from goldenpath.comparison.verdicts import COMPUTE, FAMILY, MATRIX, SUMMARY
     from goldenpath.config.identity import setting_label
 
@@ -256,6 +257,7 @@ def demo_like(root: Path) -> Path:
     pd.DataFrame(columns=["target", "metric", "regime", "reference", "settings", "slope", "ci_low", "ci_high"]).to_csv(
         tables / "trend.csv", index=False)
     pd.DataFrame(columns=["target", "run", "checkpoint", "reason"]).to_csv(tables / "excluded.csv", index=False)
+    write_answer(tables, LENSES)
     return sweep
 
 
@@ -276,7 +278,8 @@ def with_curve(run: Path) -> Path:
 
 def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path, bars, monkeypatch, capsys,
                                                                        computed_pairs):
-    from goldenpath.comparison import compare as cmp
+    from goldenpath.cli import compare_and_draw
+    from goldenpath.comparison import compare as cmp, runs as runs_mod
     from goldenpath.draw import report as rep
 
     from .test_compare import make_run
@@ -290,14 +293,14 @@ def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path,
     options = {"n_boot": 50, "n_perm": 200}
     cmp.compare(d, ("tv",), **options)
     cmp.compare(d, ("tv",), probe_shift="noise:1", **options)
-    rep.write_report(d)
+    compare_and_draw(d, report=True)
     assert "out of date" not in capsys.readouterr().err
 
     with_curve(make_run(d, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)]))  # a run lands
     later.rename(d / "b1" / "checkpoints" / "target-1.9")
     computed_pairs.clear()
     monkeypatch.setattr(rep, "tqdm", bars)
-    page = rep.write_report(d).read_text()
+    page = compare_and_draw(d, report=True)[1].read_text()
     err = capsys.readouterr().err
     for tables in ("compare", "compare-noise-1"):
         assert f"report: {tables}/ is out of date (new runs: b2; new checkpoints: b1 at 1.9): comparing again" in err
@@ -308,7 +311,7 @@ def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path,
     shutil.copytree(d, fresh, ignore=shutil.ignore_patterns("compare*", "report.html"))
     for shift in (None, "noise:1"):
         want = cmp.compare(fresh, ("tv",), probe_shift=shift, **options)
-        got = pd.read_parquet(cmp.tables_dir(d, shift) / "distances.parquet")
+        got = pd.read_parquet(runs_mod.tables_dir(d, shift) / "distances.parquet")
         key = ["target", "run_a", "run_b", "metric"]
         pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
                                       want.sort_values(key).reset_index(drop=True))
@@ -325,7 +328,9 @@ def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path,
     assert [(b["n"], b["total"]) for b in bars.closed] == [(sections + 2, sections + 2)]  # + compute, curves
 
     (d / "compare" / "inputs.json").unlink()  # tables from before goldenpath recorded their inputs
-    assert "compare/ does not record the runs it compared" in rep.write_report(d).read_text()
+    assert "compare/ does not record the runs it compared" in compare_and_draw(d, report=True)[1].read_text()
+    (d / "compare" / "answer.json").unlink()  # the page only reads: it names the table it lacks
+    assert "compare/answer.json is missing; run goldenpath compare" in rep.write_report(d).read_text()
 
 
 def figures_on(page: str) -> list[str]:

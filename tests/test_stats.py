@@ -13,21 +13,23 @@ import pytest
 
 from goldenpath.comparison import calibration as cal, stats
 
+from goldenpath.comparison.design import Design, cells, distance_matrix, pair_matrix, relabellings, smallest_p
+
 
 def pair_sums(outputs: np.ndarray) -> np.ndarray:
     """outputs [runs, units] (a scalar 'function' per probe unit) -> per-unit distances |f_a - f_b| per pair."""
     return np.stack([np.abs(outputs[i] - outputs[j]) for i, j in itertools.combinations(range(len(outputs)), 2)])
 
 
-def independent(*sizes: int) -> stats.Design:
+def independent(*sizes: int) -> Design:
     starts = np.cumsum([0, *sizes])
     groups = tuple(tuple(range(a, b)) for a, b in zip(starts[:-1], starts[1:]))
-    return stats.Design(groups, tuple(range(starts[-1])))
+    return Design(groups, tuple(range(starts[-1])))
 
 
-def paired(settings: int, seeds: int) -> stats.Design:
+def paired(settings: int, seeds: int) -> Design:
     groups = tuple(tuple(range(k * seeds, (k + 1) * seeds)) for k in range(settings))
-    return stats.Design(groups, tuple(i % seeds for i in range(settings * seeds)))
+    return Design(groups, tuple(i % seeds for i in range(settings * seeds)))
 
 
 def test_the_ratio_floors_spread_and_location_by_hand():
@@ -68,7 +70,7 @@ def test_the_permutation_p_value_equals_permanova_on_the_square_rooted_distances
     rows = [0.3 * k + rng.normal(size=50) for k in (0, 0, 0, 0, 1, 1, 1, 1)]
     sums = pair_sums(np.stack(rows))
     out, _ = stats.compare_settings(sums, np.ones(50), independent(4, 4), n_perm=10)
-    dm = DistanceMatrix(np.sqrt(stats.pair_matrix(sums.mean(1), 8)))
+    dm = DistanceMatrix(np.sqrt(pair_matrix(sums.mean(1), 8)))
 
     def pseudo_f(first):
         labels = [int(i not in first) for i in range(8)]
@@ -82,7 +84,7 @@ def test_the_permutation_p_value_equals_permanova_on_the_square_rooted_distances
 
 @pytest.mark.parametrize("design", [independent(3, 3, 2), paired(3, 3)])
 def test_relabellings_are_every_labelling_that_keeps_the_sizes_once(design):
-    z, exact = stats.relabellings(design, [0, 1, 2])
+    z, exact = relabellings(design, [0, 1, 2])
     labels = {tuple(row.argmax(1)) for row in z}
     assert exact and len(labels) == len(z)  # no labelling twice
     truth = tuple(np.repeat(np.arange(3), [len(g) for g in design.groups]))
@@ -95,7 +97,7 @@ def test_relabellings_are_every_labelling_that_keeps_the_sizes_once(design):
         for row in labels:
             for s in range(3):
                 assert sorted(np.asarray(row)[seeds == s]) == [0, 1, 2]
-    assert stats.smallest_p(design, [0, 1, 2]) == pytest.approx(1 / len(z))
+    assert smallest_p(design, [0, 1, 2]) == pytest.approx(1 / len(z))
 
 
 def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():
@@ -104,7 +106,7 @@ def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():
     rows = [0.4 * (k == 2) + rng.normal(size=30) for k in (0, 0, 0, 1, 1, 1, 2, 2, 2)]
     sums = pair_sums(np.stack(rows))
     test = stats.family_test(sums, np.ones(30), design, [1, 2], 0)
-    m = stats.pair_matrix(sums.sum(1) / 30, 9)
+    m = pair_matrix(sums.sum(1) / 30, 9)
     ratios = []  # by hand: each labelling's ratio of settings 1 and 2 against 0
     for a in itertools.combinations(range(9), 3):
         rest = [i for i in range(9) if i not in a]
@@ -137,7 +139,7 @@ def test_cell_covariance_is_unbiased_for_the_covariance_of_cell_means():
         for _ in range(600):
             p, design = cal.functions(world, 5, rng)
             tv, _, counts = cal.pair_sums(p)
-            c = stats.cells(stats.distance_matrix(tv, counts), design)
+            c = cells(distance_matrix(tv, counts), design)
             means.append(c.means)
             covs.append(c.cov)
         empirical, estimated = np.cov(np.asarray(means).T), np.mean(covs, 0)
@@ -151,9 +153,9 @@ def test_slope_and_smallest_p_against_hand_values():
     x = np.log([0.1, 0.2, 0.4, 0.8])
     assert stats.slope(x, 0.5 * x + 3) == pytest.approx(0.5)
     assert math.isnan(stats.slope(np.ones(3), np.arange(3.0)))
-    assert stats.smallest_p(independent(5, 5), [0, 1]) == pytest.approx(2 / 252)  # the split and its mirror
-    assert stats.smallest_p(paired(2, 5), [0, 1]) == pytest.approx(2 / 32)
-    assert stats.smallest_p(independent(10, 10, 10), [0, 1, 2], n_perm=1999) == pytest.approx(1 / 2000)
+    assert smallest_p(independent(5, 5), [0, 1]) == pytest.approx(2 / 252)  # the split and its mirror
+    assert smallest_p(paired(2, 5), [0, 1]) == pytest.approx(2 / 32)
+    assert smallest_p(independent(10, 10, 10), [0, 1, 2], n_perm=1999) == pytest.approx(1 / 2000)
 
 
 def test_a_one_seed_setting_leaves_the_other_settings_intervals_alone():
@@ -171,14 +173,14 @@ def test_a_one_seed_setting_leaves_the_other_settings_intervals_alone():
 
 
 def test_a_partial_overlap_of_seeds_has_no_permutation_test():
-    design = stats.Design(((0, 1), (2, 3)), (0, 1, 1, 2))  # one seed in both settings, others not
+    design = Design(((0, 1), (2, 3)), (0, 1, 1, 2))  # one seed in both settings, others not
     assert design.relation([0, 1]) == "partial"
     sums = np.ones((6, 1))
     assert math.isnan(stats.compare_settings(sums, np.ones(1), design)[0][(0, 1)].p_value)
     with pytest.raises(ValueError, match="some seeds but not all"):
-        stats.relabellings(design, [0, 1])
+        relabellings(design, [0, 1])
     with pytest.raises(ValueError, match="two runs with one seed"):
-        stats.Design(((0, 1),), (3, 3))
+        Design(((0, 1),), (3, 3))
 
 
 # ----------------------------------------------------------------------------- simulations with a known truth
@@ -232,7 +234,7 @@ def test_paired_spread_variance_is_the_jackknife_over_seeds_by_a_loop():
     n = 6
     p, design = cal.functions(PAIRED, n, rng)
     tv, _, counts = cal.pair_sums(p)
-    m = stats.distance_matrix(tv, counts)
+    m = distance_matrix(tv, counts)
     # a loop over the left-out seed, the floors from the per-point distances of the raw predictions
     values = []
     for drop in range(n):

@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from goldenpath.store.rundir import read_json, read_metrics
+from goldenpath.store.rundir import read_metrics
+
+from goldenpath.store.files import read_json
 from goldenpath.config import ConfigError, load_config
 from goldenpath.training.fork import fork_config
-from goldenpath.training.sweep import expand, fork_name, load_sweep, run_name, slurm_arrays, submit_slurm
+from goldenpath.config.naming import fork_name, run_name
+from goldenpath.training.grid import expand, load_sweep
+from goldenpath.training.sweep import slurm_arrays, submit_slurm
 from goldenpath.training.trainer import train
 
 from .conftest import TINY_TEACHER, write_sweep

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files, rundir as ckpt
 from goldenpath import cli
 from goldenpath.config import OptimConfig, load_config
 from goldenpath.data import build_stream
@@ -242,7 +242,7 @@ def test_kill_9_at_any_time_then_resume_is_bit_identical(resumable, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # whatever the moment of the kill, the resume state is whole and loads
-        last = ckpt.resolve_dir(run_dir / "checkpoints" / "last")
+        last = files.resolve_dir(run_dir / "checkpoints" / "last")
         assert last is not None
         config = load_config(None, args + ["budget.samples=3200"])
         model = build_model(config.model, config.data.build().info, seed=0)
@@ -429,7 +429,7 @@ def test_tensorboard_tracker_holds_the_logged_scalars(tiny_teacher):
 
 
 def state_of(initial, best, last, train_loss):
-    from goldenpath.training.run import RunState
+    from goldenpath.training.state import RunState
 
     return RunState(initial_eval=initial, best=list(best), evals=[[0, initial], [99, last]], train_loss=train_loss)
 

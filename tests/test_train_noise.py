@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from goldenpath.config import load_config
 from goldenpath.data import build_stream
 from goldenpath.models import build_model, sample_losses
 from goldenpath.dp.mechanisms import add_noise
+from goldenpath.seeding import Purpose, stream_key
+from goldenpath.training.fork import fork_config
 from goldenpath.training.trainer import train
 
 from .conftest import status_of, trained_model
@@ -73,6 +77,25 @@ def test_gaussian_noise_is_drawn_once_per_step_with_std_sigma_over_b(tiny_teache
     assert max(float((b[n] - (a[n] - LR * xi[n])).abs().max()) for n in a) < 1e-12
     record = [r for r in read_metrics(noisy.out + "/noisy") if "noise_norm" in r][-1]
     assert record["noise_norm"] == pytest.approx(float(torch.cat([x.flatten() for x in xi.values()]).norm()))
+
+
+def test_a_fork_draws_its_own_noise_at_any_fork_step(tiny_teacher):
+    """A fork's noise comes from a key of (seed, fork step), made non-negative: at step 4 of seed 0 the raw key
+    is negative (a fork there used to fail at its first noise draw)."""
+    assert stream_key(0, Purpose.FORK, 4) < 0
+    common = [*tiny_teacher, "precision=fp64", "optim.batch_size=32", f"optim.lr={LR}", "seed=0"]
+    parent = load_config(None, [*common, "name=parent", "budget.steps=4", "checkpoint.steps=[4]",
+                                "noise.kind=gaussian", "noise.sigma=1"])
+    train(parent)
+    runs = {}
+    for name, noise in (("quiet", ["noise.kind=none", "noise.sigma=0"]), ("loud", ["noise.sigma=3"])):
+        child = fork_config(Path(parent.out) / "parent", at_step=4, overrides=[*noise, "budget.steps=5"])
+        child = dataclasses.replace(child, name=name)
+        assert status_of(train(child))["state"] == "completed"
+        runs[name] = dict(trained_model(child, Path(child.out) / name).named_parameters())
+    a, b = runs["quiet"], runs["loud"]
+    xi = noise_of(a, 3 / 32, seed=stream_key(0, Purpose.FORK, 4) & (2**63 - 1), step=4)
+    assert max(float((b[n] - (a[n] - LR * xi[n])).abs().max()) for n in a) < 1e-12
 
 
 @pytest.mark.parametrize("method", ["fast", "vmap"])

@@ -30,6 +30,8 @@ import numpy as np
 
 from goldenpath.comparison import stats
 
+from goldenpath.comparison.design import Design
+
 
 @dataclass(frozen=True)
 class World:
@@ -65,7 +67,7 @@ def _dirichlet(rng: np.random.Generator, alpha: np.ndarray) -> np.ndarray:
     return g / g.sum(-1, keepdims=True)
 
 
-def functions(world: World, n: int, rng: np.random.Generator) -> tuple[np.ndarray, stats.Design]:
+def functions(world: World, n: int, rng: np.random.Generator) -> tuple[np.ndarray, Design]:
     """Predicted distributions [runs, points, classes] of n seeds in every setting, and their design."""
     m = world.means()
     same = world.paired or world.shared
@@ -84,7 +86,7 @@ def functions(world: World, n: int, rng: np.random.Generator) -> tuple[np.ndarra
         out.append(m[k] + w * (q - m[k]))
         groups.append(tuple(range(k * n, (k + 1) * n)))
         seeds += [(0 if same else k, s) for s in range(n)]
-    return np.concatenate(out), stats.Design(tuple(groups), tuple(seeds))
+    return np.concatenate(out), Design(tuple(groups), tuple(seeds))
 
 
 def pair_sums(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,7 +156,7 @@ def calibrate(world: World, n: int, *, reps: int = 200, seed: int = 0, n_perm: i
     for _ in range(reps):
         p, design = functions(world, n, rng)
         if world.shared:  # the same seeds, analysed as if every run had its own
-            design = stats.Design(design.groups, tuple(range(len(design.seeds))))
+            design = Design(design.groups, tuple(range(len(design.seeds))))
         tv, sq, counts = pair_sums(p)
         kw = {"n_perm": n_perm, "seed": int(rng.integers(1 << 30))}
         c = stats.compare_settings(tv, counts, design, sq_sums=sq, **kw)[0][(0, 1)]

@@ -33,13 +33,16 @@ the answer (:func:`conclusions`) name it. Tables written under ``compare/``:
 - ``family.csv``: one row per target, metric and regime: the family test, its adjusted p and the smallest
   adjusted p the seeds allow;
 - ``trend.csv``: slope of log ratio on log noise scale per target, metric and regime;
-- ``compute.csv``: samples and steps each setting needed to reach each target.
+- ``compute.csv``: samples and steps each setting needed to reach each target;
+- ``answer.json``: per metric, the notes and the answer's sentences (:func:`conclusions`), which the report
+  page leads with.
 
 Per-pair results are cached under ``compare/cache/`` (one file per target and metric set) keyed by both
 checkpoint files' size and mtime and by the probe set, so a re-run recomputes only pairs whose
 checkpoints changed or are new. ``compare/inputs.json`` records the options and every run's checkpoints
-the tables come from: :func:`changes` says what changed in the sweep since (``goldenpath report`` compares
-again when something did). Figures are drawn from these tables (``goldenpath.draw.figures``).
+the tables come from: :func:`goldenpath.comparison.runs.changes` says what changed in the sweep since
+(``goldenpath report`` compares again when something did). Figures and the report page are drawn from these
+tables alone (:mod:`goldenpath.draw`).
 """
 
 from __future__ import annotations
@@ -54,99 +57,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from goldenpath.store import rundir as ckpt
-from goldenpath.comparison import stats, verdicts
-from goldenpath.config import Config, ConfigError, load_config, to_dict
-from goldenpath.config import identity
-from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
+from goldenpath.comparison import verdicts
+
+from goldenpath.comparison.design import Design
 from goldenpath.comparison.distances import METRICS, bootstrap_rows, bootstrap_weights
 from goldenpath.comparison.pairs import load_shared, pair_barriers, pair_sums
+from goldenpath.comparison.runs import collect, inputs, tables_dir
+from goldenpath.config import Config, ConfigError, to_dict
+from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
+from goldenpath.store import files
+from goldenpath.store.tables import ANSWER, INPUTS
 
 WHOLE = ("cka", "lmc")  # statistics of the whole probe set: one value per pair, no probe units to resample
 ALL_METRICS = (*METRICS, "sq", *WHOLE)
 LOCATION = "sq"  # the squared distance whose cell means split into location and spread; always measured
-INPUTS = "inputs.json"  # the options and checkpoints a tables directory was computed from
 COLUMNS = ["target", "run_a", "run_b", "setting_a", "setting_b", "metric", "value", "ci_low", "ci_high", "loss_a",
            "loss_b", "kind", "overshoot_a", "overshoot_b"]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    run: str
-    path: Path
-    target: float
-    eval_loss: float
-    step: int
-    samples: int
-    fingerprint: str
-
-    @property
-    def overshoot(self) -> float:
-        return self.target - self.eval_loss
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    name: str
-    config: Config
-    state: str | None
-    setting: verdicts.Setting
-
-
-def collect(sweep_dir: Path) -> tuple[dict[float, list[Checkpoint]], dict[str, RunInfo]]:
-    """Every loss-target checkpoint of the sweep's runs, by target; and each run's config, state and setting."""
-    by_target: dict[float, list[Checkpoint]] = {}
-    configs, states = {}, {}
-    for run_dir in sorted(p.parent for p in sweep_dir.glob("*/config.yaml")):
-        run = ckpt.RunDir(run_dir)
-        config = load_config(run.config)
-        configs[run.name] = config
-        states[run.name] = run.state()
-        for target_dir in run.target_dirs():
-            meta = ckpt.read_meta(target_dir)
-            stat = (target_dir / ckpt.WEIGHTS).stat()
-            by_target.setdefault(float(meta["target"]), []).append(Checkpoint(
-                run_dir.name, target_dir, float(meta["target"]), float(meta["eval_loss"]), int(meta["step"]),
-                int(meta["samples"]), f"{stat.st_size}-{stat.st_mtime_ns}"))
-    _refuse_duplicates(configs, sweep_dir)
-    designs = sorted({c.design for c in configs.values() if c.design is not None})
-    if len(designs) > 1:
-        raise ConfigError("compare", f"the runs of {sweep_dir} come from sweeps with different seed designs "
-                          f"({', '.join(designs)})", "compare the runs of one design (move one sweep's runs out)")
-    return by_target, _settings(configs, states)
-
-
-def _refuse_duplicates(configs: dict[str, Config], sweep_dir: Path) -> None:
-    """Two run directories that compute one run (same resolved config, seed and replicate) would enter the
-    statistics as two seeds at distance 0: refuse, naming both."""
-    seen: dict[str, str] = {}
-    for name, config in configs.items():
-        first = seen.setdefault(identity.identity_key(config), name)
-        if first != name:
-            raise ConfigError("compare", f"{sweep_dir / name} is {first} again under another name (same config, "
-                              "seed and replicate)", f"remove one of them (rm -r {sweep_dir / name})")
-
-
-def _settings(configs: dict[str, Config], states: dict) -> dict[str, RunInfo]:
-    """Group runs by knobs; label each setting by its runs' names without the seed; keep the varying knobs."""
-    flat = {n: identity.setting_columns(c) for n, c in configs.items()}
-    keys = sorted({k for f in flat.values() for k in f})
-    varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
-    by_knobs: dict[tuple, list[str]] = {}
-    for n, c in configs.items():
-        by_knobs.setdefault((identity.knobs(c),), []).append(n)
-    out, used = {}, set()
-    for knobs, names in by_knobs.items():
-        label = identity.setting_label(sorted(names)[0])
-        while label in used:
-            label += "'"
-        used.add(label)
-        c = configs[names[0]]
-        setting = verdicts.Setting(label, knobs, c.regime, identity.noise_level(c), (*identity.order_key(c), label),
-                                 {k: flat[names[0]].get(k) for k in varying}, fork=c.fork.parent is not None)
-        for n in names:
-            out[n] = RunInfo(n, configs[n], states[n], setting)
-    return out
 
 
 def _probe_fingerprint(configs: dict[str, Config]) -> tuple[dict, str]:
@@ -178,9 +104,18 @@ class _Probe:
     lmc_points: int
 
 
-def tables_dir(sweep_dir: str | Path, probe_shift: str | None = None) -> Path:
-    """``compare/``, or ``compare-<shift>/`` for a shifted probe set (e.g. ``compare-noise-0.5``)."""
-    return Path(sweep_dir) / ("compare" if probe_shift is None else f"compare-{parse_shift(probe_shift).slug}")
+def _probe_setup(configs: dict, metrics, probe_shift: str | None, chunk: int, device: str | None,
+                 lmc_points: int) -> _Probe:
+    """The probe set every pair is measured on (shifted where asked), the source, the cache key, the device."""
+    _, probe_key = _probe_fingerprint(configs)
+    first = next(iter(configs.values()))
+    source = first.data.build()
+    probe = source.heldout("probe") if probe_shift is None else shifted_probe(first.data, probe_shift, source=source)
+    lens = f"|lmc:{lmc_points}" if "lmc" in metrics else ""
+    shift = "" if probe_shift is None else f"|shift:{parse_shift(probe_shift).spec}"
+    return _Probe(source.info, probe, source, probe_key + shift + lens, chunk,
+                  torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                  torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
 
 
 def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
@@ -208,15 +143,9 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
                           "run a sweep whose runs reach checkpoint.targets first")
     configs = {n: r.config for n, r in runs.items()}
-    _, probe_key = _probe_fingerprint(configs)
     first = next(iter(configs.values()))
-    source = first.data.build()
-    probe = source.heldout("probe") if probe_shift is None else shifted_probe(first.data, probe_shift, source=source)
-    lens = f"|lmc:{lmc_points}" if "lmc" in metrics else ""
-    shift = "" if probe_shift is None else f"|shift:{parse_shift(probe_shift).spec}"
-    setup = _Probe(source.info, probe, source, probe_key + shift + lens, chunk,
-                   torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                   torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
+    setup = _probe_setup(configs, metrics, probe_shift, chunk, device, lmc_points)
+    probe = setup.probe
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     measured = metrics + (() if LOCATION in metrics else (LOCATION,))
@@ -225,15 +154,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     tables = {name: [] for name in ("distances", "summary", "settings", "family", "trend", "excluded")}
     weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every pair
     for target in sorted(by_target, reverse=True):
-        cks = []
-        for c in by_target[target]:
-            why = ("stalled run" if runs[c.run].state == "stalled" else
-                   f"{c.overshoot:.4g} below its target (more than {tolerance:.0%})"
-                   if c.overshoot > tolerance * target else None)
-            if why and not include_flagged:
-                tables["excluded"].append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
-            else:
-                cks.append(c)
+        cks = _kept(by_target[target], runs, target, tolerance, tables["excluded"] if not include_flagged else None)
         order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
         cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
         if len(cks) < 2:
@@ -241,7 +162,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
         results = _pair_results(cks, by_target[target], configs, setup, target, measured, cache_dir)
         settings = list(order)
         groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
-        design = stats.Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
+        design = Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
         refs = {r: verdicts.reference_of(settings, [len(g) for g in groups], r) for r in ("online", "offline")}
         against = {}  # a setting is compared with its regime's reference, an offline one also with the online
         for k, s in enumerate(settings):
@@ -267,49 +188,26 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
                 tables[name] += rows
     verdicts.adjust(tables["summary"], tables["family"])
     _write_tables(out_dir, runs, by_target, tables)
+    write_answer(out_dir, metrics)
     options = {"metrics": list(metrics), "tolerance": tolerance, "n_boot": n_boot, "n_perm": n_perm,
                "include_flagged": include_flagged, "probe_shift": probe_shift, "lmc_points": lmc_points}
-    ckpt.write_json(out_dir / INPUTS, {"options": options, "runs": _inputs(runs, by_target)})  # last: after the tables
+    files.write_json(out_dir / INPUTS, {"options": options, "runs": inputs(runs, by_target)})  # last: after the tables
     return pd.DataFrame(tables["distances"], columns=COLUMNS)
 
 
-def _inputs(runs: dict[str, RunInfo], by_target: dict[float, list[Checkpoint]]) -> dict[str, dict]:
-    """What a comparison depends on in each run: whether it stalled, and its checkpoints' fingerprints by target."""
-    out = {name: {"stalled": info.state == "stalled", "checkpoints": {}} for name, info in runs.items()}
-    for target, cks in by_target.items():
-        for c in cks:
-            out[c.run]["checkpoints"][f"{target:g}"] = c.fingerprint
-    return out
-
-
-def changes(sweep_dir: str | Path, probe_shift: str | None = None) -> list[str] | None:
-    """What changed in the sweep's runs since compare wrote ``compare/`` (``compare-<shift>/``), one phrase per
-    kind (``"new runs: a, b"``); [] when nothing did, None when the tables record no inputs (written by an
-    older goldenpath)."""
-    path = tables_dir(sweep_dir, probe_shift) / INPUTS
-    if not path.exists():
-        return None
-    old = ckpt.read_json(path)["runs"]
-    by_target, runs = collect(Path(sweep_dir))
-    now = _inputs(runs, by_target)
-    found = {"new runs": sorted(now.keys() - old.keys()), "removed runs": sorted(old.keys() - now.keys()),
-             "new checkpoints": [], "changed checkpoints": [], "removed checkpoints": [], "stalled or no longer": []}
-    for run in sorted(old.keys() & now.keys()):
-        before, after = old[run]["checkpoints"], now[run]["checkpoints"]
-        for target in sorted(before.keys() | after.keys(), key=float, reverse=True):
-            kind = ("new" if target not in before else "removed" if target not in after else
-                    "changed" if before[target] != after[target] else None)
-            if kind:
-                found[f"{kind} checkpoints"].append(f"{run} at {target}")
-        if old[run]["stalled"] != now[run]["stalled"]:
-            found["stalled or no longer"].append(run)
-    return [f"{what}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-            for what, names in found.items() if names]
-
-
-def last_options(sweep_dir: str | Path, probe_shift: str | None = None) -> dict:
-    """The keyword arguments compare last wrote ``compare/`` (``compare-<shift>/``) with (from ``inputs.json``)."""
-    return ckpt.read_json(tables_dir(sweep_dir, probe_shift) / INPUTS)["options"]
+def _kept(cks: list, runs: dict, target: float, tolerance: float, excluded: list | None) -> list:
+    """The checkpoints at ``target`` that enter the statistics: not of a stalled run, not more than ``tolerance``
+    (relative) below the target. The others go to ``excluded`` with the reason (None: every one is kept)."""
+    kept = []
+    for c in cks:
+        why = ("stalled run" if runs[c.run].state == "stalled" else
+               f"{c.overshoot:.4g} below its target (more than {tolerance:.0%})"
+               if c.overshoot > tolerance * target else None)
+        if why and excluded is not None:
+            excluded.append({"target": target, "run": c.run, "checkpoint": str(c.path), "reason": why})
+        else:
+            kept.append(c)
+    return kept
 
 
 def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
@@ -324,7 +222,7 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
                             "columns": info.setting.columns, "n_seeds": n_seeds,
                             "step": hit.step if hit else None, "samples": hit.samples if hit else None})
     frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
-    ckpt.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    files.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
     for name, table, columns in (("summary", tables["summary"], verdicts.SUMMARY),
                                  ("settings", tables["settings"], verdicts.MATRIX),
                                  ("family", tables["family"], verdicts.FAMILY),
@@ -333,7 +231,7 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
                                  ("excluded", tables["excluded"], verdicts.EXCLUDED)):
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
-        ckpt.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+        files.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
 
 
 def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir):
@@ -363,7 +261,7 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
         del models
         # keep the cached pairs of checkpoints left out this time (they may be included again)
         current = {**previous, **{keys[p]: results[p] for p in pairs}}
-        ckpt.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
+        files.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
     return results
 
 
@@ -409,9 +307,14 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
     """What a compared sweep says, in plain lines: what was left out and which runs diverged after reaching a
     target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``)."""
+    notes, answer = _said(tables_dir(sweep_dir, probe_shift), metric)
+    return notes + answer
+
+
+def _said(tables: Path, metric: str) -> tuple[list[str], list[str]]:
+    """The lines of :func:`conclusions` from a tables directory: (the notes, the answer's sentences)."""
     import pandas as pd
 
-    tables = tables_dir(sweep_dir, probe_shift)
     lines = []
     excluded = pd.read_csv(tables / "excluded.csv")
     if len(excluded):
@@ -431,6 +334,12 @@ def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str |
     if refs.nunique() > 1:
         lines.append("the reference setting differs between targets: "
                      + ", ".join(f"{t:g}: {r}" for t, r in refs.sort_index(ascending=False).items()))
-    lines += list(verdicts.answer(summary, pd.read_csv(tables / "trend.csv"), family=pd.read_csv(tables / "family.csv"),
-                                metric=metric).values())
-    return lines
+    answer = verdicts.answer(summary, pd.read_csv(tables / "trend.csv"), family=pd.read_csv(tables / "family.csv"),
+                             metric=metric)
+    return lines, list(answer.values())
+
+
+def write_answer(tables: Path, metrics) -> None:
+    """``answer.json``: per metric, the notes and the answer's sentences (what the report page leads with)."""
+    said = {m: dict(zip(("notes", "answer"), _said(tables, m))) for m in metrics}
+    files.write_json(tables / ANSWER, said)

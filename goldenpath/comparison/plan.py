@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 
-from goldenpath.comparison import stats, verdicts
+from goldenpath.comparison import verdicts
+
+from goldenpath.comparison.design import Design, smallest_p
 
 ALPHA = verdicts.ALPHA
 
@@ -24,7 +26,7 @@ def smallest_adjusted(settings: int, seeds: int, targets: int, design: str, *, n
         return math.nan
     groups = tuple(tuple(range(k * seeds, (k + 1) * seeds)) for k in range(settings + 1))
     ids = tuple(i % seeds if design == "paired" else i for i in range(seeds * (settings + 1)))
-    p = stats.smallest_p(stats.Design(groups, ids), list(range(settings + 1)), n_perm=n_perm)
+    p = smallest_p(Design(groups, ids), list(range(settings + 1)), n_perm=n_perm)
     return min(1.0, targets * p)
 
 
@@ -39,17 +41,17 @@ def seeds_needed(settings: int, targets: int, design: str, *, start: int = 2, li
 def plan(sweep) -> list[str]:
     """Lines that say, per regime, the reference, the family, the seeds and the smallest adjusted p the
     design can reach, with a warning where it cannot reach :data:`ALPHA` (``sweep``: a loaded Sweep)."""
-    from goldenpath.comparison.compare import _settings
+    from goldenpath.comparison.runs import settings_of
     from goldenpath.config import load_config
     from goldenpath.data.baselines import trivial_loss
-    from goldenpath.training.sweep import expand
+    from goldenpath.training.grid import expand
 
     points = [p for p in expand(sweep) if p.fork is None]
     first_rep = sweep.seeds[0]
     configs = {p.name: load_config(sweep.base, p.overrides) for p in points if p.knobs["replicate"] == first_rep}
     if not configs:
         return []
-    infos = _settings(configs, {n: None for n in configs})
+    infos = settings_of(configs, {n: None for n in configs})
     settings = list(dict.fromkeys(i.setting for i in infos.values()))
     config = next(iter(configs.values()))
     baseline, what = trivial_loss(config.data)

@@ -39,289 +39,19 @@ two floors share their seeds). Degrees of freedom: the smaller setting's seeds m
 ratio: Satterthwaite's, see :func:`score_interval`).
 Simulations with a known truth check all of it (:mod:`goldenpath.comparison.calibration`, ``analysis/calibration.py``).
 
-Distances between runs arrive as per-unit sums (``sums`` [pairs, units], ``counts`` [units], pairs in
-``itertools.combinations(range(n), 2)`` order); a pair's distance is ``sums.sum(1) / counts.sum()``.
+Distances between runs arrive as per-unit sums (:mod:`goldenpath.comparison.design`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
 
-# ----------------------------------------------------------------------------- matrices and designs
-
-
-def pair_count_to_n(pairs: int) -> int:
-    n = int(round((1 + math.sqrt(1 + 8 * pairs)) / 2))
-    if n * (n - 1) // 2 != pairs:
-        raise ValueError(f"{pairs} is not a number of pairs n (n - 1) / 2")
-    return n
-
-
-def pair_matrix(values: np.ndarray, n: int) -> np.ndarray:
-    """[..., pairs] values in combinations order -> [..., n, n] symmetric matrices with a zero diagonal."""
-    rows, cols = np.triu_indices(n, 1)
-    out = np.zeros((*values.shape[:-1], n, n))
-    out[..., rows, cols] = values
-    out[..., cols, rows] = values
-    return out
-
-
-def distance_matrix(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """[runs, runs] mean distance of every pair over the probe set, from per-unit sums."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return pair_matrix(np.asarray(sums, float).sum(1) / float(np.sum(counts)), pair_count_to_n(len(sums)))
-
-
-@dataclass(frozen=True)
-class Design:
-    """Which runs form each setting and which seed each run has.
-
-    ``groups``: run indices of each setting; ``seeds``: per run, its seed's identity (any hashable; runs of
-    two settings with the same seed share initialisation and stream order)."""
-
-    groups: tuple[tuple[int, ...], ...]
-    seeds: tuple
-
-    def __post_init__(self):
-        for k, g in enumerate(self.groups):
-            mine = [self.seeds[i] for i in g]
-            if len(set(mine)) != len(mine):
-                raise ValueError(f"setting {k} has two runs with one seed")
-
-    def relation(self, members: list[int]) -> str:
-        """How the settings ``members`` share seeds: ``independent`` (no seed in two of them), ``paired``
-        (every seed in all of them) or ``partial`` (neither: no exact permutation test exists)."""
-        sets = [{self.seeds[i] for i in self.groups[k]} for k in members]
-        count = Counter(s for ss in sets for s in ss)
-        if all(c == 1 for c in count.values()):
-            return "independent"
-        if all(c == len(members) for c in count.values()):
-            return "paired"
-        return "partial"
-
-
-def _different_seed(design: Design) -> np.ndarray:
-    """[n, n] 1 where two runs have different seeds (0 on the diagonal and between same-seed runs)."""
-    code = {s: i for i, s in enumerate(dict.fromkeys(design.seeds))}
-    seeds = np.array([code[s] for s in design.seeds])
-    return (seeds[:, None] != seeds[None, :]).astype(float)
-
-
-def _labels(design: Design) -> np.ndarray:
-    n = len(design.seeds)
-    z = np.zeros((n, len(design.groups)))
-    for k, g in enumerate(design.groups):
-        z[list(g), k] = 1.0
-    return z
-
-
-# ----------------------------------------------------------------------------- the statistics of one labelling
-
-
-def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
-    distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings."""
-    zt = np.swapaxes(z, 1, 2)
-    return zt @ (m * a) @ z, zt @ a @ z
-
-
-def _diag(x: np.ndarray) -> np.ndarray:
-    return np.diagonal(x, axis1=-2, axis2=-1)
-
-
-def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
-    """D [B, S, S], own floors [B, S], pooled floors [B, S, S] and ratios [B, S, S] of labellings z."""
-    s, c = _cells(m, a, z)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cross = s / c
-        own = _diag(s) / _diag(c)
-        ss, cc = _diag(s), _diag(c)
-        pooled = (ss[:, :, None] + ss[:, None, :]) / (cc[:, :, None] + cc[:, None, :])
-        return {"cross": cross, "own": own, "pooled": pooled, "ratio": cross / pooled}
-
-
-def location_ratio(q: np.ndarray, a: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """[B, S, S]: D_2 / ((F_2K + F_2R) / 2) in the squared distance ``q`` (1 = the same mean function)."""
-    s, c = _cells(q, a, z)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        own = _diag(s) / _diag(c)
-        return (s / c) / ((own[:, :, None] + own[:, None, :]) / 2)
-
-
-# ----------------------------------------------------------------------------- variances of cell means
-
-
-@dataclass(frozen=True)
-class Cells:
-    """The mean distance of every *cell* (the pairs of runs between settings k and r, or within k when
-    k == r; pairs with a shared seed left out) and an unbiased estimate of their covariance."""
-
-    types: list[tuple[int, int]]    # (k, r), k <= r
-    means: np.ndarray               # [T]
-    cov: np.ndarray                 # [T, T]
-    pairs: np.ndarray               # [T] pairs of runs in each cell
-
-    def index(self, k: int, r: int) -> int:
-        return self.types.index((min(k, r), max(k, r)))
-
-
-def cells(m: np.ndarray, design: Design, members: list[int] | None = None) -> Cells:
-    """Cell means of the distance matrix ``m`` and their covariance, by Hoeffding's construction: each cell
-    mean is a U-statistic over independent seeds, so cov(U_t, U_u) = E[U_t U_u] - mu_t mu_u, and mu_t mu_u
-    is estimated without bias by the mean of d_a d_b over pairs a (of cell t) and b (of cell u) that share
-    no seed. The estimate is unbiased (it can be negative where a variance is near 0)."""
-    members = list(range(len(design.groups))) if members is None else members
-    code = {s: i for i, s in enumerate(dict.fromkeys(design.seeds))}
-    seed_of = np.zeros((len(design.seeds), len(code)))
-    seed_of[np.arange(len(design.seeds)), [code[s] for s in design.seeds]] = 1.0
-    a, z = _different_seed(design), _labels(design)
-    types = [(k, r) for i, k in enumerate(members) for r in members[i:]]
-    q, c = [], []   # per cell, [seeds, seeds]: the sum of distances (and count of pairs) between two seeds
-    for k, r in types:
-        mask = np.outer(z[:, k], z[:, r])
-        mask = (mask + mask.T if k != r else mask) * a
-        q.append(seed_of.T @ (m * mask) @ seed_of)
-        c.append(seed_of.T @ mask @ seed_of)
-    q, c = np.asarray(q), np.asarray(c)
-    total, pairs = q.sum((1, 2)) / 2, c.sum((1, 2)) / 2
-
-    def disjoint(x: np.ndarray, tot: np.ndarray) -> np.ndarray:
-        """sum over pairs a in t, b in u sharing no seed of x_a x_b: all minus those touching a common seed
-        (a pair touching two common seeds is counted twice by the first term)."""
-        touching = x.sum(2)                                           # [T, seeds]
-        return np.outer(tot, tot) - touching @ touching.T + np.einsum("tab,uab->tu", x, x) / 2
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = total / pairs
-        product = disjoint(q, total) / disjoint(c, pairs)
-    return Cells(types, means, np.outer(means, means) - product, pairs)
-
-
-def _var(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
-    """Delta-method variance of a smooth function of cell means from its gradient {cell: d f / d mean}
-    (unbiased for the linearised function; it can be negative near 0)."""
-    g = np.zeros(len(cells_.types))
-    for (k, r), v in gradient.items():
-        g[cells_.index(k, r)] += v
-    used = np.flatnonzero(g)  # cells of other settings (a one-seed setting's are nan) must not enter as 0 x nan
-    return float(g[used] @ cells_.cov[np.ix_(used, used)] @ g[used])
-
-
-def delta_se(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
-    """Standard error of a smooth function of cell means (delta method); nan where the estimated variance
-    is not positive."""
-    var = _var(cells_, gradient)
-    return math.sqrt(var) if var > 0 else math.nan
-
-
-def t_interval(estimate: float, se: float, dof: float, *, level: float = 0.95) -> tuple[float, float]:
-    """exp(log estimate -/+ t se): an interval for a positive ratio from the standard error of its log."""
-    if not (np.isfinite(estimate) and estimate > 0 and np.isfinite(se) and dof >= 1):
-        return math.nan, math.nan
-    half = float(sps.t.ppf(0.5 + level / 2, dof)) * se
-    return math.exp(math.log(estimate) - half), math.exp(math.log(estimate) + half)
-
-
-def t_p_value(estimate: float, se: float, dof: float) -> float:
-    """Two-sided p of "the ratio is 1" from the standard error of its log."""
-    if not (np.isfinite(estimate) and estimate > 0 and np.isfinite(se) and dof >= 1):
-        return math.nan
-    return float(2 * sps.t.sf(abs(math.log(estimate)) / se, dof))
-
-
-# ----------------------------------------------------------------------------- permutations
-
-
-def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000,
-                 seed: int = 0) -> tuple[np.ndarray, bool]:
-    """Labellings z [B, n, S] of the runs of ``members`` (row 0: the observed one) that keep every setting's
-    size: every distinct one when at most ``max_exact``, else ``n_perm`` random ones. Independent seeds: runs
-    move freely between the settings; paired seeds: labels move only within a seed. Returns (z, exact)."""
-    relation = design.relation(members)
-    if relation == "partial":
-        raise ValueError("the settings share some seeds but not all: no exact permutation test")
-    z0 = _labels(design)
-    runs = [i for k in members for i in design.groups[k]]
-    label = {i: k for k in members for i in design.groups[k]}
-    if relation == "independent":
-        blocks = [runs]
-    else:
-        by_seed: dict = {}
-        for i in runs:
-            by_seed.setdefault(design.seeds[i], []).append(i)
-        blocks = list(by_seed.values())
-    count = 1
-    for b in blocks:
-        sizes = Counter(label[i] for i in b)
-        count *= math.factorial(len(b)) // math.prod(math.factorial(v) for v in sizes.values())
-    if count <= max_exact:
-        options = [list(dict.fromkeys(itertools.permutations([label[i] for i in b]))) for b in blocks] \
-            if relation == "paired" else [list(_arrangements([label[i] for i in blocks[0]]))]
-        assignments = [sum((list(x) for x in combo), []) for combo in itertools.product(*options)]
-        observed = [label[i] for b in blocks for i in b]
-        assignments.remove(observed)
-        assignments.insert(0, observed)
-    else:
-        rng = np.random.default_rng(seed)
-        assignments = [[label[i] for b in blocks for i in b]]
-        for _ in range(n_perm):
-            assignments.append([label[b[j]] for b in blocks for j in rng.permutation(len(b))])
-    order = [i for b in blocks for i in b]
-    z = np.repeat(z0[None], len(assignments), 0)
-    z[:, order] = 0.0
-    lab = np.asarray(assignments)
-    z[np.arange(len(lab))[:, None], np.asarray(order)[None, :], lab] = 1.0
-    return z, count <= max_exact
-
-
-def _arrangements(labels: list) -> itertools.chain:
-    """Every distinct arrangement of a multiset of labels (as tuples)."""
-    if not labels:
-        yield ()
-        return
-    counts = Counter(labels)
-    first = sorted(counts)
-    for k in first:
-        counts[k] -= 1
-        rest = [x for x, c in counts.items() for _ in range(c)]
-        for tail in _arrangements(rest):
-            yield (k, *tail)
-        counts[k] += 1
-
-
-def smallest_p(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000) -> float:
-    """The smallest permutation p-value the seeds of ``members`` allow (a statistic symmetric in two
-    settings of equal size ties with the swapped labelling)."""
-    relation = design.relation(members)
-    sizes = [len(design.groups[k]) for k in members]
-    if relation == "independent":
-        count = math.factorial(sum(sizes)) // math.prod(math.factorial(s) for s in sizes)
-    elif relation == "paired":
-        count = math.factorial(len(members)) ** sizes[0]
-    else:
-        return math.nan
-    ties = 2 if len(members) == 2 and sizes[0] == sizes[1] else 1
-    return ties / count if count <= max_exact else max(ties / count, 1 / (n_perm + 1))
-
-
-def upper_p(stats: np.ndarray) -> np.ndarray:
-    """[B, F] statistics of B labellings (row 0 observed) -> [B, F]: for every labelling, the fraction of
-    labellings whose statistic is at least its own (ties within a relative 1e-12 count: the swapped
-    labelling of two equal settings gives the same value in another rounding). nan stays the smallest."""
-    b = len(stats)
-    x = np.where(np.isfinite(stats), stats, -np.inf)
-    out = np.empty_like(x)
-    for j in range(x.shape[1]):
-        column = np.sort(x[:, j])
-        out[:, j] = (b - np.searchsorted(column, x[:, j] - 1e-12 * np.abs(x[:, j]), side="left")) / b
-    return out
-
+from goldenpath.comparison.design import Cells, Design, different_seed, label_matrix, delta_var, cells, distance_matrix, location_ratio, parts, relabellings, smallest_p, t_interval, t_p_value, upper_p
 
 # ----------------------------------------------------------------------------- comparisons
 
@@ -429,8 +159,8 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
     trend)."""
     m = distance_matrix(sums, counts)
     q = distance_matrix(sq_sums, counts) if sq_sums is not None else None
-    a = _different_seed(design)
-    z = _labels(design)[None]
+    a = different_seed(design)
+    z = label_matrix(design)[None]
     full = parts(m, a, z)
     loc = location_ratio(q, a, z)[0] if q is not None else None
     cm = cells(m, design)
@@ -455,11 +185,11 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
         df = dof(design, [k, r])
         wk, wr = cm.pairs[cm.index(k, k)], cm.pairs[cm.index(r, r)]
         with np.errstate(invalid="ignore", divide="ignore"):
-            var = _var(cm, {(k, r): 1 / cross, (k, k): -wk / (wk + wr) / pooled, (r, r): -wr / (wk + wr) / pooled})
+            var = delta_var(cm, {(k, r): 1 / cross, (k, k): -wk / (wk + wr) / pooled, (r, r): -wr / (wk + wr) / pooled})
             low, high = score_interval(ratio, var, null_ratio, df, level=level)
             spread = own[k] / own[r]
             s_var = paired_spread_var(m, design, k, r) if relation == "paired" else \
-                _var(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
+                delta_var(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
             s_se = math.sqrt(s_var) if s_var > 0 else math.nan
             s_low, s_high = t_interval(spread, s_se, df, level=level)
             l_low = l_high = location = math.nan
@@ -467,7 +197,7 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
                 location = loc[k, r]
                 qk, qr = cq.means[cq.index(k, k)], cq.means[cq.index(r, r)]
                 den = (qk + qr) / 2
-                l_var = _var(cq, {(k, r): 1 / cq.means[cq.index(k, r)], (k, k): -0.5 / den, (r, r): -0.5 / den})
+                l_var = delta_var(cq, {(k, r): 1 / cq.means[cq.index(k, r)], (k, k): -0.5 / den, (r, r): -0.5 / den})
                 l_low, l_high = score_interval(location, l_var, null_loc, df, level=level, satterthwaite=True)
         out[(k, r)] = Comparison(
             float(cross), float(pooled), float(own[k]), float(own[r]), float(ratio), low, high, p_ratio,
@@ -500,7 +230,7 @@ def family_test(sums: np.ndarray, counts: np.ndarray, design: Design, family: li
     members = [reference, *family]
     z, exact = relabellings(design, members, max_exact=max_exact, n_perm=n_perm, seed=seed)
     m = distance_matrix(sums, counts)
-    a = _different_seed(design)
+    a = different_seed(design)
     stat = parts(m, a, z)["ratio"][:, family, reference]            # [B, F]
     adjusted = _min_p(stat)
     loc = {}
@@ -564,7 +294,7 @@ def trend(x: np.ndarray, cells_: Cells, settings: list[int], reference: int, *, 
     point = slope(x, np.asarray(y))
     # where the family is the same, the slope's first-order term vanishes and its delta-method variance
     # is unstable: the relabellings' spread stands in there, as for the ratio
-    se = math.sqrt(np.nanmax([_var(cells_, grad), null_var, 0.0]))
+    se = math.sqrt(np.nanmax([delta_var(cells_, grad), null_var, 0.0]))
     se = se if se > 0 else math.nan
     if not np.isfinite(se):
         return point, math.nan, math.nan

@@ -27,6 +27,8 @@ import numpy as np
 
 from goldenpath.comparison import stats
 
+from goldenpath.comparison.design import Design
+
 SUMMARY = ["target", "metric", "regime", "setting", "reference", "design", "n_seeds", "n_ref_seeds", "noise_scale",
            "d_cross", "d_floor", "floor", "ref_floor", "ratio", "ci_low", "ci_high", "p_value", "p_adjusted",
            "in_family", "spread", "spread_low", "spread_high", "spread_p_adjusted", "location", "location_low",
@@ -80,7 +82,21 @@ def _nan_row() -> dict:
                                   "location_p")}
 
 
-def setting_rows(target: float, metric: str, settings: list[Setting], design: stats.Design, sums: np.ndarray,
+def _pair_row(comparisons: dict, k: int, r: int) -> dict:
+    """Setting ``k`` against setting ``r``: the ratio, location and spread columns (spread: k's floor over r's)."""
+    c = comparisons[(min(k, r), max(k, r))]
+    row = {"d_cross": c.d_cross, "d_floor": c.d_floor, "ratio": c.ratio, "ci_low": c.ci_low,
+           "ci_high": c.ci_high, "p_value": c.p_value, "location": c.location, "location_low": c.location_low,
+           "location_high": c.location_high, "location_p": c.location_p}
+    if k < r:
+        row.update(spread=c.spread, spread_low=c.spread_low, spread_high=c.spread_high, spread_p=c.spread_p)
+    else:
+        row.update(spread=1 / c.spread, spread_low=1 / c.spread_high, spread_high=1 / c.spread_low,
+                   spread_p=c.spread_p)
+    return row
+
+
+def setting_rows(target: float, metric: str, settings: list[Setting], design: Design, sums: np.ndarray,
                  counts: np.ndarray, *, sq_sums: np.ndarray | None = None, trivial: bool = False,
                  trivial_loss: float = math.nan, n_perm: int = 2000, seed: int = 0) -> dict[str, list[dict]]:
     """At one target and metric: {"summary": each setting against its regime's reference, "settings": every
@@ -89,18 +105,6 @@ def setting_rows(target: float, metric: str, settings: list[Setting], design: st
     groups = [list(g) for g in design.groups]
     sizes = [len(g) for g in groups]
     comparisons, cells = stats.compare_settings(sums, counts, design, sq_sums=sq_sums, n_perm=n_perm, seed=seed)
-
-    def get(k: int, r: int) -> dict:
-        c = comparisons[(min(k, r), max(k, r))]
-        row = {"d_cross": c.d_cross, "d_floor": c.d_floor, "ratio": c.ratio, "ci_low": c.ci_low,
-               "ci_high": c.ci_high, "p_value": c.p_value, "location": c.location, "location_low": c.location_low,
-               "location_high": c.location_high, "location_p": c.location_p}
-        if k < r:  # spread is k's floor over r's
-            row.update(spread=c.spread, spread_low=c.spread_low, spread_high=c.spread_high, spread_p=c.spread_p)
-        else:
-            row.update(spread=1 / c.spread, spread_low=1 / c.spread_high, spread_high=1 / c.spread_low,
-                       spread_p=c.spread_p)
-        return row
 
     refs = {regime: reference_of(settings, sizes, regime) for regime in ("online", "offline")}
     online_ref = refs["online"]
@@ -138,14 +142,14 @@ def setting_rows(target: float, metric: str, settings: list[Setting], design: st
                "n_seeds": sizes[k], "n_ref_seeds": sizes[ref], "noise_scale": s.noise,
                "floor": cells.means[cells.index(k, k)], "ref_floor": cells.means[cells.index(ref, ref)],
                "trivial": trivial}
-        row.update(_nan_row() if k == ref else get(k, ref))
+        row.update(_nan_row() if k == ref else _pair_row(comparisons, k, ref))
         family, test = tests.get(s.regime, ([], None))
         row["in_family"] = k in family
         row["p_min"] = test.adjusted.get(k, math.nan) if test else math.nan
         row["location_p_min"] = test.location.get(k, math.nan) if test else math.nan
         row["family_size"] = len(family)
         if s.regime == "offline" and online_ref is not None:
-            o = get(k, online_ref)
+            o = _pair_row(comparisons, k, online_ref)
             row.update(online_reference=settings[online_ref].label, online_ratio=o["ratio"],
                        online_ci_low=o["ci_low"], online_ci_high=o["ci_high"], online_p_value=o["p_value"])
         summary.append({**row, **s.columns})

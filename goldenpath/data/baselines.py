@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from goldenpath.store.rundir import atomic_write, cache_dir
+from goldenpath.store.files import atomic_write, cache_dir
 from goldenpath.config import ConfigError, DataConfig, require, to_dict
 from goldenpath.data.streams import Batch
-from goldenpath.seeding import seeded_generator
+from goldenpath.seeding import Purpose, seeded_generator
 
 SAMPLES = 8192          # training samples the linear model and the label marginal are fitted on
 PENALTIES = (1.0, 10.0, 100.0, 1000.0)  # L2 strengths c tried (times 1 / (2 n)), chosen on held-out samples
@@ -57,7 +57,6 @@ GRAD_TOLERANCE = 1e-9   # L-BFGS stops when no coordinate of the objective's gra
 MAX_ITERATIONS = 500    # L-BFGS iterations; strongly convex and preconditioned, fits stop after 50-250
 RANGE_PROBES = 256      # random directions that look for a low-rank span of the images (the teacher's: 75)
 RANK_TOLERANCE = 1e-12  # fraction of the pixels' squared norm a low-rank basis may leave out: float rounding
-_PROBE_STREAM = 0xBA5E  # the purpose of the random probes' stream (goldenpath.seeding)
 
 _KEY_DROPPED = ("epochs", "train_size", "subset")   # offline regime: change neither eval set nor pool order
 _PROBE_FREE = {"teacher", "markov", "fashion_mnist", "shakespeare"}  # probe set apart from eval set and pool
@@ -145,7 +144,7 @@ def _row_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     k = RANGE_PROBES
     if d <= k:
         return None
-    probes = torch.randn(n, k, generator=seeded_generator(_PROBE_STREAM), dtype=torch.float64)
+    probes = torch.randn(n, k, generator=seeded_generator(Purpose.PROBES), dtype=torch.float64)
     q = torch.linalg.qr(x.T @ probes).Q
     xq = x @ q
     total = x.square().sum()

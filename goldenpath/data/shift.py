@@ -28,11 +28,10 @@ import torch
 
 from goldenpath.config import ConfigError, DataConfig, apply_overrides, config_from_dict, require, to_dict
 from goldenpath.data.streams import Batch
-from goldenpath.seeding import counter_normal, counter_uniform, stream_key
+from goldenpath.seeding import Purpose, counter_normal, counter_uniform, stream_key
 
 FIELD = "--probe-shift"
 SPELLINGS = "noise:SIGMA or contrast:C (images), shuffle:F (text), source:KEY=VALUE (any)"
-_PURPOSE = 30  # keys the shift's random streams apart from the sources' own
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def probe_shift(data: DataConfig, spec: str | Shift, *, source=None) -> Batch:
             f"{'text' if task == 'lm' else 'images'}",
             "use shuffle:F or source:KEY=VALUE for text" if task == "lm" else "use noise:SIGMA or contrast:C")
     probe = source.heldout("probe")
-    key = stream_key(data.seed, _PURPOSE, list(_KINDS).index(shift.kind))
+    key = stream_key(data.seed, Purpose.SHIFT, list(_KINDS).index(shift.kind))
     return {**probe, **_KINDS[shift.kind](probe, shift.value, key)}
 
 

@@ -23,7 +23,7 @@ import torch
 
 from goldenpath.config import ConfigError, DataConfig, data_source, require
 from goldenpath.data.streams import Batch, SourceInfo
-from goldenpath.seeding import seeded_generator
+from goldenpath.seeding import Purpose, seeded_generator
 
 # ----------------------------------------------------------------------------- shared image handling
 
@@ -96,7 +96,7 @@ class IdxSource(_ImagePool):
         self._y = read_idx(_idx_file(root, "train-labels-idx1-ubyte")).astype(np.int64)
         test_x = read_idx(_idx_file(root, "t10k-images-idx3-ubyte"))[..., None]
         test_y = read_idx(_idx_file(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
-        perm = torch.randperm(len(test_x), generator=seeded_generator(cfg.seed, 4)).numpy()
+        perm = torch.randperm(len(test_x), generator=seeded_generator(cfg.seed, Purpose.HELDOUT)).numpy()
         cut = {"eval": perm[: cfg.eval_size], "probe": perm[cfg.eval_size : cfg.eval_size + cfg.probe_size]}
         self.size = len(self._x)
         self.info = SourceInfo("classification", (1, *self._x.shape[1:3]), int(self._y.max()) + 1)

@@ -27,7 +27,7 @@ import torch
 
 from goldenpath.config import accumulation_steps
 from goldenpath.data.prefetch import Prefetched
-from goldenpath.seeding import seeded_generator
+from goldenpath.seeding import Purpose, seeded_generator
 
 Batch = dict[str, torch.Tensor]
 """A micro-batch: always ``ids`` (int64 sample ids); ``x``/``y`` for images, ``input_ids``/``labels`` for text
@@ -115,10 +115,10 @@ class Stream:
         if train_size is not None:
             lo, hi = subset * train_size, (subset + 1) * train_size  # disjoint blocks of one permutation
             self._subset = (torch.arange(lo, hi) if source.size is None
-                            else torch.randperm(source.size, generator=seeded_generator(data_seed, 1))[lo:hi])
+                            else torch.randperm(source.size, generator=seeded_generator(data_seed, Purpose.SUBSET))[lo:hi])
             self.limit = epochs * train_size
         elif source.size is not None:
-            self._permutation = torch.randperm(source.size, generator=seeded_generator(seed, 2))
+            self._permutation = torch.randperm(source.size, generator=seeded_generator(seed, Purpose.ORDER))
             self.limit = source.size
         else:
             self.limit = None
@@ -140,7 +140,7 @@ class Stream:
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         order = self._order  # read once: another thread may replace it
         if order is None or order[0] != epoch:
-            perm = torch.randperm(len(self._subset), generator=seeded_generator(self.seed, 3, epoch))
+            perm = torch.randperm(len(self._subset), generator=seeded_generator(self.seed, Purpose.EPOCH, epoch))
             order = self._order = (epoch, perm)
         return order[1]
 

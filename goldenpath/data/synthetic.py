@@ -43,7 +43,7 @@ from torch import nn
 
 from goldenpath.config import DataConfig, data_source, require
 from goldenpath.data.streams import Batch, SourceInfo
-from goldenpath.seeding import counter_normal, counter_uniform, stream_key
+from goldenpath.seeding import Purpose, counter_normal, counter_uniform, stream_key
 
 SPLITS = {"train": 0, "eval": 1, "probe": 2}
 
@@ -123,7 +123,7 @@ class TeacherStream:
         self.info = SourceInfo("classification", (cfg.channels, cfg.image_size, cfg.image_size), cfg.classes)
         self._basis = self._fourier_basis()
         self.teacher = self._cached_teacher()
-        self.second = self._cached_teacher(purpose=11) if cfg.mix > 0 else None
+        self.second = self._cached_teacher(purpose=Purpose.SECOND_TEACHER) if cfg.mix > 0 else None
         self._train = (self._basis, self.teacher, self.second)  # what makes training batches (place() moves it)
         self._heldout: dict[str, Batch] = {}  # eval and probe sets, made on first use
 
@@ -158,17 +158,17 @@ class TeacherStream:
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(w * 16, self.cfg.classes))
 
-    def _cached_teacher(self, purpose: int = 10) -> nn.Module:
+    def _cached_teacher(self, purpose: int = Purpose.TEACHER) -> nn.Module:
         """The calibrated teacher, from the disk cache when this exact code and config made it before.
 
         Calibration is a float64 forward over 4096 images (about half a second on a CPU), paid by every
         process that builds the source. The cache key hashes this file's code, the config fields that
         shape the teacher and the torch version, so any change rebuilds it; a bad file is rebuilt too.
         """
-        from goldenpath.store.rundir import atomic_write, cache_dir
+        from goldenpath.store.files import atomic_write, cache_dir
 
         fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
-                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__) + ((purpose,) if purpose != 10 else ())
+                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__) + ((purpose,) if purpose != Purpose.TEACHER else ())
         key = hashlib.sha1(Path(__file__).read_bytes() + repr(fields).encode()).hexdigest()[:20]
         path = cache_dir() / f"teacher-{key}.pt"
         try:
@@ -184,7 +184,7 @@ class TeacherStream:
             pass
         return net
 
-    def _make_teacher(self, purpose: int = 10) -> nn.Module:
+    def _make_teacher(self, purpose: int = Purpose.TEACHER) -> nn.Module:
         g = torch.Generator().manual_seed(stream_key(self.cfg.seed, purpose) & (2**63 - 1))
         net = self._teacher_net()
         with torch.no_grad():
@@ -206,7 +206,7 @@ class TeacherStream:
         c, n = self.cfg.channels, self.cfg.image_size
         basis = self._basis if basis is None else basis
         # float64 then rounded: a sample's pixels do not depend on which batch it is generated in
-        z = counter_normal(stream_key(self.cfg.seed, split, 0), index.to(basis.device), c * len(basis))
+        z = counter_normal(stream_key(self.cfg.seed, split, Purpose.IMAGES), index.to(basis.device), c * len(basis))
         return (z.view(-1, c, len(basis)) @ basis).view(-1, c, n, n).to(torch.float32)
 
     def logits(self, x: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
@@ -224,10 +224,10 @@ class TeacherStream:
         basis, teacher, second = self._train if split == "train" else (self._basis, self.teacher, self.second)
         at = index.to(basis.device)  # ids stay where the stream made them (the CPU)
         x = self._images(SPLITS[split], at, basis)
-        u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 1), at, 1)[:, 0]
+        u = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], Purpose.LABELS), at, 1)[:, 0]
         probs = torch.softmax(self.logits(x, teacher), -1)
         if split == "train" and second is not None:  # which samples the second teacher labels: by id
-            other = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], 3), at, 1)[:, 0] < self.cfg.mix
+            other = counter_uniform(stream_key(self.cfg.seed, SPLITS[split], Purpose.MIXED), at, 1)[:, 0] < self.cfg.mix
             probs = torch.where(other[:, None], torch.softmax(self.logits(x, second), -1), probs)
         y = sample_categorical(probs, u)
         return {"ids": index.clone(), "x": x, "y": y}
@@ -287,7 +287,7 @@ class MarkovStream:
     def __init__(self, cfg: MarkovData):
         self.cfg = cfg
         self.info = SourceInfo("lm", (cfg.seq_len,), cfg.vocab_size)
-        self._table_key = stream_key(cfg.seed, 20)
+        self._table_key = stream_key(cfg.seed, Purpose.MARKOV_TABLE)
         n_contexts = cfg.vocab_size ** cfg.order
         self._table = self._cdf = None
         self._ahead: tuple[int, Batch] | None = None  # (first index, block) of the read-ahead
@@ -322,7 +322,7 @@ class MarkovStream:
         cfg = self.cfg
         length = cfg.seq_len + 1
         at = index.to(self._device) if split == "train" else index
-        return self._tokens(counter_uniform(stream_key(cfg.seed, SPLITS[split], 2), at, length))
+        return self._tokens(counter_uniform(stream_key(cfg.seed, SPLITS[split], Purpose.TOKENS), at, length))
 
     def _tokens(self, u: torch.Tensor) -> torch.Tensor:
         """[N, seq_len + 1] sequences from their uniforms (row i from row i of ``u`` alone)."""
@@ -371,7 +371,7 @@ class MarkovStream:
         sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
         if self._cdf is None:
             return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
-        u = [counter_uniform(stream_key(self.cfg.seed, SPLITS[s], 2), torch.arange(n), self.cfg.seq_len + 1)
+        u = [counter_uniform(stream_key(self.cfg.seed, SPLITS[s], Purpose.TOKENS), torch.arange(n), self.cfg.seq_len + 1)
              for s, n in sizes.items()]
         seqs = self._tokens(torch.cat(u)).split(list(sizes.values()))
         return {s: {"ids": torch.arange(n), "input_ids": seq[:, :-1], "labels": seq[:, 1:]}

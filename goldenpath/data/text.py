@@ -157,7 +157,7 @@ def lay_out(cfg: ShakespeareData) -> Path:
     """The cached directory with ``{train,eval,probe}.jsonl`` and ``tokenizer/`` for this config."""
     import tokenizers
 
-    from goldenpath.store.rundir import cache_dir
+    from goldenpath.store.files import cache_dir
 
     split, files = cfg.split(), play_files(cfg.root)
     h = hashlib.sha1(Path(__file__).read_bytes())

@@ -1,4 +1,4 @@
-"""Gradient transforms for one optimizer step: SGD, Noisy-SGD and DP-SGD (see README, "Noise").
+"""Gradient transforms for one optimizer step: SGD, Noisy-SGD and DP-SGD (see docs/training.md, "Noise").
 
     gaussian: g = mean gradient + (sigma / B) xi
     dp:       g = (sum_i clip_C(g_i) + sigma C xi) / B,   clip_C(v) = v min(1, C / ||v||)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from goldenpath.seeding import stream_key
+from goldenpath.seeding import Purpose, stream_key
 from goldenpath.dp.per_sample import ClipResult, clip_factors, clipped_grad_sum, per_sample_clip
 
 __all__ = ["ClipResult", "DPSGD", "NoisySGD", "SGD", "add_noise", "clip_factors", "clipped_grad_sum", "mechanism",
@@ -31,7 +31,7 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
     """
     if std == 0 or not grads:
         return 0.0
-    gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, 0x6E6F697365, step) & (2**63 - 1))
+    gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, Purpose.NOISE, step) & (2**63 - 1))
     norms = []
     for g in grads:  # one noise tensor at a time: no second copy of the model's gradients
         xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files
 from goldenpath.draw import plots
 
 DPI = 110
@@ -43,7 +43,7 @@ def figure(draw, size, *, panels: int = 1):
 def save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight"))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
 

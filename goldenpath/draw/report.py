@@ -1,16 +1,16 @@
 """One self-contained HTML page per sweep: ``goldenpath report SWEEP_DIR`` -> ``SWEEP_DIR/report.html``.
 
-The page names the reference setting, leads with the answer (one sentence per regime, from
-``goldenpath.comparison.compare.conclusions``), then one section per metric that ``compare`` measured: the setting x
+The page names the reference setting, leads with the answer (one sentence per regime, from the
+``answer.json`` compare wrote), then one section per metric that ``compare`` measured: the setting x
 setting ratio matrices (one panel per target, one colour scale), the ratios against the reference, the
 distances against loss and, folded, the run x run heatmaps. Then compute to target, loss curves and error
 against loss per setting (mean and min-max over seeds), the runs, and warnings (runs that stalled, diverged
 or failed). Figures are embedded as base64 PNG and the style is inline: the file opens with no network.
 
-Tables that no longer match the sweep's runs (a run or a checkpoint landed, changed or went since compare
-wrote them: ``goldenpath.comparison.compare.changes``) are compared again first, with the options compare last used;
-its pair cache keeps the pairs that did not change. Each ``compare-<shift>/`` (``compare --probe-shift``)
-gets its own sections after the metrics.
+The page only reads: the runs' directories and the tables of ``compare/`` (:mod:`goldenpath.store.tables`);
+a table it needs and does not find is named under the warnings. (The ``goldenpath report`` verb compares
+again first the tables whose runs changed since compare wrote them.) Each ``compare-<shift>/`` (``compare
+--probe-shift``) gets its own sections after the metrics.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from goldenpath.store import rundir as ckpt
 from goldenpath.config import load_config
+from goldenpath.store import files, rundir as ckpt
+from goldenpath.store.tables import COMPARE, missing, read_tables, shift_of
 from goldenpath.config.identity import NOISE_KNOBS
 from goldenpath.draw.curves import error_by_loss, seed_bands, sweep_curves
 
@@ -75,40 +75,6 @@ nav a{margin-right:.8em}section.metric{border-top:2px solid #ccc;margin-top:1.5e
 details{margin:.8em 0}summary{cursor:pointer;font-weight:600}"""
 
 
-def _read(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return pd.DataFrame()
-
-
-def _say(line: str) -> None:
-    print(f"report: {line}", file=sys.stderr, flush=True)
-
-
-def _up_to_date(sweep_dir: Path, probe_shift: str | None, warnings: list[str]) -> bool:
-    """Compare again, with the options compare last used, when the sweep's runs changed since it wrote the
-    tables of ``probe_shift`` (its pair cache keeps the unchanged pairs), saying why; returns whether it did."""
-    from goldenpath.comparison.compare import changes, compare, last_options, tables_dir
-
-    name = tables_dir(sweep_dir, probe_shift).name
-    changed = changes(sweep_dir, probe_shift)
-    if changed is None:
-        warnings.append(f"{name}/ does not record the runs it compared (an older goldenpath wrote it): runs that "
-                        f"landed since are not in it; run goldenpath compare again")
-    elif changed:
-        _say(f"{name}/ is out of date ({'; '.join(changed)}): comparing again with the options it was made with "
-             f"(pairs of unchanged checkpoints come from its cache)")
-        compare(sweep_dir, **last_options(sweep_dir, probe_shift))
-    return bool(changed)
-
-
-def _tables(tables: Path) -> dict:
-    return {"distances": pd.read_parquet(tables / "distances.parquet"), "summary": pd.read_csv(tables / "summary.csv"),
-            "settings": _read(tables / "settings.csv"), "trend": _read(tables / "trend.csv"),
-            "family": _read(tables / "family.csv"), "compute": _read(tables / "compute.csv")}
-
-
 def _metrics(t: dict, lead: str) -> list[str]:
     """The metrics of a tables directory in the order compare measured them, ``lead`` first when measured."""
     metrics = list(dict.fromkeys([*t["distances"].metric, *t["summary"].metric]))
@@ -116,39 +82,31 @@ def _metrics(t: dict, lead: str) -> list[str]:
 
 
 def _compared(sweep_dir: Path, metric: str, warnings: list[str]) -> tuple[dict, list[str], list[str]]:
-    """The ``compare/`` tables (compared first when they are missing or out of date), the metrics in the
-    order compare measured them, and the answer's lines for the first metric (``metric`` when it was measured)."""
-    from goldenpath.comparison.compare import compare, conclusions
-    from goldenpath.draw.figures import write_figures
-
-    tables = sweep_dir / "compare"
-    if not (tables / "summary.csv").exists():
-        _say(f"{tables} is missing: comparing first (goldenpath compare's default metrics)")
-        compare(sweep_dir)
-    elif _up_to_date(sweep_dir, None, warnings) and (sweep_dir / "figures").is_dir():
-        write_figures(sweep_dir)  # drawn from the old tables: drawn again
-    t = _tables(tables)
+    """The ``compare/`` tables, the metrics in the order compare measured them, and the notes and answer for the
+    first metric (``metric`` when it was measured); a missing table is named in ``warnings``."""
+    tables = sweep_dir / COMPARE
+    lacking = missing(tables)
+    if lacking:
+        warnings.append(f"no distances: {COMPARE}/{lacking} is missing; run goldenpath compare {sweep_dir}")
+        return {"summary": pd.DataFrame(), "compute": pd.DataFrame()}, [], []
+    t = read_tables(tables)
     metrics = _metrics(t, metric)
-    return t, metrics, conclusions(sweep_dir, metric=metrics[0]) if metrics else []
+    said = t["answer"].get(metrics[0], {}) if metrics else {}
+    return t, metrics, said.get("notes", []) + said.get("answer", [])
 
 
 def _shifted(sweep_dir: Path, metric: str, warnings: list[str]) -> list[tuple[tuple[str, str], dict, list[str]]]:
-    """((the shift, its slug), its tables, its metrics) of each ``compare-<slug>/``, compared again when out of
-    date."""
-    from goldenpath.comparison.compare import INPUTS
-
+    """((the shift, its slug), its tables, its metrics) of each ``compare-<slug>/``."""
     out = []
-    for tables in sorted(p.parent for p in sweep_dir.glob("compare-*/summary.csv")):
-        inputs = tables / INPUTS
-        shift = ckpt.read_json(inputs)["options"]["probe_shift"] if inputs.exists() else None
-        if shift is not None:
-            _up_to_date(sweep_dir, shift, warnings)
-        else:
-            warnings.append(f"{tables.name}/ does not record the runs it compared (an older goldenpath wrote it): "
-                            f"runs that landed since are not in it; run goldenpath compare --probe-shift again")
-        slug = tables.name.removeprefix("compare-")
-        t = _tables(tables)
-        out.append(((shift or slug, slug), t, _metrics(t, metric)))
+    for tables in sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv")):
+        lacking = missing(tables)
+        if lacking:
+            warnings.append(f"no shifted-probe distances: {tables.name}/{lacking} is missing; run goldenpath "
+                            f"compare --probe-shift again")
+            continue
+        slug = tables.name.removeprefix(f"{COMPARE}-")
+        t = read_tables(tables)
+        out.append(((shift_of(tables) or slug, slug), t, _metrics(t, metric)))
     return out
 
 
@@ -176,15 +134,13 @@ def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmap
     distances against loss and, folded, the run x run heatmaps (with ``heatmaps``: they are the slow ones).
     ``shift``: (the shift, its directory's slug) when the tables come from a shifted probe set."""
     from goldenpath.draw import figures, plots
-    from goldenpath.comparison.verdicts import answer
 
     summary, settings = t["summary"], t["settings"]
     name = f"{metric}: {METRIC_NAMES.get(metric, metric)}" + (f", probe shifted by {shift[0]}" if shift else "")
     anchor = f"metric-{metric}" if shift is None else f"shift-{shift[1]}-{metric}"
     parts = [f'<section class="metric" id="{anchor}"><h3>{html.escape(name)}</h3>']
     if not first:
-        parts += [f"<p><b>{html.escape(line)}</b></p>"
-                  for line in answer(summary, t["trend"], family=t.get("family"), metric=metric).values()]
+        parts += [f"<p><b>{html.escape(line)}</b></p>" for line in t["answer"].get(metric, {}).get("answer", [])]
     part = settings[settings.metric == metric] if len(settings) else settings
     mine = summary[summary.metric == metric]
     if len(part):
@@ -267,56 +223,24 @@ def _runs_section(sweep_dir: Path, statuses: dict, warnings: list[str]) -> list[
     return parts
 
 
-def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=None) -> Path:
-    """Write ``report.html`` (running ``compare`` first when its tables are missing or out of date); returns
-    its path.
+def _lead(sweep_dir: Path, summary: pd.DataFrame, metrics: list[str], links: list, said: list[str]) -> list[str]:
+    """The page's head: its title, the reference, the links to its sections and the answer."""
+    return [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>",
+            _reference_line(summary, metrics[0]) if metrics else "",
+            "<nav>" + "".join(f'<a href="#{a}">{html.escape(b)}</a>' for a, b in links) + "</nav>",
+            "<h2>The answer</h2>", f"<p>From the {metrics[0]} ratios:</p>" if metrics else "",
+            "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said) or "<p>no loss-matched comparison</p>",
+            "<p>Ratio = mean distance between the seeds of a setting and of the reference (of its regime) / the "
+            "pooled seed floor of both; spread = the setting's own seed floor / the reference's; location = the same "
+            "ratio in the squared distance between predicted distributions, 1 + the distance between the two mean "
+            "functions over their spread. 95% intervals over seeds (the probe set held fixed); p from reassigning "
+            "seeds between settings, adjusted over the verdict's family (every setting of the regime at every "
+            "non-trivial target: min-P within a target, Bonferroni over targets).</p>"]
 
-    The page names the reference and leads with the answer for ``metric`` (else the first metric measured),
-    then one section per metric, the shifted probe sets (``compare-<shift>/``), compute to target, loss
-    curves, error against loss, runs and warnings; a progress bar counts the sections as they are drawn.
-    ``heatmap_metrics``: the metrics that get run x run matrices (default: the lead metric; a 40-run matrix
-    takes seconds to draw), e.g. ``("tv", "kl")``.
-    """
-    from goldenpath.draw import plots
 
-    sweep_dir = Path(sweep_dir)
-    curves = sweep_curves(sweep_dir)
-    if curves.empty:
-        raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
-    runs = {r: ckpt.RunDir(sweep_dir / r) for r in curves.run.unique()}
-    configs = {r: load_config(run.config) for r, run in runs.items()}
-    statuses = {r: run.status() for r, run in runs.items() if run.status_file.exists()}
-    floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
-    warnings = [f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
-                if s.get("state") not in ("completed", None)]
-    try:
-        t, metrics, said = _compared(sweep_dir, metric, warnings)
-    except Exception as e:  # noqa: BLE001 - a sweep with no loss-matched pairs still gets its page
-        t, metrics, said = {"summary": pd.DataFrame(), "compute": pd.DataFrame()}, [], []
-        warnings.append(f"no distances: {e}")
-    try:
-        shifted = _shifted(sweep_dir, metrics[0] if metrics else metric, warnings)
-    except Exception as e:  # noqa: BLE001 - the page still shows the unshifted probe
-        shifted = []
-        warnings.append(f"no shifted-probe distances: {e}")
-    links = [(f"metric-{m}", m) for m in metrics] + [(f"shift-{slug}", f"probe {shift}")
-                                                     for (shift, slug), _, _ in shifted]
-    links += [("compute", "compute"), ("curves", "loss curves"), ("error", "error against loss"), ("runs", "runs"),
-              ("warnings", "warnings")]
-    bar = tqdm(total=len(metrics) + sum(len(ms) for _, _, ms in shifted) + 2, desc=f"report {sweep_dir.name}",
-               unit="section", disable=None)
-    parts = [f"<h1>goldenpath sweep: {html.escape(sweep_dir.name)}</h1>",
-             _reference_line(t["summary"], metrics[0]) if metrics else "",
-             "<nav>" + "".join(f'<a href="#{a}">{html.escape(b)}</a>' for a, b in links) + "</nav>",
-             "<h2>The answer</h2>", f"<p>From the {metrics[0]} ratios:</p>" if metrics else "",
-             "".join(f"<p><b>{html.escape(line)}</b></p>" for line in said) or "<p>no loss-matched comparison</p>",
-             "<p>Ratio = mean distance between the seeds of a setting and of the reference (of its regime) / the "
-             "pooled seed floor of both; spread = the setting's own seed floor / the reference's; location = the same "
-             "ratio in the squared distance between predicted distributions, 1 + the distance between the two mean "
-             "functions over their spread. 95% intervals over seeds (the probe set held fixed); p from reassigning "
-             "seeds between settings, adjusted over the verdict's family (every setting of the regime at every "
-             "non-trivial target: min-P within a target, Bonferroni over targets).</p>"]
-    heat = metrics[:1] if heatmap_metrics is None else list(heatmap_metrics)
+def _distance_sections(t: dict, metrics: list[str], shifted: list, configs: dict, heat: list[str], bar) -> list[str]:
+    """One section per metric, then each shifted probe set's, each counted on ``bar`` as it is drawn."""
+    parts = []
     if metrics:
         parts += ["<h2>Setting x setting ratios</h2>", f"<p>One section per metric ({', '.join(metrics)}): the "
                   "ratio matrices, the ratios against the reference and the distances against loss.</p>"]
@@ -331,6 +255,42 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
         for m in shifted_metrics:
             parts.append(_metric_section(m, shifted_tables, configs, first=False, heatmaps=False, shift=shift))
             bar.update()
+    return parts
+
+
+def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=None, warnings=()) -> Path:
+    """Write ``report.html`` from the sweep's runs and the tables compare wrote; returns its path.
+
+    The page names the reference and leads with the answer for ``metric`` (else the first metric measured),
+    then one section per metric, the shifted probe sets (``compare-<shift>/``), compute to target, loss
+    curves, error against loss, runs and warnings (``warnings``: the caller's, first; a missing table is
+    named there); a progress bar counts the sections as they are drawn. ``heatmap_metrics``: the metrics that
+    get run x run matrices (default: the lead metric; a 40-run matrix takes seconds to draw), e.g.
+    ``("tv", "kl")``.
+    """
+    from goldenpath.draw import plots
+
+    sweep_dir = Path(sweep_dir)
+    curves = sweep_curves(sweep_dir)
+    if curves.empty:
+        raise ValueError(f"{sweep_dir} holds no runs with metrics; run a sweep first")
+    runs = {r: ckpt.RunDir(sweep_dir / r) for r in curves.run.unique()}
+    configs = {r: load_config(run.config) for r, run in runs.items()}
+    statuses = {r: run.status() for r, run in runs.items() if run.status_file.exists()}
+    floor = next((s.get("loss_floor") for s in statuses.values() if s.get("loss_floor") is not None), None)
+    warnings = [*warnings, *(f"run {r}: {s.get('state')} ({s.get('reason')})" for r, s in statuses.items()
+                             if s.get("state") not in ("completed", None))]
+    t, metrics, said = _compared(sweep_dir, metric, warnings)
+    shifted = _shifted(sweep_dir, metrics[0] if metrics else metric, warnings)
+    links = [(f"metric-{m}", m) for m in metrics] + [(f"shift-{slug}", f"probe {shift}")
+                                                     for (shift, slug), _, _ in shifted]
+    links += [("compute", "compute"), ("curves", "loss curves"), ("error", "error against loss"), ("runs", "runs"),
+              ("warnings", "warnings")]
+    bar = tqdm(total=len(metrics) + sum(len(ms) for _, _, ms in shifted) + 2, desc=f"report {sweep_dir.name}",
+               unit="section", disable=None)
+    parts = _lead(sweep_dir, t["summary"], metrics, links, said)
+    heat = metrics[:1] if heatmap_metrics is None else list(heatmap_metrics)
+    parts += _distance_sections(t, metrics, shifted, configs, heat, bar)
     compute = t["compute"]
     if len(compute):
         parts += ['<a id="compute"></a><h2>Compute to target</h2>',
@@ -347,5 +307,5 @@ def write_report(sweep_dir: str | Path, *, metric: str = "tv", heatmap_metrics=N
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>goldenpath: {html.escape(sweep_dir.name)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = sweep_dir / "report.html"
-    ckpt.write_text(path, page)
+    files.write_text(path, page)
     return path

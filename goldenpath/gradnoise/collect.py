@@ -125,7 +125,7 @@ def write_analysis(run_dir, *, at_loss: float | None = None, at_step: int | None
                    batch_size: int | None = None, max_coords: int = 200_000):
     """:func:`analyse` a checkpoint and write its table to ``<run>/noise/<checkpoint>.parquet``; returns
     (table, noise samples, the parquet's path). Bad arguments raise ConfigError naming the option."""
-    from goldenpath.store import rundir as ckpt
+    from goldenpath.store import files, rundir as ckpt
     from goldenpath.config import ConfigError
 
     if batches < 8:
@@ -139,7 +139,7 @@ def write_analysis(run_dir, *, at_loss: float | None = None, at_step: int | None
                            max_coords=max_coords)
     run.noise.mkdir(exist_ok=True)
     path = run.noise / f"{table.attrs['checkpoint']}.parquet"
-    ckpt.atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    files.atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     return table, noise, path
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from goldenpath.config import ModelConfig, model_family, require
 from goldenpath.data.streams import Batch, SourceInfo
-from goldenpath.seeding import seeded_generator
+from goldenpath.seeding import Purpose, seeded_generator
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -327,7 +327,7 @@ class LlamaConfig(_LMConfig):
 def build_model(config: ModelConfig, info: SourceInfo, *, seed: int) -> nn.Module:
     """The model of ``config`` for ``info``, initialised from ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeded_generator(seed, 5))))
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeded_generator(seed, Purpose.INIT))))
         return config.build(info)
 
 

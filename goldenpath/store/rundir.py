@@ -1,4 +1,4 @@
-"""Run directories: layout, atomic writes, safetensors checkpoints and the resume state.
+"""Run directories: layout, safetensors checkpoints, metrics, status and the resume state.
 
 Layout (:class:`RunDir` names every path; runs/README.md)::
 
@@ -10,20 +10,15 @@ Layout (:class:`RunDir` names every path; runs/README.md)::
     <run>/samples/rank<r>.i64          the sample ids each process trained on (log.sample_ids)
     <run>/noise/                       goldenpath noise: tables and figures per checkpoint
 
-Every file is written under a temporary name and renamed; every checkpoint directory is filled under a
-temporary name and swapped in with renames, so a kill at any moment leaves the previous checkpoint whole
-(:func:`resolve_dir` finishes an interrupted swap). Tensors are stored with safetensors, everything else as
+Every file is written atomically and every checkpoint directory is filled under a temporary name and swapped
+in (:mod:`goldenpath.store.files`), so a kill at any moment leaves the previous checkpoint whole. Tensors are stored with safetensors, everything else as
 JSON: nothing in a run directory is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import goldenpath
 from goldenpath.config import ConfigError, config_from_dict, read_yaml, to_dict
 from goldenpath.config.identity import RESUMABLE
+from goldenpath.store.files import git_hash, read_json, replace_dir, write_json, write_text
 
 # ----------------------------------------------------------------------------- the run directory
 
@@ -140,111 +136,7 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
     return read_json(Path(checkpoint_dir) / META)
 
 
-# ----------------------------------------------------------------------------- atomic files and directories
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> None:
-    """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
-
-    ``durable=False`` skips the fsyncs: readers still never see a partial file, but a power loss may leave
-    an empty one. Only for files that can be recomputed and whose readers treat a bad file as missing.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    if durable:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def cache_dir() -> Path:
-    """Where goldenpath keeps what it can always recompute: $GOLDENPATH_CACHE, else $XDG_CACHE_HOME/goldenpath,
-    else ~/.cache/goldenpath."""
-    if os.environ.get("GOLDENPATH_CACHE"):
-        return Path(os.environ["GOLDENPATH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "goldenpath"
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def _old(path: Path) -> Path:
-    return path.with_name(path.name + ".old")
-
-
-def resolve_dir(path: str | Path) -> Path | None:
-    """``path`` if it is a whole checkpoint directory; recovers one a kill left half-swapped; else None."""
-    path = Path(path)
-    if not path.exists() and _old(path).exists():
-        os.replace(_old(path), path)  # killed between the two renames of replace_dir
-    return path if path.is_dir() else None
-
-
-def staging_dir(path: str | Path) -> Path:
-    """An empty temporary directory next to ``path``, to be filled and then swapped in by commit_dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier fill
-    tmp.mkdir()
-    return tmp
-
-
-def commit_dir(tmp: Path, path: str | Path) -> Path:
-    """Swap the filled directory ``tmp`` in as ``path`` (the old one survives until the new one is in place)."""
-    path = Path(path)
-    resolve_dir(path)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(_old(path), ignore_errors=True)
-        os.replace(path, _old(path))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(_old(path), ignore_errors=True)
-    return path
-
-
-def replace_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a fresh temporary directory with ``fill(tmp)``, then swap it in as ``path``."""
-    tmp = staging_dir(path)
-    fill(tmp)
-    return commit_dir(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the run directory
-
-
-def git_hash() -> str | None:
-    """The commit of the goldenpath checkout in use, if it is one."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(goldenpath.__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def config_text(config_dict: dict) -> str:

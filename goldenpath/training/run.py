@@ -1,8 +1,8 @@
-"""A run being trained: its counters (:class:`RunState`), its step statistics (:class:`Window`), and
-everything the loop works on (:class:`Run`, made by :func:`start`: a new run, a resumed one or a fork).
+"""A run being trained: everything the loop works on (:class:`Run`, made by :func:`start`: a new run, a resumed
+one or a fork), with its counters and step statistics (:mod:`goldenpath.training.state`).
 
-``train.py`` holds the loop itself; this module builds what it needs and writes what it reports
-(status.json, metrics.jsonl, the resume state).
+:mod:`goldenpath.training.trainer` holds the loop itself; this module builds what it needs and writes what it
+reports (status.json, metrics.jsonl, the resume state).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -19,86 +19,17 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files, rundir as ckpt
 from goldenpath.config import (Config, ConfigError, OptimConfig, accumulation_steps, auto_precision, require,
                                to_dict)
 from goldenpath.data import build_stream
-from goldenpath.seeding import stream_key
+from goldenpath.seeding import Purpose, stream_key
 from goldenpath.training.fork import fork_start
 from goldenpath.models import build_model
 from goldenpath.dp.mechanisms import mechanism
 from goldenpath.dp.privacy import privacy_spent
 from goldenpath.training.runtime import cpu_threads
-
-# ----------------------------------------------------------------------------- counters and statistics
-
-
-@dataclass
-class RunState:
-    """Where a run stands; saved with the resume state (``checkpoints/last/state.json``)."""
-
-    step: int = 0
-    samples: int = 0
-    tokens: int = 0
-    target_index: int = 0                             # the next loss target to reach
-    evals: list = field(default_factory=list)         # [step, eval loss] of every eval of the target search
-    next_eval: int | None = 0                         # the target search's next eval (None: no target left)
-    latest: list | None = None                        # [step, eval loss] of the latest eval, logged or searching
-    reached: dict = field(default_factory=dict)       # target (as text) -> step of its checkpoint
-    seconds: dict = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "checkpoint": 0.0, "replay": 0.0})
-    initial_eval: float | None = None
-    eval_error: float | None = None
-    train_loss: float | None = None                   # the last logged mean train loss
-    best: list | None = None                          # [step, eval loss] of the lowest eval
-    fork_start: dict | None = None                    # a fork's step, samples and stream position at its start
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load(self, d: dict) -> None:
-        """Take the values of a saved state (keys this version does not know are ignored)."""
-        for f in dataclasses.fields(self):
-            if f.name in d:
-                setattr(self, f.name, d[f.name])
-        self.seconds = {**RunState().seconds, **self.seconds}
-
-    @property
-    def last_eval(self) -> float | None:
-        latest = self.latest or (self.evals[-1] if self.evals else None)  # a state saved before `latest` existed
-        return latest[1] if latest else None
-
-
-class Window:
-    """Sums since the last logged step, in one float64 tensor on the device (one all-reduce per log).
-
-    The norms are the same on every process; the DP-SGD counts are per process. ``micro_sq`` ..
-    ``scale_steps`` feed ``log.noise_scale`` (B_simple from the first micro-batch's and the batch's gradient).
-    """
-
-    NAMES = ("loss", "units", "grad_norm", "noise_norm", "norm_steps", "clipped", "sample_norm", "samples",
-             "micro_sq", "micro_units", "batch_sq", "scale_steps", "stop", "save")
-
-    def __init__(self, device):
-        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
-        self._index = {n: i for i, n in enumerate(self.NAMES)}
-
-    def add(self, name: str, value) -> None:
-        self.sums[self._index[name]] += value
-
-    def load(self, sums: list[float] | None) -> None:
-        """Take the sums a resume state saved (None: start from zero)."""
-        if sums is not None:
-            self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
-
-    def collect(self, accelerator, **flags: bool) -> dict[str, float]:
-        """The sums over all processes (with ``flags``, e.g. stop=True, summed too), then zero them."""
-        for name, value in flags.items():
-            self.sums[self._index[name]] = float(value)
-        sums = accelerator.reduce(self.sums, "sum") if accelerator.num_processes > 1 else self.sums
-        out = dict(zip(self.NAMES, sums.tolist()))
-        self.sums.zero_()
-        return out
-
+from goldenpath.training.state import RunState, Window
 
 # ----------------------------------------------------------------------------- small pure pieces
 
@@ -256,7 +187,7 @@ class Run:
         last_dir = self.files.last
         tmp = last_dir.with_name("last.tmp")
         if self.main:
-            ckpt.staging_dir(last_dir)
+            files.staging_dir(last_dir)
         self.accelerator.wait_for_everyone()
         if self.ids_file is not None:  # every id up to this state is on disk before the state is
             self.ids_file.flush()
@@ -266,7 +197,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.main:
             ckpt.write_shared_state(tmp, self.model, self.optimizer, self.state.as_dict())
-            ckpt.commit_dir(tmp, last_dir)
+            files.commit_dir(tmp, last_dir)
         self.accelerator.wait_for_everyone()
         self.state.seconds["checkpoint"] += time.perf_counter() - t0
 
@@ -327,18 +258,20 @@ def start(config: Config) -> Run | Path:
     if main:  # only now: a config that fails to build leaves no run directory behind
         ckpt.RunDir(Path(config.out) / config.name).prepare(config)
     accelerator.wait_for_everyone()
-    files = ckpt.RunDir(run_dir)
-    if files.state() in FINISHED:
+    directory = ckpt.RunDir(run_dir)
+    if directory.state() in FINISHED:
         return run_dir
 
-    state, resumed = _restore(config, files, model, optimizer, stream, forked, accelerator)
+    state, resumed = _restore(config, directory, model, optimizer, stream, forked, accelerator)
     begin = state.fork_start or {"step": 0, "samples": 0, "position": 0}
     total_steps = planned_steps(config, stream.limit, begin)
     stream_steps = None if stream.limit is None else \
         begin["step"] + (stream.limit - begin["position"]) // optim.batch_size  # when the stream runs out
     ddp_model = accelerator.prepare(model)  # DDP when world > 1; the same module otherwise
-    # a fork draws its own noise: not the parent's sequence again from the fork step
-    noise_seed = config.seed if config.fork.parent is None else stream_key(config.seed, 0x666F726B, begin["step"])
+    # a fork draws its own noise: not the parent's sequence again from the fork step (a non-negative key: the
+    # noise key takes it as a seed)
+    noise_seed = config.seed if config.fork.parent is None else \
+        stream_key(config.seed, Purpose.FORK, begin["step"]) & (2**63 - 1)
     run = Run(config=config, dir=run_dir, accelerator=accelerator, model=model, ddp_model=ddp_model,
               optimizer=optimizer, stream=stream, source=source,
               mechanism=mechanism(config.noise, batch_size=optim.batch_size, seed=noise_seed),
@@ -347,25 +280,25 @@ def start(config: Config) -> Run | Path:
               chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None,
               window=Window(accelerator.device))
     if resumed:  # a partly filled log window goes on where it stopped: the next logged line averages every step
-        run.window.load(files.resume_sums(rank))
+        run.window.load(directory.resume_sums(rank))
     _open_outputs(run, begin)
     return run
 
 
-def _restore(config: Config, files: ckpt.RunDir, model, optimizer, stream, forked: dict | None,
+def _restore(config: Config, directory: ckpt.RunDir, model, optimizer, stream, forked: dict | None,
              accelerator) -> tuple[RunState, bool]:
     """The run's counters, with model, optimizer and stream put where the run stands: from the resume state
     when there is one, else from the parent's checkpoint (a fork), else new; and whether it resumed."""
     state, rank, main = RunState(), accelerator.process_index, accelerator.is_main_process
     if main:
-        ckpt.resolve_dir(files.last)  # finish a swap a kill interrupted
+        files.resolve_dir(directory.last)  # finish a swap a kill interrupted
     accelerator.wait_for_everyone()
-    if files.last.is_dir():
-        saved, stream_state = ckpt.load_resume_state(files.last, rank, model, optimizer)
+    if directory.last.is_dir():
+        saved, stream_state = ckpt.load_resume_state(directory.last, rank, model, optimizer)
         state.load(saved)
         stream.load_state_dict(stream_state)
         if main:
-            print(f"goldenpath: {files.path}: resuming from step {state.step} ({state.samples} samples)",
+            print(f"goldenpath: {directory.path}: resuming from step {state.step} ({state.samples} samples)",
                   file=sys.stderr, flush=True)
         return state, True
     if forked:  # the parent's model (and optimizer state) at the fork point; its stream from where it ended

@@ -3,7 +3,7 @@
 Evaluating after every step would cost more than training, so a run's *target search* evaluates now and then
 (more often as the loss nears the next target; ``goldenpath.training.schedule.next_eval_gap``) and keeps a
 :class:`Snapshot` of itself at its last eval. When an eval finds one or more targets crossed since that
-snapshot, :func:`replay` restores it (weights, optimizer state, stream position, every RNG, the loop's
+snapshot, :meth:`Targets.search` restores it (weights, optimizer state, stream position, every RNG, the loop's
 counters), runs the same optimizer steps again with an eval after each, and saves each target's checkpoint
 at the first step whose eval loss is at or below it. The replayed steps read the same samples in the same
 order with the same noise (drawn from the step number), so on a CPU they recompute the trajectory bit for
@@ -23,12 +23,16 @@ at the cost of an eval per step).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from goldenpath.store import rundir as ckpt
+from goldenpath.training import step
+from goldenpath.training.state import Window
+from goldenpath.training.schedule import next_eval_gap
 
 
 @dataclass
@@ -68,30 +72,88 @@ class Crossing(NamedTuple):
     error: float
 
 
-def replay(run, previous: Snapshot, targets: list[float], *, step: Callable, evaluate: Callable,
-           save: Callable) -> list[Crossing]:
-    """Locate the targets crossed since ``previous`` at their first steps.
+class Targets:
+    """A run's loss targets and how far it got: the one place that reads and changes them.
 
-    ``targets``: the run's remaining targets (decreasing); the first of them is crossed at the run's current
-    step. ``step(run)`` runs one optimizer step; ``evaluate(run) -> (loss, error)``; ``save(run, crossing)``
-    writes a target's checkpoint from the run's current weights. The steps after ``previous`` are replayed up
-    to the one before the current step, each evaluated, so a deeper target the loss dipped below in between
-    is found too. Targets not crossed by then are the caller's to check at the current step. Returns the
-    crossings the replay located, in order.
+    The list is the config's (decreasing). The next target's index, each reached target's step and the
+    search's evals and next eval live in the run's state, so they resume with it.
     """
-    pending = list(targets)
-    here = run.state.step
-    if here - previous.step <= 1 or not pending:
-        return []
-    now = Snapshot.take(run)
-    previous.restore(run)
-    found = []
-    while run.state.step < here - 1:
-        step(run)
-        loss, error = evaluate(run)
-        while pending and loss <= pending[0]:
-            crossing = Crossing(pending.pop(0), run.state.step, loss, error)
-            save(run, crossing)
-            found.append(crossing)
-    now.restore(run)
-    return found
+
+    def __init__(self, run):
+        self.run = run
+        self.values = run.config.checkpoint.targets
+
+    @property
+    def remaining(self) -> list[float]:
+        return list(self.values[self.run.state.target_index:])
+
+    @property
+    def left(self) -> bool:
+        """Whether a target remains."""
+        return self.run.state.target_index < len(self.values)
+
+    def crossed(self, loss: float) -> list[float]:
+        """The remaining targets at or above ``loss``: a prefix, as the targets decrease."""
+        return [t for t in self.remaining if loss <= t]
+
+    def snapshot(self) -> Snapshot | None:
+        """The state at the search's eval now, which a later replay starts from (None once none remains)."""
+        return Snapshot.take(self.run) if self.left else None
+
+    def search(self, previous: Snapshot | None, loss: float, error: float) -> None:
+        """An eval of the target search found ``loss``: save every target crossed since the search's previous
+        eval at its first step (replayed from ``previous``, the state at that eval), then plan the next eval."""
+        st, cp = self.run.state, self.run.config.checkpoint
+        before = st.evals[-1] if st.evals else None  # [step, loss] of the search's previous eval
+        st.evals.append([st.step, loss])
+        crossed = self.crossed(loss)
+        if crossed and previous is not None:  # replay: these, and deeper ones the loss dipped below meanwhile
+            found, history = self._replay(previous, before)
+            crossed = crossed[len(found):]
+            before = [st.step - 1, history[st.step - 1]] if st.step - 1 in history else before
+        for target in crossed:
+            self._save(Crossing(target, st.step, loss, error), before, replayed=False)
+            self._mark(Crossing(target, st.step, loss, error))
+        st.next_eval = None if not self.left else st.step + next_eval_gap(
+            st.evals, self.values[st.target_index], max_gap=cp.target_eval_every, min_gap=cp.eval_min_every)
+
+    def _replay(self, previous: Snapshot, before) -> tuple[list[Crossing], dict[int, float | None]]:
+        """Locate the targets crossed since ``previous`` at their first steps: restore it, redo the steps up to
+        the one before now with an eval after each, save each target at the first step at or below it, and
+        put the run back. The first remaining target is crossed now; targets not crossed by the step before
+        are the caller's to check now. Returns the crossings found (in order) and every step's eval loss."""
+        run, st = self.run, self.run.state
+        history = {previous.step: before[1] if before else None}
+        here, pending, found = st.step, self.remaining, []
+        if here - previous.step <= 1:
+            return found, history
+        t0 = time.perf_counter()
+        now = Snapshot.take(run)
+        previous.restore(run)
+        while st.step < here - 1:
+            step.optimizer_step(run, run.stream.next_step(), Window(run.accelerator.device))
+            loss, error = step.eval_run(run)
+            history[st.step] = loss
+            while pending and loss <= pending[0]:
+                crossing = Crossing(pending.pop(0), st.step, loss, error)
+                self._save(crossing, [st.step - 1, history.get(st.step - 1)], replayed=True)
+                found.append(crossing)
+        now.restore(run)
+        for crossing in found:  # the replay's counters were put back: keep what it found
+            self._mark(crossing)
+        st.seconds["replay"] += time.perf_counter() - t0
+        return found, history
+
+    def _save(self, crossing: Crossing, previous, *, replayed: bool) -> None:
+        """A target's checkpoint from the run's current weights (``previous``: [step, loss] of the eval before;
+        ``replayed``: located by a replay)."""
+        run = self.run
+        if run.main:
+            keep = run.optimizer if run.config.checkpoint.optimizer else None
+            meta = {"target": crossing.target, "loss_minus_target": crossing.loss - crossing.target,
+                    **step.checkpoint_meta(run, crossing.loss, crossing.error, previous), "replayed": replayed}
+            ckpt.save_checkpoint(run.files.checkpoint(at_loss=crossing.target), run.model, meta, keep)
+
+    def _mark(self, crossing: Crossing) -> None:
+        self.run.state.reached[f"{crossing.target:g}"] = crossing.step
+        self.run.state.target_index += 1

@@ -26,119 +26,22 @@ value it reads, for the loss scale and the token counter.)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from goldenpath.store import rundir as ckpt
-from goldenpath.training.targets import Crossing, Snapshot, replay
 from goldenpath.config import Config
 from goldenpath.data import StreamExhausted
-from goldenpath.training.fork import fork_config
-from goldenpath.gradnoise.estimators import noise_scale
-from goldenpath.models import count, sample_losses_and_errors
 from goldenpath.dp.privacy import privacy_spent
-from goldenpath.training.run import Run, Window, start
+from goldenpath.gradnoise.estimators import noise_scale
+from goldenpath.store import rundir as ckpt
+from goldenpath.training import step
+from goldenpath.training.fork import fork_config
+from goldenpath.training.run import Run, start
 from goldenpath.training.runtime import Interrupts, signal_name
-from goldenpath.training.schedule import get_lr, next_eval_gap
-
-# ----------------------------------------------------------------------------- small pure pieces
-
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a batch to the device; floating inputs take the model's dtype."""
-    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-            for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batch: dict, *, accelerator, chunk: int, dtype: torch.dtype,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """Mean loss and top-1 error (per image, or per predicted token) over a held-out batch, the rows shared
-    out across processes."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    n = len(batch["ids"])
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, units, errors
-    was_training = model.training
-    model.eval()
-    for start_row in range(lo, hi, chunk):
-        part = {k: v[start_row : min(hi, start_row + chunk)] for k, v in batch.items()}
-        total[1] += count(part)  # from the host rows, before they move
-        part = to_device(part, accelerator.device, dtype)
-        with autocast():
-            losses, errors = sample_losses_and_errors(model, part)
-        total[0] += losses.sum().double()
-        total[2] += errors.sum()
-    model.train(was_training)
-    total = accelerator.reduce(total, "sum") if world > 1 else total
-    return float(total[0] / total[1]), float(total[2] / total[1])
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor], accelerator) -> None:
-    """Sum tensors across processes in place, as one flat buffer."""
-    flat = accelerator.reduce(torch.cat([t.flatten() for t in tensors]), "sum")
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-
-
-# ----------------------------------------------------------------------------- one optimizer step
-
-
-def optimizer_step(run: Run, micro_batches: list[dict], window: Window) -> tuple[float, float]:
-    """One optimizer step over the logical batch (this process's micro-batches); returns its learning rate
-    and the loss units (images or predicted tokens) of the whole logical batch.
-
-    The same function trains and replays (goldenpath.training.targets): everything it does depends only on the
-    run's state and the micro-batches, so a replay recomputes the same step.
-    """
-    config, st, mech, acc = run.config, run.state, run.mechanism, run.accelerator
-    world, trained = run.world, run.trained
-    counts = [count(b) for b in micro_batches]  # read from the host batches: the device is never waited for
-    units = sum(counts)
-    if world > 1 and "labels" in micro_batches[0]:
-        total_units = float(acc.reduce(torch.tensor(float(units), device=acc.device)))
-    else:
-        total_units = float(units * world)  # images: every process holds the same number
-    scale = mech.loss_scale(total_units, world)
-    module = run.model if mech.per_sample else run.ddp_model
-    for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, acc.device, run.dtype)
-        last = i == len(micro_batches) - 1
-        no_sync = acc.no_sync(run.ddp_model) if not (last or mech.per_sample) else contextlib.nullcontext()
-        with no_sync, run.autocast():
-            stats = mech.micro_batch(module, batch, scale, acc.backward)
-        for name, value in stats.items():
-            window.add(name, value)
-        if config.log.noise_scale and i == 0:  # this micro-batch's own mean gradient, squared (no host sync)
-            sq = torch.stack(torch._foreach_norm([p.grad for p in trained if p.grad is not None])).double()
-            window.add("micro_sq", sq.square().sum() * (total_units / (world * counts[i])) ** 2)
-            window.add("micro_units", counts[i])
-    window.add("units", units)
-    grads = [p.grad for p in trained if p.grad is not None]
-    log_due = (st.step + 1) % config.log.every == 0 or st.step + 1 == run.total_steps
-    norm, noise = mech.step(grads, step=st.step, measure=log_due or config.log.noise_scale,
-                            all_reduce=(lambda g: _all_reduce_sum(g, acc)) if world > 1 else None)
-    if norm is not None:
-        window.add("grad_norm", norm)
-        window.add("norm_steps", 1)
-        if config.log.noise_scale:
-            window.add("batch_sq", norm**2)
-            window.add("scale_steps", 1)
-    window.add("noise_norm", noise)
-    lr = get_lr(st.step, config.optim, run.total_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    st.step += 1
-    st.samples += config.optim.batch_size
-    st.tokens += int(total_units) if "labels" in micro_batches[0] else 0
-    return lr, total_units
-
+from goldenpath.training.targets import Snapshot, Targets
 
 def _train_record(run: Run, sums: dict, lr: float, units: float) -> dict:
     """The metrics.jsonl line of a logged step, from the window's sums over all processes (``units``: the
@@ -163,87 +66,21 @@ def _train_record(run: Run, sums: dict, lr: float, units: float) -> dict:
 # ----------------------------------------------------------------------------- evaluation and checkpoints
 
 
-def _eval(run: Run) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    loss, error = evaluate(run.model, run.eval_batch, accelerator=run.accelerator,
-                           chunk=run.config.checkpoint.eval_batch_size, dtype=run.dtype, autocast=run.autocast)
-    run.state.seconds["eval"] += time.perf_counter() - t0
-    return loss, error
-
-
-def _meta(run: Run, loss: float, error: float, previous) -> dict:
-    st = run.state
-    return {"step": st.step, "samples": st.samples, "tokens": st.tokens, "eval_loss": loss, "eval_error": error,
-            "optimizer": run.config.optim.name, "previous_eval": previous}
-
-
-def _save_target(run: Run, crossing: Crossing, previous, replayed: bool) -> None:
-    """The checkpoint of a loss target, from the run's current weights (``previous``: [step, loss] of the
-    eval before; ``replayed``: located by a replay)."""
-    keep = run.optimizer if run.config.checkpoint.optimizer else None
-    if run.main:
-        meta = {"target": crossing.target, "loss_minus_target": crossing.loss - crossing.target,
-                **_meta(run, crossing.loss, crossing.error, previous), "replayed": replayed}
-        ckpt.save_checkpoint(run.files.checkpoint(at_loss=crossing.target), run.model, meta, keep)
-    run.state.reached[f"{crossing.target:g}"] = crossing.step
-    run.state.target_index += 1
-
-
-def _search(run: Run, previous: Snapshot | None, loss: float, error: float, prev_eval) -> None:
-    """Save the checkpoint of every target crossed since the target search's previous eval (``prev_eval``:
-    its [step, loss]) at its first step, replayed from ``previous``, the state at that eval."""
-    config, st = run.config, run.state
-    targets = config.checkpoint.targets
-    crossed = [t for t in targets[st.target_index:] if loss <= t]  # a prefix: the targets decrease
-    if crossed and previous is not None:  # replay: these, and deeper ones the loss dipped below meanwhile
-        history = {previous.step: prev_eval[1] if prev_eval else None}
-
-        def located(r, crossing):
-            _save_target(r, crossing, [crossing.step - 1, history.get(crossing.step - 1)], True)
-
-        def step_and_remember(r):
-            optimizer_step(r, r.stream.next_step(), Window(r.accelerator.device))
-
-        def eval_and_remember(r):
-            value = _eval(r)
-            history[r.state.step] = value[0]
-            return value
-
-        t_replay = time.perf_counter()
-        found = replay(run, previous, list(targets[st.target_index:]), step=step_and_remember,
-                                evaluate=eval_and_remember, save=located)
-        st.seconds["replay"] += time.perf_counter() - t_replay
-        for c in found:  # the replay's counters were put back: keep what it found
-            st.reached[f"{c.target:g}"] = c.step
-        st.target_index += len(found)
-        crossed = [t for t in targets[st.target_index:] if loss <= t]
-        before = [st.step - 1, history.get(st.step - 1)] if st.step - 1 in history else prev_eval
-    else:
-        before = prev_eval
-    for target in crossed:
-        _save_target(run, Crossing(target, st.step, loss, error), before, False)
-
-
 def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[float, float]:
     """Evaluate; save the step and best checkpoints. With ``search`` (an eval of the target search), also save
-    every target crossed since the search's previous eval (:func:`_search`) and plan the search's next eval.
+    every target crossed since the search's previous eval and plan its next eval (:class:`Targets`).
 
     A logged eval (``checkpoint.eval_every``, ``checkpoint.steps``) never looks for targets, so how often a
     run logs never moves a checkpoint; the search's schedule depends only on its own evals.
     """
     config, st = run.config, run.state
-    targets = config.checkpoint.targets
-    loss, error = _eval(run)
+    loss, error = step.eval_run(run)
     prev_latest, st.latest, st.eval_error = st.latest, [st.step, loss], error
     t0 = time.perf_counter()
     if search:
-        prev_eval = st.evals[-1] if st.evals else None
-        st.evals.append([st.step, loss])
-        _search(run, previous, loss, error, prev_eval)
-        nxt = targets[st.target_index] if st.target_index < len(targets) else None
-        st.next_eval = None if nxt is None else st.step + next_eval_gap(
-            st.evals, nxt, max_gap=config.checkpoint.target_eval_every, min_gap=config.checkpoint.eval_min_every)
-    keep, meta = run.optimizer if config.checkpoint.optimizer else None, _meta(run, loss, error, prev_latest)
+        Targets(run).search(previous, loss, error)
+    keep, meta = run.optimizer if config.checkpoint.optimizer else None, step.checkpoint_meta(run, loss, error,
+                                                                                              prev_latest)
     if st.step in config.checkpoint.steps and run.main and math.isfinite(loss):  # a diverged model is never saved
         ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, meta, keep)
     if st.best is None or loss < st.best[1]:
@@ -255,6 +92,7 @@ def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[floa
     run.bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {run.floor:.4f}" if run.floor is not None else "")
                             + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
     return loss, error
+
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -289,7 +127,6 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
     """Train until a stopping rule; returns (state, reason, the snapshot at the target search's last eval):
     state is completed, diverged or interrupted."""
     config, st = run.config, run.state
-    targets = config.checkpoint.targets
     window = run.window
     data_end = "all epochs done" if config.data.epochs > 1 else "data exhausted"
     if st.step == 0 and not st.evals:
@@ -302,13 +139,13 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
     # the state at the target search's last eval, for the replay that locates a target crossed before its
     # next one (while a target remains, the resume state is saved only at such an eval: a resumed run starts
     # from one)
-    previous = Snapshot.take(run) if st.target_index < len(targets) else None
+    previous = Targets(run).snapshot()
     last_save, save_due = time.monotonic(), False
     while True:
         # -------- stopping rules
         if run.total_steps is not None and st.step >= run.total_steps:
             return "completed", data_end if run.total_steps == run.stream_steps else "budget", previous
-        if config.budget.stop_at_last_target and targets and st.target_index == len(targets):
+        if config.budget.stop_at_last_target and config.checkpoint.targets and not Targets(run).left:
             return "completed", "last target reached", previous
         t0 = time.perf_counter()
         try:
@@ -319,7 +156,7 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
             for batch in micro_batches:
                 run.ids_file.write(batch["ids"].numpy().astype("<i8").tobytes())
         # -------- one optimizer step over the logical batch
-        lr, units = optimizer_step(run, micro_batches, window)
+        lr, units = step.optimizer_step(run, micro_batches, window)
         st.seconds["train"] += time.perf_counter() - t0
         run.bar.update(config.optim.batch_size)
         # -------- logging, divergence, evaluation, checkpoints
@@ -345,7 +182,7 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
                 run.log(record)
                 return "diverged", f"eval loss {loss} at step {st.step}", None
             if search:
-                previous = Snapshot.take(run) if st.target_index < len(targets) else None
+                previous = Targets(run).snapshot()
             run.status(state="running")
         if record is not None:
             run.log(record)
