@@ -224,7 +224,7 @@ def run_stage(name: str, base: Path, work: Path, *, fixed: dict, rows: list, see
     import multiprocessing
 
     from goldenpath.store import files, rundir as ckpt
-    from goldenpath.training.grid import expand, load_sweep
+    from goldenpath.config.grid import expand, load_sweep
     from goldenpath.training.sweep import write_runs_csv
 
     work.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def _sweep(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
     from goldenpath.comparison.plan import plan
-    from goldenpath.training.grid import load_sweep
+    from goldenpath.config.grid import load_sweep
 
     for line in plan(load_sweep(args.sweep_config)):
         print(f"plan: {line}", file=sys.stderr if not args.plan else sys.stdout, flush=True)
@@ -310,7 +310,7 @@ def _demo(args) -> int:
     """A small lr x batch x 5-seed sweep, online and offline, then loss-matched comparison and heatmaps."""
     from goldenpath.comparison.compare import conclusions
     from goldenpath.comparison.plan import plan
-    from goldenpath.training.grid import load_sweep
+    from goldenpath.config.grid import load_sweep
     from goldenpath.training.sweep import SweepInterrupted, run_sweep
 
     path = CONFIGS / "sweeps" / "demo.yaml"

@@ -183,7 +183,7 @@ def test_row_epsilon_is_what_goldenpath_records():
 
 
 def test_full_sweep_is_a_valid_goldenpath_sweep():
-    from goldenpath.training.grid import expand, load_sweep
+    from goldenpath.config.grid import expand, load_sweep
 
     points = expand(load_sweep(m.FULL_SWEEP))
     assert len(points) == len(m.setting(False)["rows"]) * len(m.TUNE_SEEDS)

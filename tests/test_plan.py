@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from goldenpath.comparison import plan
-from goldenpath.training.grid import load_sweep
+from goldenpath.config.grid import load_sweep
 
 from .conftest import write_sweep
 

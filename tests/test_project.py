@@ -45,6 +45,7 @@ def test_bf16_autocast_run_trains_on_cpu(tmp_path):
     assert evals[-1] < evals[0]  # bf16 autocast steps still learn
 
 
+@pytest.mark.slow  # the whole demo: about 4 CPU minutes
 def test_demo_sweeps_compares_and_draws(tmp_path):
     out = subprocess.run([sys.executable, "-m", "goldenpath", "demo", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -95,7 +96,7 @@ def test_demo_sweeps_compares_and_draws(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_expands_into_valid_runs(path):
-    from goldenpath.training.grid import expand, load_sweep
+    from goldenpath.config.grid import expand, load_sweep
 
     sweep = load_sweep(path)
     points = expand(sweep)
@@ -106,7 +107,7 @@ def test_every_shipped_sweep_expands_into_valid_runs(path):
 
 
 def test_the_readme_makes_each_run_directory_before_a_command_reads_it():
-    from goldenpath.training.grid import load_sweep
+    from goldenpath.config.grid import load_sweep
 
     made = []
     for line in (ROOT / "README.md").read_text().splitlines():
@@ -120,3 +121,17 @@ def test_the_readme_makes_each_run_directory_before_a_command_reads_it():
     readme = (ROOT / "README.md").read_text()
     install = readme[readme.index("## Install"):readme.index("## The two commands")]
     assert "apt-get install dataset-fashion-mnist" in install  # the Debian package of the Fashion-MNIST source
+
+
+def test_the_public_api_keeps_its_import_paths():
+    """The functions of the design's contract import from goldenpath as documented, in a fresh interpreter:
+    train, fork and compare are the functions (no module of that name shadows them)."""
+    probe = ("import goldenpath.training.trainer, goldenpath.comparison.compare, inspect\n"
+             "from goldenpath import load_config, train, fork, compare, distances, lmc, noise, privacy, gradnoise, toys\n"
+             "import goldenpath.toys.dln, goldenpath.toys.lls\n"
+             "assert all(inspect.isfunction(f) for f in (load_config, train, fork, compare))\n"
+             "for f in (distances.tv, distances.kl, distances.js, distances.top1, distances.linear_cka, lmc.barrier,\n"
+             "          gradnoise.tail_index, gradnoise.noise_scale, noise.clipped_grad_sum, privacy.epsilon,\n"
+             "          toys.dln.q_alpha, toys.dln.flow_limit, toys.lls.flow_limit):\n"
+             "    assert inspect.isfunction(f), f\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)

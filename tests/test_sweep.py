@@ -21,7 +21,7 @@ from goldenpath.store.files import read_json
 from goldenpath.config import ConfigError, load_config
 from goldenpath.training.fork import fork_config
 from goldenpath.config.naming import fork_name, run_name
-from goldenpath.training.grid import expand, load_sweep
+from goldenpath.config.grid import expand, load_sweep
 from goldenpath.training.sweep import slurm_arrays, submit_slurm
 from goldenpath.training.trainer import train
 

@@ -44,7 +44,7 @@ def plan(sweep) -> list[str]:
     from goldenpath.comparison.runs import settings_of
     from goldenpath.config import load_config
     from goldenpath.data.baselines import trivial_loss
-    from goldenpath.training.grid import expand
+    from goldenpath.config.grid import expand
 
     points = [p for p in expand(sweep) if p.fork is None]
     first_rep = sweep.seeds[0]

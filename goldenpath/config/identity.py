@@ -69,14 +69,18 @@ def setting_columns(config) -> dict:
     return flat(_drop(identity(config), (*SEEDS, *RECORD)))
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted key: value} (lists as JSON text)."""
+def _json_lists(value):
+    return json.dumps(value) if isinstance(value, list) else value
+
+
+def flat(d: dict, prefix: str = "", *, leaf=_json_lists) -> dict:
+    """A nested config dict as {dotted key: leaf(value)} (by default lists as JSON text)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}.", leaf=leaf))
         else:
-            out[prefix + k] = json.dumps(v) if isinstance(v, list) else v
+            out[prefix + k] = leaf(v)
     return out
 
 

@@ -28,6 +28,7 @@ from goldenpath.training.fork import fork_start
 from goldenpath.models import build_model
 from goldenpath.dp.mechanisms import mechanism
 from goldenpath.dp.privacy import privacy_spent
+from goldenpath.config.identity import flat
 from goldenpath.training.runtime import cpu_threads
 from goldenpath.training.state import RunState, Window
 
@@ -97,15 +98,9 @@ def chance_loss(batch: dict) -> float:
     return float(-(p * p.log()).sum())
 
 
-def pd_flat(d: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted.key: scalar}; lists and None as strings."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(pd_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _scalar(value):
+    """A tracker's hyperparameter: a scalar as it is, anything else (lists, None) as text."""
+    return value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
 def _now() -> str:
@@ -343,4 +338,4 @@ def _open_outputs(run: Run, begin: dict) -> None:
     if config.log.trackers:  # hyperparameters as flat scalars (what TensorBoard's hparams accept)
         trackers = list(config.log.trackers)
         run.accelerator.init_trackers(trackers[0] if len(trackers) == 1 else "trackers",
-                                      config=pd_flat(to_dict(config)))
+                                      config=flat(to_dict(config), leaf=_scalar))

@@ -1,4 +1,4 @@
-"""Running a sweep: every point of its grid (:mod:`goldenpath.training.grid`) as a separate ``goldenpath train``
+"""Running a sweep: every point of its grid (:mod:`goldenpath.config.grid`) as a separate ``goldenpath train``
 process (``accelerate launch`` when ``processes`` > 1) writing ``<out>/<name>/<run>/``, in parallel slots on
 this machine or as Slurm job arrays (submitit). Re-running a sweep skips completed runs, resumes interrupted or
 failed ones, and leaves diverged ones unless ``retry_diverged``; a lock per run keeps two sweep processes on
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from goldenpath.config import load_config
 from goldenpath.store import files, rundir as ckpt
-from goldenpath.training.grid import Point, Sweep, expand, load_sweep
+from goldenpath.config.grid import Point, Sweep, expand, load_sweep
 from goldenpath.training.runtime import MEMORY_FRACTION_ENV
 
 
