@@ -307,39 +307,43 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
     """What a compared sweep says, in plain lines: what was left out and which runs diverged after reaching a
     target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``)."""
-    notes, answer = _said(tables_dir(sweep_dir, probe_shift), metric)
+    notes, answer = _said(_answer_tables(tables_dir(sweep_dir, probe_shift)), metric)
     return notes + answer
 
 
-def _said(tables: Path, metric: str) -> tuple[list[str], list[str]]:
-    """The lines of :func:`conclusions` from a tables directory: (the notes, the answer's sentences)."""
+def _answer_tables(tables: Path) -> dict:
+    """The tables the answer is read from, each read once."""
     import pandas as pd
 
+    return {name: pd.read_csv(tables / f"{name}.csv") for name in ("excluded", "summary", "trend", "family")}
+
+
+def _said(t: dict, metric: str) -> tuple[list[str], list[str]]:
+    """The lines of :func:`conclusions` for ``metric`` from :func:`_answer_tables`: (the notes, the answer)."""
     lines = []
-    excluded = pd.read_csv(tables / "excluded.csv")
+    excluded, summary = t["excluded"], t["summary"]
     if len(excluded):
         names = ", ".join(f"{r.run} at {r.target:g} ({r.reason})" for r in excluded.itertuples())
         lines.append(f"left out of the statistics ({len(excluded)}; --include-flagged keeps them): {names}")
-    summary = pd.read_csv(tables / "summary.csv")
+    mine = summary[summary.metric == metric]
     if "diverged_later" in summary:  # kept: each checkpoint predates its run's divergence
-        late = summary[summary.metric == metric].dropna(subset=["diverged_later"])
         at = {}
-        for r in late.itertuples():
-            for run in r.diverged_later.split(";"):
-                at.setdefault(run, []).append(f"{r.target:g}")
+        late = mine.diverged_later.dropna()
+        for target, runs in zip(mine.target[late.index], late):
+            for run in runs.split(";"):
+                at.setdefault(run, []).append(f"{target:g}")
         if at:
             lines.append(f"diverged after reaching a target ({len(at)}; their checkpoints are in the statistics): "
                          + ", ".join(f"{run} at {', '.join(ts)}" for run, ts in sorted(at.items())))
-    refs = summary[summary.metric == metric].groupby("target").reference.first()
+    refs = mine.groupby("target").reference.first()
     if refs.nunique() > 1:
         lines.append("the reference setting differs between targets: "
                      + ", ".join(f"{t:g}: {r}" for t, r in refs.sort_index(ascending=False).items()))
-    answer = verdicts.answer(summary, pd.read_csv(tables / "trend.csv"), family=pd.read_csv(tables / "family.csv"),
-                             metric=metric)
+    answer = verdicts.answer(mine, t["trend"], family=t["family"], metric=metric)
     return lines, list(answer.values())
 
 
 def write_answer(tables: Path, metrics) -> None:
     """``answer.json``: per metric, the notes and the answer's sentences (what the report page leads with)."""
-    said = {m: dict(zip(("notes", "answer"), _said(tables, m))) for m in metrics}
-    files.write_json(tables / ANSWER, said)
+    t = _answer_tables(tables)
+    files.write_json(tables / ANSWER, {m: dict(zip(("notes", "answer"), _said(t, m))) for m in metrics})
