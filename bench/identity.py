@@ -23,7 +23,15 @@ checkout); the script prints its path first. About 70 s on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse, hashlib, json, os, re, subprocess, sys, tempfile, time
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
