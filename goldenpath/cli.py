@@ -201,42 +201,51 @@ def compare_and_draw(sweep_dir: Path, options: dict | None = None, *, figures: b
     """From a sweep's runs to its tables, figures and report page: the one path of the compare, demo and report
     verbs. Returns (compare's pair rows or None, the report page or None).
 
-    ``options``: compare's keyword arguments: compare now. None: compare again only the tables directories
-    whose runs changed since compare wrote them, with the options they were made with (their pair cache keeps
-    the unchanged pairs); a directory that records no inputs is named on the page. ``figures``: draw the
-    figures after ``compare/`` was compared (they are drawn from it alone). ``report``: then write the page.
+    ``options``: compare's keyword arguments: compare now. None: bring the tables that exist up to date
+    (:func:`_refresh`). ``figures``: draw the figures after ``compare/`` was compared (they are drawn from it
+    alone). ``report``: then write the page.
     """
     from goldenpath.comparison.compare import compare
-    from goldenpath.comparison.runs import changes, last_options, tables_dir
     from goldenpath.draw.figures import write_figures
     from goldenpath.draw.report import write_report
-    from goldenpath.store.tables import COMPARE, INPUTS, shift_of
 
-    frame, warnings, unshifted = None, [], False
+    frame, warnings = None, []
     if options is not None:
         frame, unshifted = compare(sweep_dir, **options), options.get("probe_shift") is None
     else:
-        for tables in [sweep_dir / COMPARE, *sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv"))]:
-            if not (tables / "summary.csv").exists():
-                continue  # the page names what is missing
-            if not (tables / INPUTS).exists():
-                warnings.append(f"{tables.name}/ does not record the runs it compared (an older goldenpath wrote "
-                                "it): runs that landed since are not in it; run goldenpath compare again")
-                continue
-            shift = shift_of(tables)
-            changed = changes(sweep_dir, shift)
-            if changed:
-                _say(f"report: {tables_dir(sweep_dir, shift).name}/ is out of date ({'; '.join(changed)}): comparing "
-                     "again with the options it was made with (pairs of unchanged checkpoints come from its cache)")
-                compare(sweep_dir, **last_options(sweep_dir, shift))
-                unshifted = unshifted or shift is None
+        unshifted = _refresh(sweep_dir, warnings)
     if figures and unshifted:
         write_figures(sweep_dir)
     return frame, write_report(sweep_dir, warnings=warnings) if report else None
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _refresh(sweep_dir: Path, warnings: list[str]) -> bool:
+    """Compare again each tables directory whose runs changed since compare wrote it, with the options it was
+    made with (its pair cache keeps the unchanged pairs); write the answer of one an older goldenpath wrote
+    without it (from its tables); name in ``warnings`` one that records no inputs. Returns whether
+    ``compare/`` was compared again."""
+    from goldenpath.comparison.compare import compare, write_answer
+    from goldenpath.comparison.runs import changes, last_options
+    from goldenpath.store.tables import ANSWER, COMPARE, INPUTS, shift_of
+
+    unshifted = False
+    for tables in [sweep_dir / COMPARE, *sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv"))]:
+        if not (tables / "summary.csv").exists():
+            continue  # the page names what is missing
+        if not (tables / INPUTS).exists():
+            warnings.append(f"{tables.name}/ does not record the runs it compared (an older goldenpath wrote it): "
+                            "runs that landed since are not in it; run goldenpath compare again")
+            continue
+        shift = shift_of(tables)
+        changed = changes(sweep_dir, shift)
+        if changed:
+            print(f"report: {tables.name}/ is out of date ({'; '.join(changed)}): comparing again with the options "
+                  "it was made with (pairs of unchanged checkpoints come from its cache)", file=sys.stderr, flush=True)
+            compare(sweep_dir, **last_options(sweep_dir, shift))
+            unshifted = unshifted or shift is None
+        elif not (tables / ANSWER).exists():
+            write_answer(tables, last_options(sweep_dir, shift)["metrics"])
+    return unshifted
 
 
 def _compare(args) -> int:

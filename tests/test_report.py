@@ -327,10 +327,13 @@ def test_report_compares_again_what_landed_and_shows_the_shifted_probe(tmp_path,
     sections = page.count('<section class="metric"')
     assert [(b["n"], b["total"]) for b in bars.closed] == [(sections + 2, sections + 2)]  # + compute, curves
 
-    (d / "compare" / "inputs.json").unlink()  # tables from before goldenpath recorded their inputs
-    assert "compare/ does not record the runs it compared" in compare_and_draw(d, report=True)[1].read_text()
+    said = (d / "compare" / "answer.json").read_text()
     (d / "compare" / "answer.json").unlink()  # the page only reads: it names the table it lacks
     assert "compare/answer.json is missing; run goldenpath compare" in rep.write_report(d).read_text()
+    page = compare_and_draw(d, report=True)[1].read_text()  # the verb writes it again from the tables
+    assert "answer.json is missing" not in page and (d / "compare" / "answer.json").read_text() == said
+    (d / "compare" / "inputs.json").unlink()  # tables from before goldenpath recorded their inputs
+    assert "compare/ does not record the runs it compared" in compare_and_draw(d, report=True)[1].read_text()
 
 
 def figures_on(page: str) -> list[str]:

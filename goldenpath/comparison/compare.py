@@ -8,9 +8,10 @@ any seed); each setting is compared with the reference of its regime (every seed
 and with every other setting: the golden-path ratio D / F with its interval and permutation p-value, each
 setting's own seed floor, its spread (floor over the reference's) and its location (the distance between
 the settings' mean functions, from the squared distance ``sq``, always measured), and per target and regime
-the family test of every setting at once (:mod:`goldenpath.comparison.stats`, :mod:`goldenpath.comparison.verdicts`). The runs'
-seeds decide the analysis: settings with disjoint seeds are compared as independent, settings that share
-every seed as paired (within seeds); runs of sweeps with different seed designs are refused.
+the family test of every setting at once (:mod:`goldenpath.comparison.stats`,
+:mod:`goldenpath.comparison.verdicts`). The runs' seeds decide the analysis: settings with disjoint seeds are
+compared as independent, settings that share every seed as paired (within seeds); runs of sweeps with
+different seed designs are refused.
 
 Beyond the pointwise distances (``tv``, ``kl``, ``js``, ``top1``), two opt-in lenses (``--metrics
 ...,cka,lmc``): ``cka`` is 1 - linear CKA of the penultimate features on the probe set (per image, or per

@@ -180,7 +180,8 @@ def bootstrap_weights(n_units: int, *, n_boot: int = 1000, seed: int = 0) -> tor
     """[n_boot, n_units] float64: how often each unit is drawn in each bootstrap resample (rows sum to n)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_units, (n_boot, n_units), generator=gen)
-    return torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    ones = torch.ones_like(idx, dtype=torch.float64)
+    return torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(1, idx, ones)
 
 
 def bootstrap(sums: torch.Tensor, counts: torch.Tensor, *, denominator: tuple | None = None, n_boot: int = 1000,

@@ -1,7 +1,7 @@
 """What a sweep's design can decide, before any run: ``goldenpath sweep --plan SWEEP_CONFIG``.
 
-The verdict of ``goldenpath compare`` is fixed by the sweep alone (:mod:`goldenpath.comparison.verdicts`): per regime, the
-reference (its least-noisy setting), the family (every other grid setting of the regime, at every
+The verdict of ``goldenpath compare`` is fixed by the sweep alone (:mod:`goldenpath.comparison.verdicts`): per
+regime, the reference (its least-noisy setting), the family (every other grid setting of the regime, at every
 non-trivial target), the seeds and their design. So is the smallest family-wise p-value it can reach: the
 smallest permutation p the seeds allow (a count of relabellings) times the family's targets. Where that is
 not below 0.05 no outcome of the runs can make a setting "differ"; the plan says so and how many seeds

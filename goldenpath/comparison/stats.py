@@ -51,7 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-from goldenpath.comparison.design import Cells, Design, different_seed, label_matrix, delta_var, cells, distance_matrix, location_ratio, parts, relabellings, smallest_p, t_interval, t_p_value, upper_p
+from goldenpath.comparison.design import (Cells, Design, cells, delta_var, different_seed, distance_matrix,
+                                          label_matrix, location_ratio, parts, relabellings, smallest_p, t_interval,
+                                          t_p_value, upper_p)
 
 # ----------------------------------------------------------------------------- comparisons
 

@@ -170,9 +170,10 @@ def setting_rows(target: float, metric: str, settings: list[Setting], design: De
 def adjust(summary: list[dict], family: list[dict]) -> None:
     """Fill in the family-wise adjusted p-values once every target is in: per metric and regime the family
     is every tested, non-trivial target; a setting's ``p_adjusted`` is targets x its min-P p (Bonferroni
-    over targets), and at least its own pairwise p, ``location_p_adjusted`` the same for location, ``spread_p_adjusted`` its spread p times
-    the family's comparisons; a family row's ``p_adjusted`` is targets x its global p, ``smallest_adjusted``
-    targets x the smallest p its seeds allow (changes the rows in place)."""
+    over targets), and at least its own pairwise p, ``location_p_adjusted`` the same for location,
+    ``spread_p_adjusted`` its spread p times the family's comparisons; a family row's ``p_adjusted`` is
+    targets x its global p, ``smallest_adjusted`` targets x the smallest p its seeds allow (changes the rows in
+    place)."""
     tested: dict[tuple, int] = {}
     comparisons: dict[tuple, int] = {}
     for f in family:

@@ -18,8 +18,9 @@ predictor, so a ratio near 1 there says nothing about the settings compared.
     finite logit and the minimiser is unique. ``c`` is chosen from :data:`PENALTIES` by the loss on the last
     fifth of the samples of a fit on the first four fifths, then the fit is made on all of them: a linear
     model on 784 pixels of 8,192 images overfits at ``c = 1`` (eval loss 0.98 on Fashion-MNIST, against
-    about 0.5 well regularised), and a baseline must be the best such model, not a poor one. Where the images span few directions (the teacher's span 75), the fit runs in
-    that span, which has the same minimum and takes a fraction of the time;
+    about 0.5 well regularised), and a baseline must be the best such model, not a poor one. Where the
+    images span few directions (the teacher's span 75), the fit runs in that span, which has the same
+    minimum and takes a fraction of the time;
   - the **label marginal**: the cross-entropy of the eval labels under the training labels' frequencies
     with add-one smoothing. It wins where the pixels say (next to) nothing about the labels, or where they
     are too many for the samples and the linear model overfits.

@@ -114,8 +114,9 @@ class Stream:
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
         if train_size is not None:
             lo, hi = subset * train_size, (subset + 1) * train_size  # disjoint blocks of one permutation
+            pool = None if source.size is None else seeded_generator(data_seed, Purpose.SUBSET)
             self._subset = (torch.arange(lo, hi) if source.size is None
-                            else torch.randperm(source.size, generator=seeded_generator(data_seed, Purpose.SUBSET))[lo:hi])
+                            else torch.randperm(source.size, generator=pool)[lo:hi])
             self.limit = epochs * train_size
         elif source.size is not None:
             self._permutation = torch.randperm(source.size, generator=seeded_generator(seed, Purpose.ORDER))

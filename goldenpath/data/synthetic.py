@@ -168,7 +168,8 @@ class TeacherStream:
         from goldenpath.store.files import atomic_write, cache_dir
 
         fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
-                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__) + ((purpose,) if purpose != Purpose.TEACHER else ())
+                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__)
+        fields += (purpose,) if purpose != Purpose.TEACHER else ()
         key = hashlib.sha1(Path(__file__).read_bytes() + repr(fields).encode()).hexdigest()[:20]
         path = cache_dir() / f"teacher-{key}.pt"
         try:
@@ -371,8 +372,8 @@ class MarkovStream:
         sizes = {"eval": self.cfg.eval_size, "probe": self.cfg.probe_size}
         if self._cdf is None:
             return {s: self._batch(s, torch.arange(n)) for s, n in sizes.items()}
-        u = [counter_uniform(stream_key(self.cfg.seed, SPLITS[s], Purpose.TOKENS), torch.arange(n), self.cfg.seq_len + 1)
-             for s, n in sizes.items()]
+        u = [counter_uniform(stream_key(self.cfg.seed, SPLITS[s], Purpose.TOKENS), torch.arange(n),
+                             self.cfg.seq_len + 1) for s, n in sizes.items()]
         seqs = self._tokens(torch.cat(u)).split(list(sizes.values()))
         return {s: {"ids": torch.arange(n), "input_ids": seq[:, :-1], "labels": seq[:, 1:]}
                 for (s, n), seq in zip(sizes.items(), seqs)}

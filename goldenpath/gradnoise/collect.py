@@ -134,7 +134,8 @@ def write_analysis(run_dir, *, at_loss: float | None = None, at_step: int | None
         raise ConfigError("--batch-size", f"got {batch_size}", "use a positive batch size")
     run = ckpt.RunDir(run_dir)
     if not run.exists():
-        raise ConfigError("run_dir", f"{run.path} is not a run directory", "give a run's directory (it holds config.yaml)")
+        raise ConfigError("run_dir", f"{run.path} is not a run directory",
+                          "give a run's directory (it holds config.yaml)")
     table, noise = analyse(run.path, at_loss=at_loss, at_step=at_step, batches=batches, batch_size=batch_size,
                            max_coords=max_coords)
     run.noise.mkdir(exist_ok=True)

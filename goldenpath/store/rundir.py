@@ -11,8 +11,8 @@ Layout (:class:`RunDir` names every path; runs/README.md)::
     <run>/noise/                       goldenpath noise: tables and figures per checkpoint
 
 Every file is written atomically and every checkpoint directory is filled under a temporary name and swapped
-in (:mod:`goldenpath.store.files`), so a kill at any moment leaves the previous checkpoint whole. Tensors are stored with safetensors, everything else as
-JSON: nothing in a run directory is ever unpickled.
+in (:mod:`goldenpath.store.files`), so a kill at any moment leaves the previous checkpoint whole. Tensors are
+stored with safetensors, everything else as JSON: nothing in a run directory is ever unpickled.
 """
 
 from __future__ import annotations

@@ -270,7 +270,8 @@ def start(config: Config) -> Run | Path:
     run = Run(config=config, dir=run_dir, accelerator=accelerator, model=model, ddp_model=ddp_model,
               optimizer=optimizer, stream=stream, source=source,
               mechanism=mechanism(config.noise, batch_size=optim.batch_size, seed=noise_seed),
-              eval_batch=eval_batch, state=state, autocast=bf16_autocast(accelerator.device, config.precision == "bf16"),
+              eval_batch=eval_batch, state=state,
+              autocast=bf16_autocast(accelerator.device, config.precision == "bf16"),
               dtype=dtype, total_steps=total_steps, stream_steps=stream_steps, floor=source.loss_floor(),
               chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None,
               window=Window(accelerator.device))
@@ -329,7 +330,8 @@ def _open_outputs(run: Run, begin: dict) -> None:
         ckpt.update_status(run.dir, state="running", reason=None, loss_floor=run.floor, chance_loss=run.chance,
                            planned_steps=run.total_steps, processes=run.world, device=str(run.accelerator.device),
                            threads=torch.get_num_threads() if cpu else None,
-                           started=run.files.status().get("started", _now()), resumed_from_step=st.step if run.resumed else None,
+                           started=run.files.status().get("started", _now()),
+                           resumed_from_step=st.step if run.resumed else None,
                            **privacy_spent(config, st.step))
     b = config.optim.batch_size
     run.bar = tqdm(total=run.total_steps * b if run.total_steps else None, initial=st.samples, unit="sample",
