@@ -24,6 +24,7 @@ TINY = dict(base="teacher-mlp.yaml", quick=dict(
     lr=[0.05], batch=[16, 64], offline=[4, 512]))
 
 
+@pytest.mark.slow  # trains the study's reduced grid: about 30 s
 def test_golden_path_core_gives_setting_ratios_with_intervals_and_p_values(tmp_path):
     sweep_dir = golden_path.train("tiny", TINY, tmp_path, quick=True, seeds=(0, 1, 2), jobs=2)
     t = golden_path.tables(sweep_dir, "teacher")

@@ -79,8 +79,8 @@ def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[floa
     t0 = time.perf_counter()
     if search:
         Targets(run).search(previous, loss, error)
-    keep, meta = run.optimizer if config.checkpoint.optimizer else None, step.checkpoint_meta(run, loss, error,
-                                                                                              prev_latest)
+    keep = run.optimizer if config.checkpoint.optimizer else None
+    meta = step.checkpoint_meta(run, loss, error, prev_latest)
     if st.step in config.checkpoint.steps and run.main and math.isfinite(loss):  # a diverged model is never saved
         ckpt.save_checkpoint(run.files.checkpoint(at_step=st.step), run.model, meta, keep)
     if st.best is None or loss < st.best[1]:
@@ -92,7 +92,6 @@ def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[floa
     run.bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {run.floor:.4f}" if run.floor is not None else "")
                             + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
     return loss, error
-
 
 
 # ----------------------------------------------------------------------------- the loop
