@@ -138,13 +138,14 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
     # the state at the target search's last eval, for the replay that locates a target crossed before its
     # next one (while a target remains, the resume state is saved only at such an eval: a resumed run starts
     # from one)
-    previous = Targets(run).snapshot()
+    targets = Targets(run)
+    previous = targets.snapshot()
     last_save, save_due = time.monotonic(), False
     while True:
         # -------- stopping rules
         if run.total_steps is not None and st.step >= run.total_steps:
             return "completed", data_end if run.total_steps == run.stream_steps else "budget", previous
-        if config.budget.stop_at_last_target and config.checkpoint.targets and not Targets(run).left:
+        if config.budget.stop_at_last_target and targets.values and not targets.left:
             return "completed", "last target reached", previous
         t0 = time.perf_counter()
         try:
@@ -181,7 +182,7 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
                 run.log(record)
                 return "diverged", f"eval loss {loss} at step {st.step}", None
             if search:
-                previous = Targets(run).snapshot()
+                previous = targets.snapshot()
             run.status(state="running")
         if record is not None:
             run.log(record)
