@@ -32,7 +32,7 @@ def test_gpu_setting_is_a_cnn_on_the_gpu_deep_enough_with_ten_seeds():
     assert golden_path.STUDIES["teacher"]["cpu_smoke"]["fixed"]["data.generate"] == "device"  # its path, tested
 
 
-@pytest.mark.slow  # the GPU study's smoke variant, run on the CPU
+# the GPU study's smoke variant, run on the CPU (about 40 s): its one prepared command, tested in CI
 def test_cpu_smoke_writes_the_tables_and_a_verdict(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "golden_path.py"), "--cpu-smoke", "--work",
