@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path

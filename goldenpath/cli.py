@@ -225,11 +225,11 @@ def _refresh(sweep_dir: Path, warnings: list[str]) -> bool:
     without it (from its tables); name in ``warnings`` one that records no inputs. Returns whether
     ``compare/`` was compared again."""
     from goldenpath.comparison.compare import compare, write_answer
-    from goldenpath.comparison.runs import changes, last_options
-    from goldenpath.store.tables import ANSWER, COMPARE, INPUTS, shift_of
+    from goldenpath.comparison.runs import changes, collect, last_options
+    from goldenpath.store.tables import ANSWER, COMPARE, INPUTS, shift_of, shifted_dirs
 
-    unshifted = False
-    for tables in [sweep_dir / COMPARE, *sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv"))]:
+    unshifted, collected = False, None
+    for tables in [sweep_dir / COMPARE, *shifted_dirs(sweep_dir)]:
         if not (tables / "summary.csv").exists():
             continue  # the page names what is missing
         if not (tables / INPUTS).exists():
@@ -237,7 +237,8 @@ def _refresh(sweep_dir: Path, warnings: list[str]) -> bool:
                             "runs that landed since are not in it; run goldenpath compare again")
             continue
         shift = shift_of(tables)
-        changed = changes(sweep_dir, shift)
+        collected = collected or collect(sweep_dir)  # the runs once: a compare below leaves them as they are
+        changed = changes(sweep_dir, shift, collected=collected)
         if changed:
             print(f"report: {tables.name}/ is out of date ({'; '.join(changed)}): comparing again with the options "
                   "it was made with (pairs of unchanged checkpoints come from its cache)", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from goldenpath.config import load_config, to_dict
 from goldenpath.comparison import lmc
 from goldenpath.config import ConfigError
 from goldenpath.data import probe_shift
-from goldenpath.comparison.distances import js, kl, linear_cka, top1, tv, unit_sums
+from goldenpath.comparison.distances import js, kl, linear_cka, top1, tv
 from goldenpath.models import build_model, logits, sample_losses
 from goldenpath.draw.plots import distance_heatmap
 
@@ -213,6 +213,22 @@ def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
     lines = cmp.conclusions(sweep)
     assert lines[0].startswith("left out of the statistics (2") and "c0 at 2 (stalled run)" in lines[0]
     assert any(line.startswith("online: ") for line in lines)
+
+
+def test_conclusions_come_from_answer_json_as_the_tables_give_them_and_a_failed_compare_leaves_none(sweep):
+    files.write_json(sweep / "c0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
+    cmp.compare(sweep, ("tv", "top1"), n_boot=50)
+    answer = files.read_json(sweep / "compare" / "answer.json")
+    for m in ("tv", "top1"):
+        notes, said = cmp._said(cmp._answer_tables(sweep / "compare"), m)
+        assert cmp.conclusions(sweep, metric=m) == answer[m]["notes"] + answer[m]["answer"] == notes + said
+    assert "kl" not in answer and cmp.conclusions(sweep, metric="kl")[0].startswith("left out of the statistics")
+    with pytest.raises(ConfigError, match="unknown metric"):  # fails before it reads a run: answer.json stays
+        cmp.compare(sweep, ("nope",))
+    assert (sweep / "compare" / "answer.json").exists()
+    with pytest.raises(RuntimeError):  # fails once it began: no answer is left that its tables may not give
+        cmp.compare(sweep, ("tv",), device="no-such-device")
+    assert not (sweep / "compare" / "answer.json").exists()
 
 
 def test_a_run_that_diverged_after_reaching_its_targets_counts_and_is_named(sweep):

@@ -139,6 +139,7 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device:
     if lmc_points < 2:
         raise ConfigError("--lmc-points", f"got {lmc_points}", "use 2 or more points (both ends count)")
     out_dir = tables_dir(sweep_dir, probe_shift)
+    (out_dir / ANSWER).unlink(missing_ok=True)  # present only once written from the tables written below
     by_target, runs = collect(sweep_dir)
     if not by_target:
         raise ConfigError("compare", f"no loss-target checkpoints under {sweep_dir}",
@@ -307,8 +308,11 @@ def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:
     """What a compared sweep says, in plain lines: what was left out and which runs diverged after reaching a
-    target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``)."""
-    notes, answer = _said(_answer_tables(tables_dir(sweep_dir, probe_shift)), metric)
+    target (by name), then one sentence per regime (from ``compare-<shift>/`` with ``probe_shift``): as
+    ``answer.json`` holds them, or from the tables for a metric it lacks."""
+    tables = tables_dir(sweep_dir, probe_shift)
+    said = files.read_json(tables / ANSWER).get(metric) if (tables / ANSWER).exists() else None
+    notes, answer = (said["notes"], said["answer"]) if said else _said(_answer_tables(tables), metric)
     return notes + answer
 
 

@@ -108,15 +108,16 @@ def inputs(runs: dict[str, RunInfo], by_target: dict[float, list[Checkpoint]]) -
     return out
 
 
-def changes(sweep_dir: str | Path, probe_shift: str | None = None) -> list[str] | None:
+def changes(sweep_dir: str | Path, probe_shift: str | None = None, *,
+            collected: tuple | None = None) -> list[str] | None:
     """What changed in the sweep's runs since compare wrote ``compare/`` (``compare-<shift>/``), one phrase per
     kind (``"new runs: a, b"``); [] when nothing did, None when the tables record no inputs (written by an
-    older goldenpath)."""
+    older goldenpath). ``collected``: :func:`collect` of the sweep, when the caller has it."""
     path = tables_dir(sweep_dir, probe_shift) / INPUTS
     if not path.exists():
         return None
     old = files.read_json(path)["runs"]
-    by_target, runs = collect(Path(sweep_dir))
+    by_target, runs = collected or collect(Path(sweep_dir))
     now = inputs(runs, by_target)
     found = {"new runs": sorted(now.keys() - old.keys()), "removed runs": sorted(old.keys() - now.keys()),
              "new checkpoints": [], "changed checkpoints": [], "removed checkpoints": [], "stalled or no longer": []}

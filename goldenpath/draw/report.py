@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from goldenpath.config import load_config
 from goldenpath.store import files, rundir as ckpt
-from goldenpath.store.tables import COMPARE, missing, read_tables, shift_of
+from goldenpath.store.tables import COMPARE, missing, read_tables, shift_of, shifted_dirs
 from goldenpath.config.identity import NOISE_KNOBS
 from goldenpath.draw.curves import error_by_loss, seed_bands, sweep_curves
 
@@ -98,7 +98,7 @@ def _compared(sweep_dir: Path, metric: str, warnings: list[str]) -> tuple[dict, 
 def _shifted(sweep_dir: Path, metric: str, warnings: list[str]) -> list[tuple[tuple[str, str], dict, list[str]]]:
     """((the shift, its slug), its tables, its metrics) of each ``compare-<slug>/``."""
     out = []
-    for tables in sorted(p.parent for p in sweep_dir.glob(f"{COMPARE}-*/summary.csv")):
+    for tables in shifted_dirs(sweep_dir):
         lacking = missing(tables)
         if lacking:
             warnings.append(f"no shifted-probe distances: {tables.name}/{lacking} is missing; run goldenpath "

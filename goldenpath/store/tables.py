@@ -40,6 +40,11 @@ def read_tables(tables: Path) -> dict:
             "answer": read_json(tables / ANSWER)}
 
 
+def shifted_dirs(sweep_dir: Path) -> list[Path]:
+    """Each ``compare-<shift>/`` of a sweep that holds a summary, in name order."""
+    return sorted(p.parent for p in Path(sweep_dir).glob(f"{COMPARE}-*/summary.csv"))
+
+
 def shift_of(tables: Path) -> str | None:
     """The probe shift a ``compare-<shift>/`` was made with (None when it records no inputs)."""
     inputs = tables / INPUTS
