@@ -237,13 +237,13 @@ def _refresh(sweep_dir: Path, warnings: list[str]) -> bool:
                             "runs that landed since are not in it; run goldenpath compare again")
             continue
         shift = shift_of(tables)
-        collected = collected or collect(sweep_dir)  # the runs once: a compare below leaves them as they are
+        collected = collected or collect(sweep_dir)  # once while nothing is compared again
         changed = changes(sweep_dir, shift, collected=collected)
         if changed:
             print(f"report: {tables.name}/ is out of date ({'; '.join(changed)}): comparing again with the options "
                   "it was made with (pairs of unchanged checkpoints come from its cache)", file=sys.stderr, flush=True)
             compare(sweep_dir, **last_options(sweep_dir, shift))
-            unshifted = unshifted or shift is None
+            unshifted, collected = unshifted or shift is None, None  # runs still training may have landed more
         elif not (tables / ANSWER).exists():
             write_answer(tables, last_options(sweep_dir, shift)["metrics"])
     return unshifted

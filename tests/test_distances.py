@@ -120,6 +120,11 @@ def masked_logits(n, k, seed):
     return a, b
 
 
+def test_no_points_give_no_values():
+    for f in (tv, kl, js, top1):
+        assert f(torch.zeros(0, 5), torch.zeros(0, 5)).shape == (0,)
+
+
 def test_masked_vocabularies_match_scipy():
     a, b = masked_logits(300, 9, seed=6)
     p, q = softmax(a.numpy(), -1), softmax(b.numpy(), -1)

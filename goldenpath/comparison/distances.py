@@ -4,6 +4,7 @@ Every function takes logits (last dim = classes or vocabulary) of the same shape
 per point (the leading dims), computed from log-softmax in float32 or better, never from rounded
 probabilities. A distance between two models is the mean over probe points (every predicted token
 position for a language model), with a percentile bootstrap interval over probe units (sequences).
+They measure, and take no gradients: js builds its sum in place.
 
 :func:`linear_cka` compares two models' representations instead: feature matrices of the same points,
 one row per point (an image, or a predicted token); :func:`cka_from_moments` gives the same value from sums
@@ -42,7 +43,7 @@ class Dist:
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
         self.masked = bool(torch.isneginf(self.log_p).any())
-        self.small = self.masked or bool(self.log_p.min() < _LOG_SMALL)
+        self.small = self.masked or bool((self.log_p < _LOG_SMALL).any())
 
     @staticmethod
     def stack_into(stacked: Dist | None, k: int, n: int, one: Dist) -> Dist:
