@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The golden-path study at GPU scale (analysis/golden_path.py --gpu): about 13 minutes on one H200 while the
-# teacher stream is made on the CPU (the sizing is in the script);
+# The golden-path study at GPU scale (analysis/golden_path.py --gpu), its teacher stream made on the GPU:
+# estimated at 4-6 minutes on one H200, not yet measured (made on the CPU, the stream would take about 13;
+# the sizing is in the script);
 # `--cpu-smoke`: the same path at toy sizes on a CPU (under about a minute on 2 cores).
 #
 #   bash bench/science_gpu.sh [--cpu-smoke]
