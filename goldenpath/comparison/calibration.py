@@ -134,7 +134,7 @@ def truth(world: World, *, k: int = 1, r: int = 0, truth_seeds: int = 4000, pair
     j = (i + rng.integers(1, n, pairs)) % n                     # another seed
     sums = np.zeros((2, 3))                                      # (tv, sq) x (within k, within r, cross)
     per_pair = np.empty((2, 20_000))
-    for lo in range(0, pairs, 20_000):
+    for lo in range(0, pairs, 20_000):  # summed per 20,000 pairs as since the first version: the same bits
         a_, b_ = i[lo:lo + 20_000], j[lo:lo + 20_000]
         for col, (p, q) in enumerate(((x, x), (y, y), (x, y))):
             for at in range(0, len(a_), 500):  # in blocks whose temporaries the allocator reuses

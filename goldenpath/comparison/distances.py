@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("tv", "kl", "js", "top1")
-_TINY = torch.finfo(torch.float32).tiny
-_LOG_SMALL = math.log(4 * _TINY)  # a log-probability below this may meet an m that underflows (float32)
+_LOG_SMALL = math.log(4 * torch.finfo(torch.float32).tiny)  # below it, m may underflow (float32)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -43,7 +42,7 @@ class Dist:
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
         self.masked = bool(torch.isneginf(self.log_p).any())
-        self.small = self.masked or bool((self.log_p < _LOG_SMALL).any())
+        self.small = bool((self.log_p < _LOG_SMALL).any())  # a -inf (masked) is below it too
 
     @staticmethod
     def stack_into(stacked: Dist | None, k: int, n: int, one: Dist) -> Dist:
