@@ -56,6 +56,26 @@ def test_gpt2_small_has_the_published_parameter_count():
     assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
 
 
+def test_gpt2_is_transformers_gpt2_with_its_gelu_in_one_kernel():
+    # The same weights in transformers' GPT-2 as configured by default ("gelu_new", the tanh-approximate GELU
+    # from seven elementwise ops) give the same logits in float64; goldenpath's runs F.gelu(approximate="tanh").
+    import transformers
+
+    model = build_model(model_config("data.source=markov", "model.name=gpt2", "model.width=32", "model.heads=4"),
+                        TEXT, seed=0).double()
+    reference_config = transformers.GPT2Config(**{**model.lm.config.to_dict(), "activation_function": "gelu_new"})
+    reference_config._attn_implementation = "eager"
+    reference = transformers.GPT2LMHeadModel(reference_config).double()
+    reference.load_state_dict(model.lm.state_dict())
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, rtol=0, atol=1e-12)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        model(ids)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::gelu" in ops and "aten::tanh" not in ops
+
+
 @pytest.mark.parametrize("name, extra", [("gpt2", []), ("gpt2", ["model.tie_embeddings=false"]),
                                          ("llama", ["model.kv_heads=2"]), ("llama", ["model.attention=eager"])])
 def test_language_models_map_tokens_to_vocab_logits(name, extra):

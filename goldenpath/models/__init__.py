@@ -289,6 +289,10 @@ class GPT2Config(_LMConfig):
         config = transformers.GPT2Config(
             vocab_size=info.num_classes, n_positions=info.input_shape[0], n_embd=self.width, n_layer=self.depth,
             n_head=self.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            # GPT-2's tanh-approximate GELU as one fused kernel (F.gelu(approximate="tanh")): transformers'
+            # default "gelu_new" composes the same function from seven elementwise operations, each a pass
+            # over the MLP's widest activations, forward and backward (the same logits within float rounding)
+            activation_function="gelu_pytorch_tanh",
             tie_word_embeddings=self.tie_embeddings, **self._special(info))
         config._attn_implementation = attn_implementation(self.attention)
         return CausalLM(transformers.GPT2LMHeadModel(config), self.loss_chunk_tokens)
