@@ -3,8 +3,12 @@
     bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
     python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads] [--out DIR]
+                        [--budget-s SECONDS]
 
-Parts (each writes its rows; a part that fails is recorded with its error and the others go on):
+Parts (each fills its rows as it goes; a part that fails is recorded with its error and the others go on).
+The results are written after every part, so a run killed from outside keeps the parts it finished.
+``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping the rows it finished), and
+a part with under ``MIN_PART_S`` left is recorded as not run; a GPU slot passes it (docs/benchmarks.md).
 
 1. ``train``: GPT-2 small (124M; 768 wide, 12 blocks, 1024 tokens, vocabulary 50257) trained by
    ``goldenpath train`` against a plain torch loop of the same model reading the same stream, with bf16
@@ -207,9 +211,10 @@ def trainer_tokens_per_s(config_path: Path, steps: int, out: Path, name: str, *,
     return (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
 
 
-def part_train(size: dict, work: Path, device: str, peak_tflops: float) -> dict:
+def part_train(size: dict, work: Path, device: str, peak_tflops: float, rows: dict) -> dict:
     """goldenpath train against the plain loop, eager and compiled at the base batch, and compiled at the large
-    batch (``size["big_batch"]`` sequences per step, one micro-batch): rows eager, compiled, compiled_big."""
+    batch (``size["big_batch"]`` sequences per step, one micro-batch): fills ``rows`` eager, compiled,
+    compiled_big as it goes."""
     from goldenpath.config import load_config
     from goldenpath.models import build_model
 
@@ -219,7 +224,7 @@ def part_train(size: dict, work: Path, device: str, peak_tflops: float) -> dict:
     config = load_config(path, precision)
     model = build_model(config.model, config.data.build().info, seed=0)
     fpt = flops_per_token(model, size)
-    rows = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "flops_per_token": fpt}
+    rows.update(params_m=sum(p.numel() for p in model.parameters()) / 1e6, flops_per_token=fpt)
     del model
     big = size["big_batch"]
     for key, compiled, batch, steps in (("eager", False, size["batch"], size["steps"]),
@@ -237,7 +242,8 @@ def part_train(size: dict, work: Path, device: str, peak_tflops: float) -> dict:
 
 # ----------------------------------------------------------------------------- 2. the DP-SGD step
 
-def part_dp(size: dict, device: str) -> dict:
+def part_dp(size: dict, device: str, rows: dict) -> dict:
+    """Fills ``rows`` model by model."""
     import dp_step
 
     cnn = size["dp_cnn"]
@@ -249,7 +255,6 @@ def part_dp(size: dict, device: str) -> dict:
         "resnet18": {"overrides": ["model.name=resnet18", f"model.width={cnn['width']}", "model.norm=group"],
                      "input": (3, 32, 32), "classes": 10, "batch": cnn["batch"]},
     })
-    rows = {}
     for name in ("gpt2-small", "resnet18"):
         times = dp_step.step_times(name, size["dp_steps"], device, warmup=2)
         base = statistics.median(times["non-private"])
@@ -264,14 +269,14 @@ def part_dp(size: dict, device: str) -> dict:
 
 # ----------------------------------------------------------------------------- 3. compare
 
-def part_compare(size: dict, work: Path, device: str) -> dict:
+def part_compare(size: dict, work: Path, device: str, rows: dict) -> dict:
+    """Fills ``rows`` size by size."""
     import compare as bench_compare
 
     from goldenpath.comparison.compare import compare
 
     data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
     path = lm_config_file(work, size, data_dir, tok_dir)
-    rows = {}
     for n in size["compare_sizes"]:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             sweep = bench_compare.make_sweep(Path(tmp) / "s", path, n)
@@ -565,7 +570,38 @@ def table(results: dict) -> str:
     for part, r in results.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")
+        elif isinstance(r, dict) and "skipped" in r:
+            lines.append(f"| {part} | NOT RUN: {r['skipped']} | |")
     return "\n".join(lines)
+
+
+MIN_PART_S = 30  # under --budget-s, a part is not started with less time than this left
+
+
+def write(results: dict, out: Path) -> Path:
+    """``gpu.json`` and ``gpu.md`` (``gpu_cpu_smoke.*``), and the profile's tables once it has any, each file
+    replaced whole: written after every part, so a run killed from outside keeps the parts it finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
+
+    def put(name: str, text: str) -> None:
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+    put(f"{stem}.json", json.dumps(results, indent=1, default=str))
+    put(f"{stem}.md", table(results) + "\n")
+    if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
+        import step_profile
+
+        step_profile.write_tables(results["profile"], out, stem)
+    return out / stem
+
+
+def part_limit(own: float | None, left: float | None) -> float | None:
+    """A part's time limit: its own (``limits_s``) or what is left of ``--budget-s``, the smaller (None: none)."""
+    limits = [x for x in (own, left) if x is not None]
+    return min(limits) if limits else None
 
 
 def main(argv=None) -> int:
@@ -574,7 +610,11 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="train,dp,compare,launch,profile,data,reads")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for all parts: each part stops at what is left (or its own limit), and a "
+                             f"part with under {MIN_PART_S} s left is recorded as not run (default: no budget)")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     device = "cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda"
     size = SIZES["cpu-smoke" if args.cpu_smoke else "gpu"]
     if device == "cpu" and not args.cpu_smoke:
@@ -582,39 +622,49 @@ def main(argv=None) -> int:
         size = SIZES["cpu-smoke"]
     results: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      "sizes": "gpu" if size is SIZES["gpu"] else "cpu-smoke"}
+    out = Path(args.out)
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        jobs = {"train": lambda: part_train(size, work, device, args.peak_tflops), "dp": lambda: part_dp(size, device),
-                "compare": lambda: part_compare(size, work, device), "launch": lambda: part_launch(size, work, device),
-                "profile": lambda: part_profile(size, device, results.setdefault("profile", {})),
-                "data": lambda: part_data(size, work, device, results.setdefault("data", {})),
-                "reads": lambda: part_reads(size, work, device, results.setdefault("reads", {}))}
-        for part in [p for p in args.parts.split(",") if p]:
-            if part not in jobs:
-                parser.error(f"--parts: unknown part {part!r}; use some of {','.join(jobs)}")
+        jobs = {"train": lambda rows: part_train(size, work, device, args.peak_tflops, rows),
+                "dp": lambda rows: part_dp(size, device, rows),
+                "compare": lambda rows: part_compare(size, work, device, rows),
+                "launch": lambda rows: rows.update(part_launch(size, work, device)) or rows,
+                "profile": lambda rows: part_profile(size, device, rows),
+                "data": lambda rows: part_data(size, work, device, rows),
+                "reads": lambda rows: part_reads(size, work, device, rows)}
+        parts = [p for p in args.parts.split(",") if p]
+        unknown = [p for p in parts if p not in jobs]
+        if unknown:
+            parser.error(f"--parts: unknown part {unknown[0]!r}; use some of {','.join(jobs)}")
+        for part in parts:
+            left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            if left is not None and left < MIN_PART_S:
+                results[part] = {"skipped": f"not started: {max(left, 0):.0f} s of --budget-s {args.budget_s:g} "
+                                            f"left (a part needs {MIN_PART_S} s)"}
+                failed = True
+                print(f"{part}: {results[part]['skipped']}", flush=True)
+                write(results, out)
+                continue
             t0 = time.perf_counter()
+            results[part] = {}  # each part fills its rows as it goes: a part stopped early keeps them
             try:
-                with _time_limit(size["limits_s"].get(part)):
-                    results[part] = jobs[part]()
+                with _time_limit(part_limit(size["limits_s"].get(part), left)):
+                    jobs[part](results[part])
                 failed |= part == "launch" and not results[part]["ok"]
             except Exception:  # noqa: BLE001 - one part's failure is recorded, the others still run
-                results[part] = {**results.get(part, {}), "error": traceback.format_exc()}
+                results[part]["error"] = traceback.format_exc()
                 failed = True
             results[part]["seconds"] = time.perf_counter() - t0
             print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / f"{stem}.md").write_text(table(results) + "\n")
+            write(results, out)
+    path = write(results, out)
     if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
         import step_profile
 
-        step_profile.write_tables(results["profile"], out, stem)
         print(step_profile.markdown(results["profile"]))
     print(table(results))
-    print(f"wrote {out / stem}.json and .md")
+    print(f"wrote {path}.json and .md")
     return 1 if failed else 0
 
 

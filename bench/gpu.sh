@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The device check (bench/gpu.py): about 8 minutes on one large NVIDIA GPU; `--cpu-smoke`: toy sizes on a CPU.
 #
-#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads]
+#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads] [--budget-s 500]
 #
-# Writes gpu.json and gpu.md (the figures against their goals); the profile part also writes gpu_profile.md
+# Writes gpu.json and gpu.md (the figures against their goals) after every part, so a run killed from outside
+# keeps the parts it finished; --budget-s bounds the whole run (each part stops at what is left). The profile part also writes gpu_profile.md
 # and gpu_profile.csv: per mode (eager, compiled) wall and host ms per step, the GPU's idle fraction,
 # kernels per step, the attention backend, time by category (lm head + cross-entropy, attention, casts,
 # block matmuls, ...) and the top kernels, then the chunked lm head + cross-entropy against the float32-logits

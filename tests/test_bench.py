@@ -237,3 +237,46 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
         assert row["reads"]["quiet_max"] == (1 if key == "added" else 0), (key, row)
     assert rows["plain"]["syncs_other_threads"] == 1
     assert step_mod.to_device is syncing  # the part put back what it patched, and no more
+
+
+def test_a_budget_stops_the_part_running_out_of_it_skips_the_rest_and_each_part_is_written_as_it_ends(
+        tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    on_disk = []  # gpu_cpu_smoke.json as the second part starts: what a kill from outside would leave
+
+    def quick(size, device, rows):
+        rows["done"] = True
+
+    def slow(size, work, device, rows):
+        on_disk.append(json.loads((tmp_path / "gpu_cpu_smoke.json").read_text()))
+        rows["first_row"] = 1.0
+        time.sleep(30)
+
+    monkeypatch.setattr(gpu, "MIN_PART_S", 0.5)
+    monkeypatch.setattr(gpu, "part_profile", quick)
+    monkeypatch.setattr(gpu, "part_data", slow)
+    monkeypatch.setattr(gpu, "part_reads", lambda *a: pytest.fail("started with no budget left"))
+    monkeypatch.setitem(gpu.SIZES["cpu-smoke"], "limits_s", {"profile": 60, "data": 60})
+    t0 = time.perf_counter()
+    assert gpu.main(["--cpu-smoke", "--parts", "profile,data,reads", "--out", str(tmp_path), "--budget-s", "1.2"]) == 1
+    assert time.perf_counter() - t0 < 10
+    assert on_disk[0]["profile"]["done"] and "data" not in on_disk[0]
+    results = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
+    assert results["profile"]["done"] and "error" not in results["profile"]
+    # the part that ran out of the budget keeps its rows; the next is not started
+    assert results["data"]["first_row"] == 1.0 and "time limit of" in results["data"]["error"].splitlines()[-1]
+    assert "not started" in results["reads"]["skipped"]
+    assert "| reads | NOT RUN: not started" in (tmp_path / "gpu_cpu_smoke.md").read_text()
+    assert gpu.part_limit(None, None) is None and gpu.part_limit(45, 10.0) == 10.0 and gpu.part_limit(None, 7) == 7
+
+
+def test_an_unknown_part_is_refused_before_any_part_runs(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.setattr(gpu, "part_profile", lambda *a: pytest.fail("ran before the part list was checked"))
+    with pytest.raises(SystemExit):
+        gpu.main(["--cpu-smoke", "--parts", "profile,profiel", "--out", str(tmp_path)])
+    assert not (tmp_path / "gpu_cpu_smoke.json").exists()
