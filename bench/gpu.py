@@ -2,13 +2,16 @@
 
     bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
-    python bench/gpu.py [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads] [--out DIR]
-                        [--budget-s SECONDS]
+    python bench/gpu.py [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch] [--out DIR]
+                        [--budget-s SECONDS] [--resume]
 
 Parts (each fills its rows as it goes; a part that fails is recorded with its error and the others go on).
 The results are written after every part, so a run killed from outside keeps the parts it finished.
-``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping the rows it finished), and
-a part with under ``MIN_PART_S`` left is recorded as not run; a GPU slot passes it (docs/benchmarks.md).
+They run in the order of ``--parts``, by default the profile first (the question the first GPU slot answers)
+and the launch check last. ``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping
+the rows it finished), and a part with under ``MIN_PART_S`` left is recorded as not run. ``--resume`` keeps the
+parts an earlier run in ``--out`` finished and runs the rest, so the same command run again continues where a
+budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
 
 1. ``train``: GPT-2 small (124M; 768 wide, 12 blocks, 1024 tokens, vocabulary 50257) trained by
    ``goldenpath train`` against a plain torch loop of the same model reading the same stream, with bf16
@@ -575,6 +578,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = "profile,train,dp,compare,data,reads,launch"  # where the time goes first; the launch check last
 MIN_PART_S = 30  # under --budget-s, a part is not started with less time than this left
 
 
@@ -582,7 +586,7 @@ def write(results: dict, out: Path) -> Path:
     """``gpu.json`` and ``gpu.md`` (``gpu_cpu_smoke.*``), and the profile's tables once it has any, each file
     replaced whole: written after every part, so a run killed from outside keeps the parts it finished."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
+    stem = _stem(results)
 
     def put(name: str, text: str) -> None:
         tmp = out / f".{name}.tmp"
@@ -598,6 +602,21 @@ def write(results: dict, out: Path) -> Path:
     return out / stem
 
 
+def _stem(results: dict) -> str:
+    return "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
+
+
+def finished_parts(out: Path, results: dict) -> dict:
+    """The parts an earlier run wrote to ``out`` that finished (no error, not skipped), when it measured the
+    same sizes on the same device; else none."""
+    path = out / f"{_stem(results)}.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if (earlier.get("sizes"), earlier.get("device")) != (results["sizes"], results["device"]):
+        return {}
+    return {part: r for part, r in earlier.items()
+            if isinstance(r, dict) and "seconds" in r and not {"error", "skipped"} & set(r)}
+
+
 def part_limit(own: float | None, left: float | None) -> float | None:
     """A part's time limit: its own (``limits_s``) or what is left of ``--budget-s``, the smaller (None: none)."""
     limits = [x for x in (own, left) if x is not None]
@@ -607,12 +626,15 @@ def part_limit(own: float | None, left: float | None) -> float | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (the check of the check)")
-    parser.add_argument("--parts", default="train,dp,compare,launch,profile,data,reads")
+    parser.add_argument("--parts", default=PARTS, help=f"which parts, in this order (default: {PARTS})")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds for all parts: each part stops at what is left (or its own limit), and a "
                              f"part with under {MIN_PART_S} s left is recorded as not run (default: no budget)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the parts an earlier run in --out finished (same sizes, same device) and run the "
+                             "rest: the same command again continues where a budget or a kill stopped it")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     device = "cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda"
@@ -637,7 +659,12 @@ def main(argv=None) -> int:
         unknown = [p for p in parts if p not in jobs]
         if unknown:
             parser.error(f"--parts: unknown part {unknown[0]!r}; use some of {','.join(jobs)}")
+        kept = finished_parts(out, results) if args.resume else {}
         for part in parts:
+            if part in kept:
+                results[part] = kept[part]
+                print(f"{part}: kept from the earlier run in {out}", flush=True)
+                continue
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
             if left is not None and left < MIN_PART_S:
                 results[part] = {"skipped": f"not started: {max(left, 0):.0f} s of --budget-s {args.budget_s:g} "

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The device check (bench/gpu.py): about 8 minutes on one large NVIDIA GPU; `--cpu-smoke`: toy sizes on a CPU.
+# The device check (bench/gpu.py): estimated at about 8 minutes on one large NVIDIA GPU, not yet measured
+# whole (--budget-s and --resume split it over commands); `--cpu-smoke`: toy sizes on a CPU.
 #
-#   bash bench/gpu.sh [--cpu-smoke] [--parts train,dp,compare,launch,profile,data,reads] [--budget-s 500]
+#   bash bench/gpu.sh [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch] [--budget-s 500]
+#                     [--resume] [--out DIR]
 #
 # Writes gpu.json and gpu.md (the figures against their goals) after every part, so a run killed from outside
-# keeps the parts it finished; --budget-s bounds the whole run (each part stops at what is left). The profile part also writes gpu_profile.md
+# keeps the parts it finished; --budget-s bounds the whole run (each part stops at what is left); --resume
+# keeps the parts an earlier run in --out finished and runs the rest. The profile part also writes gpu_profile.md
 # and gpu_profile.csv: per mode (eager, compiled) wall and host ms per step, the GPU's idle fraction,
 # kernels per step, the attention backend, time by category (lm head + cross-entropy, attention, casts,
 # block matmuls, ...) and the top kernels, then the chunked lm head + cross-entropy against the float32-logits

@@ -280,3 +280,33 @@ def test_an_unknown_part_is_refused_before_any_part_runs(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         gpu.main(["--cpu-smoke", "--parts", "profile,profiel", "--out", str(tmp_path)])
     assert not (tmp_path / "gpu_cpu_smoke.json").exists()
+
+
+def test_resume_keeps_the_parts_an_earlier_run_finished_and_runs_the_rest(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    calls = []
+
+    def part(name, fails=False):
+        def run(*args):
+            calls.append(name)
+            args[-1]["row"] = name
+            if fails:
+                raise RuntimeError("broke")
+        return run
+
+    monkeypatch.setattr(gpu, "part_profile", part("profile"))
+    monkeypatch.setattr(gpu, "part_data", part("data", fails=True))
+    monkeypatch.setattr(gpu, "part_reads", part("reads"))
+    args = ["--cpu-smoke", "--parts", "profile,data,reads", "--out", str(tmp_path)]
+    assert gpu.main([*args, "--budget-s", "0"]) == 1 and calls == []  # no time: every part NOT RUN
+    assert gpu.main([*args, "--parts", "profile,data", "--resume"]) == 1 and calls == ["profile", "data"]
+    monkeypatch.setattr(gpu, "part_data", part("data"))
+    assert gpu.main([*args, "--resume"]) == 0 and calls == ["profile", "data", "data", "reads"]
+    results = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
+    assert {p: results[p]["row"] for p in ("profile", "data", "reads")} == {p: p for p in ("profile", "data", "reads")}
+    assert not any("error" in results[p] or "skipped" in results[p] for p in ("profile", "data", "reads"))
+    assert gpu.main(args) == 0 and calls[-3:] == ["profile", "data", "reads"]  # without --resume: all again
+    (tmp_path / "gpu_cpu_smoke.json").write_text(json.dumps({**results, "device": "another"}))
+    assert gpu.main([*args, "--resume"]) == 0 and calls[-3:] == ["profile", "data", "reads"]  # not its device
