@@ -1,6 +1,6 @@
 """The device check: goldenpath's GPU figures, each against a baseline measured in the same run.
 
-    bash bench/gpu.sh                 # on one large NVIDIA GPU: about 8 minutes
+    bash bench/gpu.sh                 # on one large NVIDIA GPU: estimated at about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
     python bench/gpu.py [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch] [--out DIR]
                         [--budget-s SECONDS] [--resume]
