@@ -97,13 +97,24 @@ def split_timed(device: str = "cpu"):
         got["pairs_s"] = got.pop("pair_sums_s") - got["forwards_s"]
 
 
-def compile_metrics() -> None:
-    """Swap the pair metrics for compiled ones, after checking they agree with eager on near-equal models."""
+@contextlib.contextmanager
+def compiled_metrics():
+    """Within the block, the pair metrics tv, kl and js under torch.compile (yields the eager ones, restored at
+    exit). kl is computed from inner products instead wherever no token is ruled out (pairs._Gram)."""
     from goldenpath.comparison import distances
 
     eager = dict(distances.ON_DISTS)
-    for m in ("tv", "kl", "js"):
-        distances.ON_DISTS[m] = torch.compile(eager[m], dynamic=True)
+    distances.ON_DISTS.update({m: torch.compile(eager[m], dynamic=True) for m in ("tv", "kl", "js")})
+    try:
+        yield eager
+    finally:
+        distances.ON_DISTS.update(eager)
+
+
+def check_near_equal(eager: dict) -> None:
+    """Print how far the compiled metrics are from ``eager`` on two near-equal models (float32 accuracy)."""
+    from goldenpath.comparison import distances
+
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 32, 512, generator=g) * 3
     b = a + 1e-4 * torch.randn(a.shape, generator=g)
@@ -115,6 +126,23 @@ def compile_metrics() -> None:
         print(f"compiled {m}: largest difference from eager / largest value {rel:.2e} (mean value {float(ref.mean()):.2e})")
 
 
+def differences(eager, other) -> dict[str, float]:
+    """The largest difference of each metric's pair values between two compares of the same sweep (DataFrames
+    as ``compare`` returns them): absolute, and for kl relative to the value (compare's tolerances: 1e-5, kl 1e-4
+    relative)."""
+    keys = ["target", "run_a", "run_b", "kind", "metric"]
+    both = eager.merge(other, on=keys, suffixes=("", "_other"), validate="one_to_one")
+    if len(both) != len(eager) or len(both) != len(other):
+        raise ValueError(f"the two compares have different pairs ({len(eager)}, {len(other)}, {len(both)} shared)")
+    out = {}
+    for metric, rows in both.groupby("metric"):
+        gap = (rows["value"] - rows["value_other"]).abs()
+        if metric == "kl":
+            gap = gap / rows["value"].abs().clip(lower=1e-30)
+        out[str(metric)] = float(gap.max())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,16")
@@ -122,8 +150,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
-    if args.compiled_metrics:
-        compile_metrics()
+    with compiled_metrics() if args.compiled_metrics else contextlib.nullcontext() as eager:
+        if args.compiled_metrics:
+            check_near_equal(eager)
+        run(args)
+
+
+def run(args) -> None:
     tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process

@@ -25,7 +25,11 @@ budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
    slower). Steps are interleaved method by method.
 3. ``compare``: ``goldenpath compare`` on 8 and 16 loss-target checkpoints of GPT-2's vocabulary against
    N x one model's forward over the probe set (goal <= 1.2), with its time inside split into the models'
-   forwards and the pair metrics. ``dp`` also lists where a fast-path step's time goes (``route_times``).
+   forwards and the pair metrics. Then the same with the pair metrics tv, kl and js under ``torch.compile``
+   (fused kernels; kl mostly comes from inner products, which stay eager), with the largest differences of
+   every metric's pair values from the eager compare's (compare's tolerances: 1e-5, kl 1e-4 relative): what
+   compiled pair kernels would save, for tuning. ``dp`` also lists where a fast-path step's time goes
+   (``route_times``).
 4. ``launch``: ``accelerate launch`` of the C4 config's model on local parquet text in C4's layout
    (columns text, timestamp, url; ``train/`` and ``validation/`` files) for 200 steps in bf16: the run
    must complete and its replicas agree bit for bit at the end (the noise is drawn once per step, after
@@ -288,11 +292,28 @@ def part_compare(size: dict, work: Path, device: str, rows: dict) -> dict:
             _sync(device)
             with bench_compare.split_timed(device) as split:  # forwards and pair metrics inside compare
                 t0 = time.perf_counter()
-                compare(sweep, device=device, chunk=size["chunk"])
+                eager = compare(sweep, device=device, chunk=size["chunk"])
                 _sync(device)
                 wall = time.perf_counter() - t0
             one = bench_compare.forward_seconds(path, chunk=size["chunk"], device=device)
-        rows[str(n)] = {"compare_s": wall, "forward_s": one, "ratio": wall / (n * one), **split}
+            rows[str(n)] = row = {"compare_s": wall, "forward_s": one, "ratio": wall / (n * one), **split}
+            # the same with tv, kl and js under torch.compile: what fused pair kernels would save, and how far
+            # their values move (the timed call after one that compiles)
+            try:  # a failure here is recorded in its row; the eager figures and the next size still come
+                with bench_compare.compiled_metrics():
+                    shutil.rmtree(sweep / "compare")
+                    compare(sweep, device=device, chunk=size["chunk"])  # compiles
+                    shutil.rmtree(sweep / "compare")
+                    _sync(device)
+                    with bench_compare.split_timed(device) as split:
+                        t0 = time.perf_counter()
+                        compiled = compare(sweep, device=device, chunk=size["chunk"])
+                        _sync(device)
+                        wall = time.perf_counter() - t0
+                row["compiled_metrics"] = {"compare_s": wall, "ratio": wall / (n * one), **split,
+                                           "largest_differences": bench_compare.differences(eager, compiled)}
+            except Exception:  # noqa: BLE001
+                row["compiled_metrics"] = {"error": traceback.format_exc()}
     return rows
 
 
@@ -529,6 +550,14 @@ def table(results: dict) -> str:
             split = (f"; inside: forwards {r['forwards_s']:.2f} s, pair metrics {r['pairs_s']:.2f} s"
                      if "pairs_s" in r else "")
             lines.append(f"| compare N={n} | {r['ratio']:.2f} x (N x forward){split} | <= 1.2 |")
+            c = r.get("compiled_metrics", {})
+            if "error" in c:
+                lines.append(f"| compare N={n}, tv/kl/js compiled | FAILED: {c['error'].splitlines()[-1][:120]} | |")
+            elif c:
+                gaps = ", ".join(f"{m} {x:.1e}" for m, x in c["largest_differences"].items())
+                lines.append(f"| compare N={n}, tv/kl/js compiled | {c['ratio']:.2f} x (N x forward); pair metrics "
+                             f"{c['pairs_s']:.2f} s; largest differences from eager: {gaps} (kl relative) | "
+                             f"(for tuning) 1e-5, kl 1e-4 |")
     la = results.get("launch", {})
     if "ok" in la:
         lines.append(f"| accelerate launch ({la['processes']} proc.) | {la['state']} at step {la['step']}, replicas "

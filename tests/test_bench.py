@@ -40,6 +40,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert results["compare"]["4"]["ratio"] > 1.0  # compare does the forwards and more
     split = results["compare"]["4"]
     assert 0 < split["forwards_s"] and 0 < split["pairs_s"] and split["forwards_s"] + split["pairs_s"] < split["compare_s"]
+    compiled = split["compiled_metrics"]  # the pair metrics under torch.compile: within compare's tolerances
+    assert compiled["ratio"] > 0 and set(compiled["largest_differences"]) == {"tv", "kl", "js", "top1"}
+    assert all(x < (1e-4 if m == "kl" else 1e-5) for m, x in compiled["largest_differences"].items())
     for model in ("gpt2-small", "resnet18"):  # where a dp-fast step goes: the parts add up to the step
         routes = results["dp"][model]["routes"]
         assert {"forward", "backward to layer outputs", "noise"} <= {r["part"] for r in routes}
@@ -310,3 +313,22 @@ def test_resume_keeps_the_parts_an_earlier_run_finished_and_runs_the_rest(tmp_pa
     assert gpu.main(args) == 0 and calls[-3:] == ["profile", "data", "reads"]  # without --resume: all again
     (tmp_path / "gpu_cpu_smoke.json").write_text(json.dumps({**results, "device": "another"}))
     assert gpu.main([*args, "--resume"]) == 0 and calls[-3:] == ["profile", "data", "reads"]  # not its device
+
+
+def test_differences_of_two_compares_are_per_metric_absolute_and_relative_for_kl():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare as bench_compare
+    import pandas as pd
+
+    rows = [(1.0, "a", "b", "seed", m, v) for m, v in (("tv", 0.5), ("kl", 2.0), ("js", 0.1))]
+    rows += [(1.0, "a", "c", "seed", m, v) for m, v in (("tv", 0.25), ("kl", 4.0), ("js", 0.2))]
+    columns = ["target", "run_a", "run_b", "kind", "metric", "value"]
+    eager = pd.DataFrame(rows, columns=columns)
+    other = eager.copy()
+    other.loc[1, "value"] = 2.0 + 1e-3  # kl of (a, b): 5e-4 relative
+    other.loc[3, "value"] = 0.25 - 2e-6  # tv of (a, c)
+    gaps = bench_compare.differences(eager, other.iloc[::-1])  # matched by pair, not by row order
+    assert gaps["tv"] == pytest.approx(2e-6, rel=1e-6) and gaps["kl"] == pytest.approx(5e-4, rel=1e-6)
+    assert gaps["js"] == 0.0
+    with pytest.raises(ValueError, match="different pairs"):
+        bench_compare.differences(eager, other.iloc[:4])
