@@ -622,12 +622,16 @@ def write(results: dict, out: Path) -> Path:
         tmp.write_text(text)
         os.replace(tmp, out / name)
 
-    put(f"{stem}.json", json.dumps(results, indent=1, default=str))
-    put(f"{stem}.md", table(results) + "\n")
-    if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
-        import step_profile
+    put(f"{stem}.json", json.dumps(results, indent=1, default=str))  # first: the figures themselves
+    try:  # the tables only render them: a rendering bug must not stop the parts still to run
+        put(f"{stem}.md", table(results) + "\n")
+        if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
+            import step_profile
 
-        step_profile.write_tables(results["profile"], out, stem)
+            step_profile.write_tables(results["profile"], out, stem)
+    except Exception:  # noqa: BLE001
+        put(f"{stem}.md", f"the tables failed to render; {stem}.json holds every figure\n\n"
+                          f"```\n{traceback.format_exc()}```\n")
     return out / stem
 
 
@@ -715,11 +719,9 @@ def main(argv=None) -> int:
             print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)
             write(results, out)
     path = write(results, out)
-    if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
-        import step_profile
-
-        print(step_profile.markdown(results["profile"]))
-    print(table(results))
+    profiled = any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled"))
+    for text in ([Path(f"{path}_profile.md")] if profiled else []) + [Path(f"{path}.md")]:
+        print(text.read_text())
     print(f"wrote {path}.json and .md")
     return 1 if failed else 0
 

@@ -332,3 +332,19 @@ def test_differences_of_two_compares_are_per_metric_absolute_and_relative_for_kl
     assert gaps["js"] == 0.0
     with pytest.raises(ValueError, match="different pairs"):
         bench_compare.differences(eager, other.iloc[:4])
+
+
+def test_a_table_that_fails_to_render_stops_no_part_and_the_figures_are_kept(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    def broken(results):
+        raise KeyError("a row the table expected")
+
+    monkeypatch.setattr(gpu, "table", broken)
+    monkeypatch.setattr(gpu, "part_data", lambda size, work, device, rows: rows.update(first=1))
+    monkeypatch.setattr(gpu, "part_reads", lambda size, work, device, rows: rows.update(second=2))
+    assert gpu.main(["--cpu-smoke", "--parts", "data,reads", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
+    assert results["data"]["first"] == 1 and results["reads"]["second"] == 2
+    assert "failed to render" in (tmp_path / "gpu_cpu_smoke.md").read_text()
