@@ -64,7 +64,8 @@ budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
 downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
-``gpu_cpu_smoke.json``) and a short markdown table under ``--out`` (default bench/results; $OUT if set).
+``gpu_cpu_smoke.json``) and a short markdown table under ``--out`` (default: $OUT if set, else bench/results),
+and into $OUT as well when that is set.
 """
 
 from __future__ import annotations
@@ -335,8 +336,15 @@ def part_launch(size: dict, work: Path, device: str) -> dict:
             f"precision={'bf16' if device == 'cuda' else 'fp32'}"] + (["cpu=true"] if device == "cpu" else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if device == "cpu" else dict(os.environ)
     t0 = time.perf_counter()
-    out = subprocess.run([*cmd, "-m", "goldenpath", "train", str(path), *over], capture_output=True, text=True,
-                         env=env, timeout=900)
+    proc = subprocess.Popen([*cmd, "-m", "goldenpath", "train", str(path), *over], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    except BaseException:  # a part stopped by its limit leaves no worker holding the device
+        _kill_tree(proc.pid)
+        proc.wait()
+        raise
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - t0
     status_path = work / "runs" / "launch" / "status.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
@@ -345,6 +353,21 @@ def part_launch(size: dict, work: Path, device: str) -> dict:
             "ok": out.returncode == 0 and status.get("state") == "completed"
             and status.get("step") == size["launch_steps"] and status.get("replicas_in_sync") is not False,
             "stderr_tail": out.stderr[-1500:] if out.returncode else ""}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (the launcher's workers run in sessions of their own, out of
+    reach of its process group), from the parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- 5. profile
@@ -501,15 +524,22 @@ def part_reads(size: dict, work: Path, device: str, rows: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+class PartTimeout(BaseException):
+    """A part reached its time limit. Not an Exception, so that no ``except Exception`` inside a part (goldenpath's
+    cache reads, the compiled-metrics try of the compare part) swallows it and lets the part run on unbounded."""
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float | None):
-    """Raise TimeoutError in the main thread after ``seconds`` (None: no limit)."""
-    if not seconds:
+    """Raise PartTimeout in the main thread after ``seconds`` (None: no limit)."""
+    if seconds is None:
         yield
         return
+    if seconds <= 0:  # setitimer(0) would mean no limit at all
+        raise PartTimeout(f"no time left for it ({seconds:g} s)")
 
     def stop(signum, frame):
-        raise TimeoutError(f"stopped at its time limit of {seconds:g} s")
+        raise PartTimeout(f"stopped at its time limit of {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -613,14 +643,21 @@ MIN_PART_S = 30  # under --budget-s, a part is not started with less time than t
 
 def write(results: dict, out: Path) -> Path:
     """``gpu.json`` and ``gpu.md`` (``gpu_cpu_smoke.*``), and the profile's tables once it has any, each file
-    replaced whole: written after every part, so a run killed from outside keeps the parts it finished."""
+    replaced whole: written after every part, so a run killed from outside keeps the parts it finished. Also
+    into ``$OUT`` when that is set and is not ``out`` (what a device machine sends back, even from a command
+    killed at its limit)."""
     out.mkdir(parents=True, exist_ok=True)
     stem = _stem(results)
+    extra = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    dirs = [out] + ([extra] if extra is not None and extra.resolve() != out.resolve() else [])
+    for d in dirs[1:]:
+        d.mkdir(parents=True, exist_ok=True)
 
     def put(name: str, text: str) -> None:
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        for d in dirs:
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, d / name)
 
     put(f"{stem}.json", json.dumps(results, indent=1, default=str))  # first: the figures themselves
     try:  # the tables only render them: a rendering bug must not stop the parts still to run
@@ -628,10 +665,14 @@ def write(results: dict, out: Path) -> Path:
         if any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled")):
             import step_profile
 
-            step_profile.write_tables(results["profile"], out, stem)
+            for d in dirs:
+                step_profile.write_tables(results["profile"], d, stem)
     except Exception:  # noqa: BLE001
         put(f"{stem}.md", f"the tables failed to render; {stem}.json holds every figure\n\n"
                           f"```\n{traceback.format_exc()}```\n")
+        for d in dirs:  # no older profile tables left to pass for these results
+            for suffix in ("_profile.md", "_profile.csv"):
+                (d / f"{stem}{suffix}").unlink(missing_ok=True)
     return out / stem
 
 
@@ -640,14 +681,20 @@ def _stem(results: dict) -> str:
 
 
 def finished_parts(out: Path, results: dict) -> dict:
-    """The parts an earlier run wrote to ``out`` that finished (no error, not skipped), when it measured the
-    same sizes on the same device; else none."""
+    """The parts an earlier run wrote to ``out`` that finished, when it measured the same sizes on the same
+    device (else none): those without an error, and those stopped by their own time limit (run again, they
+    would stop there again); not those stopped by the budget, failed or not run."""
     path = out / f"{_stem(results)}.json"
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    if (earlier.get("sizes"), earlier.get("device")) != (results["sizes"], results["device"]):
+    try:
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        print(f"--resume: {path} unreadable ({e}); running every part", file=sys.stderr)
         return {}
-    return {part: r for part, r in earlier.items()
-            if isinstance(r, dict) and "seconds" in r and not {"error", "skipped"} & set(r)}
+    if not isinstance(earlier, dict) or (earlier.get("sizes"), earlier.get("device")) != (results["sizes"],
+                                                                                          results["device"]):
+        return {}
+    return {part: r for part, r in earlier.items() if isinstance(r, dict) and "seconds" in r and "skipped" not in r
+            and ("error" not in r or r.get("limit") == "part")}
 
 
 def part_limit(own: float | None, left: float | None) -> float | None:
@@ -693,9 +740,11 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--parts: unknown part {unknown[0]!r}; use some of {','.join(jobs)}")
         kept = finished_parts(out, results) if args.resume else {}
+        results.update(kept)  # parts not asked for this time stay in the file too
+        # a kept part stopped at its own limit, or a launch out of sync, still counts against the exit status
+        failed = any("error" in kept[p] or kept[p].get("ok") is False for p in parts if p in kept)
         for part in parts:
             if part in kept:
-                results[part] = kept[part]
                 print(f"{part}: kept from the earlier run in {out}", flush=True)
                 continue
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
@@ -708,12 +757,15 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             results[part] = {}  # each part fills its rows as it goes: a part stopped early keeps them
+            own = size["limits_s"].get(part)
             try:
-                with _time_limit(part_limit(size["limits_s"].get(part), left)):
+                with _time_limit(part_limit(own, left)):
                     jobs[part](results[part])
                 failed |= part == "launch" and not results[part]["ok"]
-            except Exception:  # noqa: BLE001 - one part's failure is recorded, the others still run
+            except (Exception, PartTimeout) as e:  # noqa: BLE001 - one part's failure is recorded, the rest run
                 results[part]["error"] = traceback.format_exc()
+                if isinstance(e, PartTimeout):  # which limit stopped it: --resume runs it again only for the budget
+                    results[part]["limit"] = "part" if own is not None and (left is None or own <= left) else "budget"
                 failed = True
             results[part]["seconds"] = time.perf_counter() - t0
             print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)
@@ -721,7 +773,8 @@ def main(argv=None) -> int:
     path = write(results, out)
     profiled = any(isinstance(results.get("profile", {}).get(m), dict) for m in ("eager", "compiled"))
     for text in ([Path(f"{path}_profile.md")] if profiled else []) + [Path(f"{path}.md")]:
-        print(text.read_text())
+        if text.exists():
+            print(text.read_text())
     print(f"wrote {path}.json and .md")
     return 1 if failed else 0
 

@@ -164,6 +164,8 @@ def test_a_part_past_its_time_limit_is_stopped_and_keeps_what_it_measured(tmp_pa
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
+    monkeypatch.delenv("OUT", raising=False)
+
     def slow(size, device, rows):
         rows["eager"] = {"measured": True}
         time.sleep(30)
@@ -217,6 +219,8 @@ def test_reads_part_counts_cuda_sync_warnings_per_step_and_by_thread(tmp_path, m
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
+    monkeypatch.delenv("OUT", raising=False)
+
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     real = step_mod.to_device
@@ -246,6 +250,8 @@ def test_a_budget_stops_the_part_running_out_of_it_skips_the_rest_and_each_part_
         tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
+
+    monkeypatch.delenv("OUT", raising=False)
 
     on_disk = []  # gpu_cpu_smoke.json as the second part starts: what a kill from outside would leave
 
@@ -279,6 +285,8 @@ def test_an_unknown_part_is_refused_before_any_part_runs(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
+    monkeypatch.delenv("OUT", raising=False)
+
     monkeypatch.setattr(gpu, "part_profile", lambda *a: pytest.fail("ran before the part list was checked"))
     with pytest.raises(SystemExit):
         gpu.main(["--cpu-smoke", "--parts", "profile,profiel", "--out", str(tmp_path)])
@@ -288,6 +296,8 @@ def test_an_unknown_part_is_refused_before_any_part_runs(tmp_path, monkeypatch):
 def test_resume_keeps_the_parts_an_earlier_run_finished_and_runs_the_rest(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
+
+    monkeypatch.delenv("OUT", raising=False)
 
     calls = []
 
@@ -338,6 +348,8 @@ def test_a_table_that_fails_to_render_stops_no_part_and_the_figures_are_kept(tmp
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu
 
+    monkeypatch.delenv("OUT", raising=False)
+
     def broken(results):
         raise KeyError("a row the table expected")
 
@@ -348,3 +360,80 @@ def test_a_table_that_fails_to_render_stops_no_part_and_the_figures_are_kept(tmp
     results = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
     assert results["data"]["first"] == 1 and results["reads"]["second"] == 2
     assert "failed to render" in (tmp_path / "gpu_cpu_smoke.md").read_text()
+
+
+def test_a_part_that_catches_exceptions_is_still_stopped_by_the_budget(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.delenv("OUT", raising=False)
+
+    def swallowing(size, work, device, rows):  # as goldenpath's cache reads and the compiled-metrics try do
+        for n in range(5):
+            try:
+                time.sleep(2)
+            except Exception:  # noqa: BLE001
+                rows[str(n)] = "swallowed"
+
+    monkeypatch.setattr(gpu, "MIN_PART_S", 0.5)
+    monkeypatch.setattr(gpu, "part_compare", swallowing)
+    t0 = time.perf_counter()
+    assert gpu.main(["--cpu-smoke", "--parts", "compare", "--out", str(tmp_path), "--budget-s", "1"]) == 1
+    assert time.perf_counter() - t0 < 5
+    row = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())["compare"]
+    assert "swallowed" not in row.values() and "PartTimeout" in row["error"] and row["limit"] == "budget"
+
+
+def test_resume_keeps_parts_not_asked_for_reads_past_a_torn_file_and_keeps_a_part_stopped_at_its_own_limit(
+        tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    out_env = tmp_path / "device-out"  # a device machine's $OUT: every write lands there too
+    monkeypatch.setenv("OUT", str(out_env))
+    calls = []
+
+    def slow_profile(size, device, rows):
+        calls.append("profile")
+        rows["eager"] = "measured"
+        time.sleep(30)
+
+    monkeypatch.setattr(gpu, "part_profile", slow_profile)
+    monkeypatch.setattr(gpu, "part_data", lambda size, work, device, rows: calls.append("data"))
+    monkeypatch.setitem(gpu.SIZES["cpu-smoke"], "limits_s", {"profile": 0.5})
+    out = tmp_path / "results"
+    (out).mkdir()
+    (out / "gpu_cpu_smoke.json").write_text('{"torch": "2.')  # torn: every part runs
+    assert gpu.main(["--cpu-smoke", "--parts", "profile,data", "--out", str(out), "--resume"]) == 1
+    assert calls == ["profile", "data"]
+    first = json.loads((out_env / "gpu_cpu_smoke.json").read_text())
+    assert first == json.loads((out / "gpu_cpu_smoke.json").read_text()) and first["profile"]["limit"] == "part"
+    # the profile stopped at its own limit is kept (it would stop there again); data alone asked for, profile stays
+    assert gpu.main(["--cpu-smoke", "--parts", "profile,data", "--out", str(out), "--resume"]) == 1
+    assert calls == ["profile", "data"]
+    assert gpu.main(["--cpu-smoke", "--parts", "data", "--out", str(out)]) == 0 and calls[-1] == "data"
+    assert json.loads((out / "gpu_cpu_smoke.json").read_text()).get("profile") is None  # no --resume: afresh
+    (out / "gpu_cpu_smoke.json").write_text(json.dumps(first))
+    assert gpu.main(["--cpu-smoke", "--parts", "data", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "gpu_cpu_smoke.json").read_text())["profile"]["eager"] == "measured"
+
+
+def test_kill_tree_reaches_descendants_in_sessions_of_their_own():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    parent = subprocess.Popen(["bash", "-c", "setsid sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    for _ in range(100):  # setsid runs in the child: wait for it
+        if os.getsid(child) != os.getsid(parent.pid):
+            break
+        time.sleep(0.02)
+    assert os.getsid(child) != os.getsid(parent.pid)  # out of reach of the parent's process group
+    gpu._kill_tree(parent.pid)
+    assert parent.wait(timeout=10) == -9
+    for _ in range(100):  # the orphan is reaped by init once killed
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the child in its own session survived")
