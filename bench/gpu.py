@@ -285,34 +285,31 @@ def part_compare(size: dict, work: Path, device: str, rows: dict) -> dict:
 
     data_dir, tok_dir = write_c4_layout(work, vocab=size["vocab"], docs=size["docs"])
     path = lm_config_file(work, size, data_dir, tok_dir)
+    def timed(sweep: Path, n: int) -> tuple:
+        """(the pairs, the figures) of a compare timed after one that warms it up (imports, compilation)."""
+        compare(sweep, device=device, chunk=size["chunk"])
+        shutil.rmtree(sweep / "compare")  # and its cache: the timed call computes every pair
+        _sync(device)
+        with bench_compare.split_timed(device) as split:  # forwards and pair metrics inside compare
+            t0 = time.perf_counter()
+            frame = compare(sweep, device=device, chunk=size["chunk"])
+            _sync(device)
+            wall = time.perf_counter() - t0
+        shutil.rmtree(sweep / "compare")
+        return frame, {"compare_s": wall, "ratio": wall / (n * one), **split}
+
+    one = bench_compare.forward_seconds(path, chunk=size["chunk"], device=device)
     for n in size["compare_sizes"]:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             sweep = bench_compare.make_sweep(Path(tmp) / "s", path, n)
-            compare(sweep, device=device, chunk=size["chunk"])  # warm-up
-            shutil.rmtree(sweep / "compare")  # and its cache: the timed call computes every pair
-            _sync(device)
-            with bench_compare.split_timed(device) as split:  # forwards and pair metrics inside compare
-                t0 = time.perf_counter()
-                eager = compare(sweep, device=device, chunk=size["chunk"])
-                _sync(device)
-                wall = time.perf_counter() - t0
-            one = bench_compare.forward_seconds(path, chunk=size["chunk"], device=device)
-            rows[str(n)] = row = {"compare_s": wall, "forward_s": one, "ratio": wall / (n * one), **split}
+            eager, figures = timed(sweep, n)
+            rows[str(n)] = row = {"forward_s": one, **figures}
             # the same with tv, kl and js under torch.compile: what fused pair kernels would save, and how far
-            # their values move (the timed call after one that compiles)
+            # their values move
             try:  # a failure here is recorded in its row; the eager figures and the next size still come
                 with bench_compare.compiled_metrics():
-                    shutil.rmtree(sweep / "compare")
-                    compare(sweep, device=device, chunk=size["chunk"])  # compiles
-                    shutil.rmtree(sweep / "compare")
-                    _sync(device)
-                    with bench_compare.split_timed(device) as split:
-                        t0 = time.perf_counter()
-                        compiled = compare(sweep, device=device, chunk=size["chunk"])
-                        _sync(device)
-                        wall = time.perf_counter() - t0
-                row["compiled_metrics"] = {"compare_s": wall, "ratio": wall / (n * one), **split,
-                                           "largest_differences": bench_compare.differences(eager, compiled)}
+                    compiled, figures = timed(sweep, n)
+                row["compiled_metrics"] = {**figures, "largest_differences": bench_compare.differences(eager, compiled)}
             except Exception:  # noqa: BLE001
                 row["compiled_metrics"] = {"error": traceback.format_exc()}
     return rows

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-
 from goldenpath.config import ConfigError, DataConfig, data_source, require
 from goldenpath.data.hub import HFTextData, HFTextSource
 from goldenpath.data.streams import Batch
