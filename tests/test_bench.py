@@ -437,3 +437,14 @@ def test_kill_tree_reaches_descendants_in_sessions_of_their_own():
         time.sleep(0.05)
     else:
         pytest.fail("the child in its own session survived")
+
+
+def test_gelu_bench_compares_the_same_function_in_its_two_forms():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gelu
+
+    r = gelu.measure(width=32, depth=1, batch=2, seq=16, vocab=64, reps=1)
+    assert r["loss_difference"] < 1e-5 and r["fused_ms"] > 0 and r["composed_ms"] > 0
+    nets = gelu.models(32, 1, 64, 16, "cpu")
+    acts = {k: type(net.transformer.h[0].mlp.act).__name__ for k, net in nets.items()}
+    assert acts["composed"] == "NewGELUActivation" and acts["fused"] != acts["composed"]
