@@ -143,10 +143,10 @@ def rows_of(events, device: str) -> tuple[list[Row], tuple[float, float]]:
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     steps = [e.time_range for e in cpu if e.name == STEP]
     if device == "cuda":
-        launcher = {e.id: e for e in cpu if e.linked_correlation_id == 0}
+        launching = _launching_ops(cpu)
         rows = [Row(e.name, e.time_range.start, e.time_range.end, e.time_range.end - e.time_range.start,
-                    *_chain(launcher.get(e.linked_correlation_id)))
-                for e in events if e.device_type == DeviceType.CUDA]
+                    *_chain(launching(e)))
+                for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     else:
         rows = []
         for e in cpu:
@@ -159,12 +159,35 @@ def rows_of(events, device: str) -> tuple[list[Row], tuple[float, float]]:
     return [r for r in rows if r.end_us > lo], (lo, hi)
 
 
+def _launching_ops(cpu):
+    """kernel event -> the CPU operator that launched it (None when not recorded).
+
+    torch >= 2.12 gives each kernel event the id of that operator (``linked_correlation_id``). Earlier
+    versions keep that link only inside the profiler; there a kernel shares its id with the CUDA runtime call
+    that launched it (``cudaLaunchKernel``, ``cuLaunchKernel``, ``cudaMemcpyAsync``...), a CPU event whose
+    parent is the operator. Operators' own ids may collide with runtime ids, so only runtime calls are
+    keyed by theirs."""
+    if cpu and hasattr(cpu[0], "linked_correlation_id"):
+        ops = {e.id: e for e in cpu if e.linked_correlation_id == 0}
+        return lambda kernel: ops.get(kernel.linked_correlation_id)
+    runtime = {e.id: e.cpu_parent for e in cpu if _is_runtime_call(e.name)}
+    return lambda kernel: runtime.get(kernel.id)
+
+
+def _is_runtime_call(name: str) -> bool:
+    """A CUDA runtime or driver API call's name (cudaLaunchKernel, cuLaunchKernelEx), not an operator's."""
+    return name.startswith("cuda") or (name.startswith("cu") and name[2:3].isupper())
+
+
 def _ce_input_dtype(events, vocab: int) -> str | None:
-    """The dtype the log-softmax of the cross-entropy read (None when it was fused out of sight)."""
+    """The dtype the log-softmax of the cross-entropy read: None when it was fused out of sight, "unrecorded"
+    where the profiler keeps no input dtypes (torch < 2.12)."""
     for e in events:
         if e.name in ("aten::_log_softmax", "aten::log_softmax") and any(
                 vocab in s for s in (e.input_shapes or ()) if isinstance(s, (list, tuple))):
-            dtype = (getattr(e, "input_dtypes", None) or [None])[0]
+            if not hasattr(e, "input_dtypes"):
+                return "unrecorded"
+            dtype = (e.input_dtypes or [None])[0]
             return DTYPES.get(dtype, dtype)
     return None
 

@@ -179,8 +179,10 @@ def test_a_part_past_its_time_limit_is_stopped_and_keeps_what_it_measured(tmp_pa
     assert profile["eager"] == {"measured": True} and "time limit of 0.5 s" in profile["error"].splitlines()[-1]
 
 
-def test_profile_rows_of_cuda_events_link_each_kernel_to_its_launching_op():
-    # the CUDA branch cannot run here: hand-made profiler events (torch's own FunctionEvent) stand in for it
+@pytest.mark.parametrize("link", ["linked id (torch >= 2.12)", "runtime call (torch 2.11)"])
+def test_profile_rows_of_cuda_events_link_each_kernel_to_its_launching_op(link):
+    # the CUDA branch cannot run here: hand-made profiler events (torch's own FunctionEvent) stand in for it,
+    # with the kernel -> operator link as each torch version records it
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
@@ -189,17 +191,29 @@ def test_profile_rows_of_cuda_events_link_each_kernel_to_its_launching_op():
     step = FunctionEvent(1, sp.STEP, 0, 0.0, 100.0, input_shapes=[])
     mm = FunctionEvent(7, "aten::mm", 0, 10.0, 20.0, input_shapes=[[64, 32], [32, V]])
     mm.set_cpu_parent(step)
+    launch = FunctionEvent(8, "cudaLaunchKernel", 0, 12.0, 13.0, input_shapes=[])  # shares the kernel's id
+    launch.set_cpu_parent(mm)
+    clash = FunctionEvent(9, "aten::add", 0, 30.0, 31.0, input_shapes=[])  # an operator whose id is a kernel's
     gemm = FunctionEvent(8, "sm90_xmma_gemm_bf16", 0, 15.0, 40.0, device_type=DeviceType.CUDA,
                          linked_correlation_id=7)
     late = FunctionEvent(9, "Memset (Device)", 0, 90.0, 120.0, device_type=DeviceType.CUDA,
                          linked_correlation_id=42)  # its launcher was not recorded
-    rows, window = sp.rows_of([step, mm, gemm, late], "cuda")
+    region = FunctionEvent(10, sp.STEP, 0, 0.0, 119.0, device_type=DeviceType.CUDA, is_user_annotation=True)
+    events = [step, mm, launch, clash, gemm, late, region]
+    if link.startswith("runtime"):
+        for e in events:
+            del e.linked_correlation_id, e.input_dtypes
+    rows, window = sp.rows_of(events, "cuda")
     assert window == (0.0, 120.0)
-    assert [(r.name, r.self_us, r.context) for r in rows] == [
+    assert [(r.name, r.self_us, r.context) for r in rows] == [  # the annotated region is no kernel
         ("sm90_xmma_gemm_bf16", 25.0, f"aten::mm < {sp.STEP}"), ("Memset (Device)", 30.0, "")]
     assert sp.category(rows[0], V) == sp.LM_HEAD and sp.category(rows[1], V) == "memcpy / memset"
     s = sp.summarise(rows, vocab=V, steps=1, window=window)
     assert abs(s["idle_fraction"] - (1 - 55 / 120)) < 1e-12
+    log_softmax = FunctionEvent(11, "aten::_log_softmax", 0, 50.0, 60.0, input_shapes=[[64, V], [], []])
+    if link.startswith("runtime"):
+        del log_softmax.input_dtypes
+    assert sp._ce_input_dtype([log_softmax], V) == ("unrecorded" if link.startswith("runtime") else None)
 
 
 # ----------------------------------------------------------------------------- the reads part's CUDA count
