@@ -209,3 +209,41 @@ def test_sdpa_attention_builds_no_mask_and_gives_transformers_logits(family, mon
     assert not calls, f"host reads in a forward: {dict(calls)}"
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert attn_implementation("eager") == "eager"
+
+
+# ----------------------------------------------------------------------------- the train time holds the device's
+
+def test_the_wait_for_queued_steps_counts_as_training_time(tmp_path, monkeypatch):
+    """A quiet step only queues its work on a GPU; the log's read and the eval's drain wait for it, and that
+    wait is training time (tokens/s and MFU divide by it). Here each wait is stood in for by a sleep."""
+    import time
+
+    from goldenpath.training.state import Window
+
+    wait, calls = 0.1, Counter()
+    collect = Window.collect
+
+    def slow_collect(self, *args, **kwargs):
+        calls["collect"] += 1
+        time.sleep(wait)
+        return collect(self, *args, **kwargs)
+
+    def slow_drain(device):
+        calls["drain"] += 1
+        time.sleep(wait)
+        return wait
+
+    monkeypatch.setattr(Window, "collect", slow_collect)
+    monkeypatch.setattr(step_mod, "drain", slow_drain)
+    status = train(load_config(None, [*TINY_TEACHER, *LOOP, f"out={tmp_path}", "name=run"])).joinpath("status.json")
+    seconds = __import__("json").loads(status.read_text())["seconds"]
+    assert calls["collect"] == 3 and calls["drain"] == 4  # logs at steps 4, 8, 12; evals at 0, 4, 8, 12
+    assert seconds["train"] >= 3 * wait + 4 * wait
+    assert seconds["eval"] < 4 * wait  # no drain counted as eval
+
+
+def test_drain_waits_for_a_cuda_device_only(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    assert step_mod.drain(torch.device("cpu")) == 0.0 and not synced
+    assert step_mod.drain(torch.device("cuda", 0)) >= 0.0 and synced == [torch.device("cuda", 0)]

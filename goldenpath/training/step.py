@@ -108,12 +108,24 @@ def optimizer_step(run: Run, micro_batches: list[dict], window: Window) -> tuple
 
 
 def eval_run(run: Run) -> tuple[float, float]:
-    """The run's eval loss and error on its eval set now (the time spent counts as eval)."""
+    """The run's eval loss and error on its eval set now (the time spent counts as eval; the steps still queued
+    on a GPU finish first, in the train time)."""
+    run.state.seconds["train"] += drain(run.accelerator.device)
     t0 = time.perf_counter()
     loss, error = evaluate(run.model, run.eval_batch, accelerator=run.accelerator,
                            chunk=run.config.checkpoint.eval_batch_size, dtype=run.dtype, autocast=run.autocast)
     run.state.seconds["eval"] += time.perf_counter() - t0
     return loss, error
+
+
+def drain(device: torch.device) -> float:
+    """Seconds spent waiting for the work queued on a CUDA device: a step returns once its kernels are queued,
+    so the time they take shows at the next read (0 on a CPU, where a step's work is done when it returns)."""
+    if device.type != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def checkpoint_meta(run: Run, loss: float, error: float, previous) -> dict:

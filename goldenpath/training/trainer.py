@@ -162,8 +162,10 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
         # -------- logging, divergence, evaluation, checkpoints
         record, stop = None, False
         if st.step % config.log.every == 0 or st.step == run.total_steps:
+            t0 = time.perf_counter()  # the first read since the last log: on a GPU it waits for the queued steps
             sums = window.collect(run.accelerator, stop=signals.requested is not None,
                                   save=time.monotonic() - last_save >= config.checkpoint.last_every_seconds)
+            st.seconds["train"] += time.perf_counter() - t0
             record = _train_record(run, sums, lr, units)
             st.train_loss = record["train_loss"]
             run.bar.set_postfix_str(f"loss {st.train_loss:.4f}", refresh=False)
