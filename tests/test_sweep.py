@@ -374,6 +374,7 @@ def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory
     from goldenpath.training.sweep import _slots
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     one_each = _slots(2, 1)
     assert [s["CUDA_VISIBLE_DEVICES"] for s in one_each] == ["0", "1"]
     assert all(runtime.MEMORY_FRACTION_ENV not in s for s in one_each) and capsys.readouterr().out == ""
@@ -384,6 +385,12 @@ def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory
     pairs = _slots(4, 2)  # two-process runs: four of them on two GPUs, each process a GPU of its own
     assert [s["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["0,1"] * 4
     assert float(pairs[0][runtime.MEMORY_FRACTION_ENV]) == pytest.approx(0.95 / 4, abs=1e-4)
+
+    # a parent that sees some GPUs only hands its children those, by the names it was given them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f2c, 3")
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(3, 1)] == ["GPU-5f2c", "3", "GPU-5f2c"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(1, 2)] == ["GPU-5f2c,3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
 
     # the run process applies its share to every visible GPU, and refuses a share that is not a fraction
     applied = []

@@ -168,11 +168,19 @@ def _slots(jobs: int | None, processes: int) -> list[dict]:
             env = {MEMORY_FRACTION_ENV: f"{0.95 / share:.4f}"}
             print(f"{n} runs at once on {gpus} GPU{'s' if gpus > 1 else ''}: {share} share each GPU, each may "
                   f"use {0.95 / share:.0%} of its memory", flush=True)
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(str((i * processes + j) % gpus) for j in range(processes)), **env}
+        ids = _visible_gpus(gpus)
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[(i * processes + j) % gpus] for j in range(processes)), **env}
                 for i in range(n)]
     n = jobs or 1
     threads = max(1, (os.cpu_count() or 1) // (n * processes))
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
+
+
+def _visible_gpus(count: int) -> list[str]:
+    """The names of this process's ``count`` GPUs as a child's CUDA_VISIBLE_DEVICES takes them: this process's own
+    list where it has one (indices, GPU-/MIG- UUIDs: a child's index 0 is the first of them), else 0..count-1."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:count] if len(visible) >= count else [str(k) for k in range(count)]
 
 
 class _Local:
