@@ -27,6 +27,7 @@ import torch
 from goldenpath.store import files, rundir as ckpt
 from goldenpath.training.runtime import tune_malloc
 from goldenpath.comparison.compare import compare
+from goldenpath.comparison.pairs import strict_float32
 from goldenpath.config import load_config, to_dict
 from goldenpath.models import build_model, logits
 
@@ -55,7 +56,7 @@ def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu") ->
     n = len(next(iter(probe.values())))
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), strict_float32():  # as compare's forwards: no TF32 on a GPU
             for lo in range(0, n, chunk):
                 logits(model, {k: v[lo : lo + chunk] for k, v in probe.items()})
         if device == "cuda":

@@ -323,7 +323,7 @@ def part_launch(size: dict, work: Path, device: str) -> dict:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     procs = gpus if gpus > 1 else (1 if device == "cuda" else 2)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
-           str(procs), "--mixed_precision", "bf16" if device == "cuda" else "no", "--dynamo_backend", "no",
+           str(procs), "--mixed_precision", "no", "--dynamo_backend", "no",  # as goldenpath sweep: bf16 is the run's
            "--main_process_port", str(29500 + os.getpid() % 1000)]
     cmd += ["--multi_gpu"] if procs > 1 else []
     over = [f"budget.steps={size['launch_steps']}", "budget.samples=null", "budget.min_progress=null",

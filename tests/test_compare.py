@@ -72,6 +72,40 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
             torch.testing.assert_close(got[(i, j)][name], want.double(), rtol=1e-10, atol=1e-12)
 
 
+def test_pair_forwards_run_in_strict_float32_whatever_the_process_set_before(tmp_path):
+    """A training run before in the same process (bf16 on a GPU) turns TF32 on, and cuDNN has it on by default:
+    compare's forwards and its loss-barrier path turn both off, and give them back as they were."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        _check_strict_float32(tmp_path)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _check_strict_float32(tmp_path):
+    config = load_config(None, [*TINY_TEACHER, "budget.steps=1"])
+    source = config.data.build()
+    probe = {k: v[:8] for k, v in source.heldout("probe").items()}
+    seen = []
+
+    def record(*_):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    models = tiny_models(TINY_TEACHER, 2, source.info)
+    for m in models:
+        m.float().register_forward_pre_hook(record)
+    cmp.pair_sums(models, probe, [(0, 1)], ("tv",), chunk=8, device="cpu", dtype=torch.float32)
+    slots = pairs.Slots(build_model(config.model, source.info, seed=9).eval())
+    for s, m in enumerate(models):
+        ckpt.save_checkpoint(tmp_path / f"m{s}", m, {"target": 1.0})
+    slots.module.register_forward_pre_hook(record)
+    swapped = [pairs.Swapped(slots, tmp_path / f"m{s}") for s in range(2)]
+    pairs.pair_barriers(swapped, probe, probe, [(0, 1)], k=3, chunk=8, device="cpu", dtype=torch.float32)
+    assert len(seen) > 2 and set(seen) == {(False, False)}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+
+
 def test_checkpoints_sharing_one_module_give_their_own_outputs_and_bad_files_are_refused(tmp_path):
     """Tied GPT-2 weights: each checkpoint read into the shared module gives what its own model gives."""
     config = load_config(None, [*TINY_MARKOV, "budget.steps=1"])
@@ -283,6 +317,39 @@ def test_changes_name_the_runs_and_checkpoints_that_landed_changed_or_went(sweep
     files.write_json(sweep / "b0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
     assert runs_mod.changes(sweep) == ["new runs: b2", "removed runs: c0", "new checkpoints: b1 at 1.9",
                                   "changed checkpoints: a1 at 2", "stalled or no longer: b0"]
+
+
+def test_probe_chunks_are_sized_from_the_free_memory(monkeypatch):
+    """GPT-2's vocabulary at 1,024 tokens: (2 x 16 + 4) float32 outputs of 1,024 x 50,257 per sequence take
+    7.4 GB, so half of 139 GB holds 9 sequences; small outputs stay at MOST_UNITS; never below 1."""
+    from goldenpath.data import SourceInfo
+
+    gpt2, images = SourceInfo("lm", (1024,), 50257), SourceInfo("classification", (3, 32, 32), 10)
+    free = {"bytes": 139e9}
+    monkeypatch.setattr(pairs, "free_memory_bytes", lambda device: free["bytes"])
+    assert pairs.probe_chunk(16, gpt2, "cuda", torch.float32) == int(0.5 * 139e9 // (1024 * 50257 * 4 * 36)) == 9
+    assert pairs.probe_chunk(0, gpt2, "cuda", torch.float32) == int(0.5 * 139e9 // (1024 * 50257 * 4 * 4)) == 84
+    assert pairs.probe_chunk(16, gpt2, "cuda", torch.float64) == 4  # twice the bytes
+    assert pairs.probe_chunk(16, images, "cpu", torch.float32) == pairs.MOST_UNITS
+    free["bytes"] = 1e6
+    assert pairs.probe_chunk(16, gpt2, "cuda", torch.float32) == 1
+
+
+def test_a_chunk_sized_from_little_memory_gives_the_same_distances(sweep, monkeypatch):
+    """Without ``chunk`` compare takes its chunks from the free memory: here room for about 5 probe images at a
+    time, with the same distances as one chunk of every image."""
+    import shutil
+
+    whole = cmp.compare(sweep, ("tv", "js", "top1"), n_boot=20, n_perm=100, chunk=256)
+    shutil.rmtree(sweep / "compare")
+    config = load_config(sweep / "a0" / "config.yaml")
+    room = 5 * config.data.build().info.num_classes * 4 * (2 * 4 + 4)  # 5 images of 4 models
+    monkeypatch.setattr(pairs, "free_memory_bytes", lambda device: room / pairs.PROBE_MEMORY_SHARE)
+    chunks, real = [], cmp.pair_sums
+    monkeypatch.setattr(cmp, "pair_sums", lambda *a, chunk, **kw: chunks.append(chunk) or real(*a, chunk=chunk, **kw))
+    small = cmp.compare(sweep, ("tv", "js", "top1"), n_boot=20, n_perm=100)
+    assert chunks and all(2 <= c <= 8 for c in chunks) and config.data.probe_size > 8
+    pd.testing.assert_frame_equal(small, whole, rtol=1e-6)
 
 
 def test_compare_draws_a_bar_over_each_target_s_probe_chunks_and_lmc_points(sweep, bars, monkeypatch):

@@ -12,6 +12,7 @@ from goldenpath.data import SourceInfo
 from goldenpath.models import build_model, sample_losses
 from goldenpath.dp import layer_rules, per_sample
 from goldenpath.dp.per_sample import clipped_grad_sum, per_sample_clip
+from goldenpath.training.runtime import free_memory_bytes
 
 @pytest.fixture(autouse=True)
 def float64():
@@ -375,6 +376,24 @@ def test_the_first_batch_check_routes_a_sequence_first_layer_whose_length_equals
     check_paths(model, readout, batch, reference=got.reference)
 
 
+def test_the_first_batch_check_compares_in_strict_float32():
+    """On a GPU a bf16 run turns TF32 on: the check compares the fast path with the loop over samples in
+    float32 proper, so TF32's rounding cannot send a parameter to the slow path (the switches come back)."""
+    torch.manual_seed(10)
+    model = Head(nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D)), (T, D))
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                            torch.backends.cudnn.allow_tf32)))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        per_sample_clip(model, readout, {"x": torch.randn(B, T, D)}, 1.0)
+        assert seen[:1 + per_sample._CHECK_SAMPLES] == [(False, False)] * (1 + per_sample._CHECK_SAMPLES)
+        assert seen[-1] == (True, True)  # the step itself runs as the run set it
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.parametrize("name", ["conv2d", "conv2d-dilated", "conv2d-deep"])
 def test_the_gpu_route_of_convolutions_matches_the_naive_loop(name, monkeypatch):
     """A GPU takes every convolution's per-sample weight gradients from batched products of its patches, a
@@ -391,3 +410,19 @@ def test_the_gpu_route_of_convolutions_matches_the_naive_loop(name, monkeypatch)
     make, x_shape, out_shape = LAYERS[name]
     check_paths(Head(make(), out_shape), readout, {"x": torch.randn(x_shape)})
     assert calls  # the route was taken
+
+
+def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
+    """A run sharing a GPU (sweep --jobs) is capped at a fraction of its memory: the DP buffers are sized from
+    what the cap leaves, not from the device's free memory its neighbours may take (CUDA stood in for)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * gib)
+    cuda = torch.device("cuda", 0)
+    assert free_memory_bytes(cuda) == 30 * gib  # 0.25 x 140 - 5, below the device's 100 free
+    assert per_sample._formed_budget(cuda) == per_sample.FORMED_SHARE * 30 * gib
+    a = __import__("types").SimpleNamespace(device=cuda, shape=(1000, 3, 32, 32))  # a batch's activations
+    assert layer_rules._samples_per_product(a, gib) == int(layer_rules.PATCH_MEMORY_SHARE * 30)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert free_memory_bytes(cuda) == 100 * gib  # no cap: the device's free memory

@@ -62,7 +62,7 @@ from goldenpath.comparison import verdicts
 
 from goldenpath.comparison.design import Design
 from goldenpath.comparison.distances import METRICS, bootstrap_rows, bootstrap_weights
-from goldenpath.comparison.pairs import load_shared, pair_barriers, pair_sums
+from goldenpath.comparison.pairs import load_shared, pair_barriers, pair_sums, probe_chunk
 from goldenpath.comparison.runs import collect, inputs, tables_dir
 from goldenpath.config import Config, ConfigError, to_dict
 from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
@@ -99,7 +99,7 @@ class _Probe:
     probe: dict           # the probe set (shifted where asked)
     source: object        # the data source: its eval set gives batch-norm statistics along a linear path
     key: str              # the cache key of the probe set and of the lenses' settings
-    chunk: int
+    chunk: int | None     # probe units per forward (None: from the free memory, per call)
     device: torch.device
     dtype: torch.dtype
     lmc_points: int
@@ -119,14 +119,15 @@ def _probe_setup(configs: dict, metrics, probe_shift: str | None, chunk: int, de
                   torch.float64 if first.precision == "fp64" else torch.float32, lmc_points)
 
 
-def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int = 256, device: str | None = None,
+def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None, device: str | None = None,
             tolerance: float = 0.02, n_boot: int = 1000, n_perm: int = 2000, include_flagged: bool = False,
             probe_shift: str | None = None, lmc_points: int = 11):
     """Compare every pair of runs and of settings at every loss target; writes the tables under
     ``compare/`` (``compare-<shift>/`` with ``probe_shift``, e.g. ``"noise:0.5"``); returns the pairs
     (``distances.parquet``) as a DataFrame. ``metrics``: some of :data:`ALL_METRICS`; ``n_boot``: probe-unit
     resamples of each pair's interval; ``n_perm``: random relabellings of a permutation test that is not
-    exact; ``lmc_points``: points on each pair's linear path (``lmc``)."""
+    exact; ``lmc_points``: points on each pair's linear path (``lmc``); ``chunk``: probe units per forward
+    (None: as many as the device's free memory holds, :func:`goldenpath.comparison.pairs.probe_chunk`)."""
     import pandas as pd
 
     from goldenpath.data.baselines import trivial_loss
@@ -251,13 +252,15 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
         models, modules = {}, {}
         for idx in sorted({k for t in todo for k in t}):
             models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
-        kw = {"chunk": setup.chunk, "device": setup.device, "dtype": setup.dtype}
+        kw = {"device": setup.device, "dtype": setup.dtype}
         label = f"loss {target:g}: {len(todo)} pairs"
-        new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards", **kw) \
+        new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards",
+                        chunk=setup.chunk or probe_chunk(len(models), setup.info, **kw), **kw) \
             if set(metrics) - {"lmc"} else {}
         if "lmc" in metrics:
             for p, v in pair_barriers(models, setup.probe, setup.source.heldout("eval"), todo, k=setup.lmc_points,
-                                      progress=f"{label}, lmc paths", **kw).items():
+                                      progress=f"{label}, lmc paths",
+                                      chunk=setup.chunk or probe_chunk(0, setup.info, **kw), **kw).items():
                 new.setdefault(p, {}).update(v)
         results.update(new)
         del models

@@ -24,6 +24,7 @@ from goldenpath.comparison import lmc
 from goldenpath.config import Config
 from goldenpath.comparison.distances import ON_DISTS, Dist, cka_from_moments, unit_sums
 from goldenpath.models import build_model, logits, output_layer
+from goldenpath.training.runtime import free_memory_bytes, strict_float32
 
 
 class Slots:
@@ -103,7 +104,7 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
     needed = sorted({i for p in pairs for i in p})
     bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
                disable=None if progress and pairs else True)
-    with bar, torch.no_grad(), _hooked(models, needed, active=moments is not None) as features:
+    with bar, torch.no_grad(), strict_float32(), _hooked(models, needed, active=moments is not None) as features:
         for lo in range(0, n, chunk):
             part = _to(probe, lo, chunk, device, dtype)
             mask = part["labels"] != -100 if lm else None
@@ -135,6 +136,23 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
         for p, d in moments.distances().items():
             out[p]["cka"] = d
     return out
+
+
+PROBE_MEMORY_SHARE = 0.5  # of the memory free on the device, for one probe chunk's outputs
+MOST_UNITS = 256  # probe units per chunk at most (a CPU gains nothing from larger chunks)
+
+
+def probe_chunk(models: int, info, device, dtype: torch.dtype) -> int:
+    """Probe units (images, sequences) per chunk: as many as keep one chunk's outputs within PROBE_MEMORY_SHARE
+    of the memory this process may still take on ``device``, at most MOST_UNITS, at least 1.
+
+    A chunk holds the stacked log-probabilities and probabilities of ``models`` models (0: forwards alone, as on
+    a loss-barrier path) and one forward's logits with its log-softmax and exp: (2 models + 4) outputs of
+    positions x classes each. GPT-2's vocabulary at 1,024 tokens is 206 MB per sequence and output in float32,
+    so 16 models on a GPU take a few sequences per chunk; an image classifier's chunks stay at MOST_UNITS."""
+    per_unit = (info.input_shape[0] if info.task == "lm" else 1) * info.num_classes
+    unit_bytes = per_unit * max(4, torch.finfo(dtype).bits // 8) * (2 * models + 4)
+    return max(1, min(MOST_UNITS, int(PROBE_MEMORY_SHARE * free_memory_bytes(device) // unit_bytes)))
 
 
 PAIR_GROUP_BYTES = 8 * 2**20  # the pairs of one probe chunk are measured in groups of about this many bytes
@@ -207,7 +225,7 @@ class _Gram:
             other = p if name == "pp" else self.dist.log_p.flatten(1, -2)
             models, points, classes = p.shape
             step = max(1, PAIR_GROUP_BYTES // (2 * models * classes * p.element_size()))  # bounds the copies
-            with _no_tf32():
+            with strict_float32():
                 self._products[name] = torch.cat([
                     torch.bmm(p[:, lo : lo + step].transpose(0, 1), other[:, lo : lo + step].permute(1, 2, 0))
                     for lo in range(0, points, step)])  # [points, models, models]
@@ -228,17 +246,6 @@ class _Gram:
         else:
             value = ((own[:, first] + own[:, second]).mul_(0.5) - cross).clamp_min_(0.0)
         return value.T.reshape(value.shape[1], *self.lead)
-
-
-@contextmanager
-def _no_tf32():
-    """float32 products in float32 on a CUDA GPU whatever a run set before in this process."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _to(batch: dict, lo: int, chunk: int, device, dtype) -> dict:
@@ -328,7 +335,7 @@ def pair_barriers(models, probe: dict, heldout: dict, pairs: list[tuple[int, int
     models_in = sorted({i for p in pairs for i in p})
     same = [(i, j) for i, j in pairs if models[i].slots is models[j].slots]
     with tqdm(total=len(models_in) + len(same) * (k - 2), desc=progress, unit="point", leave=False,
-              disable=None if progress else True) as bar:
+              disable=None if progress else True) as bar, strict_float32():
         ends = {}
         for i in models_in:
             ends[i] = path(i, i, [0.0])[0]

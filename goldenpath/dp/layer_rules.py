@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from goldenpath.training.runtime import free_memory_bytes
+
 _GHOST_CHUNK = 1 << 24  # elements of a [b, T, T] Gram block held at once
 
 
@@ -169,8 +171,7 @@ def _samples_per_product(a: torch.Tensor, patch_bytes: int) -> int:
     in PATCH_MEMORY_SHARE of its free memory."""
     if a.device.type != "cuda":
         return a.shape[0]
-    free = torch.cuda.mem_get_info(a.device)[0]
-    return max(1, min(a.shape[0], int(PATCH_MEMORY_SHARE * free // max(1, patch_bytes))))
+    return max(1, min(a.shape[0], int(PATCH_MEMORY_SHARE * free_memory_bytes(a.device) // max(1, patch_bytes))))
 
 
 def _patches(a: torch.Tensor, m: nn.Conv2d, out_hw) -> torch.Tensor:

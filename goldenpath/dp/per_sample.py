@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from goldenpath.dp import layer_rules as lr
 from goldenpath.dp.tape import Call, Tape, attribute, batched
+from goldenpath.training.runtime import free_memory_bytes, strict_float32
 
 Batch = dict | tuple | list
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # (model, batch) -> per-sample losses [B]
@@ -98,16 +99,9 @@ FORMED_SHARE = 0.25  # of the device's free memory, for per-sample gradients kep
 
 
 def _formed_budget(device: torch.device) -> float:
-    """Bytes the per-sample gradients kept by :func:`layer_rules.keep_formed` may take: a share of the free
-    memory (CUDA: the device's; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return FORMED_SHARE * torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        free = 2**30  # no /proc (not Linux): 1 GB
-    return FORMED_SHARE * free
+    """Bytes the per-sample gradients kept by :func:`layer_rules.keep_formed` may take: a share of what this
+    process may still allocate on the device (CUDA: within its cap; CPU: MemAvailable)."""
+    return FORMED_SHARE * free_memory_bytes(device)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -288,7 +282,7 @@ def _checked_routes(model, loss_fn, batch, trained, chunk) -> frozenset:
     if key in routes:
         return routes[key]
     device = leaves[0].device.type
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(device, enabled=False), strict_float32():  # the two ways compared, not their roundings
         parts, _, _ = _fast_parts(model, loss_fn, batch, trained, chunk)
         k = min(_CHECK_SAMPLES, leaves[0].shape[0])
         want = [_loop_grads(model, loss_fn, _slice(batch, i, i + 1), list(trained))[0] for i in range(k)]

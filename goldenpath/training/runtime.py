@@ -5,6 +5,9 @@
   as on two, 33-37 s either way, while two threads on a busy machine took 47 s against 10 s.)
 - :func:`tune_malloc` keeps freed tensor buffers in glibc's heap (what the ``goldenpath`` command runs with).
 - :func:`gpu_memory_share` bounds the GPU memory of a run that shares its GPU with other runs of a sweep.
+- :func:`free_memory_bytes`: what this process may still allocate on a device (sizes DP's and compare's chunks).
+- :func:`strict_float32`: float32 matmuls and convolutions without TF32 on a GPU for a block (what measures and
+  checks compute in), whatever the process set before.
 - :class:`Interrupts`: the first Ctrl-C (SIGINT) or SIGTERM asks the work to stop at its next safe point
   (a run saves its resume state there); a second Ctrl-C stops at once.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 MAX_DEFAULT_THREADS = 4
@@ -84,6 +88,38 @@ def gpu_memory_share() -> float | None:
     for device in range(torch.cuda.device_count()):
         torch.cuda.set_per_process_memory_fraction(share, device)
     return share
+
+
+def free_memory_bytes(device) -> int:
+    """Bytes this process may still take on ``device``. CUDA: the device's free memory, or less where the process
+    is capped (``torch.cuda.set_per_process_memory_fraction``, as each run of a sweep sharing a GPU is): the cap
+    less what its tensors hold. CPU: MemAvailable (1 GiB where /proc/meminfo cannot be read)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        capped = torch.cuda.get_per_process_memory_fraction(device) * total - torch.cuda.memory_allocated(device)
+        return int(max(0, min(free, capped)))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 2**30
+
+
+@contextmanager
+def strict_float32():
+    """float32 matmuls and convolutions in float32 on a CUDA GPU (no TF32, which rounds their inputs to 10-bit
+    mantissas), whatever a run before in this process set, and cuDNN's own default (TF32 on) included; the
+    switches are restored after. Compare's forwards and DP's route check run in it."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def signal_name(signum: int | None) -> str:
