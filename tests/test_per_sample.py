@@ -417,10 +417,16 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     what the cap leaves, not from the device's free memory its neighbours may take (CUDA stood in for)."""
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * gib, 140 * gib))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
+    from torch.cuda._utils import _get_device_index
+
+    # torch's own index checks: the cap's getter refuses a device without an index
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
+                        lambda device=None: 0.25 + 0 * _get_device_index(device, optional=False))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda = torch.device("cuda", 0)
     assert free_memory_bytes(cuda) == 30 * gib  # 0.25 x 140 - 5, below the device's 100 free
+    assert free_memory_bytes(torch.device("cuda")) == free_memory_bytes("cuda") == 30 * gib  # the current one
     assert per_sample._formed_budget(cuda) == per_sample.FORMED_SHARE * 30 * gib
     a = __import__("types").SimpleNamespace(device=cuda, shape=(1000, 3, 32, 32))  # a batch's activations
     assert layer_rules._samples_per_product(a, gib) == int(layer_rules.PATCH_MEMORY_SHARE * 30)

@@ -96,9 +96,11 @@ def free_memory_bytes(device) -> int:
     less what its tensors hold. CPU: MemAvailable (1 GiB where /proc/meminfo cannot be read)."""
     import torch
 
-    if torch.device(device).type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        capped = torch.cuda.get_per_process_memory_fraction(device) * total - torch.cuda.memory_allocated(device)
+    device = torch.device(device)
+    if device.type == "cuda":  # "cuda" alone is the current device (the cap's getter wants an index)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        free, total = torch.cuda.mem_get_info(index)
+        capped = torch.cuda.get_per_process_memory_fraction(index) * total - torch.cuda.memory_allocated(index)
         return int(max(0, min(free, capped)))
     try:
         with open("/proc/meminfo") as f:
