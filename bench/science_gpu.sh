@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
 # The golden-path study at GPU scale (analysis/golden_path.py --gpu), its teacher stream made on the GPU:
-# estimated at 4-6 minutes on one H200, not yet measured (made on the CPU, the stream would take about 13;
-# the sizing is in the script);
+# not yet run on a GPU. Sized for 4-6 minutes on one H200 from ~30 kernels per optimizer step; the operators a
+# step really dispatches, counted on a CPU, are ~140 (~80 of them making the batch), which puts the grid's 2M
+# steps at 15-30 minutes of time-sliced launches, more than a slot. The first slot's progress.csv (below)
+# measures the rate that sizes it (analysis/golden_path.py, above GPU =);
 # `--cpu-smoke`: the same path at toy sizes on a CPU (under about a minute on 2 cores).
 #
 #   bash bench/science_gpu.sh [--cpu-smoke]
 #
-# Two parts, each under its own time limit (TEACHER_S, POWER_S seconds): the teacher grid (its tables), then
-# the power curve. A part cut short keeps its finished runs: running the script again trains only what is
-# missing. Tables (summary, family, trend, runs, power, gap .csv, the figures, verdict.md) go to
-# $OUT/golden_path_gpu/ when $OUT is set, else analysis/results/golden_path/gpu/ ($WORK/ for the smoke);
-# the runs to $WORK (default /tmp/goldenpath-science-gpu), never under $OUT.
+# Two parts, each under its own time limit (TEACHER_S, POWER_S seconds; SIGTERM, then a kill 30 s later): the
+# teacher grid (its tables), then the power curve. A part cut short keeps its finished runs: running the script
+# again on the same machine trains only what is missing. Whatever the parts did, bench/science_pack.py then
+# writes progress.csv (how far each run got, and how fast) and failed.txt (the log tails of failed runs) beside
+# the tables (summary, family, trend, runs, power, gap .csv, the figures, verdict.md), in
+# analysis/results/golden_path/gpu/ ($WORK/golden_path_cpu_smoke/ for the smoke). With $OUT set (a device
+# machine, which returns at most 8 files) they go to $WORK/golden_path_$NAME/ and come back as two files in
+# $OUT: science_$NAME.tar.gz (all of them) and science_$NAME.md (the verdict and the progress). The runs stay
+# in $WORK (default /tmp/goldenpath-science-gpu), never under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a command killed from outside keeps what it printed
 source bench/install.sh
 MODE=--gpu
 NAME=gpu
 if [ "${1:-}" = "--cpu-smoke" ]; then MODE=--cpu-smoke; NAME=cpu_smoke; fi
 WORK=${WORK:-/tmp/goldenpath-science-gpu}
-if [ -n "${OUT:-}" ]; then DEST="$OUT/golden_path_$NAME"
-elif [ "$NAME" = gpu ]; then DEST=analysis/results/golden_path/gpu
-else DEST="$WORK/golden_path_$NAME"; fi
+if [ -n "${OUT:-}" ] || [ "$NAME" != gpu ]; then DEST="$WORK/golden_path_$NAME"
+else DEST=analysis/results/golden_path/gpu; fi
 status=0
-timeout "${TEACHER_S:-300}" "$PY" analysis/golden_path.py "$MODE" --datasets teacher --work "$WORK" --out "$DEST" \
+timeout -k 30 "${TEACHER_S:-300}" "$PY" analysis/golden_path.py "$MODE" --datasets teacher --work "$WORK" --out "$DEST" \
   || { status=$?; echo "teacher part: exit $status (run again to continue)"; }
 if [ -f "$DEST/family.csv" ]; then
-  timeout "${POWER_S:-240}" "$PY" analysis/golden_path.py "$MODE" --datasets power --work "$WORK" --out "$DEST" \
+  timeout -k 30 "${POWER_S:-240}" "$PY" analysis/golden_path.py "$MODE" --datasets power --work "$WORK" --out "$DEST" \
     || { status=$?; echo "power part: exit $status (run again to continue)"; }
 fi
+"$PY" bench/science_pack.py "$WORK" "$DEST" ${OUT:+--out "$OUT"} --name "$NAME" || status=$?
 exit $status

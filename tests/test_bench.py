@@ -462,3 +462,46 @@ def test_gelu_bench_compares_the_same_function_in_its_two_forms():
     nets = gelu.models(32, 1, 64, 16, "cpu")
     acts = {k: type(net.transformer.h[0].mlp.act).__name__ for k, net in nets.items()}
     assert acts["composed"] == "NewGELUActivation" and acts["fused"] != acts["composed"]
+
+
+# ----------------------------------------------------------------------------- what science_gpu.sh sends back
+
+def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tmp_path):
+    """A part stopped at its limit still says how far each run got and how fast, the failed runs' logs come
+    along, and everything fits the 8 files a device machine returns."""
+    import tarfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import science_pack
+
+    work, dest, out = tmp_path / "work", tmp_path / "dest", tmp_path / "out"
+    runs = {"a": ("completed", 4000, 2.0, {"1.5": 10}), "b": ("interrupted", 1000, 1.0, {}),
+            "c": ("failed", 10, 0.5, {})}
+    for name, (state, samples, train_s, reached) in runs.items():
+        run = work / "grid" / name
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({
+            "state": state, "step": samples // 10, "samples": samples, "device": "cuda", "targets_reached": reached,
+            "seconds": {"train": train_s, "eval": 0.1}, "best_eval_loss": 2.0,
+            "started": "2026-12-05T10:00:00+00:00", "updated": "2026-12-05T10:00:10+00:00"}))
+    (work / "grid" / "logs").mkdir()
+    (work / "grid" / "logs" / "c.log").write_text("\n".join(f"line {k}" for k in range(100)) + "\nValueError: boom\n")
+    dest.mkdir()
+    (dest / "summary.csv").write_text("metric,value\ntv,0.1\n")
+    written = science_pack.pack(work, dest, out, "gpu")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written) == [
+        "science_gpu.md", "science_gpu.tar.gz"]
+    with tarfile.open(out / "science_gpu.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["failed.txt", "progress.csv", "summary.csv"]
+        progress = tar.extractfile("progress.csv").read().decode()
+        failed = tar.extractfile("failed.txt").read().decode()
+    import pandas as pd
+    from io import StringIO
+
+    frame = pd.read_csv(StringIO(progress)).set_index("run")
+    assert frame.loc["a", "samples_per_s"] == 2000 and frame.loc["b", "samples_per_s"] == 1000
+    assert frame.loc["a", "targets_reached"] == 1 and frame.loc["c", "state"] == "failed"
+    assert "==> grid/c" in failed and "ValueError: boom" in failed and "line 59" not in failed  # the tail only
+    md = (out / "science_gpu.md").read_text()
+    assert "did not reach its tables" in md and "1 completed, 1 failed, 1 interrupted" in md
+    assert "5,010 samples in 10 s of wall time" in md
