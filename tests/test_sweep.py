@@ -244,6 +244,27 @@ def test_a_diverging_point_is_recorded_and_the_rest_complete(tmp_path):
     assert status["state"] == "diverged"
 
 
+def test_a_failed_run_says_why_where_the_sweep_is_watched_and_the_rest_complete(tmp_path, capsys, monkeypatch):
+    """A run that crashes (here: a stand-in command raising) is counted failed, and the sweep prints its
+    error, the last line of its log, which otherwise stays in logs/ (on a device machine, out of reach)."""
+    import goldenpath.training.sweep as sweep_mod
+
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.07]}\nseeds: [0]\n")
+    real = sweep_mod.command
+
+    def command(sweep, point, sweep_dir, port=None):
+        if point.name.startswith("lr=0.07"):
+            return [sys.executable, "-c", "raise RuntimeError('CUDA error: out of memory (stand-in)')"]
+        return real(sweep, point, sweep_dir, port)
+
+    monkeypatch.setattr(sweep_mod, "command", command)
+    sweep_dir = sweep_mod.run_sweep(path, jobs=2, progress=False)
+    err = capsys.readouterr().err
+    assert "lr=0.07_rep=0 failed (exit code 1): RuntimeError: CUDA error: out of memory (stand-in)" in err
+    table = rows(sweep_dir)
+    assert table["lr=0.07_rep=0"]["state"] == "failed" and table["lr=0.05_rep=0"]["state"] == "completed"
+
+
 def test_two_sweep_processes_never_run_the_same_point(tmp_path):
     path = write_sweep(tmp_path, "grid: {optim.lr: [0.02, 0.03, 0.04, 0.05]}\nseeds: [0]\n")
     procs = [subprocess.Popen([sys.executable, "-m", "goldenpath", "sweep", str(path)], cwd=ROOT,
@@ -380,6 +401,8 @@ def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory
     assert all(runtime.MEMORY_FRACTION_ENV not in s for s in one_each) and capsys.readouterr().out == ""
     shared = _slots(5, 1)  # 5 runs on 2 GPUs: up to 3 on one of them
     assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "1", "0", "1", "0"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # the host's cores shared out too
+    assert [s["OMP_NUM_THREADS"] for s in _slots(14, 1)] == ["1"] * 14 and _slots(2, 1)[0]["OMP_NUM_THREADS"] == "8"
     assert [float(s[runtime.MEMORY_FRACTION_ENV]) for s in shared] == pytest.approx([0.95 / 3] * 5, abs=1e-4)
     assert "3 share each GPU" in capsys.readouterr().out
     pairs = _slots(4, 2)  # two-process runs: four of them on two GPUs, each process a GPU of its own

@@ -152,7 +152,8 @@ class SweepInterrupted(Exception):
 
 
 def _slots(jobs: int | None, processes: int) -> list[dict]:
-    """Environment per parallel job: its GPUs (one group of ``processes`` each), or its CPU threads.
+    """Environment per parallel job: its GPUs (one group of ``processes`` each) and its CPU threads (the cores
+    shared out; a GPU run's host work is launching kernels, 14 runs of 16 threads each would contend).
 
     With more jobs than GPU groups, ``k`` jobs share each GPU: the sweep says so, and each job may allocate
     at most ``1 / k`` of a GPU's memory (``GOLDENPATH_GPU_MEMORY_FRACTION``, applied by
@@ -160,20 +161,19 @@ def _slots(jobs: int | None, processes: int) -> list[dict]:
     import torch
 
     gpus = torch.cuda.device_count()
-    if gpus:
-        n = jobs or max(1, gpus // processes)
-        share = math.ceil(n * processes / gpus)
-        env = {}
-        if share > 1:
-            env = {MEMORY_FRACTION_ENV: f"{0.95 / share:.4f}"}
-            print(f"{n} runs at once on {gpus} GPU{'s' if gpus > 1 else ''}: {share} share each GPU, each may "
-                  f"use {0.95 / share:.0%} of its memory", flush=True)
-        ids = _visible_gpus(gpus)
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[(i * processes + j) % gpus] for j in range(processes)), **env}
-                for i in range(n)]
-    n = jobs or 1
-    threads = max(1, (os.cpu_count() or 1) // (n * processes))
-    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
+    n = jobs or (max(1, gpus // processes) if gpus else 1)
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (n * processes)))}
+    if not gpus:
+        return [dict(threads) for _ in range(n)]
+    share = math.ceil(n * processes / gpus)
+    env = {}
+    if share > 1:
+        env = {MEMORY_FRACTION_ENV: f"{0.95 / share:.4f}"}
+        print(f"{n} runs at once on {gpus} GPU{'s' if gpus > 1 else ''}: {share} share each GPU, each may "
+              f"use {0.95 / share:.0%} of its memory", flush=True)
+    ids = _visible_gpus(gpus)
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[(i * processes + j) % gpus] for j in range(processes)), **env,
+             **threads} for i in range(n)]
 
 
 def _visible_gpus(count: int) -> list[str]:
@@ -269,10 +269,22 @@ class _Local:
             if state is None:  # it stopped before its run directory existed (bad input)
                 self.skipped[point.name] = {"state": "failed", "reason": f"exit code {proc.returncode} before the "
                                             f"run started; see logs/{point.name}.log"}
+            if state in (None, "failed"):  # why, where the sweep is watched: the log's last line (the error)
+                self.bar.write(f"{point.name} failed (exit code {proc.returncode}): "
+                               f"{_last_line(self.sweep_dir / 'logs' / f'{point.name}.log')}", file=sys.stderr)
             self._settle({"completed": "done", "diverged": "diverged", "stalled": "stalled",
                           "interrupted": "interrupted"}.get(state, "failed"))
             write_runs_csv(self.sweep_dir, self.points, self.skipped)
         return bool(finished)
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a run's log (a traceback's last line names the error)."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    return lines[-1].strip()[:300] if lines else "(no log)"
 
 
 def slurm_arrays(sweep: Sweep, sweep_dir: Path, points: list[Point], *, retry_diverged: bool) -> list[list]:
