@@ -84,8 +84,11 @@ MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
 # 13 minutes for the grid (80 runs, 410M samples) and the power pools (40 runs, ~4.6M samples each: they stop
 # at the last target). So the stream is made on the GPU (data.generate=device). What binds then is an
 # estimate, not a measurement: ~2.5 PFLOP of training in all (6 MFLOP per sample) is seconds; the 2M optimizer
-# steps launch ~30 kernels each, ~4 us apiece on a GPU the GPU_JOBS processes time-slice, about 4 minutes,
-# near the 6 aimed at. bench/science_gpu.sh records each part's wall time: the first GPU slot settles it.
+# steps were taken to launch ~30 kernels each, ~4 us apiece on a GPU the GPU_JOBS processes time-slice, about 4
+# minutes. Counted on a CPU (a dispatch-mode count of one step), a step dispatches ~140 operators, ~80 of them
+# making its batch on the device: 15-30 minutes, over a GPU slot. bench/science_gpu.sh sends back progress.csv
+# (each run's samples/s and how far it got) even from a part stopped at its limit: the first GPU slot measures
+# the rate, and the sizing follows it (fewer, larger steps, or the seeds of a setting stacked in one process).
 GPU = {"cpu": False, "precision": "auto", "threads": 1, "data.generate": "device"}  # auto: bf16 on a CUDA GPU
 GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS = [0.02, 0.05], [128, 512], 5_120_000, 8
 GPU_JOBS = 14  # runs at once on the GPU (goldenpath sweep --jobs: they share it, each its share of its memory)
