@@ -8,10 +8,11 @@
 #
 #   bash bench/science_gpu.sh [--cpu-smoke]
 #
-# Two parts, each under its own time limit (TEACHER_S, POWER_S seconds; SIGTERM, then a kill 30 s later): the
-# teacher grid (its tables), then the power curve. A part cut short keeps its finished runs: running the script
-# again on the same machine trains only what is missing. Whatever the parts did, bench/science_pack.py then
-# writes progress.csv (how far each run got, and how fast) and failed.txt (the log tails of failed runs) beside
+# Two parts, each under its own time limit (TEACHER_S 270, POWER_S 200 seconds; SIGTERM, then a kill 30 s
+# later: with the install and the packing, within a device machine's 600 s command): the teacher grid (its
+# tables), then the power curve. A part cut short keeps its finished runs: running the script
+# again on the same machine trains only what is missing. Whatever the parts did, after each of them
+# bench/science_pack.py writes progress.csv (how far each run got, and how fast) and failed.txt (the log tails of failed runs) beside
 # the tables (summary, family, trend, runs, power, gap .csv, the figures, verdict.md), in
 # analysis/results/golden_path/gpu/ ($WORK/golden_path_cpu_smoke/ for the smoke). With $OUT set (a device
 # machine, which returns at most 8 files) they go to $WORK/golden_path_$NAME/ and come back as two files in
@@ -28,12 +29,14 @@ if [ "${1:-}" = "--cpu-smoke" ]; then MODE=--cpu-smoke; NAME=cpu_smoke; fi
 WORK=${WORK:-/tmp/goldenpath-science-gpu}
 if [ -n "${OUT:-}" ] || [ "$NAME" != gpu ]; then DEST="$WORK/golden_path_$NAME"
 else DEST=analysis/results/golden_path/gpu; fi
+pack() { "$PY" bench/science_pack.py "$WORK" "$DEST" ${OUT:+--out "$OUT"} --name "$NAME" || status=$?; }
 status=0
-timeout -k 30 "${TEACHER_S:-300}" "$PY" analysis/golden_path.py "$MODE" --datasets teacher --work "$WORK" --out "$DEST" \
+timeout -k 30 "${TEACHER_S:-270}" "$PY" analysis/golden_path.py "$MODE" --datasets teacher --work "$WORK" --out "$DEST" \
   || { status=$?; echo "teacher part: exit $status (run again to continue)"; }
+pack  # sent back now: a command cut off later keeps this
 if [ -f "$DEST/family.csv" ]; then
-  timeout -k 30 "${POWER_S:-240}" "$PY" analysis/golden_path.py "$MODE" --datasets power --work "$WORK" --out "$DEST" \
+  timeout -k 30 "${POWER_S:-200}" "$PY" analysis/golden_path.py "$MODE" --datasets power --work "$WORK" --out "$DEST" \
     || { status=$?; echo "power part: exit $status (run again to continue)"; }
+  pack
 fi
-"$PY" bench/science_pack.py "$WORK" "$DEST" ${OUT:+--out "$OUT"} --name "$NAME" || status=$?
 exit $status

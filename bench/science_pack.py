@@ -6,8 +6,8 @@
    samples, seconds by kind, best eval loss and targets reached, with its samples/s over its training time.
    A part stopped by its time limit still says how far each run got and how fast: what sizes the study to
    a GPU slot.
-2. ``DEST/failed.txt``: the last lines of the log of every run that failed (``WORK/<sweep>/logs/<run>.log``),
-   which otherwise stay on the device machine.
+2. ``DEST/failed.txt``: the last lines of the log of every run that failed or never started
+   (``WORK/<sweep>/logs/<run>.log``), which otherwise stay on the device machine.
 3. With ``--out``: ``science_NAME.tar.gz`` (everything in DEST: tables, figures, verdict, progress, failed
    logs) and ``science_NAME.md`` (the verdict, or what there is of it, and the progress in a few lines) in
    DIR. A device machine returns at most 8 files from $OUT: two.
@@ -26,15 +26,24 @@ TAIL_LINES = 40
 
 
 def progress(work: Path) -> pd.DataFrame:
-    """One row per run directory under ``work`` (sweep/run/status.json)."""
+    """One row per run directory under ``work`` (sweep/run/status.json; a run linked into another sweep, as the
+    power study's pooled sweep links its runs, counts once; an unreadable status is a row that says so)."""
     rows = []
     for status in sorted(Path(work).glob("*/*/status.json")):
-        s = json.loads(status.read_text())
+        if status.parent.is_symlink():
+            continue
+        try:
+            s = json.loads(status.read_text())
+        except (OSError, ValueError) as e:
+            rows.append({"sweep": status.parent.parent.name, "run": status.parent.name, "state": "unreadable",
+                         "reason": f"{type(e).__name__}: {e}"[:200]})
+            continue
         seconds = s.get("seconds", {})
         train = seconds.get("train", 0.0)
         rows.append({"sweep": status.parent.parent.name, "run": status.parent.name, "state": s.get("state"),
-                     "device": s.get("device"), "step": s.get("step"), "planned_steps": s.get("planned_steps"),
-                     "samples": s.get("samples"), **{f"{k}_s": v for k, v in seconds.items()},
+                     "reason": s.get("reason"), "device": s.get("device"), "step": s.get("step"),
+                     "planned_steps": s.get("planned_steps"), "samples": s.get("samples"),
+                     **{f"{k}_s": v for k, v in seconds.items()},
                      "samples_per_s": s["samples"] / train if train and s.get("samples") else None,
                      "best_eval_loss": s.get("best_eval_loss"), "targets_reached": len(s.get("targets_reached") or {}),
                      "started": s.get("started"), "updated": s.get("updated")})
@@ -42,12 +51,17 @@ def progress(work: Path) -> pd.DataFrame:
 
 
 def failed_logs(work: Path, frame: pd.DataFrame) -> str:
-    """The last TAIL_LINES lines of each failed run's log."""
+    """The last TAIL_LINES lines of the log of each failed run, and of each run that stopped before its run
+    directory existed (a log without a status)."""
+    work = Path(work)
+    runs = [(r.sweep, r.run) for r in frame[frame.state == "failed"].itertuples()] if len(frame) else []
+    runs += [(log.parent.parent.name, log.stem) for log in sorted(work.glob("*/logs/*.log"))
+             if not (log.parent.parent / log.stem / "status.json").exists()]
     parts = []
-    for r in frame[frame.state == "failed"].itertuples() if len(frame) else ():
-        log = Path(work) / r.sweep / "logs" / f"{r.run}.log"
+    for sweep, run in runs:
+        log = work / sweep / "logs" / f"{run}.log"
         tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log.exists() else ["(no log)"]
-        parts.append(f"==> {r.sweep}/{r.run}\n" + "\n".join(tail))
+        parts.append(f"==> {sweep}/{run}\n" + "\n".join(tail))
     return "\n\n".join(parts)
 
 
@@ -57,8 +71,12 @@ def summary(frame: pd.DataFrame) -> str:
         return "no runs yet"
     lines = [", ".join(f"{n} {state}" for state, n in frame.state.value_counts().sort_index().items())]
     for sweep, runs in frame.groupby("sweep"):
+        runs = runs[runs.state != "unreadable"]
+        if not len(runs):
+            continue
         span = (pd.to_datetime(runs.updated).max() - pd.to_datetime(runs.started).min()).total_seconds()
-        together = f"{runs.samples.sum() / span:,.0f} samples/s together" if span >= 1 else "within a second"
+        together = (f"{runs.samples.sum() / span:,.0f} samples/s together" if span >= 1 else
+                    "within a second" if span >= 0 else "no times")
         lines.append(f"{sweep}: {len(runs)} runs, {int(runs.samples.sum()):,} samples in {span:.0f} s of wall time "
                      f"({together}; one run {runs.samples_per_s.median():,.0f} samples/s over its training time, "
                      "median)")

@@ -484,8 +484,13 @@ def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tm
             "state": state, "step": samples // 10, "samples": samples, "device": "cuda", "targets_reached": reached,
             "seconds": {"train": train_s, "eval": 0.1}, "best_eval_loss": 2.0,
             "started": "2026-12-05T10:00:00+00:00", "updated": "2026-12-05T10:00:10+00:00"}))
+    (work / "pooled").mkdir()  # a sweep of links to runs of another (the power study's): each run once
+    (work / "pooled" / "c").symlink_to(work / "grid" / "c", target_is_directory=True)
+    (work / "torn" / "t").mkdir(parents=True)
+    (work / "torn" / "t" / "status.json").write_text('{"state": ')  # an unreadable status stops nothing
     (work / "grid" / "logs").mkdir()
     (work / "grid" / "logs" / "c.log").write_text("\n".join(f"line {k}" for k in range(100)) + "\nValueError: boom\n")
+    (work / "grid" / "logs" / "d.log").write_text("ConfigError: never started\n")  # no run directory: no status
     dest.mkdir()
     (dest / "summary.csv").write_text("metric,value\ntv,0.1\n")
     written = science_pack.pack(work, dest, out, "gpu")
@@ -501,7 +506,9 @@ def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tm
     frame = pd.read_csv(StringIO(progress)).set_index("run")
     assert frame.loc["a", "samples_per_s"] == 2000 and frame.loc["b", "samples_per_s"] == 1000
     assert frame.loc["a", "targets_reached"] == 1 and frame.loc["c", "state"] == "failed"
+    assert len(frame) == 4 and frame.loc["t", "state"] == "unreadable"
     assert "==> grid/c" in failed and "ValueError: boom" in failed and "line 59" not in failed  # the tail only
+    assert "==> grid/d\nConfigError: never started" in failed and "==> pooled" not in failed
     md = (out / "science_gpu.md").read_text()
-    assert "did not reach its tables" in md and "1 completed, 1 failed, 1 interrupted" in md
+    assert "did not reach its tables" in md and "1 completed, 1 failed, 1 interrupted, 1 unreadable" in md
     assert "5,010 samples in 10 s of wall time" in md
