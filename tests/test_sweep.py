@@ -245,24 +245,39 @@ def test_a_diverging_point_is_recorded_and_the_rest_complete(tmp_path):
 
 
 def test_a_failed_run_says_why_where_the_sweep_is_watched_and_the_rest_complete(tmp_path, capsys, monkeypatch):
-    """A run that crashes (here: a stand-in command raising) is counted failed, and the sweep prints its
-    error, the last line of its log, which otherwise stays in logs/ (on a device machine, out of reach)."""
+    """A run that crashes is counted failed and the sweep prints why, which otherwise stays in logs/ (on a
+    device machine, out of reach): the error line of a traceback that ends in a hint (as CUDA's do), and for a
+    child killed outright (its status left "running") its exit code. Stand-in commands play the children."""
     import goldenpath.training.sweep as sweep_mod
 
-    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.07]}\nseeds: [0]\n")
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.07, 0.09]}\nseeds: [0]\n")
     real = sweep_mod.command
+    crash = ("import sys; print('Traceback (most recent call last):'); print('  File x, line 1'); "
+             "print('RuntimeError: CUDA error: out of memory'); "
+             "print('Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.'); sys.exit(1)")
 
     def command(sweep, point, sweep_dir, port=None):
         if point.name.startswith("lr=0.07"):
-            return [sys.executable, "-c", "raise RuntimeError('CUDA error: out of memory (stand-in)')"]
+            return [sys.executable, "-c", crash]
+        if point.name.startswith("lr=0.09"):  # killed mid-run: its status still says running
+            run = sweep_dir / point.name
+            kill = (f"import os, signal, pathlib; d = pathlib.Path({str(run)!r}); d.mkdir(parents=True); "
+                    "(d / 'status.json').write_text('{\"state\": \"running\"}'); os.kill(os.getpid(), signal.SIGKILL)")
+            return [sys.executable, "-c", kill]
         return real(sweep, point, sweep_dir, port)
 
     monkeypatch.setattr(sweep_mod, "command", command)
     sweep_dir = sweep_mod.run_sweep(path, jobs=2, progress=False)
     err = capsys.readouterr().err
-    assert "lr=0.07_rep=0 failed (exit code 1): RuntimeError: CUDA error: out of memory (stand-in)" in err
+    assert ("lr=0.07_rep=0 failed (exit code 1): RuntimeError: CUDA error: out of memory "
+            "(logs/lr=0.07_rep=0.log)") in err
+    assert "lr=0.09_rep=0 failed (exit code -9): (empty log)" in err
     table = rows(sweep_dir)
     assert table["lr=0.07_rep=0"]["state"] == "failed" and table["lr=0.05_rep=0"]["state"] == "completed"
+    # a run that failed in the trainer says so in its status: that reason is the line
+    run = sweep_dir / "lr=0.05_rep=0"
+    (run / "status.json").write_text(json.dumps({"state": "failed", "reason": "ValueError: bad batch\nmore"}))
+    assert sweep_mod._why_failed(sweep_dir, "lr=0.05_rep=0") == "ValueError: bad batch"
 
 
 def test_two_sweep_processes_never_run_the_same_point(tmp_path):
@@ -410,9 +425,9 @@ def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory
     assert float(pairs[0][runtime.MEMORY_FRACTION_ENV]) == pytest.approx(0.95 / 4, abs=1e-4)
 
     # a parent that sees some GPUs only hands its children those, by the names it was given them
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f2c, 3")
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(3, 1)] == ["GPU-5f2c", "3", "GPU-5f2c"]
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(1, 2)] == ["GPU-5f2c,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f2c, GPU-9a1e")
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(3, 1)] == ["GPU-5f2c", "GPU-9a1e", "GPU-5f2c"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in _slots(1, 2)] == ["GPU-5f2c,GPU-9a1e"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
 
     # the run process applies its share to every visible GPU, and refuses a share that is not a fraction

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -269,22 +270,30 @@ class _Local:
             if state is None:  # it stopped before its run directory existed (bad input)
                 self.skipped[point.name] = {"state": "failed", "reason": f"exit code {proc.returncode} before the "
                                             f"run started; see logs/{point.name}.log"}
-            if state in (None, "failed"):  # why, where the sweep is watched: the log's last line (the error)
+            outcome = {"completed": "done", "diverged": "diverged", "stalled": "stalled",
+                       "interrupted": "interrupted"}.get(state, "failed")
+            if outcome == "failed":  # failed, killed (left "running") or never started: why, where it is watched
                 self.bar.write(f"{point.name} failed (exit code {proc.returncode}): "
-                               f"{_last_line(self.sweep_dir / 'logs' / f'{point.name}.log')}", file=sys.stderr)
-            self._settle({"completed": "done", "diverged": "diverged", "stalled": "stalled",
-                          "interrupted": "interrupted"}.get(state, "failed"))
+                               f"{_why_failed(self.sweep_dir, point.name)}", file=sys.stderr)
+            self._settle(outcome)
             write_runs_csv(self.sweep_dir, self.points, self.skipped)
         return bool(finished)
 
 
-def _last_line(log: Path) -> str:
-    """The last non-empty line of a run's log (a traceback's last line names the error)."""
+def _why_failed(sweep_dir: Path, name: str) -> str:
+    """Why a run failed, in one line: the reason its status.json gives (the trainer's "Type: message"), else
+    the last error line of its log (a traceback's last lines may be hints, as CUDA's are), else its last line."""
+    status = ckpt.RunDir(sweep_dir / name).status()
+    if status.get("state") == "failed" and status.get("reason"):
+        return str(status["reason"]).splitlines()[0][:300]
     try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        with open(sweep_dir / "logs" / f"{name}.log", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))  # the tail is enough
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
-        lines = []
-    return lines[-1].strip()[:300] if lines else "(no log)"
+        return "(no log)"
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    return ((errors or lines or ["(empty log)"])[-1])[:300] + f" (logs/{name}.log)"
 
 
 def slurm_arrays(sweep: Sweep, sweep_dir: Path, points: list[Point], *, retry_diverged: bool) -> list[list]:
