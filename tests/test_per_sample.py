@@ -423,6 +423,7 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
                         lambda device=None: 0.25 + 0 * _get_device_index(device, optional=False))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda = torch.device("cuda", 0)
     assert free_memory_bytes(cuda) == 30 * gib  # 0.25 x 140 - 5, below the device's 100 free
@@ -432,3 +433,5 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     assert layer_rules._samples_per_product(a, gib) == int(layer_rules.PATCH_MEMORY_SHARE * 30)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     assert free_memory_bytes(cuda) == 100 * gib  # no cap: the device's free memory
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 25 * gib)
+    assert free_memory_bytes(cuda) == 120 * gib  # and what its own allocator holds unused (25 - 5)

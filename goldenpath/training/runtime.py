@@ -91,17 +91,19 @@ def gpu_memory_share() -> float | None:
 
 
 def free_memory_bytes(device) -> int:
-    """Bytes this process may still take on ``device``. CUDA: the device's free memory, or less where the process
-    is capped (``torch.cuda.set_per_process_memory_fraction``, as each run of a sweep sharing a GPU is): the cap
-    less what its tensors hold. CPU: MemAvailable (1 GiB where /proc/meminfo cannot be read)."""
+    """Bytes this process may still take on ``device``. CUDA: the device's free memory and what this process's
+    allocator holds unused, or less where the process is capped (``torch.cuda.set_per_process_memory_fraction``,
+    as each run of a sweep sharing a GPU is): the cap less what its tensors hold. CPU: MemAvailable (1 GiB where
+    /proc/meminfo cannot be read)."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":  # "cuda" alone is the current device (the cap's getter wants an index)
         index = torch.cuda.current_device() if device.index is None else device.index
         free, total = torch.cuda.mem_get_info(index)
-        capped = torch.cuda.get_per_process_memory_fraction(index) * total - torch.cuda.memory_allocated(index)
-        return int(max(0, min(free, capped)))
+        allocated = torch.cuda.memory_allocated(index)
+        capped = torch.cuda.get_per_process_memory_fraction(index) * total - allocated
+        return int(max(0, min(free + torch.cuda.memory_reserved(index) - allocated, capped)))
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
