@@ -37,8 +37,8 @@ teacher study with the CNN of configs/teacher-cnn.yaml, lr x batch 2 x 2, online
 setting, runs meant (by an extrapolation) to reach targets down to 1.48 (90% of the way from chance to the
 Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing it, and its power
 curve (three levels, pools of 10, 20 at f = 0), the teacher stream made on the GPU (``data.generate=device``).
-Its size comes from CPU timings and an estimate, both in the comment above ``GPU``: about 4-6 minutes on one
-H200 (13 with the stream made on the CPU); not run on a GPU yet. It
+Its size comes from CPU timings and an estimate, both in the comment above ``GPU``: planned at 4-6 minutes on
+one H200, but ~140 operators a step (counted on a CPU) put it at 15-30; not run on a GPU yet. It
 writes the same tables, plus gap.csv (how much of the chance-to-floor gap each setting closes) and
 verdict.md, under analysis/results/golden_path/gpu/ (--out), leaving the quick tables alone. ``--cpu-smoke``
 runs that path at toy sizes (tested).
