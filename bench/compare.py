@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from goldenpath.store import files, rundir as ckpt
-from goldenpath.training.runtime import tune_malloc
+from goldenpath.training.runtime import strict_float32, tune_malloc
 from goldenpath.comparison.compare import compare
-from goldenpath.comparison.pairs import strict_float32
 from goldenpath.config import load_config, to_dict
 from goldenpath.models import build_model, logits
 

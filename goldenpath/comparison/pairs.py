@@ -204,9 +204,9 @@ class _Gram:
 
         KL(i || j) = sum_k p_ik log p_ik - sum_k p_ik log p_jk,   sq(i, j) = (|p_i|^2 + |p_j|^2) / 2 - p_i . p_j
 
-    in float32 with float32 sums (TF32 off), within about 1e-6 of the pointwise forms (tested against float64;
-    compare's tolerance for kl: 1e-4 relative). Not for distributions with a token ruled out (-inf logits:
-    0 * log 0), which keep the pointwise forms."""
+    in float32 with float32 sums (TF32 off: built inside :func:`pair_sums`), within about 1e-6 of the pointwise
+    forms (tested against float64; compare's tolerance for kl: 1e-4 relative). Not for distributions with a
+    token ruled out (-inf logits: 0 * log 0), which keep the pointwise forms."""
 
     METRICS = ("kl", "sq")
 
@@ -225,10 +225,9 @@ class _Gram:
             other = p if name == "pp" else self.dist.log_p.flatten(1, -2)
             models, points, classes = p.shape
             step = max(1, PAIR_GROUP_BYTES // (2 * models * classes * p.element_size()))  # bounds the copies
-            with strict_float32():
-                self._products[name] = torch.cat([
-                    torch.bmm(p[:, lo : lo + step].transpose(0, 1), other[:, lo : lo + step].permute(1, 2, 0))
-                    for lo in range(0, points, step)])  # [points, models, models]
+            self._products[name] = torch.cat([  # within pair_sums' strict_float32: no TF32
+                torch.bmm(p[:, lo : lo + step].transpose(0, 1), other[:, lo : lo + step].permute(1, 2, 0))
+                for lo in range(0, points, step)])  # [points, models, models]
         return self._products[name]
 
     def __call__(self, metric: str, first: slice | torch.Tensor, second: slice | torch.Tensor) -> torch.Tensor:
