@@ -37,8 +37,8 @@ teacher study with the CNN of configs/teacher-cnn.yaml, lr x batch 2 x 2, online
 setting, runs meant (by an extrapolation) to reach targets down to 1.48 (90% of the way from chance to the
 Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing it, and its power
 curve (three levels, pools of 10, 20 at f = 0), the teacher stream made on the GPU (``data.generate=device``).
-Its size comes from CPU timings and an estimate, both in the comment above ``GPU``: planned at 4-6 minutes on
-one H200, but ~140 operators a step (counted on a CPU) put it at 15-30; not run on a GPU yet. It
+Its size comes from CPU timings and an estimate, both in the comment above ``GPU``: about 5-8 minutes of
+kernel launches on one H200 (~45 a step, counted on a CPU by bench/step_ops.py); not run on a GPU yet. It
 writes the same tables, plus gap.csv (how much of the chance-to-floor gap each setting closes) and
 verdict.md, under analysis/results/golden_path/gpu/ (--out), leaving the quick tables alone. ``--cpu-smoke``
 runs that path at toy sizes (tested).
@@ -83,12 +83,19 @@ MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
 # (~56,000 samples/s per thread) would bind the GPU runs: ~780,000 samples/s for 14 runs on 16 cores, about
 # 13 minutes for the grid (80 runs, 410M samples) and the power pools (40 runs, ~4.6M samples each: they stop
 # at the last target). So the stream is made on the GPU (data.generate=device). What binds then is an
-# estimate, not a measurement: ~2.5 PFLOP of training in all (6 MFLOP per sample) is seconds; the 2M optimizer
-# steps were taken to launch ~30 kernels each, ~4 us apiece on a GPU the GPU_JOBS processes time-slice, about 4
-# minutes. Counted on a CPU (a dispatch-mode count of one step), a step dispatches ~140 operators, ~80 of them
-# making its batch on the device: 15-30 minutes, over a GPU slot. bench/science_gpu.sh sends back progress.csv
-# (each run's samples/s and how far it got) even from a part stopped at its limit: the first GPU slot measures
-# the rate, and the sizing follows it (fewer, larger steps, or the seeds of a setting stacked in one process).
+# estimate, not a measurement: ~2.5 PFLOP of training in all (6 MFLOP per sample) is seconds; what binds is the
+# ~2.4M optimizer steps' kernel launches (2M in the grid, ~0.4M in the power pools), each ~3-5 us on a GPU the
+# GPU_JOBS processes take turns on. Counted on a CPU (python bench/step_ops.py --device-block, batch 128), a step
+# dispatches 78 launching operators online and 71 offline, of which ~27 are the CPU's per-parameter SGD loop
+# (one fused kernel on a GPU) and ~7 the stream's index arithmetic (on the host): ~45 kernels a step, 100M in
+# all, about 5-8 minutes, the grid's part alone 4-7 (its limit in bench/science_gpu.sh: 270 s). Before the
+# teacher's batches came in aligned blocks and an offline subset was held (goldenpath.data.streams), making a
+# batch alone was ~80 operators a step (15-30 minutes). bench/science_gpu.sh sends back progress.csv (each
+# run's samples/s and how far it got) even from a part stopped at its limit: the first GPU slot measures the
+# rate, and the sizing follows it. Fewer, larger steps cost samples but save launches (CPU, lr 0.02, batch 1024:
+# eval loss 1.82, 1.70, 1.61 at 143k, 287k, 563k samples, against batch 512's 1.70, 1.63, 1.58: 1.61 in 550
+# steps where batch 512 took 1,100 to 1.58); a setting's seeds stacked in one process would divide the
+# launches by the seeds.
 GPU = {"cpu": False, "precision": "auto", "threads": 1, "data.generate": "device"}  # auto: bf16 on a CUDA GPU
 GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS = [0.02, 0.05], [128, 512], 5_120_000, 8
 GPU_JOBS = 14  # runs at once on the GPU (goldenpath sweep --jobs: they share it, each its share of its memory)

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The golden-path study at GPU scale (analysis/golden_path.py --gpu), its teacher stream made on the GPU:
-# not yet run on a GPU. Sized for 4-6 minutes on one H200 from ~30 kernels per optimizer step; the operators a
-# step really dispatches, counted on a CPU, are ~140 (~80 of them making the batch), which puts the grid's 2M
-# steps at 15-30 minutes of time-sliced launches, more than a slot. The first slot's progress.csv (below)
-# measures the rate that sizes it (analysis/golden_path.py, above GPU =);
+# not yet run on a GPU. ~45 kernels per optimizer step (bench/step_ops.py --device-block counts them on a CPU)
+# put the grid's 2M steps at 4-7 minutes of time-sliced launches, near the teacher part's limit; the first
+# slot's progress.csv (below) measures the rate that sizes it (analysis/golden_path.py, above GPU =);
 # `--cpu-smoke`: the same path at toy sizes on a CPU (under about a minute on 2 cores).
 #
 #   bash bench/science_gpu.sh [--cpu-smoke]

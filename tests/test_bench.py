@@ -464,6 +464,21 @@ def test_gelu_bench_compares_the_same_function_in_its_two_forms():
     assert acts["composed"] == "NewGELUActivation" and acts["fused"] != acts["composed"]
 
 
+def test_step_ops_counts_a_step_and_an_embedded_stream_makes_its_batches_in_a_few_operators(tmp_path):
+    """bench/step_ops.py on the teacher CNN at batch 16: a step's operators split into the stream's and the rest;
+    within a block (online) or from the held subset (offline) the stream's are a handful (~80 when every step
+    made its own batch), the rest the model's forward, backward and optimizer."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import step_ops
+
+    for regime, extra in (("online", []), ("offline", ["data.epochs=4", "data.train_size=128"])):
+        row = step_ops.per_step("teacher-cnn", ["optim.batch_size=16", "model.width=8", *extra], (8, 24),
+                                str(tmp_path))
+        assert row["data_launching"] <= (12 if regime == "online" else 5), (regime, row)
+        assert row["step_launching"] > 30 and row["step_ops"] >= row["step_launching"]
+        assert "aten.convolution_backward.default" in row["step_top"]
+
+
 # ----------------------------------------------------------------------------- what science_gpu.sh sends back
 
 def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tmp_path):

@@ -138,3 +138,89 @@ def test_offline_subsets_are_disjoint_blocks_of_the_pool(size):
         assert len(set(ids.tolist())) == 100 and len(ids) == 200  # its own 100 samples, twice
         seen.append(set(ids.tolist()))
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def embedded(*overrides):
+    from goldenpath.config import load_config
+
+    return load_config(None, [*overrides, "budget.steps=1"]).data.build()
+
+
+def test_teacher_samples_depend_on_their_index_alone():
+    """Consecutive indices are cut from aligned blocks, each made whole in one call: however a run of indices is
+    asked for (one call, uneven pieces, across block edges), every sample is bit for bit the same, and the
+    source makes only whole aligned blocks, each once while it is read."""
+    from goldenpath.data.synthetic import TeacherStream
+
+    src = embedded("data.image_size=8", "data.mix=0.3")
+    size, lo = TeacherStream.BLOCK_CPU, 3 * 2**40 + 100
+    made = []
+    real = src._batch
+    src._batch = lambda split, index: made.append((int(index[0]), len(index))) or real(split, index)
+    whole = src.train_batch(torch.arange(lo, lo + 3 * size))
+    assert made == [(b * size, size) for b in range(lo // size, lo // size + 4)]
+    fresh = embedded("data.image_size=8", "data.mix=0.3")
+    pieces, at = [], lo
+    for n in (1, 7, size - 30, 300, 2 * size - 278):
+        pieces.append(fresh.train_batch(torch.arange(at, at + n)))
+        at += n
+    assert at == lo + 3 * size
+    for k in ("ids", "x", "y"):
+        assert torch.equal(torch.cat([p[k] for p in pieces]), whole[k])
+    one = fresh.train_batch(torch.arange(lo + 5, lo + 6))
+    assert torch.equal(one["y"], whole["y"][5:6]) and torch.equal(one["x"], whole["x"][5:6])
+
+
+@pytest.mark.parametrize("world, micro", [(1, 16), (2, 8), (4, 4)])
+def test_teacher_batches_are_the_same_samples_bit_for_bit_whatever_the_sharding(world, micro):
+    """Labels no longer depend on the micro-batch they are made in: one process at batch 64 and ``world``
+    processes of micro-batches of ``micro`` read the same images and labels."""
+    from goldenpath.config import load_config
+    from goldenpath.data import build_stream
+
+    config = load_config(None, ["data.image_size=8", "budget.steps=1", "data.prefetch=0"])
+    single = build_stream(config.data.build(), config.data, seed=4, batch_size=64, micro_batch_size=64)
+    ranks = [build_stream(config.data.build(), config.data, seed=4, batch_size=64, micro_batch_size=micro,
+                          rank=r, world=world) for r in range(world)]
+    for _ in range(20):  # 1280 samples: across the aligned blocks' edges
+        (expected,) = single.next_step()
+        parts = [b for rank in ranks for b in rank.next_step()]
+        for k in ("ids", "x", "y"):
+            assert torch.equal(torch.cat([b[k] for b in parts]), expected[k])
+
+
+@pytest.mark.parametrize("source", [("data.source=markov", "data.seq_len=16"), ("data.image_size=8",)])
+def test_an_embedded_offline_subset_is_held_and_reads_as_made_step_by_step(monkeypatch, source):
+    """Offline on an embedded source: the subset is made once and held; each step gathers its rows. The batches
+    are those the stream makes step by step (the subset too large to hold): the same ids in the same order,
+    tokens and images bit for bit, teacher labels the online stream's for the same indices (a label made in
+    another batch may differ where its uniform lies within float32 error of a class boundary: none here);
+    sharded, resumed and over epoch edges alike."""
+    import goldenpath.data.streams as streams
+
+    kw = dict(seed=5, data_seed=2, epochs=3, train_size=600, batch_size=64, micro_batch_size=16)
+    src = embedded(*source)
+    held = make(src, **kw)
+    got = [held.next_step() for _ in range(28)]  # 1792 of 1800 samples: three epochs, across their edges
+    assert held._pool is not False and len(next(iter(held._pool.values()))) == 600
+    with pytest.raises(StreamExhausted):
+        held.next_step()
+    online = embedded(*source).train_batch(torch.arange(600))  # the subset's indices, as the online stream makes them
+    monkeypatch.setattr(streams, "POOL_MOST_BYTES", 0)
+    stepwise = make(embedded(*source), **kw)
+    for step, batches in enumerate(got):
+        assert stepwise._pool is False or step == 0
+        for a, b in zip(batches, stepwise.next_step(), strict=True):
+            assert a.keys() == b.keys() and torch.equal(a["ids"], b["ids"])
+            assert all(torch.equal(a[k], online[k][a["ids"]]) for k in a)
+            assert all(torch.equal(a[k], b[k]) for k in a if k != "y")
+            if "y" in a:
+                assert int((a["y"] != b["y"]).sum()) == 0
+    monkeypatch.setattr(streams, "POOL_MOST_BYTES", 2**31)
+    resumed = make(embedded(*source), **{**kw, "micro_batch_size": 8}, rank=1, world=2)
+    resumed.load_state_dict({"position": 64 * 11})
+    for batches in got[11:20]:
+        mine = resumed.next_step()
+        assert len(mine) == 4 and all(len(b["ids"]) == 8 for b in mine)  # rank 1: the second half, 4 x 8
+        for k in batches[0]:
+            assert torch.equal(torch.cat([b[k] for b in mine]), torch.cat([b[k] for b in batches])[32:])

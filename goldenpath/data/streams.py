@@ -10,7 +10,9 @@ Two kinds of source feed a stream:
 
 Regimes (docs/science.md): **online** (``epochs == 1``) never yields a pool index twice; **offline**
 (``epochs > 1``) fixes a subset of ``train_size`` samples, chosen by the data seed so every run of a sweep
-shares it, and visits it ``epochs`` times, reshuffled each epoch by the run seed.
+shares it, and visits it ``epochs`` times, reshuffled each epoch by the run seed. An embedded source's
+subset (consecutive indices) is made once and held where the source makes its training batches, each step a
+gather of its rows (up to POOL_MOST_BYTES; a larger one is made step by step), each sample made once.
 
 Sharding: the optimizer step at global position ``p`` takes positions ``[p, p + batch_size)``; process
 ``r`` of ``world`` takes the contiguous slice ``[p + r*A*m, p + (r+1)*A*m)`` split into ``A`` micro-batches
@@ -34,6 +36,8 @@ Batch = dict[str, torch.Tensor]
 (labels -100 where no token is predicted)."""
 
 ONLINE_STRIDE = 2**40  # unbounded pools: run seed s reads indices s * 2**40 + position (disjoint across seeds)
+POOL_MOST_BYTES = 2**31  # an embedded source's offline subset up to this size is made once and held (Stream)
+POOL_CHUNK = 2**16      # samples made per call while the subset is made
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,10 @@ class Stream:
         self.position = 0
         self._subset: torch.Tensor | None = None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation of the subset)
+        # an embedded (unbounded) source's offline subset, made once on first use and held where the source makes
+        # training batches, its rows gathered each step; False: too large (POOL_MOST_BYTES), made step by step
+        self._pool: Batch | None | bool = None if train_size is not None and source.size is None else False
+        self._rows: tuple[int, torch.Tensor] | None = None  # (epoch, that epoch's order where the pool is)
         if train_size is not None:
             lo, hi = subset * train_size, (subset + 1) * train_size  # disjoint blocks of one permutation
             pool = None if source.size is None else seeded_generator(data_seed, Purpose.SUBSET)
@@ -149,15 +157,57 @@ class Stream:
         """This process's micro-batches for the next optimizer step; advances the position."""
         if self.limit is not None and self.position + self.batch_size > self.limit:
             raise StreamExhausted
-        index = self._step_index(self.position)
-        batches = [self.source.train_batch(chunk) for chunk in index.split(self.micro_batch_size)]
+        if self._pool is None:
+            self._pool = self._made_pool()
+        if self._pool is False:
+            index = self._step_index(self.position)
+            batches = [self.source.train_batch(chunk) for chunk in index.split(self.micro_batch_size)]
+        else:
+            batch = self._pooled(*self._step_span(self.position))
+            batches = [{k: v[lo : lo + self.micro_batch_size] for k, v in batch.items()}
+                       for lo in range(0, len(batch["ids"]), self.micro_batch_size)]
         self.position += self.batch_size
         return batches
 
+    def _step_span(self, position: int) -> tuple[int, int]:
+        """This process's global positions [start, stop) for the step at global ``position``."""
+        start = position + self.rank * self.accumulation * self.micro_batch_size
+        return start, start + self.accumulation * self.micro_batch_size
+
     def _step_index(self, position: int) -> torch.Tensor:
         """This process's pool indices for the step at global ``position``."""
-        start = position + self.rank * self.accumulation * self.micro_batch_size
-        return self.indices(start, start + self.accumulation * self.micro_batch_size)
+        return self.indices(*self._step_span(position))
+
+    def _made_pool(self) -> Batch | bool:
+        """An embedded source's offline subset, made once (in runs of consecutive indices: an embedded source
+        makes such a run from its own aligned blocks, so every sample is the one the online stream would give
+        for its index) and held where the source makes its training batches; False where it would take more
+        than POOL_MOST_BYTES (the subset is then made step by step, each micro-batch as one call)."""
+        first = self.source.train_batch(self._subset[:1])
+        fields = [k for k in first if k != "ids"]
+        sample_bytes = sum(first[k][0].numel() * first[k].element_size() for k in fields)
+        if not fields or sample_bytes * len(self._subset) > POOL_MOST_BYTES:
+            return False
+        pool = {k: first[k].new_empty((len(self._subset), *first[k].shape[1:])) for k in fields}
+        for lo in range(0, len(self._subset), POOL_CHUNK):
+            part = self.source.train_batch(self._subset[lo : lo + POOL_CHUNK])
+            for k in fields:
+                pool[k][lo : lo + len(part[k])] = part[k]
+        return pool
+
+    def _pooled(self, start: int, stop: int) -> Batch:
+        """The samples at global positions [start, stop), gathered from the held subset: the epoch's order,
+        copied once per epoch to where the pool is, sliced (no copy) and used as one gather per field."""
+        n, ids, rows = len(self._subset), [], []
+        for epoch in range(start // n, (stop - 1) // n + 1):
+            lo, hi = max(start, epoch * n) - epoch * n, min(stop, (epoch + 1) * n) - epoch * n
+            order, there = self._epoch_order(epoch), self._rows  # read once: another thread may replace it
+            if there is None or there[0] != epoch:
+                there = self._rows = (epoch, order.to(next(iter(self._pool.values())).device))
+            ids.append(self._subset[order[lo:hi]])
+            rows.append(there[1][lo:hi])
+        rows = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return {"ids": torch.cat(ids), **{k: v[rows] for k, v in self._pool.items()}}
 
     def state_dict(self) -> dict:
         return {"position": self.position}

@@ -8,9 +8,13 @@ produced on demand, and resuming is free. Nothing is downloaded and nothing larg
   by default), labels
   ``y ~ softmax(T(x) / temperature)`` from a fixed random CNN ``T``. Bayes-optimal loss on the eval set:
   ``mean_x H(softmax(T(x) / temperature))``. Images are computed in float64 and rounded, so a sample's
-  pixels do not depend on the batch it is generated in; the teacher runs in float32, whose logits can move
-  by ~1e-6 with the batch size, which changes a label only if its uniform draw lies that close to a class
-  boundary (about one sample in 10^6). ``mix`` plants a difference of graded strength: that fraction of
+  pixels do not depend on the batch it is generated in. The teacher runs in float32, whose logits can move
+  by ~1e-6 with the batch they are computed in, which would change a label where its uniform draw lies that
+  close to a class boundary (about one sample in 10^6); so consecutive training indices (an online stream,
+  an offline subset made whole) are made in aligned blocks (:meth:`TeacherStream.train_batch`) and a label
+  depends on its index alone: not on the batch size, the micro-batch or the number of processes. Only
+  indices asked for out of order (an offline subset too large to hold, made step by step) are made in the
+  batch they are asked in. ``mix`` plants a difference of graded strength: that fraction of
   the *training* samples (chosen by sample id) is labelled by a second, independent teacher, so a run
   learns a mixture of the two; eval and probe labels stay the first teacher's (the power curve of
   ``analysis/golden_path.py``).
@@ -26,7 +30,8 @@ device. The counter-based draws are integer hashes, exact on any device. On a de
 float64 (on the CPU in float32): a teacher image equals the CPU's up to float32 rounding of a float64 value
 and a label differs only where its uniform lies within the CPU teacher's float32 error (~1e-6) of a class
 boundary, about one sample in 10^6. Markov tokens with the next-token table cached (vocab_size ** (order + 1)
-<= 2**22) are gathers and searches on the same float64 table: identical to the CPU's.
+<= 2**22) are gathers and searches on the same float64 table: identical to the CPU's. On a CUDA device the
+teacher's aligned blocks hold BLOCK_CUDA samples, so making a batch costs a few kernels a step, not ~80.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class TeacherStream:
     """The teacher vision source (random access by sample index; see module docstring)."""
 
     size = None
+    BLOCK_CPU = 512    # training samples made in one call, as aligned blocks (train_batch)
+    BLOCK_CUDA = 8192
 
     def __init__(self, cfg: TeacherData):
         self.cfg = cfg
@@ -126,6 +133,7 @@ class TeacherStream:
         self.second = self._cached_teacher(purpose=Purpose.SECOND_TEACHER) if cfg.mix > 0 else None
         self._train = (self._basis, self.teacher, self.second)  # what makes training batches (place() moves it)
         self._heldout: dict[str, Batch] = {}  # eval and probe sets, made on first use
+        self._block: tuple[tuple[int, int], Batch] | None = None  # ((block, size), batch): the last aligned block
 
     def place(self, device: torch.device | str) -> TeacherStream:
         """Make training batches on ``device`` from now on (data.generate=device): the basis and float64 copies
@@ -133,6 +141,7 @@ class TeacherStream:
         device = _resolved(device)
         on = lambda net: None if net is None else copy.deepcopy(net).to(device, torch.float64)  # noqa: E731
         self._train = (self._basis.to(device), on(self.teacher), on(self.second))
+        self._block = None
         return self
 
     def _fourier_basis(self) -> torch.Tensor:
@@ -234,7 +243,24 @@ class TeacherStream:
         return {"ids": index.clone(), "x": x, "y": y}
 
     def train_batch(self, index: torch.Tensor) -> Batch:
-        return self._batch("train", index)
+        """The samples at these indices. A contiguous run of indices (an online stream's) is cut from aligned
+        blocks: block b holds indices [b S, (b + 1) S) and is always made whole, in one call, so a sample's
+        label depends on its index alone, not on the batch size, the micro-batch size or the number of
+        processes, and a block's one generation serves many steps (S = BLOCK_CUDA samples where a GPU makes
+        them, a few kernels per block instead of ~95 per step; BLOCK_CPU on a CPU, where larger blocks run no
+        faster). Other indices (an offline epoch's shuffled subset) are made as asked."""
+        n = len(index)
+        if n == 0 or not bool((index[1:] - index[:-1] == 1).all()):
+            return self._batch("train", index)
+        size = self.BLOCK_CUDA if self._train[0].device.type == "cuda" else self.BLOCK_CPU
+        lo = int(index[0])
+        parts = []
+        for b in range(lo // size, (lo + n - 1) // size + 1):
+            if self._block is None or self._block[0] != (b, size):
+                self._block = ((b, size), self._batch("train", torch.arange(b * size, (b + 1) * size)))
+            first = max(lo - b * size, 0)
+            parts.append({k: v[first : min(lo + n - b * size, size)] for k, v in self._block[1].items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # a copy, also of a single part
 
     def heldout(self, split: str) -> Batch:
         """The eval or probe set, made on first use (compare needs only the probe set)."""
