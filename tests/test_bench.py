@@ -464,12 +464,17 @@ def test_gelu_bench_compares_the_same_function_in_its_two_forms():
     assert acts["composed"] == "NewGELUActivation" and acts["fused"] != acts["composed"]
 
 
-def test_step_ops_counts_a_step_and_an_embedded_stream_makes_its_batches_in_a_few_operators(tmp_path):
-    """bench/step_ops.py on the teacher CNN at batch 16: a step's operators split into the stream's and the rest;
-    within a block (online) or from the held subset (offline) the stream's are a handful (~80 when every step
-    made its own batch), the rest the model's forward, backward and optimizer."""
+def test_step_ops_counts_a_step_and_an_embedded_stream_makes_its_batches_in_a_few_operators(tmp_path, monkeypatch):
+    """bench/step_ops.py on the teacher CNN at batch 16, the teacher's blocks as on a CUDA device (--device-block):
+    a step's operators split into the stream's and the rest; within a block (online) or from the held subset
+    (offline) the stream's are a handful (~80 when every step made its own batch), the rest the model's forward,
+    backward and optimizer."""
+    from goldenpath.data.synthetic import TeacherStream
+
     sys.path.insert(0, str(ROOT / "bench"))
     import step_ops
+
+    monkeypatch.setattr(TeacherStream, "BLOCK_CPU", TeacherStream.BLOCK_CUDA)
 
     for regime, extra in (("online", []), ("offline", ["data.epochs=4", "data.train_size=128"])):
         row = step_ops.per_step("teacher-cnn", ["optim.batch_size=16", "model.width=8", *extra], (8, 24),

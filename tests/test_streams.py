@@ -161,7 +161,7 @@ def test_teacher_samples_depend_on_their_index_alone():
     assert made == [(b * size, size) for b in range(lo // size, lo // size + 4)]
     fresh = embedded("data.image_size=8", "data.mix=0.3")
     pieces, at = [], lo
-    for n in (1, 7, size - 30, 300, 2 * size - 278):
+    for n in (1, 7, size - 30, size + 5, 3 * size - 1 - 7 - (size - 30) - (size + 5)):
         pieces.append(fresh.train_batch(torch.arange(at, at + n)))
         at += n
     assert at == lo + 3 * size

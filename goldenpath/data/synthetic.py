@@ -122,7 +122,7 @@ class TeacherStream:
     """The teacher vision source (random access by sample index; see module docstring)."""
 
     size = None
-    BLOCK_CPU = 512    # training samples made in one call, as aligned blocks (train_batch)
+    BLOCK_CPU = 128    # training samples made in one call, as aligned blocks (train_batch)
     BLOCK_CUDA = 8192
 
     def __init__(self, cfg: TeacherData):
@@ -247,8 +247,9 @@ class TeacherStream:
         blocks: block b holds indices [b S, (b + 1) S) and is always made whole, in one call, so a sample's
         label depends on its index alone, not on the batch size, the micro-batch size or the number of
         processes, and a block's one generation serves many steps (S = BLOCK_CUDA samples where a GPU makes
-        them, a few kernels per block instead of ~95 per step; BLOCK_CPU on a CPU, where larger blocks run no
-        faster). Other indices (an offline epoch's shuffled subset) are made as asked."""
+        them: ~80 kernels a block instead of a step; BLOCK_CPU on a CPU, where larger blocks run no faster and
+        a prefetched step would wait for them). Other indices (an offline subset too large to hold, in its
+        shuffled order) are made as asked."""
         n = len(index)
         if n == 0 or not bool((index[1:] - index[:-1] == 1).all()):
             return self._batch("train", index)
