@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -71,37 +72,50 @@ def trainer(config_path: Path, steps: int, out: str, name: str, extra=()) -> dic
             "wall_samples_per_s": samples / wall, **{f"{k}_s": v for k, v in status["seconds"].items()}}
 
 
-class Timed:
-    """The stream ``goldenpath train`` builds, with the seconds its ``next_step`` blocks the loop counted."""
+class Watched:
+    """The stream ``goldenpath train`` builds, each ``next_step`` run inside ``around()`` (a context manager)."""
 
-    def __init__(self, stream, waits: list):
-        self._stream, self._waits = stream, waits
+    def __init__(self, stream, around):
+        self._stream, self._around = stream, around
 
     def next_step(self):
-        t0 = time.perf_counter()
-        try:
+        with self._around():
             return self._stream.next_step()
-        finally:
-            self._waits.append(time.perf_counter() - t0)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name == "_stream":
+        if name.startswith("__") or name in ("_stream", "_around"):
             raise AttributeError(name)
         return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def watched_streams(around):
+    """Within the block, every stream ``goldenpath train`` builds is :class:`Watched` with ``around``."""
+    import goldenpath.training.run as run_module
+
+    build = run_module.build_stream
+    run_module.build_stream = lambda *a, **kw: Watched(build(*a, **kw), around)
+    try:
+        yield
+    finally:
+        run_module.build_stream = build
 
 
 def timed_train(config_path, overrides, steps: int, out: str, name: str, skip: int = 0) -> dict:
     """One trainer run with every ``next_step`` timed: its data-wait fraction and training samples/s (the
     first ``skip`` steps' waits, e.g. a shuffle buffer's first fill, left out of the time and the waits)."""
-    import goldenpath.training.run as run_module
-
     waits: list[float] = []
-    build = run_module.build_stream
-    run_module.build_stream = lambda *a, **kw: Timed(build(*a, **kw), waits)
-    try:
+
+    @contextlib.contextmanager
+    def timed():
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    with watched_streams(timed):
         res = trainer(config_path, steps, out, name, extra=["budget.min_progress=null", *overrides])
-    finally:
-        run_module.build_stream = build
     return {"wait": sum(waits[skip:]) / (res["train_s"] - sum(waits[:skip])), "samples_per_s": res["samples_per_s"]}
 
 

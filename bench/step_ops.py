@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from overhead import watched_streams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,28 +45,8 @@ class Counted(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Stream:
-    """The stream the trainer builds, its ``next_step`` marked as the data part of the count."""
-
-    def __init__(self, stream, mode: Counted):
-        self._stream, self._mode = stream, mode
-
-    def next_step(self):
-        self._mode.data = True
-        try:
-            return self._stream.next_step()
-        finally:
-            self._mode.data = False
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name in ("_stream", "_mode"):
-            raise AttributeError(name)
-        return getattr(self._stream, name)
-
-
 def counted_run(config: str, overrides: list[str], steps: int, out: str) -> Counted:
     """The operators of one ``goldenpath train`` run of ``steps`` steps (synchronous stream, no targets)."""
-    import goldenpath.training.run as run_module
     from goldenpath.config import load_config
     from goldenpath.training.trainer import train
 
@@ -73,13 +56,17 @@ def counted_run(config: str, overrides: list[str], steps: int, out: str) -> Coun
         "budget.min_progress=null", "checkpoint.targets=[]", "checkpoint.eval_every=1000000",
         "log.every=1000000", "log.progress=false", *overrides])
     mode = Counted()
-    build = run_module.build_stream
-    run_module.build_stream = lambda *a, **kw: _Stream(build(*a, **kw), mode)
-    try:
-        with mode:
-            train(cfg)
-    finally:
-        run_module.build_stream = build
+
+    @contextlib.contextmanager
+    def data_part():  # the stream's next_step: counted as the data part
+        mode.data = True
+        try:
+            yield
+        finally:
+            mode.data = False
+
+    with watched_streams(data_part), mode:
+        train(cfg)
     return mode
 
 

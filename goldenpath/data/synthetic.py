@@ -65,6 +65,11 @@ def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return draw.clamp_max(probs.shape[-1] - 1)
 
 
+def _consecutive(index: torch.Tensor) -> bool:
+    """Whether ``index`` (a CPU tensor) is a non-empty run of consecutive indices (what a stream's step reads)."""
+    return len(index) > 0 and bool((index[1:] - index[:-1] == 1).all())
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) over the last dim, in float64."""
     logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
@@ -133,7 +138,7 @@ class TeacherStream:
         self.second = self._cached_teacher(purpose=Purpose.SECOND_TEACHER) if cfg.mix > 0 else None
         self._train = (self._basis, self.teacher, self.second)  # what makes training batches (place() moves it)
         self._heldout: dict[str, Batch] = {}  # eval and probe sets, made on first use
-        self._block: tuple[tuple[int, int], Batch] | None = None  # ((block, size), batch): the last aligned block
+        self._block: tuple[int, Batch] | None = None  # (block, batch): the last aligned block (place() drops it)
 
     def place(self, device: torch.device | str) -> TeacherStream:
         """Make training batches on ``device`` from now on (data.generate=device): the basis and float64 copies
@@ -250,15 +255,14 @@ class TeacherStream:
         them: ~80 kernels a block instead of a step; BLOCK_CPU on a CPU, where larger blocks run no faster and
         a prefetched step would wait for them). Other indices (an offline subset too large to hold, in its
         shuffled order) are made as asked."""
-        n = len(index)
-        if n == 0 or not bool((index[1:] - index[:-1] == 1).all()):
+        if not _consecutive(index):
             return self._batch("train", index)
         size = self.BLOCK_CUDA if self._train[0].device.type == "cuda" else self.BLOCK_CPU
-        lo = int(index[0])
+        n, lo = len(index), int(index[0])
         parts = []
         for b in range(lo // size, (lo + n - 1) // size + 1):
-            if self._block is None or self._block[0] != (b, size):
-                self._block = ((b, size), self._batch("train", torch.arange(b * size, (b + 1) * size)))
+            if self._block is None or self._block[0] != b:
+                self._block = (b, self._batch("train", torch.arange(b * size, (b + 1) * size)))
             first = max(lo - b * size, 0)
             parts.append({k: v[first : min(lo + n - b * size, size)] for k, v in self._block[1].items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # a copy, also of a single part
@@ -380,10 +384,9 @@ class MarkovStream:
         READ_AHEAD sequences costs little more than one micro-batch. Every sequence is a pure function of
         its index, so the block gives exactly the tokens a direct call would.
         """
-        n = len(index)
-        if n == 0 or not bool((index[1:] - index[:-1] == 1).all()):
+        if not _consecutive(index):
             return self._batch("train", index)
-        lo, block = int(index[0]), self._ahead
+        n, lo, block = len(index), int(index[0]), self._ahead
         if block is None or not (block[0] <= lo and lo + n <= block[0] + len(block[1]["ids"])):
             block = self._ahead = (lo, self._batch("train", torch.arange(lo, lo + max(n, self.READ_AHEAD))))
         off = lo - block[0]
