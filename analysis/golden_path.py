@@ -33,16 +33,16 @@ settings, adjusted by Holm within a target and regime, used targets above the tr
 from controls (a narrower network, disjoint subsets); their verdicts are withdrawn (analysis/README.md).
 
 ``--gpu`` (``bash bench/science_gpu.sh`` runs it on a GPU machine, each part under its own time limit): the
-teacher study with the CNN of configs/teacher-cnn.yaml, lr x batch 2 x 2 (batches 256 and 1024), online and
-offline, 10 seeds per setting, 5,120,000 samples per run, targets down to 1.48 (90% of the way from chance
-to the Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing it, and its
-power curve (three levels, pools of 10, 20 at f = 0), the teacher stream made on the GPU
-(``data.generate=device``). Measured on a CPU, that budget closes about 87% of the gap at width 32 (by the
-best eval, as gap.csv): the last target is expected to stay unreached (the comment above ``GPU``, with what
-wider CNNs reach). Its size comes from CPU timings and an estimate, both in that comment: about 2.7-4.5
-minutes of kernel launches on one H200 (~45 a step, counted on a CPU by bench/step_ops.py); not run on a GPU
-yet. It writes the same tables, plus gap.csv (how much of the chance-to-floor gap each setting closes) and
-verdict.md, under analysis/results/golden_path/gpu/ (--out), leaving the quick tables alone.
+teacher study with the CNN of configs/teacher-cnn.yaml at width 128, lr x batch 2 x 2 (batches 256 and 1024),
+online and offline, 10 seeds per setting, 3,200,000 samples per run, targets down to 1.48 (90% of the way
+from chance to the Bayes floor; the quick targets reach 70%), bf16 on the GPU with ``GPU_JOBS`` runs sharing
+it, and its power curve (three levels, pools of 10, 20 at f = 0), the teacher stream made on the GPU
+(``data.generate=device``). Its width and budget come from full-length CPU runs (width 32 levels off at
+about 87% of the gap; width 128 reaches 90% at the least-noisy setting by about 3.1M samples), its size
+from CPU counts and an estimate, all in the comment above ``GPU``: about 2.5-4.5 minutes of kernel launches
+and FLOPs on one H200 for the grid; not run on a GPU yet. It writes the same tables, plus gap.csv (how much
+of the chance-to-floor gap each setting closes) and verdict.md, under analysis/results/golden_path/gpu/
+(--out), leaving the quick tables alone.
 ``--cpu-smoke`` runs that path at toy sizes (tested).
 
 Writes analysis/results/golden_path/: summary.csv, family.csv, trend.csv, runs.csv, power.csv, ratios.png,
@@ -76,32 +76,32 @@ RULES = {
 COMMON = {"log.progress": False, "budget.stop_at_last_target": False}
 MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
 # --gpu, sized for one large GPU (an H200); not run on a GPU yet. Measured on a 2-core CPU, one thread per
-# run (configs/teacher-cnn.yaml, width 32, one seed each, eval set 1,024): the eval loss at constant lr falls
-# fast, then ever more slowly, and at the same pace per sample at batch 512 and 1024 (lr 0.02; means of the
-# evals in each 640k samples: 1.557 / 1.578 from 0.64M, 1.539 / 1.534 from 1.92M, 1.519 / 1.519 from 3.84M,
-# the best eval 1.501 / 1.505 by 5.12M; lr 0.05 at batch 1024 the same within 0.005). So the budget of
-# 5,120,000 samples closes about 87% of the way from chance (2.28) to the Bayes floor (1.39): the last
-# target, 1.48 (90%), is not reached at this width and budget (the 5M once extrapolated for it was wrong).
-# A wider CNN gets further per sample, at 4 and 16 times the FLOPs: at width 64 (batch 1024, lr 0.02, the
-# grid's least-noisy setting) the means were 1.502 from 3.2M and 1.493 from 4.48M, the best eval 1.482 by
-# 5.12M (89%); at width 128 (lr 0.05) the eval loss first reached 1.48 at 2.24M samples. Which width a GPU
-# slot affords is what the first slot's progress.csv tells (the FLOPs, ~6 MFLOP a sample at width 32, ~20 at
-# 64, ~76 at 128, may then bind rather than the launches); until then the study keeps width 32, sized below,
-# and gap.csv and verdict.md report the share of the gap each setting closes. The grid's batches are 256 and
-# 1024: half the steps of 128 and 512 at the same samples, and the same tenfold range of lr / batch.
-# Made on the CPU, the teacher stream (~56,000 samples/s per thread) would bind the GPU runs, so it is made
-# on the GPU (data.generate=device). What binds then is an estimate, not a measurement: the optimizer
-# steps' kernel launches, each ~3-5 us on a GPU the GPU_JOBS processes take turns on (~3.7 PFLOP of
-# training in all is seconds). Counted on a CPU (python bench/step_ops.py --device-block, batch 128), a step
-# dispatches 78 launching operators online and 71 offline, of which ~27 are the CPU's per-parameter SGD loop
-# (one fused kernel on a GPU) and ~7 the stream's index arithmetic (on the host): ~45 kernels a step. The
-# grid is 1.0M steps (80 runs), the power pools 0.2M (40 runs at batch 1024, which run their whole budget
-# while 1.48 stays out of reach): 54M launches, about 2.7-4.5 minutes, the grid's part 2.3-3.8 (its limit in
-# bench/science_gpu.sh: 270 s). bench/science_gpu.sh sends back progress.csv (each run's samples/s and how
-# far it got) even from a part stopped at its limit: the first GPU slot measures the rate, and the sizing
-# follows it; a setting's seeds stacked in one process would divide the launches by the seeds.
+# run (configs/teacher-cnn.yaml, one seed each, eval set 1,024): the eval loss at constant lr falls fast,
+# then ever more slowly. At width 32 it levels off short of 90% of the gap from chance (2.28) to the Bayes
+# floor (1.39), whatever the batch: at lr 0.02, batch 512 and 1024 keep the same pace per sample (means of
+# the evals in each 640k samples: 1.557 / 1.578 from 0.64M, 1.539 / 1.534 from 1.92M, 1.519 / 1.519 from
+# 3.84M; best eval 1.501 / 1.505 by 5.12M, 87% of the gap; lr 0.05 within 0.005 of lr 0.02). Width 64
+# (batch 1024, lr 0.02) gets to 1.482 by 5.12M (89%). Width 128 gets there early: at batch 1024 the eval
+# loss first reached 1.48 (90%) at 3.10M samples with lr 0.02 (the grid's least-noisy setting; best eval
+# 1.480 by 3.2M, so about half its seeds may stop short) and at 2.24M with lr 0.05 (its evals then averaged
+# 1.484 from 2.56M). So the study trains width 128 for 3,200,000 samples (an earlier version trained width
+# 32 for 5.12M, on an extrapolation that the full-length runs refuted). The batches are 256 and 1024: the
+# same per sample as 128 and 512 and the same tenfold range of lr / batch, in half the steps. Made on the
+# CPU, the teacher stream (~56,000 samples/s per thread) would bind the GPU runs, so it is made on the GPU
+# (data.generate=device). What binds then is an estimate, not a
+# measurement, with two parts. The launches: counted on a CPU (python bench/step_ops.py --device-block), a
+# step dispatches 78 launching operators online and 71 offline, of which ~27 are the CPU's per-parameter SGD
+# loop (one fused kernel on a GPU) and ~7 the stream's index arithmetic (on the host): ~45 kernels a step,
+# ~3-5 us each on a GPU the GPU_JOBS processes take turns on. The FLOPs: 74 MFLOP a sample, forward and
+# backward, at width 128 (5.3 at width 32; torch.utils.flop_counter), at an assumed 150-300 TFLOP/s in bf16.
+# The grid is 0.625M steps and 256M samples (80 runs): 1.4-2.3 minutes of launches and 1-2 of FLOPs,
+# 2.5-4.5 if they do not overlap (its limit in bench/science_gpu.sh: 270 s); the power pools (40 runs at
+# batch 1024, stopped at the last target) at most 0.125M steps and 128M samples, 1-1.5 minutes (limit
+# 200 s). bench/science_gpu.sh sends back progress.csv (each run's samples/s and how far it got) even from a
+# part stopped at its limit: the first GPU slot measures the rate, and the sizing follows it; a setting's
+# seeds stacked in one process would divide the launches by the seeds.
 GPU = {"cpu": False, "precision": "auto", "threads": 1, "data.generate": "device"}  # auto: bf16 on a CUDA GPU
-GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS = [0.02, 0.05], [256, 1024], 5_120_000, 8
+GPU_LR, GPU_BATCH, GPU_SAMPLES, GPU_EPOCHS, GPU_WIDTH = [0.02, 0.05], [256, 1024], 3_200_000, 8, 128
 GPU_JOBS = 14  # runs at once on the GPU (goldenpath sweep --jobs: they share it, each its share of its memory)
 SEEDS = tuple(range(10))
 STUDIES = {
@@ -117,7 +117,8 @@ STUDIES = {
                          "checkpoint.targets": [1.75, 1.7, 1.65, 1.6, 1.55]},
                   lr=[0.005, 0.01, 0.02], batch=[32, 128, 512], offline=[8, 40960]),
         gpu=dict(base="teacher-cnn.yaml",  # --gpu: the CNN on one GPU, sized as said above GPU
-                 fixed={**GPU, "budget.samples": GPU_SAMPLES, "checkpoint.targets": [1.70, 1.64, 1.58, 1.52, 1.48],
+                 fixed={**GPU, "model.width": GPU_WIDTH, "budget.samples": GPU_SAMPLES,
+                        "checkpoint.targets": [1.70, 1.64, 1.58, 1.52, 1.48],
                         "checkpoint.eval_every": 50, "checkpoint.target_eval_every": 50},
                  lr=GPU_LR, batch=GPU_BATCH, offline=[GPU_EPOCHS, GPU_SAMPLES // GPU_EPOCHS],
                  levels=(0.0, 0.05, 0.2), pool=10),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The golden-path study at GPU scale (analysis/golden_path.py --gpu), its teacher stream made on the GPU:
 # not yet run on a GPU. ~45 kernels per optimizer step (bench/step_ops.py --device-block counts them on a CPU)
-# put the grid's 1.0M steps at 2.3-3.8 minutes of time-sliced launches, within the teacher part's limit; the
-# first slot's progress.csv (below) measures the rate that sizes it (analysis/golden_path.py, above GPU =);
+# and 74 MFLOP a sample (the CNN at width 128) put the grid's 0.625M steps at 2.5-4.5 minutes, within the
+# teacher part's limit; the first slot's progress.csv (below) measures the rate that sizes it
+# (analysis/golden_path.py, above GPU =);
 # `--cpu-smoke`: the same path at toy sizes on a CPU (under about a minute on 2 cores).
 #
 #   bash bench/science_gpu.sh [--cpu-smoke]
