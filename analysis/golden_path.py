@@ -88,12 +88,12 @@ MLP = {"model.name": "mlp", "model.width": 256, "model.depth": 2}
 # 32 for 5.12M, on an extrapolation that the full-length runs refuted). The batches are 256 and 1024: the
 # same per sample as 128 and 512 and the same tenfold range of lr / batch, in half the steps. Made on the
 # CPU, the teacher stream (~56,000 samples/s per thread) would bind the GPU runs, so it is made on the GPU
-# (data.generate=device). What binds then is an estimate, not a
-# measurement, with two parts. The launches: counted on a CPU (python bench/step_ops.py --device-block), a
-# step dispatches 78 launching operators online and 71 offline, of which ~27 are the CPU's per-parameter SGD
-# loop (one fused kernel on a GPU) and ~7 the stream's index arithmetic (on the host): ~45 kernels a step,
-# ~3-5 us each on a GPU the GPU_JOBS processes take turns on. The FLOPs: 74 MFLOP a sample, forward and
-# backward, at width 128 (5.3 at width 32; torch.utils.flop_counter), at an assumed 150-300 TFLOP/s in bf16.
+# (data.generate=device). What binds then is an estimate, not a measurement, with two parts. The launches:
+# counted on a CPU (python bench/step_ops.py --device-block), a step dispatches 78 launching operators
+# online and 71 offline, of which ~27 are the CPU's per-parameter SGD loop (one fused kernel on a GPU) and ~7
+# the stream's index arithmetic (on the host): ~45 kernels a step, ~3-5 us each on a GPU the GPU_JOBS
+# processes take turns on. The FLOPs: 74 MFLOP a sample, forward and backward, at width 128 (5.3 at width
+# 32; torch.utils.flop_counter), at an assumed 150-300 TFLOP/s in bf16.
 # The grid is 0.625M steps and 256M samples (80 runs): 1.4-2.3 minutes of launches and 1-2 of FLOPs,
 # 2.5-4.5 if they do not overlap (its limit in bench/science_gpu.sh: 270 s); the power pools (40 runs at
 # batch 1024, stopped at the last target) at most 0.125M steps and 128M samples, 1-1.5 minutes (limit
@@ -641,7 +641,9 @@ def scaled(args, mode: str) -> Path:
     rounded(gap).to_csv(out / "gap.csv", index=False)
     plot(summary, runs, power, out)
     ref = gap[gap.reference & (gap.regime == "online")].iloc[0]
-    text = (f"Mode {mode}: the CNN (configs/teacher-cnn.yaml), lr {s['lr']} x batch {s['batch']}, online and offline "
+    width = s["fixed"].get("model.width")
+    text = (f"Mode {mode}: the CNN (configs/teacher-cnn.yaml{f', width {width}' if width else ''}), lr {s['lr']} x "
+            f"batch {s['batch']}, online and offline "
             f"({s['offline'][0]} epochs x {s['offline'][1]}), {runs.groupby(['regime', 'lr', 'batch']).size().min()} "
             f"seeds per setting, {int(runs.samples.max())} samples. Gap closed: the least-noisy online setting "
             f"(lr {ref.lr:g}, batch {int(ref.batch)}) reaches a median best loss of {ref.best_loss:.3f}, "
