@@ -2,8 +2,8 @@
 
     python bench/step_ops.py [--config teacher-cnn] [--batch 128,512] [--steps 64,320] [--device-block]
 
-A small model's step on a GPU costs about its kernel launches, not its FLOPs: the GPU study
-(analysis/golden_path.py --gpu) is 0.75M steps of a small CNN, 14 processes taking turns on one GPU. This
+A small model's step on a GPU costs about its kernel launches, as much as its FLOPs: the GPU study
+(analysis/golden_path.py --gpu) is 0.75M steps of a CNN, 14 processes taking turns on one GPU. This
 counts, with a torch dispatch mode, the operators a step dispatches in ``goldenpath train`` on the CPU, with
 the training batches made by the code path a GPU takes (``data.generate=device``), online and offline
 (8 epochs), as the difference of two runs of ``--steps`` steps (setup, evals and saving cancel). Each row
