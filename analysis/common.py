@@ -63,8 +63,10 @@ def run_grid(name: str, base: str | Path, work: str | Path, *, fixed: dict | Non
 
 
 def rounded(frame, digits: int = 6):
-    """``frame`` with every float rounded to ``digits`` significant digits: what a script writes is then the
-    same on every machine (float64 sums and BLAS kernels differ in the last bits from one CPU to another)."""
+    """``frame`` with every float rounded to ``digits`` significant digits, so that what a script writes rarely
+    changes from one CPU to another (float64 sums and BLAS kernels differ in the last bits). Not always: a value
+    within that difference of a rounding boundary, or a numerical zero (~1e-16), still moves; compare the
+    tables of two machines with a tolerance, not byte for byte."""
     out = frame.copy()
     for c in out.columns[[k == "f" for k in out.dtypes.map(lambda t: t.kind)]]:
         out[c] = [float(f"{v:.{digits}g}") for v in out[c]]

@@ -532,3 +532,16 @@ def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tm
     md = (out / "science_gpu.md").read_text()
     assert "did not reach its tables" in md and "1 completed, 1 failed, 1 interrupted, 1 unreadable" in md
     assert "5,010 samples in 10 s of wall time" in md
+
+
+def test_cpu_layout_bench_times_every_case_in_both_layouts_and_restores_the_conversion():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cpu_layout
+
+    import goldenpath.models as models
+
+    keep = models.cpu_channels_last
+    rows = cpu_layout.measure(rounds=1, warmup=0)
+    assert models.cpu_channels_last is keep
+    assert [r["case"] for r in rows] == list(cpu_layout.cases())
+    assert all(r["channels_first_ms"] > 0 and r["channels_last_ms"] > 0 for r in rows)

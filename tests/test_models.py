@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,68 @@ def test_vision_models_map_images_to_class_logits(overrides):
     assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
     gray = build_model(model_config(*overrides), SourceInfo("classification", (1, 28, 28), 10), seed=0)
     assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=cnn", "model.width=8"], ["model.name=cnn", "model.width=8", "model.norm=group"],
+    ["model.name=resnet18", "model.width=8"], ["model.name=resnet18", "model.width=8", "model.norm=group"],
+])
+def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(overrides):
+    """The CNN and ResNet-18 convert their images to channels-last on a CPU (oneDNN's fast layout): every
+    convolution sees channels-last inputs, the logits and parameter gradients are those of the same network run
+    channels-first (float64), and the gradients keep the weights' own layout (checkpoints, DDP buckets)."""
+    model = build_model(model_config(*overrides), IMAGES, seed=0).double()
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    assert seen and all(a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() for a in seen)
+    F.cross_entropy(out, y).backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g.stride() == p.stride() for g, p in zip(got.values(), model.parameters()))
+
+    model.zero_grad()
+    with monkeypatch_channels_first():
+        first = model(x)
+        F.cross_entropy(first, y).backward()
+    assert torch.allclose(out, first, rtol=1e-12, atol=1e-12)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_per_sample_gradients_under_vmap_leave_the_layout_alone():
+    """Inside torch.func's vmap (DP-SGD's reference path) a channels-last copy is not possible: the CNN runs
+    channels-first there, and vmap's per-sample gradients equal a loop's."""
+    from torch.func import functional_call, grad, vmap
+
+    model = build_model(model_config("model.name=cnn", "model.width=4", "model.norm=group"), IMAGES, seed=0).double()
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (3,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(ps, xi, yi):
+        return F.cross_entropy(functional_call(model, ps, (xi[None],)), yi[None])
+
+    batched = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        one = torch.autograd.grad(loss(dict(model.named_parameters()), x[i], y[i]), list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), one):
+            assert torch.allclose(batched[n][i], g, rtol=1e-10, atol=1e-13), n
+
+
+@contextlib.contextmanager
+def monkeypatch_channels_first():
+    """The models' forwards with their images left channels-first (what a GPU runs)."""
+    import goldenpath.models as models
+
+    keep = models.cpu_channels_last
+    models.cpu_channels_last = lambda x: x
+    try:
+        yield
+    finally:
+        models.cpu_channels_last = keep
 
 
 def test_resnet18_has_the_published_parameter_count():

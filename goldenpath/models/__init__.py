@@ -34,6 +34,29 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] in channels-last memory on a CPU (the same values; any other tensor as it is).
+
+    oneDNN's convolutions and the channels-last max-pool kernel are several times faster on a CPU than their
+    channels-first forms, and the layers after a convolution keep its output's layout, so converting the input
+    makes the whole network channels-last (docs/performance.md, "Convolutions on a CPU"; bench/cpu_layout.py).
+    The weights keep their layout (checkpoints, DDP buckets and views are unchanged). Left alone under
+    torch.func's transforms (no channels-last copy inside vmap) and under torch.compile (inductor picks its own
+    layouts); a GPU keeps channels-first until it is measured there."""
+    if x.dim() != 4 or x.device.type != "cpu" or torch.compiler.is_compiling() \
+            or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class CNN(nn.Sequential):
+    """The small CNN's layers in order (a Sequential: the same state-dict names), images channels-last on a CPU
+    (:func:`cpu_channels_last`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(cpu_channels_last(x))
+
+
 def _require_task(info: SourceInfo, task: str, model: str) -> None:
     require(info.task == task, "model.name", f"{model} needs {task} data but the source is {info.task}",
             "pick a model that matches data.source")
@@ -67,7 +90,7 @@ class CNNConfig(ModelConfig):
                 h //= 2
             c = self.width
         layers += [nn.AdaptiveAvgPool2d(min(h, 4)), nn.Flatten(), nn.Linear(c * min(h, 4) ** 2, info.num_classes)]
-        return nn.Sequential(*layers)
+        return CNN(*layers)
 
 
 # ----------------------------------------------------------------------------- fully-connected net
@@ -130,7 +153,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(c, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        x = self.layers(F.relu(self.bn1(self.conv1(cpu_channels_last(x)))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
