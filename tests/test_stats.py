@@ -149,6 +149,21 @@ def test_cell_covariance_is_unbiased_for_the_covariance_of_cell_means():
         assert empirical[0, 1] / math.sqrt(empirical[0, 0] * empirical[1, 1]) > 0.3
 
 
+def test_row_slopes_are_each_rows_slope_with_its_undefined_values_left_out():
+    rng = np.random.default_rng(3)
+    x = np.log([0.1, 0.2, 0.4, 0.8, 1.6])
+    y = rng.normal(size=(200, 5))
+    y[rng.random(y.shape) < 0.2] = np.nan  # a relabelling's ratio can be undefined (0/0)
+    y[0] = [np.nan, np.nan, np.nan, 1.0, np.nan]  # one defined value: no slope
+    y[1] = [np.inf, 2.0, -np.inf, 1.0, np.nan]
+    want = np.array([stats.slope(x, row) for row in y])
+    got = stats.row_slopes(x, y)
+    assert np.isnan(got[0]) and np.isnan(want[0])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, equal_nan=True)
+    same_x = stats.row_slopes(np.array([0.3, 0.3, 0.3, 1.0]), np.array([[1.0, 2.0, 3.0, np.nan]]))
+    assert np.isnan(same_x[0])  # the defined values share one x
+
+
 def test_slope_and_smallest_p_against_hand_values():
     x = np.log([0.1, 0.2, 0.4, 0.8])
     assert stats.slope(x, 0.5 * x + 3) == pytest.approx(0.5)

@@ -10,6 +10,7 @@ Distances between runs arrive as per-unit sums (``sums`` [pairs, units], ``count
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -228,16 +229,17 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
         count *= math.factorial(len(b)) // math.prod(math.factorial(v) for v in sizes.values())
     if count <= max_exact:
         options = [list(dict.fromkeys(itertools.permutations([label[i] for i in b]))) for b in blocks] \
-            if relation == "paired" else [list(_arrangements([label[i] for i in blocks[0]]))]
+            if relation == "paired" else [list(_arrangements(tuple(sorted(label[i] for i in blocks[0]))))]
         assignments = [sum((list(x) for x in combo), []) for combo in itertools.product(*options)]
         observed = [label[i] for b in blocks for i in b]
         assignments.remove(observed)
         assignments.insert(0, observed)
     else:
         rng = np.random.default_rng(seed)
-        assignments = [[label[i] for b in blocks for i in b]]
+        labels = [np.asarray([label[i] for i in b]) for b in blocks]
+        assignments = [np.concatenate(labels)]
         for _ in range(n_perm):
-            assignments.append([label[b[j]] for b in blocks for j in rng.permutation(len(b))])
+            assignments.append(np.concatenate([lab[rng.permutation(len(lab))] for lab in labels]))
     order = [i for b in blocks for i in b]
     z = np.repeat(z0[None], len(assignments), 0)
     z[:, order] = 0.0
@@ -246,19 +248,18 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
     return z, count <= max_exact
 
 
-def _arrangements(labels: list) -> itertools.chain:
-    """Every distinct arrangement of a multiset of labels (as tuples)."""
+@functools.lru_cache(maxsize=1024)
+def _arrangements(labels: tuple) -> tuple[tuple, ...]:
+    """Every distinct arrangement of a multiset of labels (given sorted), in lexicographic order; kept, since
+    compare asks for the same few multisets for every metric and target."""
     if not labels:
-        yield ()
-        return
-    counts = Counter(labels)
-    first = sorted(counts)
-    for k in first:
-        counts[k] -= 1
-        rest = [x for x, c in counts.items() for _ in range(c)]
-        for tail in _arrangements(rest):
-            yield (k, *tail)
-        counts[k] += 1
+        return ((),)
+    out = []
+    for k in dict.fromkeys(labels):  # each distinct label first, in order
+        rest = list(labels)
+        rest.remove(k)
+        out += [(k, *tail) for tail in _arrangements(tuple(rest))]
+    return tuple(out)
 
 
 def smallest_p(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000) -> float:
