@@ -2,13 +2,13 @@
 
     bash bench/gpu.sh                 # on one large NVIDIA GPU: estimated at about 8 minutes
     bash bench/gpu.sh --cpu-smoke     # the same script at toy sizes on a CPU (under 3 minutes)
-    python bench/gpu.py [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch] [--out DIR]
+    python bench/gpu.py [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch,layout] [--out DIR]
                         [--budget-s SECONDS] [--resume]
 
 Parts (each fills its rows as it goes; a part that fails is recorded with its error and the others go on).
 The results are written after every part, so a run killed from outside keeps the parts it finished.
 They run in the order of ``--parts``, by default the profile first (the question the first GPU slot answers)
-and the launch check last. ``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping
+and the layout question last. ``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping
 the rows it finished), and a part with under ``MIN_PART_S`` left is recorded as not run. ``--resume`` keeps the
 parts an earlier run in ``--out`` finished and runs the rest, so the same command run again continues where a
 budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
@@ -60,7 +60,11 @@ budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
    what the patched methods cannot (``.to("cpu")``, nonzero, boolean masks). Per quiet step (neither logging
    nor evaluating; the max and mean) and per logged step; then the same run with one ``float()`` of the
    step's loss sum added per step, the control both counts must see (goal on CUDA: 0 syncs per quiet step).
-   Each of 6 and 7 runs under its own time limit and keeps the rows it finished.
+8. ``layout``: channels-last images against channels-first (``bench/conv_layout.py``), interleaved: the GPU
+   study's CNN (width 128, batch 1024, bf16 autocast) training step and forward, ResNet-18 with group norm
+   (width 64, batch 256) non-private and DP-SGD fast steps, with batch norm its training step. goldenpath runs
+   them channels-last on a CPU (measured faster there) and channels-first on a GPU until this part says.
+   Each of 6, 7 and 8 runs under its own time limit and keeps the rows it finished.
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
 downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
@@ -100,7 +104,8 @@ SIZES = {
             "profile_vocab": 50257, "head_chunk": 4096,
             "data_steps": {"teacher": 200, "teacher-device": 200, "cifar5m-npz": 200, "c4-text": 25}, "data_rounds": 2,
             "stream_samples": 65536, "reads_steps": 12,
-            "limits_s": {"profile": 180, "data": 120, "reads": 45}},
+            "layout": {"cnn": (128, 1024), "resnet": (64, 256), "rounds": 10, "seconds": 40},
+            "limits_s": {"profile": 180, "data": 120, "reads": 45, "layout": 90}},
     "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
                   "big_batch": 16, "big_steps": 3,
                   "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
@@ -109,7 +114,8 @@ SIZES = {
                   "profile_vocab": 997, "head_chunk": 128,
                   "data_steps": {"teacher": 10, "teacher-device": 10, "cifar5m-npz": 10, "c4-text": 6}, "data_rounds": 2,
                   "stream_samples": 512, "reads_steps": 12,
-                  "limits_s": {"profile": 300, "data": 300, "reads": 120}},
+                  "layout": {"cnn": (8, 8), "resnet": (8, 4), "rounds": 2, "seconds": 60},
+                  "limits_s": {"profile": 300, "data": 300, "reads": 120, "layout": 120}},
 }
 
 
@@ -526,6 +532,19 @@ class PartTimeout(BaseException):
     cache reads, the compiled-metrics try of the compare part) swallows it and lets the part run on unbounded."""
 
 
+def part_layout(size: dict, device: str, rows: dict) -> dict:
+    """Channels-first against channels-last images (bench/conv_layout.py): the GPU study's CNN, ResNet-18's
+    non-private and DP-SGD steps. Rounds stop after ``seconds``; fills ``rows`` by case."""
+    import conv_layout
+
+    lay = size["layout"]
+    runs = conv_layout.cases(device, lay)
+    for r in conv_layout.measure(runs, lay["rounds"], warmup=2, device=device,
+                                 deadline=time.perf_counter() + lay["seconds"]):
+        rows[r.pop("case")] = r
+    return rows
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float | None):
     """Raise PartTimeout in the main thread after ``seconds`` (None: no limit)."""
@@ -626,6 +645,10 @@ def table(results: dict) -> str:
             lines.append(f"| host reads per step ({what}) | {r['reads']['quiet_max']} per quiet step (max), "
                          f"{r['reads']['log_mean']:.1f} per log step{syncs} | "
                          f"{'no CUDA sync between logs' if key == 'trainer' else 'the added read counted'} |")
+    for case, r in results.get("layout", {}).items():
+        if isinstance(r, dict) and "speedup" in r:
+            lines.append(f"| layout: {case} | channels-first {r['channels_first_ms']:.2f} ms, channels-last "
+                         f"{r['channels_last_ms']:.2f} ms: {r['speedup']:.2f}x | > 1: channels-last on this device |")
     for part, r in results.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"| {part} | FAILED: {r['error'].splitlines()[-1][:120]} | |")
@@ -634,7 +657,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-PARTS = "profile,train,dp,compare,data,reads,launch"  # where the time goes first; the launch check last
+PARTS = "profile,train,dp,compare,data,reads,launch,layout"  # where the time goes first; the layout question last
 MIN_PART_S = 30  # under --budget-s, a part is not started with less time than this left
 
 
@@ -731,7 +754,8 @@ def main(argv=None) -> int:
                 "launch": lambda rows: rows.update(part_launch(size, work, device)) or rows,
                 "profile": lambda rows: part_profile(size, device, rows),
                 "data": lambda rows: part_data(size, work, device, rows),
-                "reads": lambda rows: part_reads(size, work, device, rows)}
+                "reads": lambda rows: part_reads(size, work, device, rows),
+                "layout": lambda rows: part_layout(size, device, rows)}
         parts = [p for p in args.parts.split(",") if p]
         unknown = [p for p in parts if p not in jobs]
         if unknown:

@@ -2,7 +2,7 @@
 # The device check (bench/gpu.py): estimated at about 8 minutes on one large NVIDIA GPU, not yet measured
 # whole (--budget-s and --resume split it over commands); `--cpu-smoke`: toy sizes on a CPU.
 #
-#   bash bench/gpu.sh [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch] [--budget-s 500]
+#   bash bench/gpu.sh [--cpu-smoke] [--parts profile,train,dp,compare,data,reads,launch,layout] [--budget-s 500]
 #                     [--resume] [--out DIR]
 #
 # Writes gpu.json and gpu.md (the figures against their goals) after every part, so a run killed from outside keeps
@@ -16,7 +16,9 @@
 # step vs made ahead (data.prefetch), for the teacher CNN, CIFAR-5m npz parts and GPT-2 on C4-layout parquet text.
 # The reads part: host reads per step (quiet and logged steps) of GPT-2 under goldenpath train, and on CUDA the
 # synchronisations torch.cuda.set_sync_debug_mode counts, with a one-read-per-step control that both must see. The
-# --cpu-smoke files are named gpu_cpu_smoke*.
+# layout part: channels-last images against channels-first for the GPU study's CNN and ResNet-18 (non-private
+# and DP-SGD steps), which decides whether a GPU runs them channels-last as a CPU does. The --cpu-smoke files are
+# named gpu_cpu_smoke*.
 #
 # On a machine whose Python already has torch with CUDA, goldenpath is installed without touching torch
 # (--no-deps); packages the machine lacks (opacus, datasets, submitit, ...) are taken from wheels in

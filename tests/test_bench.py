@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert launch["ok"] and launch["processes"] == 2 and launch["replicas_in_sync"] is True
     table = (tmp_path / "gpu_cpu_smoke.md").read_text()
     assert "accelerate launch (2 proc.)" in table and "FAILED" not in table
+    layout = {case: r for case, r in results["layout"].items() if isinstance(r, dict)}
+    assert len(layout) == 7 and all(r["speedup"] > 0 and r["rounds"] >= 1 for r in layout.values())
+    assert "| layout: CNN width 8, batch 8: train step |" in table
     profile = results["profile"]
     assert "error" not in profile, profile.get("error")
     for mode in ("eager", "compiled"):
@@ -534,14 +538,21 @@ def test_science_pack_sends_back_progress_failed_logs_and_tables_in_two_files(tm
     assert "5,010 samples in 10 s of wall time" in md
 
 
-def test_cpu_layout_bench_times_every_case_in_both_layouts_and_restores_the_conversion():
+def test_conv_layout_bench_times_every_case_in_both_layouts_and_restores_the_conversion():
     sys.path.insert(0, str(ROOT / "bench"))
-    import cpu_layout
+    import conv_layout
 
     import goldenpath.models as models
 
     keep = models.cpu_channels_last
-    rows = cpu_layout.measure(rounds=1, warmup=0)
+    small = {"cnn": (4, 4), "resnet": (4, 2)}
+    runs = conv_layout.cases("cpu", small)
+    rows = conv_layout.measure(runs, rounds=1, warmup=0)
     assert models.cpu_channels_last is keep
-    assert [r["case"] for r in rows] == list(cpu_layout.cases())
-    assert all(r["channels_first_ms"] > 0 and r["channels_last_ms"] > 0 for r in rows)
+    assert [r["case"] for r in rows] == list(runs) and len(rows) == 7
+    assert all(r["channels_first_ms"] > 0 and r["channels_last_ms"] > 0 and r["rounds"] == 1 for r in rows)
+    # what the GPU measurement switches on: the conversion on any device, none inside vmap
+    x = torch.randn(2, 3, 4, 4)
+    assert conv_layout.channels_last(x).is_contiguous(memory_format=torch.channels_last)
+    one = x[0]
+    assert conv_layout.channels_last(one) is one  # not an image batch: left as it is

@@ -39,7 +39,7 @@ def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
 
     oneDNN's convolutions and the channels-last max-pool kernel are several times faster on a CPU than their
     channels-first forms, and the layers after a convolution keep its output's layout, so converting the input
-    makes the whole network channels-last (docs/performance.md, "Convolutions on a CPU"; bench/cpu_layout.py).
+    makes the whole network channels-last (docs/performance.md, "Convolutions on a CPU"; bench/conv_layout.py).
     The weights keep their layout (checkpoints, DDP buckets and views are unchanged). Left alone under
     torch.func's transforms (no channels-last copy inside vmap) and under torch.compile (inductor picks its own
     layouts); a GPU keeps channels-first until it is measured there."""
