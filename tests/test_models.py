@@ -41,19 +41,23 @@ def test_vision_models_map_images_to_class_logits(overrides):
     ["model.name=cnn", "model.width=8"], ["model.name=cnn", "model.width=8", "model.norm=group"],
     ["model.name=resnet18", "model.width=8"], ["model.name=resnet18", "model.width=8", "model.norm=group"],
 ])
-def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(overrides):
-    """The CNN and ResNet-18 convert their images to channels-last on a CPU (oneDNN's fast layout): every
-    convolution sees channels-last inputs, the logits and parameter gradients are those of the same network run
-    channels-first (float64), and the gradients keep the weights' own layout (checkpoints, DDP buckets)."""
-    model = build_model(model_config(*overrides), IMAGES, seed=0).double()
-    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+@pytest.mark.parametrize("channels", [3, 1])
+def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(overrides, channels):
+    """The CNN and ResNet-18 run channels-last on a CPU (oneDNN's fast layout): every convolution after the first
+    sees channels-last inputs (the first too, unless its one-channel input is both layouts at once), the logits
+    and parameter gradients are those of the same network run channels-first (float64), and the gradients keep
+    the weights' own layout (checkpoints, DDP buckets)."""
+    model = build_model(model_config(*overrides), SourceInfo("classification", (channels, 32, 32), 10),
+                        seed=0).double()
+    x, y = torch.randn(6, channels, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
     seen = []
     hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for m in model.modules()
              if isinstance(m, torch.nn.Conv2d)]
     out = model(x)
     for h in hooks:
         h.remove()
-    assert seen and all(a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() for a in seen)
+    assert len(seen) > 1 and all(a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+                                 for a in (seen if channels > 1 else seen[1:]))
     F.cross_entropy(out, y).backward()
     got = {n: p.grad for n, p in model.named_parameters()}
     assert all(g.stride() == p.stride() for g, p in zip(got.values(), model.parameters()))

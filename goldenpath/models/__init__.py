@@ -50,11 +50,21 @@ def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class CNN(nn.Sequential):
-    """The small CNN's layers in order (a Sequential: the same state-dict names), images channels-last on a CPU
+    """The small CNN's layers in order (a Sequential: the same state-dict names), channels-last on a CPU
     (:func:`cpu_channels_last`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(cpu_channels_last(x))
+        first, *rest = self
+        x = _first_conv(first, x)
+        for layer in rest:
+            x = layer(x)
+        return x
+
+
+def _first_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` channels-last on a CPU: its input, and its output too, since a one-channel image (gray) is
+    both layouts at once and a convolution then answers channels-first."""
+    return cpu_channels_last(conv(cpu_channels_last(x)))
 
 
 def _require_task(info: SourceInfo, task: str, model: str) -> None:
@@ -153,7 +163,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(c, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(F.relu(self.bn1(self.conv1(cpu_channels_last(x)))))
+        x = self.layers(F.relu(self.bn1(_first_conv(self.conv1, x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
