@@ -238,8 +238,12 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
         rng = np.random.default_rng(seed)
         labels = [np.asarray([label[i] for i in b]) for b in blocks]
         assignments = [np.concatenate(labels)]
-        for _ in range(n_perm):
-            assignments.append(np.concatenate([lab[rng.permutation(len(lab))] for lab in labels]))
+        if len(labels) == 1:  # all rows at once: the same draws as one rng.permutation per row
+            rows = rng.permuted(np.tile(np.arange(len(labels[0])), (n_perm, 1)), axis=1)
+            assignments += list(labels[0][rows])
+        else:
+            for _ in range(n_perm):
+                assignments.append(np.concatenate([lab[rng.permutation(len(lab))] for lab in labels]))
     order = [i for b in blocks for i in b]
     z = np.repeat(z0[None], len(assignments), 0)
     z[:, order] = 0.0

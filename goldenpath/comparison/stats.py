@@ -177,11 +177,15 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
         used = 0
         if relation != "partial":
             zz, _ = relabellings(design, [k, r], max_exact=max_exact, n_perm=n_perm, seed=seed)
-            stat = parts(m, a, zz)["ratio"][:, k, r]
+            # only the two settings' runs move, and only their two cells are needed: the statistics of every
+            # relabelling from those runs and columns alone (the other runs add exact zeros)
+            runs = np.array([*design.groups[k], *design.groups[r]])
+            zz, sub, both = zz[:, runs][:, :, [k, r]], np.ix_(runs, runs), a[np.ix_(runs, runs)]
+            stat = parts(m[sub], both, zz)["ratio"][:, 0, 1]
             p_ratio = float(upper_p(stat[:, None])[0, 0]) if np.isfinite(stat[0]) else math.nan
             null_ratio, used = _log_var(stat), len(zz)
             if q is not None:
-                lstat = location_ratio(q, a, zz)[:, k, r]
+                lstat = location_ratio(q[sub], both, zz)[:, 0, 1]
                 p_loc = float(upper_p(lstat[:, None])[0, 0]) if np.isfinite(lstat[0]) else math.nan
                 null_loc = _log_var(lstat)
         df = dof(design, [k, r])
