@@ -412,6 +412,25 @@ def test_the_gpu_route_of_convolutions_matches_the_naive_loop(name, monkeypatch)
     assert calls  # the route was taken
 
 
+def test_ghost_norms_taken_a_few_samples_at_a_time_are_the_formed_gradients_norms(monkeypatch):
+    """The ghost norm's per-sample products in chunks of samples (two at a time here, as a GPU short of memory or
+    a CPU's cache-sized blocks would take them): a linear layer's, an embedding's (one-hot rows) and a tied
+    weight's cross terms all equal the norms of the formed per-sample gradients (float64)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, rows, cols = 5, 7, 6, 4
+    shape = torch.Size([rows, cols])
+    lin = layer_rules.Factored(torch.randn(b, t, rows, generator=g, dtype=torch.float64),
+                               torch.randn(b, t, cols, generator=g, dtype=torch.float64), rows, shape)
+    emb = layer_rules.Factored(torch.randint(0, rows, (b, t), generator=g),
+                               torch.randn(b, t, cols, generator=g, dtype=torch.float64), rows, shape)
+    uses = {"linear": [lin], "embedding": [emb], "tied": [lin, emb]}
+    want = {k: layer_rules._sq_rows(sum(layer_rules.dense(f) for f in fs)) for k, fs in uses.items()}
+    monkeypatch.setattr(layer_rules, "per_sample_cheaper", lambda *_: False)  # the ghost route, not the formed one
+    monkeypatch.setattr(layer_rules, "_ghost_samples", lambda x, tp, tq: 2)
+    for name, parts in uses.items():
+        torch.testing.assert_close(layer_rules.sq_norms(parts), want[name], rtol=1e-12, atol=1e-12)
+
+
 def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     """A run sharing a GPU (sweep --jobs) is capped at a fraction of its memory: the DP buffers are sized from
     what the cap leaves, not from the device's free memory its neighbours may take (CUDA stood in for)."""
@@ -431,6 +450,10 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     assert per_sample._formed_budget(cuda) == per_sample.FORMED_SHARE * 30 * gib
     a = __import__("types").SimpleNamespace(device=cuda, shape=(1000, 3, 32, 32))  # a batch's activations
     assert layer_rules._samples_per_product(a, gib) == int(layer_rules.PATCH_MEMORY_SHARE * 30)
+    v = __import__("types").SimpleNamespace(device=cuda, shape=(1000, 1024, 768), element_size=lambda: 4)
+    blocks = 3 * 1024 * 1024 * 4  # a sample's two [T, T] Gram blocks and their product, float32
+    assert layer_rules._ghost_samples(v, 1024, 1024) == int(layer_rules.GHOST_MEMORY_SHARE * 30 * gib // blocks)
+    assert layer_rules._ghost_samples(v, 8, 8) == 1000  # at most the batch
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     assert free_memory_bytes(cuda) == 100 * gib  # no cap: the device's free memory
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 25 * gib)

@@ -25,7 +25,8 @@ from torch import nn
 
 from goldenpath.training.runtime import free_memory_bytes
 
-_GHOST_CHUNK = 1 << 24  # elements of a [b, T, T] Gram block held at once
+_GHOST_CHUNK = 1 << 24  # elements of a [b, T, T] Gram block held at once on a CPU
+GHOST_MEMORY_SHARE = 0.125  # of a GPU's free memory, for the [b, T, T] blocks of one ghost-norm product
 
 
 class Factored(NamedTuple):
@@ -221,10 +222,21 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.gather(2, x.unsqueeze(1).expand(-1, y.shape[1], -1)).transpose(1, 2)  # x indices, y dense
 
 
+def _ghost_samples(x: torch.Tensor, tp: int, tq: int) -> int:
+    """Samples per ghost-norm product of [b, tp, tq] blocks: on a CPU as many as keep a block within _GHOST_CHUNK
+    elements; on a GPU as many as fit in GHOST_MEMORY_SHARE of its free memory (the two Gram blocks and their
+    product), at most the batch."""
+    block = max(1, tp * tq)
+    if x.device.type != "cuda":
+        return max(1, _GHOST_CHUNK // block)
+    fit = GHOST_MEMORY_SHARE * free_memory_bytes(x.device) // (3 * block * x.element_size())
+    return max(1, min(x.shape[0], int(fit)))
+
+
 def _factored_dot(p: Factored, q: Factored) -> torch.Tensor:
     """[B] per-sample <sum_t u_t v_t^T, sum_s u'_s v'_s^T>, in batch chunks bounding the [b, T, T] blocks."""
     b, tp, tq = p.v.shape[0], p.v.shape[1], q.v.shape[1]
-    step = max(1, _GHOST_CHUNK // max(1, tp * tq))
+    step = _ghost_samples(p.v, tp, tq)
     out = []
     for lo in range(0, b, step):
         s = slice(lo, lo + step)
