@@ -1,6 +1,7 @@
 """Cost of ``goldenpath compare`` against the forwards it cannot avoid, measured in the same run.
 
     python bench/compare.py [--sizes 8,16] [--rounds 3] [--models cnn,tiny-lm] [--compiled-metrics]
+    python bench/compare.py --stats 8x10
 
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
@@ -11,6 +12,11 @@ round's time into the models' forwards, the pair metrics and the rest (loading, 
 
 ``--compiled-metrics`` times the same with the pair metrics (tv, kl, js) under ``torch.compile`` and
 reports their largest difference from the eager metrics on a near-identical pair (float32 accuracy).
+
+``--stats 8x10`` times compare's statistics alone at one target and metric for 8 settings of 10 independent
+seeds each (random per-unit distances over 1024 probe units): every pair of settings
+(``stats.compare_settings``, with the location test) and one family of 3 settings against the first
+(``stats.family_test``), 2000 relabellings where they are not few enough to enumerate.
 """
 
 from __future__ import annotations
@@ -143,13 +149,43 @@ def differences(eager, other) -> dict[str, float]:
     return out
 
 
+def stats_seconds(settings: int, seeds: int, units: int = 1024) -> dict[str, float]:
+    """Seconds of compare's statistics at one target and metric for ``settings`` x ``seeds`` independent runs."""
+    import itertools
+
+    import numpy as np
+
+    from goldenpath.comparison import stats
+    from goldenpath.comparison.design import Design
+
+    design = Design(tuple(tuple(range(k * seeds, (k + 1) * seeds)) for k in range(settings)),
+                    tuple(range(settings * seeds)))
+    pairs = len(list(itertools.combinations(range(settings * seeds), 2)))
+    sums = np.random.default_rng(0).random((pairs, units)) * 0.1
+    counts = np.ones(units)
+    t0 = time.perf_counter()
+    stats.compare_settings(sums, counts, design, sq_sums=sums**2)
+    t1 = time.perf_counter()
+    family = list(range(1, min(settings, 4)))
+    stats.family_test(sums, counts, design, family, 0, sq_sums=sums**2, x=np.log(np.arange(1.0, len(family) + 1)))
+    return {"compare_settings_s": t1 - t0, "family_test_s": time.perf_counter() - t1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stats", default=None, metavar="SxN",
+                        help="only time the statistics of S settings x N seeds (e.g. 8x10)")
     parser.add_argument("--sizes", default="8,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
+    if args.stats:
+        settings, seeds = (int(x) for x in args.stats.lower().split("x"))
+        got = stats_seconds(settings, seeds)
+        print(f"{settings} settings x {seeds} seeds, one target and metric: every pair of settings "
+              f"{got['compare_settings_s']:.3f} s, a family test {got['family_test_s']:.3f} s")
+        return
     with compiled_metrics() if args.compiled_metrics else contextlib.nullcontext() as eager:
         if args.compiled_metrics:
             check_near_equal(eager)

@@ -556,3 +556,11 @@ def test_conv_layout_bench_times_every_case_in_both_layouts_and_restores_the_con
     assert conv_layout.channels_last(x).is_contiguous(memory_format=torch.channels_last)
     one = x[0]
     assert conv_layout.channels_last(one) is one  # not an image batch: left as it is
+
+
+def test_compare_bench_times_the_statistics_of_a_design_alone():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare as compare_bench
+
+    got = compare_bench.stats_seconds(3, 4, units=16)
+    assert set(got) == {"compare_settings_s", "family_test_s"} and all(v > 0 for v in got.values())
