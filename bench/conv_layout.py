@@ -2,7 +2,7 @@
 
     python bench/conv_layout.py [--rounds 40] [--device cpu|cuda]
 
-On a CPU goldenpath runs the CNN and ResNet-18 channels-last (``goldenpath.models.cpu_channels_last``): the
+On a CPU goldenpath runs the CNN and ResNet-18 channels-last (``goldenpath.models.CHANNELS_LAST_DEVICES``): the
 baseline switches that off. On a CUDA GPU goldenpath runs them channels-first: the bench switches channels-last
 on there, to measure whether a GPU should too (bench/gpu.sh's ``layout`` part). Rows, at the sizes of
 :data:`SIZES` for the device: the CNN's training step (bf16 autocast on a GPU, as ``precision: auto`` trains)
@@ -36,13 +36,6 @@ IMAGES = SourceInfo("classification", (3, 32, 32), 10)
 # (width, batch): on a CPU the teacher CNN's config and a small ResNet-18; on a GPU the GPU study's CNN
 # (analysis/golden_path.py --gpu) and bench/gpu.sh's DP ResNet-18
 SIZES = {"cpu": {"cnn": (32, 64), "resnet": (16, 64)}, "cuda": {"cnn": (128, 1024), "resnet": (64, 256)}}
-
-
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """What ``cpu_channels_last`` does on a CPU, on any device."""
-    if x.dim() != 4 or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 def plain_steps(overrides: list[str], batch: int, device: str) -> dict:
@@ -96,8 +89,8 @@ def measure(runs: dict, rounds: int, warmup: int = 3, device: str = "cpu", deadl
             rows: list | None = None) -> list[dict]:
     """Median ms of each of ``runs`` channels-first and channels-last, one call of each in turn per round (fewer
     rounds where ``deadline``, a time.perf_counter() value, comes first). Appends to and returns ``rows``."""
-    keep = models.cpu_channels_last
-    layouts = {"first": lambda x: x, "last": keep if device == "cpu" else channels_last}
+    keep = models.CHANNELS_LAST_DEVICES
+    layouts = {"first": (), "last": (device,)}  # the device types that convert
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {(name, lay): [] for name in runs for lay in layouts}
     try:
@@ -105,8 +98,8 @@ def measure(runs: dict, rounds: int, warmup: int = 3, device: str = "cpu", deadl
             if r > warmup and deadline is not None and time.perf_counter() > deadline:
                 break
             for name, fn in runs.items():
-                for lay, convert in layouts.items():
-                    models.cpu_channels_last = convert
+                for lay, devices in layouts.items():
+                    models.CHANNELS_LAST_DEVICES = devices
                     sync()
                     t0 = time.perf_counter()
                     fn()
@@ -114,7 +107,7 @@ def measure(runs: dict, rounds: int, warmup: int = 3, device: str = "cpu", deadl
                     if r >= warmup:
                         times[(name, lay)].append(time.perf_counter() - t0)
     finally:
-        models.cpu_channels_last = keep
+        models.CHANNELS_LAST_DEVICES = keep
     rows = [] if rows is None else rows
     for name in runs:
         if times[(name, "first")]:

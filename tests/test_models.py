@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from goldenpath.config import ConfigError, load_config
 from goldenpath.data import SourceInfo
+from goldenpath import models
 from goldenpath.models import build_model, count, sample_losses
 
 IMAGES = SourceInfo("classification", (3, 32, 32), 10)
@@ -42,7 +41,7 @@ def test_vision_models_map_images_to_class_logits(overrides):
     ["model.name=resnet18", "model.width=8"], ["model.name=resnet18", "model.width=8", "model.norm=group"],
 ])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(overrides, channels):
+def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(overrides, channels, monkeypatch):
     """The CNN and ResNet-18 run channels-last on a CPU (oneDNN's fast layout): every convolution after the first
     sees channels-last inputs (the first too, unless its one-channel input is both layouts at once), the logits
     and parameter gradients are those of the same network run channels-first (float64), and the gradients keep
@@ -63,9 +62,9 @@ def test_convolutional_nets_run_channels_last_on_a_cpu_and_compute_the_same(over
     assert all(g.stride() == p.stride() for g, p in zip(got.values(), model.parameters()))
 
     model.zero_grad()
-    with monkeypatch_channels_first():
-        first = model(x)
-        F.cross_entropy(first, y).backward()
+    monkeypatch.setattr(models, "CHANNELS_LAST_DEVICES", ())  # channels-first, as a GPU runs them
+    first = model(x)
+    F.cross_entropy(first, y).backward()
     assert torch.allclose(out, first, rtol=1e-12, atol=1e-12)
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], p.grad, rtol=1e-10, atol=1e-12), n
@@ -88,19 +87,6 @@ def test_per_sample_gradients_under_vmap_leave_the_layout_alone():
         one = torch.autograd.grad(loss(dict(model.named_parameters()), x[i], y[i]), list(model.parameters()))
         for (n, _), g in zip(model.named_parameters(), one):
             assert torch.allclose(batched[n][i], g, rtol=1e-10, atol=1e-13), n
-
-
-@contextlib.contextmanager
-def monkeypatch_channels_first():
-    """The models' forwards with their images left channels-first (what a GPU runs)."""
-    import goldenpath.models as models
-
-    keep = models.cpu_channels_last
-    models.cpu_channels_last = lambda x: x
-    try:
-        yield
-    finally:
-        models.cpu_channels_last = keep
 
 
 def test_resnet18_has_the_published_parameter_count():

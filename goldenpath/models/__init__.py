@@ -34,16 +34,20 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Images [B, C, H, W] in channels-last memory on a CPU (the same values; any other tensor as it is).
+CHANNELS_LAST_DEVICES = ("cpu",)  # device types whose convolutional nets run channels-last (see channels_last)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] in channels-last memory on the device types of CHANNELS_LAST_DEVICES (the same
+    values; any other tensor as it is).
 
     oneDNN's convolutions and the channels-last max-pool kernel are several times faster on a CPU than their
     channels-first forms, and the layers after a convolution keep its output's layout, so converting the input
     makes the whole network channels-last (docs/performance.md, "Convolutions on a CPU"; bench/conv_layout.py).
     The weights keep their layout (checkpoints, DDP buckets and views are unchanged). Left alone under
     torch.func's transforms (no channels-last copy inside vmap) and under torch.compile (inductor picks its own
-    layouts); a GPU keeps channels-first until it is measured there."""
-    if x.dim() != 4 or x.device.type != "cpu" or torch.compiler.is_compiling() \
+    layouts). A GPU keeps channels-first until it is measured there (bench/gpu.sh's layout part)."""
+    if x.dim() != 4 or x.device.type not in CHANNELS_LAST_DEVICES or torch.compiler.is_compiling() \
             or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return x
     return x.contiguous(memory_format=torch.channels_last)
@@ -51,7 +55,7 @@ def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 class CNN(nn.Sequential):
     """The small CNN's layers in order (a Sequential: the same state-dict names), channels-last on a CPU
-    (:func:`cpu_channels_last`)."""
+    (:func:`channels_last`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, *rest = self
@@ -62,9 +66,9 @@ class CNN(nn.Sequential):
 
 
 def _first_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` channels-last on a CPU: its input, and its output too, since a one-channel image (gray) is
-    both layouts at once and a convolution then answers channels-first."""
-    return cpu_channels_last(conv(cpu_channels_last(x)))
+    """``conv(x)`` channels-last (:func:`channels_last`): its input, and its output too, since a one-channel
+    image (gray) is both layouts at once and a convolution then answers channels-first."""
+    return channels_last(conv(channels_last(x)))
 
 
 def _require_task(info: SourceInfo, task: str, model: str) -> None:
