@@ -181,7 +181,10 @@ def main() -> None:
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
     if args.stats:
-        settings, seeds = (int(x) for x in args.stats.lower().split("x"))
+        try:
+            settings, seeds = (int(x) for x in args.stats.lower().split("x"))
+        except ValueError:
+            parser.error(f"--stats: got {args.stats!r}; write settings x seeds, e.g. 8x10")
         got = stats_seconds(settings, seeds)
         print(f"{settings} settings x {seeds} seeds, one target and metric: every pair of settings "
               f"{got['compare_settings_s']:.3f} s, a family test {got['family_test_s']:.3f} s")
