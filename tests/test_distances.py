@@ -87,13 +87,14 @@ def test_bootstrap_rows_equal_one_bootstrap_per_row_including_an_undefined_draw(
     sums[4, :35] = 0
     den = (torch.rand(5, 40, generator=gen, dtype=torch.float64) + 0.1, torch.ones(5, 40, dtype=torch.float64))
     w = bootstrap_weights(40, n_boot=300, seed=3)
-    for denominator in (None, den):
-        est, low, high = bootstrap_rows(sums, counts, weights=w, denominator=denominator)
+    shared = counts[1:2].expand(5, -1)  # every row's units have the same points (resampled once)
+    for cs, denominator in ((counts, None), (counts, den), (shared, None), (shared, den)):
+        est, low, high = bootstrap_rows(sums, cs, weights=w, denominator=denominator)
         for k in range(5):  # numpy, row by row: ratio of resampled sums, undefined draws dropped
             wn = w.numpy()
             with np.errstate(invalid="ignore"):  # 0 / 0 for resamples without points: dropped below
-                draws = (wn @ sums[k].numpy()) / (wn @ counts[k].numpy())
-            value = sums[k].sum().item() / counts[k].sum().item()
+                draws = (wn @ sums[k].numpy()) / (wn @ cs[k].numpy())
+            value = sums[k].sum().item() / cs[k].sum().item()
             if denominator is not None:
                 draws = draws / ((wn @ den[0][k].numpy()) / (wn @ den[1][k].numpy()))
                 value /= den[0][k].sum().item() / den[1][k].sum().item()

@@ -212,18 +212,26 @@ def bootstrap_rows(sums: torch.Tensor, counts: torch.Tensor, *, weights: torch.T
     """:func:`bootstrap` for k statistics at once: ``sums``/``counts`` [k, units] -> (estimate, low, high), each [k].
 
     One matrix product resamples every statistic (the same resamples for all); a row whose draws are
-    all undefined (0/0) gets nan bounds.
+    all undefined (0/0) gets nan bounds. Counts that every row shares (compare's pairs: the probe's points per
+    unit) are resampled once.
     """
     sums, counts, w = sums.double(), counts.double(), weights.double().T  # w: [units, n_boot]
     estimate = sums.sum(1) / counts.sum(1)
-    draws = (sums @ w) / (counts @ w)
+    draws = (sums @ w) / _resampled(counts, w)
     if denominator is not None:
         den_s, den_c = denominator[0].double(), denominator[1].double()
         estimate = estimate / (den_s.sum(1) / den_c.sum(1))
-        draws = draws / ((den_s @ w) / (den_c @ w))
+        draws = draws / ((den_s @ w) / _resampled(den_c, w))
     alpha = (1 - level) / 2
     low, high = (torch.from_numpy(x) for x in _percentiles(draws.cpu().numpy(), (alpha, 1 - alpha)))
     return estimate, low, high
+
+
+def _resampled(counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``counts @ w``, computed for one row where every row of ``counts`` is the same."""
+    if len(counts) > 1 and bool((counts == counts[:1]).all()):
+        return counts[:1] @ w
+    return counts @ w
 
 
 def _percentiles(draws: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
