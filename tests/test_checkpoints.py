@@ -47,6 +47,23 @@ def test_atomic_write_never_leaves_a_torn_file(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1}
 
 
+def test_atomic_writes_sync_every_file_and_the_directory_once_and_keep_the_old_files_on_a_crash(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    files.atomic_writes({a: lambda tmp: tmp.write_text("old a"), b: lambda tmp: tmp.write_text("old b")})
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", synced.append)
+    files.atomic_writes({a: lambda tmp: tmp.write_text("new a"), b: lambda tmp: tmp.write_text("new b")})
+    assert (a.read_text(), b.read_text()) == ("new a", "new b") and len(synced) == 3  # two files, one directory
+
+    def torn(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        files.atomic_writes({a: lambda tmp: tmp.write_text("newer a"), b: torn})
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")  # nothing is renamed before every file is whole
+
+
 @pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                   lambda p: torch.optim.AdamW(p, lr=0.01)])
 def test_resume_state_round_trip_continues_identically(tmp_path, make):

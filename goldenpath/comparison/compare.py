@@ -225,7 +225,7 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
                             "columns": info.setting.columns, "n_seeds": n_seeds,
                             "step": hit.step if hit else None, "samples": hit.samples if hit else None})
     frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
-    files.atomic_write(out_dir / "distances.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    writes = {out_dir / "distances.parquet": lambda tmp: frame.to_parquet(tmp, index=False)}
     for name, table, columns in (("summary", tables["summary"], verdicts.SUMMARY),
                                  ("settings", tables["settings"], verdicts.MATRIX),
                                  ("family", tables["family"], verdicts.FAMILY),
@@ -234,7 +234,8 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
                                  ("excluded", tables["excluded"], verdicts.EXCLUDED)):
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
-        files.atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+        writes[out_dir / f"{name}.csv"] = lambda tmp, t=table: t.to_csv(tmp, index=False)
+    files.atomic_writes(writes)
 
 
 def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir):

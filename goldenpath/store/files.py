@@ -42,6 +42,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
         _fsync_dir(path.parent)
 
 
+def atomic_writes(writes: dict[Path, Callable[[Path], None]]) -> None:
+    """:func:`atomic_write` for several files: each filled under a temporary name and synced, then all renamed,
+    then each directory synced once (where a loop of atomic_write syncs the directory after every file). A kill
+    part way leaves each file whole, old or new, as such a loop would."""
+    tmps = {}
+    for path, write in writes.items():
+        path = Path(path)
+        tmps[path] = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        write(tmps[path])
+        with open(tmps[path], "rb+") as f:
+            os.fsync(f.fileno())
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+    for parent in {path.parent for path in tmps}:
+        _fsync_dir(parent)
+
+
 def cache_dir() -> Path:
     """Where goldenpath keeps what it can always recompute: $GOLDENPATH_CACHE, else $XDG_CACHE_HOME/goldenpath,
     else ~/.cache/goldenpath."""
