@@ -137,9 +137,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
-    """Return a copy of the raw mapping with dotted ``key=value`` overrides applied."""
+    """The raw mapping with dotted ``key=value`` overrides applied to a copy of it (itself when there are none)."""
     import copy
 
+    if not overrides:
+        return raw
     raw = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
@@ -200,12 +202,13 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
 
 
 def to_dict(config) -> dict:
-    """Plain nested dict (tuples as lists) of a config or section, ready for YAML or JSON."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(config))
+    """Plain nested dict (tuples as lists) of a config or section, ready for YAML or JSON (new containers;
+    the leaves are the config's own immutable values)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(x) for x in config]
+    if isinstance(config, dict):
+        return {k: to_dict(x) for k, x in config.items()}
+    return config
 
