@@ -129,11 +129,13 @@ LAYERS = {
     "linear": (lambda: nn.Linear(5, 4), (B, 5), (4,)),
     "linear-seq": (lambda: nn.Linear(5, 4), (B, 6, 5), (6, 4)),
     "linear-big-seq": (lambda: nn.Linear(8, 8), (B, 3, 8), (3, 8)),
+    "linear-no-bias": (lambda: nn.Linear(5, 4, bias=False), (B, 6, 5), (6, 4)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (B, 3, 7, 7), (4, 4, 4)),
     "conv2d-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=2, bias=False), (B, 2, 6, 5), (3, 6, 5)),
     "conv2d-deep": (lambda: nn.Conv2d(8, 8, 3), (B, 8, 4, 4), (8, 2, 2)),
     "conv2d-same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (B, 2, 5, 5), (3, 5, 5)),  # module-local func
     "layernorm": (lambda: nn.LayerNorm(6), (B, 4, 6), (4, 6)),
+    "layernorm-no-bias": (lambda: nn.LayerNorm(6, bias=False), (B, 4, 6), (4, 6)),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), (B, 4, 3, 3), (4, 3, 3)),
     "rmsnorm": (lambda: nn.RMSNorm(6), (B, 4, 6), (4, 6)),  # module-local torch.func
     "conv1d": (lambda: conv1d(5, 3), (B, 4, 5), (4, 3)),

@@ -82,16 +82,22 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the rules
 
 
+def _bias(m: nn.Module, grads: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"bias": grads()}`` for a layer with a bias; nothing for one without (GPT-2's output layer, a
+    convolution before a norm layer), whose per-sample output sums would cost a pass over ``g`` for nothing."""
+    return {"bias": grads()} if getattr(m, "bias", None) is not None else {}
+
+
 @rule(nn.Linear)
 def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, Part]:
     a, g = _seq(as_float(a)), _seq(g)
-    return {"weight": Factored(g, a, m.out_features, m.weight.shape), "bias": g.sum(1)}
+    return {"weight": Factored(g, a, m.out_features, m.weight.shape), **_bias(m, lambda: g.sum(1))}
 
 
 def _conv1d(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, Part]:
     """transformers' Conv1D: a linear layer storing its weight transposed, [in, out]."""
     a, g = _seq(as_float(a)), _seq(g)
-    return {"weight": Factored(a, g, m.weight.shape[0], m.weight.shape), "bias": g.sum(1)}
+    return {"weight": Factored(a, g, m.weight.shape[0], m.weight.shape), **_bias(m, lambda: g.sum(1))}
 
 
 @rule(nn.Conv2d)
@@ -109,7 +115,7 @@ def _conv2d(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, Part] |
         weight = torch.nn.grad.conv2d_weight(  # one grouped convolution: group i is sample i
             a.reshape(1, b * c, *a.shape[2:]), (b * m.out_channels, *m.weight.shape[1:]),
             g.reshape(1, -1, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=b).view(b, *m.weight.shape)
-    return {"weight": weight, "bias": g.sum((2, 3))}
+    return {"weight": weight, **_bias(m, lambda: g.sum((2, 3)))}
 
 
 @rule(nn.Embedding)
@@ -125,15 +131,13 @@ def _embedding(m: nn.Embedding, a: torch.Tensor, g: torch.Tensor) -> dict[str, P
 @rule(nn.LayerNorm)
 def _layer_norm(m: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> dict[str, Part]:
     dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-    weight, bias = _affine_grads(lambda x: F.layer_norm(x, m.normalized_shape, eps=m.eps), as_float(a), g, dims)
-    return {"weight": weight, "bias": bias}
+    return _affine_grads(m, lambda x: F.layer_norm(x, m.normalized_shape, eps=m.eps), as_float(a), g, dims)
 
 
 @rule(nn.GroupNorm)
 def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> dict[str, Part]:
-    weight, bias = _affine_grads(lambda x: F.group_norm(x, m.num_groups, eps=m.eps), as_float(a), g,
-                                 tuple(range(2, a.dim())))
-    return {"weight": weight, "bias": bias}
+    return _affine_grads(m, lambda x: F.group_norm(x, m.num_groups, eps=m.eps), as_float(a), g,
+                         tuple(range(2, a.dim())))
 
 
 # A convolution whose patches hold at most this many values (input channels x kernel area, e.g. 3 x 3 x 3)
@@ -189,18 +193,21 @@ def _patches(a: torch.Tensor, m: nn.Conv2d, out_hw) -> torch.Tensor:
 _CACHE_ELEMENTS = 1 << 18  # activations normalised at once by _affine_grads (1 MB in float32)
 
 
-def _affine_grads(normalise, a: torch.Tensor, g: torch.Tensor, dims: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of a norm layer's scale and shift: sum over ``dims`` of xhat g, and of g.
+def _affine_grads(m: nn.Module, normalise, a: torch.Tensor, g: torch.Tensor, dims: tuple) -> dict[str, Part]:
+    """Per-sample gradients of a norm layer's scale and shift (those it has): sum over ``dims`` of xhat g, and of g.
 
     On a CPU xhat is recomputed from the layer's input a few samples at a time, so that it is still in cache
     when it meets g (on the CNN's first group norm, 0.55 instead of 0.95 ms); a GPU takes the whole batch.
     """
+    out = _bias(m, lambda: g.sum(dims) if dims else g)
+    if getattr(m, "weight", None) is None:
+        return out
     step = max(1, _CACHE_ELEMENTS // max(1, a[0].numel())) if a.device.type == "cpu" else a.shape[0]
     scale = []
     for lo in range(0, a.shape[0], step):
         xhat = normalise(a[lo : lo + step]).mul_(g[lo : lo + step])  # in place: one chunk-sized buffer
         scale.append(xhat.sum(dims) if dims else xhat)
-    return torch.cat(scale), (g.sum(dims) if dims else g)
+    return {"weight": torch.cat(scale), **out}
 
 
 # ----------------------------------------------------------------------------- norms and weighted sums
