@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,19 +44,25 @@ def noise_of(params: dict, std: float, seed: int, step: int = 0) -> dict:
     return zeros
 
 
-def hand_clipped_mean(config, batch, clip):
-    """(1/B) sum_i clip_C(g_i) with g_i from one backward per sample; per-sample losses scaled by B / tokens."""
+def hand_per_sample(config, batch) -> list[list[torch.Tensor]]:
+    """g_i from one backward per sample: a sequence's summed token losses divided by its label positions
+    (padded or not: a factor no other sample changes)."""
     model = build_model(config.model, config.data.build().info, seed=config.seed).double()
-    b = len(next(iter(batch.values())))
-    units = int((batch["labels"] != -100).sum()) if "labels" in batch else b
-    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(b):
-        loss = sample_losses(model, {k: v[i : i + 1] for k, v in batch.items()})[0] * b / units
-        grads = torch.autograd.grad(loss, list(model.parameters()))
+    positions = batch["labels"].shape[1] if "labels" in batch else 1
+    return [torch.autograd.grad(sample_losses(model, {k: v[i : i + 1] for k, v in batch.items()})[0] / positions,
+                                list(model.parameters())) for i in range(len(next(iter(batch.values()))))]
+
+
+def hand_clipped_mean(config, batch, clip):
+    """(1/B) sum_i clip_C(g_i), the g_i of hand_per_sample."""
+    names = [n for n, _ in build_model(config.model, config.data.build().info, seed=config.seed).named_parameters()]
+    per_sample = hand_per_sample(config, batch)
+    total = {n: torch.zeros_like(g) for n, g in zip(names, per_sample[0])}
+    for grads in per_sample:
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         for n, g in zip(total, grads):
             total[n] += g * min(1.0, clip / float(norm))
-    return {n: g / b for n, g in total.items()}
+    return {n: g / len(per_sample) for n, g in total.items()}
 
 
 def assert_step(config, run_dir, expected_update: dict):
@@ -118,19 +125,58 @@ def test_dp_step_is_the_clipped_mean_plus_sigma_c_over_b_noise(tiny_teacher, met
 
 
 def test_dp_on_a_language_model_clips_whole_padded_sequences(tmp_path):
+    """Sequences of many lengths, the clip at the median of their norms: the clipped and the unclipped ones are
+    each scaled by 1 / (label positions), a factor no other sequence changes."""
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": "ab" * (2 + (7 * i) % 11)}) + "\n" for i in range(60)))
-    clip = 0.3
-    config = load_config(None, [
+    common = [
         "data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.pack=false", "data.seq_len=24",
         "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=8", "model.name=gpt2", "model.width=16",
         "model.heads=2", "model.depth=1", "precision=fp64", f"optim.lr={LR}", "optim.batch_size=8",
-        "optim.micro_batch_size=4", "budget.steps=1", "noise.kind=dp", "noise.sigma=0", f"noise.clip={clip}",
-        "log.progress=false", f"out={tmp_path}", "name=lm"])
-    run_dir = train(config)
-    batch = first_batch(config)
+        "optim.micro_batch_size=4", "budget.steps=1", "noise.kind=dp", "noise.sigma=0", "log.progress=false",
+        f"out={tmp_path}", "name=lm"]
+    probe = load_config(None, [*common, "noise.clip=1"])
+    batch = first_batch(probe)
     assert len(set((batch["labels"] != -100).sum(1).tolist())) > 2
-    assert_step(config, run_dir, hand_clipped_mean(config, batch, clip))
+    norms = [float(torch.sqrt(sum(g.square().sum() for g in gs))) for gs in hand_per_sample(probe, batch)]
+    clip = sorted(norms)[len(norms) // 2]
+    config = load_config(None, [*common, f"noise.clip={clip}"])
+    assert_step(config, train(config), hand_clipped_mean(config, batch, clip))
+
+
+def test_one_sequence_moves_a_dp_language_model_s_clipped_sum_by_at_most_c():
+    """Neighbouring batches: sample 0 replaced by one that predicts no token. Every sequence's loss is scaled
+    by the same constant, so the clipped sums differ by sample 0's clipped gradient alone, at most C (with the
+    scale from the batch's predicted tokens they differed by 2.4 C here)."""
+    from goldenpath.config.sections import NoiseConfig
+    from goldenpath.data import SourceInfo
+    from goldenpath.dp.mechanisms import DPSGD, per_sample_clip
+
+    b, t, vocab = 16, 32, 11
+    config = load_config(None, ["data.source=markov", "model.name=gpt2", "model.width=16", "model.depth=1",
+                                "model.heads=2", "model.attention=eager", "budget.steps=1"])
+    model = build_model(config.model, SourceInfo("lm", (t,), vocab), seed=0).double()
+    ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1:, 3:] = -100  # short sequences; sample 0 predicts every position
+    neighbour = labels.clone()
+    neighbour[0] = -100
+    batches = [{"input_ids": ids, "labels": lab} for lab in (labels, neighbour)]
+
+    def scale(batch):  # as optimizer_step computes it (one process)
+        return DPSGD(NoiseConfig(kind="dp", sigma=0.0, clip=1.0), batch_size=b, seed=0).loss_scale(
+            float((batch["labels"] != -100).sum()), 1, t)
+
+    # C just above the neighbour's largest norm: sample 0 alone is clipped in the first batch
+    clip = 1.01 * float(per_sample_clip(model, lambda m, x: sample_losses(m, x) * scale(batches[1]), batches[1],
+                                        math.inf).norms.max())
+    sums = []
+    for batch in batches:
+        mech = DPSGD(NoiseConfig(kind="dp", sigma=0.0, clip=clip, method="fast"), batch_size=b, seed=0)
+        model.zero_grad(set_to_none=True)
+        mech.micro_batch(model, batch, scale(batch), None)
+        sums.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert float((sums[0] - sums[1]).norm()) <= clip * (1 + 1e-9)
 
 
 def test_offline_dp_reports_rdp_epsilon_at_delta_one_over_n(tiny_teacher):

@@ -62,9 +62,10 @@ class SGD:
     def __init__(self, noise, *, batch_size: int, seed: int):
         self.noise, self.batch_size, self.seed = noise, batch_size, seed
 
-    def loss_scale(self, total_units: float, world: int) -> float:
+    def loss_scale(self, total_units: float, world: int, positions: int) -> float:
         """The factor on the summed per-sample losses of a micro-batch: the batch mean over loss units
-        (images or tokens), times ``world`` because DDP averages gradients over processes."""
+        (images or tokens), times ``world`` because DDP averages gradients over processes. ``positions``:
+        the loss units of one whole sample (1 for an image, a sequence's label positions)."""
         return world / total_units
 
     def micro_batch(self, model, batch: dict, scale: float, backward) -> dict:
@@ -95,8 +96,13 @@ class DPSGD(SGD):
     per_sample = True
     injects = True
 
-    def loss_scale(self, total_units: float, world: int) -> float:
-        return self.batch_size / total_units  # then (1/B) sum_i g_i is the mean gradient over loss units
+    def loss_scale(self, total_units: float, world: int, positions: int) -> float:
+        """1 / positions, whatever the batch holds: then (1/B) sum_i g_i is the mean loss over the B whole
+        samples' positions, the mean over loss units when no position is padded. A sample's factor must not
+        depend on the other samples: with the mean over the batch's predicted tokens, one sequence's padding
+        would rescale every other sequence's gradient before clipping, and the clipped sum could move by more
+        than C when one sample changes."""
+        return 1.0 / positions
 
     def micro_batch(self, model, batch, scale, backward):
         from goldenpath.models import sample_losses

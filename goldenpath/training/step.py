@@ -70,7 +70,8 @@ def optimizer_step(run: Run, micro_batches: list[dict], window: Window) -> tuple
         total_units = float(acc.reduce(torch.tensor(float(units), device=acc.device)))
     else:
         total_units = float(units * world)  # images: every process holds the same number
-    scale = mech.loss_scale(total_units, world)
+    positions = micro_batches[0]["labels"].shape[-1] if "labels" in micro_batches[0] else 1  # of a whole sample
+    scale = mech.loss_scale(total_units, world, positions)
     module = run.model if mech.per_sample else run.ddp_model
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, acc.device, run.dtype)
