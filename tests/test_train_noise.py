@@ -205,3 +205,26 @@ def test_logged_noise_scale_matches_the_micro_and_full_batch_gradients(tiny_teac
 
     trace, grad_sq, b_simple = noise_scale(small, big, 8, 32)
     assert record["b_simple"] == pytest.approx(b_simple, rel=1e-9) and record["grad_sq"] == pytest.approx(grad_sq)
+
+
+def test_offline_dp_refuses_batches_that_would_cross_an_epoch(tiny_teacher):
+    """A batch across two epochs (each its own shuffle) can hold a sample twice: under dp its clipped gradient
+    would count twice in one noised sum. The config refuses a batch size that does not divide the train size,
+    and a fork refuses one that would not start where an epoch's batches tile."""
+    from goldenpath.config import ConfigError
+
+    dp = ["model.norm=group", "data.epochs=4", "noise.kind=dp", "noise.sigma=1", "noise.clip=1"]
+    with pytest.raises(ConfigError, match="optim.batch_size: 32 does not divide data.train_size=100"):
+        load_config(None, [*tiny_teacher, *dp, "data.train_size=100", "optim.batch_size=32"])
+    parent = load_config(None, [*tiny_teacher, *dp, "data.train_size=128", "optim.batch_size=32", "name=parent",
+                                "budget.steps=3", "checkpoint.steps=[3]"])
+    train(parent)  # stops 96 samples into the first epoch
+    for size, refused in ((64, True), (32, False)):
+        child = fork_config(Path(parent.out) / "parent", at_step=3, overrides=[f"optim.batch_size={size}",
+                                                                                "budget.steps=5"])
+        if refused:
+            with pytest.raises(ConfigError, match="stopped 96 samples into an epoch of 128, not a multiple of 64"):
+                train(child)
+            assert not (Path(child.out) / child.name).exists()
+        else:
+            assert status_of(train(child))["state"] == "completed"

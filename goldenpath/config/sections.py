@@ -350,6 +350,11 @@ class Config:
         require(self.noise.kind != "dp" or getattr(self.model, "norm", None) != "batch", "model.norm",
                 "batch norm mixes the samples of a batch, so DP-SGD has no per-sample gradients",
                 "use model.norm=group with noise.kind=dp")
+        n, b = self.data.train_size, self.optim.batch_size
+        require(self.noise.kind != "dp" or self.data.epochs == 1 or n is None or n % b == 0, "optim.batch_size",
+                f"{b} does not divide data.train_size={n}: under dp a batch across two epochs could hold a sample "
+                "twice (its clipped gradient counted twice)", f"use a batch size that divides {n}, or a train_size "
+                f"that is a multiple of {b}")
         for section in (self.data, self.model, self.optim, self.noise, self.budget, self.checkpoint, self.log,
                         self.fork):
             section.check()

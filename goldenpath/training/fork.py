@@ -90,6 +90,11 @@ def fork_start(config: Config, rank: int) -> dict | None:
                           "fork once the parent has stopped: the child reads the stream from where it ended")
     world = parent_status.get("processes", 1)
     state = parent.resume_stream(min(rank, world - 1))
+    n, b, into = config.data.train_size, config.optim.batch_size, state["position"] % (config.data.train_size or 1)
+    if config.noise.kind == "dp" and config.data.epochs > 1 and into % b:
+        raise ConfigError("optim.batch_size", f"the parent stopped {into} samples into an epoch of {n}, not a "
+                          f"multiple of {b}: under dp a batch across two epochs could hold a sample twice",
+                          f"fork with a batch size that divides {into} (the parent's does)")
     meta = ckpt.read_meta(src)
     first = next(r for r in ckpt.read_metrics(parent) if "eval_loss" in r)
     return {"dir": src, "meta": meta, "stream": state, "parent_processes": world,
