@@ -27,6 +27,10 @@ def test_smallest_adjusted_p_counts_relabellings_and_targets():
     # three settings and the reference of 10 seeds: relabellings beyond counting, 2000 random ones
     assert plan.smallest_adjusted(3, 10, 4, "independent") == pytest.approx(4 / 2001)
     assert math.isnan(plan.smallest_adjusted(1, 1, 4, "independent"))
+    # two settings and the reference of 3 seeds: 1680 relabellings of the family, but a setting's adjusted p
+    # never goes below its pairwise p against the reference, 2 / C(6, 3) (paired: 2 / 2^3)
+    assert plan.smallest_adjusted(2, 3, 1, "independent") == pytest.approx(2 / 20)
+    assert plan.smallest_adjusted(2, 3, 1, "paired") == pytest.approx(2 / 8)
 
 
 def test_seeds_needed_is_the_first_count_that_reaches_the_level():
@@ -34,6 +38,8 @@ def test_seeds_needed_is_the_first_count_that_reaches_the_level():
     assert plan.smallest_adjusted(1, n, 4, "paired") < 0.05 <= plan.smallest_adjusted(1, n - 1, 4, "paired")
     assert n == 8  # 4 x 2 / 2^n < 0.05
     assert plan.seeds_needed(1, 8, "independent") == 6  # 8 x 2 / C(2n, n) < 0.05 from n = 6 (C(12, 6) = 924)
+    assert plan.seeds_needed(2, 1, "independent") == 4  # the pairwise floor 2 / C(2n, n): 0.1 at n = 3
+    assert plan.seeds_needed(2, 1, "paired") == 6  # 2 / 2^n: 0.0625 at n = 5
 
 
 def test_the_plan_names_reference_family_and_what_the_design_cannot_decide(tmp_path):

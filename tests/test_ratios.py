@@ -76,3 +76,32 @@ def test_the_answer_says_no_setting_differs_and_names_trivial_targets():
                            "comparison over 1 target, smallest adjusted p 0.3")
     assert "target 1.9 left out as trivial (at or above the trivial loss 1.73)" in text
     assert "power curve" in text  # not "the same": that needs the test's power
+
+
+@pytest.mark.parametrize("seeds,design,reach", [(3, "independent", 2 / 20), (3, "paired", 2 / 8), (5, "independent",
+                                                                                                  2 / 252)])
+def test_the_reach_counts_a_setting_s_own_pairwise_floor(seeds, design, reach):
+    """Three settings, each far from the others: a setting's adjusted p is never below its pairwise p against the
+    reference, so with 3 seeds a side no outcome can reach 0.05 (2 of C(6, 3) splits; 2 of 2^3 swaps paired), and
+    the answer says so, where the family's relabellings alone (1680, or 216) suggested 0.0006 and 0.005."""
+    import itertools
+
+    import numpy as np
+
+    from goldenpath.comparison.design import Design
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([50.0 * k + rng.normal(size=(seeds, 40)) for k in range(3)])
+    sums = np.stack([np.abs(x[i] - x[j]) for i, j in itertools.combinations(range(len(x)), 2)])
+    groups = tuple(tuple(range(k * seeds, (k + 1) * seeds)) for k in range(3))
+    design_ = Design(groups, tuple(i % seeds for i in range(len(x))) if design == "paired" else tuple(range(len(x))))
+    settings = [verdicts.Setting(f"s{k}", (k,), "online", 0.1 * 2**k, (0, k), {"lr": 0.1 * 2**k}) for k in range(3)]
+    got = verdicts.setting_rows(2.0, "tv", settings, design_, sums, np.ones(40), sq_sums=sums**2)
+    s, f = adjusted(got["summary"], got["family"])
+    assert f.smallest_adjusted.iloc[0] == pytest.approx(reach)
+    assert (s[s.in_family].p_adjusted >= reach * (1 - 1e-12)).all()
+    text = verdicts.answer(s, family=f)["online"]
+    if reach >= 0.05:
+        assert text.startswith(f"online: cannot be decided with {seeds} seeds per setting") and "no setting" not in text
+    else:
+        assert "differs from the reference s0" in text

@@ -3,7 +3,8 @@
 The verdict of ``goldenpath compare`` is fixed by the sweep alone (:mod:`goldenpath.comparison.verdicts`): per
 regime, the reference (its least-noisy setting), the family (every other grid setting of the regime, at every
 non-trivial target), the seeds and their design. So is the smallest family-wise p-value it can reach: the
-smallest permutation p the seeds allow (a count of relabellings) times the family's targets. Where that is
+smallest permutation p the seeds allow (a count of relabellings) times the family's targets, and never below
+the smallest p of one setting against the reference (a setting's adjusted p is floored there). Where that is
 not below 0.05 no outcome of the runs can make a setting "differ"; the plan says so and how many seeds
 would do (the answer of compare then says "cannot be decided", never "no setting differs").
 """
@@ -21,13 +22,15 @@ ALPHA = verdicts.ALPHA
 
 def smallest_adjusted(settings: int, seeds: int, targets: int, design: str, *, n_perm: int = 2000) -> float:
     """The smallest adjusted p of a family of ``settings`` settings plus the reference with ``seeds`` seeds
-    each over ``targets`` targets (Bonferroni over targets of the min-P test)."""
+    each over ``targets`` targets: Bonferroni over targets of the min-P test, and never below a setting's
+    pairwise p against the reference (as :func:`goldenpath.comparison.verdicts.adjust` floors it)."""
     if settings < 1 or seeds < 2 or targets < 1:
         return math.nan
     groups = tuple(tuple(range(k * seeds, (k + 1) * seeds)) for k in range(settings + 1))
     ids = tuple(i % seeds if design == "paired" else i for i in range(seeds * (settings + 1)))
     p = smallest_p(Design(groups, ids), list(range(settings + 1)), n_perm=n_perm)
-    return min(1.0, targets * p)
+    pair = smallest_p(Design(groups, ids), [0, 1], n_perm=n_perm)
+    return min(1.0, max(targets * p, pair))
 
 
 def seeds_needed(settings: int, targets: int, design: str, *, start: int = 2, limit: int = 64) -> int | None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from goldenpath.comparison import stats
 
-from goldenpath.comparison.design import Design
+from goldenpath.comparison.design import Design, smallest_p
 
 SUMMARY = ["target", "metric", "regime", "setting", "reference", "design", "n_seeds", "n_ref_seeds", "noise_scale",
            "d_cross", "d_floor", "floor", "ref_floor", "ratio", "ci_low", "ci_high", "p_value", "p_adjusted",
@@ -124,7 +124,9 @@ def setting_rows(target: float, metric: str, settings: list[Setting], design: De
                                      seed=seed, x=x)
             tests[regime] = (family, test)
             families.append({**base, "p_global": test.p_global, "smallest_p": test.smallest,
-                             "permutations": test.permutations, "exact": test.exact})
+                             "permutations": test.permutations, "exact": test.exact,
+                             # a setting's adjusted p is never below its pairwise p (adjust): the floor of both
+                             "smallest_pair_p": min(smallest_p(design, [k, ref], n_perm=n_perm) for k in family)})
             slope, low, high = stats.trend(x, cells, family, ref, null_var=test.slope_null_var,
                                            dof_=stats.dof(design, [ref, *family]))
         else:
@@ -172,8 +174,9 @@ def adjust(summary: list[dict], family: list[dict]) -> None:
     is every tested, non-trivial target; a setting's ``p_adjusted`` is targets x its min-P p (Bonferroni
     over targets), and at least its own pairwise p, ``location_p_adjusted`` the same for location,
     ``spread_p_adjusted`` its spread p times the family's comparisons; a family row's ``p_adjusted`` is
-    targets x its global p, ``smallest_adjusted`` targets x the smallest p its seeds allow (changes the rows in
-    place)."""
+    targets x its global p, ``smallest_adjusted`` the smallest adjusted p a setting's seeds allow: targets x
+    the smallest min-P p, and at least the smallest pairwise p of a setting against the reference (changes
+    the rows in place)."""
     tested: dict[tuple, int] = {}
     comparisons: dict[tuple, int] = {}
     for f in family:
@@ -186,7 +189,8 @@ def adjust(summary: list[dict], family: list[dict]) -> None:
         ok = np.isfinite(f["p_global"]) and not f["trivial"]
         f["targets"] = t
         f["p_adjusted"] = min(1.0, t * f["p_global"]) if ok else math.nan
-        f["smallest_adjusted"] = min(1.0, t * f["smallest_p"]) if ok else math.nan
+        pair = f.pop("smallest_pair_p", 0.0)
+        f["smallest_adjusted"] = min(1.0, max(t * f["smallest_p"], pair)) if ok else math.nan
     for r in summary:
         key = (r["metric"], r["regime"])
         t, m = tested.get(key, 0), comparisons.get(key, 0)
