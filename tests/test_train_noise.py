@@ -228,3 +228,34 @@ def test_offline_dp_refuses_batches_that_would_cross_an_epoch(tiny_teacher):
             assert not (Path(child.out) / child.name).exists()
         else:
             assert status_of(train(child))["state"] == "completed"
+
+
+def test_a_fork_s_epsilon_counts_its_parent_s_steps(tiny_teacher):
+    """A fork's weights carry its parent's steps: online, epsilon is the least noisy part's (each sample in one
+    noised sum); a non-private parent leaves no guarantee; offline the parts' RDP adds up (against opacus)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    common = [*tiny_teacher, "model.norm=group", "optim.batch_size=32", "checkpoint.steps=[2]", "budget.steps=2"]
+    dp = ["noise.kind=dp", "noise.clip=1"]
+    cases = {"open": (["noise.kind=none"], [*dp, "noise.sigma=5"]), "weak": ([*dp, "noise.sigma=0.5"], ["noise.sigma=5"]),
+             "strong": ([*dp, "noise.sigma=5"], ["noise.sigma=0.5"])}
+    got = {}
+    for name, (mine, theirs) in cases.items():
+        train(load_config(None, [*common, *mine, f"name={name}"]))
+        child = fork_config(Path(load_config(None, common).out) / name, at_step=2, overrides=[*theirs, "budget.steps=4"])
+        got[name] = status_of(train(child))
+    assert got["open"]["epsilon"] == math.inf and got["open"]["accountant"].startswith("none: 2 steps of open")
+    assert got["weak"]["epsilon"] == pytest.approx(privacy.epsilon(0.5, 1e-5))  # where it reported epsilon(5)
+    assert got["strong"]["epsilon"] == pytest.approx(privacy.epsilon(0.5, 1e-5))
+    assert "over the fork's parts" in got["weak"]["accountant"]
+
+    offline = [*common, *dp, "data.epochs=4", "data.train_size=128", "name=offline"]
+    train(load_config(None, [*offline, "noise.sigma=2"]))
+    child = fork_config(Path(load_config(None, common).out) / "offline", at_step=2,
+                        overrides=["noise.sigma=1", "optim.batch_size=64", "budget.steps=3"])
+    status = status_of(train(child))  # 2 steps at sigma 2, q = 1/4, then 1 step at sigma 1, q = 1/2
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = compute_rdp(q=0.25, noise_multiplier=2.0, steps=2, orders=orders) + \
+        compute_rdp(q=0.5, noise_multiplier=1.0, steps=1, orders=orders)
+    assert status["step"] == 3
+    assert status["epsilon"] == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1 / 128)[0], rel=1e-9)

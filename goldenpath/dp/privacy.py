@@ -49,19 +49,25 @@ def epsilon(sigma: float, delta: float, steps: int = 1, sample_rate: float = 1.0
 
 
 def _rdp_epsilon(sigma: float, delta: float, steps: int, sample_rate: float) -> float:
-    """The RDP bound of opacus' accountant over its default orders, or, where the best of those is the
-    largest (63: few steps or a small sampling rate), over every integer order up to MAX_ORDER too, since
-    the default range gives a loose bound there (and opacus warns). RDP composes linearly in steps, so a
-    run's per-step curve is computed once."""
+    """The RDP bound of opacus' accountant for ``steps`` steps of one subsampled Gaussian mechanism."""
+    return _rdp_composed([(sigma, sample_rate, steps)], delta)
+
+
+def _rdp_composed(parts: list[tuple[float, float, int]], delta: float) -> float:
+    """The RDP bound of opacus' accountant for (sigma, sample_rate, steps) parts run one after the other (RDP
+    composes by adding), over its default orders, or, where the best of those is the largest (63: few steps
+    or a small sampling rate), over every integer order up to MAX_ORDER too, since the default range gives
+    a loose bound there (and opacus warns). A part's per-step curve is computed once."""
     import warnings
 
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     for wide in (False, True):
-        orders, per_step = _rdp_per_step(sigma, sample_rate, wide)
+        orders = _rdp_per_step(*parts[0][:2], wide)[0]
+        rdp = sum(_rdp_per_step(sigma, q, wide)[1] * steps for sigma, q, steps in parts)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
-            eps, best = get_privacy_spent(orders=orders, rdp=per_step * steps, delta=delta)
+            eps, best = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         if best < orders[-1]:
             break
     return float(eps)
@@ -80,18 +86,34 @@ def _rdp_per_step(sigma: float, sample_rate: float, wide: bool) -> tuple[list, o
     return orders, compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders)
 
 
-def privacy_spent(config, steps: int) -> dict:
+def privacy_spent(config, steps: int, before: list | tuple = ()) -> dict:
     """epsilon, delta and the accountant of a DP-SGD run (a goldenpath Config) after ``steps`` optimizer
-    steps; {} without DP-SGD."""
+    steps; {} without DP-SGD.
+
+    ``before``: a fork's history, oldest first (:func:`goldenpath.training.fork.ancestry`): (an ancestor's
+    config, the optimizer steps of it that the fork's starting weights took). ``steps`` counts them too. Every
+    part counts with its own noise and batch size: online, a sample enters one noised sum, so epsilon is the
+    largest part's; offline the parts' RDP adds up. A part trained without DP-SGD leaves no guarantee: epsilon
+    is infinite.
+    """
     noise, data = config.noise, config.data
     if noise.kind != "dp":
         return {}
     offline = data.epochs > 1
     delta = noise.delta if noise.delta is not None else (1 / data.train_size if offline else 1e-5)
+    parts = [(c, k) for c, k in before if k > 0]
+    parts.append((config, steps - sum(k for _, k in before)))
+    fork = " over the fork's parts" if len(parts) > 1 else ""
+    open_ = [(c, k) for c, k in parts if c.noise.kind != "dp"]
+    if open_:
+        c, k = open_[0]
+        return {"epsilon": math.inf, "delta": delta,
+                "accountant": f"none: {k} steps of {c.name} (noise.kind={c.noise.kind}) were not private"}
     if offline:  # a sample enters one noised sum per epoch: subsampled Gaussian, RDP
-        eps = epsilon(noise.sigma, delta, steps=steps, sample_rate=config.optim.batch_size / data.train_size)
-        accountant = "rdp (opacus; assumes Poisson sampling, batches are shuffled)"
-    else:  # every sample enters exactly one noised sum: one Gaussian mechanism
-        eps = epsilon(noise.sigma, delta) if steps else 0.0
-        accountant = "analytic gaussian (each sample in one step)"
+        parts = [(c.noise.sigma, c.optim.batch_size / data.train_size, k) for c, k in parts if k > 0]
+        eps = _rdp_composed(parts, delta) if parts else 0.0
+        accountant = f"rdp (opacus; assumes Poisson sampling, batches are shuffled){fork}"
+    else:  # every sample enters exactly one noised sum: one Gaussian mechanism, the least noisy part's
+        eps = max((epsilon(c.noise.sigma, delta) for c, k in parts if k > 0), default=0.0)
+        accountant = f"analytic gaussian (each sample in one step){fork}"
     return {"epsilon": eps, "delta": delta, "accountant": accountant}

@@ -72,6 +72,24 @@ def _refuse_duplicate(config: Config, out: Path) -> None:
                               "use that run (compare reads it already), or fork with other changes")
 
 
+def ancestry(config: Config) -> list[tuple[Config, int]]:
+    """What a fork's starting weights were trained under, oldest first: (each ancestor's config, the optimizer
+    steps taken under it before the next fork point); [] for a run that is not a fork. Its privacy accounting
+    counts them (:func:`goldenpath.dp.privacy.privacy_spent`)."""
+    chain = []
+    while config.fork.parent is not None:
+        parent = ckpt.RunDir(config.fork.parent)
+        parent_config = load_config(parent.config)
+        at = ckpt.read_meta(parent.checkpoint(at_loss=config.fork.at_loss, at_step=config.fork.at_step))["step"]
+        chain.append((parent_config, int(at)))
+        config = parent_config
+    out, start = [], 0
+    for parent_config, at in reversed(chain):
+        out.append((parent_config, at - start))
+        start = at
+    return out
+
+
 def fork_start(config: Config, rank: int) -> dict | None:
     """Where a fork begins: the parent's checkpoint, its meta, the parent's final stream position."""
     fork = config.fork

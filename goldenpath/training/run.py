@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +24,7 @@ from goldenpath.config import (Config, ConfigError, OptimConfig, accumulation_st
                                to_dict)
 from goldenpath.data import build_stream
 from goldenpath.seeding import Purpose, stream_key
-from goldenpath.training.fork import fork_start
+from goldenpath.training.fork import ancestry, fork_start
 from goldenpath.models import build_model
 from goldenpath.dp.mechanisms import mechanism
 from goldenpath.dp.privacy import privacy_spent
@@ -137,6 +137,7 @@ class Run:
     chance: float
     resumed: bool
     forked: bool
+    ancestry: list = field(default_factory=list)  # a fork's parents' parts (fork.ancestry): its privacy counts them
     window: Window | None = None
     metrics: Any = None
     ids_file: Any = None
@@ -166,7 +167,11 @@ class Run:
             ckpt.update_status(self.dir, step=st.step, samples=st.samples, tokens=st.tokens,
                                eval_loss=st.last_eval, best_eval_loss=st.best[1] if st.best else None,
                                eval_error=st.eval_error, targets_reached=st.reached, seconds=st.seconds,
-                               updated=_now(), **privacy_spent(self.config, st.step), **fields)
+                               updated=_now(), **self.privacy(), **fields)
+
+    def privacy(self) -> dict:
+        """epsilon, delta and the accountant after the steps taken, a fork's parents' included ({} without dp)."""
+        return privacy_spent(self.config, self.state.step, self.ancestry)
 
     def log(self, record: dict) -> None:
         """One metrics.jsonl line (and the trackers')."""
@@ -274,6 +279,7 @@ def start(config: Config) -> Run | Path:
               autocast=bf16_autocast(accelerator.device, config.precision == "bf16"),
               dtype=dtype, total_steps=total_steps, stream_steps=stream_steps, floor=source.loss_floor(),
               chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None,
+              ancestry=ancestry(config) if forked and config.noise.kind == "dp" else [],
               window=Window(accelerator.device))
     if resumed:  # a partly filled log window goes on where it stopped: the next logged line averages every step
         run.window.load(directory.resume_sums(rank))
@@ -332,7 +338,7 @@ def _open_outputs(run: Run, begin: dict) -> None:
                            threads=torch.get_num_threads() if cpu else None,
                            started=run.files.status().get("started", _now()),
                            resumed_from_step=st.step if run.resumed else None,
-                           **privacy_spent(config, st.step))
+                           **run.privacy())
     b = config.optim.batch_size
     run.bar = tqdm(total=run.total_steps * b if run.total_steps else None, initial=st.samples, unit="sample",
                    unit_scale=True, dynamic_ncols=True, disable=True if not (main and config.log.progress) else None,

@@ -34,7 +34,6 @@ import torch
 
 from goldenpath.config import Config
 from goldenpath.data import StreamExhausted
-from goldenpath.dp.privacy import privacy_spent
 from goldenpath.gradnoise.estimators import noise_scale
 from goldenpath.store import rundir as ckpt
 from goldenpath.training import step
@@ -88,7 +87,7 @@ def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[floa
         if config.checkpoint.best and run.main:
             ckpt.save_checkpoint(run.files.best, run.model, meta, keep)
     st.seconds["checkpoint"] += time.perf_counter() - t0
-    spent = privacy_spent(config, st.step)
+    spent = run.privacy()
     run.bar.set_postfix_str(f"eval {loss:.4f}" + (f" floor {run.floor:.4f}" if run.floor is not None else "")
                             + (f" eps {spent['epsilon']:.3g}" if spent else ""), refresh=False)
     return loss, error
