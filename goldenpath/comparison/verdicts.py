@@ -272,7 +272,8 @@ def answer(summary, trend=None, *, family=None, metric: str = "tv", alpha: float
                         f"({metric} ratio {_interval(r.ratio, r.ci_low, r.ci_high)}, adjusted p {r.p_adjusted:.2g})"
                         + _why(r, metric, alpha)
                         + (f"; {others} more setting-target pair{'s' if others > 1 else ''} of {len(members)} differ"
-                           if others else f"; the only one of {len(members)} comparisons"))
+                           if others else f"; none of the other {_count(len(members) - 1, 'comparison')} reaches "
+                           f"{alpha:g} (which does not make them alike)" if len(members) > 1 else ""))
             elif reach >= alpha:
                 text = (f"{regime}: cannot be decided with {n} seeds per setting: the smallest adjusted p these "
                         f"seeds allow is {reach:.2g} (family of {_count(len(members), 'comparison')} over "
