@@ -92,6 +92,31 @@ def test_gaussianity_accepts_gaussian_and_rejects_cauchy_noise():
     assert np.corrcoef(theoretical, ordered)[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("m", [300, 106])  # 106 = 2 x 53: no divisor near sqrt(106), so K1 = 10, not 2
+def test_the_per_coordinate_tail_index_is_tail_index_of_each_column(m):
+    from goldenpath.gradnoise.estimators import per_coordinate_tail_index
+
+    x = np.random.default_rng(4).standard_t(3, (m, 6))
+    assert per_coordinate_tail_index(x) == pytest.approx([tail_index(x[:, j]) for j in range(6)], rel=1e-12)
+
+
+def test_gaussianity_tests_have_their_level_on_gaussian_noise_of_few_batches():
+    """20 batches of 200 coordinates with unequal scales, 60 times: each test rejects at 5% about 5% of the time.
+    Standardised by the mean and sd of 20 draws alone, the pooled values have light tails, and Anderson-Darling
+    rejected such exactly Gaussian noise 84% of the time; t-distributed noise (3 degrees of freedom) is still
+    rejected."""
+    rng = np.random.default_rng(3)
+    rejected = {}
+    for rep in range(60):
+        x = rng.standard_normal((20, 200)) * np.exp(rng.standard_normal(200))
+        for key, p in gaussianity(x - x.mean(0), seed=rep).items():
+            if key.endswith("_p"):
+                rejected[key] = rejected.get(key, 0) + (p < 0.05)
+    assert max(rejected.values()) <= 9, rejected  # 60 x 0.05 = 3 expected; P(>= 10 | 5%) < 0.002
+    heavy = gaussianity(rng.standard_t(3, (20, 200)))
+    assert heavy["coordinates_anderson_p"] <= 0.01 and heavy["coordinates_shapiro_p"] < 0.01
+
+
 def test_noise_scale_on_a_gradient_model_with_known_mean_and_covariance():
     rng = np.random.default_rng(1)
     d = 40
