@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,34 @@ def test_target_checkpoints_are_first_crossings(tiny_teacher):
     assert json.loads((run_dir / "checkpoints" / "step-7" / "meta.json").read_text())["step"] == 7
     assert status["targets_reached"] == {f"{t:g}": json.loads((run_dir / "checkpoints" / f"target-{t:g}" /
                                                                "meta.json").read_text())["step"] for t in targets}
+
+
+def test_targets_never_change_training_on_a_streaming_dataset_with_a_shuffle_buffer(tmp_path):
+    """``datasets`` refills a shuffle buffer when a state is loaded, so a replay that put the stream back read
+    other documents, saved a target at a step the run never took and left the run on another stream (some
+    documents trained on twice). The replay reads the micro-batches kept since its snapshot instead: the run
+    with targets trains exactly as the run without."""
+    rng = np.random.default_rng(0)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc{i} " + " ".join(f"w{rng.integers(8)}.{j}" for j in
+                                                                      range(2 + i % 11))}) + "\n" for i in range(400)))
+    common = ["data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.seq_len=24",
+              "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=8", "model.name=gpt2", "model.width=16",
+              "model.heads=2", "model.depth=1", "precision=fp64", "optim.lr=0.05", "optim.batch_size=8",
+              "log.progress=false", "budget.min_progress=null", f"out={tmp_path}", "log.every=1",
+              "checkpoint.eval_every=1000", "budget.stop_at_last_target=false", "budget.samples=800",
+              "checkpoint.target_eval_every=20", "checkpoint.eval_min_every=5"]
+    runs = {}
+    for name, targets in (("plain", []), ("targets", [5.0, 4.0, 3.5, 3.2])):
+        config = load_config(None, [*common, f"name={name}", f"checkpoint.targets={targets}"])
+        runs[name] = (config, train(config))
+    (plain, plain_dir), (with_targets, targets_dir) = runs["plain"], runs["targets"]
+    metas = [json.loads(p.read_text()) for p in sorted(targets_dir.glob("checkpoints/target-*/meta.json"))]
+    assert any(m["replayed"] for m in metas)  # the replay ran
+    losses = [[r["train_loss"] for r in ckpt.read_metrics(d) if "train_loss" in r] for d in (plain_dir, targets_dir)]
+    assert len(losses[0]) > 50 and losses[0] == losses[1]
+    a, b = trained_model(plain, plain_dir).parameters(), trained_model(with_targets, targets_dir).parameters()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_timed_resume_saves_never_move_an_eval_and_wait_for_the_target_search(tiny_teacher, monkeypatch):

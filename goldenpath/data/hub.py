@@ -72,6 +72,9 @@ class _HFIterator:
 
     def __init__(self, source, dataset, rank: int, world: int):
         self._source, self._dataset, self._rank, self._world = source, dataset, rank, world
+        # ``datasets`` does not keep a shuffle buffer's contents in its state: loading a state refills the
+        # buffer, so the examples after it differ (and some are read again)
+        self.exact_restore = source.cfg.shuffle_buffer <= 1
         self._it: _ReadAhead | None = None
         self._pending: list[int] = []   # packing: tokens read but not yet emitted
         self._count = 0

@@ -121,6 +121,10 @@ class Prefetched:
         batches, self._state = item
         return batches
 
+    @property
+    def exact_restore(self) -> bool:
+        return self.stream.exact_restore
+
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)
 

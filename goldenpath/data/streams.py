@@ -104,6 +104,8 @@ class Stream:
         batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
     """
 
+    exact_restore = True  # loading a state hands out exactly the steps handed out from it (positions)
+
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
                  batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0):
         accumulation = accumulation_steps(batch_size, micro_batch_size, world)
@@ -240,6 +242,11 @@ class SequentialStream:
             batches.append(self.source.collate(examples))
         self.position += self.batch_size
         return batches
+
+    @property
+    def exact_restore(self) -> bool:
+        """Whether loading a state makes the stream hand out exactly the steps it handed out from that state."""
+        return getattr(self._it, "exact_restore", True)
 
     def state_dict(self) -> dict:
         return {"position": self.position, "iterator": self._it.state_dict()}

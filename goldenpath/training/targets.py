@@ -7,7 +7,9 @@ snapshot, :meth:`Targets.search` restores it (weights, optimizer state, stream p
 counters), runs the same optimizer steps again with an eval after each, and saves each target's checkpoint
 at the first step whose eval loss is at or below it. The replayed steps read the same samples in the same
 order with the same noise (drawn from the step number), so on a CPU they recompute the trajectory bit for
-bit and no sample is trained on twice; the run then goes on from where it was.
+bit and no sample is trained on twice; the run then goes on from where it was. A stream that cannot be put
+back exactly (a streaming dataset's shuffle buffer) is not moved: the snapshot keeps the steps' micro-batches
+since it was taken, and the replay reads those.
 
 What a checkpoint's step depends on, exactly: it is the first step at or below the target among the steps
 the search evaluated: its scheduled evals, and every step between two of them when the later one finds a
@@ -46,6 +48,9 @@ class Snapshot:
     rng: tuple
     state: dict
     window: torch.Tensor  # the log window's sums (what the next metrics line averages)
+    # where the stream cannot be put back exactly (a shuffle buffer of a streaming dataset): the micro-batches
+    # of every step since, which the training loop appends and a replay reads instead of the stream
+    batches: list | None = None
 
     @classmethod
     def take(cls, run) -> Snapshot:
@@ -53,13 +58,15 @@ class Snapshot:
             weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         return cls(run.state.step, weights, copy.deepcopy(run.optimizer.state_dict()),
                    copy.deepcopy(run.stream.state_dict()), ckpt.rng_state(), copy.deepcopy(run.state.as_dict()),
-                   run.window.sums.clone())
+                   run.window.sums.clone(), None if getattr(run.stream, "exact_restore", True) else [])
 
-    def restore(self, run) -> None:
-        """Put the run back to this snapshot (the snapshot's tensors are handed over: restore once)."""
+    def restore(self, run, *, stream: bool = True) -> None:
+        """Put the run back to this snapshot (the snapshot's tensors are handed over: restore once); ``stream``:
+        the stream's position too."""
         run.model.load_state_dict(self.model)
         run.optimizer.load_state_dict(self.optimizer)
-        run.stream.load_state_dict(self.stream)
+        if stream:
+            run.stream.load_state_dict(self.stream)
         ckpt.set_rng_state(*self.rng)
         run.state.load(self.state)
         run.window.sums.copy_(self.window)
@@ -129,16 +136,18 @@ class Targets:
             return found, history
         t0 = time.perf_counter()
         now = Snapshot.take(run)
-        previous.restore(run)
+        kept = previous.batches  # None: the stream goes back and reads the steps again
+        previous.restore(run, stream=kept is None)
         while st.step < here - 1:
-            step.optimizer_step(run, run.stream.next_step(), Window(run.accelerator.device))
+            batches = run.stream.next_step() if kept is None else kept[st.step - previous.step]
+            step.optimizer_step(run, batches, Window(run.accelerator.device))
             loss, error = step.eval_run(run)
             history[st.step] = loss
             while pending and loss <= pending[0]:
                 crossing = Crossing(pending.pop(0), st.step, loss, error)
                 self._save(crossing, [st.step - 1, history.get(st.step - 1)], replayed=True)
                 found.append(crossing)
-        now.restore(run)
+        now.restore(run, stream=kept is None)
         for crossing in found:  # the replay's counters were put back: keep what it found
             self._mark(crossing)
         st.seconds["replay"] += time.perf_counter() - t0

@@ -151,6 +151,8 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
             micro_batches = run.stream.next_step()
         except StreamExhausted:
             return "completed", data_end, previous
+        if previous is not None and previous.batches is not None:  # what a replay from it will read
+            previous.batches.append(micro_batches)
         if run.ids_file is not None:
             for batch in micro_batches:
                 run.ids_file.write(batch["ids"].numpy().astype("<i8").tobytes())
