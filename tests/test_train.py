@@ -402,6 +402,35 @@ def test_a_run_that_diverges_after_a_target_keeps_its_checkpoint_and_says_so(tin
     assert status["reason"].endswith("after reaching 2.28 (those checkpoints are kept)")
 
 
+def test_a_run_whose_last_update_blows_up_is_recorded_as_diverged(tiny_teacher):
+    """One step at a huge learning rate: its train loss (before the update) is fine, the final eval after it is
+    not; the run was recorded as completed."""
+    status = status_of(train(load_config(None, [*tiny_teacher, "optim.lr=1000", "optim.warmup=0", "budget.steps=1",
+                                                "budget.min_progress=null"])))
+    assert status["state"] == "diverged" and status["reason"].endswith("after the last step (1)")
+
+
+def test_a_fork_of_a_run_that_diverged_reads_its_stream_from_where_it_stopped(tiny_teacher):
+    """A diverged run saves where its stream stopped: a fork from a checkpoint before the divergence reads no
+    sample the parent trained on (it failed, or read the stream from an older resume state)."""
+    from goldenpath.training.fork import fork_config
+
+    parent = load_config(None, [*tiny_teacher, "optim.lr=1000", "optim.warmup=1000", "budget.samples=6400",
+                                "checkpoint.targets=[2.28]", "budget.stop_at_last_target=false",
+                                "log.sample_ids=true", "name=blowup"])
+    parent_dir = train(parent)
+    assert status_of(parent_dir)["state"] == "diverged"
+    child = fork_config(parent_dir, at_loss=2.28, overrides=["optim.lr=0.01", "budget.steps=+3"], name="calm")
+    child_dir = train(child)
+    assert status_of(child_dir)["state"] == "completed"
+
+    def ids(run_dir):
+        return set(torch.frombuffer(bytearray((run_dir / "samples" / "rank0.i64").read_bytes()),
+                                    dtype=torch.int64).tolist())
+
+    assert ids(child_dir) and not ids(child_dir) & ids(parent_dir)
+
+
 def test_a_finished_run_is_not_redone_and_a_changed_config_is_refused(tiny_teacher, capsys):
     config = load_config(None, [*tiny_teacher, "budget.steps=3"])
     run_dir = train(config)

@@ -237,7 +237,10 @@ def judge(state, *, chance: float, min_progress: float | None, offline: bool) ->
 
 
 def _finish(run: Run, state: str, reason: str, previous: Snapshot | None) -> None:
-    """The final eval and resume state of a completed run, its verdict, and the final status."""
+    """The final eval and resume state of a completed run, its verdict, and the final status. A run whose
+    final eval loss is not finite or exploded (as the train loss's rule) diverged in its last update; a
+    diverged run saves its resume state too, so that a fork from a checkpoint before the divergence reads
+    the stream from where the run stopped."""
     st = run.state
     if state == "completed":
         run.bar.total = run.bar.n  # stopped before the budget (the last target, the data's end): the bar ends full
@@ -250,13 +253,22 @@ def _finish(run: Run, state: str, reason: str, previous: Snapshot | None) -> Non
             if not logged:
                 run.log({"step": st.step, "samples": st.samples, "tokens": st.tokens, "eval_loss": loss,
                          "eval_error": error})
+        final, start = st.last_eval, st.initial_eval
+        if final is not None and (not math.isfinite(final) or start is not None and
+                                  final > run.config.budget.diverge_factor * start):  # its last update blew up
+            state, reason = "diverged", f"eval loss {final:.4g} after the last step ({st.step})"
+    if state == "completed":
         run.save_last()
         verdict, why, fields = judge(st, chance=run.chance, min_progress=run.config.budget.min_progress,
                                      offline=run.config.regime == "offline")
         reason = f"{reason}; {why}" if why else reason
         run.status(state=verdict, reason=reason, replicas_in_sync=_replicas_in_sync(run.model, run.accelerator),
                    **fields)
-    elif state == "diverged" and st.reached:  # its checkpoints predate the divergence: kept, and said so
+        run.accelerator.wait_for_everyone()  # every process returns after the final status is written
+        return
+    if state == "diverged":  # where its stream stopped, for a fork from a checkpoint before the divergence
+        run.save_last()
+    if state == "diverged" and st.reached:  # its checkpoints predate the divergence: kept, and said so
         run.status(state=state, reason=f"{reason}, after reaching {', '.join(st.reached)} (those checkpoints are "
                                        "kept)", diverged_after_targets=dict(st.reached))
     else:
