@@ -237,12 +237,14 @@ def test_a_fork_s_epsilon_counts_its_parent_s_steps(tiny_teacher):
 
     common = [*tiny_teacher, "model.norm=group", "optim.batch_size=32", "checkpoint.steps=[2]", "budget.steps=2"]
     dp = ["noise.kind=dp", "noise.clip=1"]
-    cases = {"open": (["noise.kind=none"], [*dp, "noise.sigma=5"]), "weak": ([*dp, "noise.sigma=0.5"], ["noise.sigma=5"]),
+    cases = {"open": (["noise.kind=none"], [*dp, "noise.sigma=5"]),
+             "weak": ([*dp, "noise.sigma=0.5"], ["noise.sigma=5"]),
              "strong": ([*dp, "noise.sigma=5"], ["noise.sigma=0.5"])}
     got = {}
     for name, (mine, theirs) in cases.items():
         train(load_config(None, [*common, *mine, f"name={name}"]))
-        child = fork_config(Path(load_config(None, common).out) / name, at_step=2, overrides=[*theirs, "budget.steps=4"])
+        child = fork_config(Path(load_config(None, common).out) / name, at_step=2,
+                            overrides=[*theirs, "budget.steps=4"])
         got[name] = status_of(train(child))
     assert got["open"]["epsilon"] == math.inf and got["open"]["accountant"].startswith("none: 2 steps of open")
     assert got["weak"]["epsilon"] == pytest.approx(privacy.epsilon(0.5, 1e-5))  # where it reported epsilon(5)

@@ -62,6 +62,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     last = property(lambda self: self.checkpoints / "last")
+    stream_end = property(lambda self: self.checkpoints / "stream-end")  # a diverged run's streams, where they stopped
     best = property(lambda self: self.checkpoints / "best")
     noise = property(lambda self: self.path / "noise")
 
@@ -95,6 +96,12 @@ class RunDir:
         """The stream state of process ``rank`` in the resume state, or None when there is none."""
         path = self.last / f"rank{rank}.json"
         return read_json(path)["stream"] if path.exists() else None
+
+    def final_stream(self, rank: int = 0) -> dict | None:
+        """Where process ``rank``'s stream stopped: as a diverged run saved it (``stream-end/``), else as its resume
+        state holds it (a stopped run's); None when there is neither."""
+        path = self.stream_end / f"rank{rank}.json"
+        return read_json(path)["stream"] if path.exists() else self.resume_stream(rank)
 
     def resume_sums(self, rank: int = 0) -> list | None:
         """The step statistics process ``rank`` gathered since its last logged step, in the resume state (None

@@ -107,7 +107,7 @@ def fork_start(config: Config, rank: int) -> dict | None:
         raise ConfigError("fork.parent", f"{parent.path} is still running",
                           "fork once the parent has stopped: the child reads the stream from where it ended")
     world = parent_status.get("processes", 1)
-    state = parent.resume_stream(min(rank, world - 1))
+    state = parent.final_stream(min(rank, world - 1))
     n, b, into = config.data.train_size, config.optim.batch_size, state["position"] % (config.data.train_size or 1)
     if config.noise.kind == "dp" and config.data.epochs > 1 and into % b:
         raise ConfigError("optim.batch_size", f"the parent stopped {into} samples into an epoch of {n}, not a "

@@ -35,7 +35,7 @@ import torch
 from goldenpath.config import Config
 from goldenpath.data import StreamExhausted
 from goldenpath.gradnoise.estimators import noise_scale
-from goldenpath.store import rundir as ckpt
+from goldenpath.store import files, rundir as ckpt
 from goldenpath.training import step
 from goldenpath.training.fork import fork_config
 from goldenpath.training.run import Run, start
@@ -239,8 +239,8 @@ def judge(state, *, chance: float, min_progress: float | None, offline: bool) ->
 def _finish(run: Run, state: str, reason: str, previous: Snapshot | None) -> None:
     """The final eval and resume state of a completed run, its verdict, and the final status. A run whose
     final eval loss is not finite or exploded (as the train loss's rule) diverged in its last update; a
-    diverged run saves its resume state too, so that a fork from a checkpoint before the divergence reads
-    the stream from where the run stopped."""
+    diverged run saves where each process's stream stopped (``checkpoints/stream-end/``, no model), so that a
+    fork from a checkpoint before the divergence reads the stream from there."""
     st = run.state
     if state == "completed":
         run.bar.total = run.bar.n  # stopped before the budget (the last target, the data's end): the bar ends full
@@ -266,8 +266,10 @@ def _finish(run: Run, state: str, reason: str, previous: Snapshot | None) -> Non
                    **fields)
         run.accelerator.wait_for_everyone()  # every process returns after the final status is written
         return
-    if state == "diverged":  # where its stream stopped, for a fork from a checkpoint before the divergence
-        run.save_last()
+    if state == "diverged":  # where its stream stopped (no model is saved), for a fork from an earlier checkpoint
+        run.files.stream_end.mkdir(parents=True, exist_ok=True)
+        files.write_json(run.files.stream_end / f"rank{run.accelerator.process_index}.json",
+                         {"stream": run.stream.state_dict()})
     if state == "diverged" and st.reached:  # its checkpoints predate the divergence: kept, and said so
         run.status(state=state, reason=f"{reason}, after reaching {', '.join(st.reached)} (those checkpoints are "
                                        "kept)", diverged_after_targets=dict(st.reached))
