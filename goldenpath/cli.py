@@ -144,8 +144,11 @@ def _sweep(args) -> int:
         raise ConfigError("--jobs", f"got {args.jobs}", "use a positive number of parallel runs")
     from goldenpath.comparison.plan import plan
     from goldenpath.config.grid import load_sweep
+    from goldenpath.training.sweep import check_points
 
-    for line in plan(load_sweep(args.sweep_config)):
+    sweep = load_sweep(args.sweep_config)
+    check_points(sweep, args.out)  # every point, forks included, before the plan says anything
+    for line in plan(sweep):
         print(f"plan: {line}", file=sys.stderr if not args.plan else sys.stdout, flush=True)
     if args.plan:
         return 0

@@ -122,6 +122,15 @@ def test_independent_seeds_differ_across_every_setting_and_paired_ones_are_share
     ("grid: {'data.epochs,data.train_size': [[1]]}\n", "sweep.grid.data.epochs,data.train_size"),
     ("forks: [{set: {optim.lr: 0.1}}]\n", "sweep.forks[0]"),
     ("grid: {optim.lr: [0.1, -1]}\n", "optim.lr"),  # every point is checked before anything runs
+    ("set: [a, b]\n", "sweep.set"),  # these printed a traceback
+    ("slurm: [1]\n", "sweep.slurm"),
+    ("forks: [{at_loss: 2.2, set: [1]}]\n", "sweep.forks[0].set"),
+    ("forks: [{at_loss: 2.2, where: [1]}]\n", "sweep.forks[0].where"),
+    ("grid: {optim.lr: [0.1]}\nforks: [{at_loss: abc}]\n", "sweep.forks[0].at_loss"),
+    ("grid: {optim.lr: [0.1]}\nforks: [{at_loss: 2.2, where: {lr: 0.1}}]\n", "sweep.forks[0].where"),  # matched none
+    ("grid: {'optim.lr,optim.batch_size': [[0.1, 16]], optim.lr: [0.2]}\n", "sweep.grid.optim.lr"),  # overridden
+    ("grid: {'seed,optim.lr': [[5, 0.1]]}\n", "sweep.grid.seed,optim.lr"),  # a seed the sweep did not use
+    ("grid: {optim.lr: [0.1]}\nforks: [{at_loss: 2.2, set: {optim.nope: 3}}]\n", "optim.nope"),  # not after hours
 ])
 def test_bad_sweep_configs_exit_2_naming_the_field(tmp_path, body, field):
     out = sweep_cli(write_sweep(tmp_path, body))
@@ -318,6 +327,24 @@ def test_slurm_arrays_hold_the_points_to_run_then_the_forks(tmp_path):
     assert "optim.lr=/2" in fork_cmd
     jobs = submit_slurm(sweep, sweep_dir, points, jobs=4, retry_diverged=False, cluster="debug")
     assert [j.submission().args[0] for j in jobs] == arrays[0] + arrays[1]
+
+
+def test_retry_diverged_under_slurm_trains_the_diverged_points_again(tmp_path, monkeypatch):
+    """The Slurm jobs of diverged points found their directories and exited: they are cleared first, as a local
+    sweep clears them."""
+    import goldenpath.training.sweep as sweep_module
+
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.05, 0.1]}\n")
+    points = expand(load_sweep(path))
+    sweep_dir = tmp_path / "out" / "s"
+    for point, state in zip(points, ("diverged", "completed")):
+        (sweep_dir / point.name).mkdir(parents=True)
+        (sweep_dir / point.name / "status.json").write_text(json.dumps({"state": state}))
+    submitted = []
+    monkeypatch.setattr(sweep_module, "submit_slurm", lambda *a, **k: submitted.append(
+        [p.name for p in a[2] if (sweep_dir / p.name).exists()]))
+    sweep_module.run_sweep(path, out=str(tmp_path / "out"), executor="slurm", retry_diverged=True)
+    assert submitted == [[points[1].name]]  # the diverged point's directory is gone before the jobs start
 
 
 # ----------------------------------------------------------------------------- forks

@@ -431,6 +431,23 @@ def test_a_fork_of_a_run_that_diverged_reads_its_stream_from_where_it_stopped(ti
     assert ids(child_dir) and not ids(child_dir) & ids(parent_dir)
 
 
+def test_a_second_trainer_of_a_run_in_training_stops_with_one_line(tiny_teacher):
+    """A sweep killed hard leaves its train child running; started again, the sweep started a second trainer on
+    the same directory, and both trained it (duplicated sample ids). The trainer now holds a lock of its own."""
+    import fcntl
+
+    from goldenpath.config import ConfigError
+
+    config = load_config(None, [*tiny_teacher, "budget.steps=2"])
+    lock = Path(config.out) / ".locks" / f"{config.name}.train.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:  # another trainer
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="is being trained by another process"):
+            train(config)
+    assert status_of(train(config))["state"] == "completed"  # released: it trains
+
+
 def test_a_finished_run_is_not_redone_and_a_changed_config_is_refused(tiny_teacher, capsys):
     config = load_config(None, [*tiny_teacher, "budget.steps=3"])
     run_dir = train(config)

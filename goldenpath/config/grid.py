@@ -91,6 +91,15 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
     require(base.exists(), "sweep.base", f"{base} not found", "give the base config's path relative to the sweep file")
     grid = raw.get("grid") or {}
     require(isinstance(grid, dict), "sweep.grid", "expected a mapping of dotted keys to lists", "write {key: [v1, v2]}")
+    for section in ("set", "slurm"):
+        require(isinstance(raw.get(section) or {}, dict), f"sweep.{section}", f"expected a mapping, got "
+                f"{raw.get(section)!r}", "write key: value lines")
+    varied: dict[str, str] = {}
+    for key in grid:
+        for part in key.split(","):
+            require(part not in varied, f"sweep.grid.{key}", f"{part} is varied here and in {varied.get(part)!r}, "
+                    "so one of them would override the other's values", "vary each key in one grid entry")
+            varied[part] = key
     for key, values in grid.items():
         require(isinstance(values, list) and len(values) > 0, f"sweep.grid.{key}", "expected a non-empty list",
                 "write [v1, v2, ...]")
@@ -99,7 +108,7 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
             require(all(isinstance(v, list) and len(v) == width for v in values), f"sweep.grid.{key}",
                     f"joined keys need lists of {width} values", "write [[a1, b1], [a2, b2], ...]")
     for key in ("seed", "replicate", "design"):
-        require(key not in grid and key not in (raw.get("set") or {}), f"sweep.grid.{key}",
+        require(key not in varied and key not in (raw.get("set") or {}), f"sweep.grid.{varied.get(key, key)}",
                 "a sweep sets each run's seed from seeds and design", "list replicates under seeds:")
     seeds = raw.get("seeds", [0])
     require(isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
@@ -114,6 +123,17 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
                 f"unknown keys {sorted(set(f) - FORK_KEYS) if isinstance(f, dict) else f}", f"use {sorted(FORK_KEYS)}")
         require(("at_loss" in f) != ("at_step" in f), f"sweep.forks[{i}]", "needs exactly one of at_loss, at_step",
                 "e.g. {at_loss: 1.8, set: {optim.batch_size: x4}}")
+        at = f.get("at_loss", f.get("at_step"))
+        require(isinstance(at, (int, float)) and not isinstance(at, bool) and ("at_step" not in f or
+                                                                              isinstance(at, int)),
+                f"sweep.forks[{i}].{'at_loss' if 'at_loss' in f else 'at_step'}", f"got {at!r}",
+                "give a loss target (a number) or a step (an integer)")
+        for part in ("set", "where"):
+            require(isinstance(f.get(part) or {}, dict), f"sweep.forks[{i}].{part}", f"expected a mapping, got "
+                    f"{f.get(part)!r}", "write {dotted.key: value}")
+        unknown = sorted(set(f.get("where") or {}) - set(varied) - {"seed", "replicate"})
+        require(not unknown, f"sweep.forks[{i}].where", f"{unknown} are not keys the grid varies, so no run matches",
+                f"use some of {sorted(varied) + ['replicate']}")
         forks.append(ForkSpec(f.get("at_loss"), f.get("at_step"), dict(f.get("set") or {}), dict(f.get("where") or {})))
     slurm = dict(raw.get("slurm") or {})
     require(not set(slurm) - SLURM_KEYS, "sweep.slurm", f"unknown keys {sorted(set(slurm) - SLURM_KEYS)}",

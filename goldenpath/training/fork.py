@@ -31,15 +31,9 @@ def _relative(value, parent_value):
     return value
 
 
-def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None,
-                overrides=(), name: str | None = None) -> Config:
-    """The child's config: the parent's, with ``overrides`` (``key=x4`` / ``key=/4`` relative to the parent)."""
-    run_dir = Path(run_dir).resolve()
-    require((at_loss is None) != (at_step is None), "fork", "needs exactly one of --at-loss and --at-step",
-            "give --at-loss L (a loss target the parent reached) or --at-step S")
-    require(ckpt.RunDir(run_dir).exists(), "fork", f"{run_dir} is not a run directory",
-            "give the directory of a run (it holds config.yaml)")
-    parent = load_config(ckpt.RunDir(run_dir).config)
+def child_changes(parent: Config, overrides) -> tuple[dict, list[str]]:
+    """A fork's ``overrides`` of its parent's config: ({key: value}, ["key=value"]) with ``x4`` and ``/4``
+    resolved against the parent's values; a key a fork may not change is refused."""
     parent_dict = to_dict(parent)
     changes, resolved = {}, []
     for text in overrides:
@@ -53,6 +47,19 @@ def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int 
         value = _relative(value, node)
         changes[key] = value
         resolved.append(f"{key}={value_text(value)}")
+    return changes, resolved
+
+
+def fork_config(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None,
+                overrides=(), name: str | None = None) -> Config:
+    """The child's config: the parent's, with ``overrides`` (``key=x4`` / ``key=/4`` relative to the parent)."""
+    run_dir = Path(run_dir).resolve()
+    require((at_loss is None) != (at_step is None), "fork", "needs exactly one of --at-loss and --at-step",
+            "give --at-loss L (a loss target the parent reached) or --at-step S")
+    require(ckpt.RunDir(run_dir).exists(), "fork", f"{run_dir} is not a run directory",
+            "give the directory of a run (it holds config.yaml)")
+    parent = load_config(ckpt.RunDir(run_dir).config)
+    changes, resolved = child_changes(parent, overrides)
     child = name or fork_name(parent.name, at_loss, at_step, changes)
     at = [f"fork.at_loss={at_loss}"] if at_loss is not None else [f"fork.at_step={at_step}"]
     config = load_config(ckpt.RunDir(run_dir).config, [

@@ -22,6 +22,7 @@ from pathlib import Path
 from goldenpath.config import load_config
 from goldenpath.store import files, rundir as ckpt
 from goldenpath.config.grid import Point, Sweep, expand, load_sweep
+from goldenpath.training.fork import child_changes
 from goldenpath.training.runtime import MEMORY_FRACTION_ENV
 
 
@@ -112,12 +113,23 @@ def _ready(point: Point, sweep_dir: Path, retry_diverged: bool) -> str:
     return "run"
 
 
-def _prepare(sweep: Sweep, out: str | None) -> tuple[Path, list[Point]]:
+def check_points(sweep: Sweep, out: str | None = None) -> tuple[Path, list[Point]]:
+    """The sweep's directory and points, every point checked to be a valid run, a fork's changes included
+    (a bad fork would otherwise fail only once its parent has trained): raises ConfigError naming the field."""
     points = expand(sweep)
     sweep_dir = Path(out or sweep.out) / sweep.name
-    for p in points:  # every grid point must be a valid run before anything starts
-        if p.fork is None:
-            load_config(sweep.base, [*p.overrides, f"out={sweep_dir}", f"name={p.name}"])
+    by_name = {p.name: p for p in points}
+    for p in points:
+        parent = p if p.fork is None else by_name[p.parent]
+        config = load_config(sweep.base, [*parent.overrides, f"out={sweep_dir}", f"name={parent.name}"])
+        if p.fork is not None:
+            load_config(sweep.base, [*parent.overrides, *child_changes(config, p.overrides)[1], f"out={sweep_dir}",
+                                     f"name={p.name}"])
+    return sweep_dir, points
+
+
+def _prepare(sweep: Sweep, out: str | None) -> tuple[Path, list[Point]]:
+    sweep_dir, points = check_points(sweep, out)  # before anything starts
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return sweep_dir, points
 
@@ -128,16 +140,16 @@ def run_sweep(path: str | Path, *, out: str | None = None, executor: str = "loca
     sweep = load_sweep(path)
     sweep_dir, points = _prepare(sweep, out)
     files.write_text(sweep_dir / "sweep.yaml", Path(path).read_text())
-    if executor == "slurm":
-        submit_slurm(sweep, sweep_dir, points, jobs=jobs, retry_diverged=retry_diverged)
-        return sweep_dir
-    if retry_diverged:
+    if retry_diverged:  # trained again from scratch, locally or by Slurm (whose jobs would find them done)
         for p in points:
             if _state(sweep_dir / p.name) == "diverged":
                 lock = _try_lock(sweep_dir, p.name)
                 if lock is not None:
                     shutil.rmtree(sweep_dir / p.name)
                     lock.close()
+    if executor == "slurm":
+        submit_slurm(sweep, sweep_dir, points, jobs=jobs, retry_diverged=retry_diverged)
+        return sweep_dir
     stopped = _Local(sweep, sweep_dir, points, jobs=jobs, progress=progress).run()
     if stopped is not None:
         raise SweepInterrupted(sweep_dir, stopped)

@@ -26,13 +26,16 @@ value it reads, for the loss scale and the token counter.)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from goldenpath.config import Config
+from goldenpath.config import Config, ConfigError
 from goldenpath.data import StreamExhausted
 from goldenpath.gradnoise.estimators import noise_scale
 from goldenpath.store import files, rundir as ckpt
@@ -98,21 +101,41 @@ def run_eval(run: Run, previous: Snapshot | None, *, search: bool) -> tuple[floa
 
 def train(config: Config) -> Path:
     """Train one run; returns its directory. Resumes from ``checkpoints/last`` when it exists."""
-    run = start(config)
-    if isinstance(run, Path):
-        return run  # finished before: nothing to do
-    try:
-        with Interrupts() as signals:
-            _finish(run, *_loop(run, signals))
-    except KeyboardInterrupt:  # a second Ctrl-C: no save, the resume point is the last one written
-        run.status(state="interrupted", reason="Ctrl-C twice (stopped at once; resumes from the last saved state)")
-        raise
-    except BaseException as e:
-        run.status(state="failed", reason=f"{type(e).__name__}: {e}"[:500])
-        raise
-    finally:
-        run.close()
-    return run.dir
+    with _only_trainer(config):
+        run = start(config)
+        if isinstance(run, Path):
+            return run  # finished before: nothing to do
+        try:
+            with Interrupts() as signals:
+                _finish(run, *_loop(run, signals))
+        except KeyboardInterrupt:  # a second Ctrl-C: no save, the resume point is the last one written
+            run.status(state="interrupted", reason="Ctrl-C twice (stopped at once; resumes from the last saved state)")
+            raise
+        except BaseException as e:
+            run.status(state="failed", reason=f"{type(e).__name__}: {e}"[:500])
+            raise
+        finally:
+            run.close()
+        return run.dir
+
+
+@contextlib.contextmanager
+def _only_trainer(config: Config):
+    """Hold ``<out>/.locks/<name>.train.lock`` while this process trains the run (the main process of a
+    multi-process run): a second trainer of the same run directory (a sweep started again while the run a
+    killed sweep started still trains) stops with a one-line error instead of training it twice at once."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(config.out) / ".locks" / f"{config.name}.train.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError("name", f"{Path(config.out) / config.name} is being trained by another process",
+                              "let it finish or stop it, then run this again") from None
+        yield
 
 
 def fork(run_dir: str | Path, at_loss: float | None = None, at_step: int | None = None, overrides=()) -> Path:
