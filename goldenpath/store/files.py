@@ -31,15 +31,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bo
     ``durable=False`` skips the fsyncs: readers still never see a partial file, but a power loss may leave
     an empty one. Only for files that can be recomputed and whose readers treat a bad file as missing.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if durable:
+        atomic_writes({Path(path): write})
+        return
+    tmp = _tmp(Path(path))
     write(tmp)
-    if durable:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
     os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def atomic_writes(writes: dict[Path, Callable[[Path], None]]) -> None:
@@ -49,7 +50,7 @@ def atomic_writes(writes: dict[Path, Callable[[Path], None]]) -> None:
     tmps = {}
     for path, write in writes.items():
         path = Path(path)
-        tmps[path] = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmps[path] = _tmp(path)
         write(tmps[path])
         with open(tmps[path], "rb+") as f:
             os.fsync(f.fileno())
