@@ -32,12 +32,21 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
     if std == 0 or not grads:
         return 0.0
     gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, Purpose.NOISE, step) & (2**63 - 1))
-    norms = []
+    squares = []
     for g in grads:  # one noise tensor at a time: no second copy of the model's gradients
         xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
         g.add_(xi, alpha=std)
-        norms.append(torch.linalg.vector_norm(xi, dtype=torch.float64))
-    return torch.linalg.vector_norm(torch.stack(norms)) * std
+        squares.append(_square_sum(xi))
+    return torch.stack(squares).sum().sqrt() * std
+
+
+def _square_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum x^2 as a float64 scalar tensor: a BLAS dot in float32 (relative error ~1e-7 at millions of entries;
+    the float64 norm it replaces took 9x as long, a quarter of a GPT-2 step's noise on a CPU), float64 below."""
+    flat = x.reshape(-1)
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat).double()
+    return torch.linalg.vector_norm(flat, dtype=torch.float64).square()
 
 
 # ----------------------------------------------------------------------------- the mechanisms
