@@ -1,6 +1,6 @@
 """Cost of ``goldenpath compare`` against the forwards it cannot avoid, measured in the same run.
 
-    python bench/compare.py [--sizes 8,16] [--rounds 3] [--models cnn,tiny-lm] [--compiled-metrics]
+    python bench/compare.py [--sizes 8,16] [--rounds 3] [--models cnn,tiny-lm] [--probe-size K] [--compiled-metrics]
     python bench/compare.py --stats 8x10
 
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
@@ -9,6 +9,10 @@ resamples, no cache (a fresh sweep directory), with the allocator settings of ``
 (``goldenpath.training.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2. Each line also splits the median
 round's time into the models' forwards, the pair metrics and the rest (loading, statistics, tables).
+
+The rest hardly depends on the probe set, the forwards and pair metrics grow with it: ``--probe-size K``
+(``data.probe_size``; the configs': 1024 images, 128 sequences) shows how the ratio falls as the forwards
+grow against compare's fixed costs.
 
 ``--compiled-metrics`` times the same with the pair metrics (tv, kl, js) under ``torch.compile`` and
 reports their largest difference from the eager metrics on a near-identical pair (float32 accuracy).
@@ -40,9 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"cnn": ROOT / "configs" / "teacher-cnn.yaml", "tiny-lm": ROOT / "configs" / "markov-gpt2.yaml"}
 
 
-def make_sweep(directory: Path, config_path: Path, n: int) -> Path:
+def make_sweep(directory: Path, config_path: Path, n: int, overrides=()) -> Path:
     for s in range(n):
-        config = load_config(config_path, [f"out={directory}", f"name=run{s}", f"seed={s}"])
+        config = load_config(config_path, [f"out={directory}", f"name=run{s}", f"seed={s}", *overrides])
         run = directory / f"run{s}"
         run.mkdir(parents=True)
         files.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
@@ -52,9 +56,9 @@ def make_sweep(directory: Path, config_path: Path, n: int) -> Path:
     return directory
 
 
-def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu") -> float:
+def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu", overrides=()) -> float:
     """One model's forward over the probe set, as compare runs it (chunks, no grad)."""
-    config = load_config(config_path)
+    config = load_config(config_path, list(overrides))
     source = config.data.build()
     probe = {k: v.to(device) for k, v in source.heldout("probe").items() if k != "ids"}
     model = build_model(config.model, source.info, seed=0).to(device).eval()
@@ -178,6 +182,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--probe-size", type=int, default=None, help="data.probe_size of every run (default: the config's)")
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
     if args.stats:
@@ -200,17 +205,18 @@ def run(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
         compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2))
+    overrides = [] if args.probe_size is None else [f"data.probe_size={args.probe_size}"]
     for name, path in ((m, MODELS[m]) for m in args.models.split(",")):
         for n in [int(x) for x in args.sizes.split(",")]:
             ratios, parts = [], []
             for _ in range(args.rounds):
                 with tempfile.TemporaryDirectory() as tmp:
-                    sweep = make_sweep(Path(tmp) / "s", path, n)
+                    sweep = make_sweep(Path(tmp) / "s", path, n, overrides)
                     with split_timed() as split:
                         t0 = time.perf_counter()
                         compare(sweep)
                         wall = time.perf_counter() - t0
-                    one = forward_seconds(path)
+                    one = forward_seconds(path, overrides=overrides)
                     ratios.append(wall / (n * one))
                     parts.append({**split, "wall_s": wall})
                     shutil.rmtree(sweep / "compare", ignore_errors=True)
