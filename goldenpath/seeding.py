@@ -61,6 +61,7 @@ class Purpose:
     EPOCH = 3           # an offline run's order within each epoch (with the epoch)
     HELDOUT = 4         # a finite source's held-out rows, split into the eval and probe sets
     INIT = 5            # a model's initialisation
+    BUFFER = 6          # a streaming dataset's shuffle buffer (with the process's rank)
     TEACHER = 10        # the teacher network of the teacher source
     SECOND_TEACHER = 11  # its second teacher (data.mix)
     MARKOV_TABLE = 20   # the Markov source's transition table

@@ -229,6 +229,84 @@ def test_hf_image_stream_decodes_images_and_labels(image_parquet):
     assert batch["x"].shape == (5, 3, 8, 8) and batch["y"].tolist() == [i % 3 for i in range(12, 17)]
 
 
+def _resumed(src, seed=3, every=5, rank=0, world=1):
+    """Every sample of one pass, and for every ``every``-th state the pass saves (through JSON, as
+    checkpoints/last keeps it) the samples a fresh iterator hands out after loading it."""
+    it = src.iterate(seed=seed, rank=rank, world=world)
+    full, states = [], [json.loads(json.dumps(it.state_dict()))]
+    for sample in it:
+        full.append(sample)
+        states.append(json.loads(json.dumps(it.state_dict())))
+    tails = {}
+    for k in range(0, len(states), every):
+        again = src.iterate(seed=seed, rank=rank, world=world)
+        again.load_state_dict(states[k])
+        tails[k] = list(again)
+    return full, tails
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_shuffle_buffered_hf_streams_resume_exactly_from_their_saved_states(text_json, image_parquet):
+    """With a shuffle buffer, a resume from a saved state hands out exactly the samples the uninterrupted stream
+    does (the buffer's contents are part of the state; ``datasets``' own buffer refills from its source on a
+    load, so the samples after it differed); the buffer shuffles, and each example is trained on once."""
+    path, _ = image_parquet
+    images = ["data.source=hf_image", "data.path=parquet", f"data.data_files={path}", "data.eval_size=8",
+              "data.probe_size=4"]
+    cases = {"packed text": (text_source(text_json, "data.shuffle_buffer=8"), text_source(text_json)),
+             "one document a sample": (text_source(text_json, "data.pack=false", "data.seq_len=40",
+                                                   "data.shuffle_buffer=8"),
+                                       text_source(text_json, "data.pack=false", "data.seq_len=40")),
+             "images": (data(*images, "data.shuffle_buffer=8").build(), data(*images, "data.shuffle_buffer=1").build()),
+             "a buffer larger than the split": (data(*images, "data.shuffle_buffer=100").build(),
+                                                data(*images, "data.shuffle_buffer=1").build())}
+    for case, (src, unshuffled) in cases.items():
+        full, tails = _resumed(src)
+        for rank in range(2 if case in ("one document a sample", "images") else 0):
+            # one of two processes: every other example of the same buffered stream
+            shared, shared_tails = _resumed(src, rank=rank, world=2, every=7)
+            assert all(_same(tail, shared[k:]) for k, tail in shared_tails.items()), case
+            if case != "packed text":  # (packed, each process packs its own examples)
+                content = lambda samples: [{k: v for k, v in x.items() if k != "ids"} for x in samples]
+                assert _same(content(shared), content(full[rank::2])), case
+        assert len(full) > 20, case
+        for k, tail in tails.items():
+            assert _same(tail, full[k:]), f"{case}: resumed after {k} samples"
+        key = "input_ids" if "input_ids" in full[0] else "raw"
+        got = [s[key].flatten().tolist() for s in full]
+        plain = [s[key].flatten().tolist() for s in unshuffled.iterate(seed=3, rank=0, world=1)]
+        assert got != plain, case  # shuffled
+        if case != "packed text":  # one example a sample: the same examples, each once
+            assert sorted(got) == sorted(plain), case
+
+
+def test_processes_that_divide_the_files_buffer_their_own_and_resume_exactly(tmp_path):
+    """Two files and two processes: each process reads and buffers one file (as datasets' split does),
+    shuffled, every example of it once, and resumes exactly."""
+    for i, docs in enumerate((DOCS[0::2], DOCS[1::2], DOCS[:5])):
+        (tmp_path / f"{'part' if i < 2 else 'heldout'}{i}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files = json.dumps({"train": str(tmp_path / "part*.jsonl"), "validation": str(tmp_path / "heldout2.jsonl")})
+    src = data("data.source=hf_text", "data.path=json", f"data.data_files={files}", "data.eval_split=validation",
+               "data.pack=false", "data.seq_len=40", "data.eval_size=2", "data.probe_size=1",
+               "data.shuffle_buffer=8").build()
+    eos = ByteTokenizer.eos_token_id
+    seen = []
+    for rank in range(2):
+        full, tails = _resumed(src, rank=rank, world=2)
+        assert all(_same(tail, full[k:]) for k, tail in tails.items())
+        docs = [bytes(t for t in s["input_ids"].tolist() if t != eos).decode() for s in full]
+        part = {d.strip() for d in DOCS[0::2]} if {d.strip() for d in docs} <= {d.strip() for d in DOCS[0::2]} \
+            else {d.strip() for d in DOCS[1::2]}
+        assert sorted(d.strip() for d in docs) == sorted(part) and docs != sorted(docs, key=DOCS.index)
+        seen.append(part)
+    assert seen[0] != seen[1]
+
+
 def test_offline_regime_on_a_streaming_source_holds_the_subset_in_memory(text_json):
     cfg = load_config(None, ["data.source=hf_text", "data.path=json", f"data.data_files={text_json}",
                              "data.seq_len=15", "data.eval_size=3", "data.probe_size=2", "data.epochs=3",
@@ -276,3 +354,11 @@ def test_hf_text_tokenises_documents_in_batches_with_the_one_by_one_samples_and_
         for k in (0, 5, 13):  # resumed from a saved state (the shuffle buffer refills alike)
             again, ref = run(src, want[k][2]), run(one, want[k][2])
             assert len(again) == len(ref) and all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(again, ref))
+
+
+def test_a_stream_state_from_datasets_own_shuffle_buffer_is_refused_in_one_line(text_json):
+    from goldenpath.config import ConfigError
+
+    it = text_source(text_json, "data.shuffle_buffer=8").iterate(seed=0, rank=0, world=1)
+    with pytest.raises(ConfigError, match="data.shuffle_buffer: .*earlier goldenpath.*from the start"):
+        it.load_state_dict({"dataset": {}, "pending": [], "count": 3})

@@ -201,6 +201,47 @@ def test_targets_never_change_training_on_a_streaming_dataset_with_a_shuffle_buf
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_a_stopped_run_on_a_shuffle_buffered_streaming_dataset_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    """A Ctrl-C mid-run on a Hugging Face stream with a shuffle buffer, then the same command: the same samples
+    in the same order (the buffer's contents are part of the resume state), the same weights, metrics and
+    target checkpoints as a run never stopped."""
+    import goldenpath.training.trainer as trainer
+
+    rng = np.random.default_rng(1)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc{i} " + " ".join(f"w{rng.integers(8)}.{j}" for j in
+                                                                      range(2 + i % 11))}) + "\n" for i in range(300)))
+    args = ["data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.seq_len=24", "data.eval_size=4",
+            "data.probe_size=2", "data.shuffle_buffer=16", "model.name=gpt2", "model.width=16", "model.heads=2",
+            "model.depth=1", "precision=fp64", "optim.lr=0.05", "optim.batch_size=8", "log.progress=false",
+            "budget.min_progress=null", f"out={tmp_path}", "log.every=3", "checkpoint.eval_every=1000",
+            "budget.stop_at_last_target=false", "budget.samples=480", "checkpoint.target_eval_every=20",
+            "checkpoint.eval_min_every=5", "checkpoint.targets=[5.0, 4.0]", "checkpoint.last_every_seconds=1000",
+            "log.sample_ids=true"]
+    reference = train(load_config(None, [*args, "name=reference"]))
+    real_step = trainer.step.optimizer_step
+
+    def stop_at_step_25(run, *a, **k):
+        out = real_step(run, *a, **k)
+        if run.state.step == 25 and run.state.evals[-1][0] < 25:  # the loop's step, not a replay's
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(trainer.step, "optimizer_step", stop_at_step_25)
+    config = load_config(None, [*args, "name=stopped"])
+    stopped = train(config)
+    assert status_of(stopped)["state"] == "interrupted"
+    monkeypatch.setattr(trainer.step, "optimizer_step", real_step)
+    assert train(config) == stopped and status_of(stopped)["state"] == "completed"
+    ids = lambda d: (d / "samples" / "rank0.i64").read_bytes()
+    assert ids(stopped) == ids(reference)
+    assert metrics_but_seconds(stopped) == metrics_but_seconds(reference)
+    a = load_file(str(reference / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(stopped / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    targets = lambda d: [(p.name, ckpt.read_meta(p)) for p in ckpt.RunDir(d).target_dirs()]
+    assert len(targets(stopped)) == 2 and targets(stopped) == targets(reference)
+
+
 def test_timed_resume_saves_never_move_an_eval_and_wait_for_the_target_search(tiny_teacher, monkeypatch):
     from goldenpath.training.run import Run
 

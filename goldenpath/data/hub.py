@@ -1,8 +1,9 @@
 """Hugging Face datasets through the same Stream interface, streaming.
 
 * ``hf_text`` / ``hf_image``: ``datasets.load_dataset(..., streaming=True)`` (the hub, or local json/parquet
-  files via ``path: json`` + ``data_files``), shuffled with a buffer, sharded by process, resumable through
-  the iterator's ``state_dict``. Text is tokenised (``AutoTokenizer`` or a byte-level fallback) and packed
+  files via ``path: json`` + ``data_files``), its files in an order of the seed, shuffled by a buffer of
+  ``shuffle_buffer`` examples (:class:`_Buffered`), shared among processes as ``datasets`` shares it
+  (:meth:`_HFSource.iterate`), resumable exactly through the iterator's ``state_dict``. Text is tokenised (``AutoTokenizer`` or a byte-level fallback) and packed
   into sequences of ``seq_len + 1`` tokens (or truncated and padded with ``pack: false``).
 
 Images are standardised per channel with the mean and std of the eval set.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,6 +23,7 @@ import torch
 from goldenpath.config import ConfigError, DataConfig, data_source, require
 from goldenpath.data.sources import _ImagePool
 from goldenpath.data.streams import Batch, SourceInfo
+from goldenpath.seeding import Purpose, stream_key
 
 @dataclass(frozen=True)
 class _HFData(DataConfig):
@@ -42,39 +45,177 @@ class _HFData(DataConfig):
         return datasets.load_dataset(self.path, self.name, data_files=self.data_files, split=split, streaming=True)
 
 
-class _ReadAhead:
-    """A dataset's examples read ``n`` at a time and prepared in one call (text: tokenised), handed out one by
-    one; ``state`` is the dataset's state after the last one handed out, as if they were read one by one."""
+class _Examples:
+    """A dataset's examples in order, with ``state`` (the dataset's state after the last one read) and ``load``."""
 
-    def __init__(self, dataset, prepare, n: int):
-        self._dataset, self._it, self._prepare, self._n = dataset, iter(dataset), prepare, n
-        self._ready: collections.deque = collections.deque()  # (prepared example, dataset state after reading it)
-        self.state = dataset.state_dict()
+    def __init__(self, dataset):
+        self._dataset, self._it = dataset, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self._dataset)
+        return next(self._it)
+
+    @property
+    def state(self) -> dict:
+        return self._dataset.state_dict()
+
+    def load(self, state: dict) -> None:
+        if self._it is not None:
+            self._it.close()
+        self._dataset.load_state_dict(state)
+        self._it = None
+
+
+_M64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class _Buffered:
+    """The examples of ``source`` (:class:`_Examples`) through a shuffle buffer whose state is exact.
+
+    The buffer holds up to ``size`` examples; each one handed out is drawn uniformly from it (draw ``d`` takes
+    slot ``splitmix64(key + d) mod n``: a function of the key and the draw alone) and its slot is refilled
+    from the source. ``datasets``' own buffer loses its contents on resume (it refills from where its source
+    stopped, so the examples after it differ); here ``state`` names the buffered examples by their place in
+    the source's order, and ``load`` reads the source again from the oldest of them up to where it stopped,
+    keeping those (about ``size`` x ln ``size`` examples read again), so a resumed stream hands out exactly
+    what the uninterrupted one does.
+    """
+
+    def __init__(self, source: _Examples, size: int, key: int):
+        self._source, self._size, self._key = source, size, key
+        self._places: list[int] = []  # each buffered example's place in the source's order, by slot
+        self._examples: list[dict] = []  # the buffered examples, by slot
+        self._before: dict[int, dict] = {}  # place -> the source's state before that example (buffered ones)
+        self._read = 0  # examples read from the source
+        self._oldest = 0  # no buffered example has a smaller place
+        self._now: dict | None = None  # the source's state now (None: not taken yet); one copy per example read
+
+    def __iter__(self):
+        return self
+
+    def _source_state(self) -> dict:
+        if self._now is None:
+            self._now = self._source.state
+        return self._now
+
+    def __next__(self) -> dict:
+        while len(self._places) < self._size:
+            before = self._source_state()
+            try:
+                example = next(self._source)
+            except StopIteration:
+                break
+            self._now = None
+            self._places.append(self._read)
+            self._examples.append(example)
+            self._before[self._read] = before
+            self._read += 1
+        if not self._places:
+            raise StopIteration
+        draw = self._read - len(self._places)  # examples handed out so far
+        i = _splitmix64((self._key + draw) & _M64) % len(self._places)
+        place, example = self._places[i], self._examples[i]
+        self._places[i], self._examples[i] = self._places[-1], self._examples[-1]
+        self._places.pop()
+        self._examples.pop()
+        del self._before[place]
+        while self._oldest < self._read and self._oldest not in self._before:
+            self._oldest += 1
+        return example
+
+    @property
+    def state(self) -> dict:
+        """Where the source stands, and the buffered examples' places (a copy of a list: cheap enough to take
+        after every example, as :class:`_ReadAhead` does)."""
+        return {"read": self._source_state(), "count": self._read, "buffer": list(self._places),
+                "oldest": self._before[self._oldest] if self._places else None}
+
+    def load(self, state: dict) -> None:
+        places, self._read, self._before = state["buffer"], state["count"], {}
+        kept = {}
+        if places:
+            wanted = set(places)
+            self._source.load(state["oldest"])
+            for place in range(min(places), self._read):
+                if place in wanted:
+                    self._before[place] = self._source.state
+                example = next(self._source)
+                if place in wanted:
+                    kept[place] = example
+        self._source.load(state["read"])
+        self._now = None
+        self._places, self._examples = list(places), [kept[p] for p in places]
+        self._oldest = min(places) if places else self._read
+
+
+class _Strided:
+    """Every ``world``-th example of ``source``, from the ``rank``-th: this process's share of a stream that every
+    process reads whole (a dataset with fewer files than processes, or a number they do not divide)."""
+
+    def __init__(self, source: _Buffered, rank: int, world: int):
+        self._source, self._rank, self._world = source, rank, world
+        self._taken = 0  # examples of the source read so far
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while self._taken % self._world != self._rank:
+            next(self._source)
+            self._taken += 1
+        self._taken += 1
+        return next(self._source)
+
+    @property
+    def state(self) -> dict:
+        return {"source": self._source.state, "taken": self._taken}
+
+    def load(self, state: dict) -> None:
+        self._source.load(state["source"])
+        self._taken = state["taken"]
+
+
+class _ReadAhead:
+    """Examples read ``n`` at a time and prepared in one call (text: tokenised), handed out one by one; ``state``
+    is the examples' state after the last one handed out, as if they were read one by one."""
+
+    def __init__(self, examples, prepare, n: int):
+        self._examples, self._prepare, self._n = examples, prepare, n
+        self._ready: collections.deque = collections.deque()  # (prepared example, state after reading it)
+        self.state = examples.state
 
     def __iter__(self):
         return self
 
     def __next__(self):
         if not self._ready:
-            examples, states = [], []
-            for example in itertools.islice(self._it, self._n):
-                examples.append(example)
-                states.append(self._dataset.state_dict())  # what a resume state saved after this example holds
-            if not examples:
+            read, states = [], []
+            for example in itertools.islice(self._examples, self._n):
+                read.append(example)
+                states.append(self._examples.state)  # what a resume state saved after this example holds
+            if not read:
                 raise StopIteration
-            self._ready.extend(zip(self._prepare(examples), states))
+            self._ready.extend(zip(self._prepare(read), states))
         item, self.state = self._ready.popleft()
         return item
 
 
 class _HFIterator:
-    """This process's shard of a streaming dataset, turned into samples; resumable via state_dict."""
+    """This process's share of a streaming dataset, shuffled, turned into samples; resumable via state_dict."""
 
-    def __init__(self, source, dataset, rank: int, world: int):
-        self._source, self._dataset, self._rank, self._world = source, dataset, rank, world
-        # ``datasets`` does not keep a shuffle buffer's contents in its state: loading a state refills the
-        # buffer, so the examples after it differ (and some are read again)
-        self.exact_restore = source.cfg.shuffle_buffer <= 1
+    def __init__(self, source, examples, rank: int, world: int):
+        self._source, self._examples, self._rank, self._world = source, examples, rank, world
         self._it: _ReadAhead | None = None
         self._pending: list[int] = []   # packing: tokens read but not yet emitted
         self._count = 0
@@ -84,21 +225,39 @@ class _HFIterator:
 
     def __next__(self) -> Batch:
         if self._it is None:
-            self._it = _ReadAhead(self._dataset, self._source.prepare, self._source.read_ahead)
+            self._it = _ReadAhead(self._examples, self._source.prepare, self._source.read_ahead)
         sample = self._source.make_sample(self._it, self._pending)
         sample["ids"] = torch.tensor(self._count * self._world + self._rank)
         self._count += 1
         return sample
 
     def state_dict(self) -> dict:
-        dataset = self._it.state if self._it is not None else self._dataset.state_dict()
-        return {"dataset": dataset, "pending": list(self._pending), "count": self._count}
+        examples = self._it.state if self._it is not None else self._examples.state
+        return {"examples": examples, "pending": list(self._pending), "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
-        self._dataset.load_state_dict(state["dataset"])
+        if "examples" not in state:  # saved when datasets' own buffer shuffled: it cannot be put back
+            raise ConfigError("data.shuffle_buffer", "this run's stream state was saved by an earlier goldenpath, "
+                              "whose shuffle buffer a resume could not put back", "train the run again from the start")
+        self._examples.load(state["examples"])
         self._pending[:] = state["pending"]
         self._count = state["count"]
         self._it = None
+
+
+class _NoBufferWarning(logging.Filter):
+    """Drops ``datasets``' warning that a loaded state holds no shuffle buffer contents: the buffer of the
+    datasets this module reads holds one example, handed out at once (the files' order is all it shuffles),
+    so it has nothing to lose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "state dict of a shuffle buffer" not in record.getMessage()
+
+
+def _quiet_buffer_warning() -> None:
+    log = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, _NoBufferWarning) for f in log.filters):
+        log.addFilter(_NoBufferWarning())
 
 
 class _HFSource:
@@ -120,10 +279,21 @@ class _HFSource:
         return ds
 
     def iterate(self, *, seed: int, rank: int, world: int) -> _HFIterator:
+        """This process's examples: the dataset's files in an order of the seed (``datasets``' shuffle, with a
+        buffer of one: its buffer keeps no contents in its state), then shuffled by a :class:`_Buffered` buffer.
+        As ``datasets.distributed.split_dataset_by_node`` splits: where the processes divide the files, each
+        process buffers its own files; otherwise every process buffers the whole stream alike and takes every
+        ``world``-th example, so a logical batch holds the same examples whatever the number of processes."""
         from datasets.distributed import split_dataset_by_node
 
-        ds = self._train_dataset().shuffle(seed=seed, buffer_size=self.cfg.shuffle_buffer)
-        return _HFIterator(self, split_dataset_by_node(ds, rank=rank, world_size=world), rank, world)
+        _quiet_buffer_warning()
+        ds = self._train_dataset().shuffle(seed=seed, buffer_size=1)
+        if ds.num_shards % world == 0:
+            buffered = _Buffered(_Examples(split_dataset_by_node(ds, rank=rank, world_size=world)),
+                                 self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER, rank) & _M64)
+            return _HFIterator(self, buffered, rank, world)
+        buffered = _Buffered(_Examples(ds), self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER) & _M64)
+        return _HFIterator(self, _Strided(buffered, rank, world), rank, world)
 
     @cached_property
     def _heldout_data(self) -> tuple[dict[str, Batch], int]:

@@ -122,8 +122,8 @@ class Prefetched:
         return batches
 
     @property
-    def exact_restore(self) -> bool:
-        return self.stream.exact_restore
+    def rewinds(self) -> bool:
+        return self.stream.rewinds
 
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)

@@ -104,7 +104,7 @@ class Stream:
         batch_size: logical batch (all processes); micro_batch_size: per forward/backward.
     """
 
-    exact_restore = True  # loading a state hands out exactly the steps handed out from it (positions)
+    rewinds = True  # loading a state costs nothing (a position): a loss target's replay reads the stream again
 
     def __init__(self, source: Source, *, seed: int, data_seed: int, epochs: int, train_size: int | None,
                  batch_size: int, micro_batch_size: int, rank: int = 0, world: int = 1, subset: int = 0):
@@ -243,10 +243,9 @@ class SequentialStream:
         self.position += self.batch_size
         return batches
 
-    @property
-    def exact_restore(self) -> bool:
-        """Whether loading a state makes the stream hand out exactly the steps it handed out from that state."""
-        return getattr(self._it, "exact_restore", True)
+    # loading a state reads the source again from its oldest buffered example (exact, but slow for a large
+    # shuffle buffer), so a loss target's replay reads the micro-batches its snapshot kept instead
+    rewinds = False
 
     def state_dict(self) -> dict:
         return {"position": self.position, "iterator": self._it.state_dict()}

@@ -8,8 +8,8 @@ counters), runs the same optimizer steps again with an eval after each, and save
 at the first step whose eval loss is at or below it. The replayed steps read the same samples in the same
 order with the same noise (drawn from the step number), so on a CPU they recompute the trajectory bit for
 bit and no sample is trained on twice; the run then goes on from where it was. A stream that cannot be put
-back exactly (a streaming dataset's shuffle buffer) is not moved: the snapshot keeps the steps' micro-batches
-since it was taken, and the replay reads those.
+back cheaply (a streaming dataset: its shuffle buffer is read again from the source) is not moved: the
+snapshot keeps the steps' micro-batches since it was taken, and the replay reads those.
 
 What a checkpoint's step depends on, exactly: it is the first step at or below the target among the steps
 the search evaluated: its scheduled evals, and every step between two of them when the later one finds a
@@ -48,8 +48,8 @@ class Snapshot:
     rng: tuple
     state: dict
     window: torch.Tensor  # the log window's sums (what the next metrics line averages)
-    # where the stream cannot be put back exactly (a shuffle buffer of a streaming dataset): the micro-batches
-    # of every step since, which the training loop appends and a replay reads instead of the stream
+    # where the stream cannot be put back cheaply (a streaming dataset): the micro-batches of every step since,
+    # which the training loop appends and a replay reads instead of the stream
     batches: list | None = None
 
     @classmethod
@@ -58,7 +58,7 @@ class Snapshot:
             weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         return cls(run.state.step, weights, copy.deepcopy(run.optimizer.state_dict()),
                    copy.deepcopy(run.stream.state_dict()), ckpt.rng_state(), copy.deepcopy(run.state.as_dict()),
-                   run.window.sums.clone(), None if getattr(run.stream, "exact_restore", True) else [])
+                   run.window.sums.clone(), None if getattr(run.stream, "rewinds", True) else [])
 
     def restore(self, run, *, stream: bool = True) -> None:
         """Put the run back to this snapshot (the snapshot's tensors are handed over: restore once); ``stream``:
