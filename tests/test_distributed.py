@@ -80,6 +80,29 @@ def test_two_processes_normalise_by_the_tokens_of_the_whole_logical_batch(tmp_pa
     assert s_two["tokens"] == json.loads((one / "status.json").read_text())["tokens"]
 
 
+def test_processes_whose_shards_run_out_unevenly_stop_together(tmp_path):
+    """Two files of 30 and 50 documents, two processes: each reads its own file, and the one with fewer runs out
+    first. Both stop at the last step every process has a full share of (they agree on it each step), so the
+    run completes with the data exhausted, its replicas in sync."""
+    for i, n in enumerate((30, 50)):
+        (tmp_path / f"part{i}.jsonl").write_text("".join(json.dumps({"text": f"d{i}.{j} " + "z" * (j % 9)}) + "\n"
+                                                         for j in range(n)))
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"text": "held out " * k}) + "\n" for k in range(1, 9)))
+    files = json.dumps({"train": str(tmp_path / "part*.jsonl"), "validation": str(tmp_path / "heldout.jsonl")})
+    config = tmp_path / "lm.yaml"
+    config.write_text("budget: {steps: 100}\n")
+    common = ["data.source=hf_text", "data.path=json", f"data.data_files={files}", "data.eval_split=validation",
+              "data.pack=false", "data.seq_len=12", "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=4",
+              "model.name=gpt2", "model.width=16", "model.heads=2", "model.depth=1", "precision=fp64",
+              "optim.lr=0.1", "optim.batch_size=8", "log.progress=false", "log.every=1",
+              "budget.min_progress=null", f"out={tmp_path}", "name=two"]
+    out = launch_two(config, *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    status = json.loads((tmp_path / "two" / "status.json").read_text())
+    assert status["state"] == "completed" and status["reason"] == "data exhausted", status
+    assert status["step"] == 30 // 4 and status["replicas_in_sync"] is True
+
+
 @pytest.mark.parametrize("noise", [["noise.kind=gaussian", "noise.sigma=4"],
                                    ["noise.kind=dp", "noise.sigma=1", "noise.clip=0.5", "model.norm=group"]],
                          ids=["gaussian", "dp"])

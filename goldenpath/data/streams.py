@@ -246,6 +246,9 @@ class SequentialStream:
     # loading a state reads the source again from its oldest buffered example (exact, but slow for a large
     # shuffle buffer), so a loss target's replay reads the micro-batches its snapshot kept instead
     rewinds = False
+    # each process reads its own share, which may run out a step before another's: the processes agree each
+    # step whether every one has its share (the training loop's ``share_group``)
+    ends_apart = True
 
     def state_dict(self) -> dict:
         return {"position": self.position, "iterator": self._it.state_dict()}

@@ -138,6 +138,9 @@ class Run:
     resumed: bool
     forked: bool
     ancestry: list = field(default_factory=list)  # a fork's parents' parts (fork.ancestry): its privacy counts them
+    # several processes reading shares that may run out apart (a streaming dataset): a gloo group on which they
+    # agree each step whether every one has its share, host to host (no device sync)
+    share_group: Any = None
     window: Window | None = None
     metrics: Any = None
     ids_file: Any = None
@@ -280,7 +283,9 @@ def start(config: Config) -> Run | Path:
               dtype=dtype, total_steps=total_steps, stream_steps=stream_steps, floor=source.loss_floor(),
               chance=chance_loss(eval_batch), resumed=resumed, forked=forked is not None,
               ancestry=ancestry(config) if forked and config.noise.kind == "dp" else [],
-              window=Window(accelerator.device))
+              window=Window(accelerator.device),
+              share_group=torch.distributed.new_group(backend="gloo")
+              if world > 1 and getattr(stream, "ends_apart", False) else None)
     if resumed:  # a partly filled log window goes on where it stopped: the next logged line averages every step
         run.window.load(directory.resume_sums(rank))
     _open_outputs(run, begin)

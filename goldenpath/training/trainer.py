@@ -173,6 +173,10 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
         try:
             micro_batches = run.stream.next_step()
         except StreamExhausted:
+            micro_batches = None
+        if run.share_group is not None and not _everyone(run.share_group, micro_batches is not None):
+            micro_batches = None  # another process's share ran out: every process stops before this step
+        if micro_batches is None:
             return "completed", data_end, previous
         if previous is not None and previous.batches is not None:  # what a replay from it will read
             previous.batches.append(micro_batches)
@@ -230,6 +234,13 @@ def _loop(run: Run, signals: Interrupts) -> tuple[str, str, Snapshot | None]:
 # ----------------------------------------------------------------------------- how a run ended
 
 OVERFIT = 0.02  # an eval loss this far above its best, with a train loss this far below it: overfitting
+
+
+def _everyone(group, ok: bool) -> bool:
+    """Whether every process of ``group`` (gloo: host memory, the device is not waited for) says ``ok``."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag[0])
 
 
 def judge(state, *, chance: float, min_progress: float | None, offline: bool) -> tuple[str, str, dict]:
