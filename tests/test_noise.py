@@ -30,8 +30,9 @@ def test_noise_has_the_stated_mean_and_covariance_and_is_reproducible():
 
 
 def test_noise_norm_is_accurate_over_millions_of_entries():
-    """The returned ||std xi|| against float64 over a GPT-2-sized layer (a float32 reduction can drift by 3e-5)."""
+    """The returned ||std xi|| against float64 over a GPT-2-sized layer (one float32 reduction over it drifts by
+    3e-6 to 3e-5)."""
     grads = [torch.zeros(2048, 1024), torch.zeros(3)]
     norm = float(add_noise(grads, 0.5, seed=3, step=7))
     want = float(torch.cat([g.flatten() for g in grads]).double().norm())
-    assert abs(norm - want) < 1e-6 * want
+    assert abs(norm - want) < 1e-8 * want
