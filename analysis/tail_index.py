@@ -98,13 +98,13 @@ def projections(noise: np.ndarray, directions: int = DIRECTIONS, seed: int = 0) 
 
 
 def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0, orders: int = ORDERS,
-                     boot: int = 100) -> list[dict]:
+                     interval: bool = True) -> list[dict]:
     """The tail-index, normality and sparsity estimators on a noise matrix ``[batches, coordinates]``.
 
     The pooled estimate (Simsekli) is taken on a random subset of the pooled values in random order: the
-    estimator sums K1 consecutive values and its bootstrap resamples i.i.d., so on values in coordinate order
-    the estimate and its interval would measure different things. The estimate is the mean over ``orders``
-    random orders, as one order's grouping noise alone can put it outside its bootstrap interval. The
+    estimator sums K1 consecutive values, which must be independent draws (in coordinate order neighbours move
+    together). The estimate is the mean over ``orders`` random orders (less grouping noise than one); its
+    interval is the t interval over the first order's blocks (``tail_index_ci``). The
     per-coordinate median (Panigrahi) comes with its quartiles over coordinates. ``atom_fraction``: the share
     of entries that are exact zeros of the raw gradient; the ``_dense`` statistics use only the coordinates
     with no such zero, to tell ReLU sparsity from a tail. ``coordinates_w1`` and ``projections_w1``: the
@@ -115,8 +115,8 @@ def noise_statistics(noise: np.ndarray, *, max_pooled: int, seed: int = 0, order
     rng = np.random.default_rng(seed)
     pooled = gradnoise.pooled_sample(noise, max_pooled, rng)
     low = high = np.nan
-    if boot:
-        _, low, high = gradnoise.tail_index_ci(pooled, n_boot=boot, seed=seed)
+    if interval:
+        _, low, high = gradnoise.tail_index_ci(pooled)
     alpha = np.mean([gradnoise.tail_index(rng.permutation(pooled)) for _ in range(orders)])
     live = noise[:, noise.std(0) > 0]
     per = gradnoise.per_coordinate_tail_index(live)
@@ -203,7 +203,7 @@ def measure(sweep_dir: Path, family: str, setting: dict) -> tuple[list[dict], di
                 for layer, spans in meta["layers"].items():
                     part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
                     if part.shape[1] >= 16:
-                        rows += _both(part, {**here, "layer": layer}, setting, orders=4, boot=0)
+                        rows += _both(part, {**here, "layer": layer}, setting, orders=4, interval=False)
             if is_reference and int(r["replicate"]) == 0 and at_loss == TARGET:
                 kept[b] = noise
     return rows, kept
@@ -280,8 +280,8 @@ def section(results: Path) -> str:
     lines = [f"Noise of the teacher-stream models trained with batch {batch}; {int(runs.value.notna().sum())} of "
              f"{len(runs)} runs reached held-out loss {target:g}. {int(s.seeds.max())} seeds per model (each run its "
              "own seed), "
-             f"{int(control.draws.max()) if control is not None else 'several hundred'} noise draws per coordinate. Pooled alpha: mean over seeds, 95% bootstrap "
-             "interval (envelope over seeds); per coordinate: median and quartiles over coordinates (mean over "
+             f"{int(control.draws.max()) if control is not None else 'several hundred'} noise draws per coordinate. Pooled alpha: mean over seeds, 95% t "
+             "interval over its blocks (envelope over seeds); per coordinate: median and quartiles over coordinates (mean over "
              "seeds); W1: Wasserstein-1 distance to N(0, 1) of the standardised noise, coordinates or "
              f"{DIRECTIONS} random projections pooled, in standard deviations, with the scale-matched Gaussian "
              "control's in brackets (mean over seeds); zeros: share of noise entries that are exact zeros of the "

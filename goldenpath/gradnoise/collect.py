@@ -27,7 +27,7 @@ def _estimates(noise: np.ndarray, layers: dict, params: list, sizes: np.ndarray,
         part = np.concatenate([noise[:, lo:hi] for lo, hi in spans], axis=1)
         pooled = pooled_sample(part, max_pooled, rng)
         if len(pooled) >= 16:
-            alpha, low, high = tail_index_ci(pooled, n_boot=50, seed=seed)
+            alpha, low, high = tail_index_ci(pooled)
             add(layer, "tail_index_pooled", alpha, low, high, len(pooled))
         per = per_coordinate_tail_index(part[:, part.std(0) > 0]) if batches >= 8 else np.array([])
         if len(per):
