@@ -79,6 +79,24 @@ def test_unit_sums_mask_padding_and_bootstrap_covers_the_mean():
     assert 85 <= hits <= 100
 
 
+def test_a_unit_with_an_infinite_kl_makes_the_upper_bound_infinite_not_the_interval_shorter():
+    """Every resample that draws the unit has an infinite mean; about 37% do not. The interval's low end is the
+    2.5% quantile of all draws (finite), its high end infinite, as the estimate is: dropping the infinite draws
+    gave an interval from the resamples without the unit alone, below an infinite estimate."""
+    sums = torch.rand(1, 50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sums[0, 7] = math.inf
+    counts = torch.ones(1, 50, dtype=torch.float64)
+    w = bootstrap_weights(50, n_boot=400, seed=1)
+    est, low, high = bootstrap_rows(sums, counts, weights=w)
+    wn, finite_part = w.numpy(), np.where(np.isinf(sums[0].numpy()), 0.0, sums[0].numpy())
+    draws = np.sort(np.where(wn[:, 7] > 0, np.inf, wn @ finite_part / 50))  # a loop's resampled means
+    finite = np.isfinite(draws)
+    assert 0.25 < finite.mean() < 0.5  # the resamples without unit 7
+    h = 0.025 * (len(draws) - 1)
+    want_low = draws[int(h)] + (h - int(h)) * (draws[int(h) + 1] - draws[int(h)])
+    assert math.isinf(est[0]) and math.isinf(high[0]) and low[0].item() == pytest.approx(want_low, rel=1e-12)
+
+
 def test_bootstrap_rows_equal_one_bootstrap_per_row_including_an_undefined_draw():
     gen = torch.Generator().manual_seed(1)
     sums = torch.rand(5, 40, generator=gen, dtype=torch.float64)
@@ -98,7 +116,7 @@ def test_bootstrap_rows_equal_one_bootstrap_per_row_including_an_undefined_draw(
             if denominator is not None:
                 draws = draws / ((wn @ den[0][k].numpy()) / (wn @ den[1][k].numpy()))
                 value /= den[0][k].sum().item() / den[1][k].sum().item()
-            draws = draws[np.isfinite(draws)]
+            draws = draws[~np.isnan(draws)]
             expected = (value, *np.percentile(draws, [2.5, 97.5]))
             assert (est[k].item(), low[k].item(), high[k].item()) == pytest.approx(expected, rel=1e-12)
     # a row whose units have no points at all: every draw undefined, no interval

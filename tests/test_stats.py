@@ -198,6 +198,15 @@ def test_a_partial_overlap_of_seeds_has_no_permutation_test():
         Design(((0, 1),), (3, 3))
 
 
+def test_an_undefined_or_infinite_relabelled_statistic_counts_as_extreme():
+    """Observed 2; relabellings 1, +inf (an infinite KL in the cross pairs), nan (inf / inf) and 3: p = 4/5. Ranked
+    least extreme, as before, the inf and nan made p 2/5, smaller than it can be."""
+    from goldenpath.comparison.design import upper_p
+
+    p = upper_p(np.array([[2.0], [1.0], [math.inf], [math.nan], [3.0]]))[:, 0]
+    assert p.tolist() == [0.8, 1.0, 0.4, 0.4, 0.6]
+
+
 # ----------------------------------------------------------------------------- simulations with a known truth
 
 NULL = cal.World(shifts=(0, 0), scales=(0.5, 0.5), hetero=0.3)

@@ -284,11 +284,15 @@ def smallest_p(design: Design, members: list[int], *, max_exact: int = 5000, n_p
 def upper_p(stats: np.ndarray) -> np.ndarray:
     """[B, F] statistics of B labellings (row 0 observed) -> [B, F]: for every labelling, the fraction of
     labellings whose statistic is at least its own (ties within a relative 1e-12 count: the swapped
-    labelling of two equal settings gives the same value in another rounding). nan stays the smallest."""
+    labelling of two equal settings gives the same value in another rounding). A relabelling's undefined
+    statistic (nan: an infinite KL on both sides of a ratio) counts as at least as extreme as any, +inf as
+    the most extreme it is, so neither makes a p-value smaller than it can be."""
     b = len(stats)
-    x = np.where(np.isfinite(stats), stats, -np.inf)
+    x = np.where(np.isnan(stats), np.inf, stats)
+    with np.errstate(invalid="ignore"):  # inf - inf, not taken
+        at_least = np.where(np.isinf(x), x, x - 1e-12 * np.abs(x))
     out = np.empty_like(x)
     for j in range(x.shape[1]):
         column = np.sort(x[:, j])
-        out[:, j] = (b - np.searchsorted(column, x[:, j] - 1e-12 * np.abs(x[:, j]), side="left")) / b
+        out[:, j] = (b - np.searchsorted(column, at_least[:, j], side="left")) / b
     return out

@@ -217,14 +217,29 @@ def bootstrap_rows(sums: torch.Tensor, counts: torch.Tensor, *, weights: torch.T
     """
     sums, counts, w = sums.double(), counts.double(), weights.double().T  # w: [units, n_boot]
     estimate = sums.sum(1) / counts.sum(1)
-    draws = (sums @ w) / _resampled(counts, w)
+    draws = _mean(_drawn(sums, w), _resampled(counts, w))
     if denominator is not None:
         den_s, den_c = denominator[0].double(), denominator[1].double()
         estimate = estimate / (den_s.sum(1) / den_c.sum(1))
-        draws = draws / ((den_s @ w) / _resampled(den_c, w))
+        draws = draws / _mean(_drawn(den_s, w), _resampled(den_c, w))
     alpha = (1 - level) / 2
     low, high = (torch.from_numpy(x) for x in _percentiles(draws.cpu().numpy(), (alpha, 1 - alpha)))
     return estimate, low, high
+
+
+def _mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """sums / counts, undefined (nan) where a resample drew no points: not an infinite KL's inf."""
+    return torch.where(counts > 0, sums / counts, math.nan)
+
+
+def _drawn(sums: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sums @ w``, where a unit's infinite sum (a KL that one of its tokens makes infinite) enters only the
+    resamples that draw it (the product would give 0 x inf = nan in the others, which then were dropped)."""
+    infinite = torch.isposinf(sums)
+    if not infinite.any():
+        return sums @ w
+    drawn = sums.masked_fill(infinite, 0.0) @ w
+    return drawn.masked_fill((infinite.to(w.dtype) @ w) > 0, math.inf)
 
 
 def _resampled(counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -235,23 +250,26 @@ def _resampled(counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _percentiles(draws: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
-    """Each row's q-quantile over its finite draws, for each q (linear interpolation, as numpy's and torch's
-    default); nan for a row with none. Undefined draws (a resample of units without points) are dropped.
+    """Each row's q-quantile over its defined draws, for each q (linear interpolation, as numpy's and torch's
+    default); nan for a row with none. Undefined draws (nan: a resample of units without points) are dropped;
+    infinite ones (a KL that a unit makes infinite, in every resample that draws it) are kept, above every
+    finite draw, so such a row's upper bound is infinite, as its estimate is.
 
     One vectorised sort for all rows and every q (numpy's SIMD sort: faster than its partition here, and
     torch.quantile sorts about 10x slower on CPU).
     """
-    finite = np.isfinite(draws)
-    k = finite.sum(1)
+    k = (~np.isnan(draws)).sum(1)
     hs = [q * np.maximum(k - 1, 0) for q in qs]
     los = [np.floor(h).astype(np.int64) for h in hs]
     his = [np.minimum(lo + 1, np.maximum(k - 1, 0)) for lo in los]
-    ordered = np.sort(draws if finite.all() else np.where(finite, draws, np.nan), axis=1)  # nan last
+    ordered = np.sort(draws, axis=1)  # +inf after every finite draw, nan last
     out = []
     for h, lo, hi in zip(hs, los, his):
         below = np.take_along_axis(ordered, lo[:, None], 1)[:, 0]
         above = np.take_along_axis(ordered, hi[:, None], 1)[:, 0]
         t = h - lo
-        value = np.where(t < 0.5, below + t * (above - below), above - (above - below) * (1 - t))
+        with np.errstate(invalid="ignore"):  # inf - inf where both order statistics are infinite: replaced below
+            value = np.where(t < 0.5, below + t * (above - below), above - (above - below) * (1 - t))
+        value = np.where(np.isposinf(above), np.where(t > 0, np.inf, below), value)
         out.append(np.where(k > 0, value, np.nan))
     return out
