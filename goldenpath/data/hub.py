@@ -3,8 +3,9 @@
 * ``hf_text`` / ``hf_image``: ``datasets.load_dataset(..., streaming=True)`` (the hub, or local json/parquet
   files via ``path: json`` + ``data_files``), its files in an order of the seed, shuffled by a buffer of
   ``shuffle_buffer`` examples (:class:`_Buffered`), shared among processes as ``datasets`` shares it
-  (:meth:`_HFSource.iterate`), resumable exactly through the iterator's ``state_dict``. Text is tokenised (``AutoTokenizer`` or a byte-level fallback) and packed
-  into sequences of ``seq_len + 1`` tokens (or truncated and padded with ``pack: false``).
+  (:meth:`_HFSource.iterate`), resumable exactly through the iterator's ``state_dict``. Text is tokenised
+  (``AutoTokenizer`` or a byte-level fallback) and packed into sequences of ``seq_len + 1`` tokens (or
+  truncated and padded with ``pack: false``).
 
 Images are standardised per channel with the mean and std of the eval set.
 """
