@@ -293,7 +293,8 @@ class _HFSource:
             buffered = _Buffered(_Examples(split_dataset_by_node(ds, rank=rank, world_size=world)),
                                  self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER, rank) & _M64)
             return _HFIterator(self, buffered, rank, world)
-        buffered = _Buffered(_Examples(ds), self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER) & _M64)
+        # process 0's key, as one process reading the whole stream has: its order whatever the number of processes
+        buffered = _Buffered(_Examples(ds), self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER, 0) & _M64)
         return _HFIterator(self, _Strided(buffered, rank, world), rank, world)
 
     @cached_property
