@@ -67,7 +67,7 @@ def test_noise_statistics_tell_student_t_coordinates_from_their_scale_matched_co
     control not; random projections of independent coordinates are Gaussian (the CLT) for both."""
     rng = np.random.default_rng(2)
     noise = rng.standard_t(5, (300, 600)) * rng.lognormal(0.0, 1.0, 600)
-    rows = pd.DataFrame(tail_index._both(noise, {"seed": 0}, {"max_pooled": 50_000}, orders=1, boot=0))
+    rows = pd.DataFrame(tail_index._both(noise, {"seed": 0}, {"max_pooled": 50_000}, orders=1, interval=False))
     value = rows.set_index(["noise", "statistic"]).value
     excess = value["sgd", "coordinates_w1"] - value["gaussian_matched", "coordinates_w1"]
     assert excess == pytest.approx(_t_distance(5), abs=0.02)
