@@ -13,6 +13,7 @@ Images are standardised per channel with the mean and std of the eval set.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import logging
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class _Examples:
 
     def __init__(self, dataset):
         self._dataset, self._it = dataset, None
+        self._loaded: dict | None = None  # the state loaded and not read from yet
 
     def __iter__(self):
         return self
@@ -58,17 +60,21 @@ class _Examples:
     def __next__(self):
         if self._it is None:
             self._it = iter(self._dataset)
+        self._loaded = None
         return next(self._it)
 
     @property
     def state(self) -> dict:
-        return self._dataset.state_dict()
+        """A copy (what ``datasets`` returns may share parts that go on changing as it reads, as a plain read of
+        parquet does); after ``load``, the state loaded until an example is read (``datasets`` applies a loaded
+        state when iteration starts, and until then returns its old one)."""
+        return copy.deepcopy(self._loaded if self._loaded is not None else self._dataset.state_dict())
 
     def load(self, state: dict) -> None:
         if self._it is not None:
             self._it.close()
         self._dataset.load_state_dict(state)
-        self._it = None
+        self._it, self._loaded = None, copy.deepcopy(state)
 
 
 _M64 = 2**64 - 1
@@ -88,39 +94,38 @@ class _Buffered:
     slot ``splitmix64(key + d) mod n``: a function of the key and the draw alone) and its slot is refilled
     from the source. ``datasets``' own buffer loses its contents on resume (it refills from where its source
     stopped, so the examples after it differ); here ``state`` names the buffered examples by their place in
-    the source's order, and ``load`` reads the source again from the oldest of them up to where it stopped,
-    keeping those (about ``size`` x ln ``size`` examples read again), so a resumed stream hands out exactly
-    what the uninterrupted one does.
+    the source's order, with the source's state at a *mark* at or before the oldest of them (one every MARK
+    examples read: a copy of the source's state per example halved what a CPU thread hands out), and ``load``
+    reads the source again from that mark up to where it stopped, keeping those (about ``size`` x ln ``size``
+    examples read again), so a resumed stream hands out exactly what the uninterrupted one does.
     """
+
+    MARK = 64  # examples read between two copies of the source's state
 
     def __init__(self, source: _Examples, size: int, key: int):
         self._source, self._size, self._key = source, size, key
         self._places: list[int] = []  # each buffered example's place in the source's order, by slot
         self._examples: list[dict] = []  # the buffered examples, by slot
-        self._before: dict[int, dict] = {}  # place -> the source's state before that example (buffered ones)
+        self._marks: dict[int, dict] = {}  # place (a multiple of MARK) -> the source's state before it
         self._read = 0  # examples read from the source
+        self._present: set[int] = set()  # the buffered places
         self._oldest = 0  # no buffered example has a smaller place
-        self._now: dict | None = None  # the source's state now (None: not taken yet); one copy per example read
+        self._low = 0  # the earliest mark kept
 
     def __iter__(self):
         return self
 
-    def _source_state(self) -> dict:
-        if self._now is None:
-            self._now = self._source.state
-        return self._now
-
     def __next__(self) -> dict:
         while len(self._places) < self._size:
-            before = self._source_state()
+            if self._read % self.MARK == 0 and self._read not in self._marks:
+                self._marks[self._read] = self._source.state
             try:
                 example = next(self._source)
             except StopIteration:
                 break
-            self._now = None
             self._places.append(self._read)
             self._examples.append(example)
-            self._before[self._read] = before
+            self._present.add(self._read)
             self._read += 1
         if not self._places:
             raise StopIteration
@@ -130,34 +135,42 @@ class _Buffered:
         self._places[i], self._examples[i] = self._places[-1], self._examples[-1]
         self._places.pop()
         self._examples.pop()
-        del self._before[place]
-        while self._oldest < self._read and self._oldest not in self._before:
+        self._present.discard(place)
+        while self._oldest < self._read and self._oldest not in self._present:
             self._oldest += 1
+        while self._low + self.MARK <= self._oldest:  # marks a load no longer starts from
+            self._marks.pop(self._low, None)
+            self._low += self.MARK
         return example
+
+    def _mark(self) -> int:
+        """The mark a load starts from: at or before the oldest buffered example, or where reading stopped."""
+        return (min(self._oldest, self._read) // self.MARK) * self.MARK
 
     @property
     def state(self) -> dict:
-        """Where the source stands, and the buffered examples' places (a copy of a list: cheap enough to take
-        after every example, as :class:`_ReadAhead` does)."""
-        return {"read": self._source_state(), "count": self._read, "buffer": list(self._places),
-                "oldest": self._before[self._oldest] if self._places else None}
+        """The buffered examples' places and where to read them again from (a copy of a list: cheap enough to
+        take after every example, as :class:`_ReadAhead` does)."""
+        mark = self._mark()
+        if mark not in self._marks:  # nothing read yet
+            self._marks[mark] = self._source.state
+        return {"count": self._read, "buffer": list(self._places), "mark": mark, "from": self._marks[mark]}
 
     def load(self, state: dict) -> None:
-        places, self._read, self._before = state["buffer"], state["count"], {}
-        kept = {}
-        if places:
-            wanted = set(places)
-            self._source.load(state["oldest"])
-            for place in range(min(places), self._read):
-                if place in wanted:
-                    self._before[place] = self._source.state
-                example = next(self._source)
-                if place in wanted:
-                    kept[place] = example
-        self._source.load(state["read"])
-        self._now = None
+        places, self._read = state["buffer"], state["count"]
+        wanted, kept = set(places), {}
+        self._source.load(state["from"])
+        self._marks = {}
+        for place in range(state["mark"], self._read):
+            if place % self.MARK == 0:
+                self._marks[place] = self._source.state
+            example = next(self._source)
+            if place in wanted:
+                kept[place] = example
         self._places, self._examples = list(places), [kept[p] for p in places]
+        self._present = set(places)
         self._oldest = min(places) if places else self._read
+        self._low = state["mark"]
 
 
 class _Strided:
@@ -280,15 +293,19 @@ class _HFSource:
         return ds
 
     def iterate(self, *, seed: int, rank: int, world: int) -> _HFIterator:
-        """This process's examples: the dataset's files in an order of the seed (``datasets``' shuffle, with a
-        buffer of one: its buffer keeps no contents in its state), then shuffled by a :class:`_Buffered` buffer.
-        As ``datasets.distributed.split_dataset_by_node`` splits: where the processes divide the files, each
-        process buffers its own files; otherwise every process buffers the whole stream alike and takes every
-        ``world``-th example, so a logical batch holds the same examples whatever the number of processes."""
+        """This process's examples: a dataset of several files read in an order of the seed (``datasets``'
+        shuffle with a buffer of one: its buffer keeps no contents in its state; it costs some 130 us per example,
+        20x a plain read, so a dataset of one file is read as it is), then shuffled by a :class:`_Buffered`
+        buffer. As ``datasets.distributed.split_dataset_by_node`` splits: where the processes divide the files,
+        each process buffers its own files; otherwise every process buffers the whole stream alike and takes
+        every ``world``-th example, so a logical batch holds the same examples whatever the number of
+        processes."""
         from datasets.distributed import split_dataset_by_node
 
         _quiet_buffer_warning()
-        ds = self._train_dataset().shuffle(seed=seed, buffer_size=1)
+        ds = self._train_dataset()
+        if ds.num_shards > 1:
+            ds = ds.shuffle(seed=seed, buffer_size=1)
         if ds.num_shards % world == 0:
             buffered = _Buffered(_Examples(split_dataset_by_node(ds, rank=rank, world_size=world)),
                                  self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER, rank) & _M64)
