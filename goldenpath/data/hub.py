@@ -144,15 +144,16 @@ class _Buffered:
         return example
 
     def _mark(self) -> int:
-        """The mark a load starts from: at or before the oldest buffered example, or where reading stopped."""
-        return (min(self._oldest, self._read) // self.MARK) * self.MARK
+        """The mark a load starts from: at or before the oldest buffered example (where reading stopped, when
+        the buffer is empty: ``_oldest`` never passes ``_read``)."""
+        return (self._oldest // self.MARK) * self.MARK
 
     @property
     def state(self) -> dict:
         """The buffered examples' places and where to read them again from (a copy of a list: cheap enough to
         take after every example, as :class:`_ReadAhead` does)."""
         mark = self._mark()
-        if mark not in self._marks:  # nothing read yet
+        if mark not in self._marks:  # nothing read since the start or a load
             self._marks[mark] = self._source.state
         return {"count": self._read, "buffer": list(self._places), "mark": mark, "from": self._marks[mark]}
 

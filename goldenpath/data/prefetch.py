@@ -121,10 +121,6 @@ class Prefetched:
         batches, self._state = item
         return batches
 
-    @property
-    def rewinds(self) -> bool:
-        return self.stream.rewinds
-
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)
 
