@@ -282,11 +282,12 @@ def test_a_run_that_diverged_after_reaching_its_targets_counts_and_is_named(swee
 
 
 def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, computed_pairs):
-    cmp.compare(sweep, ("tv",), n_boot=50)
+    first = cmp.compare(sweep, ("tv",), n_boot=50)
     computed = computed_pairs
     computed.clear()
-    cmp.compare(sweep, ("tv",), n_boot=50)
+    cached = cmp.compare(sweep, ("tv",), n_boot=50)
     assert computed == []
+    pd.testing.assert_frame_equal(cached, first)  # the cache holds every value exactly (some packed in float32)
     make_run(sweep, "b2", ["optim.lr=0.1", "seed=5"], [(2.0, 1.99)])
     frame = cmp.compare(sweep, ("tv",), n_boot=50)
     assert len(computed) == 4  # b2 against each of the four runs kept at 2.0 (b0 overshot it)
@@ -540,3 +541,26 @@ def test_float32_pair_sums_are_within_the_stated_tolerances_of_float64(which):
             if name == "kl":  # the pair's distance, a mean over the probe points
                 mean, want_mean = got[(i, j)][name].sum() / count.sum(), want.sum() / count.sum()
                 assert abs(float(mean / want_mean) - 1) < 1e-4, (i, j, float(mean), float(want_mean))
+
+
+def test_the_pair_cache_round_trips_exactly_in_its_compact_form_and_reads_the_old_one(tmp_path):
+    """float32 only where it holds the float64 values exactly, the shared points-per-unit row once, nan kept; a
+    cache written before (every name stacked, float64) reads the same."""
+    gen = torch.Generator().manual_seed(0)
+    count = torch.full((6,), 64.0, dtype=torch.float64)
+    results = {f"r{i}|f|r{j}|f": {"tv": torch.rand(6, generator=gen).double(),  # image sums: float32 values
+                                 "js": torch.rand(6, generator=gen, dtype=torch.float64),  # token sums: not
+                                 "count": count.clone() if i else count,  # equal rows, not all one object
+                                 "cka": torch.tensor([math.nan if i else 0.25], dtype=torch.float64)}
+               for i, j in [(0, 1), (0, 2), (1, 2)]}
+    packed = cmp._pack(results)
+    assert packed["shared"] == ["count"] and packed["single"] == ["tv", "count"]
+    assert packed["values"]["count"].shape == (6,) and packed["values"]["js"].dtype == torch.float64
+    old = {"keys": list(results), "values": {n: torch.stack([r[n] for r in results.values()]) for n in results["r0|f|r1|f"]}}
+    for name, form in (("new.pt", packed), ("old.pt", old)):
+        torch.save(form, tmp_path / name)
+        back = cmp._read_cache(tmp_path / name)
+        assert list(back) == list(results)
+        for k, r in results.items():
+            for n, v in r.items():
+                assert back[k][n].dtype == v.dtype and torch.equal(back[k][n].nan_to_num(7.0), v.nan_to_num(7.0)), (name, k, n)

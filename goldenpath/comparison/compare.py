@@ -295,17 +295,35 @@ def _distance_rows(target, cks, runs, results, metrics, weights, against: dict[i
 
 
 def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
-    """{pair key: {name: [units]}} as one [pairs, units] tensor per name (one small file per target)."""
+    """{pair key: {name: [units]}} as one [pairs, units] tensor per name (one small file per target); a name whose
+    rows are all equal (the probe's points per unit) as that one row (``shared``), a float64 tensor in float32
+    where that holds its values exactly (``single``: an image's per-unit sums are float32 values), so a cache of
+    image pairs takes 40% of its float64 size."""
     keys = list(results)
     names = list(next(iter(results.values()))) if keys else []
-    return {"keys": keys, "values": {n: torch.stack([results[k][n] for k in keys]) for n in names}}
+    values, shared, single = {}, [], []
+    for n in names:
+        rows = [results[k][n] for k in keys]
+        distinct = list({id(r): r for r in rows}.values())
+        if all(torch.equal(r, distinct[0]) for r in distinct[1:]):  # stops at the first row that differs
+            values[n] = distinct[0]
+            shared.append(n)
+        else:
+            values[n] = torch.stack(rows)
+        if values[n].dtype == torch.float64 and torch.equal(values[n].float().double(), values[n]):
+            values[n] = values[n].float()
+            single.append(n)
+    return {"keys": keys, "values": values, "shared": shared, "single": single}
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """A target's cached pair results by pair key; empty when missing or unreadable (written without fsync)."""
+    """A target's cached pair results by pair key, as they were packed; empty when missing or unreadable (written
+    without fsync)."""
     try:
         packed = torch.load(path, weights_only=True)
-        return {k: {n: v[i] for n, v in packed["values"].items()} for i, k in enumerate(packed["keys"])}
+        shared, single = set(packed.get("shared", ())), set(packed.get("single", ()))
+        values = {n: v.double() if n in single else v for n, v in packed["values"].items()}
+        return {k: {n: v if n in shared else v[i] for n, v in values.items()} for i, k in enumerate(packed["keys"])}
     except Exception:  # noqa: BLE001 - missing, torn or foreign: recompute the target's pairs
         return {}
 
