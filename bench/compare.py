@@ -121,6 +121,20 @@ def compiled_metrics():
         distances.ON_DISTS.update(eager)
 
 
+@contextlib.contextmanager
+def without_pair_kernel():
+    """Within the block, tv and js of every pair from the eager forms even where compare would run its Triton
+    kernel (CUDA): the baseline the kernel is measured against."""
+    from goldenpath.comparison import pairs
+
+    use = pairs.use_kernel
+    pairs.use_kernel = lambda dist: False
+    try:
+        yield
+    finally:
+        pairs.use_kernel = use
+
+
 def check_near_equal(eager: dict) -> None:
     """Print how far the compiled metrics are from ``eager`` on two near-equal models (float32 accuracy)."""
     from goldenpath.comparison import distances

@@ -556,11 +556,13 @@ def test_the_pair_cache_round_trips_exactly_in_its_compact_form_and_reads_the_ol
     packed = cmp._pack(results)
     assert packed["shared"] == ["count"] and packed["single"] == ["tv", "count"]
     assert packed["values"]["count"].shape == (6,) and packed["values"]["js"].dtype == torch.float64
-    old = {"keys": list(results), "values": {n: torch.stack([r[n] for r in results.values()]) for n in results["r0|f|r1|f"]}}
+    names = results["r0|f|r1|f"]
+    old = {"keys": list(results), "values": {n: torch.stack([r[n] for r in results.values()]) for n in names}}
     for name, form in (("new.pt", packed), ("old.pt", old)):
         torch.save(form, tmp_path / name)
         back = cmp._read_cache(tmp_path / name)
         assert list(back) == list(results)
         for k, r in results.items():
             for n, v in r.items():
-                assert back[k][n].dtype == v.dtype and torch.equal(back[k][n].nan_to_num(7.0), v.nan_to_num(7.0)), (name, k, n)
+                got = back[k][n]
+                assert got.dtype == v.dtype and torch.equal(got.nan_to_num(7.0), v.nan_to_num(7.0)), (name, k, n)

@@ -12,7 +12,9 @@ pair of them over the probe set (``goldenpath compare``'s inner loop).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,6 +171,14 @@ def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask
     by_gram = {m for m in unit if gram is not None and gram.has(m)}
     lead = dist.log_p.shape[1:-1]
     device = dist.log_p.device
+    if use_kernel(dist) and set(unit) <= {"tv", "js", "top1"} | by_gram:  # every pair at once, no gathered copies
+        first, second = (torch.tensor(x, device=device) for x in zip(*pairs))
+        fused = _kernel_tv_js(dist, first, second) if {"tv", "js"} & set(unit) else {}
+        if fused is not None:
+            yield range(len(pairs)), unit_sums(torch.stack([
+                fused[m] if m in fused else gram(m, first, second) if m in by_gram else
+                (dist.top[first] != dist.top[second]).to(dist.log_p.dtype) for m in unit]), mask)[0]
+            return
 
     def measured(first, second):
         a, b = (dist.take(first), dist.take(second)) if set(unit) - by_gram else (None, None)
@@ -191,6 +201,32 @@ def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask
             others = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[0] + len(js))) else \
                 torch.tensor(js, device=device)
             yield group, measured(slice(i, i + 1), others)
+
+
+KERNEL_FAILED: list[str] = []  # why the Triton kernel failed in this process (then it is not tried again)
+
+
+def use_kernel(dist: Dist) -> bool:
+    """Whether tv and js of every pair come from one Triton kernel (:mod:`goldenpath.comparison.pair_kernels`):
+    float32 distributions on a CUDA device, where Triton is installed (it comes with PyTorch's CUDA builds) and
+    has not failed in this process."""
+    return dist.log_p.is_cuda and dist.log_p.dtype == torch.float32 and not KERNEL_FAILED and \
+        importlib.util.find_spec("triton") is not None
+
+
+def _kernel_tv_js(dist: Dist, first: torch.Tensor, second: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """{"tv": [pairs, *lead], "js": ...} from the kernel; None, with a warning, where it cannot run (Triton could
+    not compile it, e.g. no C compiler for its launcher): the eager forms then measure every pair."""
+    try:
+        from goldenpath.comparison.pair_kernels import tv_js
+
+        return dict(zip(("tv", "js"), tv_js(dist.log_p, first, second)))
+    except Exception as e:  # noqa: BLE001 - any failure of Triton's toolchain: the eager forms are exact too
+        KERNEL_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        warnings.warn(f"compare: the Triton kernel for tv and js failed ({KERNEL_FAILED[-1]}); every pair is measured "
+                      "by the eager forms instead (slower on a GPU, the same values to float32 roundings)",
+                      stacklevel=2)
+        return None
 
 
 def _pairs_per_group(per_pair: int) -> int:
