@@ -11,8 +11,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr, softmax
 
 from goldenpath.comparison.distances import (
-    Dist, ON_DISTS, bootstrap, bootstrap_rows, bootstrap_weights, cka_from_moments, js, kl, linear_cka, top1, tv,
-    unit_sums,
+    Dist, ON_DISTS, bootstrap, bootstrap_rows, bootstrap_weights, cka_from_moments, js, kl, linear_cka, symmetric_kl,
+    top1, tv, unit_sums,
 )
 
 
@@ -24,6 +24,7 @@ def test_distances_match_scipy():
     a, b = random_logits(50, 7, seed=1), random_logits(50, 7, seed=2)
     p, q = softmax(a.numpy(), -1), softmax(b.numpy(), -1)
     np.testing.assert_allclose(kl(a, b).numpy(), rel_entr(p, q).sum(-1), rtol=1e-10)
+    np.testing.assert_allclose(symmetric_kl(a, b).numpy(), (rel_entr(p, q) + rel_entr(q, p)).sum(-1) / 2, rtol=1e-10)
     np.testing.assert_allclose(js(a, b).numpy(), jensenshannon(p, q, axis=-1) ** 2, rtol=1e-9)
     np.testing.assert_allclose(tv(a, b).numpy(), 0.5 * np.abs(p - q).sum(-1), rtol=1e-10)
     np.testing.assert_array_equal(top1(a, b).numpy(), (p.argmax(-1) != q.argmax(-1)).astype(np.float32))
@@ -44,7 +45,7 @@ def test_identities_bounds_and_pinsker():
     a, b = random_logits(400, 11, seed=3), random_logits(400, 11, seed=4)
     for f in (tv, kl, js, top1):
         assert float(f(a, a).abs().max()) < 1e-12
-    for f in (tv, js, top1):
+    for f in (tv, js, top1, symmetric_kl):
         torch.testing.assert_close(f(a, b), f(b, a))
     assert float(tv(a, b).max()) <= 1 and float(js(a, b).max()) <= math.log(2) + 1e-12
     assert bool((tv(a, b) <= torch.sqrt(kl(a, b) / 2) + 1e-12).all())  # Pinsker

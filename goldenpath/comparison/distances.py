@@ -81,6 +81,10 @@ def _kl(a: Dist, b: Dist) -> torch.Tensor:
     return _weighted(a.p, a.log_p - b.log_p, a.masked or b.masked).clamp_min_(0.0)
 
 
+def _symmetric_kl(a: Dist, b: Dist) -> torch.Tensor:
+    return _kl(a, b).add_(_kl(b, a)).mul_(0.5)
+
+
 def _js(a: Dist, b: Dist) -> torch.Tensor:
     # each log-ratio is taken pointwise before it is weighted (the entropy form H(m) - (H(p) + H(q)) / 2 would
     # subtract sums at the scale of the entropies, as large as the distance itself for near-equal models).
@@ -108,7 +112,7 @@ def _sq(a: Dist, b: Dist) -> torch.Tensor:
     return (a.p - b.p).square_().sum(-1).mul_(0.5)
 
 
-ON_DISTS = {"tv": _tv, "kl": _kl, "js": _js, "top1": _top1, "sq": _sq}
+ON_DISTS = {"tv": _tv, "kl": _symmetric_kl, "js": _js, "top1": _top1, "sq": _sq}  # compare's metrics
 
 
 def tv(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -119,6 +123,12 @@ def tv(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 def kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_k p_k (log p_k - log q_k), natural log, >= 0."""
     return _kl(Dist(logits_p), Dist(logits_q))
+
+
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """1/2 [KL(p || q) + KL(q || p)], natural log, >= 0: compare's ``kl``, the same whichever model comes first
+    (its permutation tests relabel runs; a one-way KL would give a pair another value when relabelled)."""
+    return _symmetric_kl(Dist(logits_p), Dist(logits_q))
 
 
 def js(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -138,7 +148,7 @@ def sq(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return _sq(Dist(logits_p), Dist(logits_q))
 
 
-FUNCTIONS = {"tv": tv, "kl": kl, "js": js, "top1": top1, "sq": sq}
+FUNCTIONS = {"tv": tv, "kl": symmetric_kl, "js": js, "top1": top1, "sq": sq}  # compare's metrics, on logits
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

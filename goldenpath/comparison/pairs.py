@@ -240,6 +240,8 @@ class _Gram:
 
         KL(i || j) = sum_k p_ik log p_ik - sum_k p_ik log p_jk,   sq(i, j) = (|p_i|^2 + |p_j|^2) / 2 - p_i . p_j
 
+    (compare's kl: the mean of KL(i || j) and KL(j || i), both from the same product)
+
     in float32 with float32 sums (TF32 off: built inside :func:`pair_sums`), within about 1e-6 of the pointwise
     forms (tested against float64; compare's tolerance for kl: 1e-4 relative). Not for distributions with a
     token ruled out (-inf logits: 0 * log 0), which keep the pointwise forms."""
@@ -276,8 +278,9 @@ class _Gram:
             cross = product[:, first.start, second]  # [points, pairs]
         else:
             cross = product[:, first, second]
-        if metric == "kl":
-            value = (own[:, first] - cross).clamp_min_(0.0)
+        if metric == "kl":  # 1/2 [KL(i || j) + KL(j || i)], each clamped at 0 as the pointwise form
+            back = product[:, second, first.start] if isinstance(first, slice) else product[:, second, first]
+            value = (own[:, first] - cross).clamp_min_(0.0).add_((own[:, second] - back).clamp_min_(0.0)).mul_(0.5)
         else:
             value = ((own[:, first] + own[:, second]).mul_(0.5) - cross).clamp_min_(0.0)
         return value.T.reshape(value.shape[1], *self.lead)

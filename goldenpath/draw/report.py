@@ -30,7 +30,7 @@ from goldenpath.store.tables import COMPARE, missing, read_tables, shift_of, shi
 from goldenpath.config.identity import NOISE_KNOBS
 from goldenpath.draw.curves import error_by_loss, seed_bands, sweep_curves
 
-METRIC_NAMES = {"tv": "total variation", "kl": "KL divergence", "js": "Jensen-Shannon divergence",
+METRIC_NAMES = {"tv": "total variation", "kl": "symmetrised KL divergence", "js": "Jensen-Shannon divergence",
                 "top1": "top-1 disagreement", "cka": "1 - linear CKA of the penultimate features",
                 "lmc": "loss barrier on the linear path between the weights"}
 DPI = 100  # one figure inch is 100 CSS pixels: figures are drawn at the size they are shown
