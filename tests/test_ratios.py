@@ -56,6 +56,12 @@ def test_the_answer_says_whether_location_or_spread_sets_a_setting_apart():
     summary = [summary_row(1.7, "shifted", p_min=0.001, location=1.5, location_p_min=0.001)]
     s, f = adjusted(summary, [family_row(1.7, p_global=0.001)])
     assert "its mean function differs (location 1.50" in verdicts.answer(s, family=f)["online"]
+    # with unequal seed counts the location test is not exact (a spread difference can pass for one in location)
+    unequal = summary_row(1.7, "shifted", p_min=0.001, location=1.5, location_p_min=0.001)
+    unequal["n_ref_seeds"] = 5
+    s, f = adjusted([unequal], [family_row(1.7, p_global=0.001)])
+    text = verdicts.answer(s, family=f)["online"]
+    assert "its mean function may differ (location 1.50" in text and "10 seeds against the reference's 5" in text
 
 
 def test_the_answer_says_cannot_be_decided_where_the_seeds_cannot_reach_the_level():

@@ -214,6 +214,11 @@ def _interval(value: float, low: float, high: float) -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]" if np.isfinite(low) else f"{value:.2f}"
 
 
+def _equal_seeds(r) -> bool:
+    """Whether a summary row's setting and reference have as many seeds (where the location test is exact)."""
+    return bool(getattr(r, "n_seeds", math.nan) == getattr(r, "n_ref_seeds", math.nan))
+
+
 def _why(r, metric: str, alpha: float) -> str:
     """Which of location and spread sets a differing setting apart, in words."""
     spread_differs = np.isfinite(r.spread_p_adjusted) and r.spread_p_adjusted < alpha
@@ -221,6 +226,10 @@ def _why(r, metric: str, alpha: float) -> str:
     spread = f"spread {_interval(r.spread, r.spread_low, r.spread_high)}"
     location = (f"location {_interval(r.location, r.location_low, r.location_high)}, adjusted p "
                 f"{r.location_p_adjusted:.2g}") if np.isfinite(r.location) else ""
+    if location_differs and not _equal_seeds(r):  # the location test is not exact then: say so, claim less
+        return (f": its mean function may differ ({location}; {spread}), though with {r.n_seeds:g} seeds against "
+                f"the reference's {r.n_ref_seeds:g} the location test can take a difference in spread for one in "
+                f"location (docs/science.md, unequal seed counts)")
     if location_differs and spread_differs:
         return (f": its mean function differs ({location}) and its seeds scatter {r.spread:.1f}x as widely as the "
                 f"reference's ({spread})")
