@@ -235,6 +235,27 @@ def test_location_and_spread_tests_each_reject_only_their_own_effect_and_interva
             assert 0.915 <= r[interval] <= 0.99, (interval, r)
 
 
+def test_spread_has_an_interval_with_three_and_four_seeds_that_covers():
+    """With independent seeds the spread's unbiased variance is 0 / 0 at 3 seeds (every two within-setting pairs
+    share a seed) and often <= 0 at 4: the jackknife over seeds stands in, so the interval exists and covers."""
+    t = cal.truth(SPREAD, truth_seeds=600, pairs=40_000)
+    for n in (3, 4):
+        rng = np.random.default_rng(20 + n)
+        covered = missing = 0
+        for _ in range(120):
+            p, design = cal.functions(SPREAD, n, rng)
+            tv, _, counts = cal.pair_sums(p)
+            c = stats.compare_settings(tv, counts, design, n_perm=19)[0][(0, 1)]
+            missing += not np.isfinite(c.spread_low)
+            covered += c.spread_high >= 1 / t.spread >= c.spread_low
+        assert missing == 0 and covered / 120 >= 0.9, (n, covered, missing)  # 0 at 3 seeds before (all missing)
+    m = distance_matrix(tv, counts)  # the stand-in: a loop over the left-out seed
+    logs = [math.log(np.mean([m[a, b] for a, b in itertools.combinations([x for x in design.groups[1] if x != d], 2)]))
+            for d in design.groups[1]]
+    want = (len(logs) - 1) / len(logs) * ((np.array(logs) - np.mean(logs)) ** 2).sum()
+    assert stats.jackknife_floor_var(m, design.groups[1]) == pytest.approx(want, rel=1e-10)
+
+
 def test_score_interval_endpoints_solve_the_score_equation():
     """Each endpoint L solves (L_hat - L)^2 = q^2 (v0 + kappa max(L, 0)), found here by scipy's root finder, with kappa
     the excess variance over max(L_hat, sqrt(v0)) and q Student's t (Satterthwaite's dof when asked)."""

@@ -147,6 +147,25 @@ def paired_spread_var(m: np.ndarray, design: Design, k: int, r: int) -> float:
     return float((n - 1) / n * ((out - out.mean()) ** 2).sum())
 
 
+def jackknife_floor_var(m: np.ndarray, runs: tuple[int, ...]) -> float:
+    """Jackknife variance of the log of a setting's seed floor over its seeds (independent seeds; nan below 3):
+    the spread's variance where the unbiased estimate is not positive. With 3 seeds every two within-setting
+    pairs share a seed, so that estimate is 0 / 0; with 4 it was <= 0 in a tenth of simulated sweeps. Spliced in
+    there, the spread's interval covered 95.5-99.5% at 3 to 5 seeds (200 sweeps a world; 86% at 4 seeds, counting
+    the missing intervals, without it)."""
+    runs = list(runs)
+    n = len(runs)
+    if n < 3:
+        return math.nan
+    iu = np.triu_indices(n - 1, 1)
+    floors = np.array([m[np.ix_(keep, keep)][iu].mean() for keep in
+                       ([x for j, x in enumerate(runs) if j != drop] for drop in range(n))])
+    if not (np.isfinite(floors).all() and (floors > 0).all()):
+        return math.nan
+    logs = np.log(floors)
+    return float((n - 1) / n * ((logs - logs.mean()) ** 2).sum())
+
+
 def dof(design: Design, members: list[int]) -> float:
     """Degrees of freedom of a t interval on settings ``members``: the smallest setting's seeds minus one
     (Welch's lower bound; it keeps the intervals' coverage at 10 seeds where seeds minus settings does not)."""
@@ -196,6 +215,8 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
             spread = own[k] / own[r]
             s_var = paired_spread_var(m, design, k, r) if relation == "paired" else \
                 delta_var(cm, {(k, k): 1 / own[k], (r, r): -1 / own[r]})
+            if relation == "independent" and not 0 < s_var < math.inf:  # 3 seeds: x / 0 (no disjoint pairs)
+                s_var = jackknife_floor_var(m, design.groups[k]) + jackknife_floor_var(m, design.groups[r])
             s_se = math.sqrt(s_var) if s_var > 0 else math.nan
             s_low, s_high = t_interval(spread, s_se, df, level=level)
             l_low = l_high = location = math.nan
