@@ -97,7 +97,9 @@ def test_relabellings_are_every_labelling_that_keeps_the_sizes_once(design):
         for row in labels:
             for s in range(3):
                 assert sorted(np.asarray(row)[seeds == s]) == [0, 1, 2]
-    assert smallest_p(design, [0, 1, 2]) == pytest.approx(1 / len(z))
+    # the observed split ties with its mirror and with the two family settings swapped where sizes allow
+    reach = 1 if design.relation([0, 1, 2]) == "independent" else 4  # sizes 3, 3, 2: the 2-seed setting's split
+    assert smallest_p(design, [0, 1, 2]) == pytest.approx(reach / len(z))
 
 
 def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():
@@ -171,6 +173,30 @@ def test_slope_and_smallest_p_against_hand_values():
     assert smallest_p(independent(5, 5), [0, 1]) == pytest.approx(2 / 252)  # the split and its mirror
     assert smallest_p(paired(2, 5), [0, 1]) == pytest.approx(2 / 32)
     assert smallest_p(independent(10, 10, 10), [0, 1, 2], n_perm=1999) == pytest.approx(1 / 2000)
+
+
+def test_smallest_p_is_what_a_setting_planted_far_away_reaches():
+    """Settings at distinct places, the first family setting farthest from the reference: its split against the
+    reference is the one most extreme, so its pairwise p and its min-P adjusted p are the smallest the design
+    allows, and smallest_p says so (three settings of 3 seeds: 4 / 1680, the observed split, its mirror, and both
+    with the two family settings swapped; counting the observed labelling alone said 1 / 1680)."""
+    rng = np.random.default_rng(8)
+    for sizes in [(3, 3, 3), (3, 3, 2), (2, 2, 2, 2), (3, 2, 2), (4, 3), "paired 3 x 3", "paired 4 x 2"]:
+        design = independent(*sizes) if isinstance(sizes, tuple) else paired(*map(int, sizes.split()[1::2]))
+        members = list(range(len(design.groups)))
+        reached = []
+        for far in members[1:]:  # each family setting planted farthest in turn; the design allows the least of them
+            place = {i: 0.0 if k == 0 else 50.0 if k == far else 10.0 * k for k, g in enumerate(design.groups) for i in g}
+            sums = pair_sums(np.stack([rng.normal(size=30) + place[i] for i in range(len(design.seeds))]))
+            test = stats.family_test(sums, np.ones(30), design, members[1:], 0)
+            assert test.exact
+            reached.append(test.adjusted[far])
+            pair = stats.compare_settings(sums, np.ones(30), design)[0][(0, far)].p_value
+            assert pair == pytest.approx(smallest_p(design, [0, far])), (sizes, far)
+        assert min(reached) == pytest.approx(smallest_p(design, members)), (sizes, reached)
+    assert smallest_p(independent(3, 3, 3), [0, 1, 2]) == pytest.approx(4 / 1680)
+    assert smallest_p(independent(2, 2, 2, 2), [0, 1, 2, 3]) == pytest.approx(36 / 2520)
+    assert smallest_p(paired(3, 3), [0, 1, 2]) == pytest.approx(4 / 216)  # 2 ways x 2 settings x 1^3, of 6^3
 
 
 def test_a_one_seed_setting_leaves_the_other_settings_intervals_alone():
