@@ -186,7 +186,8 @@ def test_smallest_p_is_what_a_setting_planted_far_away_reaches():
         members = list(range(len(design.groups)))
         reached = []
         for far in members[1:]:  # each family setting planted farthest in turn; the design allows the least of them
-            place = {i: 0.0 if k == 0 else 50.0 if k == far else 10.0 * k for k, g in enumerate(design.groups) for i in g}
+            where = {k: 0.0 if k == 0 else 50.0 if k == far else 10.0 * k for k in members}
+            place = {i: where[k] for k, g in enumerate(design.groups) for i in g}
             sums = pair_sums(np.stack([rng.normal(size=30) + place[i] for i in range(len(design.seeds))]))
             test = stats.family_test(sums, np.ones(30), design, members[1:], 0)
             assert test.exact
