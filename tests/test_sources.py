@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from goldenpath.config import load_config
+from goldenpath.config import ConfigError, load_config
 from goldenpath.data import build_stream
 from goldenpath.data.hub import ByteTokenizer
 from goldenpath.data.sources import load_npz_member, read_idx
@@ -167,6 +167,29 @@ def test_hf_text_iterator_resumes_and_shards(text_json):
     assert all(torch.equal(a, b) for a, b in zip(head + tail, full, strict=True))
     ids = [[int(s["ids"]) for s in src.iterate(seed=0, rank=r, world=2)] for r in range(2)]
     assert not set(ids[0]) & set(ids[1])
+
+
+def test_without_an_eval_split_no_process_trains_on_a_held_out_document(tmp_path):
+    """The held-out documents are the first of the split and training skips them. With two files on two
+    processes, splitting the files between the processes divided that skip among them: some held-out documents
+    were trained on and as many others never read. Every other document is read exactly once, on 1 or 2 processes;
+    a stream state saved by that split is refused with a one-line error."""
+    for k in range(2):
+        (tmp_path / f"part{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[30 * k:30 * k + 30]))
+    src = text_source(tmp_path / "part*.jsonl", "data.pack=false", "data.seq_len=40", "data.eval_size=4",
+                      "data.probe_size=2")
+
+    def text(row):
+        return bytes(t for t in row.tolist() if t < 256).decode()
+
+    held = [text(r) for split in ("eval", "probe") for r in src.heldout(split)["input_ids"]]
+    assert held == DOCS[:6]
+    for world in (1, 2):
+        seen = [text(x["input_ids"]) for r in range(world) for x in src.iterate(seed=0, rank=r, world=world)]
+        assert sorted(seen) == sorted(DOCS[6:]), world  # no held-out document, none lost, none twice
+    it = src.iterate(seed=0, rank=0, world=2)
+    with pytest.raises(ConfigError, match="^data.eval_split: this run's stream state was saved while"):
+        it.load_state_dict({"examples": {"buffer": "a split-by-node state"}, "pending": [], "count": 0})
 
 
 def test_hf_text_with_a_local_autotokenizer(text_json, tmp_path):

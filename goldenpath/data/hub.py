@@ -197,6 +197,10 @@ class _Strided:
         return {"source": self._source.state, "taken": self._taken}
 
     def load(self, state: dict) -> None:
+        if "source" not in state:
+            raise ConfigError("data.eval_split", "this run's stream state was saved while its processes split the "
+                              "files after skipping the held-out examples, which let some of them into training; "
+                              "it cannot be resumed", "train the run again (or give it a data.eval_split)")
         self._source.load(state["source"])
         self._taken = state["taken"]
 
@@ -297,17 +301,22 @@ class _HFSource:
         """This process's examples: a dataset of several files read in an order of the seed (``datasets``'
         shuffle with a buffer of one: its buffer keeps no contents in its state; it costs some 130 us per example,
         20x a plain read, so a dataset of one file is read as it is), then shuffled by a :class:`_Buffered`
-        buffer. As ``datasets.distributed.split_dataset_by_node`` splits: where the processes divide the files,
-        each process buffers its own files; otherwise every process buffers the whole stream alike and takes
-        every ``world``-th example, so a logical batch holds the same examples whatever the number of
-        processes."""
+        buffer. Without ``data.eval_split`` the files are read in their order, after the held-out examples (the
+        first of the split), and the buffer alone shuffles. As ``datasets.distributed.split_dataset_by_node``
+        splits: where the processes divide the files (and no held-out examples are skipped), each process
+        buffers its own files; otherwise every process buffers the whole stream alike and takes every
+        ``world``-th example, so a logical batch holds the same examples whatever the number of processes."""
         from datasets.distributed import split_dataset_by_node
 
         _quiet_buffer_warning()
         ds = self._train_dataset()
-        if ds.num_shards > 1:
+        # without an eval split the held-out examples are the first of the split, skipped here: datasets then
+        # keeps the files in their order (a shuffle would only cost its per-example time), and a split by node
+        # would divide the skip among the processes' files (held-out examples trained on, others never read)
+        skipped = self.cfg.eval_split is None
+        if ds.num_shards > 1 and not skipped:
             ds = ds.shuffle(seed=seed, buffer_size=1)
-        if ds.num_shards % world == 0:
+        if ds.num_shards % world == 0 and (world == 1 or not skipped):
             buffered = _Buffered(_Examples(split_dataset_by_node(ds, rank=rank, world_size=world)),
                                  self.cfg.shuffle_buffer, stream_key(seed, Purpose.BUFFER, rank) & _M64)
             return _HFIterator(self, buffered, rank, world)
