@@ -10,7 +10,7 @@ through the classes once, keeping the running sums in registers:
 with 0 log(0 / m) = 0 (a token a model rules out adds nothing) and m held at or above the smallest normal float
 (such a token weighs < 1e-37), js clamped to [0, ln 2] as the eager form is. Programs take the pairs fastest,
 so the pairs of one block of points run together and read their models' rows from the GPU's L2 cache. Within a
-float32 rounding of the eager forms (``tests/test_compare.py`` runs the kernel in Triton's interpreter on a CPU).
+float32 rounding of the eager forms (``tests/test_pair_kernels.py`` runs the kernel in Triton's interpreter on a CPU).
 """
 
 from __future__ import annotations
