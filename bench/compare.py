@@ -8,7 +8,8 @@ depend on what the weights are) is compared with all four metrics and the defaul
 resamples, no cache (a fresh sweep directory), with the allocator settings of ``goldenpath``'s command line
 (``goldenpath.training.runtime.tune_malloc``). The figure reported is wall time / (N x one model's forward over the
 probe set), for the teacher CNN and the tiny Markov GPT-2. Goal: <= 1.2. Each line also splits the median
-round's time into the models' forwards, the pair metrics and the rest (loading, statistics, tables).
+round's time into the models' forwards, the pair metrics and the rest (loading, statistics, tables), and gives
+the time of a second compare of the same sweep, every pair from the cache the first one wrote, and the cache's size.
 
 The rest hardly depends on the probe set, the forwards and pair metrics grow with it: ``--probe-size K``
 (``data.probe_size``; the configs': 1024 images, 128 sequences) shows how the ratio falls as the forwards
@@ -233,12 +234,17 @@ def run(args) -> None:
                     one = forward_seconds(path, overrides=overrides)
                     ratios.append(wall / (n * one))
                     parts.append({**split, "wall_s": wall})
+                    t0 = time.perf_counter()
+                    compare(sweep)  # again: every pair from the cache the first compare wrote
+                    parts[-1]["cached_s"] = time.perf_counter() - t0
+                    parts[-1]["cache_mb"] = sum(f.stat().st_size for f in (sweep / "compare" / "cache").glob("*")) / 1e6
                     shutil.rmtree(sweep / "compare", ignore_errors=True)
             k = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]  # the median round
             print(f"{name:8s} N={n:3d}: compare / (N x forward) = {ratios[k]:.2f} "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2); in that round: forwards "
                   f"{parts[k]['forwards_s']:.3f} s, pair metrics {parts[k]['pairs_s']:.3f} s, the rest "
-                  f"{parts[k]['wall_s'] - parts[k]['forwards_s'] - parts[k]['pairs_s']:.3f} s", flush=True)
+                  f"{parts[k]['wall_s'] - parts[k]['forwards_s'] - parts[k]['pairs_s']:.3f} s; again from its cache "
+                  f"{parts[k]['cached_s']:.3f} s ({parts[k]['cache_mb']:.1f} MB)", flush=True)
 
 
 if __name__ == "__main__":
