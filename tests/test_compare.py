@@ -339,6 +339,11 @@ def test_probe_chunks_are_sized_from_the_free_memory(monkeypatch):
     assert pairs.probe_chunk(16, images, "cpu", torch.float32) == pairs.MOST_UNITS
     free["bytes"] = 1e6
     assert pairs.probe_chunk(16, gpt2, "cuda", torch.float32) == 1
+    # the batched products of kl and sq: a share of a GPU's free memory for their copies, never below a CPU's
+    assert pairs._copy_bytes(torch.device("cpu")) == pairs.PAIR_GROUP_BYTES
+    assert pairs._copy_bytes(torch.device("cuda")) == pairs.PAIR_GROUP_BYTES  # 1 MB free: the floor
+    free["bytes"] = 139e9
+    assert pairs._copy_bytes(torch.device("cuda")) == pairs.GRAM_MEMORY_SHARE * 139e9
 
 
 def test_a_chunk_sized_from_little_memory_gives_the_same_distances(sweep, monkeypatch):

@@ -232,6 +232,18 @@ def _kernel_tv_js(dist: Dist, first: torch.Tensor, second: torch.Tensor) -> dict
         return None
 
 
+GRAM_MEMORY_SHARE = 0.125  # of a GPU's free memory, for the copies of one batched product of _Gram
+
+
+def _copy_bytes(device: torch.device) -> float:
+    """Bytes the copies of one of _Gram's batched products may take: PAIR_GROUP_BYTES on a CPU; on a GPU a share
+    of its free memory (GPT-2's vocabulary with 16 models: 32 MB holds 5 points, so a chunk of 9,216 points took
+    some 1,800 small products where a few large ones do)."""
+    if device.type != "cuda":
+        return PAIR_GROUP_BYTES
+    return max(PAIR_GROUP_BYTES, GRAM_MEMORY_SHARE * free_memory_bytes(device))
+
+
 def _pairs_per_group(per_pair: int) -> int:
     """How many pairs of ``per_pair`` bytes of temporaries a group takes (at least one)."""
     return max(1, int(PAIR_GROUP_BYTES // max(1, per_pair)))
@@ -265,7 +277,7 @@ class _Gram:
             p = self.dist.p.flatten(1, -2)  # [models, points, classes]
             other = p if name == "pp" else self.dist.log_p.flatten(1, -2)
             models, points, classes = p.shape
-            step = max(1, PAIR_GROUP_BYTES // (2 * models * classes * p.element_size()))  # bounds the copies
+            step = max(1, int(_copy_bytes(p.device) // (2 * models * classes * p.element_size())))  # bounds the copies
             self._products[name] = torch.cat([  # within pair_sums' strict_float32: no TF32
                 torch.bmm(p[:, lo : lo + step].transpose(0, 1), other[:, lo : lo + step].permute(1, 2, 0))
                 for lo in range(0, points, step)])  # [points, models, models]
