@@ -568,6 +568,11 @@ def test_the_pair_cache_round_trips_exactly_in_its_compact_form_and_reads_the_ol
     assert packed["values"]["count"].shape == (6,) and packed["values"]["js"].dtype == torch.float64
     names = results["r0|f|r1|f"]
     old = {"keys": list(results), "values": {n: torch.stack([r[n] for r in results.values()]) for n in names}}
+    # a cache that holds kl of another definition (the one-way KL before compare's was symmetrised) is recomputed
+    with_kl = {k: {**r, "kl": r["js"]} for k, r in results.items()}
+    torch.save({**cmp._pack(with_kl), "kl": None}, tmp_path / "one-way.pt")
+    torch.save(cmp._pack(with_kl), tmp_path / "symmetric.pt")
+    assert cmp._read_cache(tmp_path / "one-way.pt") == {} and len(cmp._read_cache(tmp_path / "symmetric.pt")) == 3
     for name, form in (("new.pt", packed), ("old.pt", old)):
         torch.save(form, tmp_path / name)
         back = cmp._read_cache(tmp_path / name)

@@ -29,6 +29,8 @@ CHILD = textwrap.dedent("""
 
     def sums(dist, unit, mask, kernel):
         pairs.use_kernel = lambda d: kernel
+        points = math.prod(dist.log_p.shape[1:-1])
+        pairs._copy_bytes = lambda device: 3 * 10 * 4 * points  # the kernel's pairs in groups of 3
         ps = list(itertools.combinations(range(dist.log_p.shape[0]), 2))
         gram = pairs._Gram(dist) if set(unit) & set(pairs._Gram.METRICS) else None
         out = torch.zeros(len(unit), len(ps), dist.log_p.shape[1], dtype=torch.float64)
@@ -78,29 +80,40 @@ def test_the_kernel_gives_the_eager_metrics_of_every_pair():
     assert 0 < eager < 0.1 and abs(fused - eager) < 1e-5 * eager
 
 
-def test_a_kernel_that_cannot_run_leaves_every_pair_to_the_eager_forms_with_a_warning(monkeypatch):
-    """Triton may fail to compile on a machine (no C compiler for its launcher): compare warns, measures every pair
-    by the eager forms, and does not try the kernel again in that process."""
+def test_a_kernel_that_cannot_run_leaves_its_pairs_to_the_eager_forms_with_a_warning(monkeypatch):
+    """Triton may fail to compile on a machine (no C compiler for its launcher), or run out of memory part way:
+    compare warns, measures the pairs left by the eager forms, and does not try the kernel again in that
+    process. Here the kernel gives the first group of two pairs and fails on the second."""
     import types
 
-    def broken(*args):
-        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    from goldenpath.comparison.distances import ON_DISTS
 
-    monkeypatch.setitem(sys.modules, "goldenpath.comparison.pair_kernels", types.SimpleNamespace(tv_js=broken))
+    calls = []
+
+    def kernel(log_p, first, second):
+        calls.append(len(first))
+        if len(calls) > 1:
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+        a, b = dist.take(first), dist.take(second)
+        return ON_DISTS["tv"](a, b), ON_DISTS["js"](a, b)
+
+    monkeypatch.setitem(sys.modules, "goldenpath.comparison.pair_kernels", types.SimpleNamespace(tv_js=kernel))
     monkeypatch.setattr(pairs, "KERNEL_FAILED", [])
+    monkeypatch.setattr(pairs, "_copy_bytes", lambda device: 2 * 10 * 4 * 5)  # groups of two pairs of 5 points
     g = torch.Generator().manual_seed(0)
     dist = None
     for k in range(4):
         dist = Dist.stack_into(dist, k, 4, Dist(torch.randn(5, 10, generator=g)))
-    ps = [(0, 1), (0, 2), (1, 3), (2, 3)]
+    ps = [(0, 1), (0, 2), (1, 3), (2, 3), (1, 2)]
 
-    def sums(kernel):
-        monkeypatch.setattr(pairs, "use_kernel", lambda d: kernel)
-        out = torch.zeros(3, len(ps), 5, dtype=torch.float64)
+    def sums(kernel_on):
+        monkeypatch.setattr(pairs, "use_kernel", lambda d: kernel_on)
+        out = torch.full((3, len(ps), 5), float("nan"), dtype=torch.float64)
         for group, s in pairs._pair_groups(dist, ps, ["tv", "js", "top1"], None, None):
             out[:, list(group)] = s
         return out
 
     with pytest.warns(UserWarning, match="Triton kernel for tv and js failed .*C compiler"):
         fallen = sums(True)
-    assert torch.equal(fallen, sums(False)) and pairs.KERNEL_FAILED[0].startswith("RuntimeError: Failed to find")
+    assert calls == [2, 2] and torch.equal(fallen, sums(False))  # every pair measured, once
+    assert pairs.KERNEL_FAILED[0].startswith("RuntimeError: Failed to find")

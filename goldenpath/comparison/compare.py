@@ -313,14 +313,19 @@ def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
         if values[n].dtype == torch.float64 and torch.equal(values[n].float().double(), values[n]):
             values[n] = values[n].float()
             single.append(n)
-    return {"keys": keys, "values": values, "shared": shared, "single": single}
+    return {"keys": keys, "values": values, "shared": shared, "single": single, "kl": KL_DEFINITION}
+
+
+KL_DEFINITION = "symmetric"  # compare's kl: 1/2 [KL(a||b) + KL(b||a)]; caches of the one-way KL before it say none
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """A target's cached pair results by pair key, as they were packed; empty when missing or unreadable (written
-    without fsync)."""
+    without fsync), or when it holds a kl of another definition (the one-way KL of earlier versions)."""
     try:
         packed = torch.load(path, weights_only=True)
+        if "kl" in packed["values"] and packed.get("kl") != KL_DEFINITION:  # another kl: every pair again
+            return {}
         shared, single = set(packed.get("shared", ())), set(packed.get("single", ()))
         values = {n: v.double() if n in single else v for n, v in packed["values"].items()}
         return {k: {n: v if n in shared else v[i] for n, v in values.items()} for i, k in enumerate(packed["keys"])}

@@ -269,7 +269,8 @@ def _arrangements(labels: tuple) -> tuple[tuple, ...]:
 def smallest_p(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000) -> float:
     """The smallest p-value the seeds of ``members`` (the first: the reference) allow a setting against the
     reference, its permutation p (two members) or its min-P adjusted p (a family), where one setting's split of
-    runs against the reference is the most extreme (as when it is planted far from the rest).
+    runs against the reference is the most extreme (as when it is planted far from the rest) and distances tie
+    only where the design makes them (exactly equal distances between runs can tie more, or fewer).
 
     Setting j's statistic depends on its runs and the reference's alone, so its observed value ties with every
     relabelling that keeps those two sets of runs (the other settings' runs arranged any way among them) and,

@@ -15,6 +15,7 @@ float32 rounding of the eager forms (``tests/test_pair_kernels.py`` runs the ker
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -68,7 +69,9 @@ def tv_js(log_p: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tup
         step = min(512, triton.next_power_of_2(classes))
         block = TILE // step
         grid = (pairs * triton.cdiv(points, block),)  # one dimension: up to 2**31 - 1 programs
-        _tv_js_kernel[grid](flat, first.to(flat.device, torch.int64).contiguous(),
-                            second.to(flat.device, torch.int64).contiguous(), tv, js, pairs, points, classes,
-                            POINTS=block, CLASSES=step, num_warps=8)
+        # Triton launches on the current device: make it the tensors' (compare --device cuda:1)
+        with torch.cuda.device(flat.device) if flat.is_cuda else contextlib.nullcontext():
+            _tv_js_kernel[grid](flat, first.to(flat.device, torch.int64).contiguous(),
+                                second.to(flat.device, torch.int64).contiguous(), tv, js, pairs, points, classes,
+                                POINTS=block, CLASSES=step, num_warps=8)
     return tv.view(pairs, *lead), js.view(pairs, *lead)

@@ -166,22 +166,41 @@ PAIR_GROUP_BYTES = 32 * 2**20
 def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None):
     """Yield (indices into ``pairs``, per-unit sums [metrics, len(group), units]) for groups of pairs, each
     metric a few tensor operations over a whole group instead of a few per pair (the same values,
-    elementwise and per row). Small outputs (an image classifier's): all pairs of the chunk in one group,
-    their distributions gathered. Large ones (a language model's): the pairs that share their first model,
-    that model a view broadcast against the others, a view too where their indices run consecutively (all
-    pairs), in groups whose temporaries take about PAIR_GROUP_BYTES. ``gram``: kl and sq (:class:`_Gram`)."""
-    per_pair = dist.log_p[0].numel() * dist.log_p.element_size() * 2  # a pair's temporaries, about
+    elementwise and per row). On a CUDA GPU with Triton, tv and js from one kernel (:func:`use_kernel`), as
+    many pairs at once as a share of its memory holds. Else, small outputs (an image classifier's): all pairs
+    of the chunk in one group, their distributions gathered; large ones (a language model's): the pairs that
+    share their first model, that model a view broadcast against the others, a view too where their indices run
+    consecutively (all pairs), in groups whose temporaries take about PAIR_GROUP_BYTES. ``gram``: kl and sq
+    (:class:`_Gram`)."""
     by_gram = {m for m in unit if gram is not None and gram.has(m)}
     lead = dist.log_p.shape[1:-1]
     device = dist.log_p.device
-    if use_kernel(dist) and set(unit) <= {"tv", "js", "top1"} | by_gram:  # every pair at once, no gathered copies
-        first, second = (torch.tensor(x, device=device) for x in zip(*pairs))
-        fused = _kernel_tv_js(dist, first, second) if {"tv", "js"} & set(unit) else {}
-        if fused is not None:
-            yield range(len(pairs)), unit_sums(torch.stack([
+    done = 0  # pairs the kernel measured
+    if use_kernel(dist) and set(unit) <= {"tv", "js", "top1"} | by_gram:  # no gathered copies
+        # each pair's values at every point, about 10 floats a point for every metric and step: a share of memory
+        size = max(1, int(_copy_bytes(device) // (10 * 4 * max(1, math.prod(lead)))))
+        for lo in range(0, len(pairs), size):
+            group = range(lo, min(lo + size, len(pairs)))
+            first, second = (torch.tensor(x, device=device) for x in zip(*pairs[lo : group.stop]))
+            fused = _kernel_tv_js(dist, first, second) if {"tv", "js"} & set(unit) else {}
+            if fused is None:  # the kernel failed (warned): the eager forms measure the pairs left
+                break
+            yield group, unit_sums(torch.stack([
                 fused[m] if m in fused else gram(m, first, second) if m in by_gram else
                 (dist.top[first] != dist.top[second]).to(dist.log_p.dtype) for m in unit]), mask)[0]
-            return
+            done = group.stop
+    for group, sums in _eager_groups(dist, pairs[done:], unit, mask, gram, by_gram):
+        yield [done + k for k in group], sums
+
+
+def _eager_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None,
+                  by_gram: set[str]):
+    """:func:`_pair_groups` by the eager forms (every metric a few tensor operations a group)."""
+    if not pairs:
+        return
+    per_pair = dist.log_p[0].numel() * dist.log_p.element_size() * 2  # a pair's temporaries, about
+    lead = dist.log_p.shape[1:-1]
+    device = dist.log_p.device
 
     def measured(first, second):
         a, b = (dist.take(first), dist.take(second)) if set(unit) - by_gram else (None, None)
