@@ -175,7 +175,8 @@ def test_without_an_eval_split_no_process_trains_on_a_held_out_document(tmp_path
     were trained on and as many others never read. Every other document is read exactly once, on 1 or 2 processes;
     a stream state saved by that split is refused with a one-line error."""
     for k in range(2):
-        (tmp_path / f"part{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[30 * k:30 * k + 30]))
+        lines = (json.dumps({"text": d}) + "\n" for d in DOCS[30 * k : 30 * k + 30])
+        (tmp_path / f"part{k}.jsonl").write_text("".join(lines))
     src = text_source(tmp_path / "part*.jsonl", "data.pack=false", "data.seq_len=40", "data.eval_size=4",
                       "data.probe_size=2")
 
