@@ -74,7 +74,6 @@ and into $OUT as well when that is set.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import contextlib
 import json
 import os
@@ -306,12 +305,13 @@ def part_compare(size: dict, work: Path, device: str, rows: dict) -> dict:
         return frame, {"compare_s": wall, "ratio": wall / (n * one), **split}
 
     one = bench_compare.forward_seconds(path, chunk=size["chunk"], device=device)
-    kernel = device == "cuda" and importlib.util.find_spec("triton") is not None  # pairs.use_kernel's condition
     for n in size["compare_sizes"]:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             sweep = bench_compare.make_sweep(Path(tmp) / "s", path, n)
             frame, figures = timed(sweep, n)
-            rows[str(n)] = row = {"forward_s": one, "pair_kernel": kernel and not pairs.KERNEL_FAILED, **figures}
+            # whether the kernel ran: it can on the device and did not fail in the compare above
+            ran = pairs.kernel_available(torch.device(device))
+            rows[str(n)] = row = {"forward_s": one, "pair_kernel": ran, **figures}
             if pairs.KERNEL_FAILED:
                 row["pair_kernel_error"] = pairs.KERNEL_FAILED[0]
             # the same with tv and js from the eager forms: what the kernel saves, and how far its values are from

@@ -228,12 +228,15 @@ def _eager_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mas
 KERNEL_FAILED: list[str] = []  # why the Triton kernel failed in this process (then it is not tried again)
 
 
+def kernel_available(device: torch.device) -> bool:
+    """Whether the Triton kernel (:mod:`goldenpath.comparison.pair_kernels`) can run on ``device``: a CUDA device,
+    Triton installed (it comes with PyTorch's CUDA builds) and not failed in this process."""
+    return device.type == "cuda" and not KERNEL_FAILED and importlib.util.find_spec("triton") is not None
+
+
 def use_kernel(dist: Dist) -> bool:
-    """Whether tv and js of every pair come from one Triton kernel (:mod:`goldenpath.comparison.pair_kernels`):
-    float32 distributions on a CUDA device, where Triton is installed (it comes with PyTorch's CUDA builds) and
-    has not failed in this process."""
-    return dist.log_p.is_cuda and dist.log_p.dtype == torch.float32 and not KERNEL_FAILED and \
-        importlib.util.find_spec("triton") is not None
+    """Whether tv and js of every pair come from the Triton kernel: float32 distributions where it can run."""
+    return dist.log_p.dtype == torch.float32 and kernel_available(dist.log_p.device)
 
 
 def _kernel_tv_js(dist: Dist, first: torch.Tensor, second: torch.Tensor) -> dict[str, torch.Tensor] | None:
