@@ -190,12 +190,12 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None,
             for name, rows in got.items():
                 tables[name] += rows
     verdicts.adjust(tables["summary"], tables["family"])
-    _write_tables(out_dir, runs, by_target, tables)
-    write_answer(out_dir, metrics)
     options = {"metrics": list(metrics), "tolerance": tolerance, "n_boot": n_boot, "n_perm": n_perm,
                "include_flagged": include_flagged, "probe_shift": probe_shift, "lmc_points": lmc_points}
-    files.write_json(out_dir / INPUTS, {"options": options, "runs": inputs(runs, by_target)})  # last: after the tables
-    return pd.DataFrame(tables["distances"], columns=COLUMNS)
+    frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
+    _write_tables(out_dir, runs, by_target, tables, frame, metrics,
+                  {"options": options, "runs": inputs(runs, by_target)})
+    return frame
 
 
 def _kept(cks: list, runs: dict, target: float, tolerance: float, excluded: list | None) -> list:
@@ -213,7 +213,11 @@ def _kept(cks: list, runs: dict, target: float, tolerance: float, excluded: list
     return kept
 
 
-def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
+def _write_tables(out_dir: Path, runs, by_target, tables: dict, frame, metrics, recorded: dict) -> None:
+    """The tables, then ``answer.json`` read from them, then ``inputs.json`` (``recorded``), all synced before the
+    first is renamed and renamed in that order: a kill part way leaves no answer or the old inputs, never an
+    answer of other tables (the answer is read from the tables' CSV text, as :func:`write_answer` reads the
+    files)."""
     import pandas as pd
 
     reached = []
@@ -224,8 +228,8 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
             reached.append({"target": target, "setting": info.setting.label, "regime": info.setting.regime,
                             "columns": info.setting.columns, "n_seeds": n_seeds,
                             "step": hit.step if hit else None, "samples": hit.samples if hit else None})
-    frame = pd.DataFrame(tables["distances"], columns=COLUMNS)
     writes = {out_dir / "distances.parquet": lambda tmp: frame.to_parquet(tmp, index=False)}
+    texts = {}
     for name, table, columns in (("summary", tables["summary"], verdicts.SUMMARY),
                                  ("settings", tables["settings"], verdicts.MATRIX),
                                  ("family", tables["family"], verdicts.FAMILY),
@@ -234,7 +238,11 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict) -> None:
                                  ("excluded", tables["excluded"], verdicts.EXCLUDED)):
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
-        writes[out_dir / f"{name}.csv"] = lambda tmp, t=table: t.to_csv(tmp, index=False)
+        texts[name] = table.to_csv(index=False)
+        writes[out_dir / f"{name}.csv"] = lambda tmp, text=texts[name]: tmp.write_text(text)
+    said = _answer_text(_answer_tables(texts), metrics)
+    writes[out_dir / ANSWER] = lambda tmp: tmp.write_text(said)
+    writes[out_dir / INPUTS] = lambda tmp: tmp.write_text(json.dumps(recorded, indent=1) + "\n")
     files.atomic_writes(writes)
 
 
@@ -343,11 +351,15 @@ def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str |
     return notes + answer
 
 
-def _answer_tables(tables: Path) -> dict:
-    """The tables the answer is read from, each read once."""
+def _answer_tables(tables: Path | dict[str, str]) -> dict:
+    """The tables the answer is read from, each read once: the CSV files of a tables directory, or their text
+    by name."""
+    import io
+
     import pandas as pd
 
-    return {name: pd.read_csv(tables / f"{name}.csv") for name in ("excluded", "summary", "trend", "family")}
+    return {name: pd.read_csv(io.StringIO(tables[name]) if isinstance(tables, dict) else tables / f"{name}.csv")
+            for name in ("excluded", "summary", "trend", "family")}
 
 
 def _said(t: dict, metric: str) -> tuple[list[str], list[str]]:
@@ -375,7 +387,11 @@ def _said(t: dict, metric: str) -> tuple[list[str], list[str]]:
     return lines, list(answer.values())
 
 
+def _answer_text(t: dict, metrics) -> str:
+    """``answer.json``'s text from :func:`_answer_tables`: per metric, the notes and the answer's sentences."""
+    return json.dumps({m: dict(zip(("notes", "answer"), _said(t, m))) for m in metrics}, indent=1) + "\n"
+
+
 def write_answer(tables: Path, metrics) -> None:
-    """``answer.json``: per metric, the notes and the answer's sentences (what the report page leads with)."""
-    t = _answer_tables(tables)
-    files.write_json(tables / ANSWER, {m: dict(zip(("notes", "answer"), _said(t, m))) for m in metrics})
+    """``answer.json`` from a tables directory's CSV files (what the report page leads with)."""
+    files.write_text(tables / ANSWER, _answer_text(_answer_tables(tables), metrics))

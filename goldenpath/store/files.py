@@ -25,6 +25,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    """fsync every file, several at once: each waits on the disk with the GIL released, and a file system with a
+    journal commits concurrent syncs together (9 small files on ext4: 4-5 ms in threads, 9-11 ms one by one)."""
+    if len(paths) < 2:
+        for path in paths:
+            _fsync_file(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(paths), 8)) as pool:
+        list(pool.map(_fsync_file, paths))  # list(): the first failure is raised here
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = True) -> None:
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
 
@@ -44,16 +62,15 @@ def _tmp(path: Path) -> Path:
 
 
 def atomic_writes(writes: dict[Path, Callable[[Path], None]]) -> None:
-    """:func:`atomic_write` for several files: each filled under a temporary name and synced, then all renamed,
-    then each directory synced once (where a loop of atomic_write syncs the directory after every file). A kill
-    part way leaves each file whole, old or new, as such a loop would."""
+    """:func:`atomic_write` for several files: each filled under a temporary name, all synced, then all renamed in
+    the order given, then each directory synced once (where a loop of atomic_write syncs the directory after every
+    file). A kill part way leaves each file whole, old or new, as such a loop would."""
     tmps = {}
     for path, write in writes.items():
         path = Path(path)
         tmps[path] = _tmp(path)
         write(tmps[path])
-        with open(tmps[path], "rb+") as f:
-            os.fsync(f.fileno())
+    _fsync_files(list(tmps.values()))
     for path, tmp in tmps.items():
         os.replace(tmp, path)
     for parent in {path.parent for path in tmps}:
@@ -106,9 +123,7 @@ def commit_dir(tmp: Path, path: str | Path) -> Path:
     """Swap the filled directory ``tmp`` in as ``path`` (the old one survives until the new one is in place)."""
     path = Path(path)
     resolve_dir(path)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _fsync_files(list(tmp.iterdir()))
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(_old(path), ignore_errors=True)
