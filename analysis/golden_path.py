@@ -276,7 +276,8 @@ def power_table(power_dir: Path, *, level_alpha: float, draws: int = DRAWS, per_
                     chosen = list(rng.choice(zero, 2 * per_side, replace=False))
                     a, b = chosen[:per_side], chosen[per_side:]
                 else:
-                    a, b = list(rng.choice(zero, per_side, replace=False)), list(rng.choice(pool, per_side, replace=False))
+                    a = list(rng.choice(zero, per_side, replace=False))
+                    b = list(rng.choice(pool, per_side, replace=False))
                 members = [index[r] for r in a + b]
                 sub = {k: v[np.ix_(members, members)] for k, v in matrices.items()}
                 design = Design((tuple(range(per_side)), tuple(range(per_side, 2 * per_side))),

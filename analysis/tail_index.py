@@ -236,7 +236,9 @@ def _cell(part: pd.DataFrame, noise: str, statistic: str, digits: int = 2, bound
     if row.empty or np.isnan(row.value.iloc[0]):
         return ""
     r = row.iloc[0]
-    return interval(r.value, r.ci_low, r.ci_high, digits) if bounds and not np.isnan(r.ci_low) else f"{r.value:.{digits}f}"
+    if bounds and not np.isnan(r.ci_low):
+        return interval(r.value, r.ci_low, r.ci_high, digits)
+    return f"{r.value:.{digits}f}"
 
 
 def _w1(table: pd.DataFrame, key: tuple) -> str:
@@ -280,7 +282,8 @@ def section(results: Path) -> str:
     lines = [f"Noise of the teacher-stream models trained with batch {batch}; {int(runs.value.notna().sum())} of "
              f"{len(runs)} runs reached held-out loss {target:g}. {int(s.seeds.max())} seeds per model (each run its "
              "own seed), "
-             f"{int(control.draws.max()) if control is not None else 'several hundred'} noise draws per coordinate. Pooled alpha: mean over seeds, 95% t "
+             f"{int(control.draws.max()) if control is not None else 'several hundred'} noise draws per coordinate. "
+             "Pooled alpha: mean over seeds, 95% t "
              "interval over its blocks (envelope over seeds); per coordinate: median and quartiles over coordinates "
              "(mean over "
              "seeds); W1: Wasserstein-1 distance to N(0, 1) of the standardised noise, coordinates or "

@@ -148,7 +148,8 @@ def check_near_equal(eager: dict) -> None:
         ref = eager[m](da, db).double()
         got = distances.ON_DISTS[m](da, db).double()
         rel = float((got - ref).abs().max() / ref.abs().max())
-        print(f"compiled {m}: largest difference from eager / largest value {rel:.2e} (mean value {float(ref.mean()):.2e})")
+        print(f"compiled {m}: largest difference from eager / largest value {rel:.2e} "
+              f"(mean value {float(ref.mean()):.2e})")
 
 
 def differences(eager, other) -> dict[str, float]:
@@ -197,7 +198,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--probe-size", type=int, default=None, help="data.probe_size of every run (default: the config's)")
+    parser.add_argument("--probe-size", type=int, default=None,
+                        help="data.probe_size of every run (default: the config's)")
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
     if args.stats:

@@ -291,7 +291,8 @@ def main() -> None:
         rows["best_opacus"] = best
         rows["best_opacus_over_dp_fast"] = rows[best]["step_ms"] / rows["dp-fast"]["step_ms"]
         results[name] = rows
-        print(f"\n{name} ({args.device}, {malloc} malloc; median of {args.steps} interleaved steps; peak memory of a step above setup)")
+        print(f"\n{name} ({args.device}, {malloc} malloc; median of {args.steps} interleaved steps; "
+              "peak memory of a step above setup)")
         print(f"{'method':14s} {'step ms':>9s} {'x non-private':>14s} {'peak MB':>9s}")
         for m in times:
             row = rows[m]

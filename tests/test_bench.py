@@ -39,7 +39,8 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert "opacus-ghost" in results["dp"]["gpt2-small"]["not_run"]
     assert results["compare"]["4"]["ratio"] > 1.0  # compare does the forwards and more
     split = results["compare"]["4"]
-    assert 0 < split["forwards_s"] and 0 < split["pairs_s"] and split["forwards_s"] + split["pairs_s"] < split["compare_s"]
+    assert 0 < split["forwards_s"] and 0 < split["pairs_s"]
+    assert split["forwards_s"] + split["pairs_s"] < split["compare_s"]
     assert split["pair_kernel"] is False  # Triton's kernel runs on CUDA alone
     eager = split["without_kernel"]  # tv and js from the eager forms: within compare's tolerances of the above
     assert eager["ratio"] > 0 and set(eager["largest_differences"]) == {"tv", "kl", "js", "top1"}

@@ -68,7 +68,8 @@ def test_two_processes_normalise_by_the_tokens_of_the_whole_logical_batch(tmp_pa
     common = ["data.source=hf_text", "data.path=json", f"data.data_files={docs}", "data.pack=false",
               "data.seq_len=24", "data.eval_size=4", "data.probe_size=2", "data.shuffle_buffer=16",
               "model.name=gpt2", "model.width=16", "model.heads=2", "model.depth=1", "precision=fp64",
-              "optim.lr=0.5", "optim.batch_size=16", "log.progress=false", "budget.min_progress=null", f"out={tmp_path}"]
+              "optim.lr=0.5", "optim.batch_size=16", "log.progress=false", "budget.min_progress=null",
+              f"out={tmp_path}"]
     out = launch_two(config, *common, "name=two")
     assert out.returncode == 0, out.stderr[-3000:]
     # Each rank reads every other example of the same shuffled stream, so the logical batches match

@@ -131,7 +131,8 @@ LAYERS = {
     "linear-big-seq": (lambda: nn.Linear(8, 8), (B, 3, 8), (3, 8)),
     "linear-no-bias": (lambda: nn.Linear(5, 4, bias=False), (B, 6, 5), (6, 4)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (B, 3, 7, 7), (4, 4, 4)),
-    "conv2d-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=2, bias=False), (B, 2, 6, 5), (3, 6, 5)),
+    "conv2d-dilated": (lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=2, bias=False), (B, 2, 6, 5),
+                       (3, 6, 5)),
     "conv2d-deep": (lambda: nn.Conv2d(8, 8, 3), (B, 8, 4, 4), (8, 2, 2)),
     "conv2d-same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (B, 2, 5, 5), (3, 5, 5)),  # module-local func
     "layernorm": (lambda: nn.LayerNorm(6), (B, 4, 6), (4, 6)),

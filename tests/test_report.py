@@ -153,14 +153,14 @@ def test_distance_vs_loss_averages_pairs_per_kind_regime_and_target():
 
 
 def test_tail_index_bars_and_toys_metric_draw_their_values():
-    table = pd.DataFrame([dict(layer=l, statistic=s, value=v, ci_low=v - 0.1, ci_high=v + 0.1)
-                          for l, s, v in (("all", "tail_index_pooled", 1.3), ("all", "tail_index_per_coordinate_median", 1.9),
-                                          ("fc", "tail_index_pooled", 1.5), ("fc", "tail_index_per_coordinate_median", 1.8))])
+    values = (("all", "tail_index_pooled", 1.3), ("all", "tail_index_per_coordinate_median", 1.9),
+              ("fc", "tail_index_pooled", 1.5), ("fc", "tail_index_per_coordinate_median", 1.8))
+    table = pd.DataFrame([dict(layer=l, statistic=s, value=v, ci_low=v - 0.1, ci_high=v + 0.1) for l, s, v in values])
     ax = tail_index_by_layer(table)
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert heights == [1.3, 1.5, 1.8, 1.9]
-    frame = pd.DataFrame([dict(sigma=s, batch=10, seed=k, alpha_eff=a) for s, vals in ((0.0, [0.5, 0.5]), (1.0, [0.2, 0.4]))
-                          for k, a in enumerate(vals)])
+    frame = pd.DataFrame([dict(sigma=s, batch=10, seed=k, alpha_eff=a)
+                          for s, vals in ((0.0, [0.5, 0.5]), (1.0, [0.2, 0.4])) for k, a in enumerate(vals)])
     ax = toys_metric(frame, metric="alpha_eff")
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.5, 0.3])
 

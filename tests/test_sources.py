@@ -67,7 +67,8 @@ def test_idx_source_trains_end_to_end(idx_dir, tmp_path):
     root, _ = idx_dir
     config = load_config(None, ["data.source=fashion_mnist", f"data.path={root}", "data.eval_size=50",
                                 "data.probe_size=20", "model.width=4", "model.depth=1", "optim.batch_size=30",
-                                "log.progress=false", "budget.min_progress=null", f"out={tmp_path / 'runs'}", "name=idx"])
+                                "log.progress=false", "budget.min_progress=null", f"out={tmp_path / 'runs'}",
+                                "name=idx"])
     status = json.loads((train(config) / "status.json").read_text())
     assert status["state"] == "completed" and status["reason"] == "data exhausted"
     assert status["samples"] == 300  # one pass over the 300-image pool, then it stops
@@ -200,7 +201,8 @@ def test_hf_text_with_a_local_autotokenizer(text_json, tmp_path):
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(DOCS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+    tokenizer.save_pretrained(tmp_path / "tok")
     src = text_source(text_json, f"data.tokenizer={tmp_path / 'tok'}", "data.seq_len=7")
     eos = tok.token_to_id("<eos>")
     expected = [t for d in DOCS for t in tok.encode(d).ids + [eos]]

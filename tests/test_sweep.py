@@ -224,7 +224,8 @@ def test_ctrl_c_to_a_fork_saves_it_and_the_same_command_resumes_it(tmp_path):
     command = [sys.executable, "-m", "goldenpath", "fork", str(parent), "--at-loss", "2.28", "optim.lr=/2",
                "budget.samples=9600", "budget.stop_at_last_target=false", "checkpoint.last_every_seconds=1000"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    child = parent.parent / "parent+fork-loss=2.28-lr=0.025_samples=9600_stop_at_last_target=false_last_every_seconds=1000"
+    child = parent.parent / ("parent+fork-loss=2.28-lr=0.025_samples=9600_stop_at_last_target=false"
+                             "_last_every_seconds=1000")
     meta = read_json(parent / "checkpoints" / "target-2.28" / "meta.json")
     wait_until(lambda: (child / "metrics.jsonl").exists()
                and any(r.get("step", 0) >= meta["step"] + 5 for r in read_metrics(child)))
@@ -357,7 +358,8 @@ def test_fork_continues_the_parent_stream_and_records_its_lineage(tmp_path):
     reached = read_json(parent / "status.json")["targets_reached"]
     assert "2.28" in reached
     out = subprocess.run([sys.executable, "-m", "goldenpath", "fork", str(parent), "--at-loss", "2.28",
-                          "optim.batch_size=x2", "optim.lr=/2", "budget.samples=2560", "budget.stop_at_last_target=false"],
+                          "optim.batch_size=x2", "optim.lr=/2", "budget.samples=2560",
+                          "budget.stop_at_last_target=false"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     child = Path(out.stdout.strip().splitlines()[-1])

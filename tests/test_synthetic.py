@@ -138,7 +138,8 @@ def test_markov_without_the_cached_table_gives_the_same_tokens(monkeypatch):
     monkeypatch.setattr(MarkovStream, "TABLE_LIMIT", 0)
     hashed = source("data.source=markov", "data.order=2")
     assert hashed._table is None
-    assert torch.equal(cached.train_batch(torch.arange(20))["input_ids"], hashed.train_batch(torch.arange(20))["input_ids"])
+    ids = torch.arange(20)
+    assert torch.equal(cached.train_batch(ids)["input_ids"], hashed.train_batch(ids)["input_ids"])
 
 
 def test_markov_read_ahead_gives_the_direct_tokens(monkeypatch):
