@@ -79,6 +79,13 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def as_float_part(part: "Part") -> "Part":
+    """A contribution with its half-precision floats in float32 (a one-hot ``u``'s indices stay as they are)."""
+    if isinstance(part, Factored):
+        return part._replace(u=as_float(part.u) if part.u.is_floating_point() else part.u, v=as_float(part.v))
+    return as_float(part)
+
+
 # ----------------------------------------------------------------------------- the rules
 
 

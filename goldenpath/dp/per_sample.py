@@ -21,12 +21,19 @@ parameter ever gets a partial or zero gradient. The first time a model meets a b
 also checks its per-parameter, per-sample norms on two samples against a loop over those samples, and
 sends any parameter that disagrees (e.g. a sequence-first layer whose sequence length equals the batch
 size, which no shape can tell apart) to the reference path for that shape, with a warning.
+
+Under a bf16 autocast (a GPU run's default precision) the forward and backward run in bf16, but the layer
+rules, the norms, the clip factors and the clipped sum do not (:func:`exact`): they take the recorded
+activations and output gradients up to float32 and compute in float32 without TF32. In bf16 the norms came out
+up to 0.07% off the norm of the clipped sum they set the factor of, so a clipped gradient could exceed C by
+that much, the sensitivity the privacy accounting assumes.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,8 +87,24 @@ def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
     return (clip / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
 
 
+@contextmanager
+def exact(device: torch.device):
+    """Float32 arithmetic proper for a block inside a run's autocast: no bf16 autocast, no TF32 (the clip
+    factors and the clipped sum must agree to float32 roundings, whatever precision the model runs in)."""
+    with torch.autocast(device.type, enabled=False), strict_float32():
+        yield
+
+
 def _clip(parts: dict[str, list], trained: dict, losses: torch.Tensor, clip: float, reference: tuple) -> ClipResult:
-    """Norms over all parameters, clip factors, and each parameter's weighted sum of its contributions."""
+    """Norms over all parameters, clip factors, and each parameter's weighted sum of its contributions, in
+    float32 or better whatever the autocast (:func:`exact`)."""
+    with exact(losses.device):
+        return _clip_exact({n: [lr.as_float_part(p) for p in ps] for n, ps in parts.items()}, trained, losses, clip,
+                           reference)
+
+
+def _clip_exact(parts: dict[str, list], trained: dict, losses: torch.Tensor, clip: float,
+                reference: tuple) -> ClipResult:
     b = losses.shape[0]
     parts = lr.keep_formed(parts, _formed_budget(losses.device))
     sq = [lr.sq_norms(ps) for ps in parts.values() if ps]
@@ -216,7 +239,8 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
                 local.setdefault(name_of[id(p)], rel)
         rule = lr.rule_of(call.module)
         single = len(call.args) == 1 and not call.kwargs and torch.is_tensor(call.args[0]) and len(leaves) == 1
-        found = rule(call.module, call.args[0].detach(), lr.as_float(grads[0])) if rule and single else None
+        with exact(losses.device):  # the rules' products in float32, as the norms and sums made of them
+            found = rule(call.module, call.args[0].detach(), lr.as_float(grads[0])) if rule and single else None
         for attr, part in (found or {}).items():
             p = getattr(call.module, attr, None)
             if p is not None and name_of.get(id(p)) in names and attr == local.get(name_of[id(p)]):
@@ -281,19 +305,18 @@ def _checked_routes(model, loss_fn, batch, trained, chunk) -> frozenset:
     routes = _ROUTES.setdefault(model, {})
     if key in routes:
         return routes[key]
-    device = leaves[0].device.type
-    with torch.autocast(device, enabled=False), strict_float32():  # the two ways compared, not their roundings
-        parts, _, _ = _fast_parts(model, loss_fn, batch, trained, chunk)
+    with exact(leaves[0].device):  # the two ways compared, not their roundings (the norms too: under a bf16
+        parts, _, _ = _fast_parts(model, loss_fn, batch, trained, chunk)  # autocast they sent layers astray)
         k = min(_CHECK_SAMPLES, leaves[0].shape[0])
         want = [_loop_grads(model, loss_fn, _slice(batch, i, i + 1), list(trained))[0] for i in range(k)]
-    rtol = 1e-7 if next(iter(trained.values())).dtype == torch.float64 else 1e-3
-    ref = {n: torch.stack([w[n][0].double().square().sum() for w in want]) for n in trained}
-    total = sum(ref.values())
-    bad = set()
-    for n, ps in parts.items():
-        got = lr.sq_norms(ps)[:k].double() if ps else torch.zeros_like(ref[n])
-        if ((got - ref[n]).abs() > rtol * (ref[n] + 1e-6 * total)).any():
-            bad.add(n)
+        rtol = 1e-7 if next(iter(trained.values())).dtype == torch.float64 else 1e-3
+        ref = {n: torch.stack([w[n][0].double().square().sum() for w in want]) for n in trained}
+        total = sum(ref.values())
+        bad = set()
+        for n, ps in parts.items():
+            got = lr.sq_norms(ps)[:k].double() if ps else torch.zeros_like(ref[n])
+            if ((got - ref[n]).abs() > rtol * (ref[n] + 1e-6 * total)).any():
+                bad.add(n)
     if bad:
         warnings.warn(f"DP-SGD: the fast path's per-sample norms of {sorted(bad)} disagree with a loop over samples "
                       "(a layer that sees the batch in another layout, e.g. sequence-first with as many positions as "
