@@ -104,17 +104,23 @@ SIZES = {
             "data_steps": {"teacher": 200, "teacher-device": 200, "cifar5m-npz": 200, "c4-text": 25}, "data_rounds": 2,
             "stream_samples": 65536, "reads_steps": 12,
             "layout": {"cnn": (128, 1024), "resnet": (64, 256), "rounds": 10, "seconds": 40},
-            "limits_s": {"profile": 180, "data": 120, "reads": 45, "layout": 90}},
+            # the first four parts' limits add up to a slot's --budget-s of 480, so that one command measures
+            # something of each (the whole check is not timed on a GPU yet: without them, the profile and the
+            # compiled training runs could take the budget before dp and compare start)
+            "limits_s": {"profile": 150, "train": 140, "dp": 90, "compare": 100, "data": 120, "reads": 45,
+                         "layout": 90}},
     "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
                   "big_batch": 16, "big_steps": 3,
                   "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
                   "compare_sizes": (4,), "probe": 16, "chunk": 8, "launch_steps": 10, "docs": 400,
                   # a vocabulary no other dimension equals: the profile finds the lm head by it
                   "profile_vocab": 997, "head_chunk": 128,
-                  "data_steps": {"teacher": 10, "teacher-device": 10, "cifar5m-npz": 10, "c4-text": 6}, "data_rounds": 2,
+                  "data_steps": {"teacher": 10, "teacher-device": 10, "cifar5m-npz": 10, "c4-text": 6},
+                  "data_rounds": 2,
                   "stream_samples": 512, "reads_steps": 12,
                   "layout": {"cnn": (8, 8), "resnet": (8, 4), "rounds": 2, "seconds": 60},
-                  "limits_s": {"profile": 300, "data": 300, "reads": 120, "layout": 120}},
+                  "limits_s": {"profile": 300, "train": 300, "dp": 300, "compare": 300, "data": 300, "reads": 120,
+                               "layout": 120}},
 }
 
 
@@ -256,7 +262,16 @@ def part_train(size: dict, work: Path, device: str, peak_tflops: float, rows: di
 # ----------------------------------------------------------------------------- 2. the DP-SGD step
 
 def part_dp(size: dict, device: str, rows: dict) -> dict:
-    """Fills ``rows`` model by model."""
+    """Fills ``rows`` model by model, every method in float32 proper (TF32 off, whatever a part before set: the
+    arithmetic of goldenpath's clipping rules, :func:`goldenpath.dp.per_sample.exact`)."""
+    from goldenpath.training.runtime import strict_float32
+
+    rows["tf32"] = False
+    with strict_float32():
+        return _part_dp(size, device, rows)
+
+
+def _part_dp(size: dict, device: str, rows: dict) -> dict:
     import dp_step
 
     cnn = size["dp_cnn"]
@@ -538,14 +553,19 @@ class PartTimeout(BaseException):
 
 def part_layout(size: dict, device: str, rows: dict) -> dict:
     """Channels-first against channels-last images (bench/conv_layout.py): the GPU study's CNN, ResNet-18's
-    non-private and DP-SGD steps. Rounds stop after ``seconds``; fills ``rows`` by case."""
+    non-private and DP-SGD steps, in float32 proper (TF32 off, as the DP part). Rounds stop after ``seconds``;
+    fills ``rows`` by case."""
     import conv_layout
 
+    from goldenpath.training.runtime import strict_float32
+
     lay = size["layout"]
-    runs = conv_layout.cases(device, lay)
-    for r in conv_layout.measure(runs, lay["rounds"], warmup=2, device=device,
-                                 deadline=time.perf_counter() + lay["seconds"]):
-        rows[r.pop("case")] = r
+    rows["tf32"] = False
+    with strict_float32():
+        runs = conv_layout.cases(device, lay)
+        for r in conv_layout.measure(runs, lay["rounds"], warmup=2, device=device,
+                                     deadline=time.perf_counter() + lay["seconds"]):
+            rows[r.pop("case")] = r
     return rows
 
 
@@ -579,12 +599,14 @@ def table(results: dict) -> str:
     """The short markdown table of the figures against their goals."""
     lines = ["| check | figure | goal |", "| --- | --- | --- |"]
     tr = results.get("train", {})
-    for key, goal in (("eager", ">= 0.98"), ("compiled", ">= 0.98; MFU >= 35%"), ("compiled_big", ">= 0.98; MFU >= 45%")):
+    for key, goal in (("eager", ">= 0.98"), ("compiled", ">= 0.98; MFU >= 35%"),
+                      ("compiled_big", ">= 0.98; MFU >= 45%")):
         if key in tr:
             r = tr[key]
             mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
             lines.append(f"| train ({key.split('_')[0]}, {r.get('batch', '?')} x {r.get('seq', '?')}) | "
-                         f"{r['goldenpath_tokens_per_s']:,.0f} tok/s, {r['ratio']:.3f} of the plain loop{mfu} | {goal} |")
+                         f"{r['goldenpath_tokens_per_s']:,.0f} tok/s, {r['ratio']:.3f} of the plain loop{mfu} | "
+                         f"{goal} |")
     dp_goals = {"gpt2-small": "<= 1.15x; > 1", "resnet18": "<= 2.0x; >= 1.5"}
     for name, r in results.get("dp", {}).items():
         if isinstance(r, dict) and "dp-fast" in r:
@@ -593,7 +615,8 @@ def table(results: dict) -> str:
                          f"{dp_goals.get(name, '<= 1.2x; > 1')} |")
     for name, r in results.get("dp", {}).items():
         if isinstance(r, dict) and r.get("routes"):
-            top = ", ".join(f"{x['part']} {x['detail']} {100 * x['share']:.0f}%".replace("  ", " ") for x in r["routes"][:4])
+            top = ", ".join(f"{x['part']} {x['detail']} {100 * x['share']:.0f}%".replace("  ", " ")
+                            for x in r["routes"][:4])
             lines.append(f"| dp-fast step {name}: where it goes | {top} | (for tuning) |")
     for n, r in results.get("compare", {}).items():
         if isinstance(r, dict) and "ratio" in r:

@@ -476,8 +476,12 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     # torch's own index checks: the cap's getter refuses a device without an index
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
                         lambda device=None: 0.25 + 0 * _get_device_index(device, optional=False))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+
+    def stats(allocated, reserved):  # the allocator's statistics as torch nests them
+        return lambda device=None: {"allocated_bytes": {"all": {"current": allocated}},
+                                    "reserved_bytes": {"all": {"current": reserved}}, "num_alloc_retries": 0}
+
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats(5 * gib, 5 * gib))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda = torch.device("cuda", 0)
     assert free_memory_bytes(cuda) == 30 * gib  # 0.25 x 140 - 5, below the device's 100 free
@@ -491,5 +495,5 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     assert layer_rules._ghost_samples(v, 8, 8) == 1000  # at most the batch
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     assert free_memory_bytes(cuda) == 100 * gib  # no cap: the device's free memory
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 25 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats(5 * gib, 25 * gib))
     assert free_memory_bytes(cuda) == 120 * gib  # and what its own allocator holds unused (25 - 5)

@@ -101,9 +101,13 @@ def free_memory_bytes(device) -> int:
     if device.type == "cuda":  # "cuda" alone is the current device (the cap's getter wants an index)
         index = torch.cuda.current_device() if device.index is None else device.index
         free, total = torch.cuda.mem_get_info(index)
-        allocated = torch.cuda.memory_allocated(index)
+        # one read of the allocator's statistics, unflattened (memory_allocated and memory_reserved each flatten
+        # and sort all of them: ~0.1 ms of host time apiece, called per layer in a DP step on a GPU)
+        stats = torch.cuda.memory_stats_as_nested_dict(index)
+        allocated, reserved = (stats.get(k, {}).get("all", {}).get("current", 0)
+                               for k in ("allocated_bytes", "reserved_bytes"))
         capped = torch.cuda.get_per_process_memory_fraction(index) * total - allocated
-        return int(max(0, min(free + torch.cuda.memory_reserved(index) - allocated, capped)))
+        return int(max(0, min(free + reserved - allocated, capped)))
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
