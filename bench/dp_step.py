@@ -1,6 +1,6 @@
 """DP-SGD step cost: goldenpath's fast path and vmap path, Opacus (hooks, ghost), non-private SGD, same run.
 
-    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2] [--system-malloc] [--routes]
+    python bench/dp_step.py [--steps 30] [--device cpu|cuda] [--models cnn,gpt2] [--system-malloc] [--routes] [--bf16]
 
 Each method gets its own copy of the same model and batch. After a warm-up, full optimizer steps
 (forward, backward or per-sample clipping, noise, SGD update) are timed interleaved, one step of each
@@ -12,6 +12,8 @@ Opacus runs in both of its modes for a plain model: ``hooks`` (per-sample gradie
 layer hooks) and ``ghost`` (ghost clipping: per-sample norms from activations and output gradients, then a
 second backward with the clipping coefficients), and goldenpath is compared with the faster of the two.
 Goals: fast-path dp <= 1.3x non-private on a CPU (1.2x on a GPU); faster than every Opacus mode.
+``--bf16`` runs every method's forward and backward under a bf16 autocast, as a GPU run trains by default
+(``precision: auto``); goldenpath's clipping arithmetic stays float32 there (docs/dp-sgd.md), Opacus' does not.
 ``--routes`` adds where a fast-path step's time goes (:func:`route_times`): the forward, the backward to the
 layer outputs, each layer rule, each parameter's norm and clipped sum by route, the noise, the rest.
 """
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("non-private", "dp-fast", "dp-vmap", "opacus-hooks", "opacus-ghost")
 OPACUS = ("opacus-hooks", "opacus-ghost")
 UNSUPPORTED: dict[tuple[str, str], str] = {}  # (model, method) -> why the method could not run
+BF16 = False  # every method's forward and backward under a bf16 autocast (--bf16)
 CPU_GOALS = {"cnn": 1.3, "gpt2": 1.25}  # dp fast / non-private on 2 CPU cores (the GPU's are in bench/gpu.py)
 MODELS = {
     # the teacher-CNN of configs/teacher-cnn.yaml with group norm, batch 64 of 3x32x32
@@ -68,6 +71,7 @@ def make_step(model_name: str, method: str, device: str):
         batch = {"x": torch.randn(b, *spec["input"], device=device), "y": torch.randint(0, 10, (b,), device=device)}
     units = b * spec["input"][0] if lm else b
     sigma, clip = 1.0, 1.0
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=BF16)  # noqa: E731
 
     if method == "opacus-hooks":
         from opacus import GradSampleModule
@@ -79,7 +83,8 @@ def make_step(model_name: str, method: str, device: str):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            (sample_losses(net, batch).sum() / units).backward()
+            with autocast():
+                (sample_losses(net, batch).sum() / units).backward()
             opt.step()
         return step
 
@@ -96,8 +101,9 @@ def make_step(model_name: str, method: str, device: str):
         def step():
             opt.zero_grad(set_to_none=True)
             # the mean over samples of losses * B / units is the same sum / units the other methods use
-            per_sample = sample_losses(net, batch) * (b / units)
-            DPTensorFastGradientClipping(net, opt, per_sample, "mean").backward()
+            with autocast():
+                per_sample = sample_losses(net, batch) * (b / units)
+                DPTensorFastGradientClipping(net, opt, per_sample, "mean").backward()
             opt.step()
         return step
 
@@ -107,10 +113,12 @@ def make_step(model_name: str, method: str, device: str):
     def step():
         opt.zero_grad(set_to_none=True)
         if method == "non-private":
-            (sample_losses(model, batch).sum() / units).backward()
+            with autocast():
+                (sample_losses(model, batch).sum() / units).backward()
         else:
-            res = per_sample_clip(model, lambda m, x: sample_losses(m, x) * (b / units), batch, clip,
-                                  method=method.removeprefix("dp-"), chunk=b)
+            with autocast():  # as goldenpath train runs it: the clipping inside the run's autocast, noise outside
+                res = per_sample_clip(model, lambda m, x: sample_losses(m, x) * (b / units), batch, clip,
+                                      method=method.removeprefix("dp-"), chunk=b)
             for n, p in trained:
                 p.grad = res.grads[n]
             grads = [p.grad for _, p in trained]
@@ -130,7 +138,9 @@ def _vm_hwm_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def _peak_worker(model_name: str, method: str, device: str, out, system_malloc: bool) -> None:
+def _peak_worker(model_name: str, method: str, device: str, out, system_malloc: bool, bf16: bool) -> None:
+    global BF16
+    BF16 = bf16
     if not system_malloc:
         tune_malloc()
     step = make_step(model_name, method, device)
@@ -154,7 +164,7 @@ def peak_memory(model_name: str, method: str, device: str, system_malloc: bool) 
     """Peak memory of a step above what the setup holds, in a fresh process (MB)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(model_name, method, device, queue, system_malloc))
+    proc = ctx.Process(target=_peak_worker, args=(model_name, method, device, queue, system_malloc, BF16))
     proc.start()
     proc.join()
     return queue.get() if proc.exitcode == 0 else float("nan")
@@ -274,10 +284,14 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocator defaults")
     parser.add_argument("--routes", action="store_true", help="also: where a fast-path step's time goes, per part "
                         "and layer (route_times)")
+    parser.add_argument("--bf16", action="store_true", help="every method's forward and backward under a bf16 "
+                        "autocast (a GPU run's default precision)")
     args = parser.parse_args()
+    global BF16
+    BF16 = args.bf16
     malloc = "system" if args.system_malloc or not tune_malloc() else "goldenpath"
     results: dict = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
-                     "malloc": malloc}
+                     "malloc": malloc, "bf16": BF16}
     for name in args.models.split(","):
         times = step_times(name, args.steps, args.device)
         base = statistics.median(times["non-private"])
@@ -291,8 +305,8 @@ def main() -> None:
         rows["best_opacus"] = best
         rows["best_opacus_over_dp_fast"] = rows[best]["step_ms"] / rows["dp-fast"]["step_ms"]
         results[name] = rows
-        print(f"\n{name} ({args.device}, {malloc} malloc; median of {args.steps} interleaved steps; "
-              "peak memory of a step above setup)")
+        print(f"\n{name} ({args.device}{', bf16 autocast' if BF16 else ''}, {malloc} malloc; median of {args.steps} "
+              "interleaved steps; peak memory of a step above setup)")
         print(f"{'method':14s} {'step ms':>9s} {'x non-private':>14s} {'peak MB':>9s}")
         for m in times:
             row = rows[m]
@@ -307,7 +321,8 @@ def main() -> None:
             print(f"where a dp-fast step goes ({name}; parts timed apart, synchronised):")
             for r in rows["routes"][:15]:
                 print(f"  {r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}%  {r['part']} {r['detail']}")
-    path = ROOT / "bench" / "results" / f"dp_step_{args.device}{'_system_malloc' if malloc == 'system' else ''}.json"
+    tags = ("_bf16" if BF16 else "") + ("_system_malloc" if malloc == "system" else "")
+    path = ROOT / "bench" / "results" / f"dp_step_{args.device}{tags}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -560,3 +561,34 @@ def test_compare_bench_times_the_statistics_of_a_design_alone():
 
     got = compare_bench.stats_seconds(3, 4, units=16)
     assert set(got) == {"compare_settings_s", "family_test_s"} and all(v > 0 for v in got.values())
+
+
+def test_dp_bench_under_bf16_runs_each_method_in_the_autocast_and_goldenpaths_clipping_in_float32(monkeypatch):
+    """``bench/dp_step.py --bf16``: every method's forward sees a bf16 autocast, as a GPU run trains; goldenpath's
+    layer rules do not (their products are float32 proper, docs/dp-sgd.md)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dp_step
+
+    from goldenpath.dp import layer_rules
+
+    monkeypatch.setattr(dp_step, "BF16", True)
+    monkeypatch.setitem(dp_step.MODELS, "cnn", {**dp_step.MODELS["cnn"], "batch": 4})
+    in_rules = []
+    rule = layer_rules.RULES[torch.nn.Conv2d]
+    monkeypatch.setitem(layer_rules.RULES, torch.nn.Conv2d,
+                        lambda *a: (in_rules.append(torch.is_autocast_enabled("cpu")), rule(*a))[1])
+    for method in ("non-private", "dp-fast", "opacus-hooks"):
+        seen = []
+        step = dp_step.make_step("cnn", method, "cpu")
+        step()  # the first: goldenpath's first-batch check runs forwards of its own, in float32 proper
+        forward = torch.nn.Module.__call__
+
+        def spy(module, *args, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return forward(module, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, "__call__", spy)
+        step()
+        monkeypatch.setattr(torch.nn.Module, "__call__", forward)
+        assert seen and all(seen), method
+    assert in_rules and not any(in_rules)
