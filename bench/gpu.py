@@ -11,7 +11,9 @@ They run in the order of ``--parts``, by default the profile first (the question
 and the layout question last. ``--budget-s`` bounds the whole run: each part stops at what is left of it (keeping
 the rows it finished), and a part with under ``MIN_PART_S`` left is recorded as not run. ``--resume`` keeps the
 parts an earlier run in ``--out`` finished and runs the rest, so the same command run again continues where a
-budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
+budget, a kill or a first-pass limit stopped it (docs/benchmarks.md, "A GPU slot"). Train, dp and compare have
+first-pass limits (``first_pass_s``) that, with the profile's own, add up to a slot's 480 s, so that one command
+measures something of each; a part stopped there is run again in full by ``--resume``.
 
 1. ``train``: GPT-2 small (124M; 768 wide, 12 blocks, 1024 tokens, vocabulary 50257) trained by
    ``goldenpath train`` against a plain torch loop of the same model reading the same stream, with bf16
@@ -63,7 +65,7 @@ budget or a kill stopped it (docs/benchmarks.md, "A GPU slot").
    study's CNN (width 128, batch 1024, bf16 autocast) training step and forward, ResNet-18 with group norm
    (width 64, batch 256) non-private and DP-SGD fast steps, with batch norm its training step. goldenpath runs
    them channels-last on a CPU (measured faster there) and channels-first on a GPU until this part says.
-   Each of 6, 7 and 8 runs under its own time limit and keeps the rows it finished.
+   Each of 5, 6, 7 and 8 runs under its own time limit and keeps the rows it finished.
 
 The text is random words over a local word-level tokenizer of GPT-2's vocabulary size (nothing is
 downloaded): throughput depends on the shapes, not on what the words say. Writes ``gpu.json`` (or
@@ -104,11 +106,12 @@ SIZES = {
             "data_steps": {"teacher": 200, "teacher-device": 200, "cifar5m-npz": 200, "c4-text": 25}, "data_rounds": 2,
             "stream_samples": 65536, "reads_steps": 12,
             "layout": {"cnn": (128, 1024), "resnet": (64, 256), "rounds": 10, "seconds": 40},
+            "limits_s": {"profile": 150, "data": 120, "reads": 45, "layout": 90},
             # the first four parts' limits add up to a slot's --budget-s of 480, so that one command measures
             # something of each (the whole check is not timed on a GPU yet: without them, the profile and the
-            # compiled training runs could take the budget before dp and compare start)
-            "limits_s": {"profile": 150, "train": 140, "dp": 90, "compare": 100, "data": 120, "reads": 45,
-                         "layout": 90}},
+            # compiled training runs could take the budget before dp and compare start); a part stopped at its
+            # first-pass limit is run again by --resume, without it
+            "first_pass_s": {"train": 140, "dp": 90, "compare": 100}},
     "cpu-smoke": {"vocab": 512, "seq": 64, "width": 64, "depth": 2, "heads": 4, "batch": 8, "steps": 5,
                   "big_batch": 16, "big_steps": 3,
                   "dp_lm_batch": 4, "dp_cnn": {"width": 8, "batch": 8}, "dp_steps": 3,
@@ -119,8 +122,8 @@ SIZES = {
                   "data_rounds": 2,
                   "stream_samples": 512, "reads_steps": 12,
                   "layout": {"cnn": (8, 8), "resnet": (8, 4), "rounds": 2, "seconds": 60},
-                  "limits_s": {"profile": 300, "train": 300, "dp": 300, "compare": 300, "data": 300, "reads": 120,
-                               "layout": 120}},
+                  "limits_s": {"profile": 300, "data": 300, "reads": 120, "layout": 120},
+                  "first_pass_s": {"train": 300, "dp": 300, "compare": 300}},
 }
 
 
@@ -553,8 +556,8 @@ class PartTimeout(BaseException):
 
 def part_layout(size: dict, device: str, rows: dict) -> dict:
     """Channels-first against channels-last images (bench/conv_layout.py): the GPU study's CNN, ResNet-18's
-    non-private and DP-SGD steps, in float32 proper (TF32 off, as the DP part). Rounds stop after ``seconds``;
-    fills ``rows`` by case."""
+    non-private and DP-SGD steps, with TF32 off whatever a part before set (the bf16 cases stay bf16). Rounds
+    stop after ``seconds``; fills ``rows`` by case."""
     import conv_layout
 
     from goldenpath.training.runtime import strict_float32
@@ -735,7 +738,13 @@ def _stem(results: dict) -> str:
 def finished_parts(out: Path, results: dict) -> dict:
     """The parts an earlier run wrote to ``out`` that finished, when it measured the same sizes on the same
     device (else none): those without an error, and those stopped by their own time limit (run again, they
-    would stop there again); not those stopped by the budget, failed or not run."""
+    would stop there again); not those stopped by the budget or at their first-pass limit, failed or not run."""
+    return {part: r for part, r in earlier_results(out, results).items() if isinstance(r, dict) and "seconds" in r
+            and "skipped" not in r and ("error" not in r or r.get("limit") == "part")}
+
+
+def earlier_results(out: Path, results: dict) -> dict:
+    """What an earlier run wrote to ``out``, when it measured the same sizes on the same device (else {})."""
     path = out / f"{_stem(results)}.json"
     try:
         earlier = json.loads(path.read_text()) if path.exists() else {}
@@ -745,8 +754,7 @@ def finished_parts(out: Path, results: dict) -> dict:
     if not isinstance(earlier, dict) or (earlier.get("sizes"), earlier.get("device")) != (results["sizes"],
                                                                                           results["device"]):
         return {}
-    return {part: r for part, r in earlier.items() if isinstance(r, dict) and "seconds" in r and "skipped" not in r
-            and ("error" not in r or r.get("limit") == "part")}
+    return earlier
 
 
 def part_limit(own: float | None, left: float | None) -> float | None:
@@ -766,7 +774,8 @@ def main(argv=None) -> int:
                              f"part with under {MIN_PART_S} s left is recorded as not run (default: no budget)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the parts an earlier run in --out finished (same sizes, same device) and run the "
-                             "rest: the same command again continues where a budget or a kill stopped it")
+                             "rest: the same command again continues where a budget, a kill or a first-pass "
+                             "limit stopped it")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     device = "cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda"
@@ -793,6 +802,9 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--parts: unknown part {unknown[0]!r}; use some of {','.join(jobs)}")
         kept = finished_parts(out, results) if args.resume else {}
+        # parts an earlier run stopped at their first-pass limit: run again without it
+        second = {p for p, r in (earlier_results(out, results) if args.resume else {}).items()
+                  if isinstance(r, dict) and r.get("limit") == "first pass"}
         results.update(kept)  # parts not asked for this time stay in the file too
         # a kept part stopped at its own limit, or a launch out of sync, still counts against the exit status
         failed = any("error" in kept[p] or kept[p].get("ok") is False for p in parts if p in kept)
@@ -811,14 +823,18 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             results[part] = {}  # each part fills its rows as it goes: a part stopped early keeps them
             own = size["limits_s"].get(part)
+            first = None if part in second else size["first_pass_s"].get(part)
             try:
-                with _time_limit(part_limit(own, left)):
+                with _time_limit(part_limit(own if first is None else first, left)):
                     jobs[part](results[part])
                 failed |= part == "launch" and not results[part]["ok"]
             except (Exception, PartTimeout) as e:  # noqa: BLE001 - one part's failure is recorded, the rest run
                 results[part]["error"] = traceback.format_exc()
-                if isinstance(e, PartTimeout):  # which limit stopped it: --resume runs it again only for the budget
-                    results[part]["limit"] = "part" if own is not None and (left is None or own <= left) else "budget"
+                if isinstance(e, PartTimeout):  # which limit stopped it: --resume runs it again but for its own
+                    binding = own if first is None else first
+                    stopped_by = binding is not None and (left is None or binding <= left)
+                    results[part]["limit"] = ("budget" if not stopped_by else "part" if first is None else
+                                              "first pass")
                 failed = True
             results[part]["seconds"] = time.perf_counter() - t0
             print(f"{part}: {results[part]['seconds']:.1f} s", flush=True)

@@ -592,3 +592,30 @@ def test_dp_bench_under_bf16_runs_each_method_in_the_autocast_and_goldenpaths_cl
         monkeypatch.setattr(torch.nn.Module, "__call__", forward)
         assert seen and all(seen), method
     assert in_rules and not any(in_rules)
+
+
+def test_a_part_stopped_at_its_first_pass_limit_is_run_again_in_full_by_resume(tmp_path, monkeypatch):
+    """Train, dp and compare have first-pass limits, so that one command of a GPU slot reaches each; the same
+    command again (--resume) runs a part stopped there once more, without that limit."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.delenv("OUT", raising=False)
+    runs = []
+
+    def slow_dp(size, device, rows):
+        runs.append(time.perf_counter())
+        rows["gpt2-small"] = "measured"
+        time.sleep(1.5)
+        rows["resnet18"] = "measured"
+
+    monkeypatch.setattr(gpu, "part_dp", slow_dp)
+    monkeypatch.setitem(gpu.SIZES["cpu-smoke"], "first_pass_s", {"dp": 0.5})
+    out = tmp_path / "results"
+    assert gpu.main(["--cpu-smoke", "--parts", "dp", "--out", str(out), "--resume"]) == 1
+    first = json.loads((out / "gpu_cpu_smoke.json").read_text())["dp"]
+    assert first["limit"] == "first pass" and first["gpt2-small"] == "measured" and "resnet18" not in first
+    assert gpu.main(["--cpu-smoke", "--parts", "dp", "--out", str(out), "--resume"]) == 0
+    second = json.loads((out / "gpu_cpu_smoke.json").read_text())["dp"]
+    assert len(runs) == 2 and "error" not in second and second["resnet18"] == "measured"
+    assert gpu.main(["--cpu-smoke", "--parts", "dp", "--out", str(out), "--resume"]) == 0 and len(runs) == 2  # kept

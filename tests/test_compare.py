@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,6 +253,18 @@ def test_a_stalled_run_is_left_out_and_named(sweep, capsys):
     lines = cmp.conclusions(sweep)
     assert lines[0].startswith("left out of the statistics (2") and "c0 at 2 (stalled run)" in lines[0]
     assert any(line.startswith("online: ") for line in lines)
+
+
+def test_the_answer_is_renamed_after_every_table_and_the_inputs_last(sweep, monkeypatch):
+    """All synced first, then renamed in this order: a kill part way leaves no answer (compare removed the old
+    one) or one its tables give, and inputs.json, which says what the tables come from, never newer than them."""
+    renamed = []
+    replace = files.os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (renamed.append(Path(b).name), replace(a, b))[1])
+    cmp.compare(sweep, ("tv",), n_boot=20)
+    tables = [n for n in renamed if n.endswith((".csv", ".parquet"))]
+    assert len(tables) == 7 and renamed[-2:] == ["answer.json", "inputs.json"]
+    assert renamed.index("answer.json") > max(renamed.index(n) for n in tables)
 
 
 def test_conclusions_come_from_answer_json_as_the_tables_give_them_and_a_failed_compare_leaves_none(sweep):

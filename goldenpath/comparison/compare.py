@@ -239,10 +239,10 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict, frame, metrics, 
         table = pd.DataFrame(table)
         table = table.reindex(columns=[*columns, *(c for c in table.columns if c not in columns)])  # + the knobs
         texts[name] = table.to_csv(index=False)
-        writes[out_dir / f"{name}.csv"] = lambda tmp, text=texts[name]: tmp.write_text(text)
+        writes[out_dir / f"{name}.csv"] = lambda tmp, text=texts[name]: tmp.write_text(text, encoding="utf-8")
     said = _answer_text(_answer_tables(texts), metrics)
-    writes[out_dir / ANSWER] = lambda tmp: tmp.write_text(said)
-    writes[out_dir / INPUTS] = lambda tmp: tmp.write_text(json.dumps(recorded, indent=1) + "\n")
+    writes[out_dir / ANSWER] = lambda tmp: tmp.write_text(said, encoding="utf-8")
+    writes[out_dir / INPUTS] = lambda tmp: tmp.write_text(json.dumps(recorded, indent=1) + "\n", encoding="utf-8")
     files.atomic_writes(writes)
 
 
