@@ -170,11 +170,12 @@ def peak_memory(model_name: str, method: str, device: str, system_malloc: bool) 
     return queue.get() if proc.exitcode == 0 else float("nan")
 
 
-def step_times(model_name: str, steps: int, device: str, warmup: int = 5) -> dict[str, list[float]]:
-    """Per-step seconds of every method, interleaved step by step in one process."""
+def step_times(model_name: str, steps: int, device: str, warmup: int = 5,
+               methods: tuple[str, ...] = METHODS) -> dict[str, list[float]]:
+    """Per-step seconds of every method (of ``methods``), interleaved step by step in one process."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fns = {}
-    for m in METHODS:
+    for m in methods:
         try:
             fns[m] = make_step(model_name, m, device)
             fns[m]()
