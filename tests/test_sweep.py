@@ -445,7 +445,8 @@ def test_more_jobs_than_gpus_share_them_and_each_run_gets_its_part_of_the_memory
     assert all(runtime.MEMORY_FRACTION_ENV not in s for s in one_each) and capsys.readouterr().out == ""
     shared = _slots(5, 1)  # 5 runs on 2 GPUs: up to 3 on one of them
     assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "1", "0", "1", "0"]
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # the host's cores shared out too
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # a container's host: its cores are not this process's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # those are shared out
     assert [s["OMP_NUM_THREADS"] for s in _slots(14, 1)] == ["1"] * 14 and _slots(2, 1)[0]["OMP_NUM_THREADS"] == "8"
     assert [float(s[runtime.MEMORY_FRACTION_ENV]) for s in shared] == pytest.approx([0.95 / 3] * 5, abs=1e-4)
     assert "3 share each GPU" in capsys.readouterr().out

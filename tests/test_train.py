@@ -626,3 +626,13 @@ def test_batches_made_on_the_device_train_the_run_made_on_the_cpu(tmp_path, tiny
     assert metrics_but_seconds(cpu) == metrics_but_seconds(dev)
     with pytest.raises(Exception, match="data.generate"):
         train(load_config(None, [*base, "name=cpu", "data.generate=device", "budget.steps=8"]))
+
+
+def test_a_batch_goes_to_the_device_without_its_sample_ids():
+    """The ids are read on the host alone (the sample-id audit, the eval's row count): on a GPU their copy per
+    micro-batch was for nothing."""
+    from goldenpath.training.step import to_device
+
+    batch = {"ids": torch.arange(4), "x": torch.ones(4, 3, dtype=torch.float64), "y": torch.zeros(4, dtype=torch.long)}
+    moved = to_device(batch, torch.device("cpu"), torch.float32)
+    assert set(moved) == {"x", "y"} and moved["x"].dtype == torch.float32 and moved["y"].dtype == torch.long

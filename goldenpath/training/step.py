@@ -19,9 +19,10 @@ from goldenpath.training.schedule import get_lr
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a batch to the device; floating inputs take the model's dtype."""
+    """Move a batch to the device without its sample ids (read on the host alone: a copy per micro-batch to a
+    GPU for nothing); floating inputs take the model's dtype."""
     return {k: v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-            for k, v in batch.items()}
+            for k, v in batch.items() if k != "ids"}
 
 
 @torch.no_grad()

@@ -175,7 +175,8 @@ def _slots(jobs: int | None, processes: int) -> list[dict]:
 
     gpus = torch.cuda.device_count()
     n = jobs or (max(1, gpus // processes) if gpus else 1)
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (n * processes)))}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # this
+    threads = {"OMP_NUM_THREADS": str(max(1, cpus // (n * processes)))}  # process's CPUs, not the host's
     if not gpus:
         return [dict(threads) for _ in range(n)]
     share = math.ceil(n * processes / gpus)
