@@ -746,11 +746,11 @@ def _stem(results: dict) -> str:
     return "gpu" if results["sizes"] == "gpu" else "gpu_cpu_smoke"
 
 
-def finished_parts(out: Path, results: dict) -> dict:
-    """The parts an earlier run wrote to ``out`` that finished, when it measured the same sizes on the same
-    device (else none): those without an error, and those stopped by their own time limit (run again, they
-    would stop there again); not those stopped by the budget or at their first-pass limit, failed or not run."""
-    return {part: r for part, r in earlier_results(out, results).items() if isinstance(r, dict) and "seconds" in r
+def finished_parts(earlier: dict) -> dict:
+    """The parts of an earlier run (:func:`earlier_results`) that finished: those without an error, and those
+    stopped by their own time limit (run again, they would stop there again); not those stopped by the budget or
+    at their first-pass limit, failed or not run."""
+    return {part: r for part, r in earlier.items() if isinstance(r, dict) and "seconds" in r
             and "skipped" not in r and ("error" not in r or r.get("limit") == "part")}
 
 
@@ -812,10 +812,10 @@ def main(argv=None) -> int:
         unknown = [p for p in parts if p not in jobs]
         if unknown:
             parser.error(f"--parts: unknown part {unknown[0]!r}; use some of {','.join(jobs)}")
-        kept = finished_parts(out, results) if args.resume else {}
+        earlier = earlier_results(out, results) if args.resume else {}
+        kept = finished_parts(earlier)
         # parts an earlier run stopped at their first-pass limit: run again without it
-        second = {p for p, r in (earlier_results(out, results) if args.resume else {}).items()
-                  if isinstance(r, dict) and r.get("limit") == "first pass"}
+        second = {p for p, r in earlier.items() if isinstance(r, dict) and r.get("limit") == "first pass"}
         results.update(kept)  # parts not asked for this time stay in the file too
         # a kept part stopped at its own limit, or a launch out of sync, still counts against the exit status
         failed = any("error" in kept[p] or kept[p].get("ok") is False for p in parts if p in kept)

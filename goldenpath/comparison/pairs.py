@@ -311,12 +311,10 @@ class _Gram:
         name = "pl" if metric == "kl" else "pp"
         product = self._product(name)
         own = torch.diagonal(product, dim1=1, dim2=2)  # [points, models]: p_i . log p_i or |p_i|^2
-        if isinstance(first, slice):
-            cross = product[:, first.start, second]  # [points, pairs]
-        else:
-            cross = product[:, first, second]
+        i = first.start if isinstance(first, slice) else first  # one model against several, or pair by pair
+        cross = product[:, i, second]  # [points, pairs]
         if metric == "kl":  # 1/2 [KL(i || j) + KL(j || i)], each clamped at 0 as the pointwise form
-            back = product[:, second, first.start] if isinstance(first, slice) else product[:, second, first]
+            back = product[:, second, i]
             value = (own[:, first] - cross).clamp_min_(0.0).add_((own[:, second] - back).clamp_min_(0.0)).mul_(0.5)
         else:
             value = ((own[:, first] + own[:, second]).mul_(0.5) - cross).clamp_min_(0.0)
