@@ -251,7 +251,7 @@ def route_times(model_name: str, device: str, steps: int = 3, warmup: int = 2) -
 
     lr.rule_of(torch.nn.Linear(1, 1))
     for t in list(lr.RULES):
-        timed(lr.RULES, t, lambda m, a, g: ("layer rule", f"{type(m).__name__} {tuple(a.shape)}"))
+        timed(lr.RULES, t, lambda m, a, g, *_: ("layer rule", f"{type(m).__name__} {tuple(a.shape)}"))
     try:
         step = make_step(model_name, "dp-fast", device)
         for _ in range(warmup):

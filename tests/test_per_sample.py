@@ -172,6 +172,28 @@ def test_norm_layers_match_the_naive_loop_when_normalised_a_few_samples_at_a_tim
     test_each_layer_type_matches_the_naive_loop(name, "auto")
 
 
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm"])
+@pytest.mark.parametrize("statistics", ["forward", "own"])
+def test_norm_layers_match_the_naive_loop_from_their_forwards_statistics_or_their_own(name, statistics, monkeypatch):
+    """A norm layer's rule takes the per-sample mean and 1/std its forward computed (``forward_saved``, read as
+    the layer returns), or, where the graph holds none, normalises its input itself: both equal the naive loop,
+    on inputs far from zero mean (the group norm's form subtracts mean x sum g)."""
+    read, forward_saved = [], layer_rules.forward_saved
+
+    def saved(module, output):
+        read.append(forward_saved(module, output))
+        return read[-1] if statistics == "forward" else None
+
+    monkeypatch.setattr(layer_rules, "forward_saved", saved)
+    torch.manual_seed(0)
+    make, x_shape, out_shape = LAYERS[name]
+    model = Head(make(), out_shape)
+    for p in model.parameters():
+        nn.init.normal_(p)
+    check_paths(model, readout, {"x": 3 * torch.randn(x_shape) + 20})
+    assert read and all(r is not None for r in read)  # the forward's statistics were there to take
+
+
 def test_embedding_with_padding_and_repeated_tokens(norm_route):
     torch.manual_seed(1)
     model = Head(nn.Embedding(6, 3, padding_idx=2), (5, 3))

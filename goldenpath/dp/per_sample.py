@@ -222,7 +222,7 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
     name_of = {id(p): n for n, p in trained.items()}
     owners = [m for m in model.modules() if any(id(p) in name_of for p in m.parameters(recurse=False))]
     b = _leaves(batch)[0].shape[0]
-    with Tape(owners) as tape:
+    with Tape(owners, capture=lr.forward_saved) as tape:
         losses = loss_fn(model, batch)
     calls = tape.calls
     if losses.requires_grad:
@@ -246,7 +246,8 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
         rule = lr.rule_of(call.module)
         single = len(call.args) == 1 and not call.kwargs and torch.is_tensor(call.args[0]) and len(leaves) == 1
         with _exact_step(losses.device):  # the rules' products in float32, as the norms and sums of them
-            found = rule(call.module, call.args[0].detach(), lr.as_float(grads[0])) if rule and single else None
+            found = (rule(call.module, call.args[0].detach(), lr.as_float(grads[0]), call.saved)
+                     if rule and single else None)
         for attr, part in (found or {}).items():
             p = getattr(call.module, attr, None)
             if p is not None and name_of.get(id(p)) in names and attr == local.get(name_of[id(p)]):

@@ -32,13 +32,16 @@ class Call:
     output: Any = None
     end: int = 0
     edges: list = field(default_factory=list)  # (index among the output's leaves, GradientEdge), leaves needing grad
+    saved: Any = None  # what the tape's ``capture`` read from the call's output right after its forward
 
 
 class Tape:
-    """Forward pre-hooks and hooks recording every call of the given modules."""
+    """Forward pre-hooks and hooks recording every call of the given modules; ``capture(module, output)``,
+    when given, is called as each call returns and its answer kept as the call's ``saved`` (what the output's
+    autograd node holds now, e.g. a norm layer's statistics, is freed by the backward)."""
 
-    def __init__(self, modules: list[nn.Module]):
-        self.modules, self.calls, self._open = modules, [], []
+    def __init__(self, modules: list[nn.Module], capture=None):
+        self.modules, self.calls, self._open, self.capture = modules, [], [], capture
 
     def __enter__(self):
         self._handles = [h for m in self.modules for h in (
@@ -53,6 +56,8 @@ class Tape:
     def _post(self, module, args, kwargs, output):
         call = self._open.pop()
         call.output, call.end = output, seq_now()
+        if self.capture is not None:
+            call.saved = self.capture(module, output)
         leaves = tree_flatten(output)[0]
         call.edges = [(i, get_gradient_edge(t)) for i, t in enumerate(leaves)
                       if torch.is_tensor(t) and t.requires_grad]
