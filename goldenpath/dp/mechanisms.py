@@ -27,17 +27,41 @@ def add_noise(grads: list[torch.Tensor], std: float, *, seed: int, step: int) ->
     so that the step loop never waits for the device).
 
     xi comes from a generator seeded by (seed, step) on the gradients' device: the same on every
-    process, drawn once per optimizer step, and reproduced exactly on resume without saved state.
+    process, drawn once per optimizer step, and reproduced exactly on resume without saved state. Each
+    gradient's noise is one draw of its shape, in order. Consecutive small gradients draw into one buffer
+    (:data:`_PACK` values at most; a larger gradient has its own), added by one foreach call and squared in one
+    pass: a ResNet-18's 62 tensors cost a few calls instead of some 300 small ones.
     """
     if std == 0 or not grads:
         return 0.0
     gen = torch.Generator(device=grads[0].device).manual_seed(stream_key(seed, Purpose.NOISE, step) & (2**63 - 1))
     squares = []
-    for g in grads:  # one noise tensor at a time: no second copy of the model's gradients
-        xi = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
-        g.add_(xi, alpha=std)
-        squares.append(_square_sum(xi))
+    for pack in _packs(grads):  # one buffer at a time: no second copy of the model's gradients
+        buf = torch.empty(sum(g.numel() for g in pack), device=pack[0].device, dtype=pack[0].dtype)
+        xis, lo = [], 0
+        for g in pack:
+            xis.append(buf[lo : lo + g.numel()].view(g.shape).normal_(generator=gen))  # as torch.randn(g.shape)
+            lo += g.numel()
+        torch._foreach_add_(pack, xis, alpha=std)
+        squares.append(_square_sum(buf))
     return torch.stack(squares).sum().sqrt() * std
+
+
+_PACK = 1 << 20  # noise values drawn into one buffer at most (4 MB in float32)
+
+
+def _packs(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``grads`` in order, cut into runs of one device and dtype of at most _PACK values (or one larger tensor)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        last = out[-1][-1] if out else None
+        if last is None or (g.device, g.dtype) != (last.device, last.dtype) or size + g.numel() > _PACK:
+            out.append([])
+            size = 0
+        out[-1].append(g)
+        size += g.numel()
+    return out
 
 
 def _square_sum(x: torch.Tensor) -> torch.Tensor:
