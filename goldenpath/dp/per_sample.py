@@ -295,7 +295,10 @@ def _module_grads(call: Call, grads: list[torch.Tensor], params: dict[str, torch
         _, back = vjp(outputs, params)
         return back(tuple(g.unsqueeze(0).to(dt) for g, dt in zip(gs, dtypes)))[0]
 
-    return vmap(one)(tuple(grads), *[leaves[i] for i in batched])
+    # torch.func differentiates inside no_grad; outside it, the module's other weights (those its own calls
+    # account for) would leave a graph on these gradients, and through the clip factors on every clipped sum
+    with torch.no_grad():
+        return vmap(one)(tuple(grads), *[leaves[i] for i in batched])
 
 
 # ----------------------------------------------------------------------------- the first-batch check
