@@ -178,8 +178,8 @@ def _group_norm(m: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, saved=None) -
         return _affine_grads(m, lambda s: F.group_norm(a[s], m.num_groups, eps=m.eps), a, g, dims)
     # the forward's statistics, per sample and group: sum xhat g = (sum a g - mean sum g) / std, two passes over
     # a and g instead of normalising a (on the CNN's first group norm, 1.2 instead of 2.2 ms). PyTorch's own
-    # group-norm backward takes this form: in float32 with mean / std = 100 (1000) both lose about 1.5e-5
-    # (1.4e-4) relative to float64, PyTorch's per-sample gradients 3.3e-5 (3.3e-4), normalising 4.6e-6 (3.2e-5)
+    # group-norm backward takes this form too. In float32 with mean / std = 100 (1000) it is 1.5e-5 (1.4e-4) from
+    # float64, PyTorch's per-sample gradients 3.3e-5 (3.3e-4), normalising the input 4.6e-6 (3.2e-5), relative
     mean, rstd = (x.repeat_interleave(m.num_channels // m.num_groups, 1) for x in saved)
     shift = g.sum(dims)
     return {"weight": ((a * g).sum(dims) - shift * mean) * rstd, **_bias(m, lambda: shift)}
@@ -226,8 +226,8 @@ def _samples_per_product(a: torch.Tensor, patch_bytes: int) -> int:
 
 def _patches(a: torch.Tensor, m: nn.Conv2d, out_hw) -> torch.Tensor:
     """``F.unfold(a)`` for the convolution ``m``: [B, C kh kw, L] with the same ordering (copies of strided
-    slices of the padded input, cheaper than unfold's kernel). A channels-last input is copied channels-first
-    first: the slices then copy whole rows (the CNN's first layer on a CPU: 1.3 instead of 1.7 ms)."""
+    slices of the padded input, cheaper than unfold's kernel). A channels-last input is first copied
+    channels-first: the slices then copy whole rows (the CNN's first layer on a CPU: 1.3 instead of 1.7 ms)."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
     ho, wo = out_hw
     a = a.contiguous()
