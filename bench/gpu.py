@@ -31,7 +31,8 @@ measures something of each; a part stopped there is run again in full by ``--res
    forwards and the pair metrics (tv and js from compare's Triton kernel on CUDA). Then the same with tv and js
    from the eager forms, with the largest differences of every metric's pair values from the kernel's
    compare (compare's tolerances: 1e-5, kl 1e-4 relative): what the kernel saves and how exact it is on the
-   device. ``dp`` also lists where a fast-path step's time goes (``route_times``).
+   device. ``dp`` also lists where a fast-path step's time goes (``route_times``) and what one read of the
+   free memory costs the host (a DP step reads it per layer to size its chunks).
 4. ``launch``: ``accelerate launch`` of the C4 config's model on local parquet text in C4's layout
    (columns text, timestamp, url; ``train/`` and ``validation/`` files) for 200 steps in bf16: the run
    must complete and its replicas agree bit for bit at the end (the noise is drawn once per step, after
@@ -278,6 +279,13 @@ def part_dp(size: dict, device: str, rows: dict) -> dict:
 def _part_dp(size: dict, device: str, rows: dict) -> dict:
     import dp_step
 
+    from goldenpath.training.runtime import free_memory_bytes
+
+    # a DP step reads the free memory per layer (chunk sizes): what one read costs the host, the driver's part
+    # (cudaMemGetInfo, some milliseconds on some machines) apart
+    rows["free_memory_read_us"] = _call_us(lambda: free_memory_bytes(device))
+    if device == "cuda":
+        rows["mem_get_info_us"] = _call_us(torch.cuda.mem_get_info)
     cnn = size["dp_cnn"]
     dp_step.MODELS.update({
         "gpt2-small": {"overrides": ["data.source=markov", "model.name=gpt2", f"model.width={size['width']}",
@@ -603,6 +611,17 @@ def _time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, old)
 
 
+def _call_us(fn, calls: int = 200) -> float:
+    """The median microseconds of one call of ``fn`` (host time; it is timed alone, after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -627,6 +646,11 @@ def table(results: dict) -> str:
             lines.append(f"| dp step {name} | fast {r['dp-fast']['x_non_private']:.2f}x non-private; best Opacus "
                          f"({r['best_opacus']}) {r['best_opacus_over_dp_fast']:.2f}x slower | "
                          f"{dp_goals.get(name, '<= 1.2x; > 1')} |")
+    read = results.get("dp", {}).get("free_memory_read_us")
+    if read is not None:
+        driver = results["dp"].get("mem_get_info_us")
+        lines.append(f"| free-memory read (DP chunk sizes, per layer) | {read:.0f} us"
+                     f"{f' (cudaMemGetInfo {driver:.0f} us)' if driver is not None else ''} | (for tuning) |")
     for name, r in results.get("dp", {}).items():
         if isinstance(r, dict) and r.get("routes"):
             top = ", ".join(f"{x['part']} {x['detail']} {100 * x['share']:.0f}%".replace("  ", " ")

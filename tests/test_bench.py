@@ -31,6 +31,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
         row = results["train"][mode]
         assert row["goldenpath_tokens_per_s"] > 0 and row["plain_tokens_per_s"] > 0
     assert results["train"]["compiled_big"]["batch"] == 2 * results["train"]["compiled"]["batch"]
+    assert results["dp"]["free_memory_read_us"] > 0  # what a DP step's per-layer read of the free memory costs
     for model in ("gpt2-small", "resnet18"):
         row = results["dp"][model]
         assert {"non-private", "dp-fast", "opacus-hooks"} <= set(row)
@@ -55,6 +56,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert launch["ok"] and launch["processes"] == 2 and launch["replicas_in_sync"] is True
     table = (tmp_path / "gpu_cpu_smoke.md").read_text()
     assert "accelerate launch (2 proc.)" in table and "FAILED" not in table
+    assert "| free-memory read (DP chunk sizes, per layer) |" in table
     layout = {case: r for case, r in results["layout"].items() if isinstance(r, dict)}
     assert len(layout) == 7 and all(r["speedup"] > 0 and r["rounds"] >= 1 for r in layout.values())
     assert "| layout: CNN width 8, batch 8: train step |" in table
