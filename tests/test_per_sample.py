@@ -552,3 +552,17 @@ def test_dp_memory_budgets_on_a_gpu_stay_within_the_process_cap(monkeypatch):
     assert free_memory_bytes(cuda) == 100 * gib  # no cap: the device's free memory
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats(5 * gib, 25 * gib))
     assert free_memory_bytes(cuda) == 120 * gib  # and what its own allocator holds unused (25 - 5)
+
+
+def test_the_tapes_parameter_lists_are_named_parameters_without_its_walk():
+    """A module without submodules lists its parameters from its own dict (no None: a layer without bias); any
+    other module through named_parameters: the same names and tensors, duplicates kept, on every module of a
+    model with tied weights, attention, norm layers and bias-free layers."""
+    from goldenpath.dp.tape import parameters_of
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.MultiheadAttention(4, 2), nn.LayerNorm(4),
+                          nn.GroupNorm(2, 4), Tied(9, 4))
+    model.append(model[0])  # one module twice
+    for module in model.modules():
+        assert [(n, id(p)) for n, p in parameters_of(module)] == \
+            [(n, id(p)) for n, p in module.named_parameters(remove_duplicate=False)], type(module).__name__

@@ -43,7 +43,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from goldenpath.dp import layer_rules as lr
-from goldenpath.dp.tape import Call, Tape, attribute, batched, leaves_of
+from goldenpath.dp.tape import Call, Tape, attribute, batched, leaves_of, parameters_of
 from goldenpath.training.runtime import free_memory_bytes, strict_float32
 
 Batch = dict | tuple | list
@@ -242,7 +242,7 @@ def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
         leaves = leaves_of(call.output)
         grads = [g if g is not None else torch.zeros_like(leaves[j]) for (j, _), g in zip(call.edges, outs)]
         local = {}  # the call's module's own name for each parameter it accounts for
-        for rel, p in call.module.named_parameters(remove_duplicate=False):
+        for rel, p in parameters_of(call.module):
             if name_of.get(id(p)) in names:
                 local.setdefault(name_of[id(p)], rel)
         rule = lr.rule_of(call.module)
