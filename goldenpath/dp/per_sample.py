@@ -220,8 +220,8 @@ def _warn_once(model: nn.Module, key: str, text: str) -> None:
 def _fast_parts(model, loss_fn, batch, trained, chunk, forced=frozenset()):
     """({name: [per-sample contributions]}, losses, names given to the reference path)."""
     name_of = {id(p): n for n, p in trained.items()}
-    # the modules owning a trained parameter themselves (their own _parameters: parameters(recurse=False) walks
-    # named_modules, ~15 us a module every step)
+    # the modules owning a trained parameter themselves (their own _parameters: parameters(recurse=False) reads the
+    # same dict through named_parameters' generators, ~15 us a module every step)
     owners = [m for m in model.modules() if any(p is not None and id(p) in name_of for p in m._parameters.values())]
     b = _leaves(batch)[0].shape[0]
     with Tape(owners, capture=lr.forward_saved) as tape:
