@@ -2,6 +2,7 @@
 
     python bench/compare.py [--sizes 8,16] [--rounds 3] [--models cnn,tiny-lm] [--probe-size K] [--compiled-metrics]
     python bench/compare.py --stats 8x10
+    python bench/compare.py --design 4x10 [--targets 3] [--models cnn]
 
 A sweep directory of N loss-target checkpoints (one target, N runs with random weights; the cost does not
 depend on what the weights are) is compared with all four metrics and the default 1000 bootstrap
@@ -17,6 +18,12 @@ grow against compare's fixed costs.
 
 ``--compiled-metrics`` times the same with the pair metrics (tv, kl, js) under ``torch.compile`` and
 reports their largest difference from the eager metrics on a near-identical pair (float32 accuracy).
+
+``--design 4x10`` compares a sweep as a study lays it out: 4 settings (learning rates) of 10 independent seeds,
+each run with a checkpoint at each of ``--targets`` loss targets, and splits the median round's time into the
+forwards, the pair metrics, the setting statistics (every pair of settings, the family tests), the pair rows
+(each pair's bootstrap interval), the tables and the rest. There the statistics and pair rows grow with the
+settings and pairs while the forwards grow with the runs.
 
 ``--stats 8x10`` times compare's statistics alone at one target and metric for 8 settings of 10 independent
 seeds each (random per-unit distances over 1024 probe units): every pair of settings
@@ -45,15 +52,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"cnn": ROOT / "configs" / "teacher-cnn.yaml", "tiny-lm": ROOT / "configs" / "markov-gpt2.yaml"}
 
 
-def make_sweep(directory: Path, config_path: Path, n: int, overrides=()) -> Path:
-    for s in range(n):
-        config = load_config(config_path, [f"out={directory}", f"name=run{s}", f"seed={s}", *overrides])
-        run = directory / f"run{s}"
+def make_sweep(directory: Path, config_path: Path, n: int, overrides=(), *, settings: int = 1,
+               targets: tuple[float, ...] = (1.0,)) -> Path:
+    """``settings`` x ``n`` runs (settings differ in their learning rate, every run has a seed of its own), each
+    with one checkpoint per loss target (random weights: the cost does not depend on them)."""
+    for s in range(settings * n):
+        name = f"lr{s // n}-run{s}" if settings > 1 else f"run{s}"
+        lr = [f"optim.lr={0.01 * (1 + s // n)}"] if settings > 1 else []
+        config = load_config(config_path, [f"out={directory}", f"name={name}", f"seed={s}", *lr, *overrides])
+        run = directory / name
         run.mkdir(parents=True)
         files.write_text(run / "config.yaml", ckpt.config_text(to_dict(config)))
         model = build_model(config.model, config.data.build().info, seed=s)
-        ckpt.save_checkpoint(run / "checkpoints" / ckpt.target_name(1.0), model,
-                             {"target": 1.0, "eval_loss": 0.99, "step": 0, "samples": 0, "tokens": 0})
+        for target in targets:
+            ckpt.save_checkpoint(run / "checkpoints" / ckpt.target_name(target), model,
+                                 {"target": target, "eval_loss": target * 0.99, "step": 0, "samples": 0, "tokens": 0})
     return directory
 
 
@@ -81,14 +94,20 @@ def forward_seconds(config_path: Path, chunk: int = 256, device: str = "cpu", ov
 
 @contextlib.contextmanager
 def split_timed(device: str = "cpu"):
-    """Within the block, ``goldenpath compare``'s seconds in the models' forwards and in the pair metrics
-    (pair_sums less its forwards): yields a dict filled at exit with ``forwards_s`` and ``pairs_s``."""
+    """Within the block, ``goldenpath compare``'s seconds in the models' forwards, in the pair metrics
+    (pair_table less its forwards), in the setting statistics (``verdicts.setting_rows``: every pair of settings,
+    the family tests, the trends), in the pair rows (each pair's bootstrap interval) and in writing the tables
+    and the answer: yields a dict filled at exit with ``forwards_s``, ``pairs_s``, ``stats_s``, ``rows_s`` and
+    ``tables_s``."""
     import goldenpath.comparison.compare as gc
     import goldenpath.comparison.pairs as gp
+    from goldenpath.comparison import verdicts
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    got = {"forwards_s": 0.0, "pair_sums_s": 0.0}
-    originals = gp.logits, gc.pair_sums
+    got = {"forwards_s": 0.0, "pair_sums_s": 0.0, "stats_s": 0.0, "rows_s": 0.0, "tables_s": 0.0}
+    places = [(gp, "logits", "forwards_s"), (gc, "pair_table", "pair_sums_s"), (verdicts, "setting_rows", "stats_s"),
+              (gc, "_distance_rows", "rows_s"), (gc, "_write_tables", "tables_s")]
+    originals = [getattr(owner, name) for owner, name, _ in places]
 
     def wrap(fn, key):
         def timed(*args, **kwargs):
@@ -100,11 +119,13 @@ def split_timed(device: str = "cpu"):
             return out
         return timed
 
-    gp.logits, gc.pair_sums = wrap(gp.logits, "forwards_s"), wrap(gc.pair_sums, "pair_sums_s")
+    for (owner, name, key), fn in zip(places, originals):
+        setattr(owner, name, wrap(fn, key))
     try:
         yield got
     finally:
-        gp.logits, gc.pair_sums = originals
+        for (owner, name, _), fn in zip(places, originals):
+            setattr(owner, name, fn)
         got["pairs_s"] = got.pop("pair_sums_s") - got["forwards_s"]
 
 
@@ -195,6 +216,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stats", default=None, metavar="SxN",
                         help="only time the statistics of S settings x N seeds (e.g. 8x10)")
+    parser.add_argument("--design", default=None, metavar="SxN",
+                        help="compare S settings x N seeds at --targets targets (e.g. 4x10)")
+    parser.add_argument("--targets", type=int, default=3, help="loss targets of every run (with --design)")
     parser.add_argument("--sizes", default="8,16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -202,11 +226,19 @@ def main() -> None:
                         help="data.probe_size of every run (default: the config's)")
     parser.add_argument("--compiled-metrics", action="store_true", help="torch.compile the pair metrics")
     args = parser.parse_args()
-    if args.stats:
+
+    def design(option: str, text: str) -> tuple[int, int]:
         try:
-            settings, seeds = (int(x) for x in args.stats.lower().split("x"))
+            settings, seeds = (int(x) for x in text.lower().split("x"))
         except ValueError:
-            parser.error(f"--stats: got {args.stats!r}; write settings x seeds, e.g. 8x10")
+            parser.error(f"{option}: got {text!r}; write settings x seeds, e.g. 8x10")
+        return settings, seeds
+
+    if args.design:
+        run_design(*design("--design", args.design), args)
+        return
+    if args.stats:
+        settings, seeds = design("--stats", args.stats)
         got = stats_seconds(settings, seeds)
         print(f"{settings} settings x {seeds} seeds, one target and metric: every pair of settings "
               f"{got['compare_settings_s']:.3f} s, a family test {got['family_test_s']:.3f} s")
@@ -215,6 +247,35 @@ def main() -> None:
         if args.compiled_metrics:
             check_near_equal(eager)
         run(args)
+
+
+def run_design(settings: int, seeds: int, args) -> None:
+    """The median of ``args.rounds`` compares of ``settings`` x ``seeds`` runs at ``args.targets`` targets, split."""
+    tune_malloc()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
+        compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2, settings=2))
+    targets = tuple(1.0 + 0.5 * k for k in range(args.targets))
+    overrides = [] if args.probe_size is None else [f"data.probe_size={args.probe_size}"]
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep = make_sweep(Path(tmp) / "s", MODELS[name], seeds, overrides, settings=settings, targets=targets)
+            rounds = []
+            for _ in range(args.rounds):
+                with split_timed() as split:
+                    t0 = time.perf_counter()
+                    compare(sweep)
+                    split["wall_s"] = time.perf_counter() - t0
+                rounds.append(split)
+                shutil.rmtree(sweep / "compare")
+            one = forward_seconds(MODELS[name], overrides=overrides)
+        got = sorted(rounds, key=lambda r: r["wall_s"])[len(rounds) // 2]
+        forwards = settings * seeds * len(targets)
+        rest = got["wall_s"] - sum(v for k, v in got.items() if k != "wall_s")
+        print(f"{name:8s} {settings} settings x {seeds} seeds, {len(targets)} targets: {got['wall_s']:.2f} s = "
+              f"{got['wall_s'] / (forwards * one):.2f} x {forwards} forwards; forwards {got['forwards_s']:.2f} s, "
+              f"pair metrics {got['pairs_s']:.2f} s, statistics {got['stats_s']:.2f} s, pair rows "
+              f"{got['rows_s']:.2f} s, tables {got['tables_s']:.2f} s, the rest {rest:.2f} s", flush=True)
 
 
 def run(args) -> None:

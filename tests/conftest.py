@@ -70,13 +70,13 @@ def computed_pairs(monkeypatch):
     from goldenpath.comparison import compare as cmp
 
     computed = []
-    real = cmp.pair_sums
+    real = cmp.pair_table
 
     def counting(models, probe, pairs, *args, **kwargs):
         computed.extend(pairs)
         return real(models, probe, pairs, *args, **kwargs)
 
-    monkeypatch.setattr(cmp, "pair_sums", counting)
+    monkeypatch.setattr(cmp, "pair_table", counting)
     return computed
 
 

@@ -18,6 +18,7 @@ from goldenpath.comparison import lmc
 from goldenpath.config import ConfigError
 from goldenpath.data import probe_shift
 from goldenpath.comparison.distances import js, kl, linear_cka, top1, tv
+from goldenpath.comparison.pairs import pair_sums
 from goldenpath.models import build_model, logits, sample_losses
 from goldenpath.draw.plots import distance_heatmap
 
@@ -60,7 +61,7 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
     if group_bytes is not None:  # two models against others in groups of two: consecutive ones (a view) or not
         monkeypatch.setattr(goldenpath.comparison.pairs, "_pairs_per_group", lambda per_pair: 2)
         pairs = [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
-    got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=chunk, device="cpu",
+    got = pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=chunk, device="cpu",
                         dtype=torch.float64)
     n_chunks = math.ceil(len(probe["ids"]) / chunk)
     assert calls == [n_chunks] * 4
@@ -101,7 +102,7 @@ def _check_strict_float32(tmp_path):
     models = tiny_models(TINY_TEACHER, 2, source.info)
     for m in models:
         m.float().register_forward_pre_hook(record)
-    cmp.pair_sums(models, probe, [(0, 1)], ("tv",), chunk=8, device="cpu", dtype=torch.float32)
+    pair_sums(models, probe, [(0, 1)], ("tv",), chunk=8, device="cpu", dtype=torch.float32)
     slots = pairs.Slots(build_model(config.model, source.info, seed=9).eval())
     for s, m in enumerate(models):
         ckpt.save_checkpoint(tmp_path / f"m{s}", m, {"target": 1.0})
@@ -369,8 +370,8 @@ def test_a_chunk_sized_from_little_memory_gives_the_same_distances(sweep, monkey
     config = load_config(sweep / "a0" / "config.yaml")
     room = 5 * config.data.build().info.num_classes * 4 * (2 * 4 + 4)  # 5 images of 4 models
     monkeypatch.setattr(pairs, "free_memory_bytes", lambda device: room / pairs.PROBE_MEMORY_SHARE)
-    chunks, real = [], cmp.pair_sums
-    monkeypatch.setattr(cmp, "pair_sums", lambda *a, chunk, **kw: chunks.append(chunk) or real(*a, chunk=chunk, **kw))
+    chunks, real = [], cmp.pair_table
+    monkeypatch.setattr(cmp, "pair_table", lambda *a, chunk, **kw: chunks.append(chunk) or real(*a, chunk=chunk, **kw))
     small = cmp.compare(sweep, ("tv", "js", "top1"), n_boot=20, n_perm=100)
     assert chunks and all(2 <= c <= 8 for c in chunks) and config.data.probe_size > 8
     pd.testing.assert_frame_equal(small, whole, rtol=1e-6)
@@ -439,11 +440,11 @@ def test_cka_from_the_chunked_forwards_equals_linear_cka_of_each_pair(which):
         probe["labels"][::3, -5:] = -100  # padded positions are not points
     models = tiny_models(overrides, 3, source.info)
     pairs = [(0, 1), (0, 2), (1, 2)]
-    got = cmp.pair_sums(models, probe, pairs, ("tv", "cka"), chunk=5, device="cpu", dtype=torch.float64)
+    got = pair_sums(models, probe, pairs, ("tv", "cka"), chunk=5, device="cpu", dtype=torch.float64)
     for i, j in pairs:
         want = 1 - linear_cka(penultimate(models[i], probe, which), penultimate(models[j], probe, which))
         assert float(got[(i, j)]["cka"][0]) == pytest.approx(want, rel=1e-9, abs=1e-12)
-    same = cmp.pair_sums([models[0], models[0]], probe, [(0, 1)], ("cka",), chunk=7, device="cpu",
+    same = pair_sums([models[0], models[0]], probe, [(0, 1)], ("cka",), chunk=7, device="cpu",
                          dtype=torch.float64)
     assert float(same[(0, 1)]["cka"][0]) == pytest.approx(0.0, abs=1e-12)
 
@@ -549,7 +550,7 @@ def test_float32_pair_sums_are_within_the_stated_tolerances_of_float64(which):
     probe = source.heldout("probe")
     models = [m.float() for m in tiny_models(TINY_TEACHER if which == "cnn" else TINY_MARKOV, 4, source.info)]
     pairs = list(itertools.combinations(range(4), 2))
-    got = cmp.pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=64, device="cpu",
+    got = pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=64, device="cpu",
                         dtype=torch.float32)
     with torch.no_grad():
         outs = [logits(m, probe).double() for m in models]
@@ -576,19 +577,25 @@ def test_the_pair_cache_round_trips_exactly_in_its_compact_form_and_reads_the_ol
                                  "count": count.clone() if i else count,  # equal rows, not all one object
                                  "cka": torch.tensor([math.nan if i else 0.25], dtype=torch.float64)}
                for i, j in [(0, 1), (0, 2), (1, 2)]}
-    packed = cmp._pack(results)
+    names = results["r0|f|r1|f"]
+    stacked = {n: torch.stack([r[n] for r in results.values()]) for n in names}
+    table = pairs.PairTable(list(results), stacked)  # "count" found equal in every row
+    packed = cmp._pack(table)
     assert packed["shared"] == ["count"] and packed["single"] == ["tv", "count"]
     assert packed["values"]["count"].shape == (6,) and packed["values"]["js"].dtype == torch.float64
-    names = results["r0|f|r1|f"]
-    old = {"keys": list(results), "values": {n: torch.stack([r[n] for r in results.values()]) for n in names}}
+    assert cmp._pack(pairs.PairTable(list(results), {**stacked, "count": count}, shared=("count",))).keys() == \
+        packed.keys()
+    old = {"keys": list(results), "values": stacked}
     # a cache that holds kl of another definition (the one-way KL before compare's was symmetrised) is recomputed
-    with_kl = {k: {**r, "kl": r["js"]} for k, r in results.items()}
+    with_kl = pairs.PairTable(list(results), {**stacked, "kl": stacked["js"]})
     torch.save({**cmp._pack(with_kl), "kl": None}, tmp_path / "one-way.pt")
     torch.save(cmp._pack(with_kl), tmp_path / "symmetric.pt")
-    assert cmp._read_cache(tmp_path / "one-way.pt") == {} and len(cmp._read_cache(tmp_path / "symmetric.pt")) == 3
+    assert len(cmp._read_cache(tmp_path / "one-way.pt")) == 0 and len(cmp._read_cache(tmp_path / "symmetric.pt")) == 3
+    torch.save({"keys": ["a", "b"], "values": {"tv": torch.zeros(3, 6)}}, tmp_path / "torn.pt")  # rows != keys
+    assert len(cmp._read_cache(tmp_path / "torn.pt")) == 0
     for name, form in (("new.pt", packed), ("old.pt", old)):
         torch.save(form, tmp_path / name)
-        back = cmp._read_cache(tmp_path / name)
+        back = cmp._read_cache(tmp_path / name).as_dict()
         assert list(back) == list(results)
         for k, r in results.items():
             for n, v in r.items():

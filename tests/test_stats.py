@@ -13,7 +13,8 @@ import pytest
 
 from goldenpath.comparison import calibration as cal, stats
 
-from goldenpath.comparison.design import Design, cells, distance_matrix, pair_matrix, relabellings, smallest_p
+from goldenpath.comparison.design import (Design, cells, distance_matrix, member_relabellings, pair_matrix,
+                                          relabellings, smallest_p)
 
 
 def pair_sums(outputs: np.ndarray) -> np.ndarray:
@@ -100,6 +101,23 @@ def test_relabellings_are_every_labelling_that_keeps_the_sizes_once(design):
     # the observed split ties with its mirror and with the two family settings swapped where sizes allow
     reach = 1 if design.relation([0, 1, 2]) == "independent" else 4  # sizes 3, 3, 2: the 2-seed setting's split
     assert smallest_p(design, [0, 1, 2]) == pytest.approx(reach / len(z))
+
+
+@pytest.mark.parametrize("design", [independent(3, 3, 2), paired(3, 3), independent(10, 10, 10, 9), paired(6, 4)])
+@pytest.mark.parametrize("members", [[0, 1], [2, 0, 1], [1, 2]])
+def test_member_relabellings_are_the_full_relabellings_restricted_to_the_members(design, members):
+    """The labellings of the members' runs alone (compare's pairs of settings and family tests take these, kept
+    from one call to the next): every row equal to the full one's at those runs and columns, in the same order,
+    the exact enumeration and the random draws alike, members in any order (a family's reference first)."""
+    full, exact = relabellings(design, members, max_exact=500, n_perm=300, seed=3)
+    runs, sub, sub_exact = member_relabellings(design, members, max_exact=500, n_perm=300, seed=3)
+    assert list(runs) == [i for k in members for i in design.groups[k]] and sub_exact == exact
+    np.testing.assert_array_equal(sub, full[:, runs][:, :, members])
+    # both branches are met: 20, 8 or 16 labellings enumerated; 560, 184,756 or 1,296 too many, 300 drawn
+    again = member_relabellings(design, members, max_exact=500, n_perm=300, seed=3)[1]  # from the kept labels
+    np.testing.assert_array_equal(again, sub)
+    sub[:] = 0  # the caller's own array: the kept labels are not changed through it
+    np.testing.assert_array_equal(member_relabellings(design, members, max_exact=500, n_perm=300, seed=3)[1], again)
 
 
 def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():

@@ -62,7 +62,7 @@ from goldenpath.comparison import verdicts
 
 from goldenpath.comparison.design import Design
 from goldenpath.comparison.distances import METRICS, bootstrap_rows, bootstrap_weights
-from goldenpath.comparison.pairs import load_shared, pair_barriers, pair_sums, probe_chunk
+from goldenpath.comparison.pairs import PairTable, load_shared, pair_barriers, pair_table, probe_chunk
 from goldenpath.comparison.runs import collect, inputs, tables_dir
 from goldenpath.config import Config, ConfigError, to_dict
 from goldenpath.data.shift import parse_shift, probe_shift as shifted_probe
@@ -173,14 +173,13 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None,
             theirs = {i for r in mine if r is not None and r != k for i in groups[r]}
             against.update({i: theirs for i in groups[k]})
         tables["distances"] += _distance_rows(target, cks, runs, results, metrics, weights, against)
-        pairs = list(itertools.combinations(range(len(cks)), 2))
-        counts = results[pairs[0]]["count"].double().numpy()
-        sq = torch.stack([results[p][LOCATION] for p in pairs]).double().numpy()
+        counts = results.rows("count")[0].double().numpy()
+        sq = results.rows(LOCATION).double().numpy()
         # runs that diverged after this checkpoint: their checkpoints count, and the summary names them
         late = [c.run for c in cks if runs[c.run].state == "diverged"]
         diverged = {s.label: ";".join(r for r in late if runs[r].setting is s) for s in settings}
         for m in metrics:
-            sums = torch.stack([results[p][m] for p in pairs]).double().numpy()
+            sums = results.rows(m).double().numpy()
             # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
             got = verdicts.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else counts,
                                       sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
@@ -246,99 +245,112 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict, frame, metrics, 
     files.atomic_writes(writes)
 
 
-def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir):
-    """Per-unit sums of every metric for every pair of ``cks``, from the cache where it holds them (the cache
-    also keeps the pairs of ``every`` checkpoint at this target, those left out included)."""
+def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir) -> PairTable:
+    """Per-unit sums of every metric for every pair of ``cks`` in ``itertools.combinations`` order, from the cache
+    where it holds them (the cache also keeps the pairs of ``every`` checkpoint at this target, those left out
+    included)."""
     pairs = list(itertools.combinations(range(len(cks)), 2))
-    keys = {(i, j): f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs}
+    keys = [f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs]
     path = cache_dir / f"{hashlib.sha1(f'{setup.key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
     cached = _read_cache(path)
+    row = {k: r for r, k in enumerate(cached.keys)}
+    have = cached.take([row[k] for k in keys if k in row])
+    todo = [(p, k) for p, k in zip(pairs, keys) if k not in row]
+    if not todo:
+        return have
+    models, modules = {}, {}
+    for idx in sorted({i for (p, _) in todo for i in p}):
+        models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
+    kw = {"device": setup.device, "dtype": setup.dtype}
+    label = f"loss {target:g}: {len(todo)} pairs"
+    todo_pairs = [p for p, _ in todo]
+    new = pair_table(models, setup.probe, todo_pairs, metrics, progress=f"{label}, forwards",
+                     chunk=setup.chunk or probe_chunk(len(models), setup.info, **kw), **kw)
+    if "lmc" in metrics:
+        got = pair_barriers(models, setup.probe, setup.source.heldout("eval"), todo_pairs, k=setup.lmc_points,
+                            progress=f"{label}, lmc paths", chunk=setup.chunk or probe_chunk(0, setup.info, **kw), **kw)
+        new.values["lmc"] = torch.stack([got[p]["lmc"] for p in todo_pairs])
+    del models
+    both = PairTable.cat([have, new.rekeyed([k for _, k in todo])])
+    at = {k: r for r, k in enumerate(both.keys)}
+    results = both.take([at[k] for k in keys])
+    # keep the cached pairs of checkpoints left out this time (they may be included again)
     alive = {f"{c.run}|{c.fingerprint}" for c in every}
-    previous = {k: v for k, v in cached.items() if {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive}
-    results = {p: cached[k] for p, k in keys.items() if k in cached}
-    todo = [p for p in pairs if p not in results]
-    if todo:
-        models, modules = {}, {}
-        for idx in sorted({k for t in todo for k in t}):
-            models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
-        kw = {"device": setup.device, "dtype": setup.dtype}
-        label = f"loss {target:g}: {len(todo)} pairs"
-        new = pair_sums(models, setup.probe, todo, metrics, progress=f"{label}, forwards",
-                        chunk=setup.chunk or probe_chunk(len(models), setup.info, **kw), **kw) \
-            if set(metrics) - {"lmc"} else {}
-        if "lmc" in metrics:
-            for p, v in pair_barriers(models, setup.probe, setup.source.heldout("eval"), todo, k=setup.lmc_points,
-                                      progress=f"{label}, lmc paths",
-                                      chunk=setup.chunk or probe_chunk(0, setup.info, **kw), **kw).items():
-                new.setdefault(p, {}).update(v)
-        results.update(new)
-        del models
-        # keep the cached pairs of checkpoints left out this time (they may be included again)
-        current = {**previous, **{keys[p]: results[p] for p in pairs}}
-        files.atomic_write(path, lambda tmp: torch.save(_pack(current), tmp), durable=False)
+    current = set(keys)
+    kept = [r for r, k in enumerate(cached.keys) if k not in current
+            and {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive]
+    files.atomic_write(path, lambda tmp: torch.save(_pack(PairTable.cat([cached.take(kept), results])), tmp),
+                       durable=False)
     return results
 
 
-def _distance_rows(target, cks, runs, results, metrics, weights, against: dict[int, set]) -> list[dict]:
+def _distance_rows(target, cks, runs, results: PairTable, metrics, weights, against: dict[int, set]) -> list[dict]:
     """One row per pair of runs and metric, with a bootstrap interval over probe units (none for the
-    whole-probe statistics cka and lmc). ``against``: run -> the runs of the references its setting is
-    compared with (a pair of a run and one of those is a ``reference`` pair)."""
-    cells = [(p, m) for p in results for m in metrics]
-    unit = [(p, m) for p, m in cells if m not in WHOLE]  # every pair and pointwise metric in one resampling
+    whole-probe statistics cka and lmc). ``results``: the pairs in ``itertools.combinations`` order. ``against``:
+    run -> the runs of the references its setting is compared with (a pair of a run and one of those is a
+    ``reference`` pair)."""
+    pairs = list(itertools.combinations(range(len(cks)), 2))
+    unit = [m for m in metrics if m not in WHOLE]  # every pair and pointwise metric in one resampling
     est = {}
     if unit:
-        got = bootstrap_rows(torch.stack([results[p][m] for p, m in unit]),
-                             torch.stack([results[p]["count"] for p, _ in unit]), weights=weights)
-        est = dict(zip(unit, zip(*(x.tolist() for x in got))))
-    rows = []
-    for (i, j), m in cells:
-        value, low, high = est.get(((i, j), m)) or (float(results[(i, j)][m][0]), math.nan, math.nan)
+        count = results.values["count"]
+        got = bootstrap_rows(torch.cat([results.rows(m) for m in unit]),
+                             count[None] if "count" in results.shared else results.rows("count").repeat(len(unit), 1),
+                             weights=weights)
+        value, low, high = (x.view(len(unit), len(pairs)).tolist() for x in got)
+        est = {m: (value[k], low[k], high[k]) for k, m in enumerate(unit)}
+    for m in metrics:
+        if m in WHOLE:
+            est[m] = (results.rows(m)[:, 0].tolist(), [math.nan] * len(pairs), [math.nan] * len(pairs))
+    base = []
+    for i, j in pairs:
         a, b = cks[i], cks[j]
         sa, sb = runs[a.run].setting, runs[b.run].setting
         kind = "floor" if sa == sb else "reference" if i in against[j] or j in against[i] else "pair"
-        rows.append({"target": target, "run_a": a.run, "run_b": b.run, "setting_a": sa.label, "setting_b": sb.label,
-                     "metric": m, "value": value, "ci_low": low, "ci_high": high, "loss_a": a.eval_loss,
-                     "loss_b": b.eval_loss, "kind": kind, "overshoot_a": a.overshoot, "overshoot_b": b.overshoot})
-    return rows
+        base.append({"target": target, "run_a": a.run, "run_b": b.run, "setting_a": sa.label, "setting_b": sb.label,
+                     "loss_a": a.eval_loss, "loss_b": b.eval_loss, "kind": kind, "overshoot_a": a.overshoot,
+                     "overshoot_b": b.overshoot})
+    return [{**base[k], "metric": m, "value": est[m][0][k], "ci_low": est[m][1][k], "ci_high": est[m][2][k]}
+            for k in range(len(pairs)) for m in metrics]
 
 
-def _pack(results: dict[str, dict[str, torch.Tensor]]) -> dict:
-    """{pair key: {name: [units]}} as one [pairs, units] tensor per name (one small file per target); a name whose
-    rows are all equal (the probe's points per unit) as that one row (``shared``), a float64 tensor in float32
-    where that holds its values exactly (``single``: an image's per-unit sums are float32 values), so a cache of
-    image pairs takes 40% of its float64 size."""
-    keys = list(results)
-    names = list(next(iter(results.values()))) if keys else []
+def _pack(table: PairTable) -> dict:
+    """A :class:`PairTable` as a cache file holds it: the keys, one [pairs, units] tensor per name; a name whose rows
+    are all equal (the probe's points per unit) as that one row (``shared``), a float64 tensor in float32 where
+    that holds its values exactly (``single``: an image's per-unit sums are float32 values), so a cache of image
+    pairs takes 40% of its float64 size."""
     values, shared, single = {}, [], []
-    for n in names:
-        rows = [results[k][n] for k in keys]
-        distinct = list({id(r): r for r in rows}.values())
-        if all(torch.equal(r, distinct[0]) for r in distinct[1:]):  # stops at the first row that differs
-            values[n] = distinct[0]
+    for n in table.values:
+        rows = table.rows(n)
+        if n in table.shared or (len(rows) and torch.equal(rows[-1], rows[0]) and bool((rows == rows[:1]).all())):
+            values[n] = rows[0] if len(rows) else table.values[n]
             shared.append(n)
         else:
-            values[n] = torch.stack(rows)
+            values[n] = rows
         if values[n].dtype == torch.float64 and torch.equal(values[n].float().double(), values[n]):
             values[n] = values[n].float()
             single.append(n)
-    return {"keys": keys, "values": values, "shared": shared, "single": single, "kl": KL_DEFINITION}
+    return {"keys": list(table.keys), "values": values, "shared": shared, "single": single, "kl": KL_DEFINITION}
 
 
 KL_DEFINITION = "symmetric"  # compare's kl: 1/2 [KL(a||b) + KL(b||a)]; caches of the one-way KL before it say none
 
 
-def _read_cache(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """A target's cached pair results by pair key, as they were packed; empty when missing or unreadable (written
-    without fsync), or when it holds a kl of another definition (the one-way KL of earlier versions)."""
+def _read_cache(path: Path) -> PairTable:
+    """A target's cached pair results, as they were packed; empty when missing or unreadable (written without
+    fsync), or when it holds a kl of another definition (the one-way KL of earlier versions)."""
     try:
         packed = torch.load(path, weights_only=True)
         if "kl" in packed["values"] and packed.get("kl") != KL_DEFINITION:  # another kl: every pair again
-            return {}
-        shared, single = set(packed.get("shared", ())), set(packed.get("single", ()))
+            return PairTable([], {})
+        single = set(packed.get("single", ()))
         values = {n: v.double() if n in single else v for n, v in packed["values"].items()}
-        return {k: {n: v if n in shared else v[i] for n, v in values.items()} for i, k in enumerate(packed["keys"])}
+        table = PairTable(packed["keys"], values, packed.get("shared", ()))
+        if any(table.rows(n).shape[0] != len(table) for n in values):
+            raise ValueError(f"{path}: rows and keys differ")
+        return table
     except Exception:  # noqa: BLE001 - missing, torn or foreign: recompute the target's pairs
-        return {}
+        return PairTable([], {})
 
 
 def conclusions(sweep_dir: str | Path, *, metric: str = "tv", probe_shift: str | None = None) -> list[str]:

@@ -210,10 +210,37 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
     """Labellings z [B, n, S] of the runs of ``members`` (row 0: the observed one) that keep every setting's
     size: every distinct one when at most ``max_exact``, else ``n_perm`` random ones. Independent seeds: runs
     move freely between the settings; paired seeds: labels move only within a seed. Returns (z, exact)."""
+    order, labels, exact = _labellings(design, members, max_exact, n_perm, seed)
+    z = np.repeat(label_matrix(design)[None], len(labels), 0)
+    z[:, order] = 0.0
+    z[np.arange(len(labels))[:, None], np.asarray(order)[None, :], labels] = 1.0
+    return z, exact
+
+
+def member_relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n_perm: int = 2000,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`relabellings` restricted to the runs and settings of ``members``: (runs, z [B, runs, members], exact),
+    ``runs`` those of ``members[0]``, then of ``members[1]``, ...; column j of z is ``members[j]``. A statistic of
+    these settings alone takes the same values from the distances among ``runs`` (the other runs would add exact
+    zeros) at a fraction of the cost."""
+    order, labels, exact = _labellings(design, members, max_exact, n_perm, seed)
+    runs = np.array([i for k in members for i in design.groups[k]])
+    where = np.empty(max(runs) + 1, dtype=np.int64)
+    where[runs] = np.arange(len(runs))
+    column = np.empty(max(members) + 1, dtype=np.int64)
+    column[members] = np.arange(len(members))
+    z = np.zeros((len(labels), len(runs), len(members)))
+    z[np.arange(len(labels))[:, None], where[np.asarray(order)][None, :], column[labels]] = 1.0
+    return runs, z, exact
+
+
+def _labellings(design: Design, members: list[int], max_exact: int, n_perm: int,
+                seed: int) -> tuple[list[int], np.ndarray, bool]:
+    """(order, labels [B, len(order)], exact): the setting of each run of ``order`` (the runs of ``members``, by
+    block) in every labelling :func:`relabellings` gives, row 0 the observed one."""
     relation = design.relation(members)
     if relation == "partial":
         raise ValueError("the settings share some seeds but not all: no exact permutation test")
-    z0 = label_matrix(design)
     runs = [i for k in members for i in design.groups[k]]
     label = {i: k for k in members for i in design.groups[k]}
     if relation == "independent":
@@ -223,20 +250,34 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
         for i in runs:
             by_seed.setdefault(design.seeds[i], []).append(i)
         blocks = list(by_seed.values())
+    # the labellings depend on the blocks' labels alone: as ranks among the members (the same order, so the same
+    # enumeration), every pair of settings of one size and every metric and target share one computation
+    ranks = sorted(members)
+    rank = {k: ranks.index(k) for k in members}
+    ranked, exact = _ranked_labellings(tuple(tuple(rank[label[i]] for i in b) for b in blocks), relation == "paired",
+                                       max_exact, n_perm, seed)
+    return [i for b in blocks for i in b], np.asarray(ranks)[ranked], exact
+
+
+@functools.lru_cache(maxsize=256)
+def _ranked_labellings(blocks: tuple[tuple[int, ...], ...], paired: bool, max_exact: int, n_perm: int,
+                       seed: int) -> tuple[np.ndarray, bool]:
+    """(labels [B, runs] of the runs in block order, exact) for blocks of labels (ranks): every distinct
+    arrangement within the blocks when at most ``max_exact`` (the observed first), else ``n_perm`` random ones
+    after it. Kept (read-only): compare asks for the same few for every pair of settings, metric and target."""
     count = 1
     for b in blocks:
-        sizes = Counter(label[i] for i in b)
-        count *= math.factorial(len(b)) // math.prod(math.factorial(v) for v in sizes.values())
+        count *= math.factorial(len(b)) // math.prod(math.factorial(v) for v in Counter(b).values())
+    observed = [x for b in blocks for x in b]
     if count <= max_exact:
-        options = [list(dict.fromkeys(itertools.permutations([label[i] for i in b]))) for b in blocks] \
-            if relation == "paired" else [list(_arrangements(tuple(sorted(label[i] for i in blocks[0]))))]
+        options = [list(dict.fromkeys(itertools.permutations(b))) for b in blocks] if paired \
+            else [list(_arrangements(tuple(sorted(blocks[0]))))]
         assignments = [sum((list(x) for x in combo), []) for combo in itertools.product(*options)]
-        observed = [label[i] for b in blocks for i in b]
         assignments.remove(observed)
         assignments.insert(0, observed)
     else:
         rng = np.random.default_rng(seed)
-        labels = [np.asarray([label[i] for i in b]) for b in blocks]
+        labels = [np.asarray(b) for b in blocks]
         assignments = [np.concatenate(labels)]
         if len(labels) == 1:  # all rows at once: the same draws as one rng.permutation per row
             rows = rng.permuted(np.tile(np.arange(len(labels[0])), (n_perm, 1)), axis=1)
@@ -244,12 +285,9 @@ def relabellings(design: Design, members: list[int], *, max_exact: int = 5000, n
         else:
             for _ in range(n_perm):
                 assignments.append(np.concatenate([lab[rng.permutation(len(lab))] for lab in labels]))
-    order = [i for b in blocks for i in b]
-    z = np.repeat(z0[None], len(assignments), 0)
-    z[:, order] = 0.0
-    lab = np.asarray(assignments)
-    z[np.arange(len(lab))[:, None], np.asarray(order)[None, :], lab] = 1.0
-    return z, count <= max_exact
+    out = np.asarray(assignments, dtype=np.int64)
+    out.flags.writeable = False
+    return out, count <= max_exact
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,7 +1,8 @@
 """Loss-matched checkpoints as models that share one module per architecture, and what is measured on each
 pair of them over the probe set (``goldenpath compare``'s inner loop).
 
-- :func:`pair_sums`: the pointwise distances (tv, kl, js, top1, sq) as per-probe-unit sums, measured in groups
+- :func:`pair_table` (:func:`pair_sums`, pair by pair): the pointwise distances (tv, kl, js, top1, sq) as
+  per-probe-unit sums in one [pairs, units] tensor per metric (:class:`PairTable`), measured in groups
   of pairs (kl and sq from inner products of every two models, :class:`_Gram`), and 1 - linear CKA
   of the penultimate features (``cka``), each model's forward once per probe chunk: the N models' outputs
   for one chunk are held, all pairs are computed, the next chunk follows. The features are the input of
@@ -87,21 +88,76 @@ def load_shared(ck, config: Config, info, device, dtype, modules: dict) -> Swapp
     return Swapped(modules[key], ck.path)
 
 
+class PairTable:
+    """Per-unit sums of each metric for a list of pairs, one [pairs, units] tensor per name (row k: pair
+    ``keys[k]``); a name every pair shares (``count``: the probe's points per unit) is one [units] row. compare's
+    statistics, pair rows and cache read a metric's rows as one tensor, never pair by pair."""
+
+    def __init__(self, keys: list, values: dict[str, torch.Tensor], shared=()):
+        self.keys, self.values, self.shared = list(keys), values, set(shared)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, name: str) -> torch.Tensor:
+        """[pairs, units] of ``name`` (a shared row expanded: a view)."""
+        v = self.values[name]
+        return v.expand(len(self.keys), *v.shape) if name in self.shared else v
+
+    def take(self, index: list[int]) -> PairTable:
+        """The rows ``index`` (in that order)."""
+        at = torch.tensor(index, dtype=torch.long)
+        return PairTable([self.keys[i] for i in index],
+                         {n: v if n in self.shared else v.index_select(0, at) for n, v in self.values.items()},
+                         self.shared)
+
+    def rekeyed(self, keys: list) -> PairTable:
+        return PairTable(keys, self.values, self.shared)
+
+    @staticmethod
+    def cat(tables: list[PairTable]) -> PairTable:
+        """The tables' rows one after the other; a name shared in all of them stays one row where it is equal."""
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return PairTable([], {})
+        names = list(tables[0].values)
+        shared = {n for n in names if all(n in t.shared and torch.equal(t.values[n], tables[0].values[n])
+                                          for t in tables)}
+        return PairTable([k for t in tables for k in t.keys],
+                         {n: tables[0].values[n] if n in shared else torch.cat([t.rows(n) for t in tables])
+                          for n in names}, shared)
+
+    def as_dict(self) -> dict:
+        """{key: {name: [units]}}: the form of :func:`pair_sums`."""
+        rows = {n: self.rows(n).unbind(0) for n in self.values}
+        return {k: {n: rows[n][i] for n in self.values} for i, k in enumerate(self.keys)}
+
+
 def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
               device, dtype, progress: str | None = None) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Per probe unit sums of each pointwise metric for each pair, and 1 - linear CKA of the penultimate
+    features where ``metrics`` holds ``cka``: {(i, j): {metric: [units] sums, "count": [units] points, "cka": [1]}}
+    (:func:`pair_table`'s rows pair by pair)."""
+    return pair_table(models, probe, pairs, metrics, chunk=chunk, device=device, dtype=dtype,
+                      progress=progress).as_dict()
+
+
+def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chunk: int,
+               device, dtype, progress: str | None = None) -> PairTable:
     """Per probe unit sums of each pointwise metric for each pair, and 1 - linear CKA of the penultimate
     features where ``metrics`` holds ``cka``; each model's forward once per chunk.
 
     ``models[i]`` is a module or a checkpoint's :class:`Swapped` model (``cka`` hooks its output layer).
     ``progress``: the label of a progress bar over the probe chunks (on a terminal; None: no bar).
 
-    Returns {(i, j): {metric: [units] sums, "count": [units] points, "cka": [1]}}.
+    Returns a :class:`PairTable` keyed by the pairs: each metric's float64 sums [pairs, units], ``count`` (the
+    points of each unit, shared) and ``cka`` [pairs, 1].
     """
     n = len(probe["ids"])
     lm = "labels" in probe
     unit = [m for m in metrics if m in ON_DISTS]
     moments = _Moments(pairs) if "cka" in metrics else None
-    sums = {p: [] for p in pairs}
+    table = torch.empty(len(unit), len(pairs), n, dtype=torch.float64)  # [metrics, pairs, units], chunk by chunk
     counts = []
     needed = sorted({i for p in pairs for i in p})
     bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
@@ -109,6 +165,7 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
     with bar, torch.no_grad(), strict_float32(), _hooked(models, needed, active=moments is not None) as features:
         for lo in range(0, n, chunk):
             part = _to(probe, lo, chunk, device, dtype)
+            hi = min(lo + chunk, n)
             mask = part["labels"] != -100 if lm else None
             dist, feats = None, {}
             for k, i in enumerate(needed):  # N forwards for this chunk
@@ -124,20 +181,17 @@ def pair_sums(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, chu
                 slot = {i: k for k, i in enumerate(needed)}
                 for group, s in _pair_groups(dist, [(slot[i], slot[j]) for i, j in pairs], unit, mask,
                                              _Gram(dist) if set(unit) & set(_Gram.METRICS) else None):
-                    for p, row in zip(group, s.cpu().unbind(1)):  # s: [metrics, pairs, units]
-                        sums[pairs[p]].append(row)
-            counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else
-                          torch.ones(min(chunk, n - lo), dtype=torch.float64))
+                    at = slice(group.start, group.stop) if isinstance(group, range) else torch.tensor(group)
+                    table[:, at, lo:hi] = s.cpu()  # s: [metrics, pairs, units]
+            counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else torch.ones(hi - lo, dtype=torch.float64))
             bar.update()
     if not pairs:
-        return {}
-    count = torch.cat(counts)
-    out = {p: {**dict(zip(unit, torch.cat(v, dim=1))), "count": count} if unit else {"count": count}
-           for p, v in sums.items()}
+        return PairTable([], {})
+    values = {**dict(zip(unit, table.unbind(0))), "count": torch.cat(counts)}
     if moments is not None:
-        for p, d in moments.distances().items():
-            out[p]["cka"] = d
-    return out
+        got = moments.distances()
+        values["cka"] = torch.stack([got[p] for p in pairs])
+    return PairTable(pairs, values, shared=("count",))
 
 
 PROBE_MEMORY_SHARE = 0.5  # of the memory free on the device, for one probe chunk's outputs

@@ -52,8 +52,8 @@ import numpy as np
 from scipy import stats as sps
 
 from goldenpath.comparison.design import (Cells, Design, cells, delta_var, different_seed, distance_matrix,
-                                          label_matrix, location_ratio, parts, relabellings, smallest_p, t_interval,
-                                          t_p_value, upper_p)
+                                          label_matrix, location_ratio, member_relabellings, parts, smallest_p,
+                                          t_interval, t_p_value, upper_p)
 
 # ----------------------------------------------------------------------------- comparisons
 
@@ -196,11 +196,11 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
         p_ratio = p_loc = math.nan
         used = 0
         if relation != "partial":
-            zz, _ = relabellings(design, [k, r], max_exact=max_exact, n_perm=n_perm, seed=seed)
             # only the two settings' runs move, and only their two cells are needed: the statistics of every
             # relabelling from those runs and columns alone (the other runs add exact zeros)
-            runs = np.array([*design.groups[k], *design.groups[r]])
-            zz, sub, both = zz[:, runs][:, :, [k, r]], np.ix_(runs, runs), a[np.ix_(runs, runs)]
+            runs, zz, _ = member_relabellings(design, [k, r], max_exact=max_exact, n_perm=n_perm, seed=seed)
+            sub = np.ix_(runs, runs)
+            both = a[sub]
             stat = parts(m[sub], both, zz)["ratio"][:, 0, 1]
             p_ratio = float(upper_p(stat[:, None])[0, 0]) if np.isfinite(stat[0]) else math.nan
             null_ratio, used = _log_var(stat), len(zz)
@@ -256,15 +256,17 @@ def family_test(sums: np.ndarray, counts: np.ndarray, design: Design, family: li
     distribution of the smallest. Exact when the relabellings are few. ``x``: each family setting's log
     noise, for the null variance of the trend's slope."""
     members = [reference, *family]
-    z, exact = relabellings(design, members, max_exact=max_exact, n_perm=n_perm, seed=seed)
-    m = distance_matrix(sums, counts)
-    a = different_seed(design)
-    stat = parts(m, a, z)["ratio"][:, family, reference]            # [B, F]
+    # the runs of the family and the reference alone (the other runs add exact zeros): column 0 the reference
+    runs, z, exact = member_relabellings(design, members, max_exact=max_exact, n_perm=n_perm, seed=seed)
+    sub = np.ix_(runs, runs)
+    m = distance_matrix(sums, counts)[sub]
+    a = different_seed(design)[sub]
+    stat = parts(m, a, z)["ratio"][:, 1:, 0]                         # [B, F]
     adjusted = _min_p(stat)
     loc = {}
     if sq_sums is not None:
-        q = distance_matrix(sq_sums, counts)
-        loc = dict(zip(family, _min_p(location_ratio(q, a, z)[:, family, reference])))
+        q = distance_matrix(sq_sums, counts)[sub]
+        loc = dict(zip(family, _min_p(location_ratio(q, a, z)[:, 1:, 0])))
     null = math.nan
     if x is not None and len(family) > 1 and len(np.unique(x)) > 1:
         with np.errstate(invalid="ignore", divide="ignore"):
