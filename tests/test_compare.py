@@ -37,14 +37,15 @@ def sym_kl(logits_p, logits_q):
     return (kl(logits_p, logits_q) + kl(logits_q, logits_p)) / 2
 
 
-@pytest.mark.parametrize("group_bytes", [None, 1])
+@pytest.mark.parametrize("group_bytes", [None, 1, "blocks"])
 @pytest.mark.parametrize("which", ["cnn", "lm"])
 def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, group_bytes, monkeypatch):
-    """All pairs of a chunk in one gathered group (the default here), and, with the groups' bytes at 1, one
-    model against two others at a time: consecutive ones (views) or not (0 against 1 and 3)."""
+    """All pairs of a chunk in one gathered group (the default here); with the groups' bytes at 1, one model
+    against two others at a time: consecutive ones (views) or not (0 against 1 and 3); with room for a third of
+    the pairs, gathered blocks of two pairs."""
     import goldenpath.comparison.pairs
 
-    if group_bytes is not None:
+    if group_bytes == 1:
         monkeypatch.setattr(goldenpath.comparison.pairs, "PAIR_GROUP_BYTES", group_bytes)
     config = load_config(None, [*(TINY_TEACHER if which == "cnn" else TINY_MARKOV), "budget.steps=1"])
     source = config.data.build()
@@ -53,18 +54,30 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
         probe["labels"] = probe["labels"].clone()
         probe["labels"][::3, -5:] = -100
     models = tiny_models(TINY_TEACHER if which == "cnn" else TINY_MARKOV, 4, source.info)
+    chunk = 5
+    groups = []
+    if group_bytes == "blocks":  # a pair's two float64 outputs of a chunk: blocks of two pairs, three blocks
+        with torch.no_grad():
+            per_pair = logits(models[0], {k: v[:chunk] for k, v in probe.items() if k != "ids"}).numel() * 8 * 2
+        monkeypatch.setattr(goldenpath.comparison.pairs, "PAIR_GROUP_BYTES", 8 * per_pair)  # one group needs 12
+        monkeypatch.setattr(goldenpath.comparison.pairs, "GATHERED_PAIRS", 2)
+        real = goldenpath.comparison.pairs._eager_groups
+        monkeypatch.setattr(goldenpath.comparison.pairs, "_eager_groups",
+                            lambda *a: (groups.append(list(g)) or (g, s) for g, s in real(*a)))
     calls = [0] * len(models)
     for i, m in enumerate(models):
         m.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    chunk = 5
-    if group_bytes is not None:  # two models against others in groups of two: consecutive ones (a view) or not
+    if group_bytes == 1:  # two models against others in groups of two: consecutive ones (a view) or not
         monkeypatch.setattr(goldenpath.comparison.pairs, "_pairs_per_group", lambda per_pair: 2)
         pairs = [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
     got = pair_sums(models, probe, pairs, ("tv", "kl", "js", "top1", "sq"), chunk=chunk, device="cpu",
-                        dtype=torch.float64)
+                    dtype=torch.float64)
     n_chunks = math.ceil(len(probe["ids"]) / chunk)
     assert calls == [n_chunks] * 4
+    if group_bytes == "blocks":
+        # each pair once a chunk (a smaller last chunk may fit in one group)
+        assert groups[:3] == [[0, 1], [2, 3], [4, 5]] and sorted(sum(groups, [])) == sorted([*range(6)] * n_chunks)
     with torch.no_grad():
         outs = [logits(m, probe) for m in models]
     mask = probe["labels"] != -100 if which == "lm" else None
