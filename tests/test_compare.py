@@ -334,6 +334,34 @@ def test_a_rerun_computes_only_the_pairs_of_changed_or_new_checkpoints(sweep, co
         frame.sort_values(["target", "run_a", "run_b"]).value.tolist()
 
 
+def test_the_cache_files_written_in_the_background_are_complete_when_compare_returns_and_a_failed_one_fails_it(
+        sweep, monkeypatch):
+    """Each target's cache file is written while compare goes on to the next target's statistics: on return every
+    one is on disk and whole (a slow write is waited for), and a write that fails fails the compare, as it did
+    when the write came first."""
+    import time
+
+    real = files.atomic_write
+
+    def slow(path, write, **kw):
+        time.sleep(0.3)
+        return real(path, write, **kw)
+
+    monkeypatch.setattr(files, "atomic_write", slow)
+    cmp.compare(sweep, ("tv",), n_boot=20, n_perm=50)
+    cache = sorted((sweep / "compare" / "cache").glob("*.pt"))
+    assert len(cache) == 2 and all(len(cmp._read_cache(f)) > 0 for f in cache)  # two targets, every file whole
+
+    def failing(path, write, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "atomic_write", failing)
+    for f in cache:
+        f.unlink()
+    with pytest.raises(OSError, match="No space left"):
+        cmp.compare(sweep, ("tv",), n_boot=20, n_perm=50)
+
+
 def test_changes_name_the_runs_and_checkpoints_that_landed_changed_or_went(sweep):
     cmp.compare(sweep, ("tv",), n_boot=20, n_perm=100)
     assert runs_mod.changes(sweep) == [] and runs_mod.changes(sweep, "noise:1") is None  # never compared shifted

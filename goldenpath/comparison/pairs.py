@@ -105,7 +105,9 @@ class PairTable:
         return v.expand(len(self.keys), *v.shape) if name in self.shared else v
 
     def take(self, index: list[int]) -> PairTable:
-        """The rows ``index`` (in that order)."""
+        """The rows ``index`` (in that order; all of them in order: this table)."""
+        if index == list(range(len(self.keys))):
+            return self
         at = torch.tensor(index, dtype=torch.long)
         return PairTable([self.keys[i] for i in index],
                          {n: v if n in self.shared else v.index_select(0, at) for n, v in self.values.items()},
@@ -118,8 +120,8 @@ class PairTable:
     def cat(tables: list[PairTable]) -> PairTable:
         """The tables' rows one after the other; a name shared in all of them stays one row where it is equal."""
         tables = [t for t in tables if len(t)]
-        if not tables:
-            return PairTable([], {})
+        if len(tables) < 2:
+            return tables[0] if tables else PairTable([], {})
         names = list(tables[0].values)
         shared = {n for n in names if all(n in t.shared and torch.equal(t.values[n], tables[0].values[n])
                                           for t in tables)}

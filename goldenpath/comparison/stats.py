@@ -49,11 +49,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
 
 from goldenpath.comparison.design import (Cells, Design, cells, delta_var, different_seed, distance_matrix,
                                           label_matrix, location_ratio, member_relabellings, parts, smallest_p,
-                                          t_interval, t_p_value, upper_p)
+                                          t_interval, t_p_value, t_quantile, upper_p)
 
 # ----------------------------------------------------------------------------- comparisons
 
@@ -116,7 +115,7 @@ def score_interval(estimate: float, var: float, null_var: float, dof_: float, *,
     df = dof_
     if satterthwaite:
         df = math.inf if excess == 0 else dof_ * ((v0 + excess) / excess) ** 2
-    t2 = float(sps.norm.ppf(0.5 + level / 2) if math.isinf(df) else sps.t.ppf(0.5 + level / 2, df)) ** 2
+    t2 = t_quantile(0.5 + level / 2, df) ** 2
     # the truth is never below 1 (D >= the pooled floor for a distance of negative type, as tv's): at L <= 0
     # the variance is the null's, above it grows as v0 + kappa L; the interval is the union of both pieces
     pieces = []
@@ -341,5 +340,5 @@ def trend(x: np.ndarray, cells_: Cells, settings: list[int], reference: int, *, 
     se = se if se > 0 else math.nan
     if not np.isfinite(se):
         return point, math.nan, math.nan
-    half = float(sps.t.ppf(0.5 + level / 2, dof_)) * se
+    half = t_quantile(0.5 + level / 2, dof_) * se
     return point, point - half, point + half
