@@ -91,20 +91,32 @@ def label_matrix(design: Design) -> np.ndarray:
 # ----------------------------------------------------------------------------- the statistics of one labelling
 
 
-def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray,
+           counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
-    distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings."""
-    zt = np.swapaxes(z, 1, 2)
-    return zt @ (m * a) @ z, zt @ a @ z
+    distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings. ``counts``:
+    those of ``a`` and ``z`` when known (they do not depend on ``m``)."""
+    return _between(m * a, z), (_between(a, z) if counts is None else counts)
+
+
+def _between(w: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """[B, S, S]: z_b' w z_b for every labelling b."""
+    return np.swapaxes(z, 1, 2) @ w @ z
 
 
 def _diag(x: np.ndarray) -> np.ndarray:
     return np.diagonal(x, axis1=-2, axis2=-1)
 
 
-def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
+def cell_counts(a: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """[B, S, S]: the pairs of runs with different seeds (``a``) between (or within) the settings of labellings z,
+    shared by every statistic of those labellings (:func:`parts`, :func:`location_ratio`)."""
+    return _between(a, z)
+
+
+def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray, counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """D [B, S, S], own floors [B, S], pooled floors [B, S, S] and ratios [B, S, S] of labellings z."""
-    s, c = _cells(m, a, z)
+    s, c = _cells(m, a, z, counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         cross = s / c
         own = _diag(s) / _diag(c)
@@ -113,9 +125,9 @@ def parts(m: np.ndarray, a: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
         return {"cross": cross, "own": own, "pooled": pooled, "ratio": cross / pooled}
 
 
-def location_ratio(q: np.ndarray, a: np.ndarray, z: np.ndarray) -> np.ndarray:
+def location_ratio(q: np.ndarray, a: np.ndarray, z: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """[B, S, S]: D_2 / ((F_2K + F_2R) / 2) in the squared distance ``q`` (1 = the same mean function)."""
-    s, c = _cells(q, a, z)
+    s, c = _cells(q, a, z, counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         own = _diag(s) / _diag(c)
         return (s / c) / ((own[:, :, None] + own[:, None, :]) / 2)

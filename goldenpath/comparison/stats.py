@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from goldenpath.comparison.design import (Cells, Design, cells, delta_var, different_seed, distance_matrix,
+from goldenpath.comparison.design import (Cells, Design, cell_counts, cells, delta_var, different_seed, distance_matrix,
                                           label_matrix, location_ratio, member_relabellings, parts, smallest_p,
                                           t_interval, t_p_value, t_quantile, upper_p)
 
@@ -200,11 +200,12 @@ def compare_settings(sums: np.ndarray, counts: np.ndarray, design: Design, *, sq
             runs, zz, _ = member_relabellings(design, [k, r], max_exact=max_exact, n_perm=n_perm, seed=seed)
             sub = np.ix_(runs, runs)
             both = a[sub]
-            stat = parts(m[sub], both, zz)["ratio"][:, 0, 1]
+            counts_zz = cell_counts(both, zz)
+            stat = parts(m[sub], both, zz, counts_zz)["ratio"][:, 0, 1]
             p_ratio = float(upper_p(stat[:, None])[0, 0]) if np.isfinite(stat[0]) else math.nan
             null_ratio, used = _log_var(stat), len(zz)
             if q is not None:
-                lstat = location_ratio(q[sub], both, zz)[:, 0, 1]
+                lstat = location_ratio(q[sub], both, zz, counts_zz)[:, 0, 1]
                 p_loc = float(upper_p(lstat[:, None])[0, 0]) if np.isfinite(lstat[0]) else math.nan
                 null_loc = _log_var(lstat)
         df = dof(design, [k, r])
@@ -260,12 +261,13 @@ def family_test(sums: np.ndarray, counts: np.ndarray, design: Design, family: li
     sub = np.ix_(runs, runs)
     m = distance_matrix(sums, counts)[sub]
     a = different_seed(design)[sub]
-    stat = parts(m, a, z)["ratio"][:, 1:, 0]                         # [B, F]
+    pairs_zz = cell_counts(a, z)
+    stat = parts(m, a, z, pairs_zz)["ratio"][:, 1:, 0]               # [B, F]
     adjusted = _min_p(stat)
     loc = {}
     if sq_sums is not None:
         q = distance_matrix(sq_sums, counts)[sub]
-        loc = dict(zip(family, _min_p(location_ratio(q, a, z)[:, 1:, 0])))
+        loc = dict(zip(family, _min_p(location_ratio(q, a, z, pairs_zz)[:, 1:, 0])))
     null = math.nan
     if x is not None and len(family) > 1 and len(np.unique(x)) > 1:
         with np.errstate(invalid="ignore", divide="ignore"):
