@@ -249,14 +249,16 @@ def main() -> None:
         run(args)
 
 
-def run_design(settings: int, seeds: int, args) -> None:
-    """The median of ``args.rounds`` compares of ``settings`` x ``seeds`` runs at ``args.targets`` targets, split."""
+def run_design(settings: int, seeds: int, args) -> dict[str, dict]:
+    """The median of ``args.rounds`` compares of ``settings`` x ``seeds`` runs at ``args.targets`` targets, split
+    (printed, and returned by model: :func:`split_timed`'s seconds, ``wall_s``, ``forward_s``, ``forwards``)."""
     tune_malloc()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports and first calls are paid once per process
         compare(make_sweep(Path(tmp) / "w", MODELS["cnn"], 2, settings=2))
     targets = tuple(1.0 + 0.5 * k for k in range(args.targets))
     overrides = [] if args.probe_size is None else [f"data.probe_size={args.probe_size}"]
+    out = {}
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             sweep = make_sweep(Path(tmp) / "s", MODELS[name], seeds, overrides, settings=settings, targets=targets)
@@ -271,11 +273,13 @@ def run_design(settings: int, seeds: int, args) -> None:
             one = forward_seconds(MODELS[name], overrides=overrides)
         got = sorted(rounds, key=lambda r: r["wall_s"])[len(rounds) // 2]
         forwards = settings * seeds * len(targets)
+        out[name] = {**got, "forward_s": one, "forwards": forwards}
         rest = got["wall_s"] - sum(v for k, v in got.items() if k != "wall_s")
         print(f"{name:8s} {settings} settings x {seeds} seeds, {len(targets)} targets: {got['wall_s']:.2f} s = "
               f"{got['wall_s'] / (forwards * one):.2f} x {forwards} forwards; forwards {got['forwards_s']:.2f} s, "
               f"pair metrics {got['pairs_s']:.2f} s, statistics {got['stats_s']:.2f} s, pair rows "
               f"{got['rows_s']:.2f} s, tables {got['tables_s']:.2f} s, the rest {rest:.2f} s", flush=True)
+    return out
 
 
 def run(args) -> None:

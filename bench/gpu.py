@@ -28,7 +28,8 @@ measures something of each; a part stopped there is run again in full by ``--res
    and Opacus hooks steps under a bf16 autocast, as a GPU run trains (goldenpath's clipping stays float32).
 3. ``compare``: ``goldenpath compare`` on 8 and 16 loss-target checkpoints of GPT-2's vocabulary against
    N x one model's forward over the probe set (goal <= 1.2), with its time inside split into the models'
-   forwards and the pair metrics (tv and js from compare's Triton kernel on CUDA). Then the same with tv and js
+   forwards, the pair metrics (tv and js from compare's Triton kernel on CUDA), the statistics, the pair rows
+   and the tables (``bench/compare.py``'s ``split_timed``). Then the same with tv and js
    from the eager forms, with the largest differences of every metric's pair values from the kernel's
    compare (compare's tolerances: 1e-5, kl 1e-4 relative): what the kernel saves and how exact it is on the
    device. ``dp`` also lists where a fast-path step's time goes (``route_times``) and what one read of the
@@ -659,6 +660,8 @@ def table(results: dict) -> str:
     for n, r in results.get("compare", {}).items():
         if isinstance(r, dict) and "ratio" in r:
             split = (f"; inside: forwards {r['forwards_s']:.2f} s, pair metrics {r['pairs_s']:.2f} s"
+                     + (f", statistics {r['stats_s']:.2f} s, pair rows {r['rows_s']:.2f} s, tables "
+                        f"{r['tables_s']:.2f} s" if "stats_s" in r else "")
                      if "pairs_s" in r else "")
             lines.append(f"| compare N={n} | {r['ratio']:.2f} x (N x forward){split} | <= 1.2 |")
             if r.get("pair_kernel_error"):

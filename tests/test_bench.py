@@ -41,8 +41,8 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert "opacus-ghost" in results["dp"]["gpt2-small"]["not_run"]
     assert results["compare"]["4"]["ratio"] > 1.0  # compare does the forwards and more
     split = results["compare"]["4"]
-    assert 0 < split["forwards_s"] and 0 < split["pairs_s"]
-    assert split["forwards_s"] + split["pairs_s"] < split["compare_s"]
+    assert 0 < split["forwards_s"] and 0 < split["pairs_s"] and 0 < split["stats_s"] and 0 < split["rows_s"]
+    assert sum(split[k] for k in ("forwards_s", "pairs_s", "stats_s", "rows_s", "tables_s")) < split["compare_s"]
     assert split["pair_kernel"] is False  # Triton's kernel runs on CUDA alone
     eager = split["without_kernel"]  # tv and js from the eager forms: within compare's tolerances of the above
     assert eager["ratio"] > 0 and set(eager["largest_differences"]) == {"tv", "kl", "js", "top1"}
@@ -563,6 +563,22 @@ def test_compare_bench_times_the_statistics_of_a_design_alone():
 
     got = compare_bench.stats_seconds(3, 4, units=16)
     assert set(got) == {"compare_settings_s", "family_test_s"} and all(v > 0 for v in got.values())
+
+
+def test_compare_bench_splits_a_study_shaped_compare_into_its_parts(capsys):
+    """``bench/compare.py --design SxN``: settings x seeds at several targets, every part of compare's time timed
+    inside it and less than its wall time together."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import compare as compare_bench
+
+    args = argparse.Namespace(rounds=1, targets=2, models="cnn", probe_size=16)
+    got = compare_bench.run_design(2, 3, args)["cnn"]
+    parts = ("forwards_s", "pairs_s", "stats_s", "rows_s", "tables_s")
+    assert all(got[k] > 0 for k in parts) and sum(got[k] for k in parts) < got["wall_s"]
+    assert got["forwards"] == 2 * 3 * 2 and got["forward_s"] > 0
+    assert "2 settings x 3 seeds, 2 targets" in capsys.readouterr().out
 
 
 def test_dp_bench_under_bf16_runs_each_method_in_the_autocast_and_goldenpaths_clipping_in_float32(monkeypatch):
