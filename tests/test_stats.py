@@ -120,6 +120,22 @@ def test_member_relabellings_are_the_full_relabellings_restricted_to_the_members
     np.testing.assert_array_equal(member_relabellings(design, members, max_exact=500, n_perm=300, seed=3)[1], again)
 
 
+def test_an_undefined_cell_covariance_gives_a_nan_variance_without_a_numpy_warning():
+    """With 3 seeds a setting's within-cell pairs all share a seed, so their covariance is x / 0: inf of either sign
+    where the float sums do not cancel to exactly 0. The delta-method variance is then undefined (nan), and the
+    jackknife or the relabellings' spread stand in, without numpy's 'invalid value' warning reaching the user."""
+    import warnings
+
+    from goldenpath.comparison.design import Cells, delta_var
+
+    cov = np.array([[np.inf, -np.inf, 0.1], [-np.inf, np.inf, 0.2], [0.1, 0.2, 0.3]])
+    c = Cells([(0, 0), (0, 1), (1, 1)], np.array([1.0, 2.0, 1.5]), cov, np.array([3, 9, 3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert math.isnan(delta_var(c, {(0, 0): 1.0, (0, 1): 0.5}))  # inf - inf
+        assert delta_var(c, {(1, 1): 2.0}) == pytest.approx(4 * 0.3)  # cells apart from the undefined ones
+
+
 def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():
     rng = np.random.default_rng(2)
     design = independent(3, 3, 3)

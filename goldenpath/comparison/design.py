@@ -189,7 +189,8 @@ def delta_var(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
     for (k, r), v in gradient.items():
         g[cells_.index(k, r)] += v
     used = np.flatnonzero(g)  # cells of other settings (a one-seed setting's are nan) must not enter as 0 x nan
-    return float(g[used] @ cells_.cov[np.ix_(used, used)] @ g[used])
+    with np.errstate(invalid="ignore"):  # a used cell's covariance undefined (3 seeds: no disjoint pairs): nan
+        return float(g[used] @ cells_.cov[np.ix_(used, used)] @ g[used])
 
 
 def delta_se(cells_: Cells, gradient: dict[tuple[int, int], float]) -> float:
