@@ -33,7 +33,9 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 class Dist:
     """One model's predictive distribution on some points: log-probabilities and probabilities, computed once
     and shared by every metric and every pair it enters. ``masked``: some token has probability exactly 0
-    (a -inf logit), so the metrics take the slower forms in which such a token contributes exactly 0."""
+    (a -inf logit), so the metrics take the slower forms in which such a token contributes exactly 0;
+    ``small``: some log-probability is below _LOG_SMALL. Both are kept on the device and read by the host once,
+    when a metric first asks (N models stacked for a probe chunk: one read, not two a model)."""
 
     def __init__(self, logits: torch.Tensor | None = None):
         if logits is None:  # filled by take()
@@ -41,8 +43,21 @@ class Dist:
         self.log_p = log_probs(logits)
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
-        self.masked = bool(torch.isneginf(self.log_p).any())
-        self.small = bool((self.log_p < _LOG_SMALL).any())  # a -inf (masked) is below it too
+        self._flags = torch.stack([torch.isneginf(self.log_p).any(), (self.log_p < _LOG_SMALL).any()])
+        self._read: tuple[bool, bool] | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self._host()[0]
+
+    @property
+    def small(self) -> bool:  # a -inf (masked) is below _LOG_SMALL too
+        return self._host()[1]
+
+    def _host(self) -> tuple[bool, bool]:
+        if self._read is None:
+            self._read = tuple(self._flags.tolist())
+        return self._read
 
     @staticmethod
     def stack_into(stacked: Dist | None, k: int, n: int, one: Dist) -> Dist:
@@ -50,9 +65,10 @@ class Dist:
         if stacked is None:
             stacked = Dist()
             stacked.log_p, stacked.p = (t.new_empty((n, *t.shape)) for t in (one.log_p, one.p))
-            stacked.top, stacked.masked, stacked.small = one.top.new_empty((n, *one.top.shape)), False, False
+            stacked.top = one.top.new_empty((n, *one.top.shape))
+            stacked._flags, stacked._read = torch.zeros_like(one._flags), None
         stacked.log_p[k], stacked.p[k], stacked.top[k] = one.log_p, one.p, one.top
-        stacked.masked, stacked.small = stacked.masked or one.masked, stacked.small or one.small
+        stacked._flags |= one._flags
         return stacked
 
     def take(self, index: slice | torch.Tensor) -> Dist:
@@ -60,7 +76,7 @@ class Dist:
         ``index`` of that dim (a slice: views, no copy)."""
         out = Dist()
         out.log_p, out.p, out.top = self.log_p[index], self.p[index], self.top[index]
-        out.masked, out.small = self.masked, self.small
+        out._flags, out._read = self._flags, self._read
         return out
 
 

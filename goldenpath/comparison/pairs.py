@@ -159,14 +159,17 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
     lm = "labels" in probe
     unit = [m for m in metrics if m in ON_DISTS]
     moments = _Moments(pairs) if "cka" in metrics else None
-    table = torch.empty(len(unit), len(pairs), n, dtype=torch.float64)  # [metrics, pairs, units], chunk by chunk
+    # on the device until every chunk is in (a GPU is not waited for chunk by chunk): [metrics, pairs, units] sums,
+    # each unit's points, and the probe set itself, moved once
+    table = torch.empty(len(unit), len(pairs), n, dtype=torch.float64, device=device)
     counts = []
+    probe = _to(probe, 0, n, device, dtype)
     needed = sorted({i for p in pairs for i in p})
     bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
                disable=None if progress and pairs else True)
     with bar, torch.no_grad(), strict_float32(), _hooked(models, needed, active=moments is not None) as features:
         for lo in range(0, n, chunk):
-            part = _to(probe, lo, chunk, device, dtype)
+            part = {k: v[lo : lo + chunk] for k, v in probe.items()}
             hi = min(lo + chunk, n)
             mask = part["labels"] != -100 if lm else None
             dist, feats = None, {}
@@ -183,13 +186,15 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
                 slot = {i: k for k, i in enumerate(needed)}
                 for group, s in _pair_groups(dist, [(slot[i], slot[j]) for i, j in pairs], unit, mask,
                                              _Gram(dist) if set(unit) & set(_Gram.METRICS) else None):
-                    at = slice(group.start, group.stop) if isinstance(group, range) else torch.tensor(group)
-                    table[:, at, lo:hi] = s.cpu()  # s: [metrics, pairs, units]
-            counts.append(mask.sum(-1, dtype=torch.float64).cpu() if lm else torch.ones(hi - lo, dtype=torch.float64))
+                    at = slice(group.start, group.stop) if isinstance(group, range) else \
+                        torch.tensor(group, device=device)
+                    table[:, at, lo:hi] = s  # s: [metrics, pairs, units]
+            counts.append(mask.sum(-1, dtype=torch.float64) if lm else
+                          torch.ones(hi - lo, dtype=torch.float64, device=device))
             bar.update()
     if not pairs:
         return PairTable([], {})
-    values = {**dict(zip(unit, table.unbind(0))), "count": torch.cat(counts)}
+    values = {**dict(zip(unit, table.cpu().unbind(0))), "count": torch.cat(counts).cpu()}
     if moments is not None:
         got = moments.distances()
         values["cka"] = torch.stack([got[p] for p in pairs])
