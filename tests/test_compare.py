@@ -93,10 +93,13 @@ def test_all_pairs_equal_a_naive_double_loop_with_n_forwards_per_chunk(which, gr
             torch.testing.assert_close(got[(i, j)][name], want.double(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("group_bytes", [None, 1])
 @pytest.mark.parametrize("which", ["cnn", "lm"])
-def test_pair_sums_read_the_device_once_a_probe_chunk_whatever_the_models_and_pairs(which):
-    """On a GPU each host read waits for the device: a probe chunk's distributions are read once (whether any
-    token is ruled out, or underflows) and the sums once at the end, not per model, group or pair."""
+def test_pair_sums_read_the_device_once_a_probe_chunk_whatever_the_models_and_pairs(which, group_bytes, monkeypatch):
+    """On a GPU each host read waits for the device, and so does a copy of a host list to it: a probe chunk's
+    distributions are read once (whether any token is ruled out, or underflows) and the sums once at the end, not
+    per model, group or pair; the pairs' indices go to the device once (also one first model at a time: the
+    groups' bytes at 1)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from host_reads import HostReads
 
@@ -105,15 +108,21 @@ def test_pair_sums_read_the_device_once_a_probe_chunk_whatever_the_models_and_pa
     probe = source.heldout("probe")
     chunk = 5
     n_chunks = math.ceil(len(probe["ids"]) / chunk)
+    if group_bytes is not None:
+        monkeypatch.setattr(pairs, "PAIR_GROUP_BYTES", group_bytes)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: made.append(1) or real(*a, **kw))
     counted = {}
     for n in (2, 5):
         models = [m.float() for m in tiny_models(TINY_TEACHER if which == "cnn" else TINY_MARKOV, n, source.info)]
+        made.clear()
         with HostReads() as reads:
             pair_sums(models, probe, list(itertools.combinations(range(n), 2)), ("tv", "kl", "js", "top1", "sq"),
                       chunk=chunk, device="cpu", dtype=torch.float32)
-        counted[n] = dict(reads.kinds)
+        counted[n] = {**reads.kinds, "torch.tensor": len(made)}
     assert counted[2] == counted[5], counted
-    assert sum(counted[5].values()) <= n_chunks + 2, (counted, n_chunks)
+    assert counted[5].pop("torch.tensor") == 1 and sum(counted[5].values()) <= n_chunks + 2, (counted, n_chunks)
 
 
 def test_pair_forwards_run_in_strict_float32_whatever_the_process_set_before(tmp_path):

@@ -165,6 +165,9 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
     counts = []
     probe = _to(probe, 0, n, device, dtype)
     needed = sorted({i for p in pairs for i in p})
+    slot = {i: k for k, i in enumerate(needed)}  # each pair's models as rows of a chunk's stacked distributions
+    slotted = [(slot[i], slot[j]) for i, j in pairs]
+    index = pair_index(slotted, device)
     bar = tqdm(total=math.ceil(n / chunk), desc=progress, unit="chunk", leave=False,
                disable=None if progress and pairs else True)
     with bar, torch.no_grad(), strict_float32(), _hooked(models, needed, active=moments is not None) as features:
@@ -183,12 +186,9 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
             if moments is not None:
                 moments.add(feats)
             if unit and pairs:
-                slot = {i: k for k, i in enumerate(needed)}
-                for group, s in _pair_groups(dist, [(slot[i], slot[j]) for i, j in pairs], unit, mask,
-                                             _Gram(dist) if set(unit) & set(_Gram.METRICS) else None):
-                    at = slice(group.start, group.stop) if isinstance(group, range) else \
-                        torch.tensor(group, device=device)
-                    table[:, at, lo:hi] = s  # s: [metrics, pairs, units]
+                for group, s in _pair_groups(dist, slotted, unit, mask,
+                                             _Gram(dist) if set(unit) & set(_Gram.METRICS) else None, index):
+                    table[:, positions(group, device), lo:hi] = s  # s: [metrics, pairs, units]
             counts.append(mask.sum(-1, dtype=torch.float64) if lm else
                           torch.ones(hi - lo, dtype=torch.float64, device=device))
             bar.update()
@@ -228,7 +228,8 @@ PAIR_GROUP_BYTES = 32 * 2**20
 GATHERED_PAIRS = 32
 
 
-def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None):
+def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None,
+                 index: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Yield (indices into ``pairs``, per-unit sums [metrics, len(group), units]) for groups of pairs, each
     metric a few tensor operations over a whole group instead of a few per pair (the same values,
     elementwise and per row). On a CUDA GPU with Triton, tv and js from one kernel (:func:`use_kernel`), as
@@ -236,17 +237,20 @@ def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask
     of the chunk in one group, their distributions gathered (in blocks of pairs where there are many,
     GATHERED_PAIRS); large ones (a language model's): the pairs that share their first model, that model a view
     broadcast against the others, a view too where their indices run consecutively (all pairs), in groups whose
-    temporaries take about PAIR_GROUP_BYTES. ``gram``: kl and sq (:class:`_Gram`)."""
+    temporaries take about PAIR_GROUP_BYTES. ``gram``: kl and sq (:class:`_Gram`). ``index``: ``pairs``' first and
+    second models as tensors on the device (:func:`pair_index`; made here when not given: a copy to a GPU waits
+    for it, so pair_table makes them once for every chunk)."""
     by_gram = {m for m in unit if gram is not None and gram.has(m)}
     lead = dist.log_p.shape[1:-1]
     device = dist.log_p.device
+    index = pair_index(pairs, device) if index is None else index
     done = 0  # pairs the kernel measured
     if use_kernel(dist) and set(unit) <= {"tv", "js", "top1"} | by_gram:  # no gathered copies
         # each pair's values at every point, about 10 floats a point for every metric and step: a share of memory
         size = max(1, int(_copy_bytes(device) // (10 * 4 * max(1, math.prod(lead)))))
         for lo in range(0, len(pairs), size):
             group = range(lo, min(lo + size, len(pairs)))
-            first, second = (torch.tensor(x, device=device) for x in zip(*pairs[lo : group.stop]))
+            first, second = index[0][lo : group.stop], index[1][lo : group.stop]
             fused = _kernel_tv_js(dist, first, second) if {"tv", "js"} & set(unit) else {}
             if fused is None:  # the kernel failed (warned): the eager forms measure the pairs left
                 break
@@ -254,12 +258,26 @@ def _pair_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask
                 fused[m] if m in fused else gram(m, first, second) if m in by_gram else
                 (dist.top[first] != dist.top[second]).to(dist.log_p.dtype) for m in unit]), mask)[0]
             done = group.stop
-    for group, sums in _eager_groups(dist, pairs[done:], unit, mask, gram, by_gram):
+    for group, sums in _eager_groups(dist, pairs[done:], unit, mask, gram, by_gram, (index[0][done:], index[1][done:])):
         yield [done + k for k in group], sums
 
 
+def pair_index(pairs: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and the second model of each pair, as two index tensors on ``device``."""
+    both = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T.contiguous().to(device)
+    return both[0], both[1]
+
+
+def positions(group: list[int] | range, device) -> slice | torch.Tensor:
+    """``group`` (indices, e.g. of pairs) as a slice where they run consecutively (no copy to the device), else as
+    an index tensor on ``device``."""
+    if len(group) and list(group) == list(range(group[0], group[0] + len(group))):
+        return slice(group[0], group[0] + len(group))
+    return torch.tensor(list(group), dtype=torch.long, device=device)
+
+
 def _eager_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mask, gram: _Gram | None,
-                  by_gram: set[str]):
+                  by_gram: set[str], index: tuple[torch.Tensor, torch.Tensor]):
     """:func:`_pair_groups` by the eager forms (every metric a few tensor operations a group)."""
     if not pairs:
         return
@@ -274,15 +292,13 @@ def _eager_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mas
                                       for m in unit]), mask)[0]  # [metrics, pairs, units]
 
     if 2 * per_pair * len(pairs) <= PAIR_GROUP_BYTES:  # gathering every pair costs little: one group
-        first = torch.tensor([i for i, _ in pairs], device=device)
-        yield range(len(pairs)), measured(first, torch.tensor([j for _, j in pairs], device=device))
+        yield range(len(pairs)), measured(*index)
         return
     block = int(PAIR_GROUP_BYTES // 2 // (2 * per_pair))
     if block >= GATHERED_PAIRS:  # many pairs of small outputs: gathered in blocks that stay in cache
         for lo in range(0, len(pairs), block):
-            part = pairs[lo : lo + block]
-            yield range(lo, lo + len(part)), measured(torch.tensor([i for i, _ in part], device=device),
-                                                      torch.tensor([j for _, j in part], device=device))
+            hi = min(lo + block, len(pairs))
+            yield range(lo, hi), measured(index[0][lo:hi], index[1][lo:hi])
         return
     size = _pairs_per_group(per_pair)
     by_first: dict[int, list[int]] = {}
@@ -291,9 +307,10 @@ def _eager_groups(dist: Dist, pairs: list[tuple[int, int]], unit: list[str], mas
     for i, ks in by_first.items():
         for lo in range(0, len(ks), size):
             group = ks[lo : lo + size]
-            js = [pairs[k][1] for k in group]
+            js, at = [pairs[k][1] for k in group], positions(group, device)
+            # the second models: a view where they run consecutively, else read from index (no copy to the device)
             others = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[0] + len(js))) else \
-                torch.tensor(js, device=device)
+                index[1][at] if isinstance(at, slice) else torch.tensor(js, device=device)
             yield group, measured(slice(i, i + 1), others)
 
 
