@@ -659,6 +659,11 @@ def test_the_pair_cache_round_trips_exactly_in_its_compact_form_and_reads_the_ol
     assert packed["values"]["count"].shape == (6,) and packed["values"]["js"].dtype == torch.float64
     assert cmp._pack(pairs.PairTable(list(results), {**stacked, "count": count}, shared=("count",))).keys() == \
         packed.keys()
+    # rows that are views of one [metrics, pairs, units] tensor (as compare's pair sums are) are written alone
+    both = torch.stack([stacked["js"], stacked["js"] * 2])
+    viewed = cmp._pack(pairs.PairTable(list(results), {"js": both[0], "kl": both[1]}))
+    for v in viewed["values"].values():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
     old = {"keys": list(results), "values": stacked}
     # a cache that holds kl of another definition (the one-way KL before compare's was symmetrised) is recomputed
     with_kl = pairs.PairTable(list(results), {**stacked, "kl": stacked["js"]})

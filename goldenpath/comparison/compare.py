@@ -333,6 +333,8 @@ def _pack(table: PairTable) -> dict:
         if values[n].dtype == torch.float64 and torch.equal(values[n].float().double(), values[n]):
             values[n] = values[n].float()
             single.append(n)
+        elif values[n].untyped_storage().nbytes() > values[n].numel() * values[n].element_size():
+            values[n] = values[n].clone()  # a view of every metric's sums: torch.save would write all of them
     return {"keys": list(table.keys), "values": values, "shared": shared, "single": single, "kl": KL_DEFINITION}
 
 
