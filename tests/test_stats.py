@@ -103,13 +103,33 @@ def test_relabellings_are_every_labelling_that_keeps_the_sizes_once(design):
     assert smallest_p(design, [0, 1, 2]) == pytest.approx(reach / len(z))
 
 
-@pytest.mark.parametrize("design", [independent(3, 3, 2), paired(3, 3), independent(10, 10, 10, 9), paired(6, 4)])
+# digests of the labellings (the argmax of every row, int8) that goldenpath drew before they were kept and shared
+# between settings: the same enumeration order and the same random draws since
+LABELLINGS = {
+    ("independent(3, 3, 2)", (0, 1)): "58665a509ef64a08", ("independent(3, 3, 2)", (2, 0, 1)): "d2812d3ab312478c",
+    ("independent(3, 3, 2)", (1, 2)): "20919504b9020f31", ("paired(3, 3)", (0, 1)): "e3dfabcc1abb68db",
+    ("paired(3, 3)", (2, 0, 1)): "1837f15d83a9943d", ("paired(3, 3)", (1, 2)): "eddc3c453da21684",
+    ("independent(10, 10, 10, 9)", (0, 1)): "4a9d791c80680c4a", ("independent(10, 10, 10, 9)", (2, 0, 1)):
+    "8d7b39e5fd24225c", ("independent(10, 10, 10, 9)", (1, 2)): "aae8078e23089489",
+    ("paired(6, 4)", (0, 1)): "db29d20947102e1d", ("paired(6, 4)", (2, 0, 1)): "9da869a04965af12",
+    ("paired(6, 4)", (1, 2)): "81fbd1cc168899bd"}
+DESIGNS = {"independent(3, 3, 2)": independent(3, 3, 2), "paired(3, 3)": paired(3, 3),
+           "independent(10, 10, 10, 9)": independent(10, 10, 10, 9), "paired(6, 4)": paired(6, 4)}
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
 @pytest.mark.parametrize("members", [[0, 1], [2, 0, 1], [1, 2]])
 def test_member_relabellings_are_the_full_relabellings_restricted_to_the_members(design, members):
     """The labellings of the members' runs alone (compare's pairs of settings and family tests take these, kept
     from one call to the next): every row equal to the full one's at those runs and columns, in the same order,
-    the exact enumeration and the random draws alike, members in any order (a family's reference first)."""
+    the exact enumeration and the random draws alike, members in any order (a family's reference first); and the
+    full ones those goldenpath drew before (digests)."""
+    import hashlib
+
+    name, design = design, DESIGNS[design]
     full, exact = relabellings(design, members, max_exact=500, n_perm=300, seed=3)
+    digest = hashlib.sha1(full.argmax(2).astype(np.int8).tobytes()).hexdigest()[:16]
+    assert digest == LABELLINGS[(name, tuple(members))]
     runs, sub, sub_exact = member_relabellings(design, members, max_exact=500, n_perm=300, seed=3)
     assert list(runs) == [i for k in members for i in design.groups[k]] and sub_exact == exact
     np.testing.assert_array_equal(sub, full[:, runs][:, :, members])
@@ -134,6 +154,19 @@ def test_an_undefined_cell_covariance_gives_a_nan_variance_without_a_numpy_warni
         warnings.simplefilter("error", RuntimeWarning)
         assert math.isnan(delta_var(c, {(0, 0): 1.0, (0, 1): 0.5}))  # inf - inf
         assert delta_var(c, {(1, 1): 2.0}) == pytest.approx(4 * 0.3)  # cells apart from the undefined ones
+
+
+def test_a_reference_whose_seeds_give_one_function_gives_an_infinite_spread_not_a_crash():
+    """A reference setting whose seeds all give the same function (floor 0: e.g. loss barriers all 0 on a small
+    sweep) made a setting's spread against it 1 / 0, and compare crashed; it is infinite."""
+    from goldenpath.comparison import verdicts
+
+    rng = np.random.default_rng(5)
+    outputs = np.stack([np.zeros(20)] * 3 + [rng.normal(size=20) for _ in range(3)])  # the reference: one function
+    settings = [verdicts.Setting(f"s{k}", (k,), "online", 0.1 * 2**k, (0, k), {"lr": 0.1 * 2**k}) for k in range(2)]
+    got = verdicts.setting_rows(1.0, "tv", settings, independent(3, 3), pair_sums(outputs), np.ones(20), n_perm=50)
+    row = [r for r in got["summary"] if r["setting"] == "s1"][0]
+    assert row["spread"] == math.inf and row["floor"] > 0 and row["ref_floor"] == 0
 
 
 def test_min_p_adjusted_p_values_equal_a_brute_force_over_every_relabelling():

@@ -160,6 +160,9 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None,
     writes = []
     with ThreadPoolExecutor(max_workers=1) as writer:  # each target's cache file written while compare goes on
         for target in sorted(by_target, reverse=True):
+            for done in writes:  # a cache file that could not be written stops the compare before more forwards
+                if done is not None and done.done():
+                    done.result()
             cks = _kept(by_target[target], runs, target, tolerance, tables["excluded"] if not include_flagged else None)
             order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
             cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
@@ -264,10 +267,9 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
     path = cache_dir / f"{hashlib.sha1(f'{setup.key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
     cached = _read_cache(path)
     row = {k: r for r, k in enumerate(cached.keys)}
-    have = cached.take([row[k] for k in keys if k in row])
     todo = [(p, k) for p, k in zip(pairs, keys) if k not in row]
     if not todo:
-        return have, None
+        return PairTable.select(keys, [cached]), None
     models, modules = {}, {}
     for idx in sorted({i for (p, _) in todo for i in p}):
         models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
@@ -281,15 +283,15 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
                             progress=f"{label}, lmc paths", chunk=setup.chunk or probe_chunk(0, setup.info, **kw), **kw)
         new.values["lmc"] = torch.stack([got[p]["lmc"] for p in todo_pairs])
     del models
-    both = PairTable.cat([have, new.rekeyed([k for _, k in todo])])
-    at = {k: r for r, k in enumerate(both.keys)}
-    results = both.take([at[k] for k in keys])
+    results = PairTable.select(keys, [cached, new.rekeyed([k for _, k in todo])])
+    del new
     # keep the cached pairs of checkpoints left out this time (they may be included again)
     alive = {f"{c.run}|{c.fingerprint}" for c in every}
     current = set(keys)
-    kept = [r for r, k in enumerate(cached.keys) if k not in current
+    kept = [k for k in cached.keys if k not in current
             and {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive]
-    everything = PairTable.cat([cached.take(kept), results])
+    everything = PairTable.select(kept + keys, [cached, results]) if kept else results
+    del cached
     return results, writer.submit(files.atomic_write, path, lambda tmp: torch.save(_pack(everything), tmp),
                                   durable=False)
 
@@ -300,11 +302,17 @@ def _distance_rows(target, cks, runs, results: PairTable, metrics, weights, agai
     run -> the runs of the references its setting is compared with (a pair of a run and one of those is a
     ``reference`` pair)."""
     pairs = list(itertools.combinations(range(len(cks)), 2))
-    est = {}
-    count = results.values["count"][None] if "count" in results.shared else results.rows("count")
-    for m in metrics:  # one metric at a time: the same resamples, no copy of every metric's rows at once
-        est[m] = tuple(x.tolist() for x in bootstrap_rows(results.rows(m), count, weights=weights)) \
-            if m not in WHOLE else (results.rows(m)[:, 0].tolist(), [math.nan] * len(pairs), [math.nan] * len(pairs))
+    est = {m: (results.rows(m)[:, 0].tolist(), [math.nan] * len(pairs), [math.nan] * len(pairs))
+           for m in metrics if m in WHOLE}
+    unit = [m for m in metrics if m not in WHOLE]
+    if unit:  # every pair and pointwise metric in one resampling, pair by pair (one product, its rows in one order:
+        # a row's last bit can depend on how many rows the product has and where the row stands)
+        count = results.values["count"][None] if "count" in results.shared else \
+            results.rows("count").repeat_interleave(len(unit), 0)
+        rows = torch.stack([results.rows(m) for m in unit], 1).flatten(0, 1)  # [pairs x metrics, units]
+        got = bootstrap_rows(rows, count, weights=weights)
+        value, low, high = (x.view(len(pairs), len(unit)).T.tolist() for x in got)
+        est.update({m: (value[k], low[k], high[k]) for k, m in enumerate(unit)})
     base = []
     for i, j in pairs:
         a, b = cks[i], cks[j]

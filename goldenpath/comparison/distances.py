@@ -43,8 +43,8 @@ class Dist:
         self.log_p = log_probs(logits)
         self.p = self.log_p.exp()
         self.top = self.log_p.argmax(-1)
-        self._flags = torch.stack([torch.isneginf(self.log_p).any(), (self.log_p < _LOG_SMALL).any()])
-        self._read: tuple[bool, bool] | None = None
+        # [the two flags on the device, their host values once read], shared with every Dist taken from this one
+        self._flags = [torch.stack([torch.isneginf(self.log_p).any(), (self.log_p < _LOG_SMALL).any()]), None]
 
     @property
     def masked(self) -> bool:
@@ -55,9 +55,9 @@ class Dist:
         return self._host()[1]
 
     def _host(self) -> tuple[bool, bool]:
-        if self._read is None:
-            self._read = tuple(self._flags.tolist())
-        return self._read
+        if self._flags[1] is None:
+            self._flags[1] = tuple(self._flags[0].tolist())
+        return self._flags[1]
 
     @staticmethod
     def stack_into(stacked: Dist | None, k: int, n: int, one: Dist) -> Dist:
@@ -66,17 +66,18 @@ class Dist:
             stacked = Dist()
             stacked.log_p, stacked.p = (t.new_empty((n, *t.shape)) for t in (one.log_p, one.p))
             stacked.top = one.top.new_empty((n, *one.top.shape))
-            stacked._flags, stacked._read = torch.zeros_like(one._flags), None
+            stacked._flags = [torch.zeros_like(one._flags[0]), None]
         stacked.log_p[k], stacked.p[k], stacked.top[k] = one.log_p, one.p, one.top
-        stacked._flags |= one._flags
+        stacked._flags[0] |= one._flags[0]
+        stacked._flags[1] = None  # a value read before this row came in would be stale
         return stacked
 
     def take(self, index: slice | torch.Tensor) -> Dist:
         """The distributions of several models stacked on dim 0 (``Dist(torch.stack(logits))``), rows
-        ``index`` of that dim (a slice: views, no copy)."""
+        ``index`` of that dim (a slice: views, no copy); the flags of all of them (read once for both)."""
         out = Dist()
         out.log_p, out.p, out.top = self.log_p[index], self.p[index], self.top[index]
-        out._flags, out._read = self._flags, self._read
+        out._flags = self._flags
         return out
 
 

@@ -104,30 +104,39 @@ class PairTable:
         v = self.values[name]
         return v.expand(len(self.keys), *v.shape) if name in self.shared else v
 
-    def take(self, index: list[int]) -> PairTable:
-        """The rows ``index`` (in that order; all of them in order: this table)."""
-        if index == list(range(len(self.keys))):
-            return self
-        at = torch.tensor(index, dtype=torch.long)
-        return PairTable([self.keys[i] for i in index],
-                         {n: v if n in self.shared else v.index_select(0, at) for n, v in self.values.items()},
-                         self.shared)
-
     def rekeyed(self, keys: list) -> PairTable:
         return PairTable(keys, self.values, self.shared)
 
     @staticmethod
-    def cat(tables: list[PairTable]) -> PairTable:
-        """The tables' rows one after the other; a name shared in all of them stays one row where it is equal."""
+    def select(keys: list, tables: list[PairTable]) -> PairTable:
+        """The rows of ``keys``, in that order, from ``tables`` (each key in one of them; a later table's row wins):
+        one new tensor per name, written once (a table that already is those rows: itself). A name every table
+        shares with one equal row stays shared."""
         tables = [t for t in tables if len(t)]
-        if len(tables) < 2:
-            return tables[0] if tables else PairTable([], {})
-        names = list(tables[0].values)
-        shared = {n for n in names if all(n in t.shared and torch.equal(t.values[n], tables[0].values[n])
-                                          for t in tables)}
-        return PairTable([k for t in tables for k in t.keys],
-                         {n: tables[0].values[n] if n in shared else torch.cat([t.rows(n) for t in tables])
-                          for n in names}, shared)
+        if len(tables) == 1 and tables[0].keys == list(keys):
+            return tables[0]
+        if not tables:
+            return PairTable([], {})
+        where = {k: (i, r) for i, t in enumerate(tables) for r, k in enumerate(t.keys)}
+        picks: list[tuple[list[int], list[int]]] = [([], []) for _ in tables]  # per table: positions, its rows
+        for pos, k in enumerate(keys):
+            i, r = where[k]
+            picks[i][0].append(pos)
+            picks[i][1].append(r)
+        first = tables[0]
+        shared = {n for n in first.values if all(n in t.shared and torch.equal(t.values[n], first.values[n])
+                                                 for t in tables)}
+        values = {}
+        for n in first.values:
+            if n in shared:
+                values[n] = first.values[n]
+                continue
+            out = first.rows(n).new_empty((len(keys), *first.rows(n).shape[1:]))
+            for t, (pos, rows) in zip(tables, picks):
+                if pos:
+                    out.index_copy_(0, torch.tensor(pos), t.rows(n).index_select(0, torch.tensor(rows)))
+            values[n] = out
+        return PairTable(keys, values, shared)
 
     def as_dict(self) -> dict:
         """{key: {name: [units]}}: the form of :func:`pair_sums`."""
@@ -159,11 +168,15 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
     lm = "labels" in probe
     unit = [m for m in metrics if m in ON_DISTS]
     moments = _Moments(pairs) if "cka" in metrics else None
-    # on the device until every chunk is in (a GPU is not waited for chunk by chunk): [metrics, pairs, units] sums,
-    # each unit's points, and the probe set itself, moved once
-    table = torch.empty(len(unit), len(pairs), n, dtype=torch.float64, device=device)
+    # [metrics, pairs, units] sums and each unit's points on the device until every chunk is in, and the probe set
+    # moved there once (a GPU is not waited for chunk by chunk); on the host, chunk by chunk, where they would take
+    # more than RESIDENT_MEMORY_SHARE of the device's free memory
+    resident_bytes = len(unit) * len(pairs) * n * 8 + sum(v.numel() * v.element_size() for v in probe.values())
+    resident = resident_bytes <= RESIDENT_MEMORY_SHARE * free_memory_bytes(device)
+    table = torch.empty(len(unit), len(pairs), n, dtype=torch.float64, device=device if resident else "cpu")
     counts = []
-    probe = _to(probe, 0, n, device, dtype)
+    if resident:
+        probe = _to(probe, 0, n, device, dtype)
     needed = sorted({i for p in pairs for i in p})
     slot = {i: k for k, i in enumerate(needed)}  # each pair's models as rows of a chunk's stacked distributions
     slotted = [(slot[i], slot[j]) for i, j in pairs]
@@ -172,7 +185,8 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
                disable=None if progress and pairs else True)
     with bar, torch.no_grad(), strict_float32(), _hooked(models, needed, active=moments is not None) as features:
         for lo in range(0, n, chunk):
-            part = {k: v[lo : lo + chunk] for k, v in probe.items()}
+            part = {k: v[lo : lo + chunk] for k, v in probe.items()} if resident else \
+                _to(probe, lo, chunk, device, dtype)
             hi = min(lo + chunk, n)
             mask = part["labels"] != -100 if lm else None
             dist, feats = None, {}
@@ -188,9 +202,9 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
             if unit and pairs:
                 for group, s in _pair_groups(dist, slotted, unit, mask,
                                              _Gram(dist) if set(unit) & set(_Gram.METRICS) else None, index):
-                    table[:, positions(group, device), lo:hi] = s  # s: [metrics, pairs, units]
-            counts.append(mask.sum(-1, dtype=torch.float64) if lm else
-                          torch.ones(hi - lo, dtype=torch.float64, device=device))
+                    table[:, positions(group, table.device), lo:hi] = s.to(table.device)  # [metrics, pairs, units]
+            counts.append(mask.sum(-1, dtype=torch.float64).to(table.device) if lm else
+                          torch.ones(hi - lo, dtype=torch.float64))
             bar.update()
     if not pairs:
         return PairTable([], {})
@@ -202,6 +216,7 @@ def pair_table(models, probe: dict, pairs: list[tuple[int, int]], metrics, *, ch
 
 
 PROBE_MEMORY_SHARE = 0.5  # of the memory free on the device, for one probe chunk's outputs
+RESIDENT_MEMORY_SHARE = 0.1  # of it, for the pair sums of every chunk and the probe set kept on the device
 MOST_UNITS = 256  # probe units per chunk at most (a CPU gains nothing from larger chunks)
 
 
@@ -224,7 +239,7 @@ def probe_chunk(models: int, info, device, dtype: torch.dtype) -> int:
 PAIR_GROUP_BYTES = 32 * 2**20
 # Pairs of small outputs beyond one group are gathered in blocks of PAIR_GROUP_BYTES / 2 (when a block holds at least
 # this many pairs) rather than measured one first model at a time: 80 teacher CNNs (3,160 pairs of 256 images x 10
-# classes), 86 instead of 119 ms a probe chunk on 2 CPU cores (blocks of 1,024 pairs: 108; 128: 108)
+# classes), 89 instead of 119 ms a probe chunk on 2 CPU cores (blocks of 1,024 pairs: 108; 128: 108)
 GATHERED_PAIRS = 32
 
 

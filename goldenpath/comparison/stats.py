@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from goldenpath.comparison.design import (Cells, Design, cell_counts, cells, delta_var, different_seed, distance_matrix,
-                                          label_matrix, location_ratio, member_relabellings, parts, smallest_p,
-                                          t_interval, t_p_value, t_quantile, upper_p)
+                                          label_matrix, location_ratio, member_relabellings, normal_quantile, parts,
+                                          smallest_p, t_interval, t_p_value, t_quantile, upper_p)
 
 # ----------------------------------------------------------------------------- comparisons
 
@@ -115,7 +115,7 @@ def score_interval(estimate: float, var: float, null_var: float, dof_: float, *,
     df = dof_
     if satterthwaite:
         df = math.inf if excess == 0 else dof_ * ((v0 + excess) / excess) ** 2
-    t2 = t_quantile(0.5 + level / 2, df) ** 2
+    t2 = (normal_quantile(0.5 + level / 2) if math.isinf(df) else t_quantile(0.5 + level / 2, df)) ** 2
     # the truth is never below 1 (D >= the pooled floor for a distance of negative type, as tv's): at L <= 0
     # the variance is the null's, above it grows as v0 + kappa L; the interval is the union of both pieces
     pieces = []

@@ -91,9 +91,14 @@ def _pair_row(comparisons: dict, k: int, r: int) -> dict:
     if k < r:
         row.update(spread=c.spread, spread_low=c.spread_low, spread_high=c.spread_high, spread_p=c.spread_p)
     else:
-        row.update(spread=1 / c.spread, spread_low=1 / c.spread_high, spread_high=1 / c.spread_low,
+        row.update(spread=_inverse(c.spread), spread_low=_inverse(c.spread_high), spread_high=_inverse(c.spread_low),
                    spread_p=c.spread_p)
     return row
+
+
+def _inverse(x: float) -> float:
+    """1 / x, inf at 0 (a setting whose seeds give one function: floor 0, as lmc's barriers can be), nan at nan."""
+    return math.inf if x == 0 else 1 / x
 
 
 def setting_rows(target: float, metric: str, settings: list[Setting], design: Design, sums: np.ndarray,
