@@ -52,7 +52,6 @@ import hashlib
 import itertools
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,50 +156,40 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None,
 
     tables = {name: [] for name in ("distances", "summary", "settings", "family", "trend", "excluded")}
     weights = bootstrap_weights(len(probe["ids"]), n_boot=n_boot)  # the same resamples for every pair
-    writes = []
-    with ThreadPoolExecutor(max_workers=1) as writer:  # each target's cache file written while compare goes on
-        for target in sorted(by_target, reverse=True):
-            for done in writes:  # a cache file that could not be written stops the compare before more forwards
-                if done is not None and done.done():
-                    done.result()
-            cks = _kept(by_target[target], runs, target, tolerance, tables["excluded"] if not include_flagged else None)
-            order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
-            cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
-            if len(cks) < 2:
-                continue
-            results, written = _pair_results(cks, by_target[target], configs, setup, target, measured, cache_dir,
-                                             writer)
-            writes.append(written)
-            settings = list(order)
-            groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
-            design = Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
-            refs = {r: verdicts.reference_of(settings, [len(g) for g in groups], r) for r in ("online", "offline")}
-            against = {}  # a setting is compared with its regime's reference, an offline one also with the online
-            for k, s in enumerate(settings):
-                mine = [refs[s.regime]] + ([refs["online"]] if s.regime == "offline" else [])
-                theirs = {i for r in mine if r is not None and r != k for i in groups[r]}
-                against.update({i: theirs for i in groups[k]})
-            tables["distances"] += _distance_rows(target, cks, runs, results, metrics, weights, against)
-            # the statistics read each pair's mean alone: its sum over the probe units and their points, taken once
-            # here for every metric, family and regime (distance_matrix divides the same sums by the same total)
-            total = results.rows("count")[0].double().numpy().sum(keepdims=True)
-            sq = results.rows(LOCATION).double().numpy().sum(1, keepdims=True)
-            # runs that diverged after this checkpoint: their checkpoints count, and the summary names them
-            late = [c.run for c in cks if runs[c.run].state == "diverged"]
-            diverged = {s.label: ";".join(r for r in late if runs[r].setting is s) for s in settings}
-            for m in metrics:
-                sums = results.rows(m).double().numpy().sum(1, keepdims=True)
-                # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
-                got = verdicts.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else total,
-                                          sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
-                                          trivial_loss=baseline, n_perm=n_perm)
-                for row in got["summary"]:
-                    row["diverged_later"] = diverged[row["setting"]]
-                for name, rows in got.items():
-                    tables[name] += rows
-    for done in writes:
-        if done is not None:
-            done.result()  # a cache file that could not be written fails the compare, as before
+    for target in sorted(by_target, reverse=True):
+        cks = _kept(by_target[target], runs, target, tolerance, tables["excluded"] if not include_flagged else None)
+        order = {s: k for k, s in enumerate(sorted({runs[c.run].setting for c in cks}, key=lambda s: s.order))}
+        cks.sort(key=lambda c: (order[runs[c.run].setting], runs[c.run].config.seed, c.run))
+        if len(cks) < 2:
+            continue
+        results = _pair_results(cks, by_target[target], configs, setup, target, measured, cache_dir)
+        settings = list(order)
+        groups = [[i for i, c in enumerate(cks) if runs[c.run].setting == s] for s in settings]
+        design = Design(tuple(map(tuple, groups)), tuple(runs[c.run].config.seed for c in cks))
+        refs = {r: verdicts.reference_of(settings, [len(g) for g in groups], r) for r in ("online", "offline")}
+        against = {}  # a setting is compared with its regime's reference, an offline one also with the online
+        for k, s in enumerate(settings):
+            mine = [refs[s.regime]] + ([refs["online"]] if s.regime == "offline" else [])
+            theirs = {i for r in mine if r is not None and r != k for i in groups[r]}
+            against.update({i: theirs for i in groups[k]})
+        tables["distances"] += _distance_rows(target, cks, runs, results, metrics, weights, against)
+        # the statistics read each pair's mean alone: its sum over the probe units and their points, taken once
+        # here for every metric, family and regime (distance_matrix divides the same sums by the same total)
+        total = results.rows("count")[0].double().numpy().sum(keepdims=True)
+        sq = results.rows(LOCATION).double().numpy().sum(1, keepdims=True)
+        # runs that diverged after this checkpoint: their checkpoints count, and the summary names them
+        late = [c.run for c in cks if runs[c.run].state == "diverged"]
+        diverged = {s.label: ";".join(r for r in late if runs[r].setting is s) for s in settings}
+        for m in metrics:
+            sums = results.rows(m).double().numpy().sum(1, keepdims=True)
+            # a whole-probe statistic is one "unit" (its seeds alone vary); location needs the probe points
+            got = verdicts.setting_rows(target, m, settings, design, sums, np.ones(1) if m in WHOLE else total,
+                                      sq_sums=None if m in WHOLE else sq, trivial=target >= baseline,
+                                      trivial_loss=baseline, n_perm=n_perm)
+            for row in got["summary"]:
+                row["diverged_later"] = diverged[row["setting"]]
+            for name, rows in got.items():
+                tables[name] += rows
     verdicts.adjust(tables["summary"], tables["family"])
     options = {"metrics": list(metrics), "tolerance": tolerance, "n_boot": n_boot, "n_perm": n_perm,
                "include_flagged": include_flagged, "probe_shift": probe_shift, "lmc_points": lmc_points}
@@ -258,10 +247,10 @@ def _write_tables(out_dir: Path, runs, by_target, tables: dict, frame, metrics, 
     files.atomic_writes(writes)
 
 
-def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir, writer):
+def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir) -> PairTable:
     """Per-unit sums of every metric for every pair of ``cks`` in ``itertools.combinations`` order, from the cache
     where it holds them (the cache also keeps the pairs of ``every`` checkpoint at this target, those left out
-    included): (a PairTable, the future of the cache file's write by ``writer`` or None)."""
+    included)."""
     pairs = list(itertools.combinations(range(len(cks)), 2))
     keys = [f"{cks[i].run}|{cks[i].fingerprint}|{cks[j].run}|{cks[j].fingerprint}" for i, j in pairs]
     path = cache_dir / f"{hashlib.sha1(f'{setup.key}|{target!r}|{metrics}'.encode()).hexdigest()}.pt"
@@ -269,7 +258,7 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
     row = {k: r for r, k in enumerate(cached.keys)}
     todo = [(p, k) for p, k in zip(pairs, keys) if k not in row]
     if not todo:
-        return PairTable.select(keys, [cached]), None
+        return PairTable.select(keys, [cached])
     models, modules = {}, {}
     for idx in sorted({i for (p, _) in todo for i in p}):
         models[idx] = load_shared(cks[idx], configs[cks[idx].run], setup.info, setup.device, setup.dtype, modules)
@@ -292,8 +281,8 @@ def _pair_results(cks, every, configs, setup: _Probe, target, metrics, cache_dir
             and {"|".join(k.split("|")[:2]), "|".join(k.split("|")[2:])} <= alive]
     everything = PairTable.select(kept + keys, [cached, results]) if kept else results
     del cached
-    return results, writer.submit(files.atomic_write, path, lambda tmp: torch.save(_pack(everything), tmp),
-                                  durable=False)
+    files.atomic_write(path, lambda tmp: torch.save(_pack(everything), tmp), durable=False)
+    return results
 
 
 def _distance_rows(target, cks, runs, results: PairTable, metrics, weights, against: dict[int, set]) -> list[dict]:
