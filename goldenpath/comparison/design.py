@@ -96,7 +96,7 @@ def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray,
     """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
     distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings. ``counts``:
     those of ``a`` and ``z`` when known (they do not depend on ``m``)."""
-    return _between(m * a, z), (_between(a, z) if counts is None else counts)
+    return _between(m * a, z), (cell_counts(a, z) if counts is None else counts)
 
 
 def _between(w: np.ndarray, z: np.ndarray) -> np.ndarray:
