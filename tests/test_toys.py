@@ -188,6 +188,13 @@ def test_sign_median_is_the_exact_sign_test_and_its_intervals_are_that_test_inve
     assert sign_median(-np.arange(1.0, 10.0), margin=0.1)["verdict"] == "falls"
     assert sign_median(np.linspace(-0.05, 0.05, 12), margin=0.1)["verdict"] == "flat"
     assert sign_median(np.array([]), margin=0.1)["verdict"] == "inconclusive"
+    # fewer than 6 seeds: no sign test rejects at 5%, the interval is the whole line, and says so
+    from goldenpath.toys.experiments import _says_signs
+
+    few = sign_median(np.array([-0.3, -0.2, -0.25, -0.1, -0.4]), margin=0.1)
+    assert few["ci95"] == (-np.inf, np.inf) and not few["ci95_bounded"] and few["verdict"] == "inconclusive"
+    assert "no 95% interval from 5 seeds" in _says_signs(few) and "beyond the bound" not in _says_signs(few)
+    assert sign_median(-np.arange(1.0, 7.0), margin=0.1)["ci95_bounded"]
 
 
 def test_sign_median_keeps_its_level_with_censored_seeds_where_leaving_them_out_does_not():
@@ -253,6 +260,68 @@ def test_a_fit_residual_above_the_level_at_any_sigma_makes_the_claim_not_identif
     text = dln_verdict(poor)
     assert "HOLDS" not in text and "NOT IDENTIFIED" in text and "at sigma 0.6" in text
     assert "over the identified sigmas 0 to 0.4: alpha_eff falls (8 of 8 seeds fall" in text
+
+
+def test_a_diverged_run_has_no_fit_and_makes_its_sigma_not_identified():
+    """A run whose weights blow up has no alpha_eff (nan, neither a fit nor a censored one); the sigma it
+    diverged at is not identified, and its seeds count in no fall: before, a nan beta was fitted to alpha
+    0.00116 inside the search range and read as a fall of x0.002 (and as "identified", nan <= 0.1 being
+    skipped by the median)."""
+    import warnings
+
+    from goldenpath.toys.experiments import dln_verdict, run_dln
+
+    p = make_problem(10, 30, seed=0)
+    assert all(np.isnan(dln.fit_alpha(p.X, p.y, np.full(30, bad))).all() for bad in (np.nan, np.inf))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the overflow on the way to inf
+        blown = run_dln(lr=0.5, sigmas=[0.0, 0.1], seeds=2, noise_steps=100, converge_steps=100)
+    assert blown.alpha_eff.isna().all() and not blown.at_bound.any()
+    text = dln_verdict(blown)
+    assert "NOT IDENTIFIED: 2 of 2 seeds diverged at sigma 0" in text and "4 of 4 runs diverged" in text
+    frame = _trend_frame([-0.5, -0.4, -0.6, -0.45, -0.55, -0.5, -0.52, -0.48])
+    assert "falls HOLDS" in dln_verdict(frame)
+    late = frame.assign(alpha_eff=frame.alpha_eff.where(~((frame.sigma == 1.0) & (frame.seed < 3))),
+                        recovery_error=frame.recovery_error.where(~((frame.sigma == 1.0) & (frame.seed < 3))))
+    text = dln_verdict(late)
+    assert "NOT IDENTIFIED: 3 of 8 seeds diverged at sigma 1 " in text and "3 of 48 runs diverged" in text
+    assert "alpha_eff inconclusive (5 of 5 seeds fall" in text and "over 5 seeds" in text  # 3 left out of both
+    assert "over the identified sigmas 0 to 0.8: alpha_eff falls (8 of 8 seeds fall" in text
+
+
+def test_a_seed_draws_the_same_rows_and_noise_at_every_sigma_zero_included():
+    """Rows and noise come from separate streams of the seed: a mini-batch run at sigma 0 and at sigma 1e-9
+    end 1e-9-ish apart (before, sigma 0 skipped the noise draws and took other rows: 1e-4 apart)."""
+    p = make_problem(10, 30, seed=0)
+    runs = {s: dln.run(p, 0.5, steps=2000, lr=0.01, batch=5, sigma=s, seeds=3, seed=1)[0] for s in (0.0, 1e-9, 2e-9)}
+    step = np.abs(runs[2e-9] - runs[1e-9]).max()
+    assert 0 < step < 1e-8 and np.abs(runs[1e-9] - runs[0.0]).max() < 2 * step
+
+
+@pytest.mark.parametrize("which, text, field", [
+    ("lls", "batch=0", "toys.batch"), ("lls", "steps=10", "toys.steps"), ("lls", "every=0", "toys.every"),
+    ("lls", "seeds=1", "toys.seeds"), ("lls", "seeds=2.5", "toys.seeds"), ("lls", "seeds=true", "toys.seeds"),
+    ("lls", "sigma=0", "toys.sigma"), ("lls", "batch=abc", "toys.batch"), ("lls", "n=30", "toys.n"),
+    ("dln", "sigmas=[abc]", "toys.sigmas"), ("dln", "sigmas=[]", "toys.sigmas"), ("dln", "sigmas=[1]", "toys.sigmas"),
+    ("dln", "sigmas=[0, -1]", "toys.sigmas"), ("dln", "batches=[0]", "toys.batches"),
+    ("dln", "batches=[null, 10]", "toys.batches"), ("dln", "alpha=0", "toys.alpha"), ("dln", "lr=-1", "toys.lr"),
+    ("dln", "sparsity=31", "toys.sparsity"), ("dln", "noise=none", "toys.noise"), ("dln", "steps=5", "toys.steps"),
+])
+def test_toy_options_name_the_bad_field(which, text, field):
+    from goldenpath.config import ConfigError
+    from goldenpath.toys.experiments import toy_options
+
+    with pytest.raises(ConfigError) as e:
+        toy_options(which, [text])
+    assert e.value.field == field, str(e.value)
+
+
+def test_toy_options_take_whole_floats_and_null_where_allowed():
+    from goldenpath.toys.experiments import toy_options
+
+    got = toy_options("lls", ["steps=1e3", "seeds=40.0", "batch=null", "sigma=2"])
+    assert got == {"steps": 1000, "seeds": 40, "batch": None, "sigma": 2.0} and isinstance(got["steps"], int)
+    assert toy_options("dln", ["sparsity=null", "batches=[null, 5]", "sigmas=[0, 1]"])["sparsity"] is None
 
 
 def test_the_committed_verdicts_follow_from_the_committed_table():

@@ -92,8 +92,11 @@ def fit_alpha(X: np.ndarray, y: np.ndarray, beta: np.ndarray, *, bounds=(1e-3, 1
               grid: AlphaGrid | None = None) -> tuple[float, float]:
     """(alpha, residual): the alpha whose flow limit is nearest ``beta`` (relative l2), and that distance.
     The best of 25 log-spaced alphas over ``bounds``, refined by a bounded scalar search between its
-    neighbours. ``grid``: the problem's ``AlphaGrid`` (built here if not given; pass it for many fits)."""
+    neighbours. ``grid``: the problem's ``AlphaGrid`` (built here if not given; pass it for many fits).
+    (nan, nan) for a ``beta`` that is not finite (a run that diverged): no alpha describes it."""
     beta = np.asarray(beta, dtype=np.float64)
+    if not np.isfinite(beta).all():
+        return math.nan, math.nan
     if grid is None or grid.X is not X or grid.y is not y or grid.bounds != tuple(bounds):
         grid = AlphaGrid(X, y, bounds)
     scale = max(np.linalg.norm(beta), 1e-300)

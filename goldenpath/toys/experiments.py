@@ -42,7 +42,8 @@ DRIFT_MARGIN = 0.25  # the observed median drift of log(u v) "matches" Ito withi
 def run_dln(**options) -> pd.DataFrame:
     """One row per (sigma, batch, seed): alpha_eff, fit_residual, at_bound, l1, recovery_error,
     interpolation_error, log_uv_drift (mean over coordinates of log|u v| after the noise phase minus the
-    noise-free run's) and predicted_drift (its Ito prediction; isotropic full-batch noise only)."""
+    noise-free run's) and predicted_drift (its Ito prediction; isotropic full-batch noise only). A run whose
+    weights diverged (not finite) has no fit: alpha_eff and fit_residual are nan, at_bound False."""
     o = {**DLN_DEFAULTS, **options}
     p = make_problem(o["n"], o["d"], sparsity=o["sparsity"], seed=o["problem_seed"])
     start = np.full(2 * o["d"], o["alpha"])
@@ -71,7 +72,8 @@ def run_dln(**options) -> pd.DataFrame:
                 alpha_eff, residual = dln.fit_alpha(p.X, p.y, beta, bounds=FIT_BOUNDS, grid=grid)
                 rows.append({"noise": o["noise"], "sigma": sigma, "batch": batch or o["n"], "seed": s,
                              "alpha_eff": alpha_eff, "fit_residual": residual,
-                             "at_bound": not FIT_BOUNDS[0] * 1.01 < alpha_eff < FIT_BOUNDS[1] / 1.01,
+                             "at_bound": bool(np.isfinite(alpha_eff)
+                                              and not FIT_BOUNDS[0] * 1.01 < alpha_eff < FIT_BOUNDS[1] / 1.01),
                              "l1": float(np.abs(beta).sum()),
                              "recovery_error": float(np.linalg.norm(beta - p.truth)),
                              "interpolation_error": float(np.abs(p.X @ beta - p.y).max()),
@@ -102,12 +104,13 @@ def _verdict(ci95: tuple, ci90: tuple, margin: float) -> str:
 
 def seed_trend(frame: pd.DataFrame, metric: str, *, margin: float, log: bool = False) -> dict:
     """The change of an uncensored ``metric`` over the sigma grid: per seed, the least-squares slope on sigma
-    times the grid's span; mean over seeds with 95% and 90% t-intervals; verdict by ``_verdict``."""
+    times the grid's span; mean over seeds with 95% and 90% t-intervals; verdict by ``_verdict``. A seed with a
+    value that is not finite at some sigma (a diverged run) is left out (``seeds`` counts those kept)."""
     span = frame.sigma.max() - frame.sigma.min()
     changes = []
     for _, seed in frame.groupby("seed"):
-        if seed.sigma.nunique() >= 2:
-            y = np.log(seed[metric]) if log else seed[metric]
+        y = np.log(seed[metric]) if log else seed[metric]
+        if seed.sigma.nunique() >= 2 and np.isfinite(y).all():
             changes.append(np.polyfit(seed.sigma, y, 1)[0] * span)
     k = len(changes)
     out = {"seeds": k, "change": float(np.mean(changes)) if k else np.nan, "margin": margin}
@@ -143,7 +146,9 @@ def sign_median(changes, *, margin: float) -> dict:
     of the median from order statistics: [x_(r), x_(k+1-r)] with r the largest such that
     P(Bin(k, 1/2) < r) <= (1 - level) / 2, the sign test inverted. Censored values only need their rank, so
     both are valid with them kept; the median is finite while fewer than half the seeds are censored on
-    either side, an interval's end is infinite where it falls on a censored seed. Verdict by ``_verdict``."""
+    either side, an interval's end is infinite where it falls on a censored seed. With fewer than 6 seeds (5 for
+    90%) no sign test rejects at that level and the interval is the whole line (``ci95_bounded`` False).
+    Verdict by ``_verdict``."""
     x = np.sort(np.asarray(changes, dtype=float))
     k = len(x)
     falls, rises = int((x < 0).sum()), int((x > 0).sum())
@@ -154,6 +159,7 @@ def sign_median(changes, *, margin: float) -> dict:
     for name, level in (("ci95", 0.95), ("ci90", 0.90)):
         r = int((stats.binom.cdf(np.arange(k), k, 0.5) <= (1 - level) / 2).sum())
         out[name] = (float(x[r - 1]), float(x[k - r])) if r else (-np.inf, np.inf)
+        out[f"{name}_bounded"] = bool(r)
     return {**out, "verdict": _verdict(out["ci95"], out["ci90"], margin)}
 
 
@@ -180,9 +186,11 @@ def _says(t: dict) -> str:
 
 def _says_signs(t: dict) -> str:
     """``falls (12 of 16 seeds fall, 4 rise, 3 censored at the bound; sign test p 0.08; median ...)``."""
+    interval = (f"[{_factor(t['ci95'][0])}, {_factor(t['ci95'][1])}]" if t["ci95_bounded"] else
+                f"(no 95% interval from {t['seeds']} seeds: a sign test needs 6)")
     return (f"{t['verdict']} ({t['falls']} of {t['seeds']} seeds fall, {t['rises']} rise, {t['censored']} "
             f"censored at the search bound; sign test p {t['p']:.3g}; median change "
-            f"{_factor(t['change'])} [{_factor(t['ci95'][0])}, {_factor(t['ci95'][1])}]; flat within "
+            f"{_factor(t['change'])} {interval}; flat within "
             f"x{np.exp(-t['margin']):.3g} to x{np.exp(t['margin']):.3g})")
 
 
@@ -191,18 +199,24 @@ def dln_verdict(frame: pd.DataFrame) -> str:
     RESIDUAL_LEVEL at every sigma), does it fall from the first sigma to the last (``sign_median``,
     censored fits kept), and does the solution move toward the truth (``seed_trend``)? Where it is not
     identified, the claim is "not identified" whatever the fall says, and the sigmas before the first
-    poorly identified one get the same test as a second reading."""
+    poorly identified one get the same test as a second reading. A sigma at which any seed diverged (no fit,
+    alpha_eff nan) is not identified either: its diverged seeds are left out of every change, which would
+    bias what is left."""
     lines = []
     for batch, part in frame.groupby("batch"):
         sigmas = sorted(part.sigma.unique())
         residual = part.groupby("sigma").fit_residual.median()
-        poor = [s for s in sigmas if residual[s] > RESIDUAL_LEVEL]
+        diverged = part.alpha_eff.isna().groupby(part.sigma).sum()
+        poor = [s for s in sigmas if diverged[s] or not residual[s] <= RESIDUAL_LEVEL]
         margin = MARGINS["log_alpha_eff"]
         fall = sign_median(alpha_changes(part, sigmas[0], sigmas[-1]), margin=margin)
         closer = seed_trend(part, "recovery_error", margin=MARGINS["recovery_error"])
         if poor:
             claim = "is NOT IDENTIFIED"
-            fit = (f"median fit residual {residual[poor[0]]:.3g} > {RESIDUAL_LEVEL:g} at sigma {poor[0]:g} (up to "
+            s = poor[0]
+            fit = (f"{diverged[s]} of {int((part.sigma == s).sum())} seeds diverged at sigma {s:g} (a smaller lr "
+                   f"keeps them finite)" if diverged[s] else
+                   f"median fit residual {residual[s]:.3g} > {RESIDUAL_LEVEL:g} at sigma {s:g} (up to "
                    f"{residual.max():.3g})")
             known = [s for s in sigmas if s < poor[0]]
             within = (f"; over the identified sigmas {known[0]:g} to {known[-1]:g}: alpha_eff "
@@ -223,7 +237,8 @@ def dln_verdict(frame: pd.DataFrame) -> str:
         lines.append(f"batch {batch}, sigma {sigmas[0]:g} to {sigmas[-1]:g}: the claim that alpha_eff falls "
                      f"{claim}: {fit}; alpha_eff {_says_signs(fall)}{within}{shape}; {toward}: recovery error "
                      f"{_says(closer)}; {int(part.at_bound.sum())} of {len(part)} fits at the search "
-                     f"bound, kept as censored")
+                     f"bound, kept as censored" + (f"; {int(diverged.sum())} of {len(part)} runs diverged (no fit, "
+                                                  f"left out of the changes)" if diverged.any() else ""))
     return "\n".join(lines)
 
 
@@ -269,8 +284,44 @@ def run_lls(**options) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- goldenpath toys
 
 
+# What each option takes: ("int" | "float" | "ints" | "floats", the smallest value allowed, whether the value is
+# strictly above it, whether null is allowed (for a list: as an entry)).
+_OPTION_KINDS = {
+    "n": ("int", 1, False, False), "d": ("int", 2, False, False), "sparsity": ("int", 1, False, True),
+    "alpha": ("float", 0, True, False), "sigmas": ("floats", 0, False, False), "batches": ("ints", 1, False, True),
+    "lr": ("float", 0, True, False), "noise_steps": ("int", 1, False, False),
+    "converge_steps": ("int", 0, False, False), "seeds": ("int", 2, False, False),
+    "problem_seed": ("int", 0, False, False), "seed": ("int", 0, False, False),
+    "sigma": ("float", 0, True, False), "batch": ("int", 1, False, True), "steps": ("int", 1, False, False),
+    "every": ("int", 1, False, False),
+}
+
+
+def _option_value(key: str, value, kind: str, low: float, strict: bool, nullable: bool):
+    """One option's value in its type, or a ConfigError naming it and the fix."""
+    from goldenpath.config import ConfigError
+
+    if kind in ("ints", "floats"):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"toys.{key}", f"expected a non-empty list, got {value!r}", "write [a, b, ...]")
+        return [_option_value(key, v, kind[:-1], low, strict, nullable) for v in value]
+    if value is None and nullable:
+        return None
+    whole = isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not
+                                                                         (isinstance(value, int) or whole)):
+        what = "a whole number" if kind == "int" else "a number"
+        raise ConfigError(f"toys.{key}", f"expected {what}{' or null' if nullable else ''}, got {value!r}",
+                          f"write {what}")
+    value = int(value) if kind == "int" else float(value)
+    if value < low or (strict and value == low):
+        raise ConfigError(f"toys.{key}", f"got {value!r}", f"use a value {'above' if strict else 'of at least'} {low}")
+    return value
+
+
 def toy_options(which: str, overrides) -> dict:
-    """``key=value`` overrides of a toy's defaults (``which``: dln or lls), checked against them."""
+    """``key=value`` overrides of a toy's defaults (``which``: dln or lls), checked against them: each value's
+    type and range, and the problem they make together (n < d, a truth that fits in d, ...)."""
     from goldenpath.config import ConfigError, parse_override
 
     defaults = DLN_DEFAULTS if which == "dln" else LLS_DEFAULTS
@@ -280,14 +331,32 @@ def toy_options(which: str, overrides) -> dict:
         key = ".".join(keys)
         if key not in defaults:
             raise ConfigError(f"toys.{key}", "unknown option", f"use some of {sorted(defaults)}")
-        want = defaults[key]
-        if isinstance(want, list) and not isinstance(value, list):
-            raise ConfigError(f"toys.{key}", f"expected a list, got {value!r}", "write [a, b, ...]")
-        if isinstance(want, (int, float)) and not isinstance(want, bool) and not isinstance(value, (int, float)):
-            raise ConfigError(f"toys.{key}", f"expected a number, got {value!r}", "write a number")
-        options[key] = value
-    if options.get("noise", "param") not in ("param", "label"):
-        raise ConfigError("toys.noise", f"got {options['noise']!r}", "use param (Noisy-SGD) or label")
+        if key == "noise":
+            if value not in ("param", "label"):
+                raise ConfigError("toys.noise", f"got {value!r}", "use param (Noisy-SGD) or label")
+            options[key] = value
+        else:
+            options[key] = _option_value(key, value, *_OPTION_KINDS[key])
+    o = {**defaults, **options}
+    if not o["n"] < o["d"]:
+        raise ConfigError("toys.n", f"n={o['n']} is not below d={o['d']}",
+                          "use fewer rows than features (the toys are overparameterised)")
+    if o.get("sparsity") is not None and o["sparsity"] > o["d"]:
+        raise ConfigError("toys.sparsity", f"{o['sparsity']} nonzeros in d={o['d']} features",
+                          "use at most d (or null: a dense truth)")
+    if which == "dln":
+        sizes = [b or o["n"] for b in o["batches"]]
+        if len(set(sizes)) < len(sizes):
+            raise ConfigError("toys.batches", f"{o['batches']} repeats a batch size (null is the full batch, "
+                              f"{o['n']})", "list each batch size once")
+        if len(set(o["sigmas"])) < len(o["sigmas"]):
+            raise ConfigError("toys.sigmas", f"{o['sigmas']} repeats a sigma", "list each sigma once")
+        if len(o["sigmas"]) < 2:
+            raise ConfigError("toys.sigmas", f"{o['sigmas']} has no change over sigma to test",
+                              "list two sigmas or more, e.g. [0, 0.5]")
+    elif o["steps"] < o["every"]:
+        raise ConfigError("toys.steps", f"{o['steps']} steps record nothing every {o['every']}",
+                          "use steps of at least every")
     return options
 
 

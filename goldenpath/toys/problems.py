@@ -49,14 +49,19 @@ def optimise(grad: Grad, theta0: np.ndarray, *, n: int, steps: int, lr: float, b
     - the SDE d theta = -g dt + sqrt(lr) (sigma / B) dW, whose step-lr discretisation is Noisy-SGD, by
       Euler-Maruyama with a step ``dt`` < lr (``steps`` then counts steps of dt; time = steps x dt).
     ``records``: ``observe(theta)`` every ``record_every`` steps.
+
+    The rows come from a stream of ``seed`` of their own, the noise (and a gradient's own noise, e.g. label
+    noise) from another: a seed draws the same rows and the same noise at every sigma, sigma 0 included
+    (common random numbers, which pair a seed's runs across the sigma grid).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the noise's stream: the same as before the rows had their own
+    row_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     theta = np.broadcast_to(theta0, (seeds, *np.shape(theta0)[-1:])).astype(np.float64).copy()
     b, h = batch or n, dt or lr
     noise_std = math.sqrt(lr * h) * sigma / b  # = lr sigma / B when h = lr (Noisy-SGD)
     records = []
     for k in range(steps):
-        rows = None if batch is None else rng.integers(0, n, (seeds, batch))
+        rows = None if batch is None else row_rng.integers(0, n, (seeds, batch))
         theta -= h * grad(theta, rows, rng)
         if sigma:
             theta -= noise_std * rng.standard_normal(theta.shape)
