@@ -163,6 +163,19 @@ def test_masked_vocabularies_match_scipy():
                                    f(a[row : row + 1, keep], b[row : row + 1, keep]), rtol=1e-12, atol=0)
 
 
+def test_kl_is_infinite_where_q_rules_out_a_token_whose_float32_probability_underflows():
+    """p gives a token log-probability -120 (exp underflows to 0 in float32), q rules it out: KL(p || q) is
+    infinite, as in float64 and scipy's rel_entr; it was 0 when ruled out was read from the rounded p."""
+    p, q = torch.tensor([[0.0, -120.0], [0.0, -1.0]]), torch.tensor([[0.0, -math.inf], [0.0, -math.inf]])
+    want = rel_entr(softmax(p.double().numpy(), -1), softmax(q.double().numpy(), -1)).sum(-1)
+    assert np.isinf(want).all()
+    for dtype in (torch.float32, torch.float64):
+        assert torch.isinf(kl(p.to(dtype), q.to(dtype))).all(), dtype
+        assert torch.isinf(symmetric_kl(p.to(dtype), q.to(dtype))).all(), dtype
+    # the other way round q gives no mass where p has none: finite, and the same as float64's
+    torch.testing.assert_close(kl(q, p).double(), kl(q.double(), p.double()), rtol=1e-6, atol=0)
+
+
 def test_masked_vocabularies_keep_float32_accuracy_on_near_identical_pairs():
     a, _ = masked_logits(200, 50, seed=7)
     b = a + 1e-2 * torch.randn(a.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)

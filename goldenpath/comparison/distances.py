@@ -94,8 +94,14 @@ def _weighted(p: torch.Tensor, log_ratio: torch.Tensor, masked: bool) -> torch.T
 
 
 def _kl(a: Dist, b: Dist) -> torch.Tensor:
-    # +inf where q rules out a token p gives mass (as scipy's rel_entr)
-    return _weighted(a.p, a.log_p - b.log_p, a.masked or b.masked).clamp_min_(0.0)
+    # +inf where q rules out a token p gives mass (as scipy's rel_entr), decided from the log-probabilities: a
+    # float32 p that underflows to 0 (log p below about -103) still has mass, and its term p (log p - log q) is
+    # then 0 * inf, which _weighted sets to 0
+    masked = a.masked or b.masked
+    value = _weighted(a.p, a.log_p - b.log_p, masked).clamp_min_(0.0)
+    if masked:
+        value.masked_fill_((torch.isneginf(b.log_p) & ~torch.isneginf(a.log_p)).any(-1), math.inf)
+    return value
 
 
 def _symmetric_kl(a: Dist, b: Dist) -> torch.Tensor:
