@@ -34,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 TRAIN_HELP = """Train one run into <out>/<name>/ (default runs/<config name>_<overrides>, e.g.
 runs/teacher-cnn_lr=0.05: each command line gets its own directory). Running the same command again
-resumes from checkpoints/last. Ctrl-C saves the resume point at the current step and exits with 130 (a
+resumes from checkpoints/last. Ctrl-C stops at the current step, saves the resume point of the target
+search's last eval (the steps since are trained again, identically, on resume) and exits with 130 (a
 second Ctrl-C exits at once). On a CPU the run uses threads=N from the config, else $OMP_NUM_THREADS,
 else half the usable cores (1 to 4)."""
 

@@ -392,6 +392,29 @@ def test_fork_refuses_changing_data_or_a_missing_checkpoint(tmp_path):
         train(fork_config(parent, at_loss=0.1))
 
 
+def test_fork_refuses_a_parent_that_can_still_resume_and_a_fork_of_a_fork_keeps_the_root_s_first_loss(tmp_path):
+    """A parent that is interrupted or failed would, resumed, train on the samples its fork reads: refused. A
+    fork of a fork starts from the root's first held-out loss (its stalled and divergence checks compare with
+    it), not from its parent's first logged line, the first fork point."""
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=p", "budget.samples=1920",
+                                      "checkpoint.targets=[2.28, 2.25]", "checkpoint.eval_every=5",
+                                      "budget.stop_at_last_target=false"]))
+    assert {"2.28", "2.25"} <= set(read_json(parent / "status.json")["targets_reached"])
+    status = read_json(parent / "status.json")
+    for state in ("interrupted", "failed", "running"):
+        (parent / "status.json").write_text(json.dumps({**status, "state": state}))
+        with pytest.raises(ConfigError, match=f"fork.parent: .* is {state}, not one of completed"):
+            train(fork_config(parent, at_loss=2.28, overrides=["optim.lr=/2"]))
+    (parent / "status.json").write_text(json.dumps(status))
+    root_first = read_json(parent / "checkpoints" / "last" / "state.json")["train"]["initial_eval"]
+    child = train(fork_config(parent, at_loss=2.28, overrides=["optim.momentum=0.5"]))
+    assert {"2.25"} <= set(read_json(child / "status.json")["targets_reached"])
+    assert read_metrics(child)[0]["eval_loss"] != root_first  # the child's first line: its fork point
+    grandchild = train(fork_config(child, at_loss=2.25, overrides=["optim.lr=/2"]))
+    for run in (child, grandchild):
+        assert read_json(run / "checkpoints" / "last" / "state.json")["train"]["initial_eval"] == root_first
+
+
 def test_a_fork_that_another_run_already_computes_is_refused_and_compare_refuses_duplicates(tmp_path):
     # the sweep names its fork by the override as written (bs=x2), the CLI by the resolved value (bs=64): one
     # run under two names would enter compare as two seeds at distance 0

@@ -35,6 +35,7 @@ from goldenpath.store.files import git_hash, read_json, replace_dir, write_json,
 # ----------------------------------------------------------------------------- the run directory
 
 WEIGHTS = "model.safetensors"
+FINISHED = ("completed", "diverged", "stalled")  # a run in one of these states is not run again
 META = "meta.json"
 
 

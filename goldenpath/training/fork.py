@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from goldenpath.store import rundir as ckpt
+from goldenpath.store.files import read_json
 from goldenpath.config import Config, ConfigError, load_config, parse_override, require, to_dict
 from goldenpath.config.identity import identity_key
 from goldenpath.config.naming import fork_name, value_text
@@ -110,9 +111,11 @@ def fork_start(config: Config, rank: int) -> dict | None:
                           "fork at a loss target the parent reached (status.json targets_reached) or a step "
                           "listed in its checkpoint.steps")
     parent_status = parent.status()
-    if parent_status.get("state") == "running":
-        raise ConfigError("fork.parent", f"{parent.path} is still running",
-                          "fork once the parent has stopped: the child reads the stream from where it ended")
+    if parent_status.get("state") not in ckpt.FINISHED:  # running, interrupted or failed: it can still go on
+        raise ConfigError("fork.parent", f"{parent.path} is {parent_status.get('state') or 'not started'}, not "
+                          f"one of {', '.join(ckpt.FINISHED)}: resumed later it would train on the samples the fork "
+                          "reads", "finish the parent first (goldenpath train with its config resumes it), then "
+                          "fork")
     world = parent_status.get("processes", 1)
     state = parent.final_stream(min(rank, world - 1))
     n, b, into = config.data.train_size, config.optim.batch_size, state["position"] % (config.data.train_size or 1)
@@ -121,7 +124,18 @@ def fork_start(config: Config, rank: int) -> dict | None:
                           f"multiple of {b}: under dp a batch across two epochs could hold a sample twice",
                           f"fork with a batch size that divides {into} (the parent's does)")
     meta = ckpt.read_meta(src)
-    first = next(r for r in ckpt.read_metrics(parent) if "eval_loss" in r)
     return {"dir": src, "meta": meta, "stream": state, "parent_processes": world,
             "start": {"step": meta["step"], "samples": meta["samples"], "position": state["position"]},
-            "initial_eval": first["eval_loss"]}
+            "initial_eval": _initial_eval(parent)}
+
+
+def _initial_eval(parent: ckpt.RunDir) -> float:
+    """The held-out loss the parent's lineage started from (its resume state keeps it, a fork's its root's): the
+    stalled and divergence checks compare with it. A run directory without one: its first logged eval (a fork's
+    first line is its fork point, so only for a run that is not a fork)."""
+    saved = parent.last / "state.json"
+    if saved.exists():
+        value = read_json(saved)["train"].get("initial_eval")
+        if value is not None:
+            return value
+    return next(r for r in ckpt.read_metrics(parent) if "eval_loss" in r)["eval_loss"]

@@ -69,6 +69,12 @@ def planned_steps(config: Config, stream_limit: int | None, start: dict | None =
         raise ConfigError("budget", "the stream is unbounded and nothing stops the run",
                           "set budget.samples or budget.steps (or loss targets with budget.stop_at_last_target)")
     if steps is not None and steps <= start["step"]:
+        if config.fork.parent is not None and stream_limit is not None and \
+                start["step"] + max(0, stream_limit - start["position"]) // b <= start["step"]:
+            raise ConfigError("fork.parent", f"{config.fork.parent} read its whole stream ({stream_limit} samples, "
+                              f"data.train_size x data.epochs): none is left for a fork, which reads on from where "
+                              f"its parent stopped", "fork a run whose budget.samples stops it before its data "
+                              "runs out")
         raise ConfigError("budget.samples", f"allows no step of optim.batch_size={b}",
                           "raise budget.samples (or data.train_size x data.epochs) above one batch")
     if steps is None and config.optim.schedule == "cosine":
@@ -111,7 +117,7 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-FINISHED = ("completed", "diverged", "stalled")  # a run in one of these states is not run again
+FINISHED = ckpt.FINISHED
 
 
 @dataclass

@@ -105,7 +105,7 @@ def _ready(point: Point, sweep_dir: Path, retry_diverged: bool) -> str:
     if point.parent is not None:
         parent_dir = sweep_dir / point.parent
         parent_state = _state(parent_dir)
-        if parent_state not in ("completed", "diverged", "stalled"):
+        if parent_state not in ckpt.FINISHED:
             return "never" if parent_state == "failed" else "wait"
         at = point.fork
         if not ckpt.RunDir(parent_dir).checkpoint(at_loss=at.at_loss, at_step=at.at_step).is_dir():
