@@ -415,6 +415,17 @@ def test_fork_refuses_a_parent_that_can_still_resume_and_a_fork_of_a_fork_keeps_
         assert read_json(run / "checkpoints" / "last" / "state.json")["train"]["initial_eval"] == root_first
 
 
+def test_a_fork_of_a_parent_that_read_its_whole_stream_says_why_it_cannot_run(tmp_path):
+    """An offline parent with no budget reads its data to the end: its fork, which reads on from there and may
+    not change data.*, has nothing left; the error names the parent and the fix, not budget.samples."""
+    parent = train(load_config(None, [*TINY_TEACHER, f"out={tmp_path}", "name=p", "data.train_size=320",
+                                      "data.epochs=2", "budget.samples=null", "checkpoint.steps=[3]",
+                                      "checkpoint.targets=[]"]))
+    assert read_json(parent / "status.json")["state"] == "completed"
+    with pytest.raises(ConfigError, match="fork.parent: .* read its whole stream .*; fork a run whose budget"):
+        train(fork_config(parent, at_step=3, overrides=["optim.lr=/2"]))
+
+
 def test_a_fork_that_another_run_already_computes_is_refused_and_compare_refuses_duplicates(tmp_path):
     # the sweep names its fork by the override as written (bs=x2), the CLI by the resolved value (bs=64): one
     # run under two names would enter compare as two seeds at distance 0
