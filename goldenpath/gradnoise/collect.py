@@ -4,6 +4,8 @@ the estimators of :mod:`goldenpath.gradnoise.estimators` over the noise, for the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from goldenpath.gradnoise.estimators import (atom_fraction, gaussianity, noise_scale, per_coordinate_tail_index,
@@ -53,7 +55,7 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     the last sample training used (an offline run draws from its training subset), computes each batch's
     mean-loss gradient g_j and the noise n_j = g_j - mean_j g_j on at most ``max_coords`` coordinates
     (a fixed random subset, spread over the layers in proportion to their size). The table has, per layer
-    and for the whole model: the pooled tail index (Simsekli) with a bootstrap interval (on at most
+    and for the whole model: the pooled tail index (Simsekli) with a t interval over its blocks (on at most
     ``max_pooled`` pooled values), the median per-coordinate tail index across batches (Panigrahi) with
     its quartiles, the normality statistics, the share of exact zeros, and (whole model, from exact norms)
     tr Sigma, |G|^2, B_simple. ``estimators=False`` leaves out the per-layer estimators (for callers that run
@@ -68,6 +70,7 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     from goldenpath.data import build_stream
     from goldenpath.models import build_model, count, sample_losses
 
+    run_dir = Path(run_dir)
     run = ckpt.RunDir(run_dir)
     config = load_config(run.config)
     source_dir = run.checkpoint(at_loss=at_loss, at_step=at_step)
