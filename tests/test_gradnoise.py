@@ -63,6 +63,16 @@ def test_pooled_values_are_shuffled_so_correlated_neighbours_do_not_bias_alpha()
     assert len(pooled) == 100_000 and abs(tail_index(pooled) - 2) < 0.15
 
 
+def test_the_pooled_tail_index_leaves_out_coordinates_that_never_move_whatever_the_units():
+    """Gaussian noise with a tenth of its coordinates constant (a dead unit, an unused embedding row): each exact
+    zero added log(EPS) = -36 to the mean log|X|, and alpha came out 1.0 at unit scale, 1.24 at 1e-6."""
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal((100, 2000))
+    noise[:, :200] = 0.0
+    got = [tail_index(pooled_sample(noise * scale, 200_000, np.random.default_rng(0))) for scale in (1.0, 1e-6)]
+    assert got[0] == pytest.approx(got[1], rel=1e-9) and abs(got[0] - 2) < 0.1
+
+
 def test_k1_is_the_largest_divisor_below_the_root_and_prime_sizes_still_work():
     assert default_k1(100_000) == 250 and default_k1(36) == 6 and default_k1(97) == 1
     x = stable(1.5, 99_991, seed=3)  # prime: sqrt(K) groups, the remainder dropped
