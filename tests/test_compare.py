@@ -468,7 +468,15 @@ def test_heatmap_has_one_cell_per_pair_and_outlines_the_floors(sweep, bars, monk
 
     frame = cmp.compare(sweep, ("tv",), n_boot=50, include_flagged=True)
     monkeypatch.setattr(figures, "tqdm", bars)
+    orders, heatmap = [], figures._heatmap
+    monkeypatch.setattr(figures, "_heatmap", lambda *a, **k: (orders.append(k["order"]), heatmap(*a, **k))[1])
     paths = {p.name for p in write_figures(sweep)}
+    # as the report orders them (online, then offline; least noisy first), not by name
+    configs = {r.name: load_config(r / "config.yaml") for r in sweep.iterdir() if (r / "config.yaml").exists()}
+    present = set(frame.run_a) | set(frame.run_b)
+    full = figures.heatmap_order(configs, present, figures.run_regimes(frame, pd.read_csv(sweep / "compare" /
+                                                                                         "settings.csv")))
+    assert orders[0] == full and all(o == [r for r in full if r in o] for o in orders)  # a target's runs, in turn
     assert {"heatmap-tv-target-2.png", "ratios-tv-target-2.png", "compute-to-target.png"} <= paths
     drawn = len(list((sweep / "figures").glob("*.png")))
     assert [(b["n"], b["total"], b["unit"]) for b in bars.closed] == [(drawn, drawn, "figure")]  # one bar, over all

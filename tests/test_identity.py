@@ -35,11 +35,42 @@ def test_place_and_pace_keys_leave_the_identity_and_only_they_may_change_on_resu
     assert set(ident.RESUMABLE) == {"threads", "log.progress", "data.prefetch"}
 
 
-def test_forks_of_seed_siblings_share_knobs_but_keep_their_parent_as_a_column():
-    a = load_config(None, ["seed=0", "fork.parent=p0", "fork.at_loss=2.0"])
-    b = load_config(None, ["seed=1", "fork.parent=p1", "fork.at_loss=2.0"])
+def _parent(directory, name, *overrides):
+    """A run directory holding only its config.yaml (what a fork's setting reads of its parent)."""
+    from goldenpath.config import to_dict
+    from goldenpath.store import rundir
+
+    config = load_config(None, [f"name={name}", f"out={directory}", *overrides])
+    (directory / name).mkdir(parents=True)
+    (directory / name / "config.yaml").write_text(rundir.config_text(to_dict(config)))
+    return directory / name
+
+
+def test_forks_of_seed_siblings_share_knobs_but_keep_their_parent_as_a_column(tmp_path):
+    p0, p1 = (_parent(tmp_path, f"lr=0.1_rep={k}", "optim.lr=0.1", f"seed={k}") for k in (0, 1))
+    a = load_config(None, ["seed=0", f"fork.parent={p0}", "fork.at_loss=2.0"])
+    b = load_config(None, ["seed=1", f"fork.parent={p1}", "fork.at_loss=2.0"])
     assert ident.knobs(a) == ident.knobs(b)
-    assert ident.setting_columns(a)["fork.parent"] == "p0"
+    assert ident.setting_columns(a)["fork.parent"] == str(p0)
+
+
+def test_forks_that_set_the_knob_their_parents_differ_in_stay_two_settings(tmp_path):
+    """sigma = 0 forked from sigma 0.5 and from sigma 2 (two seeds each): the forks' own knobs are equal, their
+    histories are not; they were one setting of 4 seeds. A fork of a fork counts its whole line; a parent whose
+    config cannot be read stands in by its name less its replicate."""
+    forks = {}
+    for sigma in (0.5, 2.0):
+        for k in (0, 1):
+            parent = _parent(tmp_path, f"sigma={sigma}_rep={k}", "noise.kind=gaussian", f"noise.sigma={sigma}",
+                             f"seed={k + 10 * int(sigma)}")
+            forks[sigma, k] = load_config(None, [f"seed={k + 10 * int(sigma)}", f"fork.parent={parent}",
+                                                 "fork.at_loss=2.0", "noise.kind=gaussian", "noise.sigma=0"])
+    assert ident.knobs(forks[0.5, 0]) == ident.knobs(forks[0.5, 1]) != ident.knobs(forks[2.0, 0])
+    assert ident.knobs(forks[2.0, 0]) == ident.knobs(forks[2.0, 1])
+    gone = [load_config(None, [f"fork.parent={tmp_path / 'moved' / f'sigma=0.5_rep={k}'}", "fork.at_loss=2.0"])
+            for k in (0, 1)]
+    assert ident.knobs(gone[0]) == ident.knobs(gone[1])
+    assert ident.setting_dict(gone[0])["fork"]["parent"] == "sigma=0.5"
 
 
 def test_noise_level_and_order_put_the_least_noisy_online_setting_first():
@@ -61,3 +92,6 @@ def test_a_default_run_name_carries_only_overrides_that_change_the_run():
 def test_setting_label_drops_the_replicate_or_seed():
     assert ident.setting_label("lr=0.02_bs=32_rep=1") == "lr=0.02_bs=32"
     assert ident.setting_label("seed=3") == "default"
+    # a swept data.seed names its runs seed=1_...: only the replicate at the end of the grid point's name goes
+    assert ident.setting_label("seed=1_lr=0.05_rep=0") == "seed=1_lr=0.05"
+    assert ident.setting_label("lr=0.05_rep=0+fork-loss=2.28-bs=x4") == "lr=0.05+fork-loss=2.28-bs=x4"

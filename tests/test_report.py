@@ -67,6 +67,32 @@ def test_seed_bands_take_mean_min_and_max_over_seeds_in_log_x():
     np.testing.assert_allclose(line.get_ydata(), bands["mean"])
 
 
+def test_panels_beside_each_other_give_a_knob_value_one_colour_and_dash():
+    """The online panel has an extra lr (a fork), the offline one not: with the rows of both as the palette's,
+    lr=0.05 and batch 64 look the same in both panels (each panel's own palette gave lr=0.05 offline the colour
+    the online legend gives lr=0.025)."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"setting": f"lr={lr}_bs={b}_{regime}", "samples": x, "mean": 2.0, "low": 1.9, "high": 2.1, "lr": lr,
+             "batch": b, "regime": regime}
+            for regime, lrs in (("online", (0.025, 0.05, 0.1)), ("offline", (0.05, 0.1)))
+            for lr in lrs for b in (16, 64) for x in (10, 100)]
+    table = pd.DataFrame(rows)
+    looks = {}
+    for draw in (loss_bands, lambda p, **kw: error_bands(p.assign(eval_loss=p.samples), **kw)):
+        _, axes = plt.subplots(1, 2)
+        for k, (ax, regime) in enumerate(zip(axes, ("online", "offline"))):
+            draw(table[table.regime == regime], hue="lr", style="batch", legend=k == 0, palette_rows=table, ax=ax)
+            for line in ax.lines:
+                if line.get_label().endswith(regime):
+                    lr, b = line.get_label().split("_")[:2]
+                    looks.setdefault((lr, b), set()).add((line.get_color() if isinstance(line.get_color(), str)
+                                                          else tuple(line.get_color()), str(line.get_linestyle())))
+        plt.close("all")
+    assert len(looks) == 6 and all(len(v) == 1 for v in looks.values()), looks
+    assert len({next(iter(v)) for v in looks.values()}) == 6  # and the six settings look different
+
+
 def test_error_by_loss_bins_each_seed_then_spans_the_seeds():
     rows = [{"run": f"bs=32_seed={s}", "step": k, "samples": k, "tokens": 0, "eval_loss": loss, "eval_error": err,
              "lr": 0.1, "batch": 32, "sigma": 0.0, "regime": "online", "fork": False}
@@ -138,6 +164,37 @@ def test_compute_to_target_labels_two_ticks_or_more_on_a_log_axis_of_one_decade_
              if t.get_text() and lo <= t.get_position()[1] <= hi}
     assert len(shown) >= 2 and all(v == pytest.approx(pos) for v, pos in shown.items())
     plt.close(ax.figure)
+
+
+def test_compute_to_target_draws_the_grid_settings_not_their_forks():
+    """A fork's steps count its parent's, taken under other knobs: on the grid's lines it put a second point at
+    the parent's lr."""
+    import matplotlib.pyplot as plt
+
+    from goldenpath.draw.plots import compute_to_target
+
+    rows = [dict(target=2.0, setting=f"lr={lr}", regime="online", n_reached=2, steps_mean=s, **{
+        "optim.lr": lr, "optim.batch_size": 64, "fork.parent": parent})
+            for lr, s, parent in ((0.05, 49.0, None), (0.1, 14.0, None), (0.1, 11.0, "/runs/lr=0.1_rep=0"))]
+    ax = compute_to_target(pd.DataFrame(rows))
+    drawn = [line for line in ax.lines if len(line.get_xdata())]
+    assert len(drawn) == 1 and list(drawn[0].get_xdata()) == [0.05, 0.1] and list(drawn[0].get_ydata()) == [49, 14]
+    plt.close(ax.figure)
+
+
+def test_heatmap_order_puts_online_before_offline_and_the_least_noisy_first():
+    """compare's heatmap figures sorted runs by name, and online and offline runs alternated down the matrix."""
+    from goldenpath.config import load_config
+    from goldenpath.draw.figures import heatmap_order
+
+    offline = ["data.epochs=2", "data.train_size=640"]
+    configs = {"a_lr=0.1_off": load_config(None, ["optim.lr=0.1", *offline]),
+               "b_lr=0.1_on": load_config(None, ["optim.lr=0.1"]),
+               "c_lr=0.02_off": load_config(None, ["optim.lr=0.02", *offline]),
+               "d_lr=0.02_on": load_config(None, ["optim.lr=0.02"])}
+    regimes = {r: c.regime for r, c in configs.items()}
+    order = heatmap_order(configs, [*configs, "e_no_config"], regimes)
+    assert order == ["d_lr=0.02_on", "b_lr=0.1_on", "c_lr=0.02_off", "a_lr=0.1_off", "e_no_config"]
 
 
 def test_distance_vs_loss_averages_pairs_per_kind_regime_and_target():

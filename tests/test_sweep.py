@@ -131,6 +131,13 @@ def test_independent_seeds_differ_across_every_setting_and_paired_ones_are_share
     ("grid: {'optim.lr,optim.batch_size': [[0.1, 16]], optim.lr: [0.2]}\n", "sweep.grid.optim.lr"),  # overridden
     ("grid: {'seed,optim.lr': [[5, 0.1]]}\n", "sweep.grid.seed,optim.lr"),  # a seed the sweep did not use
     ("grid: {optim.lr: [0.1]}\nforks: [{at_loss: 2.2, set: {optim.nope: 3}}]\n", "optim.nope"),  # not after hours
+    # where: values the grid does not take, or a seed (drawn per point unless paired), matched nothing in silence
+    ("grid: {optim.lr: [0.1, 0.2]}\nforks: [{at_loss: 2.2, set: {optim.lr: /2}, where: {optim.lr: 0.3}}]\n",
+     "sweep.forks[0].where"),
+    ("grid: {optim.lr: [0.1]}\nseeds: [0, 1]\nforks: [{at_loss: 2.2, set: {optim.lr: /2}, where: {seed: 0}}]\n",
+     "sweep.forks[0].where"),
+    # a name past a file name's length crashed the sweep with OSError after the first runs
+    ("grid: {checkpoint.steps: [[" + ", ".join(str(k) for k in range(1, 101)) + "]]}\n", "sweep.grid"),
 ])
 def test_bad_sweep_configs_exit_2_naming_the_field(tmp_path, body, field):
     out = sweep_cli(write_sweep(tmp_path, body))

@@ -173,16 +173,28 @@ def expand(sweep: Sweep) -> list[Point]:
                          f"replicate={rep}", f"design={sweep.design}")
             points.append(Point(run_name(named), {**knobs, "seed": seed, "replicate": rep}, overrides))
     forks = []
-    for spec in sweep.forks:
-        for p in points:
-            if all(p.knobs.get(k) == v for k, v in spec.where.items()):
-                forks.append(Point(fork_name(p.name, spec.at_loss, spec.at_step, spec.set),
-                                   {**p.knobs, **{f"fork.{k}": v for k, v in spec.set.items()}},
-                                   tuple(f"{a}={value_text(b)}" for a, b in spec.set.items()), p.name, spec))
+    for i, spec in enumerate(sweep.forks):
+        matched = [p for p in points if all(p.knobs.get(k) == v for k, v in spec.where.items())]
+        seed_hint = "seed" in spec.where and sweep.design != "paired"
+        require(bool(matched), f"sweep.forks[{i}].where", f"{spec.where} matches no run of the grid" +
+                (" (each run's seed is drawn for its point unless design: paired)" if seed_hint else ""),
+                "select runs by replicate" if seed_hint else "use values the grid takes")
+        for p in matched:
+            forks.append(Point(fork_name(p.name, spec.at_loss, spec.at_step, spec.set),
+                               {**p.knobs, **{f"fork.{k}": v for k, v in spec.set.items()}},
+                               tuple(f"{a}={value_text(b)}" for a, b in spec.set.items()), p.name, spec))
     names = [p.name for p in points + forks]
     dupes = sorted({n for n in names if names.count(n) > 1})
-    require(not dupes, "sweep.grid", f"two points share the name {dupes[:1]}", "vary each key once")
+    require(not dupes, "sweep.grid", f"two points share the name {dupes[:1]}",
+            "vary each key once, with values that differ in their first 6 significant digits")
+    long = max(names, key=lambda n: len(n.encode()))
+    require(len(long.encode()) <= MAX_NAME_BYTES, "sweep.grid", f"the run name {long[:48]}... has "
+            f"{len(long.encode())} bytes, more than a file name takes with its lock's suffix ({MAX_NAME_BYTES})",
+            "sweep fewer keys, or shorter values (a list of many steps: fewer steps)")
     return points + forks
+
+
+MAX_NAME_BYTES = 200  # a run's name, so that <name>.train.lock and its other files stay within 255 bytes
 
 
 def _seeds(sweep: Sweep, settings: list[dict]) -> dict[tuple[int, int], int]:

@@ -12,7 +12,7 @@ Four groups of keys stand apart from what a run computes (dotted keys of the res
   are seeds of one setting in compare.
 
 So a run's *identity* is its config less ``PLACE`` and ``PACE``; its *knobs* (its setting) are its identity
-less ``SEEDS``, ``RECORD`` and the parent of a fork (forks of seed siblings are siblings).
+less ``SEEDS`` and ``RECORD``, a fork's parent counted by its own setting (forks of seed siblings are siblings).
 """
 
 from __future__ import annotations
@@ -53,10 +53,28 @@ def identity_key(config) -> str:
 
 
 def setting_dict(config) -> dict:
-    """A run's setting: its identity without its seeds, what it records, and the parent of a fork."""
+    """A run's setting: its identity without its seeds and what it records; a fork's parent stands in by the
+    parent's own setting (:func:`parent_setting`), so that forks of seed siblings are siblings while forks of
+    two settings stay two, even where the fork sets the knob that told their parents apart (sigma = 0 forked
+    from sigma 0.5 and from sigma 2)."""
     d = _drop(identity(config), (*SEEDS, *RECORD))
-    d.get("fork", {}).pop("parent", None)  # forks of seed siblings are siblings
+    fork = d.get("fork", {})
+    if fork.get("parent") is not None:
+        fork["parent"] = parent_setting(fork["parent"])
     return d
+
+
+def parent_setting(parent: str) -> dict | str:
+    """The setting of the run at ``parent`` (its ``config.yaml``; a fork's, its own parent's in turn), or, where
+    that file cannot be read (a sweep directory moved since), the parent's name without its replicate or seed."""
+    from pathlib import Path
+
+    from goldenpath.config import ConfigError, load_config
+
+    try:
+        return setting_dict(load_config(Path(parent) / "config.yaml"))
+    except (OSError, ConfigError):
+        return setting_label(Path(parent).name)
 
 
 def knobs(config) -> str:
@@ -104,8 +122,9 @@ def run_order_key(config, name: str) -> tuple:
 
 
 def setting_label(run: str) -> str:
-    """A run's name without its replicate or seed: ``lr=0.02_bs=32_rep=1`` -> ``lr=0.02_bs=32``."""
-    return re.sub(r"_?(seed|rep)=\d+", "", run).strip("_") or "default"
+    """A run's name without its replicate or seed, the last part of a grid point's name (before a fork's ``+``):
+    ``lr=0.02_bs=32_rep=1`` -> ``lr=0.02_bs=32``; a swept ``data.seed`` (``seed=1_lr=0.02_rep=0``) stays."""
+    return re.sub(r"(^|_)(seed|rep)=\d+(?=\+|$)", "", run).strip("_") or "default"
 
 
 NOISE_KNOBS = ("lr", "batch", "sigma")  # what sets a run's noise, in the order plots colour and dash by them

@@ -90,6 +90,13 @@ def setting_order(summary: pd.DataFrame, metric: str | None = None) -> list[str]
     return sorted(dict.fromkeys(part.setting), key=lambda s: s in offline)
 
 
+def heatmap_order(configs: dict, present, regimes: dict) -> list[str]:
+    """The runs of a run x run heatmap: online before offline, each from least to most noisy setting
+    (:func:`goldenpath.draw.plots.run_order`); runs ``present`` without a config last, by name."""
+    known = sorted((r for r in plots.run_order(configs) if r in present), key=lambda r: regimes.get(r) == "offline")
+    return known + sorted(set(present) - set(known))
+
+
 def run_regimes(distances: pd.DataFrame, settings: pd.DataFrame) -> dict[str, str]:
     """run -> online/offline, from the settings' regimes (``settings.csv``) and the runs' settings."""
     regime = {}
@@ -152,6 +159,13 @@ def write_figures(sweep_dir: str | Path, *, run_order: list[str] | None = None,
     settings = _read(tables / "settings.csv")
     regimes = run_regimes(distances, settings) if len(settings) else {}
     jobs = []  # (file name, () -> figure), listed first so that the bar knows how many
+    if run_order is None:  # as the report orders them: online and offline blocks apart, least noisy first
+        from goldenpath.config import load_config
+
+        present = set(distances.run_a) | set(distances.run_b)
+        configs = {r: load_config(sweep_dir / r / "config.yaml") for r in present
+                   if (sweep_dir / r / "config.yaml").exists()}
+        run_order = heatmap_order(configs, present, regimes)
     for metric in heatmap_metrics:
         part = distances[distances.metric == metric]
         vmin, vmax = value_limits(part.value)

@@ -176,14 +176,17 @@ def _band_legend(ax, frame, *, hue, style, extra=()):
 
 
 def loss_bands(bands, *, x: str = "samples", hue: str = "lr", style: str | None = "batch",
-               floor: float | None = None, targets=(), legend: bool = True, ax=None):
+               floor: float | None = None, targets=(), legend: bool = True, palette_rows=None, ax=None):
     """Eval loss against ``x`` per setting: the mean over its seeds and their min-max band, coloured by
     ``hue`` and dashed by ``style``; the Bayes floor and the loss targets.
 
     ``bands``: rows of ``goldenpath.draw.curves.seed_bands`` (setting, x, mean, low, high, the hue and style knobs).
+    ``palette_rows``: the rows of every panel drawn beside this one (default ``bands``): a knob value has one
+    colour and one dash in all of them, and the legend of one panel reads for all.
     """
     ax = _axes(ax)
-    colours, dashes = _palette(bands[hue]), _dashes(bands[style]) if style else {}
+    keyed = bands if palette_rows is None else palette_rows
+    colours, dashes = _palette(keyed[hue]), _dashes(keyed[style]) if style else {}
     for setting, part in bands.groupby("setting", sort=False):
         colour, dash = colours[part[hue].iloc[0]], dashes.get(part[style].iloc[0], "-") if style else "-"
         ax.fill_between(part[x], part["low"], part["high"], color=colour, alpha=0.18, linewidth=0)
@@ -200,18 +203,21 @@ def loss_bands(bands, *, x: str = "samples", hue: str = "lr", style: str | None 
     ax.set_xlabel({"samples": "samples seen", "step": "optimizer steps", "tokens": "tokens seen"}[x])
     ax.set_ylabel("eval loss (mean over seeds)")
     if legend:
-        _band_legend(ax, bands, hue=hue, style=style, extra=extra)
+        _band_legend(ax, keyed, hue=hue, style=style, extra=extra)
     return ax
 
 
-def error_bands(bins, *, hue: str = "lr", style: str | None = "batch", legend: bool = True, ax=None):
+def error_bands(bins, *, hue: str = "lr", style: str | None = "batch", legend: bool = True, palette_rows=None,
+                ax=None):
     """Eval error against eval loss per setting, binned by loss: the mean over seeds and the min-max band
     (gaps where no eval fell in a bin): are settings the same function at the same loss?
 
-    ``bins``: rows of ``goldenpath.draw.curves.error_by_loss`` (setting, eval_loss, mean, low, high, the knobs).
+    ``bins``: rows of ``goldenpath.draw.curves.error_by_loss`` (setting, eval_loss, mean, low, high, the knobs);
+    ``palette_rows``: as :func:`loss_bands`'.
     """
     ax = _axes(ax)
-    colours, dashes = _palette(bins[hue]), _dashes(bins[style]) if style else {}
+    keyed = bins if palette_rows is None else palette_rows
+    colours, dashes = _palette(keyed[hue]), _dashes(keyed[style]) if style else {}
     centres = np.sort(bins["eval_loss"].unique())
     for setting, part in bins.groupby("setting", sort=False):
         colour, dash = colours[part[hue].iloc[0]], dashes.get(part[style].iloc[0], "-") if style else "-"
@@ -223,7 +229,7 @@ def error_bands(bins, *, hue: str = "lr", style: str | None = "batch", legend: b
     ax.set_xlabel("eval loss, binned (training goes right)")
     ax.set_ylabel("eval error (top-1), mean over seeds")
     if legend:
-        _band_legend(ax, bins, hue=hue, style=style)
+        _band_legend(ax, keyed, hue=hue, style=style)
     return ax
 
 
@@ -275,9 +281,12 @@ def compute_to_target(compute, *, x: str = "optim.lr", hue: str = "optim.batch_s
                       ax=None):
     """Steps (or samples) each setting needed to reach each target, against ``x``: colour by target, dashes
     by ``hue`` (batch size), circles online and squares offline (offline lines thinner).
-    ``compute``: rows of ``compare/compute.csv``."""
+    ``compute``: rows of ``compare/compute.csv``. Grid settings only: a fork's steps count its parent's, taken
+    under other knobs (a fork at x4 batch sat on the parent's batch line, at the parent's lr)."""
     ax = _axes(ax)
     part = compute[compute.n_reached > 0]
+    if "fork.parent" in part:
+        part = part[part["fork.parent"].isna()]
     hues = sorted(part[hue].dropna().unique()) if hue in part else [None]
     dashes = _dashes(hues)
     targets = sorted(part.target.unique(), reverse=True)

@@ -162,7 +162,7 @@ def _metric_section(metric: str, t: dict, configs: dict, *, first: bool, heatmap
                                                             "seed floor, by loss target", "distance-vs-loss")]
     if len(frame) and heatmaps:
         present = set(frame.run_a) | set(frame.run_b)
-        order = sorted((r for r in plots.run_order(configs) if r in present), key=lambda r: regimes[r] == "offline")
+        order = figures.heatmap_order(configs, present, regimes)
         vmin, vmax = figures.value_limits(frame.value)
         refs = figures.references(summary, metric)
         heat = [_img(_png(lambda ax, p=p, tg=tg: plots.distance_heatmap(
@@ -189,7 +189,8 @@ def _curve_sections(curves: pd.DataFrame, *, floor, targets) -> list[str]:
     def panels(table, draw, what):
         def on(axes):
             for k, (ax, regime) in enumerate(zip(np.atleast_1d(axes), regimes)):
-                draw(table[table.regime == regime], ax=ax, legend=k == 0)
+                # one colour and dash per knob value in every panel: the legend is drawn on the first only
+                draw(table[table.regime == regime], ax=ax, legend=k == 0, palette_rows=table)
                 ax.set_title(regime)
         return _img(_png(on, size=(5.6 * len(regimes), 4.2), panels=len(regimes)), what, "curves")
 
