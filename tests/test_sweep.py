@@ -47,6 +47,26 @@ def rows(sweep_dir: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- expansion and names
 
 
+def test_runs_csv_gives_a_fork_the_knobs_it_trains_with_not_its_parent_s(tmp_path):
+    """A fork at x4 batch: its optim.batch_size column was its parent's 16; now its own 64 once its config is
+    written, empty before (x4 of what is known only then), with fork.optim.batch_size keeping 'x4'."""
+    from goldenpath.config import to_dict
+    from goldenpath.store import rundir
+    from goldenpath.training.sweep import _trained_knobs
+
+    path = write_sweep(tmp_path, "grid: {optim.lr: [0.1], optim.batch_size: [16]}\n"
+                                 "forks: [{at_loss: 2.2, set: {optim.batch_size: x4, optim.momentum: 0.5}}]\n")
+    grid, fork = expand(load_sweep(path))
+    assert _trained_knobs(tmp_path, grid) == grid.knobs
+    before = _trained_knobs(tmp_path, fork)
+    assert before["optim.batch_size"] is None and before["fork.optim.batch_size"] == "x4"
+    assert before["optim.lr"] == 0.1
+    config = load_config(tmp_path / "base.yaml", [*grid.overrides, "optim.batch_size=64", "optim.momentum=0.5"])
+    (tmp_path / fork.name).mkdir()
+    (tmp_path / fork.name / "config.yaml").write_text(rundir.config_text(to_dict(config)))
+    assert _trained_knobs(tmp_path, fork)["optim.batch_size"] == 64
+
+
 def test_a_fork_that_divides_says_so_in_its_name():
     assert fork_name("run", 2.2, None, {"optim.lr": "/4"}) == "run+fork-loss=2.2-lr=div4"
     assert fork_name("run", None, 100, {"optim.batch_size": "x4"}) == "run+fork-step=100-bs=x4"

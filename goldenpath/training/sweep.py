@@ -33,6 +33,24 @@ def _state(run_dir: Path) -> str | None:
     return ckpt.RunDir(run_dir).state()
 
 
+def _trained_knobs(sweep_dir: Path, point: Point) -> dict:
+    """A point's knob columns as it trains them: a fork's grid knobs that its changes set are the values it
+    resolved (its config.yaml; before it starts, an absolute change itself and a relative one empty), not its
+    parent's. The ``fork.<key>`` columns keep the changes as written (``/4``)."""
+    knobs = dict(point.knobs)
+    if point.parent is None:
+        return knobs
+    from goldenpath.config.identity import flat
+    from goldenpath.config import to_dict
+
+    path = sweep_dir / point.name / "config.yaml"
+    resolved = flat(to_dict(load_config(path)), leaf=lambda v: v) if path.exists() else {}
+    for key, value in point.fork.set.items():
+        if key in knobs:
+            knobs[key] = resolved.get(key, None if isinstance(value, str) and value[:1] in "x/" else value)
+    return knobs
+
+
 def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = None) -> Path:
     """One row per run: knobs, state, steps, samples, last eval loss and error, best eval loss, the loss floor,
     epsilon, targets reached.
@@ -47,7 +65,8 @@ def write_runs_csv(sweep_dir: Path, points: list[Point], skipped: dict | None = 
         if not s and p.name in (skipped or {}):
             s = skipped[p.name]
         reached = s.get("targets_reached") or {}
-        rows.append({"run": p.name, **p.knobs, "parent": p.parent, "state": s.get("state", "pending"),
+        rows.append({"run": p.name, **_trained_knobs(sweep_dir, p), "parent": p.parent,
+                     "state": s.get("state", "pending"),
                      "reason": s.get("reason"), "step": s.get("step"), "samples": s.get("samples"),
                      "tokens": s.get("tokens"), "eval_loss": s.get("eval_loss"), "eval_error": s.get("eval_error"),
                      "best_eval_loss": s.get("best_eval_loss"), "loss_floor": s.get("loss_floor"),
