@@ -227,6 +227,10 @@ def test_hf_text_parquet_and_a_separate_eval_split(tmp_path):
     assert src.heldout("eval")["input_ids"][0].tolist() == packed(DOCS[40:])
     first = next(src.iterate(seed=0, rank=0, world=1))
     assert first["input_ids"].tolist() == packed(DOCS)  # training reads its own split from the start
+    # the training split as the eval split: the held-out examples would be the first the run trains on
+    with pytest.raises(ConfigError, match="^data.eval_split: is the training split 'train'"):
+        load_config(None, ["data.source=hf_text", "data.path=parquet", f"data.data_files={files}",
+                           "data.eval_split=train", "budget.steps=1"])
 
 
 @pytest.fixture
@@ -349,14 +353,22 @@ def test_offline_regime_on_a_streaming_source_holds_the_subset_in_memory(text_js
 
 def test_hf_text_tokenises_documents_in_batches_with_the_one_by_one_samples_and_states(text_json, tmp_path):
     """Read ahead and tokenised 64 at a time, the samples and every state a resume would save are those of
-    reading and tokenising one document at a time through transformers; a resume from each state agrees."""
+    reading and tokenising one document at a time through transformers; a resume from each state agrees. The
+    tokenizer's file sets truncation and padding, as many hub tokenizers' do: the batched Rust calls padded
+    every document to the batch's longest and cut long ones, where transformers' encode turns both off."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path / "bpe")
+    saved = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
+    saved["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    saved["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                        "pad_id": tok.token_to_id("<eos>"), "pad_type_id": 0, "pad_token": "<eos>"}
+    (tmp_path / "bpe" / "tokenizer.json").write_text(json.dumps(saved))
+    assert AutoTokenizer.from_pretrained(tmp_path / "bpe").backend_tokenizer.truncation is not None
     for pack in ("true", "false"):
         src = text_source(text_json, f"data.tokenizer={tmp_path / 'bpe'}", "data.seq_len=7", f"data.pack={pack}",
                           "data.shuffle_buffer=8")

@@ -39,6 +39,9 @@ class _HFData(DataConfig):
     def check(self) -> None:
         super().check()
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"got {self.shuffle_buffer}", "use >= 1")
+        require(self.eval_split != self.split, "data.eval_split", f"is the training split {self.split!r}: the "
+                "held-out examples would be trained on", "name another split, or null (the held-out examples "
+                "then come first from the split and training skips them)")
 
     def open(self, split: str):
         """The split as a streaming datasets.IterableDataset."""
@@ -305,7 +308,9 @@ class _HFSource:
         first of the split), and the buffer alone shuffles. As ``datasets.distributed.split_dataset_by_node``
         splits: where the processes divide the files (and no held-out examples are skipped), each process
         buffers its own files; otherwise every process buffers the whole stream alike and takes every
-        ``world``-th example, so a logical batch holds the same examples whatever the number of processes."""
+        ``world``-th example, so a logical batch holds the same examples whatever the number of processes (the
+        same documents: packed text, ``data.pack``, cuts each process's documents into sequences of its own, so
+        the sequences of a batch depend on the number of processes; unpacked, they do not)."""
         from datasets.distributed import split_dataset_by_node
 
         _quiet_buffer_warning()
@@ -413,7 +418,24 @@ class HFTextSource(_HFSource):
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
             vocab = len(self.tokenizer)
             self.eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else vocab - 1
+        self.backend = self._plain_backend(self.tokenizer)
         self.info = SourceInfo("lm", (cfg.seq_len,), vocab)
+
+    @staticmethod
+    def _plain_backend(tokenizer):
+        """A fast tokenizer's Rust core without the truncation and padding its tokenizer.json may set (many hub
+        tokenizers do; transformers' own encode turns them off): else a batch of documents would come back
+        padded to its longest (pad ids packed into the training stream, where a held-out document, tokenised
+        alone, gets none) and a long one cut. None for a tokenizer without one."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(backend.to_str())  # a copy: the tokenizer itself is left as it was
+        plain.no_truncation()
+        plain.no_padding()
+        return plain
 
     read_ahead = 64  # documents tokenised in one call of a fast tokenizer
 
@@ -424,9 +446,8 @@ class HFTextSource(_HFSource):
             require(field in example, "data.text_field", f"no column {field!r} in {sorted(example)}",
                     "name an existing column")
         texts = [example[field] for example in examples]
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         return [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
 
     def make_sample(self, documents, pending: list[int]) -> Batch:
