@@ -326,6 +326,36 @@ def test_batch_norm_is_rejected_with_the_fix():
         clipped_grad_sum(model, sample_losses, {"x": torch.randn(2, 3, 8, 8), "y": torch.tensor([0, 1])}, 1.0)
 
 
+def test_an_embedding_with_max_norm_is_rejected_with_the_fix():
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="max_norm=None"):
+        clipped_grad_sum(model, lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"),
+                         {"x": torch.randint(0, 10, (3, 2)), "y": torch.tensor([0, 1, 2])}, 1.0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # 1: the fast path hands the whole model to torch.func
+def test_torch_func_under_a_bf16_autocast_falls_back_to_float32_where_it_meets_mixed_dtypes(batch_size, recwarn):
+    """A LayerNorm fed bf16 under the autocast: torch.func raised 'expected scalar type BFloat16 but found Float'
+    (both methods, and the fast path with one sample); now the per-sample gradients are taken in float32, equal
+    to a float64 loop to float32 roundings, with one warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 5)).float()
+    loss_fn = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    batch = {"x": torch.randn(batch_size, 8, dtype=torch.float32), "y": torch.randint(0, 5, (batch_size,))}
+    _, want = naive(_double(model), loss_fn, {"x": batch["x"].double(), "y": batch["y"]}, float("inf"))
+    for method, rtol in (("vmap", 1e-5), ("fast", 1e-2)):  # the fast path's rules read the bf16 forward
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = per_sample_clip(model, loss_fn, batch, 1.0, method=method)
+        torch.testing.assert_close(got.norms, want, rtol=rtol, atol=0, msg=method)
+    assert sum("taken in float32" in str(w.message) for w in recwarn) == 1
+
+
+def _double(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
 # ----------------------------------------------------------------------------- layers without a rule
 
 

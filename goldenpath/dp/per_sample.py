@@ -70,6 +70,9 @@ def per_sample_clip(model: nn.Module, loss_fn: LossFn, batch: Batch, clip: float
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(f"{type(m).__name__} mixes the samples of a batch, so DP-SGD has no per-sample "
                              "gradients; use group norm (model.norm=group)")
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError("an Embedding with max_norm rescales its rows in place in the forward, by what the "
+                             "whole batch looks up, so DP-SGD has no per-sample gradients of it; use max_norm=None")
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if method == "vmap":
         grads, losses = reference_grads(model, loss_fn, batch, list(trained), chunk)
@@ -178,7 +181,19 @@ def reference_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, names: list
         step, one = 1, _loop_grads
     else:
         step, one = chunk, _vmap_grads
-    pieces = [one(model, loss_fn, _slice(batch, lo, min(b, lo + step)), names) for lo in range(0, b, step)]
+    def run():
+        return [one(model, loss_fn, _slice(batch, lo, min(b, lo + step)), names) for lo in range(0, b, step)]
+
+    device = _leaves(batch)[0].device
+    try:
+        pieces = run()
+    except RuntimeError as e:  # torch.func under a bf16 autocast can meet mixed dtypes (a LayerNorm fed bf16)
+        if not torch.is_autocast_enabled(device.type):
+            raise
+        _warn_once(model, "vmap-autocast", f"torch.func could not differentiate this model per sample under the "
+                   f"bf16 autocast ({str(e).splitlines()[0][:120]}); its per-sample gradients are taken in float32")
+        with exact(device):
+            pieces = run()
     grads = {n: torch.cat([g[n] for g, _ in pieces]) for n in names}
     return grads, torch.cat([loss.detach() for _, loss in pieces])
 
