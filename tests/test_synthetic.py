@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +63,14 @@ def test_the_cached_teacher_is_the_calibrated_one_and_a_bad_cache_file_is_rebuil
     cached.write_bytes(b"torn")
     third = source("data.image_size=16")
     assert len(calibrations) == 3 and torch.equal(third.heldout("eval")["y"], first.heldout("eval")["y"])
+    # the teacher's weights come from goldenpath.seeding: an edit there rebuilds it too (it kept the old one)
+    from goldenpath import seeding
+
+    edited = tmp_path / "seeding.py"
+    edited.write_bytes(Path(seeding.__file__).read_bytes() + b"\n# an edit\n")
+    monkeypatch.setattr(seeding, "__file__", str(edited))
+    source("data.image_size=16")
+    assert len(calibrations) == 4
 
 
 def test_teacher_floor_is_the_entropy_of_the_teacher_on_the_eval_set():

@@ -277,8 +277,9 @@ def _cache_key(data_config: DataConfig, *, samples: int) -> str:
 
 @functools.cache
 def _code_version() -> str:
-    """A hash of goldenpath.data's code and the torch version: an edit to a source or to this file refits."""
+    """A hash of goldenpath.data's code, the seeding its streams draw from and the torch version: an edit to a
+    source, to the seeding or to this file refits."""
     h = hashlib.sha1(torch.__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parent.parent / "seeding.py"]:
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:12]

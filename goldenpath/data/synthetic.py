@@ -176,15 +176,18 @@ class TeacherStream:
         """The calibrated teacher, from the disk cache when this exact code and config made it before.
 
         Calibration is a float64 forward over 4096 images (about half a second on a CPU), paid by every
-        process that builds the source. The cache key hashes this file's code, the config fields that
-        shape the teacher and the torch version, so any change rebuilds it; a bad file is rebuilt too.
+        process that builds the source. The cache key hashes this file's code and that of the seeding it draws
+        from (``goldenpath/seeding.py``: the teacher's weights and calibration images), the config fields
+        that shape the teacher, the stream's purpose and the torch version, so any change rebuilds it; a bad
+        file is rebuilt too.
         """
+        from goldenpath import seeding
         from goldenpath.store.files import atomic_write, cache_dir
 
         fields = (self.cfg.seed, self.cfg.channels, self.cfg.image_size, self.cfg.classes,
-                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__)
-        fields += (purpose,) if purpose != Purpose.TEACHER else ()
-        key = hashlib.sha1(Path(__file__).read_bytes() + repr(fields).encode()).hexdigest()[:20]
+                  self.cfg.max_frequency, self.cfg.teacher_width, torch.__version__, int(purpose))
+        code = Path(__file__).read_bytes() + Path(seeding.__file__).read_bytes()
+        key = hashlib.sha1(code + repr(fields).encode()).hexdigest()[:20]
         path = cache_dir() / f"teacher-{key}.pt"
         try:
             net = self._teacher_net()
