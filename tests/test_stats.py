@@ -281,6 +281,27 @@ def test_a_one_seed_setting_leaves_the_other_settings_intervals_alone():
         assert np.isfinite(getattr(with_one, field)), field
 
 
+def test_an_infinite_distance_between_two_settings_leaves_every_other_comparison_alone():
+    """One kl of inf between a run of setting 1 and one of setting 2 (a model ruling a token out): the
+    comparisons of 0 and 3, whose runs it does not touch, keep their values, intervals and p; before, 0 x inf in
+    the label products made every ratio, interval and spread nan, and the answer empty."""
+    rng = np.random.default_rng(0)
+    out = rng.normal(size=(16, 30))
+    out[12:] += 0.8
+    sums = pair_sums(out)
+    sq = sums**2
+    design = independent(4, 4, 4, 4)
+    clean = stats.compare_settings(sums, np.ones(30), design, sq_sums=sq, n_perm=200)[0]
+    bad = list(itertools.combinations(range(16), 2)).index((4, 8))
+    sums[bad, 0], sq[bad, 0] = np.inf, np.inf
+    hit = stats.compare_settings(sums, np.ones(30), design, sq_sums=sq, n_perm=200)[0]
+    for key in ((0, 3), (0, 1), (2, 3)):
+        for field in ("ratio", "ci_low", "ci_high", "p_value", "spread", "spread_low", "spread_high", "location",
+                      "location_low", "location_high", "location_p"):
+            assert getattr(hit[key], field) == pytest.approx(getattr(clean[key], field), rel=1e-12), (key, field)
+    assert math.isinf(hit[(1, 2)].ratio)  # the pair with the infinite distance is infinitely far
+
+
 def test_a_partial_overlap_of_seeds_has_no_permutation_test():
     design = Design(((0, 1), (2, 3)), (0, 1, 1, 2))  # one seed in both settings, others not
     assert design.relation([0, 1]) == "partial"

@@ -133,10 +133,16 @@ def compare(sweep_dir: str | Path, metrics=METRICS, *, chunk: int | None = None,
     from goldenpath.data.baselines import trivial_loss
 
     sweep_dir = Path(sweep_dir)
-    metrics = tuple(metrics)
+    metrics = tuple(dict.fromkeys(metrics))  # a metric named twice would write its rows twice
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
         raise ConfigError("--metrics", f"unknown metric {unknown[0]!r}", f"use some of {','.join(ALL_METRICS)}")
+    if not metrics:  # it wrote empty tables over the last compare's
+        raise ConfigError("--metrics", "no metric given", f"use some of {','.join(ALL_METRICS)}")
+    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError("--device", f"got {device!r}", "use cpu or cuda (cuda:N for one GPU)")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{device} asked, but torch sees no CUDA GPU here", "use cpu")
     if lmc_points < 2:
         raise ConfigError("--lmc-points", f"got {lmc_points}", "use 2 or more points (both ends count)")
     out_dir = tables_dir(sweep_dir, probe_shift)

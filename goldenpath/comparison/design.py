@@ -96,12 +96,22 @@ def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray,
     """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
     distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings. ``counts``:
     those of ``a`` and ``z`` when known (they do not depend on ``m``)."""
-    return _between(m * a, z), (cell_counts(a, z) if counts is None else counts)
+    return _between(np.where(a != 0, m, 0.0) * a, z), (cell_counts(a, z) if counts is None else counts)
 
 
 def _between(w: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """[B, S, S]: z_b' w z_b for every labelling b."""
-    return np.swapaxes(z, 1, 2) @ w @ z
+    """[B, S, S]: z_b' w z_b for every labelling b (z's weights 0 or 1). A cell is infinite (nan) where one of
+    its own pairs is, and only there: in the plain product a run outside a cell still meets an infinite
+    distance with weight 0, and 0 x inf = nan spread to every cell (one kl of inf between two settings made
+    every ratio, and the whole answer, nan)."""
+    zt = np.swapaxes(z, 1, 2)
+    if np.isfinite(w).all():
+        return zt @ w @ z
+    out = zt @ np.where(np.isfinite(w), w, 0.0) @ z
+    for bad, value in ((np.isposinf(w), np.inf), (np.isneginf(w), -np.inf), (np.isnan(w), np.nan)):
+        if bad.any():
+            out[(zt @ bad.astype(w.dtype) @ z) > 0] = value  # nan last: a cell with inf and nan is nan
+    return out
 
 
 def _diag(x: np.ndarray) -> np.ndarray:
@@ -165,7 +175,7 @@ def cells(m: np.ndarray, design: Design, members: list[int] | None = None) -> Ce
     for k, r in types:
         mask = np.outer(z[:, k], z[:, r])
         mask = (mask + mask.T if k != r else mask) * a
-        q.append(seed_of.T @ (m * mask) @ seed_of)
+        q.append(seed_of.T @ (np.where(mask != 0, m, 0.0) * mask) @ seed_of)  # another cell's inf: not 0 x inf
         c.append(seed_of.T @ mask @ seed_of)
     q, c = np.asarray(q), np.asarray(c)
     total, pairs = q.sum((1, 2)) / 2, c.sum((1, 2)) / 2

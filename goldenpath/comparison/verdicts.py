@@ -242,7 +242,9 @@ def _why(r, metric: str, alpha: float) -> str:
         return f": its mean function differs ({location}; {spread})"
     if spread_differs:
         wider = "wider" if r.spread > 1 else "narrower"
-        return (f": it scatters {r.spread:.1f}x {wider} than the reference around the same mean function "
+        # not "around the same mean function": a location test that does not reject shows no sameness (that
+        # needs a margin and an equivalence test), and its unadjusted interval may even exclude 1
+        return (f": it scatters {r.spread:.1f}x {wider} than the reference, its mean function not shown to differ "
                 f"({spread}; {location or 'location not measured'})")
     return f" (neither location nor spread alone is significant: {location or 'location not measured'}; {spread})"
 
