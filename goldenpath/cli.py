@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("compare", help="loss-matched functional distances between a sweep's runs")
     p.add_argument("sweep_dir")
     p.add_argument("--metrics", default="tv,kl,js,top1",
-                   help="comma-separated: tv, kl, js, top1, cka (1 - linear CKA of the penultimate features), "
-                        "lmc (loss barrier on the linear path between the weights)")
+                   help="comma-separated: tv, kl, js, top1, sq (half the squared distance of the predicted "
+                        "distributions), cka (1 - linear CKA of the penultimate features), lmc (loss barrier on "
+                        "the linear path between the weights)")
     p.add_argument("--probe-shift", metavar="KIND:VALUE",
                    help="compare on a shifted probe set: noise:SIGMA, contrast:C (images), shuffle:F (text), "
                         "source:KEY=VALUE (tables under compare-<shift>/)")
@@ -89,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-coords", type=int, default=200_000, help="coordinates kept (a fixed random subset)")
     p = verbs.add_parser("toys", help="theory toys: linear least squares (lls), diagonal linear networks (dln)")
     p.add_argument("which", choices=["lls", "dln"])
-    p.add_argument("overrides", nargs="*", default=[], help="e.g. sigmas=[0,0.3,1] noise=label seeds=16")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dln: e.g. sigmas=[0,0.3,1] noise=label seeds=16; lls: e.g. sigma=1 batch=5")
     p.add_argument("--out", default="runs", help="output root (default: runs)")
     p = verbs.add_parser("report", help="one self-contained HTML page for a sweep (compares again first where runs "
                          "landed or changed since compare)")
@@ -380,6 +382,10 @@ def main(argv: list[str] | None = None) -> None:
                 "toys": _toys, "report": _report, "demo": _demo}[args.verb](args)
     except ConfigError as e:
         print(f"goldenpath: {e}", file=sys.stderr)
+        code = 2
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as e:  # a path given that cannot be used
+        print(f"goldenpath: {e.filename}: {e.strerror}; give a path that is a writable directory where one is "
+              f"written (out=, --out) and a file where one is read", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         from goldenpath.training.runtime import EXIT_CTRL_C

@@ -135,3 +135,11 @@ def test_run_dir_names_every_path_of_a_run_and_reads_what_the_trainer_wrote(tiny
     assert ckpt.read_meta(run.checkpoint(at_step=10))["step"] == 10
     assert run.resume_stream(0)["position"] == 640 and run.resume_stream(1) is None
     assert ckpt.read_metrics(run)[-1]["step"] == 20 and not ckpt.RunDir(tmp_path / "nothing").exists()
+    # what a kill leaves while a checkpoint is filled (.tmp) or swapped (.old) is no checkpoint: compare and
+    # noise read them as targets "2.tmp" and a second 2.3, and crashed
+    import shutil
+
+    for leftover in ("target-2.tmp", "target-2.3.old", "step-10.tmp"):
+        shutil.copytree(run.checkpoint(at_loss=2.3), run_dir / "checkpoints" / leftover)
+    assert run.target_dirs() == [run_dir / "checkpoints" / "target-2.3"]
+    assert run.saved("step") == [run_dir / "checkpoints" / "step-10"]

@@ -61,6 +61,27 @@ def test_a_wrong_choice_names_the_choices_once(tmp_path, capsys):
     assert err == "goldenpath: optim.name: unknown value 'adam'; use one of ['sgd', 'adamw']"
 
 
+@pytest.mark.parametrize("argv, field", [
+    (lambda d: ["train", str(d)], "is a directory"),  # these printed a Python traceback
+    (lambda d: ["train", str(d / "binary.yaml")], "is not a text file"),
+    (lambda d: ["train", str(d / "ok.yaml"), f"out={d / 'binary.yaml'}"], "Not a directory"),
+    (lambda d: ["compare", str(d), "--metrics", " , "], "--metrics: no metric given"),  # it wiped the tables
+    (lambda d: ["compare", str(d), "--device", "tpu"], "--device"),
+    (lambda d: ["train", str(d / "ok.yaml"), "model.name=llama", "data.source=markov", "model.kv_heads=0"],
+     "model.kv_heads"),  # trained with as many as heads, recorded as 0
+    (lambda d: ["train", str(d / "ok.yaml"), "model.name=vit", "model.mlp_ratio=0"], "model.mlp_ratio"),
+    (lambda d: ["train", str(d / "ok.yaml"), "model.name=gpt2", "data.source=markov", "model.depth=0"],
+     "model.depth"),  # it named model.width
+])
+def test_bad_paths_and_values_exit_2_in_one_line(tmp_path, capsys, argv, field):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "ok.yaml").write_text("budget: {steps: 1}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and field in err[0], err
+
+
 def test_a_bare_goldenpath_prints_help_and_train_requires_only_its_config(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])

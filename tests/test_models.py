@@ -191,3 +191,18 @@ def test_lm_loss_sums_tokens_per_sequence_and_skips_padding():
     assert torch.allclose(losses.sum() / count(batch), reference, rtol=1e-12)
     row = F.cross_entropy(model(ids[3:4])[0, :2], labels[3, :2], reduction="sum")
     assert torch.allclose(losses[3], row, rtol=1e-12)
+
+
+def test_building_a_model_leaves_the_cuda_generators_alone(monkeypatch):
+    """torch.manual_seed also seeds every CUDA generator, which the CPU-only fork of the RNG state does not
+    restore: a caller drawing on a GPU after build_model drew from a reseeded generator."""
+    from goldenpath.config import load_config
+    from goldenpath.data import SourceInfo
+    from goldenpath.models import build_model
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    config = load_config(None, ["model.name=cnn", "model.width=4", "model.depth=1"]).model
+    a = build_model(config, SourceInfo("classification", (3, 8, 8), 10), seed=3)
+    b = build_model(config, SourceInfo("classification", (3, 8, 8), 10), seed=3)
+    assert seeded == [] and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -162,6 +162,10 @@ def read_yaml(path: str | Path) -> dict:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(str(path), "file not found", "check the path to the config file") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory", "give the path of a YAML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not a text file", "give the path of a YAML config file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -78,7 +78,7 @@ def analyse(run_dir, *, at_loss: float | None = None, at_step: int | None = None
     if not ckpt.has_weights(source_dir):
         kind, field, what = ("target", "--at-loss", "a loss target the run reached") if at_loss is not None else \
             ("step", "--at-step", "a step with a checkpoint (checkpoint.steps)")
-        saved = sorted((d.name.split("-", 1)[1] for d in run.checkpoints.glob(f"{kind}-*") if ckpt.has_weights(d)),
+        saved = sorted((d.name.split("-", 1)[1] for d in run.saved(kind)),
                        key=float, reverse=kind == "target")  # targets in the order training reached them
         raise ConfigError(field, f"{run.path} has no checkpoint {name}",
                           f"pick {what}: {', '.join(saved) or 'none yet'}")

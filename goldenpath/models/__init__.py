@@ -235,11 +235,12 @@ class ViTConfig(ModelConfig):
     mlp_ratio: int = 4
 
     def check(self) -> None:
-        require(self.width >= 1 and self.depth >= 1, "model.width", f"width {self.width}, depth {self.depth}",
-                "use positive sizes")
+        require(self.width >= 1, "model.width", f"got {self.width}", "use a positive width")
+        require(self.depth >= 1, "model.depth", f"got {self.depth}", "use a positive depth")
         require(self.heads >= 1 and self.width % self.heads == 0, "model.heads",
                 f"{self.heads} does not divide model.width={self.width}", "pick heads that divide width")
         require(self.patch_size >= 1, "model.patch_size", f"got {self.patch_size}", "use >= 1 pixel")
+        require(self.mlp_ratio >= 1, "model.mlp_ratio", f"got {self.mlp_ratio}", "use a positive MLP width ratio")
 
     def build(self, info: SourceInfo) -> nn.Module:
         _require_task(info, "classification", "vit")
@@ -302,8 +303,8 @@ class _LMConfig(ModelConfig):
     loss_chunk_tokens: int | None = None  # lm head + cross-entropy this many tokens at a time (None: full logits)
 
     def check(self) -> None:
-        require(self.width >= 1 and self.depth >= 1, "model.width", f"width {self.width}, depth {self.depth}",
-                "use positive sizes")
+        require(self.width >= 1, "model.width", f"got {self.width}", "use a positive width")
+        require(self.depth >= 1, "model.depth", f"got {self.depth}", "use a positive depth")
         require(self.heads >= 1 and self.width % self.heads == 0, "model.heads",
                 f"{self.heads} does not divide model.width={self.width}", "pick heads that divide width")
         require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 1, "model.loss_chunk_tokens",
@@ -345,6 +346,10 @@ class LlamaConfig(_LMConfig):
 
     def check(self) -> None:
         super().check()
+        require(self.kv_heads is None or self.kv_heads >= 1, "model.kv_heads", f"got {self.kv_heads}",
+                "use a positive number of key-value heads, or null (as many as heads)")
+        require(self.mlp_width is None or self.mlp_width >= 1, "model.mlp_width", f"got {self.mlp_width}",
+                "use a positive width, or null (8/3 x width)")
         kv = self.kv_heads or self.heads
         require(self.heads % kv == 0, "model.kv_heads", f"{kv} does not divide model.heads={self.heads}",
                 "pick kv_heads dividing heads")
@@ -366,9 +371,11 @@ class LlamaConfig(_LMConfig):
 # ----------------------------------------------------------------------------- building and losses
 
 def build_model(config: ModelConfig, info: SourceInfo, *, seed: int) -> nn.Module:
-    """The model of ``config`` for ``info``, initialised from ``seed`` (the global RNG is left untouched)."""
+    """The model of ``config`` for ``info``, initialised from ``seed`` on the CPU (the global RNGs are left
+    untouched: the CPU generator is seeded inside a fork of its state, and no CUDA generator is)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeded_generator(seed, Purpose.INIT))))
+        torch.random.default_generator.manual_seed(
+            int(torch.randint(2**62, (1,), generator=seeded_generator(seed, Purpose.INIT))))
         return config.build(info)
 
 

@@ -80,8 +80,15 @@ class RunDir:
         return self.checkpoints / self.checkpoint_name(at_loss=at_loss, at_step=at_step)
 
     def target_dirs(self) -> list[Path]:
-        """The loss-target checkpoints that hold weights, in name order."""
-        return [d for d in sorted(self.checkpoints.glob("target-*")) if has_weights(d)]
+        """The loss-target checkpoints that hold weights, in name order (not a checkpoint still being filled,
+        ``target-<loss>.tmp``, nor the copy a swap keeps, ``.old``, that a kill can leave behind)."""
+        return self.saved("target")
+
+    def saved(self, kind: str) -> list[Path]:
+        """The finished ``<kind>-<number>`` checkpoints (``kind``: target or step) that hold weights, in name
+        order."""
+        return [d for d in sorted(self.checkpoints.glob(f"{kind}-*"))
+                if _number(d.name.split("-", 1)[1]) and has_weights(d)]
 
     def status(self) -> dict:
         """status.json, or {} before the run has written one."""
@@ -151,6 +158,14 @@ def config_text(config_dict: dict) -> str:
     """config.yaml: the resolved config plus provenance (ignored when the file is loaded back)."""
     provenance = {"goldenpath": {"version": goldenpath.__version__, "git": git_hash()}}
     return yaml.safe_dump(config_dict, sort_keys=False) + yaml.safe_dump(provenance, sort_keys=False)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def target_name(target: float) -> str:
