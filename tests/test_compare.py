@@ -318,7 +318,8 @@ def test_the_answer_is_renamed_after_every_table_and_the_inputs_last(sweep, monk
     assert renamed.index("answer.json") > max(renamed.index(n) for n in tables)
 
 
-def test_conclusions_come_from_answer_json_as_the_tables_give_them_and_a_failed_compare_leaves_none(sweep):
+def test_conclusions_come_from_answer_json_as_the_tables_give_them_and_a_failed_compare_leaves_none(
+        sweep, monkeypatch):
     files.write_json(sweep / "c0" / "status.json", {"state": "stalled", "reason": "never got below chance"})
     cmp.compare(sweep, ("tv", "top1"), n_boot=50)
     answer = files.read_json(sweep / "compare" / "answer.json")
@@ -329,8 +330,16 @@ def test_conclusions_come_from_answer_json_as_the_tables_give_them_and_a_failed_
     with pytest.raises(ConfigError, match="unknown metric"):  # fails before it reads a run: answer.json stays
         cmp.compare(sweep, ("nope",))
     assert (sweep / "compare" / "answer.json").exists()
-    with pytest.raises(RuntimeError):  # fails once it began: no answer is left that its tables may not give
+    with pytest.raises(ConfigError, match="--device"):  # so does a device that is not one
         cmp.compare(sweep, ("tv",), device="no-such-device")
+    assert (sweep / "compare" / "answer.json").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the forwards failed")
+
+    monkeypatch.setattr(cmp, "pair_table", broken)
+    with pytest.raises(RuntimeError):  # fails once it began: no answer is left that its tables may not give
+        cmp.compare(sweep, ("tv",))
     assert not (sweep / "compare" / "answer.json").exists()
 
 
