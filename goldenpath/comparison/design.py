@@ -96,7 +96,12 @@ def _cells(m: np.ndarray, a: np.ndarray, z: np.ndarray,
     """For labellings z [B, n, S] (weights: 1 member, 0 not): (sums [B, S, S], counts [B, S, S]) of the
     distances ``m`` over the pairs of runs with different seeds (``a``) between (or within) settings. ``counts``:
     those of ``a`` and ``z`` when known (they do not depend on ``m``)."""
-    return _between(np.where(a != 0, m, 0.0) * a, z), (cell_counts(a, z) if counts is None else counts)
+    return _between(_masked(m, a), z), (cell_counts(a, z) if counts is None else counts)
+
+
+def _masked(m: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``m * mask`` with the pairs the mask leaves out at exactly 0, even where ``m`` is infinite (not 0 x inf)."""
+    return np.where(mask != 0, m, 0.0) * mask
 
 
 def _between(w: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -108,7 +113,7 @@ def _between(w: np.ndarray, z: np.ndarray) -> np.ndarray:
     if np.isfinite(w).all():
         return zt @ w @ z
     out = zt @ np.where(np.isfinite(w), w, 0.0) @ z
-    for bad, value in ((np.isposinf(w), np.inf), (np.isneginf(w), -np.inf), (np.isnan(w), np.nan)):
+    for bad, value in ((np.isinf(w), np.inf), (np.isnan(w), np.nan)):  # distances: >= 0, inf or nan
         if bad.any():
             out[(zt @ bad.astype(w.dtype) @ z) > 0] = value  # nan last: a cell with inf and nan is nan
     return out
@@ -175,7 +180,7 @@ def cells(m: np.ndarray, design: Design, members: list[int] | None = None) -> Ce
     for k, r in types:
         mask = np.outer(z[:, k], z[:, r])
         mask = (mask + mask.T if k != r else mask) * a
-        q.append(seed_of.T @ (np.where(mask != 0, m, 0.0) * mask) @ seed_of)  # another cell's inf: not 0 x inf
+        q.append(seed_of.T @ _masked(m, mask) @ seed_of)  # another cell's inf stays out
         c.append(seed_of.T @ mask @ seed_of)
     q, c = np.asarray(q), np.asarray(c)
     total, pairs = q.sum((1, 2)) / 2, c.sum((1, 2)) / 2
